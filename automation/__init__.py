@@ -1,0 +1,1 @@
+"""The mlgate job: config → train → benchmark → optimize → gate → promote → report."""

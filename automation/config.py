@@ -1,0 +1,176 @@
+"""The `mlgate.yaml` schema. Unknown keys and wrong types fail before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from automation.errors import UsageError
+
+DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
+
+Variant = Literal["torch_eager", "onnx_fp32", "onnx_int8", "torch_compile", "onnx_cuda", "tensorrt_fp16"]
+ALL_VARIANTS: tuple[Variant, ...] = ("torch_eager", "onnx_fp32", "onnx_int8", "torch_compile", "onnx_cuda",
+                                     "tensorrt_fp16")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    weight_decay: float = Field(0.0, ge=0)
+    patience: PositiveInt = 6          # epochs without val-loss improvement before stopping
+    seed: int = 0
+    amp: bool = True                   # autocast on CUDA only; ignored on CPU
+    distributed: Literal["auto", "off"] = "auto"   # auto: DDP over all GPUs when there are several
+
+
+class BenchmarkConfig(Strict):
+    batch_sizes: list[PositiveInt] = [1, 32]
+    warmup: int = Field(20, ge=0)
+    iterations: PositiveInt = 200      # timed calls per round
+    rounds: PositiveInt = 5            # interleaved rounds; relative latency compares rounds
+
+
+class OptimizeConfig(Strict):
+    variants: list[Variant] = list(ALL_VARIANTS)
+    accuracy_tolerance: float = Field(0.005, ge=0, le=1)   # max accuracy loss vs fp32, as a fraction
+    parity_atol: PositiveFloat = 1e-3                       # max |torch - onnx fp32| logit difference
+    select_batch_size: PositiveInt = 1                      # the batch size whose p50 picks the variant
+
+
+class AbsoluteGates(Strict):
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_macro_f1: float | None = Field(None, ge=0, le=1)
+    max_p95_latency_ms: PositiveFloat | None = None         # chosen variant, batch 1
+    max_size_mb: PositiveFloat | None = None
+
+
+class RelativeGates(Strict):
+    max_accuracy_drop: float | None = Field(0.01, ge=0, le=1)     # vs production, as a fraction
+    max_latency_increase: float | None = Field(0.25, ge=0)        # p95 at batch 1, as a ratio minus 1
+
+
+class GateConfig(Strict):
+    absolute: AbsoluteGates = AbsoluteGates()
+    relative: RelativeGates = RelativeGates()
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_samples: PositiveInt = 2000
+
+
+class ModelConfig(Strict):
+    module: str                                    # e.g. models.digits_mlp
+    params: dict[str, Any] = {}                    # passed to build(**params)
+    data: dict[str, Any] = {}                      # passed to load_data(**data)
+    paths: list[str] = []                          # extra files whose change retrains this model
+    train: TrainConfig = TrainConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
+    gates: GateConfig = GateConfig()
+
+
+class MlgateConfig(Strict):
+    version: Literal[1] = 1
+    workdir: Path = Path(".mlgate")                # local state: MLflow store, job DB, reports
+    experiment: str = "mlgate"
+    models: dict[str, ModelConfig]
+
+    @model_validator(mode="after")
+    def _has_models(self) -> "MlgateConfig":
+        if not self.models:
+            raise ValueError("at least one model is required under 'models'")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UsageError(f"unknown model '{name}' (known: {known})") from None
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.workdir / path
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`defaults:` is merged under every model block so each block stays small."""
+    defaults = raw.pop("defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise UsageError("'defaults' must be a mapping")
+    models = raw.get("models")
+    if isinstance(models, dict):
+        raw["models"] = {name: _deep_merge(defaults, block) if isinstance(block, dict) else block
+                         for name, block in models.items()}
+    return raw
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{source}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: the top level must be a mapping with a 'models' key")
+    try:
+        config = MlgateConfig.model_validate(_apply_defaults(raw))
+    except ValidationError as exc:
+        raise UsageError(_format_validation_error(source, exc)) from None
+    workdir = config.workdir if config.workdir.is_absolute() else (base_dir / config.workdir)
+    return config.model_copy(update={"workdir": workdir.resolve()})
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> MlgateConfig:
+    """Load `path`, or ./mlgate.yaml, or the embedded defaults, in that order."""
+    if path is None:
+        path = Path("mlgate.yaml") if Path("mlgate.yaml").exists() else DEFAULT_CONFIG
+        base_dir = Path.cwd()
+    else:
+        path = Path(path)
+        base_dir = path.resolve().parent
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(text, str(path), base_dir)
+
+
+def check_model_module(name: str, spec: ModelConfig) -> Any:
+    """Import a model's module and check its contract before any GPU time is spent."""
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
+        raise UsageError(f"models.{name}.module: cannot import '{spec.module}': {exc}") from None
+    for attr in ("build", "load_data"):
+        if not callable(getattr(module, attr, None)):
+            raise UsageError(f"models.{name}.module: '{spec.module}' has no function '{attr}'",
+                             hint="a model file defines build(**params) and load_data(**data)")
+    return module

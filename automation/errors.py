@@ -1,0 +1,44 @@
+"""Errors that end a job. The exit code lives on the class, as in Click."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MlgateError(Exception):
+    """Any failure a user should see as one line, without a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.summary: dict[str, Any] | None = None   # the job summary, when the job got that far
+
+    def with_summary(self, summary: dict[str, Any]) -> "MlgateError":
+        self.summary = summary
+        return self
+
+    def format(self) -> str:
+        line = f"Error: {self}"
+        return f"{line}\nHint: {self.hint}" if self.hint else line
+
+
+class UsageError(MlgateError):
+    """Bad command line or configuration; nothing was started."""
+
+    exit_code = 2
+
+
+class GateFailed(MlgateError):
+    """The job ran, a gate failed, and nothing was promoted."""
+
+    exit_code = 3
+
+
+class StageError(MlgateError):
+    """A stage of the job failed; the message names the stage."""
+
+    def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
+        super().__init__(f"stage '{stage}' failed: {message}", hint)
+        self.stage = stage

@@ -1,0 +1,143 @@
+"""Gate: declarative thresholds, evaluated fail-closed and noise-aware.
+
+Semantics (documented in the README):
+- A check whose metric is missing fails (fail-closed).
+- Relative checks are skipped, with the reason, only when nothing is in production yet.
+- Accuracy vs production: paired bootstrap over the shared test set gives a confidence
+  interval for Δ = candidate − production. The check fails only when Δ is below −δ
+  *and* the interval lies entirely below 0, i.e. the drop is larger than allowed and
+  not explainable by which examples happened to be in the test set.
+- Latency vs production: candidate and production are timed in interleaved rounds; the
+  per-round p95 ratio is bootstrapped over rounds. The check fails only when the median
+  ratio exceeds 1 + r *and* the interval lies entirely above 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from automation.config import GateConfig
+
+Status = Literal["passed", "failed", "skipped"]
+
+
+@dataclass
+class Check:
+    name: str
+    metric: str
+    observed: float | None
+    threshold: str
+    status: Status
+    reason: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "failed"
+
+    def line(self) -> str:
+        mark = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}[self.status]
+        observed = "missing" if self.observed is None else f"{self.observed:.4g}"
+        return f"{mark} {self.name}: {self.metric} = {observed} (threshold {self.threshold}) — {self.reason}"
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"passed": self.passed, "checks": [asdict(c) | {"line": c.line()} for c in self.checks]}
+
+
+@dataclass
+class CandidateMetrics:
+    accuracy: float | None
+    macro_f1: float | None
+    p95_ms_batch1: float | None
+    size_mb: float | None
+    correct: np.ndarray | None            # per-example correctness on the shared test set
+    round_p95_ms: list[float] | None      # chosen variant, batch 1, one per round
+
+
+def bootstrap_ci(values: np.ndarray, statistic, samples: int, confidence: float,
+                 seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(samples, len(values)))
+    stats = statistic(values[idx])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(stats, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def _absolute(name: str, metric: str, observed: float | None, limit: float | None, *,
+              at_least: bool) -> Check | None:
+    if limit is None:
+        return None
+    op = "≥" if at_least else "≤"
+    if observed is None or (isinstance(observed, float) and math.isnan(observed)):
+        return Check(name, metric, None, f"{op} {limit:g}", "failed", "metric missing: fail-closed")
+    ok = observed >= limit if at_least else observed <= limit
+    return Check(name, metric, observed, f"{op} {limit:g}", "passed" if ok else "failed",
+                 "within limit" if ok else f"{'below' if at_least else 'above'} the limit")
+
+
+def _accuracy_vs_production(candidate: CandidateMetrics, production: CandidateMetrics, delta: float,
+                            cfg: GateConfig) -> Check:
+    name, metric, threshold = "accuracy vs production", "Δ accuracy", f"≥ −{delta:g} (paired bootstrap)"
+    if candidate.correct is None or production.correct is None or len(candidate.correct) != len(production.correct):
+        return Check(name, metric, None, threshold, "failed", "per-example results missing: fail-closed")
+    diff = candidate.correct.astype(float) - production.correct.astype(float)
+    observed = float(diff.mean())
+    low, high = bootstrap_ci(diff, lambda d: d.mean(axis=1), cfg.bootstrap_samples, cfg.confidence)
+    ci = f"{cfg.confidence:.0%} CI [{low:+.4f}, {high:+.4f}]"
+    if observed < -delta and high < 0:
+        return Check(name, metric, observed, threshold, "failed", f"significant drop beyond δ; {ci}")
+    if observed < -delta:
+        return Check(name, metric, observed, threshold, "passed", f"drop beyond δ but not significant; {ci}")
+    return Check(name, metric, observed, threshold, "passed", f"within δ; {ci}")
+
+
+def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMetrics, increase: float,
+                           cfg: GateConfig) -> Check:
+    name, metric, threshold = "latency vs production", "p95 ratio (batch 1)", f"≤ {1 + increase:.3g}×"
+    if not candidate.round_p95_ms or not production.round_p95_ms or \
+            len(candidate.round_p95_ms) != len(production.round_p95_ms):
+        return Check(name, metric, None, threshold, "failed", "repeated measurements missing: fail-closed")
+    ratios = np.asarray(candidate.round_p95_ms) / np.asarray(production.round_p95_ms)
+    observed = float(np.median(ratios))
+    low, high = bootstrap_ci(ratios, lambda r: np.median(r, axis=1), cfg.bootstrap_samples, cfg.confidence)
+    ci = f"{cfg.confidence:.0%} CI [{low:.3f}, {high:.3f}] over {len(ratios)} interleaved rounds"
+    if observed > 1 + increase and low > 1:
+        return Check(name, metric, observed, threshold, "failed", f"significantly slower; {ci}")
+    if observed > 1 + increase:
+        return Check(name, metric, observed, threshold, "passed", f"slower but within noise; {ci}")
+    return Check(name, metric, observed, threshold, "passed", f"within limit; {ci}")
+
+
+def evaluate_gates(cfg: GateConfig, candidate: CandidateMetrics, production: CandidateMetrics | None) -> Verdict:
+    a = cfg.absolute
+    checks = [c for c in (
+        _absolute("min accuracy", "accuracy", candidate.accuracy, a.min_accuracy, at_least=True),
+        _absolute("min macro-F1", "macro_f1", candidate.macro_f1, a.min_macro_f1, at_least=True),
+        _absolute("max p95 latency", "p95 ms (batch 1)", candidate.p95_ms_batch1, a.max_p95_latency_ms,
+                  at_least=False),
+        _absolute("max size", "size MB", candidate.size_mb, a.max_size_mb, at_least=False),
+    ) if c is not None]
+    r = cfg.relative
+    relative = [(r.max_accuracy_drop, "accuracy vs production", "Δ accuracy", _accuracy_vs_production),
+                (r.max_latency_increase, "latency vs production", "p95 ratio (batch 1)", _latency_vs_production)]
+    for limit, name, metric, compare in relative:
+        if limit is None:
+            continue
+        if production is None:
+            checks.append(Check(name, metric, None, "n/a", "skipped", "nothing in production yet"))
+        else:
+            checks.append(compare(candidate, production, limit, cfg))
+    return Verdict(checks)

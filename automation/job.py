@@ -1,0 +1,293 @@
+"""One whole job: validate → train → optimize → benchmark → gate → register → promote → report.
+
+Everything the job decides is in the returned summary (the CLI's `--json` line). Stage
+wall times are recorded so the cost of everything around training is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from automation.config import MlgateConfig, ModelConfig, check_model_module
+from automation.errors import GateFailed, MlgateError, StageError
+from automation.progress import JobProgress
+
+log = logging.getLogger(__name__)
+
+Trigger = Literal["manual", "push", "pr", "drift"]
+
+
+@dataclass
+class JobRequest:
+    model: str
+    trigger: Trigger = "manual"
+    sha: str | None = None
+    pr: int | None = None
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    data_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. extra_train after drift
+
+    @property
+    def may_promote(self) -> bool:
+        return self.trigger != "pr"   # a PR job evaluates; it never promotes
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage started", extra={"stage": name})
+        start = time.perf_counter()
+        try:
+            yield
+        except MlgateError:
+            raise
+        except Exception as exc:   # name the stage; keep the cause chained for --debug
+            raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        log.info("stage finished", extra={"stage": name, "seconds": round(self.seconds[name], 3)})
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def environment_info() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+            "device": device, "cuda": str(torch.version.cuda), "platform": platform.platform()}
+
+
+def _flat_params(spec: ModelConfig) -> dict[str, Any]:
+    flat = {f"model.{k}": v for k, v in spec.params.items()}
+    flat |= {f"data.{k}": v for k, v in spec.data.items()}
+    flat |= {f"train.{k}": v for k, v in spec.train.model_dump().items()}
+    flat |= {f"optimize.{k}": v for k, v in spec.optimize.model_dump().items()}
+    return flat
+
+
+def _pip_requirements(*packages: str) -> list[str]:
+    from importlib.metadata import version
+
+    # MLflow would record torch==X+cpu; the local label breaks installs elsewhere
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
+
+
+def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
+    """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
+    from automation import benchmark, gate, optimize, promote, report, store, tracking, train
+    from automation.predictors import load_predictor
+
+    progress = progress or JobProgress(enabled=False)
+    timer = StageTimer()
+    spec = config.model(request.model)
+    job_dir = config.workdir / "jobs" / request.job_id
+    report_dir = config.workdir / "reports" / request.job_id
+
+    # --- validate: the whole job's inputs are checked before any training time is spent ---
+    with timer.stage("validate"):
+        module = check_model_module(request.model, spec)
+        try:
+            probe = module.build(**spec.params)
+            splits = module.load_data(**(spec.data | request.data_overrides))
+        except TypeError as exc:
+            raise MlgateError(f"models.{request.model}: {exc}",
+                              hint="params go to build(), data to load_data(); check their names") from None
+        out = probe.eval()(__import__("torch").from_numpy(splits.x_test[:2]))
+        if tuple(out.shape) != (2, len(splits.classes)):
+            raise MlgateError(f"models.{request.model}: build() returns {tuple(out.shape)} for 2 inputs, "
+                              f"expected (2, {len(splits.classes)}) logits")
+        data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
+                                       splits.x_test, splits.y_test)
+        batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
+        env = environment_info()
+        log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
+                                           "config": spec.model_dump(), "data_fingerprint": data_fingerprint})
+
+    with timer.stage("connect"):
+        client, experiment_id = tracking.connect(config.workdir, config.experiment)
+        engine = store.make_engine(store.database_url(config.workdir))
+        production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
+
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{request.model}-{request.job_id}") as run:
+        mlflow.set_tags({"mlgate.model": request.model, "mlgate.job_id": request.job_id,
+                         "mlgate.trigger": request.trigger, "mlgate.data_fingerprint": data_fingerprint,
+                         "mlflow.source.git.commit": request.sha or "", "mlgate.pr": str(request.pr or "")}
+                        | {f"env.{k}": v for k, v in env.items()})
+        mlflow.log_params(_flat_params(spec) | {f"data.override.{k}": v for k, v in request.data_overrides.items()})
+
+        # --- train ---------------------------------------------------------------------
+        with timer.stage("train"), progress.task(f"train {request.model}", spec.train.epochs) as advance:
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                mlflow.log_metrics(metrics, step=epoch)
+                advance(1)
+
+            trained = train.train_model(module.build, spec.params, splits, spec.train, on_epoch=on_epoch)
+            mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
+
+        # --- optimize: ONNX export, int8, GPU variants where available --------------------
+        with timer.stage("optimize"):
+            variants, parity = optimize.build_variants(trained.model, splits.input_shape, splits.x_test,
+                                                       spec.optimize, job_dir / "variants")
+            built = [v for v in variants if v.predictor is not None]
+
+        # --- benchmark: every variant and production, same hardware, interleaved ----------
+        with timer.stage("benchmark"):
+            contenders = {v.name: v.predictor for v in built}
+            production = None
+            if production_version is not None:
+                production = _load_production(client, request.model, production_version, job_dir, load_predictor)
+                contenders["production"] = production["predictor"]
+            for v in built:
+                v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test, splits.classes)
+            b = spec.benchmark
+            total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
+            with progress.task("benchmark", total) as advance:
+                latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
+                                                    iterations=b.iterations, rounds=b.rounds, progress=advance)
+            for v in built:
+                v.latency = latency[v.name]
+            chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
+                                                         spec.optimize.select_batch_size)
+            if production is not None:
+                production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], splits.x_test,
+                                                                     splits.y_test, splits.classes)
+                production["latency"] = latency["production"]
+
+        # --- gate ---------------------------------------------------------------------------
+        with timer.stage("gate"):
+            candidate_metrics = gate.CandidateMetrics(
+                accuracy=chosen.accuracy.accuracy, macro_f1=chosen.accuracy.macro_f1,
+                p95_ms_batch1=chosen.latency[1].p95_ms, size_mb=chosen.size_mb, correct=chosen.accuracy.correct,
+                round_p95_ms=chosen.latency[1].round_p95_ms)
+            production_metrics = None if production is None else gate.CandidateMetrics(
+                accuracy=production["accuracy"].accuracy, macro_f1=production["accuracy"].macro_f1,
+                p95_ms_batch1=production["latency"][1].p95_ms, size_mb=production["size_mb"],
+                correct=production["accuracy"].correct, round_p95_ms=production["latency"][1].round_p95_ms)
+            verdict = gate.evaluate_gates(spec.gates, candidate_metrics, production_metrics)
+            for check in verdict.checks:
+                log.info("gate check", extra={"check": check.line(), "status": check.status})
+            mlflow.log_metrics({"test_accuracy": chosen.accuracy.accuracy, "test_macro_f1": chosen.accuracy.macro_f1,
+                                "p95_ms_batch1": chosen.latency[1].p95_ms, "gate_passed": float(verdict.passed)}
+                               | {f"{v.name}.p50_ms_b{bs}": s.p50_ms for v in built for bs, s in v.latency.items()})
+
+        # --- register: log the torch model, its ONNX export and the chosen artifact ---------
+        with timer.stage("register"):
+            model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2])
+            version = None
+            if request.may_promote:
+                version = str(mlflow.register_model(model_uri, request.model).version)
+                client.set_model_version_tag(request.model, version, promote.GATE_TAG,
+                                             "passed" if verdict.passed else "failed")
+
+        summary: dict[str, Any] = {
+            "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
+            "sha": request.sha, "pr": request.pr, "run_id": run.info.run_id,
+            "tracking_uri": store.redact_url(tracking.tracking_uri(config.workdir)),
+            "data_fingerprint": data_fingerprint, "environment": env,
+            "gate": verdict.as_dict(), "promoted": False,
+            "production_before": production_version, "chosen_variant": chosen.name, "chosen_because": why_chosen,
+            "metrics": {"accuracy": chosen.accuracy.accuracy, "macro_f1": chosen.accuracy.macro_f1,
+                        "per_class_f1": chosen.accuracy.per_class_f1, "size_mb": chosen.size_mb,
+                        "latency": {str(bs): s.as_dict() for bs, s in chosen.latency.items()}},
+            "production": None if production is None else {
+                "version": production_version, "variant": production["variant"],
+                "accuracy": production["accuracy"].accuracy, "macro_f1": production["accuracy"].macro_f1,
+                "size_mb": production["size_mb"],
+                "latency": {str(bs): s.as_dict() for bs, s in production["latency"].items()}},
+            "parity": None if parity is None else vars(parity),
+            "variants": [v.summary() for v in variants],
+            "training": {"history": trained.history, "best_epoch": trained.best_epoch,
+                         "stopped_early": trained.stopped_early, "world_size": trained.world_size,
+                         "device": trained.device, "seconds": trained.seconds},
+            "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
+        }
+
+        # --- promote ------------------------------------------------------------------------
+        with timer.stage("promote"):
+            if version is not None:
+                client.set_model_version_tag(request.model, version, "mlgate.evidence", json.dumps(
+                    {"job_id": request.job_id, "trigger": request.trigger, "commit": request.sha,
+                     "variant": chosen.name, "report": summary["reports"]["html"],
+                     "checks": [c.line() for c in verdict.checks]}, ensure_ascii=False)[:5000])
+                client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)
+            if version is not None and verdict.passed:
+                record = promote.promote(client, engine, request.model, version, job_id=request.job_id,
+                                         reason=f"gate passed ({request.trigger} {request.sha or ''})".strip())
+                summary["promoted"] = True
+                summary["audit_id"] = record.id
+
+        # --- report -------------------------------------------------------------------------
+        with timer.stage("report"):
+            summary["timings"] = dict(timer.seconds)
+            paths = report.write_reports(summary, variants, production, report_dir)
+            mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        summary["timings"] = dict(timer.seconds)
+        paths["json"].write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+
+    if not verdict.passed:
+        failed = [c.name for c in verdict.checks if c.status == "failed"]
+        raise GateFailed(f"gate failed for {request.model} ({', '.join(failed)}); nothing promoted",
+                         hint=f"see {summary['reports']['md']}").with_summary(summary)
+    return summary
+
+
+def _load_production(client: Any, model: str, version: str, job_dir: Path, load_predictor: Any) -> dict[str, Any]:
+    import mlflow
+
+    from automation.benchmark import size_mb
+
+    mv = client.get_model_version(model, version)
+    variant = mv.tags.get("mlgate.variant", "onnx_fp32")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}",
+                                                     dst_path=str(job_dir / "production")))
+    artifact = local if variant.startswith("torch") else next(local.rglob("*.onnx"))
+    return {"variant": variant, "predictor": load_predictor(variant, artifact),
+            "size_mb": size_mb(artifact if artifact.is_file() else local / "data")}
+
+
+def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray) -> str:
+    """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model(__import__("torch").from_numpy(example)).detach().numpy())
+    torch_info = mlflow.pytorch.log_model(model, name="torch", serialization_format="pickle", signature=signature,
+                                          pip_requirements=_pip_requirements("torch"))
+    uris = {"torch_eager": torch_info.model_uri, "torch_compile": torch_info.model_uri}
+    onnx_requirements = _pip_requirements("onnx", "onnxruntime")
+    by_name = {v.name: v for v in variants}
+    fp32 = by_name.get("onnx_fp32")
+    if fp32 is not None and fp32.artifact is not None:
+        info = mlflow.onnx.log_model(onnx.load(str(fp32.artifact)), name="onnx", signature=signature,
+                                     save_as_external_data=False, pip_requirements=onnx_requirements)
+        uris |= {"onnx_fp32": info.model_uri, "onnx_cuda": info.model_uri, "tensorrt_fp16": info.model_uri}
+    if chosen.name not in uris and chosen.artifact is not None:
+        info = mlflow.onnx.log_model(onnx.load(str(chosen.artifact)), name=chosen.name, signature=signature,
+                                     save_as_external_data=False, pip_requirements=onnx_requirements)
+        uris[chosen.name] = info.model_uri
+    return uris[chosen.name]

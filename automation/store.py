@@ -1,0 +1,54 @@
+"""The SQL store (SQLAlchemy): SQLite file by default, PostgreSQL via MLGATE_DATABASE_URL."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def database_url(workdir: Path) -> str:
+    return os.environ.get("MLGATE_DATABASE_URL") or f"sqlite:///{(workdir / 'mlgate.db').resolve()}"
+
+
+@lru_cache(maxsize=8)
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None      # let SQLAlchemy's BEGIN below be the only one
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            dbapi_conn.execute("PRAGMA busy_timeout=30000")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+            # take the write lock at BEGIN, so read-then-write transactions serialize
+            # instead of failing with "database is locked" on upgrade
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def redact_url(url: str) -> str:
+    """Drop credentials from a URL before it reaches a log or an error message."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: hide anything between scheme and host
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url

@@ -1,0 +1,48 @@
+"""MLflow connection: embedded SQLite store by default, any server via MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from automation.errors import MlgateError
+from automation.store import redact_url
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+def tracking_uri(workdir: Path) -> str:
+    # four slashes for an absolute path: sqlite:////abs/path
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
+    """Point MLflow at the store, check it answers, and return (client, experiment id)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)   # its INFO lines are not about the job
+
+    uri = tracking_uri(workdir)
+    if uri.startswith("sqlite"):
+        workdir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return client, found.experiment_id
+        location = (workdir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+        return client, client.create_experiment(experiment, artifact_location=location)
+    except Exception as exc:  # MLflow wraps network errors in many types; the user needs the URI
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MlgateError(f"MLflow tracking store at {redact_url(uri)} is unreachable: {reason}",
+                          hint="check MLFLOW_TRACKING_URI, or unset it to use the embedded store") from None

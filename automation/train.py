@@ -1,0 +1,184 @@
+"""Training: seeded, device-aware, AMP on CUDA, early stopping, DDP across GPUs.
+
+The loop reads top to bottom in phases: set-up, per-epoch train, validate, early-stop.
+With several GPUs (or when asked, e.g. in tests) it runs data-parallel through
+torch.distributed, one process per rank, with the env:// rendezvous torchrun uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from automation.config import TrainConfig
+from models.datasets import Splits
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+BuildFn = Callable[..., nn.Module]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    world_size: int = 1
+    device: str = "cpu"
+    seconds: float = 0.0
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_world_size(cfg: TrainConfig) -> int:
+    if cfg.distributed == "auto" and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
+                world_size: int | None = None, backend: str | None = None,
+                on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train `build(**params)` on `splits`; returns the best-validation-loss weights on CPU."""
+    world_size = world_size or resolve_world_size(cfg)
+    started = time.perf_counter()
+    if world_size == 1:
+        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, on_epoch=on_epoch)
+    else:
+        result = _train_distributed(build, params, splits, cfg, world_size,
+                                    backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        if on_epoch is not None:   # ranks run in other processes; replay their history here
+            for epoch, metrics in enumerate(result.history, start=1):
+                on_epoch(epoch, metrics)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
+                  rank: int, world_size: int, on_epoch: EpochCallback | None) -> TrainResult:
+    # --- set-up -------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    model = build(**params).to(device)
+    train_module: nn.Module = model
+    if world_size > 1:
+        train_module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_fn = nn.CrossEntropyLoss()
+
+    x_train = torch.from_numpy(splits.x_train).to(device)
+    y_train = torch.from_numpy(splits.y_train).to(device)
+    x_val = torch.from_numpy(splits.x_val).to(device)
+    y_val = torch.from_numpy(splits.y_val).to(device)
+    # every rank draws the same permutation and takes its own stride, as DistributedSampler does
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_rank = len(x_train) // world_size
+
+    best_loss, best_state, best_epoch, stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
+    history: list[dict[str, float]] = []
+    stopped_early = False
+    for epoch in range(1, cfg.epochs + 1):
+        # --- train one epoch ------------------------------------------------------------
+        epoch_start = time.perf_counter()
+        train_module.train()
+        order = torch.randperm(len(x_train), generator=generator)[rank::world_size][:per_rank].to(device)
+        total_loss = torch.zeros((), device=device)
+        for start in range(0, per_rank, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(train_module(x_train[idx]), y_train[idx])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.detach() * len(idx)   # stays on device: no sync per step
+        train_loss = (total_loss / per_rank).item()    # one sync per epoch
+
+        # --- validate (every rank on the full split, so all reach the same stop decision) ---
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            logits = model(x_val).float()
+        val_loss = loss_fn(logits, y_val).item()
+        val_accuracy = (logits.argmax(1) == y_val).float().mean().item()
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+                   "epoch_seconds": time.perf_counter() - epoch_start}
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+        # --- early stopping on validation loss -----------------------------------------------
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                stopped_early = True
+                break
+
+    model.load_state_dict(best_state)
+    return TrainResult(model=model.to("cpu").eval(), history=history, best_epoch=best_epoch,
+                       stopped_early=stopped_early, world_size=world_size, device=str(device))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
+                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig) -> None:
+    # the same variables torchrun sets, so init_process_group uses the env:// rendezvous
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group(backend=backend)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, on_epoch=None)
+        if rank == 0:
+            torch.save({"state_dict": result.model.state_dict(), "history": result.history,
+                        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+                        "device": result.device}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
+                       world_size: int, backend: str) -> TrainResult:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
+        out = str(Path(tmp) / "rank0.pt")
+        mp.spawn(_ddp_worker, nprocs=world_size, join=True,
+                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg))
+        saved = torch.load(out, weights_only=False)
+    model = build(**params)
+    model.load_state_dict(saved["state_dict"])
+    return TrainResult(model=model.eval(), history=saved["history"], best_epoch=saved["best_epoch"],
+                       stopped_early=saved["stopped_early"], world_size=world_size, device=saved["device"])

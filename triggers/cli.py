@@ -1,0 +1,158 @@
+"""The `mlgate` command line. Heavy modules are imported inside commands so `--help` is instant.
+
+Exit codes: 0 done (gate passed), 1 error, 2 bad usage or config, 3 gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlgate", description="Retrain, benchmark, optimize, gate and promote "
+                                     "deep-learning models.")
+    parser.add_argument("--config", help="path to mlgate.yaml (default: ./mlgate.yaml, else embedded defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one whole job locally")
+    run.add_argument("--model", help="model name from mlgate.yaml (default: every model)")
+    run.add_argument("--trigger", choices=["manual", "push", "pr", "drift"], default="manual")
+    run.add_argument("--sha", help="commit the job is for")
+    run.add_argument("--pr", type=int, help="pull-request number (with --trigger pr)")
+    run.add_argument("--job-id", help="job id (default: a new random id)")
+    run.add_argument("--extra-train", help="npz with x, y appended to the training split (drift retrain)")
+    run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
+    run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    for name, text in (("promote", "make a version production (manual override, audited)"),
+                       ("rollback", "move production back to the previous version (audited)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("model")
+        if name == "promote":
+            cmd.add_argument("version")
+        else:
+            cmd.add_argument("version", nargs="?", help=argparse.SUPPRESS)
+        cmd.add_argument("--reason", required=True, help="why; recorded in the audit trail")
+        cmd.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    history = sub.add_parser("history", help="show the promotion audit trail")
+    history.add_argument("model", nargs="?")
+    history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from automation.config import load_config
+
+    return load_config(getattr(args, "sub_config", None) or args.config)
+
+
+def _print_human(summary: dict[str, Any]) -> None:
+    verdict = "passed" if summary["gate"]["passed"] else "FAILED"
+    print(f"{summary['model']}: gate {verdict}; variant {summary['chosen_variant']}; "
+          f"accuracy {summary['metrics']['accuracy']:.2%}; p95 b1 {summary['metrics']['latency']['1']['p95_ms']:.3f} ms")
+    for check in summary["gate"]["checks"]:
+        print(f"  {check['line']}")
+    if summary["promoted"]:
+        print(f"  promoted version {summary['version']} to @production")
+    print(f"  report: {summary['reports']['html']}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from automation.errors import GateFailed, UsageError
+    from automation.job import JobRequest, run_job
+    from automation.progress import JobProgress
+
+    config = _load(args)
+    names = [args.model] if args.model else list(config.models)
+    for name in names:
+        config.model(name)   # unknown model: fail before any work
+    if args.pr is not None and args.trigger != "pr":
+        raise UsageError("--pr is only meaningful with --trigger pr")
+    if args.trigger == "pr" and args.pr is None:
+        raise UsageError("--trigger pr needs --pr N")
+    overrides = {"extra_train": os.path.abspath(args.extra_train)} if args.extra_train else {}
+    summaries, code = [], EXIT_OK
+    with JobProgress(enabled=None if not args.json else False) as progress:
+        for name in names:
+            request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
+                                 data_overrides=overrides, **({"job_id": args.job_id} if args.job_id else {}))
+            try:
+                summary = run_job(config, request, progress)
+            except GateFailed as exc:
+                print(exc.format(), file=sys.stderr)
+                summary, code = exc.summary or {}, EXIT_GATE
+            summaries.append(summary)
+            if not args.json and summary:
+                _print_human(summary)
+    if args.json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"jobs": summaries}, default=str))
+    return code
+
+
+def _cmd_move(args: argparse.Namespace) -> int:
+    from automation import promote, store, tracking
+
+    config = _load(args)
+    config.model(args.model)
+    client, _ = tracking.connect(config.workdir, config.experiment)
+    engine = store.make_engine(store.database_url(config.workdir))
+    if args.command == "promote":
+        record = promote.promote(client, engine, args.model, args.version, reason=args.reason, manual=True)
+    else:
+        if args.version:
+            from automation.errors import UsageError
+            raise UsageError("rollback takes no version; use 'mlgate promote MODEL VERSION --reason …'")
+        record = promote.rollback(client, engine, args.model, reason=args.reason)
+    print(f"{args.model}: version {record.version} is now production (was {record.replaced_version}); "
+          f"audit entry {record.id}")
+    return EXIT_OK
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from automation import promote, store
+
+    config = _load(args)
+    for record in promote.audit_trail(store.make_engine(store.database_url(config.workdir)), args.model):
+        print(json.dumps(record.as_dict()))
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+
+
+def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:
+    """Entry point. With standalone=False it returns the exit code instead of exiting (for tests)."""
+    args = _parser().parse_args(argv)
+    from automation.errors import MlgateError
+    from automation.logs import configure_logging
+
+    level = os.environ.get("MLGATE_LOG_LEVEL") or ("warning" if sys.stderr.isatty() else "info")
+    configure_logging(level.upper())
+    try:
+        code = COMMANDS[args.command](args)
+    except MlgateError as exc:
+        print(exc.format(), file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        code = EXIT_ERROR
+    except Exception as exc:  # the last boundary: one line, traceback only on request
+        if os.environ.get("MLGATE_DEBUG"):
+            raise
+        print(f"Error: {type(exc).__name__}: {exc} (set MLGATE_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = EXIT_ERROR
+    if standalone:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()
