@@ -79,6 +79,17 @@ class ModelConfig(Strict):
     gates: GateConfig = GateConfig()
 
 
+class ModelDefaults(Strict):
+    """The `defaults:` block: any model key except `module`, checked on its own so errors point here."""
+
+    params: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    train: TrainConfig = TrainConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
+    gates: GateConfig = GateConfig()
+
+
 class MlgateConfig(Strict):
     version: Literal[1] = 1
     workdir: Path = Path(".mlgate")                # local state: MLflow store, job DB, reports
@@ -112,11 +123,13 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+def _apply_defaults(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """`defaults:` is merged under every model block so each block stays small."""
     defaults = raw.pop("defaults", None) or {}
-    if not isinstance(defaults, dict):
-        raise UsageError("'defaults' must be a mapping")
+    try:
+        ModelDefaults.model_validate(defaults)
+    except ValidationError as exc:
+        raise UsageError(_format_validation_error(source, exc, prefix="defaults")) from None
     models = raw.get("models")
     if isinstance(models, dict):
         raw["models"] = {name: _deep_merge(defaults, block) if isinstance(block, dict) else block
@@ -124,9 +137,9 @@ def _apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def _format_validation_error(source: str, error: ValidationError, prefix: str = "") -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    where = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "") or "(top level)"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{source}: {where}: {first['msg']}{more}"
 
@@ -141,7 +154,7 @@ def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: the top level must be a mapping with a 'models' key")
     try:
-        config = MlgateConfig.model_validate(_apply_defaults(raw))
+        config = MlgateConfig.model_validate(_apply_defaults(raw, source))
     except ValidationError as exc:
         raise UsageError(_format_validation_error(source, exc)) from None
     workdir = config.workdir if config.workdir.is_absolute() else (base_dir / config.workdir)

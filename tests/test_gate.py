@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import numpy as np
+
+from automation.config import AbsoluteGates, GateConfig, RelativeGates
+from automation.gate import CandidateMetrics, evaluate_gates
+
+N = 400
+
+
+def _metrics(accuracy: float, p95: float = 0.05, seed: int = 0, rounds: list[float] | None = None,
+             correct: np.ndarray | None = None) -> CandidateMetrics:
+    rng = np.random.default_rng(seed)
+    if correct is None:
+        correct = np.zeros(N, dtype=bool)
+        correct[rng.choice(N, int(round(accuracy * N)), replace=False)] = True
+    return CandidateMetrics(accuracy=float(correct.mean()), macro_f1=float(correct.mean()), p95_ms_batch1=p95,
+                            size_mb=1.0, correct=correct, round_p95_ms=rounds or [p95] * 5)
+
+
+CFG = GateConfig(absolute=AbsoluteGates(min_accuracy=0.9, max_p95_latency_ms=1.0, max_size_mb=5),
+                 relative=RelativeGates(max_accuracy_drop=0.01, max_latency_increase=0.2), bootstrap_samples=1000)
+
+
+def _by_name(verdict):
+    return {c.name: c for c in verdict.checks}
+
+
+def test_first_model_skips_relative_checks_with_reason() -> None:
+    verdict = evaluate_gates(CFG, _metrics(0.95), None)
+    checks = _by_name(verdict)
+    assert verdict.passed
+    assert checks["accuracy vs production"].status == "skipped"
+    assert "nothing in production" in checks["latency vs production"].reason
+
+
+def test_missing_metric_fails_closed() -> None:
+    candidate = _metrics(0.95)
+    candidate.p95_ms_batch1 = None
+    verdict = evaluate_gates(CFG, candidate, None)
+    assert not verdict.passed
+    assert "fail-closed" in _by_name(verdict)["max p95 latency"].line()
+
+
+def test_absolute_threshold_failure_names_metric_and_threshold() -> None:
+    verdict = evaluate_gates(CFG, _metrics(0.80), None)
+    check = _by_name(verdict)["min accuracy"]
+    assert check.status == "failed"
+    assert check.line().startswith("❌ min accuracy: accuracy = 0.8 (threshold ≥ 0.9)")
+
+
+def test_a_real_accuracy_drop_fails() -> None:
+    production = _metrics(0.97)
+    correct = production.correct.copy()
+    correct[np.flatnonzero(correct)[:20]] = False          # 20 of 400 examples now wrong: −5 points
+    verdict = evaluate_gates(CFG, _metrics(0, correct=correct), production)
+    check = _by_name(verdict)["accuracy vs production"]
+    assert check.status == "failed" and "significant" in check.reason
+
+
+def test_noise_alone_does_not_flip_the_accuracy_verdict() -> None:
+    production = _metrics(0.95)
+    correct = production.correct.copy()
+    wrong, right = np.flatnonzero(correct)[:8], np.flatnonzero(~correct)[:2]
+    correct[wrong], correct[right] = False, True           # −6 +2 examples: −1.5 points, within noise
+    check = _by_name(evaluate_gates(CFG, _metrics(0, correct=correct), production))["accuracy vs production"]
+    assert check.observed < -0.01
+    assert check.status == "passed" and "not significant" in check.reason
+
+
+def test_latency_regression_needs_to_be_consistent_across_rounds() -> None:
+    production = _metrics(0.95, rounds=[0.050, 0.052, 0.049, 0.051, 0.050])
+    slower = _metrics(0.95, rounds=[0.080, 0.082, 0.079, 0.081, 0.083])
+    check = _by_name(evaluate_gates(CFG, slower, production))["latency vs production"]
+    assert check.status == "failed" and check.observed > 1.5
+    # one noisy round pushes the median ratio up, but most rounds are as fast as production
+    noisy = _metrics(0.95, rounds=[0.050, 0.090, 0.049, 0.095, 0.062])
+    check = _by_name(evaluate_gates(CFG, noisy, production))["latency vs production"]
+    assert check.status == "passed" and "noise" in check.reason
+
+
+def test_relative_checks_fail_closed_without_measurements() -> None:
+    production = _metrics(0.95)
+    production.round_p95_ms = None
+    assert _by_name(evaluate_gates(CFG, _metrics(0.95), production))["latency vs production"].status == "failed"
