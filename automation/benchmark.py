@@ -1,6 +1,6 @@
 """Benchmark: accuracy on the held-out test set and latency with warm-up, rounds and percentiles.
 
-Predictors are timed in interleaved rounds (A, B, C, A, B, C, ...) so that drift in
+Predictors are timed in interleaved rounds (A, B, C, then B, C, A, ...) so that drift in
 machine load hits every contender alike; the production model is one of the contenders,
 so candidate and production are compared on the same hardware in the same job.
 """
@@ -79,8 +79,12 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
             for _ in range(warmup):
                 p.run(prepared[name])
         samples: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
-        for _ in range(rounds):
-            for name, p in predictors.items():
+        names = list(predictors)
+        for r in range(rounds):
+            # rotate the order every round: whoever runs right after a contender whose threads
+            # are still spinning (torch's OpenMP pool, say) would otherwise always pay for it
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                p = predictors[name]
                 timings = np.empty(iterations)
                 handle = prepared[name]
                 for i in range(iterations):

@@ -65,6 +65,7 @@ class GateConfig(Strict):
     absolute: AbsoluteGates = AbsoluteGates()
     relative: RelativeGates = RelativeGates()
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    latency_noise_floor_ms: float = Field(0.02, ge=0)   # p95 differences below this count as equal
     bootstrap_samples: PositiveInt = 2000
 
 

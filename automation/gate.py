@@ -9,7 +9,8 @@ Semantics (documented in the README):
   not explainable by which examples happened to be in the test set.
 - Latency vs production: candidate and production are timed in interleaved rounds; the
   per-round p95 ratio is bootstrapped over rounds. The check fails only when the median
-  ratio exceeds 1 + r *and* the interval lies entirely above 1.
+  ratio exceeds 1 + r *and* the interval lies entirely above 1. A p95 gap smaller than
+  `latency_noise_floor_ms` (default 20 µs) counts as equal: timer and scheduler jitter.
 """
 
 from __future__ import annotations
@@ -110,8 +111,13 @@ def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMet
     if not candidate.round_p95_ms or not production.round_p95_ms or \
             len(candidate.round_p95_ms) != len(production.round_p95_ms):
         return Check(name, metric, None, threshold, "failed", "repeated measurements missing: fail-closed")
-    ratios = np.asarray(candidate.round_p95_ms) / np.asarray(production.round_p95_ms)
+    cand, prod = np.asarray(candidate.round_p95_ms), np.asarray(production.round_p95_ms)
+    ratios = cand / prod
     observed = float(np.median(ratios))
+    gap_ms = float(np.median(cand) - np.median(prod))
+    if gap_ms < cfg.latency_noise_floor_ms:
+        return Check(name, metric, observed, threshold, "passed",
+                     f"p95 gap {gap_ms * 1e3:+.1f} µs is below the {cfg.latency_noise_floor_ms * 1e3:g} µs noise floor")
     low, high = bootstrap_ci(ratios, lambda r: np.median(r, axis=1), cfg.bootstrap_samples, cfg.confidence)
     ci = f"{cfg.confidence:.0%} CI [{low:.3f}, {high:.3f}] over {len(ratios)} interleaved rounds"
     if observed > 1 + increase and low > 1:

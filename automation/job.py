@@ -6,7 +6,9 @@ wall times are recorded so the cost of everything around training is visible.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import platform
@@ -199,7 +201,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
             model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2])
             version = None
             if request.may_promote:
-                version = str(mlflow.register_model(model_uri, request.model).version)
+                with contextlib.redirect_stderr(io.StringIO()):   # MLflow prints progress chatter there
+                    version = str(mlflow.register_model(model_uri, request.model).version)
                 client.set_model_version_tag(request.model, version, promote.GATE_TAG,
                                              "passed" if verdict.passed else "failed")
 

@@ -43,6 +43,13 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def redact_text(text: str) -> str:
+    """Hide credentials embedded in any URL inside free text (exception messages quote URLs)."""
+    import re
+
+    return re.sub(r"://[^/@\s]+@", "://***@", text)
+
+
 def redact_url(url: str) -> str:
     """Drop credentials from a URL before it reaches a log or an error message."""
     from sqlalchemy.engine import make_url
