@@ -15,6 +15,7 @@ from typing import Any
 
 COMMENT_LIMIT = 65_536
 MAX_CHART_POINTS = 40
+MAX_CLASSES = 30
 MARKER = "<!-- mlgate-report model={model} -->"
 
 
@@ -46,7 +47,8 @@ def mermaid_line_chart(title: str, x_label: str, y_label: str, series: dict[str,
     values = [v for vs in series.values() for v in vs]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     pad = (high - low) * 0.05 or 0.01
-    lines.append(f"    y-axis {_mermaid_label(y_label)} {low - pad:.4g} --> {high + pad:.4g}")
+    floor = max(0.0, low - pad) if low >= 0 else low - pad
+    lines.append(f"    y-axis {_mermaid_label(y_label)} {floor:.4g} --> {high + pad:.4g}")
     for data in series.values():
         _, ys = _downsample(data)
         lines.append(f"    line [{', '.join(f'{y:.4g}' for y in ys)}]")
@@ -135,6 +137,10 @@ def render_markdown(summary: dict[str, Any], links: dict[str, str] | None = None
         lines += [" · ".join(f"[{name}]({url})" for name, url in links.items()), ""]
     lines += ["### Candidate vs production", *_comparison_table(summary), "", "### Gate"]
     lines += [f"- {c['line']}" for c in summary["gate"]["checks"][:30]]
+    per_class = list(summary["metrics"]["per_class_f1"].items())[:MAX_CLASSES]
+    lines += ["", f"Per-class F1 (candidate{', first ' + str(MAX_CLASSES) if len(per_class) == MAX_CLASSES else ''}):",
+              "", "| " + " | ".join(name for name, _ in per_class) + " |", "|" + "---:|" * len(per_class),
+              "| " + " | ".join(f"{score:.3f}" for _, score in per_class) + " |"]
     lines += ["", "### Variants", *_variant_table(summary), "", f"Chosen: {summary['chosen_because']}.", ""]
     lines += ["### Training", f"{len(history)} epochs, best epoch {summary['training']['best_epoch']}"
               + (" (early stop)" if summary["training"]["stopped_early"] else "")
