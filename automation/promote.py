@@ -15,11 +15,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from sqlalchemy import DateTime, Engine, Integer, String, Text, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.errors import MlgateError, UsageError
-from automation.store import Base
+from automation.store import Base, locked_session
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -48,12 +47,6 @@ class PromotionRecord(Base):
                 "actor": self.actor, "created_at": self.created_at.isoformat()}
 
 
-class ModelLock(Base):
-    __tablename__ = "model_locks"
-
-    model: Mapped[str] = mapped_column(String(200), primary_key=True)
-
-
 @dataclass
 class AliasState:
     production: str | None
@@ -69,21 +62,9 @@ def alias_version(client: "MlflowClient", model: str, alias: str) -> str | None:
         return None
 
 
-def _locked_session(engine: Engine, model: str) -> Session:
-    try:
-        with Session(engine) as session, session.begin():
-            session.add(ModelLock(model=model))
-    except IntegrityError:
-        pass   # the row exists already; that is all we needed
-    session = Session(engine)
-    session.begin()
-    session.execute(select(ModelLock).where(ModelLock.model == model).with_for_update())
-    return session
-
-
 def _move(client: "MlflowClient", engine: Engine, model: str, version: str | None, *, action: str,
           reason: str, job_id: str | None, require_passed: bool, rollback: bool = False) -> PromotionRecord:
-    session = _locked_session(engine, model)
+    session = locked_session(engine, model)
     try:
         current = alias_version(client, model, PRODUCTION)
         if rollback:

@@ -6,12 +6,38 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy import Engine, String, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class NamedLock(Base):
+    """One row per lock name; holding it = holding a row lock inside an open transaction."""
+
+    __tablename__ = "model_locks"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+def locked_session(engine: Engine, name: str) -> Session:
+    """A session in an open transaction that holds the lock `name` until commit or rollback.
+
+    PostgreSQL: SELECT … FOR UPDATE on the lock row. SQLite: the transaction began with
+    BEGIN IMMEDIATE (see make_engine), which already excludes every other writer.
+    """
+    try:
+        with Session(engine) as session, session.begin():
+            session.add(NamedLock(model=name))
+    except IntegrityError:
+        pass   # the row exists already; that is all we needed
+    session = Session(engine, expire_on_commit=False)
+    session.begin()
+    session.execute(select(NamedLock).where(NamedLock.model == name).with_for_update())
+    return session
 
 
 def database_url(workdir: Path) -> str:

@@ -1,0 +1,104 @@
+"""The durable job queue against SQLite and the PostgreSQL server on this machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, delete, text
+
+from tests.conftest import POSTGRES_URL
+from triggers import queue
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    try:
+        with create_engine(POSTGRES_URL).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    engine = queue.queue_engine(POSTGRES_URL)
+    with engine.begin() as conn:    # the server's database outlives the test: start empty
+        conn.execute(delete(queue.Job))
+    return POSTGRES_URL
+
+
+def test_enqueue_is_idempotent_on_dedupe_key(db_url: str) -> None:
+    engine = queue.queue_engine(db_url)
+    first, created = queue.enqueue(engine, model="m", kind="retrain", trigger="push", dedupe_key="delivery-1")
+    again, created_again = queue.enqueue(engine, model="m", kind="retrain", trigger="push", dedupe_key="delivery-1")
+    assert created and not created_again and again.id == first.id
+    assert len(queue.list_jobs(engine)) == 1
+
+
+def test_newer_pr_push_supersedes_queued_job(db_url: str) -> None:
+    engine = queue.queue_engine(db_url)
+    old, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=7, sha="a", supersede_key="pr:7:m")
+    other, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=8, sha="c", supersede_key="pr:8:m")
+    new, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=7, sha="b", supersede_key="pr:7:m")
+    assert queue.get_job(engine, old.id).state == "superseded"
+    assert queue.get_job(engine, other.id).state == "queued"
+    assert queue.get_job(engine, new.id).state == "queued"
+
+
+def test_claim_order_and_one_running_job_per_model(db_url: str) -> None:
+    engine = queue.queue_engine(db_url)
+    a1, _ = queue.enqueue(engine, model="a", kind="retrain", trigger="push")
+    a2, _ = queue.enqueue(engine, model="a", kind="retrain", trigger="drift")
+    b1, _ = queue.enqueue(engine, model="b", kind="retrain", trigger="push")
+    assert queue.claim(engine, "w1").id == a1.id
+    assert queue.claim(engine, "w2").id == b1.id          # a2 waits: model a is busy
+    assert queue.claim(engine, "w3") is None
+    assert queue.finish(engine, a1.id, "w1", "succeeded", version="3")
+    assert queue.claim(engine, "w3").id == a2.id
+    done = queue.get_job(engine, a1.id)
+    assert done.state == "succeeded" and done.version == "3" and done.attempts == 1 and done.finished_at
+
+
+def test_expired_lease_is_recovered_then_given_up(db_url: str) -> None:
+    engine = queue.queue_engine(db_url)
+    job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push", max_attempts=2)
+    assert queue.claim(engine, "dead-1", lease_seconds=0.05).id == job.id
+    time.sleep(0.1)
+    assert not queue.finish(engine, job.id, "someone-else", "succeeded")   # only the owner may finish
+    again = queue.claim(engine, "w2", lease_seconds=0.05)                   # recovered and retried
+    assert again.id == job.id and again.attempts == 2 and "lost its lease" in again.error
+    assert not queue.heartbeat(engine, job.id, "dead-1")                     # the dead worker's lease is gone
+    assert queue.heartbeat(engine, job.id, "w2", lease_seconds=0.05)
+    time.sleep(0.1)
+    assert queue.claim(engine, "w3") is None
+    final = queue.get_job(engine, job.id)
+    assert final.state == "failed" and "giving up" in final.error
+
+
+def _claim_all(db_url: str, worker: str, barrier, results) -> None:
+    engine = queue.queue_engine(db_url)
+    barrier.wait()
+    claimed = []
+    while (job := queue.claim(engine, worker)) is not None:
+        claimed.append(job.id)
+        queue.finish(engine, job.id, worker, "succeeded")
+    results.put(claimed)
+
+
+def test_workers_in_separate_processes_never_claim_the_same_job(db_url: str) -> None:
+    engine = queue.queue_engine(db_url)
+    ids = {queue.enqueue(engine, model=f"m{i}", kind="retrain", trigger="push")[0].id for i in range(40)}
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    workers = [ctx.Process(target=_claim_all, args=(db_url, f"w{i}-{uuid.uuid4().hex[:4]}", barrier, results))
+               for i in range(3)]
+    for w in workers:
+        w.start()
+    claimed = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    flat = [job_id for batch in claimed for job_id in batch]
+    assert sorted(flat) == sorted(ids)                    # every job once, none twice
+    assert all(j.state == "succeeded" and j.attempts == 1 for j in queue.list_jobs(engine, limit=100))

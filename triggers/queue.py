@@ -1,0 +1,164 @@
+"""The durable job queue (SQLAlchemy): SQLite by default, PostgreSQL via MLGATE_DATABASE_URL.
+
+- `enqueue` is idempotent on `dedupe_key` (a webhook delivery id, a drift event id), and a new
+  job with the same `supersede_key` (say, a newer push to the same PR) supersedes queued ones.
+- `claim` hands out one job at a time under a queue-wide lock, so no job is claimed twice by
+  any number of workers, and never a job whose model already has one running.
+- A claimed job holds a lease that `heartbeat` extends; a job whose lease expired (its worker
+  died) is requeued by the next claim, until `max_attempts`, then marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from automation.store import Base, locked_session, make_engine
+
+State = Literal["queued", "running", "succeeded", "gate_failed", "failed", "cancelled", "superseded"]
+FINAL_STATES = ("succeeded", "gate_failed", "failed", "cancelled", "superseded")
+CLAIM_LOCK = "__queue_claim__"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored here is UTC
+    return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex[:12])
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(16))                   # retrain | evaluate
+    trigger: Mapped[str] = mapped_column(String(16))                # push | pr | drift | manual
+    sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pr: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    payload: Mapped[str] = mapped_column(Text, default="{}")       # JSON: what the job needs (e.g. data ref)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    supersede_key: Mapped[str | None] = mapped_column(String(200), index=True, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    report_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {c.name: getattr(self, c.name) for c in self.__table__.columns}
+        data["payload"] = json.loads(self.payload or "{}")
+        return {k: (_aware(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
+
+
+def queue_engine(url: str) -> Engine:
+    """The store's engine with the jobs table in place."""
+    engine = make_engine(url)
+    Job.__table__.create(engine, checkfirst=True)
+    return engine
+
+
+def enqueue(engine: Engine, *, model: str, kind: str, trigger: str, sha: str | None = None, pr: int | None = None,
+            payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
+            supersede_key: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
+    """Record a job; returns (job, created). A known dedupe_key returns the existing job."""
+    session = locked_session(engine, CLAIM_LOCK)
+    try:
+        if dedupe_key is not None:
+            existing = session.scalars(select(Job).where(Job.dedupe_key == dedupe_key)).first()
+            if existing is not None:
+                session.commit()
+                return existing, False
+        if supersede_key is not None:
+            session.execute(update(Job).where(Job.supersede_key == supersede_key, Job.state == "queued")
+                            .values(state="superseded", finished_at=_now()))
+        job = Job(model=model, kind=kind, trigger=trigger, sha=sha, pr=pr, payload=json.dumps(payload or {}),
+                  dedupe_key=dedupe_key, supersede_key=supersede_key, max_attempts=max_attempts)
+        session.add(job)
+        session.commit()
+        return job, True
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _recover_expired(session: Session, now: datetime) -> None:
+    expired = session.scalars(select(Job).where(Job.state == "running", Job.lease_expires_at < now)).all()
+    for job in expired:
+        if job.attempts >= job.max_attempts:
+            job.state, job.finished_at = "failed", now
+            job.error = f"worker {job.worker_id} lost its lease {job.attempts} times; giving up"
+        else:
+            job.state, job.error = "queued", f"worker {job.worker_id} lost its lease; requeued"
+        job.worker_id, job.lease_expires_at = None, None
+
+
+def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
+    """The oldest queued job whose model has nothing running, now running under a lease."""
+    session = locked_session(engine, CLAIM_LOCK)
+    try:
+        now = _now()
+        _recover_expired(session, now)
+        session.flush()
+        busy = select(Job.model).where(Job.state == "running")
+        job = session.scalars(select(Job).where(Job.state == "queued", Job.model.not_in(busy))
+                              .order_by(Job.created_at, Job.id).limit(1)).first()
+        if job is not None:
+            job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
+            job.started_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+        session.commit()
+        return job
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def heartbeat(engine: Engine, job_id: str, worker_id: str, lease_seconds: float = 60.0) -> bool:
+    """Extend the lease; False means the job is no longer this worker's (recovered or cancelled)."""
+    with Session(engine) as session, session.begin():
+        result = session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
+                                                   Job.state == "running")
+                                 .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds)))
+        return result.rowcount == 1
+
+
+def finish(engine: Engine, job_id: str, worker_id: str, state: State, **fields: Any) -> bool:
+    """Record the outcome; ignored (False) when the worker no longer owns the job."""
+    if state not in FINAL_STATES:
+        raise ValueError(f"not a final state: {state}")
+    with Session(engine) as session, session.begin():
+        result = session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
+                                                   Job.state == "running")
+                                 .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
+        return result.rowcount == 1
+
+
+def get_job(engine: Engine, job_id: str) -> Job | None:
+    with Session(engine) as session:
+        return session.get(Job, job_id)
+
+
+def list_jobs(engine: Engine, *, limit: int = 50, state: str | None = None) -> list[Job]:
+    with Session(engine) as session:
+        query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        if state:
+            query = query.where(Job.state == state)
+        return list(session.scalars(query))
