@@ -98,6 +98,8 @@ def _pip_requirements(*packages: str) -> list[str]:
 
 def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
     """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
+    import torch
+
     from automation import benchmark, gate, optimize, promote, report, store, tracking, train
     from automation.predictors import load_predictor
 
@@ -116,7 +118,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         except TypeError as exc:
             raise MlgateError(f"models.{request.model}: {exc}",
                               hint="params go to build(), data to load_data(); check their names") from None
-        out = probe.eval()(__import__("torch").from_numpy(splits.x_test[:2]))
+        with torch.no_grad():
+            out = probe.eval()(torch.from_numpy(splits.x_test[:2]))
         if tuple(out.shape) != (2, len(splits.classes)):
             raise MlgateError(f"models.{request.model}: build() returns {tuple(out.shape)} for 2 inputs, "
                               f"expected (2, {len(splits.classes)}) logits")
@@ -276,9 +279,11 @@ def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarra
     """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI."""
     import mlflow
     import onnx
+    import torch
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model(__import__("torch").from_numpy(example)).detach().numpy())
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     torch_info = mlflow.pytorch.log_model(model, name="torch", serialization_format="pickle", signature=signature,
                                           pip_requirements=_pip_requirements("torch"))
     uris = {"torch_eager": torch_info.model_uri, "torch_compile": torch_info.model_uri}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float) -> P
     return Parity(max_abs_diff=diff, argmax_agreement=agreement, passed=diff <= atol)
 
 
-def _measure_load(build: "callable[[], Predictor]", sample: np.ndarray) -> tuple[Predictor, float]:
+def _measure_load(build: Callable[[], Predictor], sample: np.ndarray) -> tuple[Predictor, float]:
     before = resident_memory_mb()
     if cuda_available():
         torch.cuda.reset_peak_memory_stats()
