@@ -69,8 +69,9 @@ class GateConfig(Strict):
     bootstrap_samples: PositiveInt = 2000
 
 
-class ModelConfig(Strict):
-    module: str                                    # e.g. models.digits_mlp
+class ModelDefaults(Strict):
+    """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
+
     params: dict[str, Any] = {}                    # passed to build(**params)
     data: dict[str, Any] = {}                      # passed to load_data(**data)
     paths: list[str] = []                          # extra files whose change retrains this model
@@ -80,15 +81,8 @@ class ModelConfig(Strict):
     gates: GateConfig = GateConfig()
 
 
-class ModelDefaults(Strict):
-    """The `defaults:` block: any model key except `module`, checked on its own so errors point here."""
-
-    params: dict[str, Any] = {}
-    data: dict[str, Any] = {}
-    train: TrainConfig = TrainConfig()
-    benchmark: BenchmarkConfig = BenchmarkConfig()
-    optimize: OptimizeConfig = OptimizeConfig()
-    gates: GateConfig = GateConfig()
+class ModelConfig(ModelDefaults):
+    module: str                                    # e.g. models.digits_mlp
 
 
 class MlgateConfig(Strict):

@@ -34,6 +34,7 @@ class Check:
     threshold: str
     status: Status
     reason: str
+    ci: tuple[float, float] | None = None    # confidence interval of `observed`, where one was computed
 
     @property
     def passed(self) -> bool:
@@ -99,10 +100,11 @@ def _accuracy_vs_production(candidate: CandidateMetrics, production: CandidateMe
     low, high = bootstrap_ci(diff, lambda d: d.mean(axis=1), cfg.bootstrap_samples, cfg.confidence)
     ci = f"{cfg.confidence:.0%} CI [{low:+.4f}, {high:+.4f}]"
     if observed < -delta and high < 0:
-        return Check(name, metric, observed, threshold, "failed", f"significant drop beyond δ; {ci}")
+        return Check(name, metric, observed, threshold, "failed", f"significant drop beyond δ; {ci}", (low, high))
     if observed < -delta:
-        return Check(name, metric, observed, threshold, "passed", f"drop beyond δ but not significant; {ci}")
-    return Check(name, metric, observed, threshold, "passed", f"within δ; {ci}")
+        return Check(name, metric, observed, threshold, "passed", f"drop beyond δ but not significant; {ci}",
+                     (low, high))
+    return Check(name, metric, observed, threshold, "passed", f"within δ; {ci}", (low, high))
 
 
 def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMetrics, increase: float,
@@ -121,10 +123,10 @@ def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMet
     low, high = bootstrap_ci(ratios, lambda r: np.median(r, axis=1), cfg.bootstrap_samples, cfg.confidence)
     ci = f"{cfg.confidence:.0%} CI [{low:.3f}, {high:.3f}] over {len(ratios)} interleaved rounds"
     if observed > 1 + increase and low > 1:
-        return Check(name, metric, observed, threshold, "failed", f"significantly slower; {ci}")
+        return Check(name, metric, observed, threshold, "failed", f"significantly slower; {ci}", (low, high))
     if observed > 1 + increase:
-        return Check(name, metric, observed, threshold, "passed", f"slower but within noise; {ci}")
-    return Check(name, metric, observed, threshold, "passed", f"within limit; {ci}")
+        return Check(name, metric, observed, threshold, "passed", f"slower but within noise; {ci}", (low, high))
+    return Check(name, metric, observed, threshold, "passed", f"within limit; {ci}", (low, high))
 
 
 def evaluate_gates(cfg: GateConfig, candidate: CandidateMetrics, production: CandidateMetrics | None) -> Verdict:

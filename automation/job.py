@@ -132,7 +132,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
 
     with timer.stage("connect"):
         client, experiment_id = tracking.connect(config.workdir, config.experiment)
-        engine = store.make_engine(store.database_url(config.workdir))
+        engine = store.open_store(store.database_url(config.workdir))
         production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
 
     import mlflow
@@ -249,10 +249,10 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         # --- report -------------------------------------------------------------------------
         with timer.stage("report"):
             summary["timings"] = dict(timer.seconds)
-            paths = report.write_reports(summary, variants, production, report_dir)
-            mlflow.log_artifacts(str(report_dir), artifact_path="report")
+            report.write_reports(summary, variants, production, report_dir)
         summary["timings"] = dict(timer.seconds)
-        paths["json"].write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        Path(summary["reports"]["json"]).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
 
     if not verdict.passed:
         failed = [c.name for c in verdict.checks if c.status == "failed"]

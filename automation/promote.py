@@ -18,7 +18,7 @@ from sqlalchemy import DateTime, Engine, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.errors import MlgateError, UsageError
-from automation.store import Base, locked_session
+from automation.store import Base, locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -64,8 +64,7 @@ def alias_version(client: "MlflowClient", model: str, alias: str) -> str | None:
 
 def _move(client: "MlflowClient", engine: Engine, model: str, version: str | None, *, action: str,
           reason: str, job_id: str | None, require_passed: bool, rollback: bool = False) -> PromotionRecord:
-    session = locked_session(engine, model)
-    try:
+    with locked(engine, model) as session:
         current = alias_version(client, model, PRODUCTION)
         if rollback:
             version = alias_version(client, model, PREVIOUS)
@@ -88,20 +87,13 @@ def _move(client: "MlflowClient", engine: Engine, model: str, version: str | Non
             new_previous = before if before and before != version else None
         else:
             new_previous = current if current != version else alias_version(client, model, PREVIOUS)
+        # alias moves happen while the lock is held; the audit row commits with the block
         client.set_registered_model_alias(model, PRODUCTION, version)
         if new_previous:
             client.set_registered_model_alias(model, PREVIOUS, new_previous)
         elif alias_version(client, model, PREVIOUS) is not None:
             client.delete_registered_model_alias(model, PREVIOUS)
-        session.commit()
-        session.refresh(record)
-        session.expunge(record)
-        return record
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    return record
 
 
 def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str,

@@ -89,8 +89,10 @@ def _comparison_table(summary: dict[str, Any]) -> list[str]:
 
     acc_delta = None
     if prod and delta_line and delta_line["observed"] is not None:
-        ci = delta_line["reason"].split("; ")[-1]
-        acc_delta = f"{delta_line['observed'] * 100:+.2f} pts ({ci})"
+        acc_delta = f"{delta_line['observed'] * 100:+.2f} pts"
+        if delta_line.get("ci"):
+            low, high = delta_line["ci"]
+            acc_delta += f" (CI [{low * 100:+.2f}, {high * 100:+.2f}])"
     row("accuracy", cand["accuracy"], prod and prod["accuracy"], _pct, acc_delta)
     row("macro-F1", cand["macro_f1"], prod and prod["macro_f1"], lambda v: "—" if v is None else f"{v:.4f}")
     for stat in ("p50_ms", "p95_ms", "p99_ms"):
@@ -221,13 +223,11 @@ def render_html(summary: dict[str, Any], samples: dict[str, Any]) -> str:
 
 
 def write_reports(summary: dict[str, Any], variants: list[Any], production: dict[str, Any] | None,
-                  out_dir: Path) -> dict[str, Path]:
+                  out_dir: Path) -> None:
+    """report.md and report.html; the job writes report.json last, once its timings are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = {v.name: v.latency[1].samples_ms for v in variants if v.latency}
     if production is not None:
         samples["production"] = production["latency"][1].samples_ms
-    paths = {kind: out_dir / f"report.{kind}" for kind in ("md", "html", "json")}
-    paths["md"].write_text(render_markdown(summary), encoding="utf-8")
-    paths["html"].write_text(render_html(summary, samples), encoding="utf-8")
-    paths["json"].write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    return paths
+    (out_dir / "report.md").write_text(render_markdown(summary), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(summary, samples), encoding="utf-8")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,26 +21,26 @@ class Base(DeclarativeBase):
 class NamedLock(Base):
     """One row per lock name; holding it = holding a row lock inside an open transaction."""
 
-    __tablename__ = "model_locks"
+    __tablename__ = "locks"
 
-    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
 
 
-def locked_session(engine: Engine, name: str) -> Session:
-    """A session in an open transaction that holds the lock `name` until commit or rollback.
+@contextmanager
+def locked(engine: Engine, name: str) -> Iterator[Session]:
+    """A transaction holding the lock `name`; commits on success, rolls back on any error.
 
     PostgreSQL: SELECT … FOR UPDATE on the lock row. SQLite: the transaction began with
     BEGIN IMMEDIATE (see make_engine), which already excludes every other writer.
     """
     try:
         with Session(engine) as session, session.begin():
-            session.add(NamedLock(model=name))
+            session.add(NamedLock(name=name))
     except IntegrityError:
         pass   # the row exists already; that is all we needed
-    session = Session(engine, expire_on_commit=False)
-    session.begin()
-    session.execute(select(NamedLock).where(NamedLock.model == name).with_for_update())
-    return session
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        session.execute(select(NamedLock).where(NamedLock.name == name).with_for_update())
+        yield session
 
 
 def database_url(workdir: Path) -> str:
@@ -65,14 +68,22 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+def open_store(url: str) -> Engine:
+    """The engine, with every table whose module is imported created if missing.
+
+    Callers import the module that defines their tables (promote, queue) before calling,
+    which they must anyway to use it; create_all is idempotent.
+    """
+    engine = make_engine(url)
     Base.metadata.create_all(engine)
     return engine
 
 
 def redact_text(text: str) -> str:
     """Hide credentials embedded in any URL inside free text (exception messages quote URLs)."""
-    import re
-
     return re.sub(r"://[^/@\s]+@", "://***@", text)
 
 

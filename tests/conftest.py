@@ -29,6 +29,21 @@ FAST_CONFIG: dict[str, Any] = {
 }
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job/audit store: a SQLite file, and the PostgreSQL server on this machine."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlgate.db'}"
+    from sqlalchemy import create_engine, text
+
+    try:
+        with create_engine(POSTGRES_URL).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; start it (see README, Development)")
+    return POSTGRES_URL
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("MLFLOW_TRACKING_URI", "MLGATE_DATABASE_URL", "GITHUB_TOKEN", "GITHUB_REPOSITORY"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 from pathlib import Path
 
@@ -12,12 +14,13 @@ from mlflow import MlflowClient
 from automation import promote, store, tracking
 from automation.config import load_config
 from tests.conftest import FAST_CONFIG, error_lines, last_json, run_cli, write_config
+from triggers.cli import main
 
 
 def _state(config_path: Path) -> tuple[MlflowClient, object]:
     config = load_config(config_path)
     client, _ = tracking.connect(config.workdir, config.experiment)
-    return client, store.make_engine(store.database_url(config.workdir))
+    return client, store.open_store(store.database_url(config.workdir))
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +28,9 @@ def first_two_runs(tmp_path_factory: pytest.TempPathFactory):
     """Run 1 promotes the first model; run 2 is compared with it. Shared by the tests below."""
     directory = tmp_path_factory.mktemp("pipeline")
     path = write_config(directory)
-    capture = pytest.CaptureFixture  # noqa: F841  (capsys is function-scoped; use the CLI's return code)
-    from triggers.cli import main
-    import contextlib, io
-
     outputs = []
     for sha in ("1111111", "2222222"):
-        out = io.StringIO()
+        out = io.StringIO()   # capsys is function-scoped; capture stdout by hand
         with contextlib.redirect_stdout(out):
             code = main(["run", "--config", str(path), "--model", "digits_mlp", "--trigger", "push",
                          "--sha", sha, "--json"], standalone=False)

@@ -12,19 +12,8 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from sqlalchemy import create_engine, text
 
 from automation import promote, store, tracking
-from tests.conftest import POSTGRES_URL
-
-
-def _postgres_available() -> bool:
-    try:
-        with create_engine(POSTGRES_URL).connect() as conn:
-            conn.execute(text("select 1"))
-        return True
-    except Exception:
-        return False
 
 
 def _register_versions(client: MlflowClient, model: str, gates: list[str]) -> list[str]:
@@ -42,7 +31,7 @@ def _promote_worker(workdir: str, db_url: str, model: str, version: str, barrier
 
     os.environ["MLGATE_DATABASE_URL"] = db_url
     client, _ = tracking.connect(Path(workdir), "mlgate")
-    engine = store.make_engine(db_url)
+    engine = store.open_store(db_url)
     barrier.wait()
     try:
         record = promote.promote(client, engine, model, version, reason="race", job_id=f"job-{version}")
@@ -51,21 +40,12 @@ def _promote_worker(workdir: str, db_url: str, model: str, version: str, barrier
         results.put(("error", version, str(exc)))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mlgate.db'}"
-    if not _postgres_available():
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; start it (see README, Development)")
-    return POSTGRES_URL
-
-
 @pytest.mark.parametrize("attempt", range(3))
 def test_concurrent_promotions_serialize(tmp_path: Path, db_url: str, attempt: int) -> None:
     client, _ = tracking.connect(tmp_path, "mlgate")
     model = f"race_{uuid.uuid4().hex[:8]}"
     v1, v2, v3, failed = _register_versions(client, model, ["passed", "passed", "passed", "failed"])
-    engine = store.make_engine(db_url)
+    engine = store.open_store(db_url)
     promote.promote(client, engine, model, v1, reason="initial")
 
     ctx = mp.get_context("spawn")

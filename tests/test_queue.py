@@ -5,32 +5,23 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, text
+from sqlalchemy import delete
 
-from tests.conftest import POSTGRES_URL
+from automation.store import open_store
 from triggers import queue
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'queue.db'}"
-    try:
-        with create_engine(POSTGRES_URL).connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}")
-    engine = queue.queue_engine(POSTGRES_URL)
-    with engine.begin() as conn:    # the server's database outlives the test: start empty
+@pytest.fixture(autouse=True)
+def _empty_jobs_table(db_url: str) -> None:
+    """The PostgreSQL database outlives a test: start every test with no jobs."""
+    with open_store(db_url).begin() as conn:
         conn.execute(delete(queue.Job))
-    return POSTGRES_URL
 
 
 def test_enqueue_is_idempotent_on_dedupe_key(db_url: str) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     first, created = queue.enqueue(engine, model="m", kind="retrain", trigger="push", dedupe_key="delivery-1")
     again, created_again = queue.enqueue(engine, model="m", kind="retrain", trigger="push", dedupe_key="delivery-1")
     assert created and not created_again and again.id == first.id
@@ -38,7 +29,7 @@ def test_enqueue_is_idempotent_on_dedupe_key(db_url: str) -> None:
 
 
 def test_newer_pr_push_supersedes_queued_job(db_url: str) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     old, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=7, sha="a", supersede_key="pr:7:m")
     other, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=8, sha="c", supersede_key="pr:8:m")
     new, _ = queue.enqueue(engine, model="m", kind="evaluate", trigger="pr", pr=7, sha="b", supersede_key="pr:7:m")
@@ -48,7 +39,7 @@ def test_newer_pr_push_supersedes_queued_job(db_url: str) -> None:
 
 
 def test_claim_order_and_one_running_job_per_model(db_url: str) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     a1, _ = queue.enqueue(engine, model="a", kind="retrain", trigger="push")
     a2, _ = queue.enqueue(engine, model="a", kind="retrain", trigger="drift")
     b1, _ = queue.enqueue(engine, model="b", kind="retrain", trigger="push")
@@ -62,7 +53,7 @@ def test_claim_order_and_one_running_job_per_model(db_url: str) -> None:
 
 
 def test_expired_lease_is_recovered_then_given_up(db_url: str) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push", max_attempts=2)
     assert queue.claim(engine, "dead-1", lease_seconds=0.05).id == job.id
     time.sleep(0.1)
@@ -78,7 +69,7 @@ def test_expired_lease_is_recovered_then_given_up(db_url: str) -> None:
 
 
 def _claim_all(db_url: str, worker: str, barrier, results) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     barrier.wait()
     claimed = []
     while (job := queue.claim(engine, worker)) is not None:
@@ -88,7 +79,7 @@ def _claim_all(db_url: str, worker: str, barrier, results) -> None:
 
 
 def test_workers_in_separate_processes_never_claim_the_same_job(db_url: str) -> None:
-    engine = queue.queue_engine(db_url)
+    engine = open_store(db_url)
     ids = {queue.enqueue(engine, model=f"m{i}", kind="retrain", trigger="push")[0].id for i in range(40)}
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(3), ctx.Queue()

@@ -103,7 +103,7 @@ def _cmd_move(args: argparse.Namespace) -> int:
     config = _load(args)
     config.model(args.model)
     client, _ = tracking.connect(config.workdir, config.experiment)
-    engine = store.make_engine(store.database_url(config.workdir))
+    engine = store.open_store(store.database_url(config.workdir))
     if args.command == "promote":
         record = promote.promote(client, engine, args.model, args.version, reason=args.reason, manual=True)
     else:
@@ -120,7 +120,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
     from automation import promote, store
 
     config = _load(args)
-    for record in promote.audit_trail(store.make_engine(store.database_url(config.workdir)), args.model):
+    for record in promote.audit_trail(store.open_store(store.database_url(config.workdir)), args.model):
         print(json.dumps(record.as_dict()))
     return EXIT_OK
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from automation.store import Base, locked_session, make_engine
+from automation.store import Base, locked
 
 State = Literal["queued", "running", "succeeded", "gate_failed", "failed", "cancelled", "superseded"]
 FINAL_STATES = ("succeeded", "gate_failed", "failed", "cancelled", "superseded")
@@ -65,23 +65,14 @@ class Job(Base):
         return {k: (_aware(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
 
 
-def queue_engine(url: str) -> Engine:
-    """The store's engine with the jobs table in place."""
-    engine = make_engine(url)
-    Job.__table__.create(engine, checkfirst=True)
-    return engine
-
-
 def enqueue(engine: Engine, *, model: str, kind: str, trigger: str, sha: str | None = None, pr: int | None = None,
             payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
             supersede_key: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
     """Record a job; returns (job, created). A known dedupe_key returns the existing job."""
-    session = locked_session(engine, CLAIM_LOCK)
-    try:
+    with locked(engine, CLAIM_LOCK) as session:
         if dedupe_key is not None:
             existing = session.scalars(select(Job).where(Job.dedupe_key == dedupe_key)).first()
             if existing is not None:
-                session.commit()
                 return existing, False
         if supersede_key is not None:
             session.execute(update(Job).where(Job.supersede_key == supersede_key, Job.state == "queued")
@@ -89,13 +80,7 @@ def enqueue(engine: Engine, *, model: str, kind: str, trigger: str, sha: str | N
         job = Job(model=model, kind=kind, trigger=trigger, sha=sha, pr=pr, payload=json.dumps(payload or {}),
                   dedupe_key=dedupe_key, supersede_key=supersede_key, max_attempts=max_attempts)
         session.add(job)
-        session.commit()
-        return job, True
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    return job, True
 
 
 def _recover_expired(session: Session, now: datetime) -> None:
@@ -111,8 +96,7 @@ def _recover_expired(session: Session, now: datetime) -> None:
 
 def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
     """The oldest queued job whose model has nothing running, now running under a lease."""
-    session = locked_session(engine, CLAIM_LOCK)
-    try:
+    with locked(engine, CLAIM_LOCK) as session:
         now = _now()
         _recover_expired(session, now)
         session.flush()
@@ -122,13 +106,7 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0) -> Job | 
         if job is not None:
             job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
             job.started_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
-        session.commit()
-        return job
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    return job
 
 
 def heartbeat(engine: Engine, job_id: str, worker_id: str, lease_seconds: float = 60.0) -> bool:
