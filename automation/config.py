@@ -69,6 +69,12 @@ class GateConfig(Strict):
     bootstrap_samples: PositiveInt = 2000
 
 
+class DriftPolicy(Strict):
+    threshold: float = Field(0.3, gt=0, le=1)      # retrain when the share of drifted columns reaches this
+    cooldown_minutes: float = Field(60, ge=0)      # after a drift retrain, later events only get recorded
+    window_rows: PositiveInt = 5000                # `mlgate monitor`: newest rows of current data compared
+
+
 class ModelDefaults(Strict):
     """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
 
@@ -79,10 +85,37 @@ class ModelDefaults(Strict):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     optimize: OptimizeConfig = OptimizeConfig()
     gates: GateConfig = GateConfig()
+    drift: DriftPolicy = DriftPolicy()
 
 
 class ModelConfig(ModelDefaults):
     module: str                                    # e.g. models.digits_mlp
+
+
+class KafkaConfig(Strict):
+    topic: str = "mlgate.drift"
+    dead_letter_topic: str = "mlgate.drift.dead-letter"
+    group_id: str = "mlgate"
+
+
+class GitHubExecutorConfig(Strict):
+    workflow: str = "retrain.yml"                  # file name under .github/workflows
+    ref: str = "main"                              # branch the workflow file is taken from
+    timeout_minutes: PositiveFloat = 120           # give up tracking a dispatched run after this
+
+
+class ServiceConfig(Strict):
+    """`mlgate serve` and `mlgate worker`: what turns events into jobs and where jobs run."""
+
+    executor: Literal["local", "github"] = "local"
+    github: GitHubExecutorConfig = GitHubExecutorConfig()
+    workers: int = Field(1, ge=0)                  # in-process workers in `mlgate serve` (0: workers run apart)
+    max_concurrent_retrains: PositiveInt = 2       # across models; a model never runs two jobs at once
+    max_attempts: PositiveInt = 3                  # a job whose worker dies is retried this many times in all
+    lease_seconds: PositiveFloat = 60              # a worker that misses heartbeats this long loses its job
+    # a push touching any of these retrains every model (models/<name>.py files belong to their model)
+    shared_paths: list[str] = ["automation/", "models/", "pyproject.toml"]
+    kafka: KafkaConfig = KafkaConfig()
 
 
 class MlgateConfig(Strict):
@@ -90,6 +123,7 @@ class MlgateConfig(Strict):
     workdir: Path = Path(".mlgate")                # local state: MLflow store, job DB, reports
     experiment: str = "mlgate"
     models: dict[str, ModelConfig]
+    service: ServiceConfig = ServiceConfig()
 
     @model_validator(mode="after")
     def _has_models(self) -> "MlgateConfig":

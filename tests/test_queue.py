@@ -7,17 +7,16 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import delete
 
 from automation.store import open_store
 from triggers import queue
 
+from tests.conftest import clean_tables
+
 
 @pytest.fixture(autouse=True)
-def _empty_jobs_table(db_url: str) -> None:
-    """The PostgreSQL database outlives a test: start every test with no jobs."""
-    with open_store(db_url).begin() as conn:
-        conn.execute(delete(queue.Job))
+def _empty_tables(db_url: str) -> None:
+    clean_tables(db_url)
 
 
 def test_enqueue_is_idempotent_on_dedupe_key(db_url: str) -> None:

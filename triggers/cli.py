@@ -42,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--reason", required=True, help="why; recorded in the audit trail")
         cmd.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    serve = sub.add_parser("serve", help="run the service: webhooks, drift intake, job queue, workers, dashboard")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    worker = sub.add_parser("worker", help="run extra workers against the service's job queue")
+    worker.add_argument("--count", type=int, default=1, help="worker threads in this process")
+    worker.add_argument("--once", action="store_true", help="run at most one job per worker, then exit")
+    worker.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     history = sub.add_parser("history", help="show the promotion audit trail")
     history.add_argument("model", nargs="?")
     history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -125,7 +135,51 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from triggers.service import serve
+
+    config = _load(args)
+    serve(config, _config_path(args), args.host, args.port)
+    return EXIT_OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from automation import store
+    from triggers import queue  # noqa: F401  (its table)
+    from triggers.service import make_executor
+    from triggers.worker import Worker
+
+    config = _load(args)
+    engine = store.open_store(store.database_url(config.workdir))
+    executor = make_executor(config, _config_path(args), engine)
+    workers = [Worker(config, engine, executor) for _ in range(max(1, args.count))]
+    if args.once:
+        for worker in workers:
+            worker.run_one()
+        return EXIT_OK
+    signal.signal(signal.SIGTERM, lambda *_: [w.stop() for w in workers])
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for thread in threads:
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        for worker in workers:
+            worker.stop()
+    return EXIT_OK
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "sub_config", None) or args.config
+    return os.path.abspath(path) if path else None
+
+
+COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:

@@ -15,7 +15,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
+from sqlalchemy import DateTime, Engine, Integer, String, Text, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.store import Base, locked
@@ -65,21 +65,29 @@ class Job(Base):
         return {k: (_aware(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
 
 
-def enqueue(engine: Engine, *, model: str, kind: str, trigger: str, sha: str | None = None, pr: int | None = None,
-            payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
-            supersede_key: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
+def enqueue(engine: Engine, **job: Any) -> tuple[Job, bool]:
     """Record a job; returns (job, created). A known dedupe_key returns the existing job."""
     with locked(engine, CLAIM_LOCK) as session:
-        if dedupe_key is not None:
-            existing = session.scalars(select(Job).where(Job.dedupe_key == dedupe_key)).first()
-            if existing is not None:
-                return existing, False
-        if supersede_key is not None:
-            session.execute(update(Job).where(Job.supersede_key == supersede_key, Job.state == "queued")
-                            .values(state="superseded", finished_at=_now()))
-        job = Job(model=model, kind=kind, trigger=trigger, sha=sha, pr=pr, payload=json.dumps(payload or {}),
-                  dedupe_key=dedupe_key, supersede_key=supersede_key, max_attempts=max_attempts)
-        session.add(job)
+        return enqueue_in(session, **job)
+
+
+def enqueue_in(session: Session, *, model: str, kind: str, trigger: str, sha: str | None = None,
+               pr: int | None = None, payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
+               supersede_key: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
+    """`enqueue` inside a transaction that already holds CLAIM_LOCK (so the caller can record more
+    in the same commit, e.g. the webhook delivery the jobs came from)."""
+    if dedupe_key is not None:
+        existing = session.scalars(select(Job).where(Job.dedupe_key == dedupe_key)).first()
+        if existing is not None:
+            return existing, False
+    if supersede_key is not None:
+        session.execute(update(Job).where(Job.supersede_key == supersede_key, Job.state == "queued")
+                        .values(state="superseded", finished_at=_now(),
+                                error="superseded by a newer job for the same change"))
+    job = Job(model=model, kind=kind, trigger=trigger, sha=sha, pr=pr, payload=json.dumps(payload or {}),
+              dedupe_key=dedupe_key, supersede_key=supersede_key, max_attempts=max_attempts)
+    session.add(job)
+    session.flush()
     return job, True
 
 
@@ -94,15 +102,24 @@ def _recover_expired(session: Session, now: datetime) -> None:
         job.worker_id, job.lease_expires_at = None, None
 
 
-def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
-    """The oldest queued job whose model has nothing running, now running under a lease."""
+def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0,
+          max_concurrent_retrains: int | None = None) -> Job | None:
+    """The oldest queued job whose model has nothing running, now running under a lease.
+
+    With `max_concurrent_retrains`, retrain jobs wait while that many retrains already run.
+    """
     with locked(engine, CLAIM_LOCK) as session:
         now = _now()
         _recover_expired(session, now)
         session.flush()
         busy = select(Job.model).where(Job.state == "running")
-        job = session.scalars(select(Job).where(Job.state == "queued", Job.model.not_in(busy))
-                              .order_by(Job.created_at, Job.id).limit(1)).first()
+        query = select(Job).where(Job.state == "queued", Job.model.not_in(busy))
+        if max_concurrent_retrains is not None:
+            running = session.scalar(select(func.count()).select_from(Job)
+                                     .where(Job.state == "running", Job.kind == "retrain"))
+            if running >= max_concurrent_retrains:
+                query = query.where(Job.kind != "retrain")
+        job = session.scalars(query.order_by(Job.created_at, Job.id).limit(1)).first()
         if job is not None:
             job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
             job.started_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
@@ -127,6 +144,21 @@ def finish(engine: Engine, job_id: str, worker_id: str, state: State, **fields: 
                                                    Job.state == "running")
                                  .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
         return result.rowcount == 1
+
+
+def record_result(engine: Engine, job_id: str, state: State, **fields: Any) -> bool:
+    """The outcome reported by the job itself (a GitHub runner calling back), whoever claimed it."""
+    if state not in FINAL_STATES:
+        raise ValueError(f"not a final state: {state}")
+    with Session(engine) as session, session.begin():
+        result = session.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
+                                 .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
+        return result.rowcount == 1
+
+
+def cancel(engine: Engine, job_id: str, reason: str) -> bool:
+    """Cancel a queued or running job; a running job's worker sees it at its next heartbeat."""
+    return record_result(engine, job_id, "cancelled", error=reason)
 
 
 def get_job(engine: Engine, job_id: str) -> Job | None:

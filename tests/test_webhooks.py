@@ -1,0 +1,196 @@
+"""The GitHub webhook receiver, fed real payloads from @octokit/webhooks-examples, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from automation.config import parse_config
+from automation.store import open_store
+from tests.conftest import FAST_CONFIG, clean_tables, webhook_examples
+from triggers import intake, queue
+from triggers.changes import affected_models
+from triggers.github_api import GitHubSource
+from triggers.metrics import ServiceMetrics
+from triggers.app import ServiceState, create_app
+from triggers.webhooks import sign
+
+SECRET = "s3cret-for-tests"
+
+
+@pytest.fixture
+def service(db_url: str, tmp_path: Path) -> ServiceState:
+    import yaml
+
+    clean_tables(db_url)
+    config = parse_config(yaml.safe_dump(FAST_CONFIG), "mlgate.yaml", tmp_path)
+    engine = open_store(db_url)
+    return ServiceState(config=config, engine=engine, webhook_secret=SECRET, metrics=ServiceMetrics(engine))
+
+
+@pytest.fixture
+def client(service: ServiceState) -> TestClient:
+    return TestClient(create_app(service))
+
+
+def deliver(client: TestClient, event: str, payload: Any, *, delivery: str | None = None,
+            secret: str | None = SECRET, body: bytes | None = None) -> Any:
+    raw = body if body is not None else json.dumps(payload).encode()
+    headers = {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+               "Content-Type": "application/json"}
+    if secret is not None:
+        headers["X-Hub-Signature-256"] = sign(secret, raw)
+    return client.post("/webhooks/github", content=raw, headers=headers)
+
+
+def push_to_default(files: list[str]) -> dict[str, Any]:
+    """The real push example (refs/heads/master, the default branch), its commit touching `files`."""
+    payload = copy.deepcopy(next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master"))
+    payload["before"] = "1" * 40      # not a new branch: the commit list is the whole change
+    payload["commits"][0].update(added=[], removed=[], modified=files)
+    return payload
+
+
+def jobs(service: ServiceState) -> list[queue.Job]:
+    return queue.list_jobs(service.engine, limit=500)
+
+
+def test_missing_or_wrong_signature_is_refused_and_nothing_recorded(client: TestClient,
+                                                                     service: ServiceState) -> None:
+    payload = push_to_default(["models/digits_mlp.py"])
+    assert deliver(client, "push", payload, secret=None).status_code == 401
+    assert deliver(client, "push", payload, secret="not-the-secret").status_code == 401
+    tampered = json.dumps(payload).encode()
+    response = client.post("/webhooks/github", content=tampered + b" ", headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-1", "X-Hub-Signature-256": sign(SECRET, tampered)})
+    assert response.status_code == 401
+    assert jobs(service) == [] and intake.list_deliveries(service.engine) == []
+
+
+def test_ping_is_answered_and_recorded(client: TestClient, service: ServiceState) -> None:
+    response = deliver(client, "ping", webhook_examples("ping")[0], delivery="ping-1")
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+    assert intake.get_delivery(service.engine, "ping-1").reason.startswith("ping")
+
+
+def test_malformed_body_is_a_400_and_nothing_recorded(client: TestClient, service: ServiceState) -> None:
+    response = deliver(client, "push", None, body=b'{"ref": "refs/heads/master", ')
+    assert response.status_code == 400 and "malformed push payload" in response.json()["error"]
+    no_repository = {k: v for k, v in push_to_default(["models/digits_mlp.py"]).items() if k != "repository"}
+    response = deliver(client, "push", no_repository)
+    assert response.status_code == 400 and "repository" in response.json()["error"]
+    assert deliver(client, "push", None, body=b"[1, 2]").status_code == 400
+    assert jobs(service) == [] and intake.list_deliveries(service.engine) == []
+
+
+def test_push_touching_one_model_retrains_only_that_model(client: TestClient, service: ServiceState) -> None:
+    payload = push_to_default(["models/digits_mlp.py", "README.md"])
+    response = deliver(client, "push", payload, delivery="push-1")
+    assert response.status_code == 202, response.text
+    [job] = jobs(service)
+    assert (job.model, job.kind, job.trigger, job.sha) == ("digits_mlp", "retrain", "push", payload["after"])
+    assert response.json()["jobs"] == [job.id]
+    assert "models/digits_mlp.py changed" in intake.get_delivery(service.engine, "push-1").reason
+
+
+def test_duplicate_delivery_is_acknowledged_without_a_second_job(client: TestClient,
+                                                                 service: ServiceState) -> None:
+    payload = push_to_default(["models/digits_cnn.py"])
+    first = deliver(client, "push", payload, delivery="redelivered")
+    again = deliver(client, "push", payload, delivery="redelivered")
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["duplicate"] is True and again.json()["jobs"] == first.json()["jobs"]
+    assert len(jobs(service)) == 1
+
+
+def test_push_touching_no_model_makes_no_job_and_says_why(client: TestClient, service: ServiceState) -> None:
+    response = deliver(client, "push", push_to_default(["README.md", "docs/intro.md"]), delivery="docs")
+    assert response.status_code == 200 and response.json()["status"] == "no_models"
+    assert jobs(service) == []
+    assert "no changed file belongs to a model" in intake.get_delivery(service.engine, "docs").reason
+
+
+def test_push_touching_shared_code_retrains_every_model(client: TestClient, service: ServiceState) -> None:
+    response = deliver(client, "push", push_to_default(["automation/train.py"]))
+    assert response.status_code == 202
+    assert sorted(j.model for j in jobs(service)) == ["digits_cnn", "digits_mlp"]
+    assert all(j.trigger == "push" for j in jobs(service))
+
+
+def test_tags_branch_deletions_and_other_branches_make_no_job(client: TestClient, service: ServiceState) -> None:
+    examples = webhook_examples("push")
+    tag = next(p for p in examples if p["ref"].startswith("refs/tags/") and not p["deleted"])
+    deletion = copy.deepcopy(next(p for p in examples if p["deleted"]))
+    deletion["ref"] = "refs/heads/feature"
+    feature = push_to_default(["models/digits_mlp.py"])
+    feature["ref"] = "refs/heads/feature"
+    reasons = [deliver(client, "push", p).json()["reason"] for p in (tag, deletion, feature)]
+    assert reasons[0].startswith("tag push") and reasons[1].startswith("branch deletion")
+    assert "not the default branch" in reasons[2]
+    assert jobs(service) == []
+
+
+def test_other_events_are_acknowledged_and_recorded(client: TestClient, service: ServiceState) -> None:
+    closed = next(p for p in webhook_examples("pull_request") if p["action"] == "closed")
+    response = deliver(client, "pull_request", closed, delivery="closed")
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+    star = webhook_examples("star")[0]
+    response = deliver(client, "star", star, delivery="star")
+    assert response.status_code == 200 and "does not start jobs" in response.json()["reason"]
+    assert jobs(service) == [] and len(intake.list_deliveries(service.engine)) == 2
+
+
+def test_pr_opened_then_synchronize_supersedes_the_queued_job(client: TestClient, service: ServiceState,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = webhook_examples("pull_request")
+    opened = copy.deepcopy(next(p for p in examples if p["action"] == "opened"))
+    synchronize = copy.deepcopy(next(p for p in examples if p["action"] == "synchronize"))
+    synchronize["number"] = opened["number"]
+    synchronize["pull_request"]["head"]["sha"] = "b" * 40
+    for payload in (opened, synchronize):
+        response = deliver(client, "pull_request", payload)
+        assert response.status_code == 200 and response.json()["status"] == "pending"
+    assert jobs(service) == []          # the request never waits for the GitHub API
+    # the planner asks GitHub for the PR's files; here the API is unreachable, so every model is evaluated
+    monkeypatch.setenv("GITHUB_API_URL", "http://127.0.0.1:9")
+    assert intake.plan_pending(service.engine, service.config, GitHubSource.from_env()) == 2
+    by_sha = {(j.sha, j.model): j for j in jobs(service)}
+    assert len(by_sha) == 4
+    old_sha = opened["pull_request"]["head"]["sha"]
+    assert {by_sha[(old_sha, m)].state for m in ("digits_mlp", "digits_cnn")} == {"superseded"}
+    assert {by_sha[("b" * 40, m)].state for m in ("digits_mlp", "digits_cnn")} == {"queued"}
+    new = by_sha[("b" * 40, "digits_mlp")]
+    assert (new.kind, new.trigger, new.pr) == ("evaluate", "pr", opened["number"])
+    reasons = [d.reason for d in intake.list_deliveries(service.engine)]
+    assert all("evaluating every model" in r for r in reasons)
+
+
+def test_mlgate_yaml_change_retrains_only_the_models_whose_block_changed(tmp_path: Path) -> None:
+    import yaml
+
+    config = parse_config(yaml.safe_dump(FAST_CONFIG), "mlgate.yaml", tmp_path)
+    after = copy.deepcopy(FAST_CONFIG)
+    after["models"]["digits_cnn"]["params"]["channels"] = 12
+    before_text, after_text = yaml.safe_dump(FAST_CONFIG), yaml.safe_dump(after)
+    affected = affected_models(config, ["mlgate.yaml"], lambda: (before_text, after_text))
+    assert affected.models == ["digits_cnn"]
+    after["defaults"]["train"]["epochs"] = 3
+    affected = affected_models(config, ["mlgate.yaml"], lambda: (before_text, yaml.safe_dump(after)))
+    assert sorted(affected.models) == ["digits_cnn", "digits_mlp"]
+    affected = affected_models(config, ["mlgate.yaml"])     # no API: conservative, and says so
+    assert sorted(affected.models) == ["digits_cnn", "digits_mlp"] and "could not be compared" in affected.note
+
+
+def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
+    deliver(client, "push", push_to_default(["models/digits_mlp.py"]))
+    deliver(client, "push", push_to_default(["models/digits_mlp.py"]), secret="wrong")
+    text = client.get("/metrics").text
+    assert 'mlgate_events_total{outcome="jobs",source="github",type="push"} 1.0' in text
+    assert 'mlgate_events_total{outcome="bad_signature",source="github",type="push"} 1.0' in text
+    assert 'mlgate_jobs{state="queued"} 1.0' in text and "mlgate_queue_depth 1.0" in text

@@ -1,0 +1,177 @@
+"""The FastAPI app: webhook and drift intake, the job API, reports, metrics and the dashboard.
+
+Request handlers only verify, record and enqueue; work happens in workers. Database calls run
+in the thread pool so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from sqlalchemy import Engine, text
+
+from automation.config import MlgateConfig
+from triggers import drift, intake, queue
+from triggers.dashboard import DASHBOARD_HTML
+from triggers.metrics import ServiceMetrics
+from triggers.webhooks import BadPayload, signature_ok
+
+log = logging.getLogger(__name__)
+RESULT_SIGNATURE_HEADER = "X-Mlgate-Signature-256"
+
+
+@dataclass
+class ServiceState:
+    config: MlgateConfig
+    engine: Engine
+    webhook_secret: str
+    metrics: ServiceMetrics
+    planner_wake: threading.Event = field(default_factory=threading.Event)
+    components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
+    started: float = field(default_factory=time.time)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(state: ServiceState) -> FastAPI:
+    app = FastAPI(title="mlgate", description="Event-driven GitOps automation for deep-learning models.")
+    app.state.mlgate = state
+    events = state.metrics.events
+
+    @app.post("/webhooks/github", summary="GitHub webhook receiver (push, pull_request, ping)")
+    async def github_webhook(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await request.body()
+        event = request.headers.get("X-GitHub-Event", "")
+        if not signature_ok(state.webhook_secret, body, request.headers.get("X-Hub-Signature-256")):
+            events.labels("github", event or "unknown", "bad_signature").inc()
+            return _error(401, "missing or invalid X-Hub-Signature-256")
+        delivery_id = request.headers.get("X-GitHub-Delivery", "")
+        if not event or not delivery_id:
+            events.labels("github", event or "unknown", "bad_request").inc()
+            return _error(400, "missing X-GitHub-Event or X-GitHub-Delivery header")
+        try:
+            payload = json.loads(body)
+            recorded = await run_in_threadpool(intake.record_delivery, state.engine, state.config, delivery_id,
+                                               event, payload)
+        except (ValueError, BadPayload) as exc:   # json.JSONDecodeError is a ValueError
+            events.labels("github", event, "bad_payload").inc()
+            return _error(400, f"malformed {event} payload: {exc}")
+        delivery = recorded.delivery
+        outcome = "duplicate" if recorded.duplicate else delivery.status
+        events.labels("github", event, outcome).inc()
+        if delivery.status == "pending":
+            state.planner_wake.set()
+        state.metrics.webhook_seconds.observe(time.perf_counter() - started)
+        return JSONResponse(delivery.as_dict() | {"duplicate": recorded.duplicate},
+                            status_code=200 if recorded.duplicate or delivery.status != "jobs" else 202)
+
+    @app.post("/events/drift", summary="A drift CloudEvent over HTTP (same body as on Kafka)")
+    async def drift_event(request: Request) -> Response:
+        body = await request.body()
+        try:
+            event = drift.parse_event(body, state.config)
+        except drift.BadEvent as exc:
+            events.labels("http", "drift", "bad_event").inc()
+            return _error(400 if "unknown model" not in str(exc) else 422, str(exc))
+        [decision] = await run_in_threadpool(drift.decide_batch, state.engine, state.config, [event], "http")
+        events.labels("http", "drift", "duplicate" if decision.duplicate else decision.outcome).inc()
+        return JSONResponse(vars(decision), status_code=202 if decision.outcome == "job" and not decision.duplicate
+                            else 200)
+
+    @app.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome (HMAC-signed)")
+    async def job_result(job_id: str, request: Request) -> Response:
+        from triggers.executors import outcome_from_summary
+
+        body = await request.body()
+        if not signature_ok(state.webhook_secret, body, request.headers.get(RESULT_SIGNATURE_HEADER)):
+            return _error(401, f"missing or invalid {RESULT_SIGNATURE_HEADER}")
+        try:
+            report = json.loads(body)
+            outcome = outcome_from_summary(int(report["exit_code"]), report.get("summary"), report.get("error"))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"a result is {{exit_code, summary, error}}: {exc}")
+        if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, **outcome.fields):
+            return _error(409, f"job {job_id} is unknown or already finished")
+        return JSONResponse({"job": job_id, "state": outcome.state})
+
+    @app.get("/jobs", summary="Recent jobs, newest first")
+    def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = 50) -> list[dict[str, Any]]:
+        return [job.as_dict() for job in queue.list_jobs(state.engine, limit=min(limit, 500), state=state_filter)]
+
+    @app.get("/jobs/{job_id}", summary="One job")
+    def get_job(job_id: str) -> dict[str, Any]:
+        job = queue.get_job(state.engine, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job.as_dict()
+
+    @app.get("/deliveries", summary="Recent webhook deliveries and what they decided")
+    def list_deliveries(limit: int = 50) -> list[dict[str, Any]]:
+        return [d.as_dict() for d in intake.list_deliveries(state.engine, min(limit, 500))]
+
+    @app.get("/drift-events", summary="Recent drift events and what they decided")
+    def list_drift_events(limit: int = 50) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in drift.list_drift_events(state.engine, min(limit, 500))]
+
+    @app.get("/models", summary="Each model's production version and promotion history")
+    def models() -> list[dict[str, Any]]:
+        from automation import promote, tracking
+
+        client, _ = tracking.connect(state.config.workdir, state.config.experiment)
+        result = []
+        for name in state.config.models:
+            aliases = promote.alias_state(client, name)
+            history = [r.as_dict() for r in promote.audit_trail(state.engine, name)]
+            result.append({"model": name, "production": aliases.get(promote.PRODUCTION),
+                           "previous": aliases.get(promote.PREVIOUS), "history": history})
+        return result
+
+    @app.get("/reports/{job_id}", summary="A job's HTML report", response_class=HTMLResponse)
+    def report(job_id: str) -> Response:
+        job = queue.get_job(state.engine, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        path = Path(job.report_path) if job.report_path else state.config.workdir / "reports" / job_id / "report.html"
+        if not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
+        return FileResponse(path, media_type="text/html")
+
+    @app.get("/healthz", summary="Liveness and readiness")
+    def healthz() -> Response:
+        checks: dict[str, Any] = {}
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("select 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        for name, component in state.components.items():
+            checks[name] = "ok" if component.alive() else "stopped"
+        healthy = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks,
+                             "uptime_seconds": round(time.time() - state.started, 1)},
+                            status_code=200 if healthy else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> str:
+        return DASHBOARD_HTML
+
+    return app

@@ -1,0 +1,152 @@
+"""The Kafka drift consumer: at-least-once in, exactly one job out.
+
+Each poll batch is decided in one transaction (`drift.decide_batch`); bad events go to the
+dead-letter topic (acknowledged by the broker) first; only then are the offsets committed.
+A crash between the two re-delivers the batch, and the event ids make the replay a no-op.
+Broker errors never stop the loop: kafka-python reconnects, and we back off and retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from automation.config import MlgateConfig
+from triggers.drift import BadEvent, DriftEvent, decide_batch, parse_event
+
+log = logging.getLogger(__name__)
+
+# Group timeouts chosen on purpose: kafka-python's default max_poll_interval_ms stalled the
+# first join for more than 20 s against Tansu; a batch here takes milliseconds.
+CONSUMER_SETTINGS: dict[str, Any] = {
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+    "session_timeout_ms": 10_000,
+    "heartbeat_interval_ms": 1_000,
+    "max_poll_interval_ms": 60_000,
+    "max_poll_records": 1_000,
+    "request_timeout_ms": 15_000,
+    "reconnect_backoff_max_ms": 2_000,
+}
+
+
+@dataclass
+class ConsumerStats:
+    consumed: int = 0
+    jobs: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class DriftConsumer:
+    """`run()` until `stop()`; safe to run in a thread of `mlgate serve`."""
+
+    def __init__(self, config: MlgateConfig, engine: Engine, bootstrap_servers: str,
+                 on_decision: Any = None) -> None:
+        self.config, self.engine, self.bootstrap = config, engine, bootstrap_servers
+        self.kafka = config.service.kafka
+        self.stats = ConsumerStats()
+        self.on_decision = on_decision   # callback(outcome: str) for metrics
+        self._stop = threading.Event()
+        self.ready = threading.Event()   # set once the group assigned partitions
+        self._producer: Any = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _consumer(self) -> Any:
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(self.kafka.topic, bootstrap_servers=self.bootstrap, group_id=self.kafka.group_id,
+                             client_id="mlgate-drift", **CONSUMER_SETTINGS)
+
+    def _dead_letter(self, record: Any, reason: str) -> None:
+        from kafka import KafkaProducer
+
+        if self._producer is None:
+            self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", retries=5,
+                                           client_id="mlgate-dead-letter")
+        headers = [("mlgate.error", reason.encode()), ("mlgate.topic", record.topic.encode()),
+                   ("mlgate.partition", str(record.partition).encode()), ("mlgate.offset", str(record.offset).encode())]
+        self._producer.send(self.kafka.dead_letter_topic, value=record.value, key=record.key, headers=headers)
+
+    def process(self, records: list[Any]) -> None:
+        """Decide a batch durably; raises if anything could not be made durable."""
+        events: list[DriftEvent] = []
+        for record in records:
+            try:
+                events.append(parse_event(record.value, self.config))
+            except BadEvent as exc:
+                log.warning("drift event dead-lettered", extra={"offset": record.offset, "reason": str(exc)})
+                self._dead_letter(record, str(exc))
+                self.stats.dead_lettered += 1
+                if self.on_decision:
+                    self.on_decision("dead_letter")
+        if self._producer is not None:
+            self._producer.flush(timeout=30)   # raises when the broker did not take them
+        for decision in decide_batch(self.engine, self.config, events, source="kafka"):
+            outcome = "duplicate" if decision.duplicate else decision.outcome
+            self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+            self.stats.jobs += outcome == "job"
+            self.stats.duplicates += decision.duplicate
+            if self.on_decision:
+                self.on_decision(outcome)
+        self.stats.consumed += len(records)
+
+    def run(self) -> None:
+        from kafka.errors import KafkaError
+
+        consumer = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = self._consumer()
+                batches = consumer.poll(timeout_ms=500)
+                if consumer.assignment():
+                    self.ready.set()
+                records = [r for batch in batches.values() for r in batch]
+                if records:
+                    try:
+                        self.process(records)
+                    except BaseException:
+                        # nothing of this poll is committed: rewind so it is read again
+                        for partition, batch in batches.items():
+                            consumer.seek(partition, batch[0].offset)
+                        raise
+                    consumer.commit()
+            except KafkaError as exc:
+                # retriable or not, the answer is the same: keep the uncommitted offsets, back off, go on
+                self.stats.errors += 1
+                log.warning("kafka error; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._stop.wait(1.0)
+            except Exception as exc:
+                self.stats.errors += 1
+                log.error("drift batch failed; it will be read again",
+                          extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._stop.wait(2.0)
+        if consumer is not None:
+            consumer.close(autocommit=False)
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+
+
+def publish(bootstrap_servers: str, topic: str, events: list[dict[str, Any]], timeout: float = 30.0) -> None:
+    """Send drift events (keyed by model, so a model's events stay in order) and wait for acks."""
+    import json
+
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", retries=5, linger_ms=5)
+    try:
+        for event in events:
+            producer.send(topic, key=event["data"]["model"].encode(), value=json.dumps(event).encode())
+        producer.flush(timeout=timeout)
+    finally:
+        producer.close(timeout=timeout)

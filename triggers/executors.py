@@ -1,0 +1,140 @@
+"""Where a job runs. `local`: `mlgate run` in a subprocess here, logs captured. `github`: the
+GPU-runner workflow, dispatched with PyGithub and tracked until the runner reports back.
+
+An executor returns the outcome, or None when the job was finished by someone else (cancelled,
+recovered after a lost lease, or reported by the runner itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+
+from automation.config import MlgateConfig
+from triggers.queue import Job, get_job
+
+log = logging.getLogger(__name__)
+
+EXIT_STATES = {0: "succeeded", 3: "gate_failed"}   # anything else is "failed" (see triggers.cli)
+
+
+@dataclass
+class Outcome:
+    state: str
+    fields: dict[str, Any] = field(default_factory=dict)   # run_id, version, report_path, error
+
+
+class Executor(Protocol):
+    def run(self, job: Job, lost: threading.Event) -> Outcome | None: ...
+
+
+def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: str | None) -> Outcome:
+    """The job record's state and links from `mlgate run --json`'s exit code and last line."""
+    summary = summary or {}
+    state = EXIT_STATES.get(exit_code, "failed")
+    fields = {"run_id": summary.get("run_id"), "version": summary.get("version"),
+              "report_path": (summary.get("reports") or {}).get("html")}
+    if state == "failed":
+        fields["error"] = (error or f"exit code {exit_code}")[:2000]
+    return Outcome(state, {k: v for k, v in fields.items() if v is not None})
+
+
+def run_arguments(job: Job) -> list[str]:
+    """`mlgate run` arguments for a job record (shared by the local and the GitHub executor)."""
+    args = ["--model", job.model, "--trigger", job.trigger if job.trigger in ("push", "pr", "drift") else "manual",
+            "--job-id", job.id]
+    if job.sha:
+        args += ["--sha", job.sha]
+    if job.pr is not None and job.trigger == "pr":
+        args += ["--pr", str(job.pr)]
+    data_ref = json.loads(job.payload or "{}").get("data_ref")
+    if data_ref:
+        args += ["--extra-train", data_ref.removeprefix("file://")]
+    return args
+
+
+class LocalExecutor:
+    def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
+        self.config, self.config_path = config, config_path
+
+    def run(self, job: Job, lost: threading.Event) -> Outcome | None:
+        log_path = self.config.workdir / "jobs" / job.id / "job.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "triggers.cli"]
+        if self.config_path:
+            command += ["--config", self.config_path]
+        command += ["run", *run_arguments(job), "--json"]
+        env = os.environ | {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info")}
+        log.info("job started", extra={"job_id": job.id, "model": job.model, "log": str(log_path)})
+        with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr,
+                                                               env=env) as process:
+            stdout: list[bytes] = []
+            reader = threading.Thread(target=lambda: stdout.extend(process.stdout), daemon=True)   # type: ignore[arg-type]
+            reader.start()
+            while process.poll() is None:
+                if lost.wait(0.5):
+                    process.kill()
+                    log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
+                    return None
+            reader.join(10)
+        lines = b"".join(stdout).decode(errors="replace").strip().splitlines()
+        with open(log_path, "ab") as sink:
+            sink.write(b"".join(stdout))
+        summary = _json_line(lines[-1]) if lines else None
+        return outcome_from_summary(process.returncode, summary, _last_error(log_path))
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _last_error(log_path: Path) -> str | None:
+    """The one-line `Error: …` the CLI prints, from the job log."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    return errors[-1] if errors else (lines[-1] if lines else None)
+
+
+class GitHubExecutor:
+    """Dispatch `.github/workflows/<workflow>` and wait: the runner posts the result to
+    `POST /jobs/{id}/result`; if the run ends without doing so, the job fails with the run's conclusion."""
+
+    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str,
+                 poll_seconds: float = 15.0) -> None:
+        self.config, self.engine, self.github, self.repository = config, engine, github, repository
+        self.poll_seconds = poll_seconds
+
+    def run(self, job: Job, lost: threading.Event) -> Outcome | None:
+        settings = self.config.service.github
+        inputs = {"model": job.model, "job_id": job.id, "trigger": job.trigger, "sha": job.sha or "",
+                  "pr": str(job.pr or "")}
+        self.github.dispatch_workflow(self.repository, settings.workflow, settings.ref, inputs)
+        log.info("workflow dispatched", extra={"job_id": job.id, "workflow": settings.workflow})
+        deadline = time.monotonic() + settings.timeout_minutes * 60
+        concluded_at: float | None = None
+        while time.monotonic() < deadline:
+            if lost.wait(self.poll_seconds):
+                return None
+            current = get_job(self.engine, job.id)
+            if current is None or current.state != "running":
+                return None                   # the runner reported back (or the job was cancelled)
+            run = self.github.workflow_run_state(self.repository, settings.workflow, job.id)
+            if run is not None and run[0] == "completed":
+                concluded_at = concluded_at or time.monotonic()
+                if time.monotonic() - concluded_at > 2 * self.poll_seconds:   # grace for the result call
+                    return Outcome("failed", {"error": f"workflow run ended '{run[1]}' without reporting a result"})
+        return Outcome("failed", {"error": f"no result within {settings.timeout_minutes:g} min"})

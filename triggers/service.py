@@ -1,0 +1,119 @@
+"""`mlgate serve`: the HTTP app plus its background loops (delivery planner, Kafka drift
+consumer, in-process workers), each a thread whose health `/healthz` reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from automation.config import MlgateConfig
+from automation.errors import UsageError
+from triggers.app import ServiceState, create_app
+from triggers.github_api import GitHubSource
+from triggers.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loop:
+    """A background loop in a daemon thread."""
+
+    name: str
+    target: Callable[[], None]
+    stop: Callable[[], None]
+    thread: threading.Thread | None = field(default=None, init=False)
+
+    def start(self) -> "Loop":
+        self.thread = threading.Thread(target=self.target, name=self.name, daemon=True)
+        self.thread.start()
+        return self
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine) -> Any:
+    from triggers.executors import GitHubExecutor, LocalExecutor
+
+    if config.service.executor == "local":
+        return LocalExecutor(config, config_path)
+    repository = os.environ.get("GITHUB_REPOSITORY")
+    if not repository or not os.environ.get("GITHUB_TOKEN"):
+        raise UsageError("service.executor is 'github' but GITHUB_REPOSITORY or GITHUB_TOKEN is not set",
+                         hint="export GITHUB_REPOSITORY=owner/repo and a GITHUB_TOKEN that may dispatch workflows")
+    return GitHubExecutor(config, engine, GitHubSource.from_env(), repository)
+
+
+def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Event) -> None:
+    from triggers.intake import plan_pending
+
+    while not stop.is_set():
+        try:
+            while plan_pending(state.engine, state.config, github):
+                pass
+        except Exception as exc:   # the deliveries stay pending in the database; try again
+            log.error("planning deliveries failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        state.planner_wake.wait(5.0)
+        state.planner_wake.clear()
+
+
+def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
+                  kafka_bootstrap: str | None, workers: int | None = None) -> tuple[Any, list[Loop]]:
+    """The app and its loops (not started)."""
+    from triggers.drift_consumer import DriftConsumer
+    from triggers.worker import Worker
+
+    state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
+                         metrics=ServiceMetrics(engine))
+    app = create_app(state)
+    stop_planner = threading.Event()
+    loops = [Loop("planner", lambda: planner_loop(state, GitHubSource.from_env(), stop_planner),
+                  lambda: (stop_planner.set(), state.planner_wake.set()))]
+    if kafka_bootstrap:
+        def count(outcome: str) -> None:
+            state.metrics.events.labels("kafka", "drift", outcome).inc()
+
+        consumer = DriftConsumer(config, engine, kafka_bootstrap, on_decision=count)
+        loops.append(Loop("kafka-consumer", consumer.run, consumer.stop))
+    executor = make_executor(config, config_path, engine) if (workers or config.service.workers) else None
+    for i in range(config.service.workers if workers is None else workers):
+        worker = Worker(config, engine, executor)
+        loops.append(Loop(f"worker-{i}", worker.run, worker.stop))
+    for loop in loops:
+        state.components[loop.name] = loop
+    return app, loops
+
+
+def webhook_secret_from_env() -> str:
+    secret = os.environ.get("GITHUB_WEBHOOK_SECRET")
+    if not secret:
+        raise UsageError("GITHUB_WEBHOOK_SECRET is not set; every webhook would be refused",
+                         hint="use the secret configured on the GitHub webhook (Settings → Webhooks)")
+    return secret
+
+
+def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -> None:
+    import uvicorn
+
+    from automation import store
+    from triggers import drift, intake, queue  # noqa: F401  (their tables)
+
+    secret = webhook_secret_from_env()
+    engine = store.open_store(store.database_url(config.workdir))
+    app, loops = build_service(config, config_path, engine, secret, os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    for loop in loops:
+        loop.start()
+    log.info("service started", extra={"host": host, "port": port, "loops": [loop.name for loop in loops],
+                                       "database": store.redact_url(store.database_url(config.workdir))})
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        for loop in loops:
+            loop.stop()

@@ -1,0 +1,203 @@
+"""GitHub webhooks → jobs: signature check, payload shape, and which jobs an event makes.
+
+A push to the default branch retrains the models its commits touch; a pull request
+(opened/synchronize/reopened) evaluates the models its files touch, on the head SHA, and a
+newer push to the PR supersedes the older queued job. Everything else is recorded and ignored.
+Planning that needs the GitHub API (a PR's file list, the previous mlgate.yaml) is deferred to
+the intake planner so the request itself stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from automation.config import MlgateConfig
+from triggers.changes import CONFIG_FILE, Affected, affected_models
+from triggers.github_api import GitHubSource, GitHubUnavailable
+
+PR_ACTIONS = ("opened", "synchronize", "reopened")
+MAX_WEBHOOK_COMMITS = 20   # GitHub lists at most 20 commits in a push payload
+ZERO_SHA = "0" * 40
+
+
+class BadPayload(ValueError):
+    """Signed, but not a payload this event type can have: answered with 400."""
+
+
+def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
+    """`X-Hub-Signature-256` is `sha256=` + hex HMAC-SHA256 of the raw body; compared in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, header)
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+# Only the fields mlgate reads are declared; GitHub adds fields freely, so extras are allowed.
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Repository(_Loose):
+    full_name: str
+    default_branch: str
+
+
+class _Commit(_Loose):
+    id: str
+    added: list[str] = []
+    removed: list[str] = []
+    modified: list[str] = []
+
+
+class PushEvent(_Loose):
+    ref: str
+    before: str
+    after: str
+    deleted: bool = False
+    forced: bool = False
+    commits: list[_Commit] = []
+    repository: _Repository
+
+
+class _Head(_Loose):
+    sha: str
+
+
+class _PullRequest(_Loose):
+    head: _Head
+
+
+class PullRequestEvent(_Loose):
+    action: str
+    number: int
+    pull_request: _PullRequest
+    repository: _Repository
+
+
+@dataclass
+class PlannedJob:
+    model: str
+    kind: str                      # retrain | evaluate
+    trigger: str                   # push | pr
+    sha: str
+    pr: int | None = None
+    supersede_key: str | None = None
+
+
+@dataclass
+class Plan:
+    outcome: str                   # jobs | no_models | ignored | pending
+    reason: str
+    jobs: list[PlannedJob] = field(default_factory=list)
+    repository: str | None = None
+
+
+def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | None:
+    model = {"push": PushEvent, "pull_request": PullRequestEvent}.get(event)
+    if model is None:
+        return None
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadPayload(f"not a {event} payload: {where}: {first['msg']}") from None
+
+
+def _pushed_files(push: PushEvent) -> list[str]:
+    return [path for c in push.commits for path in (*c.added, *c.removed, *c.modified)]
+
+
+def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSource | None = None) -> Plan:
+    """What this delivery should do. Without `github`, events that need the API plan as `pending`."""
+    if not isinstance(payload, dict):
+        raise BadPayload("the body is not a JSON object")
+    if event == "ping":
+        return Plan("ignored", "ping: webhook configured")
+    parsed = parse(event, payload)
+    if isinstance(parsed, PushEvent):
+        return _plan_push(config, parsed, github)
+    if isinstance(parsed, PullRequestEvent):
+        return _plan_pull_request(config, parsed, github)
+    action = payload.get("action")
+    return Plan("ignored", f"event '{event}{'.' + action if action else ''}' does not start jobs")
+
+
+def _plan_push(config: MlgateConfig, push: PushEvent, github: GitHubSource | None) -> Plan:
+    repo = push.repository.full_name
+    if push.ref.startswith("refs/tags/"):
+        return Plan("ignored", f"tag push {push.ref}", repository=repo)
+    if push.deleted or push.after == ZERO_SHA:
+        return Plan("ignored", f"branch deletion {push.ref}", repository=repo)
+    if push.ref != f"refs/heads/{push.repository.default_branch}":
+        return Plan("ignored", f"push to {push.ref}, not the default branch "
+                    f"{push.repository.default_branch}", repository=repo)
+    files = _pushed_files(push)
+    incomplete = len(push.commits) >= MAX_WEBHOOK_COMMITS or push.forced or not push.commits
+    needs_api = incomplete or CONFIG_FILE in files
+    if needs_api and github is None:
+        return Plan("pending", "needs the GitHub API for the full change", repository=repo)
+    note = ""
+    if incomplete and push.before != ZERO_SHA:
+        try:
+            files = github.compare_files(repo, push.before, push.after)   # type: ignore[union-attr]
+        except GitHubUnavailable as exc:
+            note = f"the payload may not list every file and {exc}"
+    elif incomplete:
+        note = "a new branch's first push lists only its last commits"
+    affected = affected_models(config, files, _config_versions(github, repo, push.before, push.after)
+                               if github is not None else None)
+    if note:
+        affected.note = "; ".join(filter(None, (affected.note, note)))
+    return _jobs(affected, "retrain", "push", push.after, None, repo, lambda m: f"push:{repo}:{m}")
+
+
+def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHubSource | None) -> Plan:
+    repo = pr.repository.full_name
+    if pr.action not in PR_ACTIONS:
+        return Plan("ignored", f"pull_request.{pr.action} does not start jobs", repository=repo)
+    if github is None:
+        return Plan("pending", "needs the PR's file list from the GitHub API", repository=repo)
+    try:
+        files = github.pull_request_files(repo, pr.number)
+        affected = affected_models(config, files,
+                                   _config_versions(github, repo, _base_sha(pr), pr.pull_request.head.sha))
+    except GitHubUnavailable as exc:
+        affected = Affected(models=list(config.models), reasons={m: "file list unavailable" for m in config.models},
+                            note=f"{exc}; evaluating every model")
+    return _jobs(affected, "evaluate", "pr", pr.pull_request.head.sha, pr.number, repo,
+                 lambda m: f"pr:{repo}:{pr.number}:{m}")
+
+
+def _base_sha(pr: PullRequestEvent) -> str | None:
+    base = (pr.pull_request.model_extra or {}).get("base")
+    return base.get("sha") if isinstance(base, dict) else None
+
+
+def _config_versions(github: GitHubSource, repo: str, before: str | None,
+                     after: str) -> Callable[[], tuple[str | None, str | None]]:
+    def fetch() -> tuple[str | None, str | None]:
+        if not before or before == ZERO_SHA:
+            raise LookupError("there is no previous commit to compare mlgate.yaml with")
+        return github.file_at(repo, CONFIG_FILE, before), github.file_at(repo, CONFIG_FILE, after)
+
+    return fetch
+
+
+def _jobs(affected: Affected, kind: str, trigger: str, sha: str, pr: int | None, repo: str,
+          supersede_key: Callable[[str], str]) -> Plan:
+    if not affected.models:
+        return Plan("no_models", affected.reason(), repository=repo)
+    jobs = [PlannedJob(model=m, kind=kind, trigger=trigger, sha=sha, pr=pr, supersede_key=supersede_key(m))
+            for m in affected.models]
+    return Plan("jobs", affected.reason(), jobs, repository=repo)
