@@ -1,0 +1,215 @@
+"""Drift events: the retrain policy (both databases), HTTP intake, and the Kafka consumer against a
+real Kafka-protocol broker (Tansu): dead letters, redelivery, broker restart, offsets after durability."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from automation.config import MlgateConfig, parse_config
+from automation.store import open_store
+from tests.conftest import FAST_CONFIG, TansuBroker, clean_tables, wait_for
+from triggers import drift, queue
+from triggers.app import ServiceState, create_app
+from triggers.drift_consumer import DriftConsumer, publish
+from triggers.metrics import ServiceMetrics
+
+NOW = datetime.now(timezone.utc)
+
+
+def make_config(tmp_path: Path, **drift_policy: Any) -> MlgateConfig:
+    raw = copy.deepcopy(FAST_CONFIG)
+    raw["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 30} | drift_policy
+    return parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path)
+
+
+def event(model: str = "digits_mlp", share: float = 0.6, **data: Any) -> dict[str, Any]:
+    columns = [{"column": "px_3", "score": 0.001, "method": "ks", "threshold": 0.05}]
+    body = drift.make_event(model, share, columns, NOW - timedelta(hours=1), NOW, source="tests")
+    body["data"].update(data)
+    return body
+
+
+def decide(engine: Any, config: MlgateConfig, *bodies: dict[str, Any]) -> list[drift.Decision]:
+    return drift.decide_batch(engine, config, [drift.parse_event(b, config) for b in bodies], "test")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Any:
+    clean_tables(db_url)
+    return open_store(db_url)
+
+
+def test_threshold_decides_whether_to_retrain(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    low, high = decide(engine, config, event(share=0.1), event(share=0.5))
+    assert low.outcome == "below_threshold" and low.job_id is None and "< threshold 0.30" in low.reason
+    assert high.outcome == "job"
+    job = queue.get_job(engine, high.job_id)
+    assert (job.model, job.kind, job.trigger, job.state) == ("digits_mlp", "retrain", "drift", "queued")
+
+
+def test_burst_coalesces_into_one_job_with_the_newest_data(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    burst = [event(data_ref=f"/data/window-{i}.npz") for i in range(20)] + [event(model="digits_cnn")]
+    decisions = decide(engine, config, *burst[:10]) + decide(engine, config, *burst[10:])
+    assert [d.outcome for d in decisions].count("job") == 2          # one per model
+    mlp_jobs = {d.job_id for d in decisions[:20]}
+    assert len(mlp_jobs) == 1
+    payload = queue.get_job(engine, mlp_jobs.pop()).as_dict()["payload"]
+    assert payload["data_ref"] == "/data/window-19.npz" and len(payload["coalesced"]) == 19
+    # still coalesced while the job runs; a running job keeps the data it started with
+    running = queue.claim(engine, "w1")
+    assert decide(engine, config, event(data_ref="/late.npz"))[0].job_id == running.id
+    assert queue.get_job(engine, running.id).as_dict()["payload"]["data_ref"] == "/data/window-19.npz"
+
+
+def test_cooldown_after_a_drift_retrain(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path, cooldown_minutes=30)
+    first = decide(engine, config, event())[0]
+    job = queue.claim(engine, "w1")
+    queue.finish(engine, job.id, "w1", "succeeded")
+    again = decide(engine, config, event())[0]
+    assert first.outcome == "job" and again.outcome == "cooldown" and job.id in again.reason
+    no_cooldown = make_config(tmp_path, cooldown_minutes=0)
+    assert decide(engine, no_cooldown, event())[0].outcome == "job"
+
+
+def test_same_event_id_is_recorded_once(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    body = event()
+    first, replay = decide(engine, config, body, body)
+    assert first.outcome == "job" and replay.duplicate and replay.job_id == first.job_id
+    assert len(queue.list_jobs(engine)) == 1
+
+
+def test_http_drift_intake_validates_and_decides(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine))
+    client = TestClient(create_app(state))
+    response = client.post("/events/drift", json=event(share=0.9))
+    assert response.status_code == 202 and response.json()["outcome"] == "job"
+    bad = event()
+    bad["data"]["drift_share"] = 1.5
+    response = client.post("/events/drift", json=bad)
+    assert response.status_code == 400 and "data.drift_share" in response.json()["error"]
+    response = client.post("/events/drift", json=event(model="resnet_nope"))
+    assert response.status_code == 422 and "unknown model 'resnet_nope'" in response.json()["error"]
+    assert client.post("/events/drift", content=b"{not json").status_code == 400
+    assert [e.outcome for e in drift.list_drift_events(engine)] == ["job"]
+
+
+# --- Kafka ------------------------------------------------------------------------------------
+
+class RunningConsumer:
+    def __init__(self, config: MlgateConfig, engine: Any, bootstrap: str) -> None:
+        self.consumer = DriftConsumer(config, engine, bootstrap)
+        self.thread = threading.Thread(target=self.consumer.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.consumer.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the consumer did not stop"
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Any:
+    return open_store(f"sqlite:///{tmp_path / 'service.db'}")
+
+
+def recorded(engine: Any) -> list[drift.DriftRecord]:
+    return drift.list_drift_events(engine, limit=10_000)
+
+
+def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                             consumer_timeout_ms=15_000)
+    records = []
+    for record in consumer:
+        records.append(record)
+        if len(records) >= expected:
+            break
+    consumer.close()
+    return records
+
+
+def test_kafka_consumer_records_each_event_once_and_dead_letters_bad_ones(
+        kafka_broker: TansuBroker, sqlite_engine: Any, tmp_path: Path) -> None:
+    from kafka import KafkaProducer
+
+    config = make_config(tmp_path)
+    good = [event(share=0.7), event(share=0.05), event(model="digits_cnn")]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    producer.send(config.service.kafka.topic, b"{this is not json")
+    producer.send(config.service.kafka.topic, json.dumps(event(model="unknown_model")).encode())
+    for body in good + [good[0]]:                                   # the last one is a redelivery
+        producer.send(config.service.kafka.topic, json.dumps(body).encode())
+    producer.flush()
+    running = RunningConsumer(config, sqlite_engine, kafka_broker.bootstrap)
+    try:
+        assert wait_for(lambda: running.consumer.stats.consumed == 6, 60), running.consumer.stats
+    finally:
+        running.stop()
+    outcomes = {r.id: r.outcome for r in recorded(sqlite_engine)}
+    assert outcomes == {good[0]["id"]: "job", good[1]["id"]: "below_threshold", good[2]["id"]: "job"}
+    assert running.consumer.stats.duplicates == 1 and len(queue.list_jobs(sqlite_engine)) == 2
+    dead = read_topic(kafka_broker.bootstrap, config.service.kafka.dead_letter_topic, 2)
+    reasons = sorted(dict(r.headers)["mlgate.error"].decode() for r in dead)
+    assert reasons[0].startswith("not JSON") and reasons[1].startswith("unknown model 'unknown_model'")
+    assert b"{this is not json" in {r.value for r in dead}           # the original bytes, kept for replay
+
+
+def test_offsets_are_committed_only_after_the_batch_is_durable(kafka_broker: TansuBroker, sqlite_engine: Any,
+                                                                tmp_path: Path) -> None:
+    config = make_config(tmp_path, threshold=0.99)                  # record only: no jobs to coalesce
+    from automation.store import make_engine
+
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")   # nothing listens there
+    bodies = [event(share=0.5) for _ in range(25)]
+    publish(kafka_broker.bootstrap, config.service.kafka.topic, bodies)
+    running = RunningConsumer(config, down, kafka_broker.bootstrap)
+    try:
+        assert wait_for(lambda: running.consumer.stats.errors >= 2, 60)
+        assert running.consumer.stats.consumed == 0
+        running.consumer.engine = sqlite_engine                    # the database is back
+        assert wait_for(lambda: len(recorded(sqlite_engine)) == 25, 60)
+    finally:
+        running.stop()
+    # a new member of the group starts from the committed offsets: nothing is read twice
+    publish(kafka_broker.bootstrap, config.service.kafka.topic, [event(share=0.5)])
+    second = RunningConsumer(config, sqlite_engine, kafka_broker.bootstrap)
+    try:
+        assert wait_for(lambda: second.consumer.stats.consumed >= 1, 60)
+    finally:
+        second.stop()
+    assert second.consumer.stats.consumed == 1 and second.consumer.stats.duplicates == 0
+    assert len(recorded(sqlite_engine)) == 26
+
+
+def test_consumer_survives_a_broker_restart(kafka_broker: TansuBroker, sqlite_engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path, threshold=0.99)
+    running = RunningConsumer(config, sqlite_engine, kafka_broker.bootstrap)
+    try:
+        publish(kafka_broker.bootstrap, config.service.kafka.topic, [event() for _ in range(5)])
+        assert wait_for(lambda: len(recorded(sqlite_engine)) == 5, 60)
+        kafka_broker.stop()
+        time.sleep(3)                                                # the consumer sees the broker gone
+        kafka_broker.start()                                         # same port, empty (in-memory) broker
+        publish(kafka_broker.bootstrap, config.service.kafka.topic, [event() for _ in range(5)])
+        assert wait_for(lambda: len(recorded(sqlite_engine)) == 10, 90), running.consumer.stats
+        assert running.thread.is_alive()
+    finally:
+        running.stop()
+    assert running.consumer.stats.duplicates == 0
