@@ -134,8 +134,8 @@ def create_app(state: ServiceState) -> FastAPI:
         for name in state.config.models:
             aliases = promote.alias_state(client, name)
             history = [r.as_dict() for r in promote.audit_trail(state.engine, name)]
-            result.append({"model": name, "production": aliases.get(promote.PRODUCTION),
-                           "previous": aliases.get(promote.PREVIOUS), "history": history})
+            result.append({"model": name, "production": aliases.production, "previous": aliases.previous,
+                           "history": history})
         return result
 
     @app.get("/reports/{job_id}", summary="A job's HTML report", response_class=HTMLResponse)

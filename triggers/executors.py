@@ -77,7 +77,7 @@ class LocalExecutor:
         env = os.environ | {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info")}
         log.info("job started", extra={"job_id": job.id, "model": job.model, "log": str(log_path)})
         with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr,
-                                                               env=env) as process:
+                                                               env=env, preexec_fn=_die_with_parent) as process:
             stdout: list[bytes] = []
             reader = threading.Thread(target=lambda: stdout.extend(process.stdout), daemon=True)   # type: ignore[arg-type]
             reader.start()
@@ -92,6 +92,15 @@ class LocalExecutor:
             sink.write(b"".join(stdout))
         summary = _json_line(lines[-1]) if lines else None
         return outcome_from_summary(process.returncode, summary, _last_error(log_path))
+
+
+def _die_with_parent() -> None:
+    """Linux: the job dies with its worker, so a killed worker leaves no orphan that could still promote."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
 
 def _json_line(line: str) -> dict[str, Any] | None:

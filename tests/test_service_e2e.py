@@ -1,0 +1,172 @@
+"""End to end, real components only: `mlgate serve` as a process (uvicorn, SQLite queue, local
+executor, Kafka consumer on Tansu), a signed push webhook and a Kafka drift event each running
+the whole pipeline to a promotion visible at GET /models, and the dashboard read in headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import FAST_CONFIG, TansuBroker, free_port, wait_for, webhook_examples
+from triggers.drift import make_event
+from triggers.drift_consumer import publish
+from triggers.webhooks import sign
+
+SECRET = "e2e-secret"
+pytestmark = pytest.mark.slow
+
+
+def e2e_config() -> dict[str, Any]:
+    config = copy.deepcopy(FAST_CONFIG)
+    config["defaults"]["train"]["epochs"] = 8
+    # the loop is under test here, not the gate: a drift retrain must not fail on latency noise
+    config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
+    config["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 0}
+    config["service"] = {"workers": 1, "lease_seconds": 30}
+    return config
+
+
+class Service:
+    def __init__(self, directory: Path, bootstrap: str) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = directory / "mlgate.yaml"
+        config.write_text(yaml.safe_dump(e2e_config()), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
+        env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"}
+        self.log = open(directory / "service.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(config), "serve",
+                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=directory)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30)
+
+    def ready(self) -> bool:
+        try:
+            return self.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.get(f"/jobs/{job_id}").json()
+
+    def finished(self, job_id: str) -> bool:
+        return self.job(job_id)["state"] not in ("queued", "running")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(20)
+        self.log.close()
+        return (self.directory / "service.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def service(tmp_path: Path, kafka_broker: TansuBroker) -> Any:
+    running = Service(tmp_path, kafka_broker.bootstrap)
+    try:
+        assert wait_for(running.ready, 60), "the service did not become healthy"
+        yield running
+    finally:
+        print(running.stop())
+
+
+def signed_push(service: Service, files: list[str]) -> httpx.Response:
+    payload = copy.deepcopy(next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master"))
+    payload["before"] = "1" * 40
+    payload["commits"][0].update(added=[], removed=[], modified=files)
+    body = json.dumps(payload).encode()
+    return httpx.post(service.url + "/webhooks/github", content=body, timeout=10, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
+        "X-Hub-Signature-256": sign(SECRET, body)})
+
+
+def fresh_labelled_data(path: Path) -> str:
+    """Brighter, noisier digits with their labels: what a labelling pipeline hands back after drift."""
+    from models.datasets import digits
+
+    splits = digits(seed=1)
+    rng = np.random.default_rng(0)
+    x = np.clip(splits.x_train[:300] * 1.3 + rng.normal(0, 0.05, splits.x_train[:300].shape), 0, 1)
+    np.savez(path, x=x.astype(np.float32), y=splits.y_train[:300])
+    return str(path)
+
+
+def mlflow_run(workdir: Path, run_id: str) -> Any:
+    from mlflow import MlflowClient
+
+    from automation.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(workdir)).get_run(run_id)
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                             "--dump-dom", url], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_broker: TansuBroker,
+                                                       tmp_path: Path) -> None:
+    # 1. a signed push touching one model's file: one job, run by the service's worker, promoted
+    response = signed_push(service, ["models/digits_mlp.py"])
+    assert response.status_code == 202, response.text
+    [push_job] = response.json()["jobs"]
+    assert wait_for(lambda: service.finished(push_job), 240, interval=1), service.job(push_job)
+    job = service.job(push_job)
+    assert job["state"] == "succeeded", job
+    assert job["version"] == "1" and job["run_id"] and job["attempts"] == 1
+    models = {m["model"]: m for m in service.get("/models").json()}
+    assert models["digits_mlp"]["production"] == "1" and models["digits_cnn"]["production"] is None
+    report = service.get(f"/reports/{push_job}")
+    assert report.status_code == 200 and "digits_mlp" in report.text
+
+    # 2. a drift event on Kafka: retrain on data that includes the fresh inputs, gate, promote
+    now = datetime.now(timezone.utc)
+    fresh = fresh_labelled_data(tmp_path / "fresh.npz")
+    body = make_event("digits_mlp", 0.6, [{"column": "px_20", "score": 0.001, "method": "ks", "threshold": 0.05}],
+                      window_start=now - timedelta(hours=1), window_end=now, data_ref=fresh)
+    publish(kafka_broker.bootstrap, "mlgate.drift", [body])
+    def drift_job() -> dict[str, Any] | None:
+        return next((e for e in service.get("/drift-events").json() if e["id"] == body["id"]), None)
+    assert wait_for(lambda: drift_job() is not None, 60), service.get("/drift-events").json()
+    drift_job_id = drift_job()["job_id"]
+    assert drift_job()["outcome"] == "job"
+    assert wait_for(lambda: service.finished(drift_job_id), 240, interval=1), service.job(drift_job_id)
+    job = service.job(drift_job_id)
+    assert job["state"] == "succeeded" and job["trigger"] == "drift" and job["version"] == "2", job
+    models = {m["model"]: m for m in service.get("/models").json()}
+    assert models["digits_mlp"]["production"] == "2" and models["digits_mlp"]["previous"] == "1"
+    assert [h["version"] for h in models["digits_mlp"]["history"]][:2] in (["2", "1"], ["1", "2"])
+    run = mlflow_run(service.directory / "state", job["run_id"])
+    assert run.data.params["data.override.extra_train"] == fresh          # trained on the fresh data
+    assert (service.directory / "state" / "jobs" / drift_job_id / "job.log").stat().st_size > 0
+
+    # 3. the dashboard, rendered by a real browser from the JSON API
+    dom = dump_dom(service.url + "/", tmp_path / "chromium")
+    assert f'data-job="{push_job}"' in dom and f'data-job="{drift_job_id}"' in dom
+    assert f'href="/reports/{push_job}"' in dom and 'class="state succeeded"' in dom
+    assert "2 recent jobs: 0 running, 0 queued" in dom
+
+    metrics = service.get("/metrics").text
+    assert 'mlgate_events_total{outcome="job",source="kafka",type="drift"} 1.0' in metrics
+    assert "mlgate_job_duration_seconds_count 2.0" in metrics
