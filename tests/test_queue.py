@@ -92,3 +92,30 @@ def test_workers_in_separate_processes_never_claim_the_same_job(db_url: str) -> 
     flat = [job_id for batch in claimed for job_id in batch]
     assert sorted(flat) == sorted(ids)                    # every job once, none twice
     assert all(j.state == "succeeded" and j.attempts == 1 for j in queue.list_jobs(engine, limit=100))
+
+
+def test_cap_on_concurrent_retrains_lets_evaluations_through(db_url: str) -> None:
+    engine = open_store(db_url)
+    for model in ("a", "b", "c"):
+        queue.enqueue(engine, model=model, kind="retrain", trigger="drift")
+    evaluation, _ = queue.enqueue(engine, model="d", kind="evaluate", trigger="pr", pr=1)
+    first = queue.claim(engine, "w1", max_concurrent_retrains=2)
+    second = queue.claim(engine, "w2", max_concurrent_retrains=2)
+    third = queue.claim(engine, "w3", max_concurrent_retrains=2)
+    assert {first.kind, second.kind} == {"retrain"} and third.id == evaluation.id
+    assert queue.claim(engine, "w4", max_concurrent_retrains=2) is None     # the third retrain waits
+    queue.finish(engine, first.id, "w1", "succeeded")
+    assert queue.claim(engine, "w4", max_concurrent_retrains=2).kind == "retrain"
+
+
+def test_result_reported_by_the_runner_ends_the_job_and_the_worker_lets_go(db_url: str) -> None:
+    engine = open_store(db_url)
+    job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push")
+    queue.claim(engine, "dispatcher")
+    assert queue.record_result(engine, job.id, "gate_failed", run_id="r1", version="4")
+    assert not queue.record_result(engine, job.id, "succeeded")              # a second report changes nothing
+    assert not queue.heartbeat(engine, job.id, "dispatcher")                 # the worker sees it is over
+    done = queue.get_job(engine, job.id)
+    assert (done.state, done.run_id, done.version) == ("gate_failed", "r1", "4")
+    other, _ = queue.enqueue(engine, model="n", kind="retrain", trigger="push")
+    assert queue.cancel(engine, other.id, "not needed") and queue.get_job(engine, other.id).state == "cancelled"

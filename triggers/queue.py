@@ -139,6 +139,7 @@ def finish(engine: Engine, job_id: str, worker_id: str, state: State, **fields: 
     """Record the outcome; ignored (False) when the worker no longer owns the job."""
     if state not in FINAL_STATES:
         raise ValueError(f"not a final state: {state}")
+    fields.setdefault("error", None)   # a retried job that succeeds drops the earlier attempt's error
     with Session(engine) as session, session.begin():
         result = session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
                                                    Job.state == "running")
@@ -150,6 +151,7 @@ def record_result(engine: Engine, job_id: str, state: State, **fields: Any) -> b
     """The outcome reported by the job itself (a GitHub runner calling back), whoever claimed it."""
     if state not in FINAL_STATES:
         raise ValueError(f"not a final state: {state}")
+    fields.setdefault("error", None)
     with Session(engine) as session, session.begin():
         result = session.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
                                  .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
