@@ -29,6 +29,7 @@ from automation.progress import JobProgress
 log = logging.getLogger(__name__)
 
 Trigger = Literal["manual", "push", "pr", "drift"]
+REFERENCE_FILE = "train.npz"          # logged under the run's `reference/` artifacts
 
 
 @dataclass
@@ -202,6 +203,11 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         # --- register: log the torch model, its ONNX export and the chosen artifact ---------
         with timer.stage("register"):
             model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2])
+            # the training split is the drift monitor's reference for this version
+            job_dir.mkdir(parents=True, exist_ok=True)
+            reference = job_dir / REFERENCE_FILE
+            np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1))
+            mlflow.log_artifact(str(reference), artifact_path="reference")
             version = None
             if request.may_promote:
                 with contextlib.redirect_stderr(io.StringIO()):   # MLflow prints progress chatter there

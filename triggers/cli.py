@@ -52,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="run at most one job per worker, then exit")
     worker.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    monitor = sub.add_parser("monitor", help="compute data drift against production's training data; "
+                             "publish a drift event when the model's policy says so")
+    monitor.add_argument("--model", required=True)
+    monitor.add_argument("--current", required=True, help="file or directory of recent inputs (.npz/.parquet/.csv)")
+    monitor.add_argument("--data-ref", help="labelled fresh data (npz with x, y) for the retrain to add")
+    monitor.add_argument("--post", metavar="URL", help="also POST the event to the service (…/events/drift)")
+    monitor.add_argument("--dry-run", action="store_true", help="compute and report, publish nothing")
+    monitor.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
+    monitor.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job (its worker stops it)")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", required=True)
+    cancel.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     history = sub.add_parser("history", help="show the promotion audit trail")
     history.add_argument("model", nargs="?")
     history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -174,12 +189,50 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from triggers.monitor import run_monitor
+
+    config = _load(args)
+    config.model(args.model)
+    summary = run_monitor(config, args.model, Path(args.current), data_ref=args.data_ref, post_url=args.post,
+                          publish=not args.dry_run)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verdict = "drift: retrain requested" if summary["published_to"] else (
+            "drift above threshold" if summary["retrain"] else "no actionable drift")
+        print(f"{args.model} v{summary['production_version']}: drift share {summary['drift_share']:.2f} "
+              f"({summary['drifted_columns']}/{summary['total_columns']} columns, threshold "
+              f"{summary['threshold']:.2f}): {verdict}")
+        for where in summary["published_to"]:
+            print(f"  event {summary['event_id']} published to {where}")
+        if summary.get("note"):
+            print(f"  {summary['note']}")
+        print(f"  report: {summary['report']}")
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from automation import store
+    from automation.errors import MlgateError
+    from triggers import queue
+
+    config = _load(args)
+    engine = store.open_store(store.database_url(config.workdir))
+    if not queue.cancel(engine, args.job_id, args.reason):
+        raise MlgateError(f"job {args.job_id} is unknown or already finished")
+    print(f"job {args.job_id} cancelled")
+    return EXIT_OK
+
+
 def _config_path(args: argparse.Namespace) -> str | None:
     path = getattr(args, "sub_config", None) or args.config
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:

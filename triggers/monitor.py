@@ -1,0 +1,204 @@
+"""`mlgate monitor`: data drift between a model's reference data (the training split logged with
+its production version) and a window of current inputs, with Evidently; publishes a drift
+CloudEvent when the model's policy says so, and keeps Evidently's HTML report.
+
+Current data is a file or a directory of files: .npz (array `x`), .parquet or .csv (feature
+columns x0, x1, …, and optionally `timestamp`, as the inference log writes them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automation.config import MlgateConfig
+from automation.errors import MlgateError, UsageError
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".npz", ".parquet", ".csv")
+MAX_REFERENCE_ROWS = 5000
+
+
+@dataclass
+class Window:
+    x: np.ndarray
+    start: datetime
+    end: datetime
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DriftResult:
+    share: float
+    columns: list[dict[str, Any]]      # drifted columns only: column, score, method, threshold
+    total_columns: int
+    reference_rows: int
+    current_rows: int
+    report_html: str
+
+
+def feature_names(width: int) -> list[str]:
+    return [f"x{i}" for i in range(width)]
+
+
+def _mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, datetime, datetime]:
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "x" not in data:
+                raise UsageError(f"{path}: an .npz window needs an array named 'x'")
+            x = data["x"]
+        return x.reshape(len(x), -1).astype(np.float32), _mtime(path), _mtime(path)
+    import pandas as pd
+
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    columns = sorted((c for c in frame.columns if c[:1] == "x" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+    if not columns:
+        raise UsageError(f"{path}: no feature columns (x0, x1, …)")
+    if "timestamp" in frame.columns and len(frame):
+        stamps = pd.to_datetime(frame["timestamp"], utc=True)
+        start, end = stamps.min().to_pydatetime(), stamps.max().to_pydatetime()
+    else:
+        start = end = _mtime(path)
+    return frame[columns].to_numpy(np.float32), start, end
+
+
+def load_window(path: Path, rows: int) -> Window:
+    """The newest `rows` rows of a file or a directory of files (oldest file first)."""
+    if not path.exists():
+        raise UsageError(f"current data {path} does not exist")
+    files = sorted((p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES), key=lambda p: p.stat().st_mtime) \
+        if path.is_dir() else [path]
+    if not files:
+        raise UsageError(f"{path} holds no {'/'.join(DATA_SUFFIXES)} files")
+    parts, starts, ends, used = [], [], [], []
+    for file in reversed(files):                    # newest first, until the window is full
+        x, start, end = _read_file(file)
+        parts.insert(0, x)
+        starts.append(start)
+        ends.append(end)
+        used.append(str(file))
+        if sum(len(p) for p in parts) >= rows:
+            break
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise UsageError(f"{path}: files disagree on the number of features ({sorted(widths)})")
+    x = np.concatenate(parts)[-rows:]
+    if len(x) == 0:
+        raise UsageError(f"{path}: the window is empty")
+    return Window(x, min(starts), max(ends), used)
+
+
+def load_reference(config: MlgateConfig, model: str) -> tuple[np.ndarray, str]:
+    """The training split logged with the production version, and that version."""
+    import mlflow
+
+    from automation import promote, tracking
+    from automation.job import REFERENCE_FILE
+
+    client, _ = tracking.connect(config.workdir, config.experiment)
+    version = promote.alias_version(client, model, promote.PRODUCTION)
+    if version is None:
+        raise MlgateError(f"{model} has no production version yet; there is no reference to compare with",
+                          hint="promote a version first (mlgate run)")
+    run_id = client.get_model_version(model, version).run_id
+    target = config.workdir / "monitor" / model / f"reference-v{version}"
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"reference/{REFERENCE_FILE}",
+                                                    dst_path=str(target))
+    except Exception as exc:
+        raise MlgateError(f"{model} version {version} has no reference data logged ({type(exc).__name__})",
+                          hint="versions trained before mlgate logged references need one retrain") from None
+    with np.load(local) as data:
+        return data["x"], version
+
+
+def compute_drift(reference: np.ndarray, current: np.ndarray, report_html: Path) -> DriftResult:
+    """Evidently's DataDriftPreset over every feature column; per-column tests pick their own method."""
+    import pandas as pd
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
+
+    if reference.shape[1] != current.shape[1]:
+        raise UsageError(f"current data has {current.shape[1]} features, the reference {reference.shape[1]}")
+    rng = np.random.default_rng(0)
+    if len(reference) > MAX_REFERENCE_ROWS:   # bounded cost: Evidently's time grows with rows × columns
+        reference = reference[rng.choice(len(reference), MAX_REFERENCE_ROWS, replace=False)]
+    names = feature_names(reference.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # constant columns make scipy warn about division by zero
+        snapshot = Report([DataDriftPreset()]).run(current_data=pd.DataFrame(current, columns=names),
+                                                   reference_data=pd.DataFrame(reference, columns=names))
+    report_html.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(report_html))
+    drifted, total = [], 0
+    for metric in snapshot.dict()["metrics"]:
+        cfg = metric.get("config", {})
+        if not cfg.get("type", "").endswith("ValueDrift"):
+            continue
+        total += 1
+        score, method, threshold = float(metric["value"]), str(cfg.get("method")), float(cfg.get("threshold"))
+        # p-value tests drift below the threshold; distances drift at or above it
+        is_drift = score < threshold if "p_value" in method else score >= threshold
+        if is_drift:
+            drifted.append({"column": cfg.get("column"), "score": score, "method": method, "threshold": threshold})
+    if total == 0:
+        raise MlgateError("Evidently returned no per-column drift results")
+    return DriftResult(len(drifted) / total, drifted, total, len(reference), len(current), str(report_html))
+
+
+def publish_event(event: dict[str, Any], topic: str, post_url: str | None) -> list[str]:
+    """Kafka when KAFKA_BOOTSTRAP_SERVERS is set, and/or HTTP POST to the service; returns where it went."""
+    sent = []
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap:
+        from triggers.drift_consumer import publish
+
+        publish(bootstrap, topic, [event])
+        sent.append(f"kafka:{bootstrap}")
+    if post_url:
+        import httpx
+
+        response = httpx.post(post_url, json=event, timeout=30)
+        if response.status_code >= 400:
+            raise MlgateError(f"POST {post_url} answered {response.status_code}: {response.text[:200]}")
+        sent.append(post_url)
+    return sent
+
+
+def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,
+                post_url: str | None = None, publish: bool = True) -> dict[str, Any]:
+    from triggers.drift import make_event
+
+    policy = config.model(model).drift
+    window = load_window(current, policy.window_rows)
+    reference, version = load_reference(config, model)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = compute_drift(reference, window.x, config.workdir / "monitor" / model / f"drift-{stamp}.html")
+    retrain = result.share >= policy.threshold
+    event = make_event(model, result.share, result.columns, window.start, window.end,
+                       data_ref=os.path.abspath(data_ref) if data_ref else None)
+    sent = publish_event(event, config.service.kafka.topic, post_url) if retrain and publish else []
+    summary = {"model": model, "production_version": version, "drift_share": round(result.share, 4),
+               "threshold": policy.threshold, "drifted_columns": len(result.columns),
+               "total_columns": result.total_columns, "reference_rows": result.reference_rows,
+               "current_rows": result.current_rows, "retrain": retrain, "event_id": event["id"] if sent else None,
+               "published_to": sent, "report": result.report_html}
+    log.info("drift computed", extra={k: v for k, v in summary.items() if k != "report"})
+    if retrain and publish and not sent:
+        summary["note"] = "drift above threshold but nowhere to publish: set KAFKA_BOOTSTRAP_SERVERS or --post"
+    (Path(result.report_html).with_suffix(".json")).write_text(json.dumps(summary | {"event": event}, indent=2,
+                                                                           default=str), encoding="utf-8")
+    return summary
