@@ -46,9 +46,6 @@ def window_file(directory: Path, shift: bool) -> Path:
     return path
 
 
-test_window.__test__ = False   # a helper, not a test
-
-
 def test_no_drift_on_inputs_like_the_training_data(promoted: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")   # would fail loudly if it tried to publish
