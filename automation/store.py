@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, String, create_engine, event, select
+from sqlalchemy import Connection, Engine, String, create_engine, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -27,15 +28,10 @@ class NamedLock(Base):
 
 
 _KNOWN_LOCKS: set[tuple[object, str]] = set()   # lock rows known to exist: skip the insert attempt
+_SQLITE_WRITERS: dict[object, threading.RLock] = {}
 
 
-@contextmanager
-def locked(engine: Engine, name: str) -> Iterator[Session]:
-    """A transaction holding the lock `name`; commits on success, rolls back on any error.
-
-    PostgreSQL: SELECT … FOR UPDATE on the lock row. SQLite: the transaction began with
-    BEGIN IMMEDIATE (see make_engine), which already excludes every other writer.
-    """
+def _ensure_lock_row(engine: Engine, name: str) -> None:
     if (engine.url, name) not in _KNOWN_LOCKS:
         try:
             with Session(engine) as session, session.begin():
@@ -43,9 +39,39 @@ def locked(engine: Engine, name: str) -> Iterator[Session]:
         except IntegrityError:
             pass   # the row exists already; that is all we needed
         _KNOWN_LOCKS.add((engine.url, name))
-    with Session(engine, expire_on_commit=False) as session, session.begin():
+
+
+@contextmanager
+def _one_writer_per_process(engine: Engine) -> Iterator[None]:
+    """SQLite: threads queue on a lock instead of SQLite's sleeping busy handler (long tail latency)."""
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    with _SQLITE_WRITERS.setdefault(engine.url, threading.RLock()):
+        yield
+
+
+@contextmanager
+def locked(engine: Engine, name: str) -> Iterator[Session]:
+    """An ORM transaction holding the lock `name`; commits on success, rolls back on any error.
+
+    PostgreSQL: SELECT … FOR UPDATE on the lock row. SQLite: the transaction began with
+    BEGIN IMMEDIATE (see make_engine), which already excludes every other writer.
+    """
+    _ensure_lock_row(engine, name)
+    with _one_writer_per_process(engine), Session(engine, expire_on_commit=False) as session, session.begin():
         session.execute(select(NamedLock).where(NamedLock.name == name).with_for_update())
         yield session
+
+
+@contextmanager
+def locked_connection(engine: Engine, name: str) -> Iterator[Connection]:
+    """`locked` for Core statements: the hot paths (webhook intake) skip the ORM's per-row cost."""
+    _ensure_lock_row(engine, name)
+    with _one_writer_per_process(engine), engine.begin() as conn:
+        if engine.dialect.name != "sqlite":   # SQLite's BEGIN IMMEDIATE already excludes every writer
+            conn.execute(select(NamedLock.name).where(NamedLock.name == name).with_for_update())
+        yield conn
 
 
 def database_url(workdir: Path) -> str:

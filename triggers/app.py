@@ -48,6 +48,8 @@ def create_app(state: ServiceState) -> FastAPI:
     app = FastAPI(title="mlgate", description="Event-driven GitOps automation for deep-learning models.")
     app.state.mlgate = state
     events = state.metrics.events
+    recorder = intake.GroupCommitRecorder(state.engine, state.config)
+    state.components["delivery-writer"] = recorder
 
     @app.post("/webhooks/github", summary="GitHub webhook receiver (push, pull_request, ping)")
     async def github_webhook(request: Request) -> Response:
@@ -62,20 +64,23 @@ def create_app(state: ServiceState) -> FastAPI:
             events.labels("github", event or "unknown", "bad_request").inc()
             return _error(400, "missing X-GitHub-Event or X-GitHub-Delivery header")
         try:
-            payload = json.loads(body)
-            recorded = await run_in_threadpool(intake.record_delivery, state.engine, state.config, delivery_id,
-                                               event, payload)
+            item = intake.Incoming.parse(state.config, delivery_id, event, json.loads(body))
         except (ValueError, BadPayload) as exc:   # json.JSONDecodeError is a ValueError
             events.labels("github", event, "bad_payload").inc()
             return _error(400, f"malformed {event} payload: {exc}")
+        try:
+            recorded = await recorder.record(item)
+        except Exception as exc:   # nothing was committed: GitHub shows the failure and can redeliver
+            events.labels("github", event, "not_recorded").inc()
+            return _error(503, f"delivery not recorded ({type(exc).__name__}); redeliver it")
         delivery = recorded.delivery
-        outcome = "duplicate" if recorded.duplicate else delivery.status
+        outcome = "duplicate" if recorded.duplicate else delivery["status"]
         events.labels("github", event, outcome).inc()
-        if delivery.status == "pending":
+        if delivery["status"] == "pending":
             state.planner_wake.set()
         state.metrics.webhook_seconds.observe(time.perf_counter() - started)
-        return JSONResponse(delivery.as_dict() | {"duplicate": recorded.duplicate},
-                            status_code=200 if recorded.duplicate or delivery.status != "jobs" else 202)
+        return JSONResponse(delivery | {"duplicate": recorded.duplicate},
+                            status_code=200 if recorded.duplicate or delivery["status"] != "jobs" else 202)
 
     @app.post("/events/drift", summary="A drift CloudEvent over HTTP (same body as on Kafka)")
     async def drift_event(request: Request) -> Response:

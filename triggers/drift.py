@@ -144,11 +144,11 @@ def _decide(session: Session, config: MlgateConfig, event: DriftEvent, source: s
         outcome = "cooldown"
         reason = f"drift retrain {last.id} ended less than {policy.cooldown_minutes:g} min ago"
     else:
-        job, _ = enqueue_in(session, model=model, kind="retrain", trigger="drift",
+        job_id, _ = enqueue_in(session.connection(), model=model, kind="retrain", trigger="drift",
                             payload={"event_id": event.id, "drift_share": share, "data_ref": event.data.data_ref,
                                      "window_end": event.data.window_end.isoformat(), "coalesced": []},
                             dedupe_key=f"drift:{event.id}", max_attempts=config.service.max_attempts)
-        outcome, reason, job_id = "job", f"drift share {share:.2f} >= threshold {policy.threshold:.2f}", job.id
+        outcome, reason = "job", f"drift share {share:.2f} >= threshold {policy.threshold:.2f}"
     session.add(DriftRecord(id=event.id, model=model, drift_share=share, outcome=outcome, job_id=job_id,
                             reason=reason, source=source, received_at=now))
     session.flush()

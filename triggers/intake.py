@@ -7,19 +7,22 @@ milliseconds. A delivery whose plan needs the GitHub API is stored `pending` wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import queue as queue_module
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, Text, select
+from sqlalchemy import Connection, DateTime, Engine, String, Text, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
-from automation.store import Base, locked
+from automation.store import Base, locked_connection
 from triggers.github_api import GitHubSource
-from triggers.queue import CLAIM_LOCK, enqueue_in
+from triggers.queue import CLAIM_LOCK, insert_jobs, job_row
 from triggers.webhooks import Plan, plan_event
 
 log = logging.getLogger(__name__)
@@ -40,52 +43,129 @@ class Delivery(Base):
     planned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"delivery": self.id, "event": self.event, "action": self.action, "repository": self.repository,
-                "status": self.status, "reason": self.reason, "jobs": json.loads(self.job_ids)}
+        return delivery_view(vars(self))
+
+
+def delivery_view(row: Any) -> dict[str, Any]:
+    """What the API shows of a delivery row (an ORM object's vars, or a plain row mapping)."""
+    return {"delivery": row["id"], "event": row["event"], "action": row["action"], "repository": row["repository"],
+            "status": row["status"], "reason": row["reason"], "jobs": json.loads(row["job_ids"])}
 
 
 @dataclass
 class Recorded:
-    delivery: Delivery
+    delivery: dict[str, Any]      # delivery_view() of the stored row
     duplicate: bool
 
 
-def _enqueue_plan(session: Session, config: MlgateConfig, delivery: Delivery, plan: Plan) -> None:
-    ids = []
-    for job in plan.jobs:
-        record, _ = enqueue_in(session, model=job.model, kind=job.kind, trigger=job.trigger, sha=job.sha, pr=job.pr,
-                               payload={"delivery": delivery.id, "repository": plan.repository,
-                                        "reason": plan.reason},
-                               dedupe_key=f"{delivery.id}:{job.model}", supersede_key=job.supersede_key,
-                               max_attempts=config.service.max_attempts)
-        ids.append(record.id)
-    delivery.status, delivery.reason, delivery.job_ids = plan.outcome, plan.reason, json.dumps(ids)
-    delivery.repository = delivery.repository or plan.repository
-    if plan.outcome != "pending":
-        delivery.payload, delivery.planned_at = None, datetime.now(timezone.utc)
+def _job_rows(config: MlgateConfig, delivery_id: str, plan: Plan) -> list[dict[str, Any]]:
+    return [job_row(model=job.model, kind=job.kind, trigger=job.trigger, sha=job.sha, pr=job.pr,
+                    payload={"delivery": delivery_id, "repository": plan.repository, "reason": plan.reason},
+                    dedupe_key=f"{delivery_id}:{job.model}", supersede_key=job.supersede_key,
+                    max_attempts=config.service.max_attempts)
+            for job in plan.jobs]
 
 
-def record_delivery(engine: Engine, config: MlgateConfig, delivery_id: str, event: str,
-                    payload: Any) -> Recorded:
-    """Record one verified delivery and its jobs; a known delivery id changes nothing.
+@dataclass
+class Incoming:
+    """A verified delivery, already planned (so a bad payload was refused before any write)."""
 
-    Raises webhooks.BadPayload (before anything is written) when the body has the wrong shape.
-    """
-    plan = plan_event(config, event, payload)
-    with locked(engine, CLAIM_LOCK) as session:
-        existing = session.get(Delivery, delivery_id)
-        if existing is not None:
-            return Recorded(existing, duplicate=True)
-        delivery = Delivery(id=delivery_id, event=event, received_at=datetime.now(timezone.utc),
-                            action=payload.get("action") if isinstance(payload.get("action"), str) else None,
-                            status=plan.outcome, repository=plan.repository,
-                            payload=json.dumps(payload) if plan.outcome == "pending" else None)
-        session.add(delivery)
-        session.flush()
-        _enqueue_plan(session, config, delivery, plan)
-    log.info("webhook delivery recorded", extra={"delivery": delivery_id, "event": event, "status": delivery.status,
-                                                 "reason": delivery.reason})
-    return Recorded(delivery, duplicate=False)
+    delivery_id: str
+    event: str
+    payload: dict[str, Any]
+    plan: Plan
+
+    @classmethod
+    def parse(cls, config: MlgateConfig, delivery_id: str, event: str, payload: Any) -> "Incoming":
+        """Raises webhooks.BadPayload when the body has the wrong shape for its event."""
+        return cls(delivery_id, event, payload, plan_event(config, event, payload))
+
+
+def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming]) -> list[Recorded]:
+    """Record deliveries and their jobs in one transaction (one commit for the whole batch); a known
+    delivery id changes nothing."""
+    now = datetime.now(timezone.utc)
+    results: list[Recorded] = []
+    with locked_connection(engine, CLAIM_LOCK) as conn:
+        ids = list({item.delivery_id for item in batch})
+        known = {row["id"]: delivery_view(row) for row in conn.execute(
+            select(Delivery.__table__).where(Delivery.id.in_(ids))).mappings()}
+        rows, jobs = [], []
+        for item in batch:
+            if item.delivery_id in known:
+                results.append(Recorded(known[item.delivery_id], duplicate=True))
+                continue
+            plan, action = item.plan, item.payload.get("action")
+            values: dict[str, Any] = {
+                "id": item.delivery_id, "event": item.event, "action": action if isinstance(action, str) else None,
+                "repository": plan.repository, "status": plan.outcome, "reason": plan.reason, "received_at": now,
+                "payload": json.dumps(item.payload) if plan.outcome == "pending" else None,
+                "planned_at": None if plan.outcome == "pending" else now,
+                "job_ids": "[]"}
+            # a new delivery id: its jobs' dedupe keys (delivery:model) cannot exist yet
+            new_jobs = _job_rows(config, item.delivery_id, plan)
+            values["job_ids"] = json.dumps([job["id"] for job in new_jobs])
+            jobs.extend(new_jobs)
+            rows.append(values)
+            known[item.delivery_id] = delivery_view(values)     # a redelivery inside the same batch
+            results.append(Recorded(known[item.delivery_id], duplicate=False))
+        insert_jobs(conn, jobs)
+        if rows:
+            conn.execute(insert(Delivery), rows)
+    for r in results:
+        log.info("webhook delivery recorded", extra={"delivery": r.delivery["delivery"], "event": r.delivery["event"],
+                                                     "status": r.delivery["status"], "duplicate": r.duplicate})
+    return results
+
+
+def record_delivery(engine: Engine, config: MlgateConfig, delivery_id: str, event: str, payload: Any) -> Recorded:
+    return record_deliveries(engine, config, [Incoming.parse(config, delivery_id, event, payload)])[0]
+
+
+class GroupCommitRecorder:
+    """Deliveries arriving together share one transaction and one fsync: a writer thread drains
+    what is waiting (up to `max_batch`) and records it at once. Each request still gets its
+    answer only after its delivery is committed."""
+
+    def __init__(self, engine: Engine, config: MlgateConfig, max_batch: int = 64) -> None:
+        self.engine, self.config, self.max_batch = engine, config, max_batch
+        self._waiting: queue_module.SimpleQueue[tuple[Incoming, asyncio.Future[Recorded]]] = queue_module.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="delivery-writer", daemon=True)
+        self._thread.start()
+
+    async def record(self, item: Incoming) -> Recorded:
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._waiting.put((item, future))
+        return await future
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._waiting.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._waiting.get_nowait())
+                except queue_module.Empty:
+                    break
+            try:
+                results: list[Any] = record_deliveries(self.engine, self.config, [item for item, _ in batch])
+            except Exception as exc:   # every request of the batch answers 503; nothing was committed
+                log.error("recording deliveries failed", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                                "batch": len(batch)})
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                future.get_loop().call_soon_threadsafe(_settle, future, result)
+
+
+def _settle(future: asyncio.Future[Recorded], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, limit: int = 20) -> int:
@@ -95,11 +175,16 @@ def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, lim
                                        .order_by(Delivery.received_at).limit(limit)))
     for delivery in pending:
         plan = plan_event(config, delivery.event, json.loads(delivery.payload or "{}"), github)
-        with locked(engine, CLAIM_LOCK) as session:
-            current = session.get(Delivery, delivery.id)
-            if current is None or current.status != "pending":
+        with locked_connection(engine, CLAIM_LOCK) as conn:
+            status = conn.execute(select(Delivery.status).where(Delivery.id == delivery.id)).scalar()
+            if status != "pending":
                 continue   # another replica planned it first
-            _enqueue_plan(session, config, current, plan)
+            jobs = _job_rows(config, delivery.id, plan)
+            insert_jobs(conn, jobs)
+            ids = [job["id"] for job in jobs]
+            conn.execute(update(Delivery).where(Delivery.id == delivery.id).values(
+                status=plan.outcome, reason=plan.reason, job_ids=json.dumps(ids), payload=None,
+                planned_at=datetime.now(timezone.utc), repository=delivery.repository or plan.repository))
         log.info("webhook delivery planned", extra={"delivery": delivery.id, "status": plan.outcome,
                                                     "reason": plan.reason})
     return len(pending)

@@ -15,14 +15,19 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, func, select, update
+from sqlalchemy import (Connection, DateTime, Engine, Index, Integer, String, Text, bindparam, func, insert, select,
+                        update)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from automation.store import Base, locked
+from automation.store import Base, locked, locked_connection
 
 State = Literal["queued", "running", "succeeded", "gate_failed", "failed", "cancelled", "superseded"]
 FINAL_STATES = ("succeeded", "gate_failed", "failed", "cancelled", "superseded")
 CLAIM_LOCK = "__queue_claim__"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def _now() -> datetime:
@@ -36,8 +41,12 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_supersede_state", "supersede_key", "state"),   # supersede: queued jobs of one change
+        Index("ix_jobs_model_state", "model", "state"),               # claim, coalescing: a model's active jobs
+    )
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex[:12])
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_job_id())
     model: Mapped[str] = mapped_column(String(200), index=True)
     kind: Mapped[str] = mapped_column(String(16))                   # retrain | evaluate
     trigger: Mapped[str] = mapped_column(String(16))                # push | pr | drift | manual
@@ -48,7 +57,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
-    supersede_key: Mapped[str | None] = mapped_column(String(200), index=True, nullable=True)
+    supersede_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -67,28 +76,59 @@ class Job(Base):
 
 def enqueue(engine: Engine, **job: Any) -> tuple[Job, bool]:
     """Record a job; returns (job, created). A known dedupe_key returns the existing job."""
-    with locked(engine, CLAIM_LOCK) as session:
-        return enqueue_in(session, **job)
+    with locked_connection(engine, CLAIM_LOCK) as conn:
+        job_id, created = enqueue_in(conn, **job)
+    return get_job(engine, job_id), created   # type: ignore[return-value]
 
 
-def enqueue_in(session: Session, *, model: str, kind: str, trigger: str, sha: str | None = None,
-               pr: int | None = None, payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
-               supersede_key: str | None = None, max_attempts: int = 3) -> tuple[Job, bool]:
-    """`enqueue` inside a transaction that already holds CLAIM_LOCK (so the caller can record more
-    in the same commit, e.g. the webhook delivery the jobs came from)."""
-    if dedupe_key is not None:
-        existing = session.scalars(select(Job).where(Job.dedupe_key == dedupe_key)).first()
+SUPERSEDED = "superseded by a newer job for the same change"
+# built once: a statement object caches its compiled form, and the webhook path runs these per delivery
+_SUPERSEDE = (update(Job).where(Job.supersede_key == bindparam("key"), Job.state == "queued")
+              .values(state="superseded", finished_at=bindparam("now"), error=SUPERSEDED))
+_INSERT = insert(Job)
+_BY_DEDUPE_KEY = select(Job.id).where(Job.dedupe_key == bindparam("key"))
+
+
+def job_row(*, model: str, kind: str, trigger: str, sha: str | None = None, pr: int | None = None,
+            payload: dict[str, Any] | None = None, dedupe_key: str | None = None,
+            supersede_key: str | None = None, max_attempts: int = 3) -> dict[str, Any]:
+    """A new queued job, as a row for `insert_jobs`."""
+    return {"id": new_job_id(), "model": model, "kind": kind, "trigger": trigger, "sha": sha, "pr": pr,
+            "payload": json.dumps(payload or {}), "state": "queued", "attempts": 0, "max_attempts": max_attempts,
+            "dedupe_key": dedupe_key, "supersede_key": supersede_key, "created_at": _now(), "finished_at": None,
+            "error": None}
+
+
+def insert_jobs(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert new jobs, in order, inside a transaction holding CLAIM_LOCK. Each supersedes the queued
+    jobs that share its supersede_key, earlier rows of the same batch included."""
+    if not rows:
+        return
+    now = _now()
+    keys = {row["supersede_key"] for row in rows if row["supersede_key"]}
+    if keys:
+        conn.execute(_SUPERSEDE, [{"key": key, "now": now} for key in keys])
+    newest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = row["supersede_key"]
+        if key and key in newest:
+            newest[key].update(state="superseded", finished_at=now, error=SUPERSEDED)
+        if key:
+            newest[key] = row
+    conn.execute(_INSERT, rows)
+
+
+def enqueue_in(conn: Connection, **job: Any) -> tuple[str, bool]:
+    """`enqueue` inside a transaction that already holds CLAIM_LOCK, so the caller can record more
+    in the same commit (the drift event a job came from). Returns (id, created); an ORM session's
+    `connection()` works too."""
+    if job.get("dedupe_key") is not None:
+        existing = conn.execute(_BY_DEDUPE_KEY, {"key": job["dedupe_key"]}).scalar()
         if existing is not None:
             return existing, False
-    if supersede_key is not None:
-        session.execute(update(Job).where(Job.supersede_key == supersede_key, Job.state == "queued")
-                        .values(state="superseded", finished_at=_now(),
-                                error="superseded by a newer job for the same change"))
-    job = Job(model=model, kind=kind, trigger=trigger, sha=sha, pr=pr, payload=json.dumps(payload or {}),
-              dedupe_key=dedupe_key, supersede_key=supersede_key, max_attempts=max_attempts)
-    session.add(job)
-    session.flush()
-    return job, True
+    row = job_row(**job)
+    insert_jobs(conn, [row])
+    return row["id"], True
 
 
 def _recover_expired(session: Session, now: datetime) -> None:

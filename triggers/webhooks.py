@@ -42,9 +42,9 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-# Only the fields mlgate reads are declared; GitHub adds fields freely, so extras are allowed.
+# Only the fields mlgate reads are declared; GitHub adds fields freely, so the rest is ignored.
 class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
 
 class _Repository(_Loose):
@@ -75,6 +75,7 @@ class _Head(_Loose):
 
 class _PullRequest(_Loose):
     head: _Head
+    base: _Head | None = None
 
 
 class PullRequestEvent(_Loose):
@@ -180,8 +181,7 @@ def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHu
 
 
 def _base_sha(pr: PullRequestEvent) -> str | None:
-    base = (pr.pull_request.model_extra or {}).get("base")
-    return base.get("sha") if isinstance(base, dict) else None
+    return pr.pull_request.base.sha if pr.pull_request.base else None
 
 
 def _config_versions(github: GitHubSource, repo: str, before: str | None,

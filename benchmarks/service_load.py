@@ -1,0 +1,190 @@
+"""Load benchmark for the service's intake, on loopback (a script, not a test).
+
+Webhooks: a real `mlgate serve` process (uvicorn, SQLite or MLGATE_DATABASE_URL) receives signed
+push deliveries that each create a job (durable enqueue), from CONCURRENCY keep-alive connections;
+prints deliveries/s and p50/p99 response time.
+
+Drift: EVENTS CloudEvents are produced to a real Kafka-protocol broker (Tansu) and consumed by the
+drift consumer; prints events/s through the consumer and p50/p99 from produce to recorded decision,
+once for a backlog and once for a steady stream.
+
+    .venv/bin/python benchmarks/service_load.py [--deliveries 3000] [--concurrency 16] [--events 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import FAST_CONFIG, TansuBroker, free_port, wait_for, webhook_examples  # noqa: E402
+from triggers.webhooks import sign  # noqa: E402
+
+SECRET = "bench-secret"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def build_requests(count: int, port: int) -> list[bytes]:
+    template = copy.deepcopy(next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master"))
+    template["before"] = "1" * 40
+    requests = []
+    for i in range(count):
+        template["after"] = f"{i + 1:040x}"
+        template["commits"][0].update(added=[], removed=[], modified=["models/digits_mlp.py"])
+        body = json.dumps(template).encode()
+        head = (f"POST /webhooks/github HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"X-GitHub-Event: push\r\nX-GitHub-Delivery: {uuid.uuid4()}\r\n"
+                f"X-Hub-Signature-256: {sign(SECRET, body)}\r\nContent-Length: {len(body)}\r\n\r\n")
+        requests.append(head.encode() + body)
+    return requests
+
+
+async def _connection(port: int, requests: list[bytes], latencies: list[float], statuses: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for request in requests:
+        start = time.perf_counter()
+        writer.write(request)
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        latencies.append(time.perf_counter() - start)
+        statuses.append(int(status_line.split()[1]))
+    writer.close()
+
+
+async def _fire(port: int, requests: list[bytes], concurrency: int) -> tuple[float, list[float], list[int]]:
+    latencies: list[float] = []
+    statuses: list[int] = []
+    chunks = [requests[i::concurrency] for i in range(concurrency)]
+    start = time.perf_counter()
+    await asyncio.gather(*(_connection(port, chunk, latencies, statuses) for chunk in chunks))
+    return time.perf_counter() - start, latencies, statuses
+
+
+def webhook_benchmark(deliveries: int, concurrency: int, workdir: Path) -> None:
+    port = free_port()
+    config = copy.deepcopy(FAST_CONFIG) | {"workdir": str(workdir / "state"), "service": {"workers": 0}}
+    (workdir / "mlgate.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS",)}
+    env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "MLGATE_LOG_LEVEL": "warning"}
+    server = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(workdir / "mlgate.yaml"),
+                               "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+    try:
+        if not wait_for(lambda: _healthy(port), 60):
+            raise SystemExit("the service did not start")
+        asyncio.run(_fire(port, build_requests(200, port), concurrency))        # warm-up
+        if os.environ.get("BENCH_PROFILE"):
+            subprocess.Popen(["py-spy", "record", "-d", "6", "-o", os.environ["BENCH_PROFILE"], "-f", "raw",
+                              "-p", str(server.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elapsed, latencies, statuses = asyncio.run(_fire(port, build_requests(deliveries, port), concurrency))
+        jobs = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.terminate()
+        server.wait(20)
+    depth = next(line for line in jobs.splitlines() if line.startswith("mlgate_queue_depth"))
+    database = os.environ.get("MLGATE_DATABASE_URL", "sqlite (WAL) in the workdir").split("@")[-1]
+    print(f"webhooks  database={database} deliveries={deliveries} concurrency={concurrency}")
+    print(f"          accepted {deliveries / elapsed:,.0f} deliveries/s; "
+          f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms; "
+          f"statuses {sorted(set(statuses))}; {depth} (warm-up included)")
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def drift_benchmark(events: int, workdir: Path) -> None:
+    import logging
+
+    from datetime import datetime, timezone
+
+    from automation.config import parse_config
+    from automation.store import open_store
+    from triggers import drift
+    from triggers.drift_consumer import DriftConsumer, publish
+
+    logging.disable(logging.INFO)
+    config = parse_config(yaml.safe_dump(FAST_CONFIG), "mlgate.yaml", workdir)
+    broker = TansuBroker()
+    broker.start()
+    try:
+        for label, steady in (("backlog", False), ("stream", True)):
+            engine = open_store(f"sqlite:///{workdir / f'drift-{label}.db'}")
+            consumer = DriftConsumer(config, engine, broker.bootstrap)
+            consumer.kafka = consumer.kafka.model_copy(update={"topic": f"bench.{label}", "group_id": label})
+            now = datetime.now(timezone.utc)
+            bodies = [drift.make_event(("digits_mlp", "digits_cnn")[i % 2], 0.5, [], now, now, source="bench")
+                      for i in range(events)]
+            if not steady:
+                publish(broker.bootstrap, f"bench.{label}", bodies)
+            thread = threading.Thread(target=consumer.run, daemon=True)
+            thread.start()
+            consumer.ready.wait(60)
+            start = time.perf_counter()
+            if steady:   # 10 batches a second, stamped when sent
+                step = max(1, events // 50)
+                for i in range(0, events, step):
+                    chunk = bodies[i:i + step]
+                    stamp = datetime.now(timezone.utc).isoformat()
+                    for body in chunk:
+                        body["time"] = stamp
+                    publish(broker.bootstrap, f"bench.{label}", chunk)
+                    time.sleep(0.1)
+            wait_for(lambda: consumer.stats.consumed >= events, 300, interval=0.05)
+            elapsed = time.perf_counter() - start
+            consumer.stop()
+            thread.join(20)
+            records = drift.list_drift_events(engine, limit=events + 10)
+            sent = {b["id"]: datetime.fromisoformat(b["time"]) for b in bodies}
+            lag = [(r.received_at.replace(tzinfo=timezone.utc) - sent[r.id]).total_seconds() for r in records]
+            rate = f"{events / elapsed:,.0f} events/s through the consumer" if not steady else \
+                f"offered {events / elapsed:,.0f} events/s"
+            print(f"drift     {label}: {len(records)} recorded of {events}; {rate}; produce→recorded "
+                  f"p50 {percentile(lag, 0.5) * 1000:.0f} ms, p99 {percentile(lag, 0.99) * 1000:.0f} ms; "
+                  f"outcomes {consumer.stats.outcomes}")
+    finally:
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deliveries", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--only", choices=["webhooks", "drift"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        if args.only in (None, "webhooks"):
+            webhook_benchmark(args.deliveries, args.concurrency, Path(directory))
+        if args.only in (None, "drift"):
+            drift_benchmark(args.events, Path(directory))
+
+
+if __name__ == "__main__":
+    main()
