@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install test-deps clean
 
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ install: $(BIN)/mlgate
 demo: install
 	$(BIN)/mlgate run
 
-test: install
+# what the tests need beyond Python: real GitHub payloads (npm) and a browser for the dashboard test
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test-deps: node_modules/.installed
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the dashboard test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }; }
+
+test: install test-deps
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .mlgate
+	rm -rf $(VENV) .mlgate node_modules

@@ -17,12 +17,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import DateTime, Engine, Float, String, Text, select
+from sqlalchemy import Connection, DateTime, Engine, Float, String, Text, bindparam, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
-from automation.store import Base, locked
-from triggers.queue import CLAIM_LOCK, Job, enqueue_in
+from automation.store import Base, locked_connection
+from triggers.queue import CLAIM_LOCK, Job, insert_jobs, job_row
 
 log = logging.getLogger(__name__)
 
@@ -119,52 +119,102 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _decide(session: Session, config: MlgateConfig, event: DriftEvent, source: str, now: datetime) -> Decision:
-    known = session.get(DriftRecord, event.id)
-    if known is not None:
-        return Decision(event.id, known.outcome, known.job_id, known.reason, duplicate=True)
+_DRIFT_JOBS = (select(Job.id, Job.state, Job.payload, Job.created_at, Job.finished_at)
+               .where(Job.model == bindparam("model"), Job.trigger == "drift").order_by(Job.created_at.desc()))
+_ACTIVE_DRIFT_JOB = _DRIFT_JOBS.where(Job.state.in_(("queued", "running"))).limit(1)
+_LAST_DRIFT_JOB = _DRIFT_JOBS.limit(1)
+_SET_PAYLOAD = update(Job).where(Job.id == bindparam("job_id")).values(payload=bindparam("new_payload"))
+
+
+@dataclass
+class _ModelState:
+    """One model's drift jobs as the batch goes: read once, then kept up to date in memory."""
+
+    active: dict[str, Any] | None           # the queued or running drift retrain: id, state, payload
+    last_id: str | None
+    last_ended: datetime | None
+    payload_changed: bool = False
+
+    @classmethod
+    def read(cls, conn: Connection, model: str) -> "_ModelState":
+        active = conn.execute(_ACTIVE_DRIFT_JOB, {"model": model}).mappings().first()
+        last = conn.execute(_LAST_DRIFT_JOB, {"model": model}).mappings().first()
+        return cls(active={"id": active["id"], "state": active["state"], "payload": json.loads(active["payload"])}
+                   if active else None, last_id=last["id"] if last else None,
+                   last_ended=_aware(last["finished_at"] or last["created_at"]) if last else None)
+
+
+def _known_events(conn: Connection, ids: list[str]) -> dict[str, Decision]:
+    known: dict[str, Decision] = {}
+    for start in range(0, len(ids), 500):   # bounded IN lists
+        rows = conn.execute(select(DriftRecord.id, DriftRecord.outcome, DriftRecord.job_id, DriftRecord.reason)
+                            .where(DriftRecord.id.in_(ids[start:start + 500])))
+        known |= {r.id: Decision(r.id, r.outcome, r.job_id, r.reason, duplicate=True) for r in rows}
+    return known
+
+
+def _decide(conn: Connection, config: MlgateConfig, event: DriftEvent, state: _ModelState,
+            now: datetime) -> Decision:
     model, share = event.data.model, event.data.drift_share
     policy = config.model(model).drift
-    job_id: str | None = None
-    drift_jobs = select(Job).where(Job.model == model, Job.trigger == "drift")
-    active = session.scalars(drift_jobs.where(Job.state.in_(("queued", "running")))
-                             .order_by(Job.created_at.desc())).first()
-    last = session.scalars(drift_jobs.order_by(Job.created_at.desc())).first()
     if share < policy.threshold:
-        outcome, reason = "below_threshold", f"drift share {share:.2f} < threshold {policy.threshold:.2f}"
-    elif active is not None:
-        outcome, reason, job_id = "coalesced", f"drift retrain {active.id} is already {active.state}", active.id
-        if active.state == "queued" and event.data.data_ref:   # the queued job trains on the newest data
-            payload = json.loads(active.payload or "{}")
-            payload.update(data_ref=event.data.data_ref, event_id=event.id)
-            payload["coalesced"] = [*payload.get("coalesced", []), event.id]
-            active.payload = json.dumps(payload)
-    elif last is not None and now - _aware(last.finished_at or last.created_at) < timedelta(
-            minutes=policy.cooldown_minutes):
-        outcome = "cooldown"
-        reason = f"drift retrain {last.id} ended less than {policy.cooldown_minutes:g} min ago"
-    else:
-        job_id, _ = enqueue_in(session.connection(), model=model, kind="retrain", trigger="drift",
-                            payload={"event_id": event.id, "drift_share": share, "data_ref": event.data.data_ref,
-                                     "window_end": event.data.window_end.isoformat(), "coalesced": []},
-                            dedupe_key=f"drift:{event.id}", max_attempts=config.service.max_attempts)
-        outcome, reason = "job", f"drift share {share:.2f} >= threshold {policy.threshold:.2f}"
-    session.add(DriftRecord(id=event.id, model=model, drift_share=share, outcome=outcome, job_id=job_id,
-                            reason=reason, source=source, received_at=now))
-    session.flush()
-    return Decision(event.id, outcome, job_id, reason)
+        return Decision(event.id, "below_threshold", None,
+                        f"drift share {share:.2f} < threshold {policy.threshold:.2f}")
+    if state.active is not None:
+        active = state.active
+        if active["state"] == "queued":       # a running job keeps what it started with
+            payload = active["payload"]
+            payload["coalesced"] = int(payload.get("coalesced", 0)) + 1
+            payload["last_event_id"] = event.id
+            if event.data.data_ref:             # the queued job trains on the newest data
+                payload["data_ref"] = event.data.data_ref
+            state.payload_changed = True
+        return Decision(event.id, "coalesced", active["id"], f"drift retrain {active['id']} is already {active['state']}")
+    if state.last_ended is not None and now - state.last_ended < timedelta(minutes=policy.cooldown_minutes):
+        return Decision(event.id, "cooldown", None,
+                        f"drift retrain {state.last_id} ended less than {policy.cooldown_minutes:g} min ago")
+    payload = {"event_id": event.id, "drift_share": share, "data_ref": event.data.data_ref,
+               "window_end": event.data.window_end.isoformat(), "coalesced": 0}
+    row = job_row(model=model, kind="retrain", trigger="drift", payload=payload, dedupe_key=f"drift:{event.id}",
+                  max_attempts=config.service.max_attempts)
+    insert_jobs(conn, [row])
+    state.active, state.last_id, state.last_ended = {"id": row["id"], "state": "queued", "payload": payload}, \
+        row["id"], now
+    return Decision(event.id, "job", row["id"], f"drift share {share:.2f} >= threshold {policy.threshold:.2f}")
 
 
 def decide_batch(engine: Engine, config: MlgateConfig, events: list[DriftEvent], source: str) -> list[Decision]:
     """Record and decide every event in one transaction (durable when this returns)."""
     if not events:
         return []
-    with locked(engine, CLAIM_LOCK) as session:
+    with locked_connection(engine, CLAIM_LOCK) as conn:
         now = datetime.now(timezone.utc)
-        decisions = [_decide(session, config, event, source, now) for event in events]
-    for d in decisions:
-        log.info("drift event decided", extra={"event_id": d.event_id, "outcome": d.outcome, "job_id": d.job_id,
-                                               "duplicate": d.duplicate})
+        known = _known_events(conn, list({e.id for e in events}))
+        states: dict[str, _ModelState] = {}
+        decisions, records = [], []
+        for event in events:
+            if event.id in known:
+                decisions.append(known[event.id])
+                continue
+            state = states.get(event.data.model) or states.setdefault(event.data.model,
+                                                                       _ModelState.read(conn, event.data.model))
+            decision = _decide(conn, config, event, state, now)
+            known[event.id] = Decision(decision.event_id, decision.outcome, decision.job_id, decision.reason,
+                                       duplicate=True)        # a replay later in the same batch
+            decisions.append(decision)
+            records.append({"id": event.id, "model": event.data.model, "drift_share": event.data.drift_share,
+                            "outcome": decision.outcome, "job_id": decision.job_id, "reason": decision.reason,
+                            "source": source, "received_at": now})
+        for state in states.values():
+            if state.payload_changed and state.active is not None:
+                conn.execute(_SET_PAYLOAD, {"job_id": state.active["id"],
+                                            "new_payload": json.dumps(state.active["payload"])})
+        if records:
+            conn.execute(insert(DriftRecord), records)
+    if log.isEnabledFor(logging.INFO):
+        for d in decisions:
+            log.info("drift event decided", extra={"event_id": d.event_id, "outcome": d.outcome,
+                                                   "job_id": d.job_id, "duplicate": d.duplicate})
     return decisions
 
 
