@@ -33,8 +33,14 @@ def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
     uri = tracking_uri(workdir)
     if uri.startswith("sqlite"):
         workdir.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():   # MLflow also exports these; a user's setting must stay the only source
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     client = MlflowClient(uri, uri)
     try:
         found = client.get_experiment_by_name(experiment)

@@ -194,3 +194,22 @@ def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
     assert 'mlgate_events_total{outcome="jobs",source="github",type="push"} 1.0' in text
     assert 'mlgate_events_total{outcome="bad_signature",source="github",type="push"} 1.0' in text
     assert 'mlgate_jobs{state="queued"} 1.0' in text and "mlgate_queue_depth 1.0" in text
+
+
+def test_runner_reports_its_result_signed(client: TestClient, service: ServiceState) -> None:
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    queue.claim(service.engine, "github-executor")
+    result = json.dumps({"exit_code": 3, "summary": {"run_id": "abc", "version": "7",
+                                                     "reports": {"html": "/r/report.html"}}}).encode()
+    url = f"/jobs/{job.id}/result"
+    assert client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign("wrong", result)}
+                       ).status_code == 401
+    response = client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign(SECRET, result)})
+    assert response.status_code == 200 and response.json()["state"] == "gate_failed"
+    done = client.get(f"/jobs/{job.id}").json()
+    assert (done["state"], done["run_id"], done["version"]) == ("gate_failed", "abc", "7")
+    again = client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign(SECRET, result)})
+    assert again.status_code == 409                                      # already finished
+    garbage = b'{"summary": {}}'
+    assert client.post(url, content=garbage, headers={"X-Mlgate-Signature-256": sign(SECRET, garbage)}
+                       ).status_code == 400
