@@ -118,12 +118,18 @@ class ServiceConfig(Strict):
     kafka: KafkaConfig = KafkaConfig()
 
 
+class ReportingConfig(Strict):
+    # promotions from push/drift jobs are announced here instead of on the commit
+    tracking_issue: PositiveInt | None = None
+
+
 class MlgateConfig(Strict):
     version: Literal[1] = 1
     workdir: Path = Path(".mlgate")                # local state: MLflow store, job DB, reports
     experiment: str = "mlgate"
     models: dict[str, ModelConfig]
     service: ServiceConfig = ServiceConfig()
+    reporting: ReportingConfig = ReportingConfig()
 
     @model_validator(mode="after")
     def _has_models(self) -> "MlgateConfig":

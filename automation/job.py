@@ -217,7 +217,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
 
         summary: dict[str, Any] = {
             "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
-            "sha": request.sha, "pr": request.pr, "run_id": run.info.run_id,
+            "sha": request.sha, "pr": request.pr, "run_id": run.info.run_id, "experiment_id": experiment_id,
             "tracking_uri": store.redact_url(tracking.tracking_uri(config.workdir)),
             "data_fingerprint": data_fingerprint, "environment": env,
             "gate": verdict.as_dict(), "promoted": False,

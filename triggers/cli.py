@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job-id", help="job id (default: a new random id)")
     run.add_argument("--extra-train", help="npz with x, y appended to the training split (drift retrain)")
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
+    run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job "
+                     "(signed with GITHUB_WEBHOOK_SECRET); used by the GPU-runner workflow")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     for name, text in (("promote", "make a version production (manual override, audited)"),
@@ -91,9 +93,7 @@ def _print_human(summary: dict[str, Any]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from automation.errors import GateFailed, UsageError
-    from automation.job import JobRequest, run_job
-    from automation.progress import JobProgress
+    from automation.errors import UsageError
 
     config = _load(args)
     names = [args.model] if args.model else list(config.models)
@@ -103,23 +103,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--pr is only meaningful with --trigger pr")
     if args.trigger == "pr" and args.pr is None:
         raise UsageError("--trigger pr needs --pr N")
+    if args.report_to and (not args.job_id or len(names) != 1):
+        raise UsageError("--report-to needs --job-id and --model (the job the service queued)")
+    try:
+        summaries, code = _run_jobs(config, args, names)
+    except Exception as exc:
+        if args.report_to:   # the service must learn that the job ended, whatever ended it
+            _report_back(args, 1, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    if args.report_to:
+        _report_back(args, code, summaries[0] if summaries else None, None)
+    if args.json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"jobs": summaries}, default=str))
+    return code
+
+
+def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[list[dict[str, Any]], int]:
+    from automation.errors import GateFailed, MlgateError
+    from automation.job import JobRequest, run_job
+    from automation.progress import JobProgress
+    from triggers.reporter import GitHubReporter
+
+    reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
     overrides = {"extra_train": os.path.abspath(args.extra_train)} if args.extra_train else {}
     summaries, code = [], EXIT_OK
     with JobProgress(enabled=None if not args.json else False) as progress:
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
                                  data_overrides=overrides, **({"job_id": args.job_id} if args.job_id else {}))
+            if reporter:
+                _warn_github(reporter.started(name, args.sha))
             try:
                 summary = run_job(config, request, progress)
             except GateFailed as exc:
                 print(exc.format(), file=sys.stderr)
                 summary, code = exc.summary or {}, EXIT_GATE
+            except MlgateError as exc:
+                if reporter:
+                    _warn_github(reporter.errored(name, args.sha, str(exc)))
+                raise
+            if reporter and summary:
+                summary["github"] = reporter.finished(summary)
+                _warn_github(summary["github"])
             summaries.append(summary)
             if not args.json and summary:
                 _print_human(summary)
-    if args.json:
-        print(json.dumps(summaries[0] if len(summaries) == 1 else {"jobs": summaries}, default=str))
-    return code
+    return summaries, code
+
+
+def _warn_github(outcomes: dict[str, str]) -> None:
+    for what, outcome in outcomes.items():
+        if outcome.startswith("failed"):
+            print(f"Warning: GitHub {what} {outcome}", file=sys.stderr)
+
+
+def _report_back(args: argparse.Namespace, exit_code: int, summary: dict[str, Any] | None,
+                 error: str | None) -> None:
+    from triggers.executors import post_result
+
+    post_result(args.report_to, args.job_id, exit_code, summary, error)
 
 
 def _cmd_move(args: argparse.Namespace) -> int:

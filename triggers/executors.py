@@ -49,6 +49,35 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
+def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str, Any] | None,
+                error: str | None) -> None:
+    """The runner's side of `POST /jobs/{id}/result`: the outcome, signed with GITHUB_WEBHOOK_SECRET."""
+    import httpx
+
+    from automation.errors import MlgateError
+    from triggers.webhooks import sign
+
+    secret = os.environ.get("GITHUB_WEBHOOK_SECRET")
+    if not secret:
+        raise MlgateError("--report-to needs GITHUB_WEBHOOK_SECRET to sign the result")
+    body = json.dumps({"exit_code": exit_code, "summary": summary, "error": error}, default=str).encode()
+    url = f"{service_url.rstrip('/')}/jobs/{job_id}/result"
+    for attempt in range(1, 4):
+        try:
+            response = httpx.post(url, content=body, timeout=30, headers={
+                "Content-Type": "application/json", "X-Mlgate-Signature-256": sign(secret, body)})
+        except httpx.HTTPError as exc:
+            if attempt == 3:
+                raise MlgateError(f"could not report the result to {service_url}: {type(exc).__name__}") from None
+            time.sleep(2 * attempt)
+            continue
+        if response.status_code < 300 or response.status_code == 409:   # 409: already recorded
+            return
+        if response.status_code < 500 or attempt == 3:
+            raise MlgateError(f"{url} answered {response.status_code}: {response.text[:200]}")
+        time.sleep(2 * attempt)
+
+
 def run_arguments(job: Job) -> list[str]:
     """`mlgate run` arguments for a job record (shared by the local and the GitHub executor)."""
     args = ["--model", job.model, "--trigger", job.trigger if job.trigger in ("push", "pr", "drift") else "manual",

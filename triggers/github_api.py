@@ -5,16 +5,22 @@ and GITHUB_TOKEN; the token never reaches a log line or an error message."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from automation.errors import MlgateError
+from automation.store import redact_text
 
 DEFAULT_API_URL = "https://api.github.com"
 
 
 class GitHubUnavailable(MlgateError):
-    """The API could not answer (network, auth, rate limit, 5xx): callers fall back and say so."""
+    """The API could not answer (network, auth, rate limit, 5xx) or refused (4xx): callers say so."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -29,23 +35,38 @@ class GitHubSource:
                    token=os.environ.get("GITHUB_TOKEN") or None)
 
     def _client(self) -> Any:
-        from github import Auth, Github
+        from github import Auth, Github, GithubRetry
 
         auth = Auth.Token(self.token) if self.token else None
+        # Retries: rate limits (GithubRetry waits as GitHub says) and 5xx, for every method but POST:
+        # a POST that failed ambiguously may have happened, so callers decide (see upsert_comment).
+        retry = GithubRetry(total=3, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504),
+                            allowed_methods={"GET", "HEAD", "PATCH", "PUT", "DELETE"})
         # lazy: no request until a call needs one; no sleeping between calls (the service paces itself)
-        return Github(base_url=self.api_url, auth=auth, timeout=int(self.timeout), retry=2, lazy=True,
+        return Github(base_url=self.api_url, auth=auth, timeout=int(self.timeout), retry=retry, lazy=True,
                       seconds_between_requests=0, seconds_between_writes=0)
 
-    def _call(self, what: str, fn: Any) -> Any:
+    def _call(self, what: str, fn: Any, attempts: int = 1) -> Any:
+        """Run `fn(client)`; with attempts > 1 (idempotent calls only) retry 5xx and network errors."""
         from github import GithubException
 
-        try:
-            return fn(self._client())
-        except GithubException as exc:
-            message = exc.data.get("message") if isinstance(exc.data, dict) else None
-            raise GitHubUnavailable(f"GitHub API {what}: HTTP {exc.status} {message or ''}".strip()) from None
-        except Exception as exc:   # connection refused, DNS, timeout: the service must go on
-            raise GitHubUnavailable(f"GitHub API {what}: {type(exc).__name__}: {exc}") from None
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(self._client())
+            except GithubException as exc:
+                message = exc.data.get("message") if isinstance(exc.data, dict) else None
+                if attempt < attempts and exc.status >= 500:
+                    time.sleep(0.5 * attempt)
+                    continue
+                raise GitHubUnavailable(f"GitHub API {what}: HTTP {exc.status} {message or ''}".strip(),
+                                        status=exc.status) from None
+            except Exception as exc:   # connection refused, DNS, timeout: the service must go on
+                if attempt < attempts:
+                    time.sleep(0.5 * attempt)
+                    continue
+                raise GitHubUnavailable(f"GitHub API {what}: {type(exc).__name__}: {redact_text(str(exc))}"
+                                        ) from None
+        raise AssertionError("unreachable")
 
     def pull_request_files(self, repository: str, number: int) -> list[str]:
         def fetch(gh: Any) -> list[str]:
@@ -79,6 +100,50 @@ class GitHubSource:
                 raise RuntimeError("GitHub refused the dispatch")
 
         self._call(f"dispatch {workflow}", dispatch)
+
+    def set_status(self, repository: str, sha: str, state: str, description: str, context: str,
+                   target_url: str | None = None) -> None:
+        """A commit status; posting the same context again replaces it, so retrying is safe."""
+        extra = {"target_url": target_url} if target_url else {}
+        self._call(f"set status {context} on {sha[:7]}", lambda gh: gh.get_repo(repository, lazy=True)
+                   .get_commit(sha).create_status(state=state, description=description[:140], context=context,
+                                                  **extra), attempts=3)
+
+    def upsert_comment(self, repository: str, number: int, marker: str, body: str) -> tuple[int, bool]:
+        """Edit the issue/PR comment carrying `marker`, or create it: one comment, edited on every push.
+        Returns (comment id, created)."""
+        def find(gh: Any) -> Any:
+            for comment in gh.get_repo(repository, lazy=True).get_issue(number).get_comments():
+                if marker in (comment.body or ""):
+                    return comment
+            return None
+
+        existing = self._call(f"list comments of #{number}", find, attempts=3)
+        if existing is not None:
+            self._call(f"edit comment {existing.id}", lambda gh: existing.edit(body), attempts=3)
+            return existing.id, False
+        try:
+            created = self._call(f"comment on #{number}", lambda gh: gh.get_repo(repository, lazy=True)
+                                 .get_issue(number).create_comment(body))
+        except GitHubUnavailable as exc:
+            if exc.status is not None and exc.status < 500:
+                raise
+            # the POST may have gone through: look again before trying once more, never two comments
+            existing = self._call(f"list comments of #{number}", find, attempts=3)
+            if existing is not None:
+                self._call(f"edit comment {existing.id}", lambda gh: existing.edit(body), attempts=3)
+                return existing.id, False
+            created = self._call(f"comment on #{number}", lambda gh: gh.get_repo(repository, lazy=True)
+                                 .get_issue(number).create_comment(body))
+        return created.id, True
+
+    def commit_comment(self, repository: str, sha: str, body: str) -> int:
+        return self._call(f"comment on commit {sha[:7]}", lambda gh: gh.get_repo(repository, lazy=True)
+                          .get_commit(sha).create_comment(body)).id
+
+    def issue_comment(self, repository: str, number: int, body: str) -> int:
+        return self._call(f"comment on #{number}", lambda gh: gh.get_repo(repository, lazy=True)
+                          .get_issue(number).create_comment(body)).id
 
     def workflow_run_state(self, repository: str, workflow: str, job_id: str) -> tuple[str, str | None] | None:
         """(status, conclusion) of the run whose name carries `job_id`, or None if not seen yet."""

@@ -1,0 +1,131 @@
+"""Contract tests: every GitHub API call mlgate makes goes to Prism serving GitHub's official
+OpenAPI description (@octokit/openapi), which answers 422 to any request the spec does not allow.
+
+The spec's example responses carry https://api.github.com URLs, which PyGithub refuses to follow
+from another host; the fixture serves a copy with that base URL replaced by Prism's own address,
+changing nothing else (paths, schemas and validation are the spec's)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import FAST_CONFIG, free_port, last_json, wait_for, write_config
+from triggers.github_api import GitHubSource, GitHubUnavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "node_modules" / "@octokit" / "openapi" / "generated" / "api.github.com.json"
+PRISM = ROOT / "node_modules" / ".bin" / "prism"
+REPO, SHA = "octocat/Hello-World", "6dcb09b5b57875f334f61aebed695e2e4193db5e"
+TOKEN = "ghp_not-a-real-token-0123456789"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prism(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not PRISM.exists() or not SPEC.exists():
+        pytest.fail("Prism or the GitHub OpenAPI description is missing: run `make test` (it runs `npm ci`)")
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spec = tmp_path_factory.mktemp("prism") / "api.github.com.json"
+    spec.write_text(SPEC.read_text(encoding="utf-8").replace("https://api.github.com", url), encoding="utf-8")
+    log = open(spec.with_suffix(".log"), "wb")
+    process = subprocess.Popen([str(PRISM), "mock", str(spec), "--port", str(port), "--host", "127.0.0.1"],
+                               stdout=log, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        try:
+            httpx.get(url + "/", timeout=1)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_for(up, 180, interval=0.5), spec.with_suffix(".log").read_text()[-2000:]
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+        log.close()
+
+
+@pytest.fixture
+def github(prism: str) -> GitHubSource:
+    return GitHubSource(api_url=prism, token=TOKEN)
+
+
+def test_a_malformed_request_is_rejected_so_the_contract_check_can_fail(github: GitHubSource) -> None:
+    with pytest.raises(GitHubUnavailable) as caught:
+        github.set_status(REPO, SHA, "bogus-state", "x", "mlgate/digits_mlp")
+    assert caught.value.status == 422 and "ghp_" not in str(caught.value)
+
+
+def test_reads_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:
+    files = github.pull_request_files(REPO, 1347)
+    assert files and all(isinstance(f, str) for f in files)
+    assert github.compare_files(REPO, "main", "feature")
+    assert github.file_at(REPO, "mlgate.yaml", SHA) is not None
+
+
+def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:
+    github.set_status(REPO, SHA, "pending", "mlgate job running", "mlgate/digits_mlp",
+                      target_url="https://mlgate.example/reports/abc")
+    comment_id, created = github.upsert_comment(REPO, 1347, "<!-- mlgate-report model=digits_mlp -->", "body")
+    assert created and comment_id
+    # the spec's example comment says "Me too": as a marker it exercises the edit-in-place path
+    _, created = github.upsert_comment(REPO, 1347, "Me too", "edited body")
+    assert not created
+    assert github.commit_comment(REPO, SHA, "promoted")
+    assert github.issue_comment(REPO, 1347, "promoted")
+    github.dispatch_workflow(REPO, "retrain.yml", "main", {"model": "digits_mlp", "job_id": "abc123",
+                                                             "trigger": "push", "sha": SHA, "pr": ""})
+
+
+@pytest.fixture(scope="module")
+def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """`mlgate run` for a push and for a PR, reporting to GitHub (Prism) as it would on a runner."""
+    directory = tmp_path_factory.mktemp("reporting")
+    config = copy.deepcopy(FAST_CONFIG)
+    config["defaults"]["train"]["epochs"] = 5
+    path = write_config(directory, config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_"))}
+    env |= {"GITHUB_API_URL": prism, "GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": REPO,
+            "MLGATE_SERVICE_URL": "https://mlgate.example", "MLGATE_LOG_LEVEL": "info"}
+    runs = {}
+    for trigger, extra in (("push", []), ("pr", ["--pr", "1347"])):
+        done = subprocess.run([sys.executable, "-m", "triggers.cli", "--config", str(path), "run", "--model",
+                               "digits_mlp", "--trigger", trigger, "--sha", SHA, *extra, "--json"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[trigger] = {"summary": last_json(done.stdout), "stderr": done.stderr}
+    return runs
+
+
+def test_push_job_sets_statuses_and_announces_the_promotion(reported_runs: dict[str, dict[str, Any]]) -> None:
+    run = reported_runs["push"]
+    assert run["summary"]["promoted"]
+    github = run["summary"]["github"]
+    assert set(github) == {"status", "promotion note"} and github["status"] == "ok"
+    assert github["promotion note"].isdigit()                            # the new comment's id
+    assert "Warning: GitHub" not in run["stderr"]
+
+
+def test_pr_job_sets_status_and_one_sticky_comment(reported_runs: dict[str, dict[str, Any]]) -> None:
+    run = reported_runs["pr"]
+    github = run["summary"]["github"]
+    assert github["status"] == "ok" and github["comment"].startswith("comment ")
+    assert "promotion note" not in github and not run["summary"]["promoted"]
+
+
+def test_the_token_never_reaches_the_logs(reported_runs: dict[str, dict[str, Any]]) -> None:
+    for run in reported_runs.values():
+        assert TOKEN not in run["stderr"] and "not-a-real-token" not in run["stderr"]
