@@ -2,12 +2,15 @@
 OpenAPI description (@octokit/openapi), which answers 422 to any request the spec does not allow.
 
 The spec's example responses carry https://api.github.com URLs, which PyGithub refuses to follow
-from another host; the fixture serves a copy with that base URL replaced by Prism's own address,
-changing nothing else (paths, schemas and validation are the spec's)."""
+from another host; the fixture serves a copy with that base URL replaced by Prism's own address.
+The example `Link` header points at a placeholder page (`/resource?page=2`) that no route serves,
+so the copy's `Link` example names only a first page: every list is one page. Paths, request schemas
+and validation are the spec's, unchanged."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -37,7 +40,9 @@ def prism(tmp_path_factory: pytest.TempPathFactory) -> Any:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     spec = tmp_path_factory.mktemp("prism") / "api.github.com.json"
-    spec.write_text(SPEC.read_text(encoding="utf-8").replace("https://api.github.com", url), encoding="utf-8")
+    description = json.loads(SPEC.read_text(encoding="utf-8").replace("https://api.github.com", url))
+    description["components"]["headers"]["link"]["example"] = f'<{url}/resource?page=1>; rel="first"'
+    spec.write_text(json.dumps(description), encoding="utf-8")
     log = open(spec.with_suffix(".log"), "wb")
     process = subprocess.Popen([str(PRISM), "mock", str(spec), "--port", str(port), "--host", "127.0.0.1"],
                                stdout=log, stderr=subprocess.STDOUT)
@@ -73,7 +78,11 @@ def test_reads_the_service_makes_are_in_the_contract(github: GitHubSource) -> No
     files = github.pull_request_files(REPO, 1347)
     assert files and all(isinstance(f, str) for f in files)
     assert github.compare_files(REPO, "main", "feature")
-    assert github.file_at(REPO, "mlgate.yaml", SHA) is not None
+    # accepted by the contract (an HTTP error would say so); the spec's example file content has
+    # escaped newlines inside its base64, so decoding it is refused, in one clear line
+    with pytest.raises(GitHubUnavailable, match="content is not valid base64") as caught:
+        github.file_at(REPO, "mlgate.yaml", SHA)
+    assert caught.value.status is None
 
 
 def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:

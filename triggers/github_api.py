@@ -40,7 +40,7 @@ class GitHubSource:
         auth = Auth.Token(self.token) if self.token else None
         # Retries: rate limits (GithubRetry waits as GitHub says) and 5xx, for every method but POST:
         # a POST that failed ambiguously may have happened, so callers decide (see upsert_comment).
-        retry = GithubRetry(total=3, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504),
+        retry = GithubRetry(total=3, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
                             allowed_methods={"GET", "HEAD", "PATCH", "PUT", "DELETE"})
         # lazy: no request until a call needs one; no sleeping between calls (the service paces itself)
         return Github(base_url=self.api_url, auth=auth, timeout=int(self.timeout), retry=retry, lazy=True,
@@ -84,13 +84,27 @@ class GitHubSource:
             f.filename for f in gh.get_repo(repository, lazy=True).compare(base, head).files])
 
     def file_at(self, repository: str, path: str, ref: str) -> str | None:
+        """A file's text at a commit, or None when it did not exist there."""
+        import base64
+        import binascii
+
         from github import UnknownObjectException
 
         def fetch(gh: Any) -> str | None:
             try:
-                return gh.get_repo(repository, lazy=True).get_contents(path, ref=ref).decoded_content.decode()
+                # Accept: application/json explicitly; the endpoint's first listed media type
+                # (application/vnd.github.object) is one some servers and mocks cannot produce
+                _, data = gh.requester.requestJsonAndCheck(
+                    "GET", f"/repos/{repository}/contents/{path}", parameters={"ref": ref},
+                    headers={"Accept": "application/json"})
             except UnknownObjectException:
-                return None   # the file did not exist at that commit
+                return None
+            if not isinstance(data, dict) or data.get("type") != "file":
+                return None
+            try:
+                return base64.b64decode(data.get("content") or "").decode("utf-8", errors="replace")
+            except binascii.Error:
+                raise ValueError(f"{path}@{ref[:7]}: the content is not valid base64") from None
 
         return self._call(f"read {path}@{ref[:7]}", fetch)
 
