@@ -25,7 +25,8 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 test-deps: node_modules/.installed
-	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the dashboard test"; \
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	command -v google-chrome >/dev/null 2>&1 || { echo "installing Debian's chromium for the dashboard test"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }; }

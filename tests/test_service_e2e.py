@@ -114,7 +114,7 @@ def mlflow_run(workdir: Path, run_id: str) -> Any:
 
 
 def dump_dom(url: str, profile: Path) -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
     result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
