@@ -102,7 +102,6 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     import torch
 
     from automation import benchmark, gate, optimize, promote, report, store, tracking, train
-    from automation.predictors import load_predictor
 
     progress = progress or JobProgress(enabled=False)
     timer = StageTimer()
@@ -165,7 +164,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
             contenders = {v.name: v.predictor for v in built}
             production = None
             if production_version is not None:
-                production = _load_production(client, request.model, production_version, job_dir, load_predictor)
+                production = _load_production(client, request.model, production_version, job_dir)
                 contenders["production"] = production["predictor"]
             for v in built:
                 v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test, splits.classes)
@@ -267,18 +266,14 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     return summary
 
 
-def _load_production(client: Any, model: str, version: str, job_dir: Path, load_predictor: Any) -> dict[str, Any]:
-    import mlflow
-
+def _load_production(client: Any, model: str, version: str, job_dir: Path) -> dict[str, Any]:
     from automation.benchmark import size_mb
+    from automation.predictors import load_registered
 
-    mv = client.get_model_version(model, version)
-    variant = mv.tags.get("mlgate.variant", "onnx_fp32")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}",
-                                                     dst_path=str(job_dir / "production")))
-    artifact = local if variant.startswith("torch") else next(local.rglob("*.onnx"))
-    return {"variant": variant, "predictor": load_predictor(variant, artifact),
-            "size_mb": size_mb(artifact if artifact.is_file() else local / "data")}
+    loaded = load_registered(client, model, version, job_dir / "production")
+    artifact = loaded.artifact
+    return {"variant": loaded.variant, "predictor": loaded.predictor,
+            "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
 
 
 def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -110,3 +111,29 @@ def load_predictor(variant: str, artifact: str | Path) -> Predictor:
         return TorchPredictor(mlflow.pytorch.load_model(str(artifact), map_location="cpu"), device=device,
                               compile_model=variant == "torch_compile")
     return OnnxPredictor(artifact, onnx_providers(variant))
+
+
+@dataclass
+class RegisteredModel:
+    """A registry version, downloaded and loaded for inference."""
+
+    version: str
+    variant: str
+    predictor: Predictor
+    artifact: Path
+    input_shape: tuple[int, ...]     # one input, without the batch axis (from the logged signature)
+    dtype: str
+
+
+def load_registered(client: Any, model: str, version: str, dest: Path) -> RegisteredModel:
+    """Download `models:/model/version` and load the variant it was registered as."""
+    import mlflow
+    from mlflow.models import Model
+
+    variant = client.get_model_version(model, version).tags.get("mlgate.variant", "onnx_fp32")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
+    artifact = local if variant.startswith("torch") else next(local.rglob("*.onnx"))
+    spec = Model.load(str(local)).signature.inputs.to_dict()[0]["tensor-spec"]
+    return RegisteredModel(version=version, variant=variant, predictor=load_predictor(variant, artifact),
+                           artifact=artifact, input_shape=tuple(int(d) for d in spec["shape"][1:]),
+                           dtype=str(spec["dtype"]))

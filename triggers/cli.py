@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    serve_model = sub.add_parser("serve-model", help="serve MODEL@production over HTTP (POST /predict), "
+                                 "swapping versions as the alias moves")
+    serve_model.add_argument("model")
+    serve_model.add_argument("--host", default="127.0.0.1")
+    serve_model.add_argument("--port", type=int, default=8081)
+    serve_model.add_argument("--poll-seconds", type=float, default=2.0, help="how often to check the alias")
+    serve_model.add_argument("--log-dir", help="inference log window (default: <workdir>/inference/MODEL)")
+    serve_model.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     worker = sub.add_parser("worker", help="run extra workers against the service's job queue")
     worker.add_argument("--count", type=int, default=1, help="worker threads in this process")
     worker.add_argument("--once", action="store_true", help="run at most one job per worker, then exit")
@@ -57,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser("monitor", help="compute data drift against production's training data; "
                              "publish a drift event when the model's policy says so")
     monitor.add_argument("--model", required=True)
-    monitor.add_argument("--current", required=True, help="file or directory of recent inputs (.npz/.parquet/.csv)")
+    monitor.add_argument("--current", help="file or directory of recent inputs (.npz/.parquet/.csv); default: "
+                         "the serving inference log, <workdir>/inference/MODEL")
     monitor.add_argument("--data-ref", help="labelled fresh data (npz with x, y) for the retrain to add")
     monitor.add_argument("--post", metavar="URL", help="also POST the event to the service (…/events/drift)")
     monitor.add_argument("--dry-run", action="store_true", help="compute and report, publish nothing")
@@ -200,6 +210,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from triggers.inference_log import InferenceLog
+    from triggers.serving import ModelServer, create_serving_app
+
+    config = _load(args)
+    config.model(args.model)
+    server = ModelServer(config, args.model, poll_seconds=args.poll_seconds)
+    server.sync()   # serve at once when a production version exists; the watcher handles the rest
+    server.start()
+    log = InferenceLog(Path(args.log_dir) if args.log_dir else config.workdir / "inference" / args.model)
+    try:
+        uvicorn.run(create_serving_app(server, log), host=args.host, port=args.port, log_level="warning",
+                    access_log=False)
+    finally:
+        server.stop()
+        log.close()
+    return EXIT_OK
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -238,7 +271,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
     config = _load(args)
     config.model(args.model)
-    summary = run_monitor(config, args.model, Path(args.current), data_ref=args.data_ref, post_url=args.post,
+    current = Path(args.current) if args.current else config.workdir / "inference" / args.model
+    summary = run_monitor(config, args.model, current, data_ref=args.data_ref, post_url=args.post,
                           publish=not args.dry_run)
     if args.json:
         print(json.dumps(summary))
@@ -274,7 +308,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+COMMANDS = {"serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:

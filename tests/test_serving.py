@@ -1,0 +1,178 @@
+"""Serving the production model: input validation, hot swap under concurrent load (promotions, a
+rollback, and a version that fails to load), metrics, and the bounded inference log."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+import yaml
+from mlflow import MlflowClient
+
+from automation.config import load_config
+from tests.conftest import FAST_CONFIG, free_port, wait_for, write_config
+from triggers.cli import main
+from triggers.inference_log import InferenceLog
+from triggers.monitor import load_window
+from triggers.serving import ModelServer, create_serving_app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits_mlp v1 (gate passed), v2 (gate failed, never promoted), v3 (gate passed, production)."""
+    directory = tmp_path_factory.mktemp("serving")
+    config = copy.deepcopy(FAST_CONFIG)
+    config["defaults"]["train"]["epochs"] = 5
+    config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
+    path = write_config(directory, config)
+    strict = copy.deepcopy(config)
+    strict["defaults"]["gates"]["absolute"]["min_accuracy"] = 0.999
+    strict_path = directory / "strict.yaml"
+    strict_path.write_text(yaml.safe_dump(strict))
+    assert main(["--config", str(path), "run", "--model", "digits_mlp"], standalone=False) == 0
+    assert main(["--config", str(strict_path), "run", "--model", "digits_mlp"], standalone=False) == 3
+    assert main(["--config", str(path), "run", "--model", "digits_mlp"], standalone=False) == 0
+    return path
+
+
+class Running:
+    """The serving app under uvicorn on a real port, in a thread."""
+
+    def __init__(self, config_path: Path, log_dir: Path) -> None:
+        self.server = ModelServer(load_config(config_path), "digits_mlp", poll_seconds=0.2)
+        self.server.sync()
+        self.server.start()
+        self.log = InferenceLog(log_dir, rows_per_file=200, max_files=3, flush_seconds=0.2)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_serving_app(self.server, self.log, max_batch=64),
+                                                     host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        assert wait_for(lambda: self.version() is not None, 30)
+
+    def version(self) -> str | None:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=5).json().get("version")
+        except httpx.HTTPError:
+            return None
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+        self.server.stop()
+        self.log.close()
+
+
+@pytest.fixture
+def served(registry: Path, tmp_path: Path) -> Any:
+    running = Running(registry, tmp_path / "inference")
+    yield running
+    running.stop()
+
+
+def digits_batch(size: int) -> list[Any]:
+    from models.datasets import digits
+
+    return digits(seed=0).x_test[:size].tolist()
+
+
+def test_bad_inputs_get_clear_4xx(served: Running) -> None:
+    def post(body: Any) -> httpx.Response:
+        return httpx.post(served.url + "/predict", json=body, timeout=10)
+
+    cases = {
+        "wrong shape": ({"inputs": [[0.0] * 64]}, 422, "examples must all have shape [1, 8, 8]; got a batch shaped [1, 64]"),
+        "wrong dtype": ({"inputs": [[[["a"] * 8] * 8]]}, 422, "must be numbers"),
+        "booleans": ({"inputs": [[[[True] * 8] * 8]]}, 422, "must be numbers"),
+        "ragged": ({"inputs": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}, 422, "must all have shape"),
+        "empty batch": ({"inputs": []}, 422, "non-empty list"),
+        "no inputs": ({"x": 1}, 422, '"inputs"'),
+        "oversized": ({"inputs": digits_batch(65)}, 413, "over the limit of 64"),
+    }
+    for name, (body, status, message) in cases.items():
+        response = post(body)
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["error"], (name, response.json())
+    bad_json = httpx.post(served.url + "/predict", content=b"{nope", timeout=10)
+    assert bad_json.status_code == 400
+    good = post({"inputs": digits_batch(3)})
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 3 and good.json()["version"] == "3"
+
+
+def test_hot_swap_under_load_serves_only_gated_versions_with_zero_errors(served: Running, registry: Path) -> None:
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+    batch = digits_batch(8)
+
+    def hammer() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                response = client.post(served.url + "/predict", json={"inputs": batch})
+                results.append((response.status_code, response.json().get("version")))
+
+    clients = [threading.Thread(target=hammer) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        moves = [("promote", "1"), ("promote", "3"), ("rollback", None), ("promote", "3")]
+        for action, version in moves:
+            argv = ["--config", str(registry), action, "digits_mlp", *([version] if version else []),
+                    "--reason", "hot-swap test"]
+            assert main(argv, standalone=False) == 0
+            expected = version or "1"
+            assert wait_for(lambda: served.version() == expected, 30), (action, version, served.version())
+        # a version that cannot load is never swapped in: break v2's model file, then promote it by hand
+        client = MlflowClient(f"sqlite:///{registry.parent / 'state' / 'mlflow.db'}")
+        model_id = client.get_model_version("digits_mlp", "2").source.removeprefix("models:/")   # MLflow 3 logged model
+        location = client.get_logged_model(model_id).artifact_location
+        broken = list(Path(urlparse(location).path).rglob("*.onnx"))
+        assert broken
+        for file in broken:
+            file.write_bytes(b"not an onnx model")
+        assert main(["--config", str(registry), "promote", "digits_mlp", "2", "--reason", "break it"],
+                    standalone=False) == 0
+        assert wait_for(lambda: "2" in served.server.failed, 30)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
+    statuses = {status for status, _ in results}
+    versions = {version for _, version in results}
+    assert statuses == {200}, f"{len(results)} requests, statuses {statuses}"
+    assert versions == {"1", "3"}, versions                    # v2 (gate failed, then broken) never served
+    assert len(results) > 100
+    assert served.version() == "3"
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'mlgate_serving_version{model="digits_mlp"} 3.0' in metrics
+    assert "mlgate_predict_seconds_count" in metrics and "mlgate_predict_batch_size_bucket" in metrics
+
+
+def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:
+    log = InferenceLog(tmp_path / "window", rows_per_file=50, max_files=3, flush_seconds=60)
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        log.append(rng.random((7, 1, 8, 8), dtype=np.float32), np.full(7, step % 10), "1")
+        if step % 5 == 4:
+            log.flush()
+    log.close()
+    files = log.files()
+    import pandas as pd
+
+    sizes = [len(pd.read_parquet(f)) for f in files]
+    assert len(files) <= 3 and max(sizes) <= 50 and sum(sizes) <= 150        # 280 rows written
+    window = load_window(tmp_path / "window", rows=1000)
+    assert window.x.shape == (sum(sizes), 64)
+    newest = pd.read_parquet(files[-1])
+    assert newest["prediction"].iloc[-1] == 39 % 10                          # the newest rows are kept

@@ -1,0 +1,198 @@
+"""`mlgate serve-model MODEL`: the promoted version of a model behind `POST /predict`.
+
+A watcher follows the `production` alias. When it moves (promotion or rollback) the new version is
+downloaded and loaded in the background, checked on a probe batch, and only then swapped in with
+one reference assignment: a request uses the model it started with, so none fails or sees a
+half-loaded model, and a version that fails its check is never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from automation.config import MlgateConfig
+from automation.predictors import RegisteredModel, predict
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1024
+
+
+class BadInput(ValueError):
+    """A request the model cannot take: answered 4xx with this message."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_inputs(body: Any, shape: tuple[int, ...], dtype: str, max_batch: int) -> np.ndarray:
+    """`{"inputs": [...]}` → an array of (batch, *shape), or BadInput naming what is wrong."""
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise BadInput('the body must be a JSON object with "inputs": a list of examples')
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise BadInput('"inputs" must be a non-empty list of examples')
+    if len(inputs) > max_batch:
+        raise BadInput(f"batch of {len(inputs)} examples is over the limit of {max_batch}", status=413)
+    try:
+        array = np.asarray(inputs)
+    except ValueError:
+        raise BadInput(f"examples must all have shape {list(shape)}") from None
+    if array.dtype == object or array.ndim != len(shape) + 1:
+        raise BadInput(f"examples must all have shape {list(shape)}; got a batch shaped {list(array.shape)}"
+                       if array.dtype != object else f"examples must all have shape {list(shape)}")
+    if array.dtype.kind not in "iuf":     # bool, str: not numbers
+        raise BadInput(f"examples must be numbers ({dtype}); got {array.dtype.name} values")
+    if tuple(array.shape[1:]) != shape:
+        raise BadInput(f"examples must have shape {list(shape)}; got {list(array.shape[1:])}")
+    array = array.astype(dtype)
+    if not np.isfinite(array).all():
+        raise BadInput("examples contain NaN or infinity")
+    return array
+
+
+@dataclass
+class Served:
+    loaded: RegisteredModel
+    since: float
+
+
+class ModelServer:
+    """Holds the version being served and swaps it when the production alias moves."""
+
+    def __init__(self, config: MlgateConfig, model: str, poll_seconds: float = 2.0) -> None:
+        self.config, self.model, self.poll_seconds = config, model, poll_seconds
+        self.current: Served | None = None
+        self.failed: dict[str, str] = {}          # version -> why it was not swapped in
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _client(self) -> Any:
+        from automation import tracking
+
+        return tracking.connect(self.config.workdir, self.config.experiment)[0]
+
+    def load(self, version: str) -> RegisteredModel:
+        """Download, load and check a version (a probe batch must give finite logits of the right shape)."""
+        from automation.predictors import load_registered
+
+        loaded = load_registered(self._client(), self.model, version,
+                                 self.config.workdir / "serving" / self.model / f"v{version}")
+        probe = np.zeros((2, *loaded.input_shape), dtype=loaded.dtype)
+        logits = predict(loaded.predictor, probe)
+        if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
+            raise ValueError(f"version {version} answers a probe batch with {logits.shape} non-finite or "
+                             "misshapen logits")
+        return loaded
+
+    def sync(self) -> bool:
+        """Serve the version `production` points at now; True when a swap happened."""
+        from automation import promote
+
+        target = promote.alias_version(self._client(), self.model, promote.PRODUCTION)
+        if target is None or (self.current and self.current.loaded.version == target) or target in self.failed:
+            return False
+        try:
+            loaded = self.load(target)
+        except Exception as exc:   # keep serving what works; say why the new version is not served
+            self.failed[target] = f"{type(exc).__name__}: {exc}"
+            log.error("new production version not swapped in", extra={"model": self.model, "version": target,
+                                                                       "error": self.failed[target]})
+            return False
+        previous = self.current.loaded.version if self.current else None
+        self.current = Served(loaded, time.time())   # the swap: one reference assignment
+        self.swaps += 1
+        log.info("serving new version", extra={"model": self.model, "version": target, "previous": previous,
+                                               "variant": loaded.variant})
+        return True
+
+    def start(self) -> None:
+        def watch() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.sync()
+                except Exception as exc:   # registry unreachable: keep serving, try again
+                    log.warning("cannot check the production alias", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._stop.wait(self.poll_seconds)
+
+        self._thread = threading.Thread(target=watch, name="alias-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH) -> FastAPI:
+    app = FastAPI(title=f"mlgate serving: {server.model}")
+    registry = CollectorRegistry()
+    latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
+                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+    batch_sizes = Histogram("mlgate_predict_batch_size", "Examples per request", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+    errors = Counter("mlgate_predict_errors", "Refused or failed requests", ["reason"], registry=registry)
+    version_served = Gauge("mlgate_serving_version", "Registry version being served", ["model"], registry=registry)
+    gpu_memory = Gauge("mlgate_gpu_memory_bytes", "CUDA memory allocated by this process", registry=registry)
+
+    @app.post("/predict", summary="Predict a batch: {\"inputs\": [example, …]}")
+    async def predict_endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        served = server.current                      # this request's model, whatever swaps meanwhile
+        if served is None:
+            errors.labels("no_model").inc()
+            return JSONResponse({"error": f"no production version of {server.model} is loaded yet"}, 503)
+        try:
+            body = await request.json()
+        except ValueError:
+            errors.labels("bad_json").inc()
+            return JSONResponse({"error": "the body is not valid JSON"}, 400)
+        loaded = served.loaded
+        try:
+            x = parse_inputs(body, loaded.input_shape, loaded.dtype, max_batch)
+        except BadInput as exc:
+            errors.labels("bad_input").inc()
+            return JSONResponse({"error": str(exc)}, exc.status)
+        logits = predict(loaded.predictor, x)
+        predictions = logits.argmax(axis=1)
+        if inference_log is not None:
+            inference_log.append(x, predictions, loaded.version)
+        batch_sizes.observe(len(x))
+        latency.observe(time.perf_counter() - started)
+        return JSONResponse({"model": server.model, "version": loaded.version, "variant": loaded.variant,
+                             "predictions": predictions.tolist(), "logits": np.round(logits, 5).tolist()})
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        served = server.current
+        if served is None:
+            return JSONResponse({"status": "loading", "model": server.model, "not_served": server.failed}, 503)
+        return JSONResponse({"status": "ok", "model": server.model, "version": served.loaded.version,
+                             "variant": served.loaded.variant, "input_shape": list(served.loaded.input_shape),
+                             "serving_since": served.since, "not_served": server.failed})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if server.current is not None:
+            version_served.labels(server.model).set(float(server.current.loaded.version))
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                gpu_memory.set(torch.cuda.memory_allocated())
+        except ImportError:
+            pass
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
