@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", required=True)
     cancel.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    demo = sub.add_parser("demo", help="the closed loop on this machine: service, serving, drift, retrain, swap")
+    demo.add_argument("--loop", action="store_true", required=True, help="run the closed-loop demo")
+    demo.add_argument("--workdir", default=".mlgate-demo", help="where the demo keeps its state and logs")
+    demo.add_argument("--epochs", type=int, default=15, help="training epochs per job")
+    demo.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     history = sub.add_parser("history", help="show the promotion audit trail")
     history.add_argument("model", nargs="?")
     history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -290,6 +296,18 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from automation.logs import configure_logging
+    from triggers.demo_loop import run_loop
+
+    configure_logging(os.environ.get("MLGATE_LOG_LEVEL", "warning").upper())   # the steps are the output
+    summary = run_loop(Path(args.workdir), epochs=args.epochs)
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from automation import store
     from automation.errors import MlgateError
@@ -308,7 +326,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+COMMANDS = {"demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:

