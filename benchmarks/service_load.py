@@ -18,7 +18,6 @@ import asyncio
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

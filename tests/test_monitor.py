@@ -4,9 +4,7 @@ of current inputs; a drift CloudEvent on a real Kafka broker when the policy say
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd

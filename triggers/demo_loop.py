@@ -9,7 +9,6 @@ happens; the last stdout line is a JSON summary of every step.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import secrets

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, String, Text, insert, select, update
+from sqlalchemy import DateTime, Engine, String, Text, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig

@@ -65,7 +65,7 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
 
 
 def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
-                  kafka_bootstrap: str | None, workers: int | None = None) -> tuple[Any, list[Loop]]:
+                  kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
     from triggers.drift_consumer import DriftConsumer
     from triggers.worker import Worker
@@ -74,16 +74,20 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
                          metrics=ServiceMetrics(engine))
     app = create_app(state)
     stop_planner = threading.Event()
-    loops = [Loop("planner", lambda: planner_loop(state, GitHubSource.from_env(), stop_planner),
-                  lambda: (stop_planner.set(), state.planner_wake.set()))]
+
+    def stop_planning() -> None:
+        stop_planner.set()
+        state.planner_wake.set()
+
+    loops = [Loop("planner", lambda: planner_loop(state, GitHubSource.from_env(), stop_planner), stop_planning)]
     if kafka_bootstrap:
         def count(outcome: str) -> None:
             state.metrics.events.labels("kafka", "drift", outcome).inc()
 
         consumer = DriftConsumer(config, engine, kafka_bootstrap, on_decision=count)
         loops.append(Loop("kafka-consumer", consumer.run, consumer.stop))
-    executor = make_executor(config, config_path, engine) if (workers or config.service.workers) else None
-    for i in range(config.service.workers if workers is None else workers):
+    executor = make_executor(config, config_path, engine) if config.service.workers else None
+    for i in range(config.service.workers):
         worker = Worker(config, engine, executor)
         loops.append(Loop(f"worker-{i}", worker.run, worker.stop))
     for loop in loops:
