@@ -98,7 +98,7 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
     assert github.commit_comment(REPO, SHA, "promoted")
     assert github.issue_comment(REPO, 1347, "promoted")
     github.dispatch_workflow(REPO, "retrain.yml", "main", {"model": "digits_mlp", "job_id": "abc123",
-                                                             "trigger": "push", "sha": SHA, "pr": ""})
+                                                             "trigger": "push", "sha": SHA, "pr": "", "data_ref": ""})
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_every_action_is_pinned_and_no_input_is_interpolated_into_a_script() -> 
 def test_gpu_runner_workflow_contract() -> None:
     workflow = load(RETRAIN)
     inputs = workflow["on"]["workflow_dispatch"]["inputs"]
-    assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr"}
+    assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr", "data_ref"}
     assert all("type" in spec for spec in inputs.values())
     assert inputs["trigger"]["type"] == "choice"
     [job] = workflow["jobs"].values()
@@ -83,7 +83,7 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
         subprocess.run(["git", *git], cwd=tree, check=True, capture_output=True)
     event = tmp_path / "event.json"
     event.write_text(json.dumps({"inputs": {"model": "digits_mlp", "job_id": "act-job-1", "trigger": "manual",
-                                            "sha": "", "pr": ""}}))
+                                            "sha": "", "pr": "", "data_ref": ""}}))
     stand_ins = []
     for action in sorted(set(remote_actions(RETRAIN))):
         stub = tmp_path / "actions" / action.replace("/", "_").replace("@", "_")

@@ -158,8 +158,9 @@ class GitHubExecutor:
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
         settings = self.config.service.github
+        data_ref = json.loads(job.payload or "{}").get("data_ref") or ""
         inputs = {"model": job.model, "job_id": job.id, "trigger": job.trigger, "sha": job.sha or "",
-                  "pr": str(job.pr or "")}
+                  "pr": str(job.pr or ""), "data_ref": data_ref}
         self.github.dispatch_workflow(self.repository, settings.workflow, settings.ref, inputs)
         log.info("workflow dispatched", extra={"job_id": job.id, "workflow": settings.workflow})
         deadline = time.monotonic() + settings.timeout_minutes * 60
