@@ -63,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--no-inference-log", action="store_true", help="serve without the inference log")
     args = parser.parse_args()
     from models.datasets import digits
     from triggers.cli import main as mlgate
@@ -74,7 +75,8 @@ def main() -> None:
             raise SystemExit("training the model to serve failed")
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(path), "serve-model",
-                                   "digits_mlp", "--port", str(port)], stdout=subprocess.DEVNULL,
+                                   "digits_mlp", "--port", str(port),
+                                   *(["--no-inference-log"] if args.no_inference_log else [])], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             def up() -> bool:

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_model.add_argument("--port", type=int, default=8081)
     serve_model.add_argument("--poll-seconds", type=float, default=2.0, help="how often to check the alias")
     serve_model.add_argument("--log-dir", help="inference log window (default: <workdir>/inference/MODEL)")
+    serve_model.add_argument("--no-inference-log", action="store_true",
+                             help="keep no inputs (privacy); `mlgate monitor` then needs --current")
     serve_model.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     worker = sub.add_parser("worker", help="run extra workers against the service's job queue")
@@ -229,13 +231,15 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
     server = ModelServer(config, args.model, poll_seconds=args.poll_seconds)
     server.sync()   # serve at once when a production version exists; the watcher handles the rest
     server.start()
-    log = InferenceLog(Path(args.log_dir) if args.log_dir else config.workdir / "inference" / args.model)
+    log = None if args.no_inference_log else InferenceLog(
+        Path(args.log_dir) if args.log_dir else config.workdir / "inference" / args.model)
     try:
         uvicorn.run(create_serving_app(server, log), host=args.host, port=args.port, log_level="warning",
                     access_log=False)
     finally:
         server.stop()
-        log.close()
+        if log is not None:
+            log.close()
     return EXIT_OK
 
 

@@ -1,9 +1,10 @@
 """The inference log: served inputs and predictions, appended to a bounded, rotating window of
 Parquet files that `mlgate monitor --current DIR` reads as its current data.
 
-Rows are buffered and written by a background thread, so a request never waits on the disk.
-The newest file is topped up to `rows_per_file` rows, then a new one starts; at most
-`max_files` files are kept (the oldest goes first), so the window is bounded in rows and bytes.
+Requests only append arrays to a buffer; a background thread writes. The newest file is kept in
+memory and rewritten until it holds `rows_per_file` rows, then a new one starts; at most `max_files`
+files are kept (the oldest goes first), so the window is bounded in rows and bytes. Files appear
+by atomic rename, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -11,12 +12,44 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Segment:
+    """Rows of one file, as arrays (nothing is read back from disk)."""
+
+    path: Path
+    x: list[np.ndarray] = field(default_factory=list)
+    predictions: list[np.ndarray] = field(default_factory=list)
+    versions: list[np.ndarray] = field(default_factory=list)
+    stamps: list[np.ndarray] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, x: np.ndarray, predictions: np.ndarray, version: str, stamp: np.datetime64) -> None:
+        self.x.append(x)
+        self.predictions.append(predictions)
+        self.versions.append(np.full(len(x), version, dtype=object))
+        self.stamps.append(np.full(len(x), stamp, dtype="datetime64[us]"))
+        self.rows += len(x)
+
+    def write(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        x = np.concatenate(self.x)
+        columns = {f"x{i}": x[:, i] for i in range(x.shape[1])}
+        columns["prediction"] = np.concatenate(self.predictions)
+        columns["version"] = pa.array(np.concatenate(self.versions), type=pa.string())
+        columns["timestamp"] = pa.array(np.concatenate(self.stamps), type=pa.timestamp("us", tz="UTC"))
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        pq.write_table(pa.table(columns), temporary)
+        temporary.replace(self.path)
 
 
 class InferenceLog:
@@ -25,15 +58,18 @@ class InferenceLog:
         self.directory, self.rows_per_file, self.max_files = directory, rows_per_file, max_files
         self.flush_seconds = flush_seconds
         directory.mkdir(parents=True, exist_ok=True)
-        self._pending: list[tuple[np.ndarray, np.ndarray, str, datetime]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, str, np.datetime64]] = []
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._open: _Segment | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
 
     def append(self, x: np.ndarray, predictions: np.ndarray, version: str) -> None:
+        stamp = np.datetime64(time.time_ns() // 1000, "us")
         with self._lock:
-            self._pending.append((x.reshape(len(x), -1), predictions, version, datetime.now(timezone.utc)))
+            self._pending.append((x.reshape(len(x), -1), predictions, version, stamp))
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_seconds):
@@ -45,41 +81,30 @@ class InferenceLog:
         self.flush()
 
     def flush(self) -> None:
-        """Write what is buffered, in files of at most rows_per_file rows; drop the oldest files."""
-        import pandas as pd
-
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return
-        frames = []
-        for x, predictions, version, stamp in pending:
-            frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
-            frame["prediction"], frame["version"], frame["timestamp"] = predictions, version, stamp
-            frames.append(frame)
-        rows = pd.concat(frames, ignore_index=True)
-        try:
-            files = self.files()
-            target: Path | None = None
-            if files:   # top up the newest file until it is full (Parquet files cannot be appended to)
-                newest = pd.read_parquet(files[-1])
-                if len(newest) < self.rows_per_file:
-                    rows, target = pd.concat([newest, rows], ignore_index=True), files[-1]
-            for start in range(0, len(rows), self.rows_per_file):
-                self._write(rows.iloc[start:start + self.rows_per_file], target)
-                target = None
-            self._rotate()
-        except OSError as exc:   # a full disk must not take serving down; the rows are lost, and said so
-            log.error("inference log write failed", extra={"error": str(exc), "rows": len(rows)})
-
-    def _write(self, rows: object, target: Path | None) -> None:
-        path = target or self.directory / f"{time.time_ns()}.parquet"
-        temporary = path.with_name(f".{path.name}.tmp")
-        rows.to_parquet(temporary, index=False)   # type: ignore[attr-defined]
-        temporary.replace(path)                   # readers never see half a file
+        """Write what is buffered; a full file is closed and a new one started; the oldest files go."""
+        with self._flushing:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            if not pending:
+                return
+            try:
+                for x, predictions, version, stamp in pending:
+                    start = 0
+                    while start < len(x):
+                        if self._open is None or self._open.rows >= self.rows_per_file:
+                            if self._open is not None:
+                                self._open.write()   # the full file, final
+                            self._open = _Segment(self.directory / f"{time.time_ns()}.parquet")
+                        take = min(len(x) - start, self.rows_per_file - self._open.rows)
+                        self._open.add(x[start:start + take], predictions[start:start + take], version, stamp)
+                        start += take
+                self._open.write()   # type: ignore[union-attr]
+                self._rotate()
+            except OSError as exc:   # a full disk must not take serving down; the rows are lost, and said so
+                log.error("inference log write failed", extra={"error": str(exc)})
 
     def _rotate(self) -> None:
-        files = sorted(self.directory.glob("*.parquet"))
+        files = self.files()
         for old in files[:-self.max_files] if len(files) > self.max_files else []:
             old.unlink(missing_ok=True)
 
