@@ -90,7 +90,12 @@ def create_app(state: ServiceState) -> FastAPI:
         except drift.BadEvent as exc:
             events.labels("http", "drift", "bad_event").inc()
             return _error(400 if "unknown model" not in str(exc) else 422, str(exc))
-        [decision] = await run_in_threadpool(drift.decide_batch, state.engine, state.config, [event], "http")
+        try:
+            [decision] = await run_in_threadpool(drift.decide_batch, state.engine, state.config, [event], "http")
+        except Exception as exc:   # nothing was recorded: the sender can safely send it again (same id)
+            log.error("drift event not recorded", extra={"event_id": event.id, "error": type(exc).__name__})
+            events.labels("http", "drift", "not_recorded").inc()
+            return _error(503, f"drift event not recorded ({type(exc).__name__}); send it again")
         events.labels("http", "drift", "duplicate" if decision.duplicate else decision.outcome).inc()
         return JSONResponse(vars(decision), status_code=202 if decision.outcome == "job" and not decision.duplicate
                             else 200)
