@@ -32,7 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import FAST_CONFIG, TansuBroker, free_port, wait_for, webhook_examples  # noqa: E402
+from tests.conftest import FAST_CONFIG, wait_for, webhook_examples  # noqa: E402
+from triggers.local_broker import TansuBroker, free_port  # noqa: E402
 from triggers.webhooks import sign  # noqa: E402
 
 SECRET = "bench-secret"

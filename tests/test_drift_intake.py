@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 
 from automation.config import MlgateConfig, parse_config
 from automation.store import open_store
-from tests.conftest import FAST_CONFIG, TansuBroker, clean_tables, wait_for
+from tests.conftest import FAST_CONFIG, clean_tables, wait_for
+from triggers.local_broker import TansuBroker
 from triggers import drift, queue
 from triggers.app import ServiceState, create_app
 from triggers.drift_consumer import DriftConsumer, publish

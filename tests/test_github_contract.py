@@ -9,7 +9,6 @@ and validation are the spec's, unchanged."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -19,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAST_CONFIG, free_port, last_json, wait_for, write_config
+from tests.conftest import fast_config, last_json, wait_for, write_config
+from triggers.local_broker import free_port
 from triggers.github_api import GitHubSource, GitHubUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +105,7 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
 def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """`mlgate run` for a push and for a PR, reporting to GitHub (Prism) as it would on a runner."""
     directory = tmp_path_factory.mktemp("reporting")
-    config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["train"]["epochs"] = 5
-    path = write_config(directory, config)
+    path = write_config(directory, fast_config(epochs=5))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_"))}
     env |= {"GITHUB_API_URL": prism, "GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": REPO,
             "MLGATE_SERVICE_URL": "https://mlgate.example", "MLGATE_LOG_LEVEL": "info"}

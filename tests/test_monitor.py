@@ -3,7 +3,6 @@ of current inputs; a drift CloudEvent on a real Kafka broker when the policy say
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import pandas as pd
 import pytest
 
 from automation.config import load_config
-from tests.conftest import FAST_CONFIG, TansuBroker, error_lines, last_json, run_cli, write_config
+from tests.conftest import error_lines, fast_config, last_json, run_cli, write_config
+from triggers.local_broker import TansuBroker
 from triggers.drift import parse_event
 from triggers.monitor import feature_names
 
@@ -24,9 +24,7 @@ def promoted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from triggers.cli import main
 
     directory = tmp_path_factory.mktemp("monitor")
-    config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["train"]["epochs"] = 6
-    path = write_config(directory, config)
+    path = write_config(directory, fast_config(epochs=6))
     assert main(["--config", str(path), "run", "--model", "digits_mlp"], standalone=False) == 0
     return path
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import FAST_CONFIG, TansuBroker, free_port, wait_for, webhook_examples
+from tests.conftest import fast_config, wait_for, webhook_examples
+from triggers.local_broker import TansuBroker, free_port
 from triggers.drift import make_event
 from triggers.drift_consumer import publish
 from triggers.webhooks import sign
@@ -30,8 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def e2e_config() -> dict[str, Any]:
-    config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["train"]["epochs"] = 8
+    config = fast_config(epochs=8)
     # the loop is under test here, not the gate: a drift retrain must not fail on latency noise
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     config["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 0}

@@ -18,7 +18,8 @@ import yaml
 from mlflow import MlflowClient
 
 from automation.config import load_config
-from tests.conftest import FAST_CONFIG, free_port, wait_for, write_config
+from tests.conftest import fast_config, wait_for, write_config
+from triggers.local_broker import free_port
 from triggers.cli import main
 from triggers.inference_log import InferenceLog
 from triggers.monitor import load_window
@@ -31,8 +32,7 @@ pytestmark = pytest.mark.slow
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits_mlp v1 (gate passed), v2 (gate failed, never promoted), v3 (gate passed, production)."""
     directory = tmp_path_factory.mktemp("serving")
-    config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["train"]["epochs"] = 5
+    config = fast_config(epochs=5)
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     path = write_config(directory, config)
     strict = copy.deepcopy(config)

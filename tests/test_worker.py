@@ -3,7 +3,6 @@ lease, its job process dies with it, and another worker retries the job to compl
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 
 from automation.config import load_config
 from automation.store import open_store
-from tests.conftest import FAST_CONFIG, wait_for, write_config
+from tests.conftest import fast_config, wait_for, write_config
 from triggers import queue
 from triggers.executors import LocalExecutor
 from triggers.worker import Worker
@@ -27,8 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Any]:
-    config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["train"]["epochs"] = 6
+    config = fast_config(epochs=6)
     config["service"] = {"lease_seconds": 3, "max_attempts": 3}
     path = write_config(tmp_path, config)
     monkeypatch.setenv("MLGATE_DATABASE_URL", f"sqlite:///{tmp_path / 'queue.db'}")

@@ -6,6 +6,7 @@ in the thread pool so the event loop stays free.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -89,7 +90,7 @@ def create_app(state: ServiceState) -> FastAPI:
             event = drift.parse_event(body, state.config)
         except drift.BadEvent as exc:
             events.labels("http", "drift", "bad_event").inc()
-            return _error(400 if "unknown model" not in str(exc) else 422, str(exc))
+            return _error(422 if isinstance(exc, drift.UnknownModel) else 400, str(exc))
         try:
             [decision] = await run_in_threadpool(drift.decide_batch, state.engine, state.config, [event], "http")
         except Exception as exc:   # nothing was recorded: the sender can safely send it again (same id)
@@ -135,11 +136,17 @@ def create_app(state: ServiceState) -> FastAPI:
     def list_drift_events(limit: int = 50) -> list[dict[str, Any]]:
         return [e.as_dict() for e in drift.list_drift_events(state.engine, min(limit, 500))]
 
+    @functools.cache
+    def mlflow_client() -> Any:   # connected on first use: MLflow's import is slow, and once is enough
+        from automation import tracking
+
+        return tracking.connect(state.config.workdir, state.config.experiment)[0]
+
     @app.get("/models", summary="Each model's production version and promotion history")
     def models() -> list[dict[str, Any]]:
-        from automation import promote, tracking
+        from automation import promote
 
-        client, _ = tracking.connect(state.config.workdir, state.config.experiment)
+        client = mlflow_client()
         result = []
         for name in state.config.models:
             aliases = promote.alias_state(client, name)

@@ -283,7 +283,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     config.model(args.model)
     current = Path(args.current) if args.current else config.workdir / "inference" / args.model
     summary = run_monitor(config, args.model, current, data_ref=args.data_ref, post_url=args.post,
-                          publish=not args.dry_run)
+                          kafka_bootstrap=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), publish=not args.dry_run)
     if args.json:
         print(json.dumps(summary))
     else:

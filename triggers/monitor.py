@@ -159,10 +159,9 @@ def compute_drift(reference: np.ndarray, current: np.ndarray, report_html: Path)
     return DriftResult(len(drifted) / total, drifted, total, len(reference), len(current), str(report_html))
 
 
-def publish_event(event: dict[str, Any], topic: str, post_url: str | None) -> list[str]:
-    """Kafka when KAFKA_BOOTSTRAP_SERVERS is set, and/or HTTP POST to the service; returns where it went."""
+def publish_event(event: dict[str, Any], topic: str, bootstrap: str | None, post_url: str | None) -> list[str]:
+    """To Kafka (when there are brokers) and/or HTTP POST to the service; returns where it went."""
     sent = []
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap:
         from triggers.drift_consumer import publish
 
@@ -179,7 +178,8 @@ def publish_event(event: dict[str, Any], topic: str, post_url: str | None) -> li
 
 
 def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,
-                post_url: str | None = None, publish: bool = True) -> dict[str, Any]:
+                kafka_bootstrap: str | None = None, post_url: str | None = None,
+                publish: bool = True) -> dict[str, Any]:
     from triggers.drift import make_event
 
     policy = config.model(model).drift
@@ -190,7 +190,7 @@ def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: st
     retrain = result.share >= policy.threshold
     event = make_event(model, result.share, result.columns, window.start, window.end,
                        data_ref=os.path.abspath(data_ref) if data_ref else None)
-    sent = publish_event(event, config.service.kafka.topic, post_url) if retrain and publish else []
+    sent = publish_event(event, config.service.kafka.topic, kafka_bootstrap, post_url) if retrain and publish else []
     summary = {"model": model, "production_version": version, "drift_share": round(result.share, 4),
                "threshold": policy.threshold, "drifted_columns": len(result.columns),
                "total_columns": result.total_columns, "reference_rows": result.reference_rows,

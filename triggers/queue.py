@@ -34,7 +34,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _aware(moment: datetime | None) -> datetime | None:
+def as_utc(moment: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored here is UTC
     return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
@@ -46,7 +46,7 @@ class Job(Base):
         Index("ix_jobs_model_state", "model", "state"),               # claim, coalescing: a model's active jobs
     )
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_job_id())
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     model: Mapped[str] = mapped_column(String(200), index=True)
     kind: Mapped[str] = mapped_column(String(16))                   # retrain | evaluate
     trigger: Mapped[str] = mapped_column(String(16))                # push | pr | drift | manual
@@ -71,14 +71,8 @@ class Job(Base):
     def as_dict(self) -> dict[str, Any]:
         data = {c.name: getattr(self, c.name) for c in self.__table__.columns}
         data["payload"] = json.loads(self.payload or "{}")
-        return {k: (_aware(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
+        return {k: (as_utc(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
 
-
-def enqueue(engine: Engine, **job: Any) -> tuple[Job, bool]:
-    """Record a job; returns (job, created). A known dedupe_key returns the existing job."""
-    with locked_connection(engine, CLAIM_LOCK) as conn:
-        job_id, created = enqueue_in(conn, **job)
-    return get_job(engine, job_id), created   # type: ignore[return-value]
 
 
 SUPERSEDED = "superseded by a newer job for the same change"
@@ -118,17 +112,16 @@ def insert_jobs(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.execute(_INSERT, rows)
 
 
-def enqueue_in(conn: Connection, **job: Any) -> tuple[str, bool]:
-    """`enqueue` inside a transaction that already holds CLAIM_LOCK, so the caller can record more
-    in the same commit (the drift event a job came from). Returns (id, created); an ORM session's
-    `connection()` works too."""
-    if job.get("dedupe_key") is not None:
-        existing = conn.execute(_BY_DEDUPE_KEY, {"key": job["dedupe_key"]}).scalar()
-        if existing is not None:
-            return existing, False
-    row = job_row(**job)
-    insert_jobs(conn, [row])
-    return row["id"], True
+def enqueue(engine: Engine, **job: Any) -> tuple[Job, bool]:
+    """Record one job (the keyword arguments of `job_row`); returns (job, created).
+    A known dedupe_key returns the existing job."""
+    with locked_connection(engine, CLAIM_LOCK) as conn:
+        existing = conn.execute(_BY_DEDUPE_KEY, {"key": job["dedupe_key"]}).scalar() \
+            if job.get("dedupe_key") is not None else None
+        if existing is None:
+            row = job_row(**job)
+            insert_jobs(conn, [row])
+    return get_job(engine, existing or row["id"]), existing is None   # type: ignore[return-value]
 
 
 def _recover_expired(session: Session, now: datetime) -> None:

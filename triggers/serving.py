@@ -48,9 +48,10 @@ def parse_inputs(body: Any, shape: tuple[int, ...], dtype: str, max_batch: int) 
         array = np.asarray(inputs)
     except ValueError:
         raise BadInput(f"examples must all have shape {list(shape)}") from None
-    if array.dtype == object or array.ndim != len(shape) + 1:
-        raise BadInput(f"examples must all have shape {list(shape)}; got a batch shaped {list(array.shape)}"
-                       if array.dtype != object else f"examples must all have shape {list(shape)}")
+    if array.dtype == object:                # ragged nesting
+        raise BadInput(f"examples must all have shape {list(shape)}")
+    if array.ndim != len(shape) + 1:
+        raise BadInput(f"examples must all have shape {list(shape)}; got a batch shaped {list(array.shape)}")
     if array.dtype.kind not in "iuf":     # bool, str: not numbers
         raise BadInput(f"examples must be numbers ({dtype}); got {array.dtype.name} values")
     if tuple(array.shape[1:]) != shape:
@@ -77,11 +78,15 @@ class ModelServer:
         self.swaps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._mlflow: Any = None
 
     def _client(self) -> Any:
-        from automation import tracking
+        """One MLflow client for the watcher's life (connect checks the store; once is enough)."""
+        if self._mlflow is None:
+            from automation import tracking
 
-        return tracking.connect(self.config.workdir, self.config.experiment)[0]
+            self._mlflow = tracking.connect(self.config.workdir, self.config.experiment)[0]
+        return self._mlflow
 
     def load(self, version: str) -> RegisteredModel:
         """Download, load and check a version (a probe batch must give finite logits of the right shape)."""
