@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -67,36 +68,103 @@ def _summarize(batch_size: int, rounds: list[np.ndarray]) -> LatencyStats:
                         round_p95_ms=[float(np.percentile(r * 1e3, 95)) for r in rounds], samples_ms=samples_ms)
 
 
+@dataclass
+class LatencyResults:
+    stats: dict[str, dict[int, LatencyStats]]          # {name: {batch_size: stats}}
+    failures: dict[str, str] = field(default_factory=dict)   # {name: why it stopped being timed}
+
+    def __getitem__(self, name: str) -> dict[int, LatencyStats]:
+        return self.stats[name]
+
+
 def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, batch_sizes: list[int], *,
                     warmup: int, iterations: int, rounds: int,
-                    progress: ProgressFn | None = None) -> dict[str, dict[int, LatencyStats]]:
-    """Latency of every predictor at every batch size: {name: {batch_size: stats}}."""
-    results: dict[str, dict[int, LatencyStats]] = {name: {} for name in predictors}
+                    progress: ProgressFn | None = None) -> LatencyResults:
+    """Latency of every predictor at every batch size. The timed region is `run` alone (see
+    automation/predictors.py): inputs are prepared on the device beforehand and `run` synchronizes.
+    A predictor that raises is dropped from the contest with its reason; the others go on."""
+    live = dict(predictors)
+    results = LatencyResults({name: {} for name in predictors})
+
+    def drop(name: str, exc: Exception) -> None:
+        results.failures[name] = f"failed while timed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        live.pop(name, None)
+
     for batch_size in batch_sizes:
         batch = np.resize(sample, (batch_size, *sample.shape[1:])).astype(np.float32)
-        prepared = {name: p.prepare(batch) for name, p in predictors.items()}
-        for name, p in predictors.items():
-            for _ in range(warmup):
-                p.run(prepared[name])
-        samples: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
-        names = list(predictors)
+        prepared: dict[str, Any] = {}
+        for name, p in list(live.items()):
+            try:
+                prepared[name] = p.prepare(batch)
+                for _ in range(warmup):
+                    p.run(prepared[name])
+            except Exception as exc:   # one runtime's failure is its own
+                drop(name, exc)
+        samples: dict[str, list[np.ndarray]] = {name: [] for name in live}
         for r in range(rounds):
+            names = list(live)
+            if not names:
+                break
             # rotate the order every round: whoever runs right after a contender whose threads
             # are still spinning (torch's OpenMP pool, say) would otherwise always pay for it
             for name in names[r % len(names):] + names[:r % len(names)]:
-                p = predictors[name]
+                p = live[name]
                 timings = np.empty(iterations)
                 handle = prepared[name]
-                for i in range(iterations):
-                    start = time.perf_counter()
-                    p.run(handle)
-                    timings[i] = time.perf_counter() - start
+                try:
+                    for i in range(iterations):
+                        start = time.perf_counter()
+                        p.run(handle)
+                        timings[i] = time.perf_counter() - start
+                except Exception as exc:
+                    drop(name, exc)
+                    continue
                 samples[name].append(timings)
                 if progress is not None:
                     progress(iterations)
-        for name in predictors:
-            results[name][batch_size] = _summarize(batch_size, samples[name])
+        for name in live:
+            results.stats[name][batch_size] = _summarize(batch_size, samples[name])
+    for name in results.failures:
+        results.stats[name] = {}
     return results
+
+
+class MemoryProbe:
+    """Memory a variant takes, measured around its build and a run at the largest batch.
+
+    - `cuda_peak_allocated`: torch's peak allocation on the GPU after a reset, minus what was
+      allocated before (torch eager, half, compiled, AOTInductor);
+    - `cuda_device_used`: device memory that disappeared from the free pool (ONNX Runtime's own
+      CUDA allocator, which torch cannot see);
+    - `host_rss`: growth of the process's resident memory (CPU runtimes).
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = device.is_cuda
+        self.megabytes: float | None = None
+        self.kind: str | None = None
+        self._rss = resident_memory_mb()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._allocated = torch.cuda.memory_allocated()
+            self._free = torch.cuda.mem_get_info()[0]
+
+    def finish(self, kind: str) -> None:
+        self.kind = kind
+        if kind == "cuda_peak_allocated" and self.cuda:
+            import torch
+
+            self.megabytes = (torch.cuda.max_memory_allocated() - self._allocated) / 2**20
+        elif kind == "cuda_device_used" and self.cuda:
+            import torch
+
+            self.megabytes = max(0.0, (self._free - torch.cuda.mem_get_info()[0]) / 2**20)
+        else:
+            self.kind = "host_rss"
+            self.megabytes = max(0.0, resident_memory_mb() - self._rss)
 
 
 def resident_memory_mb() -> float:

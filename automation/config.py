@@ -15,9 +15,10 @@ from automation.errors import UsageError
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 
-Variant = Literal["torch_eager", "onnx_fp32", "onnx_int8", "torch_compile", "onnx_cuda", "tensorrt_fp16"]
-ALL_VARIANTS: tuple[Variant, ...] = ("torch_eager", "onnx_fp32", "onnx_int8", "torch_compile", "onnx_cuda",
-                                     "tensorrt_fp16")
+Variant = Literal["torch_eager", "torch_half", "torch_compile", "torch_aoti", "onnx_fp32", "onnx_int8", "onnx_cuda",
+                  "tensorrt_fp16"]
+ALL_VARIANTS: tuple[Variant, ...] = ("torch_eager", "torch_half", "torch_compile", "torch_aoti", "onnx_fp32",
+                                     "onnx_int8", "onnx_cuda", "tensorrt_fp16")
 
 
 class Strict(BaseModel):
@@ -35,8 +36,17 @@ class TrainConfig(Strict):
     distributed: Literal["auto", "off"] = "auto"   # auto: DDP over all GPUs when there are several
 
 
+class DeviceConfig(Strict):
+    """Where the job runs. Decided once per job (automation/device.py) and recorded in the report."""
+
+    type: Literal["auto", "cuda", "cpu"] = "auto"   # auto: the first CUDA device when there is one
+    # TF32 matmuls/convolutions on Ampere+ trade ~3 decimal digits for speed; off keeps fp32 comparable
+    # across devices, and the parity tolerance follows whichever precision is in effect
+    tf32: bool = False
+
+
 class BenchmarkConfig(Strict):
-    batch_sizes: list[PositiveInt] = [1, 32]
+    batch_sizes: list[PositiveInt] = [1, 32, 256]   # 256: where a GPU earns its keep
     warmup: int = Field(20, ge=0)
     iterations: PositiveInt = 200      # timed calls per round
     rounds: PositiveInt = 5            # interleaved rounds; relative latency compares rounds
@@ -45,8 +55,14 @@ class BenchmarkConfig(Strict):
 class OptimizeConfig(Strict):
     variants: list[Variant] = list(ALL_VARIANTS)
     accuracy_tolerance: float = Field(0.005, ge=0, le=1)   # max accuracy loss vs fp32, as a fraction
-    parity_atol: PositiveFloat = 1e-3                       # max |torch - onnx fp32| logit difference
+    # max |Δlogit| of an fp32 artifact vs torch fp32 on the same device; None: derived from the precision
+    # in effect (automation/parity.py), which is what you want unless a model needs a looser bound
+    parity_atol: PositiveFloat | None = None
     select_batch_size: PositiveInt = 1                      # the batch size whose p50 picks the variant
+    # torch.compile mode: reduce-overhead (CUDA graphs) compiles in seconds; max-autotune can take minutes
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = \
+        "reduce-overhead"
+    build_budget_seconds: PositiveFloat = 180               # per variant; a build over it is skipped
 
 
 class AbsoluteGates(Strict):
@@ -81,6 +97,7 @@ class ModelDefaults(Strict):
     params: dict[str, Any] = {}                    # passed to build(**params)
     data: dict[str, Any] = {}                      # passed to load_data(**data)
     paths: list[str] = []                          # extra files whose change retrains this model
+    device: DeviceConfig = DeviceConfig()
     train: TrainConfig = TrainConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     optimize: OptimizeConfig = OptimizeConfig()

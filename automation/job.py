@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
+from automation.device import RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, MlgateError, StageError
 from automation.progress import JobProgress
 
@@ -73,13 +74,12 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def environment_info() -> dict[str, str]:
+def environment_info(runner: RunnerDevice) -> dict[str, str]:
     import onnxruntime
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-            "device": device, "cuda": str(torch.version.cuda), "platform": platform.platform()}
+            "cuda": str(torch.version.cuda), "platform": platform.platform(), **runner.describe()}
 
 
 def _flat_params(spec: ModelConfig) -> dict[str, Any]:
@@ -102,6 +102,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     import torch
 
     from automation import benchmark, gate, optimize, promote, report, store, tracking, train
+    from automation.predictors import TIMED_REGION
 
     progress = progress or JobProgress(enabled=False)
     timer = StageTimer()
@@ -126,7 +127,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
                                        splits.x_test, splits.y_test)
         batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
-        env = environment_info()
+        runner = select_device(spec.device)   # the one place a job's device is decided
+        env = environment_info(runner)
         log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
                                            "config": spec.model_dump(), "data_fingerprint": data_fingerprint})
 
@@ -150,29 +152,45 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                 mlflow.log_metrics(metrics, step=epoch)
                 advance(1)
 
-            trained = train.train_model(module.build, spec.params, splits, spec.train, on_epoch=on_epoch)
+            trained = train.train_model(module.build, spec.params, splits, spec.train, device=runner,
+                                        on_epoch=on_epoch)
             mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
 
         # --- optimize: ONNX export, int8, GPU variants where available --------------------
         with timer.stage("optimize"):
-            variants, parity = optimize.build_variants(trained.model, splits.input_shape, splits.x_test,
-                                                       spec.optimize, job_dir / "variants")
-            built = [v for v in variants if v.predictor is not None]
+            variants, cross_device = optimize.build_variants(trained.model, splits.input_shape, splits.x_test,
+                                                             spec.optimize, job_dir / "variants", runner,
+                                                             batch_sizes)
 
         # --- benchmark: every variant and production, same hardware, interleaved ----------
         with timer.stage("benchmark"):
-            contenders = {v.name: v.predictor for v in built}
             production = None
-            if production_version is not None:
-                production = _load_production(client, request.model, production_version, job_dir)
+            if production_version is not None:   # on this runner's device, like the candidate
+                production = _load_production(client, request.model, production_version, job_dir, runner)
+            failures: dict[str, str] = {}
+            for v in variants:
+                if v.predictor is None:
+                    continue
+                try:
+                    v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test,
+                                                             splits.classes)
+                except Exception as exc:   # an optional variant's failure is its own
+                    failures[v.name] = optimize.failure_reason("evaluation", exc)
+            optimize.drop_failed(variants, failures)
+            built = [v for v in variants if v.predictor is not None]
+            contenders = {v.name: v.predictor for v in built}
+            if production is not None:
                 contenders["production"] = production["predictor"]
-            for v in built:
-                v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test, splits.classes)
             b = spec.benchmark
             total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
             with progress.task("benchmark", total) as advance:
                 latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
                                                     iterations=b.iterations, rounds=b.rounds, progress=advance)
+            if "production" in latency.failures:
+                raise StageError("benchmark", f"production version {production_version} "
+                                              f"{latency.failures['production']}")
+            optimize.drop_failed(variants, latency.failures)
+            built = [v for v in variants if v.predictor is not None]
             for v in built:
                 v.latency = latency[v.name]
             chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
@@ -213,6 +231,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                     version = str(mlflow.register_model(model_uri, request.model).version)
                 client.set_model_version_tag(request.model, version, promote.GATE_TAG,
                                              "passed" if verdict.passed else "failed")
+                # which device the chosen artifact was built for: an AOTInductor package runs only there
+                client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
 
         summary: dict[str, Any] = {
             "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
@@ -226,14 +246,16 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                         "latency": {str(bs): s.as_dict() for bs, s in chosen.latency.items()}},
             "production": None if production is None else {
                 "version": production_version, "variant": production["variant"],
+                "served_as": production["served_as"], "fallback_reason": production["fallback_reason"],
                 "accuracy": production["accuracy"].accuracy, "macro_f1": production["accuracy"].macro_f1,
                 "size_mb": production["size_mb"],
                 "latency": {str(bs): s.as_dict() for bs, s in production["latency"].items()}},
-            "parity": None if parity is None else vars(parity),
+            "cross_device": None if cross_device is None else cross_device.as_dict(),
+            "timed_region": TIMED_REGION,
             "variants": [v.summary() for v in variants],
             "training": {"history": trained.history, "best_epoch": trained.best_epoch,
                          "stopped_early": trained.stopped_early, "world_size": trained.world_size,
-                         "device": trained.device, "seconds": trained.seconds},
+                         "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
             "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         }
 
@@ -266,28 +288,34 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     return summary
 
 
-def _load_production(client: Any, model: str, version: str, job_dir: Path) -> dict[str, Any]:
+def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice) -> dict[str, Any]:
     from automation.benchmark import size_mb
     from automation.predictors import load_registered
 
-    loaded = load_registered(client, model, version, job_dir / "production")
+    loaded = load_registered(client, model, version, job_dir / "production", runner)
     artifact = loaded.artifact
-    return {"variant": loaded.variant, "predictor": loaded.predictor,
-            "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
+    return {"variant": loaded.variant, "served_as": loaded.served_as, "fallback_reason": loaded.fallback_reason,
+            "predictor": loaded.predictor, "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
 
 
 def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray) -> str:
-    """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI."""
+    """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI.
+
+    What crosses to the registry is a host copy in fp32 with a host input example, whatever
+    device trained or ran it: a version must load on any machine."""
     import mlflow
     import onnx
     import torch
     from mlflow.models import infer_signature
 
+    model = host_copy(model)
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    # the AOTInductor package travels inside the torch model, which is also its portable fallback
+    extra = [str(chosen.artifact)] if chosen.name == "torch_aoti" and chosen.artifact is not None else None
     torch_info = mlflow.pytorch.log_model(model, name="torch", serialization_format="pickle", signature=signature,
-                                          pip_requirements=_pip_requirements("torch"))
-    uris = {"torch_eager": torch_info.model_uri, "torch_compile": torch_info.model_uri}
+                                          pip_requirements=_pip_requirements("torch"), extra_files=extra)
+    uris = {name: torch_info.model_uri for name in ("torch_eager", "torch_half", "torch_compile", "torch_aoti")}
     onnx_requirements = _pip_requirements("onnx", "onnxruntime")
     by_name = {v.name: v for v in variants}
     fp32 = by_name.get("onnx_fp32")

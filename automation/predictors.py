@@ -1,21 +1,33 @@
-"""Runtimes a model can be served by: torch (eager or compiled) and ONNX Runtime (CPU, CUDA, TensorRT).
+"""Runtimes a model can be served by: torch (eager, half, compiled, AOTInductor) and ONNX Runtime.
 
-Each predictor splits a call into `prepare` (move inputs to the device, outside the timed
-region) and `run` (execute and wait for the result), so latency is measured honestly on
-asynchronous devices too.
+Each predictor splits a call into `prepare` (put the inputs where the runtime computes, in
+its dtype) and `run` (execute and wait for the result, which stays where it was computed).
+Host↔device copies are therefore outside the timed region for every runtime alike, and a
+CUDA timing includes the kernels because `run` synchronizes before it returns.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from automation.device import CPU, RunnerDevice, device_copy
+
+log = logging.getLogger(__name__)
+
+TIMED_REGION = ("one forward pass on inputs already on the runtime's device, synchronized before the clock "
+                "stops; host↔device copies are outside the timed region for every runtime")
+
 
 class Predictor(Protocol):
+    device: RunnerDevice          # where it computes
+    memory_kind: str              # what its memory figure measures (see automation/optimize.py)
+
     def prepare(self, x: np.ndarray) -> Any: ...
 
     def run(self, prepared: Any) -> Any: ...
@@ -24,116 +36,200 @@ class Predictor(Protocol):
 
 
 def predict(predictor: Predictor, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits for all of `x`, in batches."""
+    """fp32 logits on the host for all of `x`, in batches."""
     chunks = [predictor.to_numpy(predictor.run(predictor.prepare(x[i:i + batch_size])))
               for i in range(0, len(x), batch_size)]
     return np.concatenate(chunks)
 
 
-def cuda_available() -> bool:
-    import torch
+class _TorchRuntime:
+    """Inputs become tensors on the device (in `dtype`); outputs stay there until `to_numpy`."""
 
-    return torch.cuda.is_available()
-
-
-def onnx_provider_missing(provider: str) -> str | None:
-    """Why an ONNX Runtime execution provider cannot be used here, or None when it can."""
-    import onnxruntime as ort
-
-    if not cuda_available():
-        return "no CUDA device on this runner"
-    if provider not in ort.get_available_providers():
-        return f"onnxruntime build has no {provider} (install onnxruntime-gpu)"
-    if provider == "TensorrtExecutionProvider" and importlib.util.find_spec("tensorrt") is None:
-        return "the 'tensorrt' package is not importable"
-    return None
-
-
-class TorchPredictor:
-    def __init__(self, model: Any, *, device: str = "cpu", compile_model: bool = False) -> None:
+    def __init__(self, device: RunnerDevice, dtype: Any = None) -> None:
         import torch
 
         self._torch = torch
-        self.device = torch.device(device)
-        model = model.to(self.device).eval()
-        self.module = torch.compile(model, mode="max-autotune") if compile_model else model
-        self._sync = self.device.type == "cuda"
+        self.device = device
+        self.dtype = dtype or torch.float32
+        self.memory_kind = "cuda_peak_allocated" if device.is_cuda else "host_rss"
 
     def prepare(self, x: np.ndarray) -> Any:
-        return self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-
-    def run(self, prepared: Any) -> Any:
-        with self._torch.inference_mode():
-            out = self.module(prepared)
-        if self._sync:   # kernels are asynchronous: wait, or the timer measures only the launch
-            self._torch.cuda.synchronize(self.device)
-        return out
+        tensor = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return tensor.to(device=self.device.torch, dtype=self.dtype)
 
     def to_numpy(self, output: Any) -> np.ndarray:
         return output.float().cpu().numpy()
 
 
+class TorchPredictor(_TorchRuntime):
+    def __init__(self, model: Any, device: RunnerDevice = CPU, *, dtype: Any = None,
+                 compile_mode: str | None = None) -> None:
+        super().__init__(device, dtype)
+        module = device_copy(model, device, dtype)   # the caller's model never moves
+        self._cudagraphs = bool(compile_mode) and device.is_cuda and compile_mode in ("reduce-overhead",
+                                                                                      "max-autotune")
+        # one graph per batch size: a dynamic graph would give up the shape specialization we time
+        self.module = self._torch.compile(module, mode=compile_mode, dynamic=False) if compile_mode else module
+
+    def run(self, prepared: Any) -> Any:
+        if self._cudagraphs:   # each call is a new step: the previous call's output may be overwritten
+            self._torch.compiler.cudagraph_mark_step_begin()
+        with self._torch.inference_mode():
+            out = self.module(prepared)
+        self.device.synchronize()   # kernels are asynchronous: without this the clock sees only the launch
+        return out
+
+
+class AotiPredictor(_TorchRuntime):
+    """An AOTInductor package: compiled kernels plus weights, loaded with no model code."""
+
+    def __init__(self, package: str | Path, device: RunnerDevice = CPU) -> None:
+        super().__init__(device)
+        import torch._inductor
+
+        self.module = torch._inductor.aoti_load_package(str(package), device_index=-1 if device.index is None else device.index)
+
+    def run(self, prepared: Any) -> Any:
+        with self._torch.inference_mode():
+            out = self.module(prepared)
+        self.device.synchronize()
+        return out
+
+
 class OnnxPredictor:
-    def __init__(self, path: str | Path, providers: list[Any] | None = None) -> None:
+    """ONNX Runtime. On a CUDA provider, inputs and outputs are bound on the GPU (I/O binding), so the
+    timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays."""
+
+    def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU) -> None:
         import onnxruntime as ort
 
+        self._ort = ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3   # warnings about node placement are not the job's
         self.session = ort.InferenceSession(str(path), sess_options=options,
                                             providers=providers or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        on_gpu = device.is_cuda and self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.device = device if on_gpu else CPU
+        self.memory_kind = "cuda_device_used" if on_gpu else "host_rss"
 
     def prepare(self, x: np.ndarray) -> Any:
-        return {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.device.is_cuda:
+            return {self.input_name: x}
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        binding.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", index))
+        binding.bind_output(self.output_name, "cuda", index)
+        binding.synchronize_inputs()
+        return binding
 
     def run(self, prepared: Any) -> Any:
-        return self.session.run(None, prepared)[0]   # returns host memory: already synchronous
+        if not self.device.is_cuda:
+            return self.session.run(None, prepared)[0]   # host arrays: already synchronous
+        self.session.run_with_iobinding(prepared)       # synchronizes the provider's stream before returning
+        return prepared
 
     def to_numpy(self, output: Any) -> np.ndarray:
-        return output
+        if isinstance(output, np.ndarray):
+            return output
+        return np.asarray(output.copy_outputs_to_cpu()[0], dtype=np.float32)
 
 
-def onnx_providers(variant: str) -> list[Any]:
+def onnx_providers(variant: str, device: RunnerDevice = CPU) -> list[Any]:
+    """Execution providers, most preferred first. The CUDA provider gets the job's device and TF32
+    setting explicitly: its own default allows TF32, which would make fp32 parity a coin toss."""
+    cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": int(device.tf32)})
     if variant == "onnx_cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [cuda, "CPUExecutionProvider"]
     if variant == "tensorrt_fp16":
-        return [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "CUDAExecutionProvider",
+        return [("TensorrtExecutionProvider", {"device_id": device.index or 0, "trt_fp16_enable": True}), cuda,
                 "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def load_predictor(variant: str, artifact: str | Path) -> Predictor:
-    """Rebuild a predictor for a variant from its shipped artifact (ONNX file or torch model dir)."""
-    if variant.startswith("torch_"):
-        import mlflow.pytorch
+def onnx_provider_missing(variant: str, device: RunnerDevice) -> str | None:
+    """Why a GPU variant of ONNX Runtime cannot run here, or None when it can."""
+    import onnxruntime as ort
 
-        device = "cuda" if cuda_available() else "cpu"
-        return TorchPredictor(mlflow.pytorch.load_model(str(artifact), map_location="cpu"), device=device,
-                              compile_model=variant == "torch_compile")
-    return OnnxPredictor(artifact, onnx_providers(variant))
+    provider = {"onnx_cuda": "CUDAExecutionProvider", "tensorrt_fp16": "TensorrtExecutionProvider"}.get(variant)
+    if provider is None:
+        return None
+    if not device.is_cuda:
+        return "no CUDA device on this runner"
+    if provider not in ort.get_available_providers():
+        return f"this onnxruntime build has no {provider} (install the 'gpu' extra: onnxruntime-gpu)"
+    if provider == "TensorrtExecutionProvider" and importlib.util.find_spec("tensorrt") is None:
+        return "the 'tensorrt' package is not importable (install the 'gpu' extra)"
+    return None
 
 
 @dataclass
 class RegisteredModel:
-    """A registry version, downloaded and loaded for inference."""
+    """A registry version, downloaded and loaded for inference on this machine."""
 
     version: str
-    variant: str
+    variant: str                     # what the job chose
+    served_as: str                   # what runs here: the variant, or its portable fallback
+    fallback_reason: str | None
     predictor: Predictor
     artifact: Path
     input_shape: tuple[int, ...]     # one input, without the batch axis (from the logged signature)
     dtype: str
 
 
-def load_registered(client: Any, model: str, version: str, dest: Path) -> RegisteredModel:
-    """Download `models:/model/version` and load the variant it was registered as."""
+def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None) -> tuple[Predictor, Path]:
+    if variant.startswith("torch_"):
+        if variant == "torch_aoti":
+            package = next(local.rglob("*.pt2"), None)
+            if package is None:
+                raise FileNotFoundError("the version has no AOTInductor package (*.pt2)")
+            if built_on is not None and built_on.split(":")[0] != device.type:
+                raise RuntimeError(f"its AOTInductor package was compiled for {built_on}, this machine runs on "
+                                   f"{device.torch}")
+            return AotiPredictor(package, device), package
+        import mlflow.pytorch
+        import torch
+
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")   # whatever device it was saved from
+        half = variant == "torch_half"
+        return TorchPredictor(model, device, dtype=device.half_dtype if half else None,
+                              compile_mode="reduce-overhead" if variant == "torch_compile" else None), local
+    onnx_file = next(local.rglob("*.onnx"))
+    missing = onnx_provider_missing(variant, device)
+    if missing:
+        raise RuntimeError(missing)
+    return OnnxPredictor(onnx_file, onnx_providers(variant, device), device), onnx_file
+
+
+def load_registered(client: Any, model: str, version: str, dest: Path, device: RunnerDevice = CPU) -> RegisteredModel:
+    """Download `models:/model/version` and load it on `device`.
+
+    A variant that cannot run here (an AOTInductor package built for another device, a CUDA
+    provider on a CPU machine) is served by its portable form instead, and the reason is kept:
+    the torch model for torch variants, the fp32 ONNX model for ONNX ones.
+    """
     import mlflow
     from mlflow.models import Model
 
-    variant = client.get_model_version(model, version).tags.get("mlgate.variant", "onnx_fp32")
+    tags = client.get_model_version(model, version).tags
+    variant = tags.get("mlgate.variant", "onnx_fp32")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
-    artifact = local if variant.startswith("torch") else next(local.rglob("*.onnx"))
+    fallback_reason = None
+    try:
+        predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"))
+        served_as = variant
+    except Exception as exc:   # a device-specific artifact: serve the portable form rather than nothing
+        served_as = "torch_eager" if variant.startswith("torch_") else "onnx_fp32"
+        if served_as == variant:
+            raise
+        fallback_reason = f"{variant} cannot run here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        log.warning("serving the portable form", extra={"model": model, "version": version, "variant": variant,
+                                                        "served_as": served_as, "reason": fallback_reason})
+        predictor, artifact = _load_variant(served_as, local, device, None)
     spec = Model.load(str(local)).signature.inputs.to_dict()[0]["tensor-spec"]
-    return RegisteredModel(version=version, variant=variant, predictor=load_predictor(variant, artifact),
-                           artifact=artifact, input_shape=tuple(int(d) for d in spec["shape"][1:]),
-                           dtype=str(spec["dtype"]))
+    return RegisteredModel(version=version, variant=variant, served_as=served_as, fallback_reason=fallback_reason,
+                           predictor=predictor, artifact=artifact,
+                           input_shape=tuple(int(d) for d in spec["shape"][1:]), dtype=str(spec["dtype"]))

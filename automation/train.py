@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from automation.config import TrainConfig
+from automation.device import CPU, RunnerDevice
 from models.datasets import Splits
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -37,11 +38,8 @@ class TrainResult:
     stopped_early: bool = False
     world_size: int = 1
     device: str = "cpu"
+    precision: str = "fp32"          # "fp32", or the autocast dtype used on CUDA ("bf16 autocast")
     seconds: float = 0.0
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -50,23 +48,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_world_size(cfg: TrainConfig) -> int:
-    if cfg.distributed == "auto" and torch.cuda.is_available():
+def resolve_world_size(cfg: TrainConfig, device: RunnerDevice) -> int:
+    if cfg.distributed == "auto" and device.is_cuda:
         return max(1, torch.cuda.device_count())
     return 1
 
 
 def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
-                world_size: int | None = None, backend: str | None = None,
+                device: RunnerDevice = CPU, world_size: int | None = None, backend: str | None = None,
                 on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train `build(**params)` on `splits`; returns the best-validation-loss weights on CPU."""
-    world_size = world_size or resolve_world_size(cfg)
+    """Train `build(**params)` on `splits` on `device`; returns the best-validation-loss weights on the
+    CPU, in fp32: the trained model crosses the device boundary here, once."""
+    world_size = world_size or resolve_world_size(cfg, device)
     started = time.perf_counter()
     if world_size == 1:
-        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, on_epoch=on_epoch)
+        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, device=device, on_epoch=on_epoch)
     else:
-        result = _train_distributed(build, params, splits, cfg, world_size,
-                                    backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        result = _train_distributed(build, params, splits, cfg, world_size, device,
+                                    backend or ("nccl" if device.is_cuda else "gloo"))
         if on_epoch is not None:   # ranks run in other processes; replay their history here
             for epoch, metrics in enumerate(result.history, start=1):
                 on_epoch(epoch, metrics)
@@ -75,11 +74,12 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
 
 
 def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
-                  rank: int, world_size: int, on_epoch: EpochCallback | None) -> TrainResult:
+                  rank: int, world_size: int, device: RunnerDevice, on_epoch: EpochCallback | None) -> TrainResult:
     # --- set-up -------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else \
-        torch.device("cpu")
+    runner = device
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if world_size > 1 and runner.is_cuda else \
+        runner.torch
     model = build(**params).to(device)
     train_module: nn.Module = model
     if world_size > 1:
@@ -142,8 +142,10 @@ def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: T
                 break
 
     model.load_state_dict(best_state)
-    return TrainResult(model=model.to("cpu").eval(), history=history, best_epoch=best_epoch,
-                       stopped_early=stopped_early, world_size=world_size, device=str(device))
+    precision = f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16'} autocast" if use_amp else "fp32"
+    return TrainResult(model=model.to(device="cpu", dtype=torch.float32).eval(), history=history,
+                       best_epoch=best_epoch, stopped_early=stopped_early, world_size=world_size, device=str(device),
+                       precision=precision)
 
 
 def _free_port() -> int:
@@ -153,32 +155,34 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
-                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig) -> None:
+                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice) -> None:
     # the same variables torchrun sets, so init_process_group uses the env:// rendezvous
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.distributed.init_process_group(backend=backend)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, on_epoch=None)
+        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, device=device,
+                               on_epoch=None)
         if rank == 0:
             torch.save({"state_dict": result.model.state_dict(), "history": result.history,
                         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-                        "device": result.device}, out)
+                        "device": result.device, "precision": result.precision}, out)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
-                       world_size: int, backend: str) -> TrainResult:
+                       world_size: int, device: RunnerDevice, backend: str) -> TrainResult:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         mp.spawn(_ddp_worker, nprocs=world_size, join=True,
-                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg))
+                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg, device))
         saved = torch.load(out, weights_only=False)
     model = build(**params)
     model.load_state_dict(saved["state_dict"])
     return TrainResult(model=model.eval(), history=saved["history"], best_epoch=saved["best_epoch"],
-                       stopped_early=saved["stopped_early"], world_size=world_size, device=saved["device"])
+                       stopped_early=saved["stopped_early"], world_size=world_size, device=saved["device"],
+                       precision=saved["precision"])
