@@ -21,9 +21,9 @@ from automation.config import load_config
 from tests.conftest import fast_config, wait_for, write_config
 from triggers.local_broker import free_port
 from triggers.cli import main
-from triggers.inference_log import InferenceLog
+from triggers.serving.inference_log import InferenceLog
 from triggers.monitor import load_window
-from triggers.serving import ModelServer, create_serving_app
+from triggers.serving.server import ModelServer, create_serving_app
 
 pytestmark = pytest.mark.slow
 

@@ -223,8 +223,8 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from triggers.inference_log import InferenceLog
-    from triggers.serving import ModelServer, create_serving_app
+    from triggers.serving.inference_log import InferenceLog
+    from triggers.serving.server import ModelServer, create_serving_app
 
     config = _load(args)
     config.model(args.model)
