@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install test-deps clean
+.PHONY: demo test install install-gpu test-deps test-compat gpu-check clean
 
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,24 @@ test-deps: node_modules/.installed
 test: install test-deps
 	$(BIN)/python -m pytest -q
 
+# a GPU runner: PyPI's default torch for Linux is the CUDA build; then ONNX Runtime's CUDA/TensorRT providers
+install-gpu:
+	$(MAKE) install TORCH='torch>=2.11'
+	$(BIN)/pip install --quiet -e '.[gpu]'
+
+# on a CUDA machine: both example jobs twice, the variant table, and `pytest -m gpu`
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
+
+# the declared onnxruntime range, oldest and newest, each over the project's environment; the newest is
+# what `make install` resolved. CI's compat job also runs the oldest declared torch.
+ORT_VERSIONS ?= 1.20.1 1.30.0
+test-compat: install
+	$(BIN)/python -m pytest -q -m compat
+	@for v in $(ORT_VERSIONS); do \
+	  $(BIN)/pip install --quiet --no-deps --target .compat/onnxruntime-$$v onnxruntime==$$v && \
+	  echo "onnxruntime $$v:" && PYTHONPATH=.compat/onnxruntime-$$v $(BIN)/python -m pytest -q -m compat || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .mlgate node_modules
+	rm -rf $(VENV) .mlgate node_modules .compat

@@ -21,6 +21,10 @@ FAST_CONFIG: dict[str, Any] = {
     "defaults": {
         "train": {"epochs": 15, "batch_size": 32, "lr": 0.003, "patience": 5},
         "benchmark": {"batch_sizes": [1, 16], "warmup": 5, "iterations": 60, "rounds": 4},
+        # the compiled variants (torch_compile, torch_aoti) add 15-30 s of compiling per job on 2 cores;
+        # tests that are about them ask for them (test_optimize, test_cnn_job_and_report_content)
+        "optimize": {"variants": ["torch_eager", "torch_half", "onnx_fp32", "onnx_int8", "onnx_cuda",
+                                  "tensorrt_fp16"]},
         "gates": {"absolute": {"min_accuracy": 0.85, "max_p95_latency_ms": 50, "max_size_mb": 10},
                   "bootstrap_samples": 500},
     },
@@ -129,3 +133,15 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA: elsewhere they are skipped with the reason, never silently passed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run `make gpu-check` on a GPU runner")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

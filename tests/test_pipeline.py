@@ -142,11 +142,28 @@ def test_rollback_and_manual_promote_are_audited(first_two_runs, capsys) -> None
         ("rollback", "1", "bad canary"), ("manual_promote", "2", "canary fixed")]
 
 
-def test_cnn_job_and_report_content(tmp_path: Path, capsys) -> None:
-    path = write_config(tmp_path)
-    code, out, _ = run_cli(capsys, "run", "--config", str(path), "--model", "digits_cnn", "--json")
+def test_cnn_job_with_every_variant_survives_a_failing_one(tmp_path: Path, capsys, monkeypatch) -> None:
+    from automation import optimize
+
+    def broken_quantizer(*_args, **_kwargs):
+        raise RuntimeError("[ShapeInferenceError] Inferred shape and existing shape differ in dimension 0: (64) vs (10)")
+
+    monkeypatch.setattr(optimize, "quantize_int8", broken_quantizer)
+    config = copy.deepcopy(FAST_CONFIG)
+    del config["defaults"]["optimize"]            # every variant, compiled ones included
+    path = write_config(tmp_path, config)
+    code, out, err = run_cli(capsys, "run", "--config", str(path), "--model", "digits_cnn", "--json")
     summary = last_json(out)
     assert code == 0 and summary["model"] == "digits_cnn"
+    variants = {v["name"]: v for v in summary["variants"]}
+    assert variants["onnx_int8"]["skipped"].startswith("onnx_int8 build failed: RuntimeError: [ShapeInferenceError]")
+    for name in ("torch_eager", "torch_half", "torch_compile", "torch_aoti", "onnx_fp32"):
+        assert variants[name]["skipped"] is None and variants[name]["accuracy"] > 0.85, variants[name]
+        assert set(variants[name]["latency"]) == {"1", "16"} and variants[name]["build_seconds"] >= 0
+    assert summary["chosen_variant"] in {n for n, v in variants.items() if v["skipped"] is None}
+    assert summary["environment"]["device"] == summary["training"]["device"]
+    assert summary["environment"]["fp32_precision"] == "fp32" and summary["environment"]["matmul_precision"] == "highest"
+    assert "AUTOTUNE" not in err and not [line for line in error_lines(err) if "warn" in line.lower()]
     markdown = Path(summary["reports"]["md"]).read_text()
     assert markdown.startswith("<!-- mlgate-report model=digits_cnn -->")
     assert len(markdown) < 65_536
@@ -157,9 +174,10 @@ def test_cnn_job_and_report_content(tmp_path: Path, capsys) -> None:
         assert lines[0] == "xychart-beta" and lines[1].strip().startswith("title ")
         assert any(l.strip().startswith(("line [", "bar [")) for l in lines)
         assert re.search(r'y-axis "[^"]+" -?[\d.e+-]+ --> [\d.e+-]+', block)
-    for variant in ("torch_eager", "onnx_fp32", "onnx_int8"):
-        assert f"| `{variant}` |" in markdown
-    assert "skipped: no CUDA device" in markdown
+    for name, variant in variants.items():
+        assert f"`{name}`" in markdown
+        if variant["skipped"]:
+            assert variant["skipped"] in markdown
     html = Path(summary["reports"]["html"]).read_text()
     assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
 

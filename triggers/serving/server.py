@@ -79,6 +79,7 @@ class ModelServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mlflow: Any = None
+        self._device: Any = None
 
     def _client(self) -> Any:
         """One MLflow client for the watcher's life (connect checks the store; once is enough)."""
@@ -88,12 +89,21 @@ class ModelServer:
             self._mlflow = tracking.connect(self.config.workdir, self.config.experiment)[0]
         return self._mlflow
 
+    @property
+    def device(self) -> Any:
+        """Decided once, the same way a job decides it (the model's `device:` block)."""
+        if self._device is None:
+            from automation.device import select_device
+
+            self._device = select_device(self.config.model(self.model).device)
+        return self._device
+
     def load(self, version: str) -> RegisteredModel:
         """Download, load and check a version (a probe batch must give finite logits of the right shape)."""
         from automation.predictors import load_registered
 
         loaded = load_registered(self._client(), self.model, version,
-                                 self.config.workdir / "serving" / self.model / f"v{version}")
+                                 self.config.workdir / "serving" / self.model / f"v{version}", self.device)
         probe = np.zeros((2, *loaded.input_shape), dtype=loaded.dtype)
         logits = predict(loaded.predictor, probe)
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
@@ -182,7 +192,9 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         if served is None:
             return JSONResponse({"status": "loading", "model": server.model, "not_served": server.failed}, 503)
         return JSONResponse({"status": "ok", "model": server.model, "version": served.loaded.version,
-                             "variant": served.loaded.variant, "input_shape": list(served.loaded.input_shape),
+                             "variant": served.loaded.variant, "served_as": served.loaded.served_as,
+                             "fallback_reason": served.loaded.fallback_reason, "device": str(server.device.torch),
+                             "input_shape": list(served.loaded.input_shape),
                              "serving_since": served.since, "not_served": server.failed})
 
     @app.get("/metrics")
