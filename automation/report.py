@@ -1,7 +1,12 @@
 """Report: Markdown for the PR comment, a self-contained HTML page, and the JSON summary.
 
 The Markdown stays under GitHub's 65,536-character comment limit by construction: every
-list in it is bounded (variants, checks, classes) and charts are downsampled.
+list in it is bounded (variants, batch sizes, checks, classes), free text is clipped, and
+charts are downsampled.
+
+Both outputs come from one renderer in two flavours: GitHub gets emoji marks and Mermaid
+charts (it draws them); the HTML page gets text badges (headless browsers often have no
+emoji font) and the matplotlib PNGs instead of Mermaid (a browser would show its source).
 """
 
 from __future__ import annotations
@@ -10,12 +15,22 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 COMMENT_LIMIT = 65_536
 MAX_CHART_POINTS = 40
 MAX_CLASSES = 30
+MAX_CHECKS = 30
+MAX_VARIANTS = 24          # the registry has 8; the bound only keeps a runaway config from breaking the comment
+MAX_BATCH_SIZES = 6
+MAX_REASON = 300           # skip reasons are clipped to 300 already (optimize.one_line); this bounds any other
+REFERENCE = "torch_eager"  # speedups are relative to it (automation/optimize.py: REFERENCE)
+EXACT_PRECISIONS = ("fp32", "tf32")   # parity gates these; lossy ones are judged by accuracy
+MEMORY_KINDS = {"cuda_peak_allocated": "GPU peak", "cuda_device_used": "GPU used", "host_rss": "host RSS"}
+EMOJI = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
+BADGE = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
 MARKER = "<!-- mlgate-report model={model} -->"
 
 
@@ -25,6 +40,37 @@ def _pct(value: float | None) -> str:
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _sci(value: float) -> str:
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+def _text(value: Any, limit: int = MAX_REASON) -> str:
+    """Free text from the summary, safe inside a Markdown table cell on GitHub and in the HTML page."""
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """Where the rendered Markdown goes: a GitHub comment, or markdown-it for the HTML page."""
+
+    html: bool = False
+
+    def mark(self, status: str, label: str = "") -> str:
+        if self.html:
+            return f'<span class="badge {status}">{html.escape(label or BADGE[status])}</span>'
+        return f"{EMOJI[status]} {label}".rstrip()
+
+
+GITHUB, PAGE = Flavor(html=False), Flavor(html=True)
 
 
 def _downsample(values: list[float], limit: int = MAX_CHART_POINTS) -> tuple[list[int], list[float]]:
@@ -65,9 +111,9 @@ def mermaid_bar_chart(title: str, y_label: str, bars: dict[str, float]) -> str:
         f"    bar [{', '.join(f'{v:.4g}' for v in bars.values())}]", "```"])
 
 
-def _headline(summary: dict[str, Any]) -> str:
+def _headline(summary: dict[str, Any], flavor: Flavor) -> str:
     passed = summary["gate"]["passed"]
-    mark = "✅ gate passed" if passed else "❌ gate failed"
+    mark = flavor.mark("passed", "gate passed") if passed else flavor.mark("failed", "gate failed")
     if summary["promoted"]:
         outcome = f"promoted version {summary['version']} to `@production`"
     elif summary["trigger"] == "pr":
@@ -75,6 +121,18 @@ def _headline(summary: dict[str, Any]) -> str:
     else:
         outcome = "nothing promoted"
     return f"## mlgate · `{summary['model']}` · {mark} — {outcome}"
+
+
+def _production_line(prod: dict[str, Any] | None) -> str:
+    if not prod:
+        return "Nothing is in production yet: relative checks are skipped."
+    served_as, reason = prod.get("served_as") or prod["variant"], prod.get("fallback_reason")
+    if reason:
+        serving = f"served here by its fallback `{served_as}` because {_text(reason)}"
+    else:
+        serving = f"served as `{served_as}`"
+    return (f"Production: version {prod['version']} (`{prod['variant']}`, {serving}), benchmarked in this job "
+            "on the same hardware.")
 
 
 def _comparison_table(summary: dict[str, Any]) -> list[str]:
@@ -101,63 +159,170 @@ def _comparison_table(summary: dict[str, Any]) -> list[str]:
         row(f"{stat.replace('_ms', '')} latency, batch 1 (ms)", c, p, _ms,
             None if p is None else f"{(c / p - 1):+.1%}")
     row("size (MB)", cand["size_mb"], prod and prod["size_mb"], lambda v: "—" if v is None else f"{v:.3f}")
-    if prod:
-        rows.append(f"\nProduction: version {prod['version']} (`{prod['variant']}`), benchmarked in this job "
-                    "on the same hardware.")
-    else:
-        rows.append("\nNothing is in production yet: relative checks are skipped.")
+    rows.append("\n" + _production_line(prod))
     return rows
 
 
-def _variant_table(summary: dict[str, Any]) -> list[str]:
-    batch = max(int(b) for b in summary["metrics"]["latency"])
-    eager = next((v for v in summary["variants"] if v["name"] == "torch_eager" and v["latency"]), None)
-    base = eager["latency"]["1"]["p50_ms"] if eager else None
-    rows = [f"| variant | accuracy | p50 b1 (ms) | p95 b1 (ms) | throughput b{batch} (/s) | size (MB) | "
-            "speedup b1 | |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for v in summary["variants"]:
-        if v["skipped"]:
-            rows.append(f"| `{v['name']}` | — | — | — | — | — | — | skipped: {v['skipped']} |")
-            continue
-        lat1, latb = v["latency"]["1"], v["latency"][str(batch)]
-        speedup = f"{base / lat1['p50_ms']:.2f}×" if base else "—"
-        chosen = "**chosen**" if v["name"] == summary["chosen_variant"] else ""
-        rows.append(f"| `{v['name']}` | {_pct(v['accuracy'])} | {_ms(lat1['p50_ms'])} | {_ms(lat1['p95_ms'])} | "
-                    f"{latb['throughput_per_s']:.0f} | {v['size_mb']:.3f} | {speedup} | {chosen} |")
+def _gate_lines(summary: dict[str, Any], flavor: Flavor) -> list[str]:
+    checks = summary["gate"]["checks"][:MAX_CHECKS]
+    if not flavor.html:
+        return [f"- {c['line']}" for c in checks]
+    # the page builds each line from the check's fields: `line` starts with an emoji mark
+    lines = []
+    for c in checks:
+        observed = "missing" if c["observed"] is None else f"{c['observed']:.4g}"
+        lines.append(f"- {flavor.mark(c['status'])} **{_text(c['name'])}**: {_text(c['metric'])} = {observed} "
+                     f"(threshold {_text(c['threshold'])}) — {_text(c['reason'])}")
+    return lines
+
+
+def _shown_variants(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return summary["variants"][:MAX_VARIANTS]
+
+
+def _batch_sizes(variants: list[dict[str, Any]]) -> list[str]:
+    sizes = sorted({int(b) for v in variants if v["latency"] for b in v["latency"]})
+    if len(sizes) > MAX_BATCH_SIZES:     # keep batch 1 (the gate's) and the largest ones
+        sizes = sizes[:1] + sizes[-(MAX_BATCH_SIZES - 1):]
+    return [str(b) for b in sizes]
+
+
+def _memory(variant: dict[str, Any]) -> str:
+    if variant.get("memory_mb") is None:
+        return "—"
+    kind = MEMORY_KINDS.get(variant.get("memory_kind") or "", variant.get("memory_kind") or "?")
+    return f"{variant['memory_mb']:.1f} ({kind})"
+
+
+def _parity(variant: dict[str, Any]) -> str:
+    check = variant.get("parity")
+    if not check:
+        return "reference" if variant["name"] == REFERENCE else "—"
+    if variant.get("precision") in EXACT_PRECISIONS:
+        sign = "≤" if check["passed"] else ">"
+        return f"{_sci(check['max_abs_diff'])} {sign} {_sci(check['tolerance'])}"
+    return f"{_sci(check['max_abs_diff'])} (info)"
+
+
+def _variant_row(v: dict[str, Any], summary: dict[str, Any], largest: str, base: float | None,
+                 flavor: Flavor) -> str:
+    lead = f"| `{v['name']}` | {v.get('device', '—')} | {v.get('precision', '—')} | "
+    if v["skipped"]:
+        built = _num(v.get("build_seconds") or None, ".3g")      # a failed compile's time is worth showing
+        reason = (f"{flavor.mark('skipped', 'skipped')} {_text(v['skipped'])}" if flavor.html
+                  else f"{flavor.mark('skipped')} skipped: {_text(v['skipped'])}")
+        return lead + f"{built} | — | — | — | — | — | — | — | — | — | — | {reason} |"
+    lat = v["latency"]
+    one, big = lat.get("1", {}), lat.get(largest, {})
+    speedup = f"{base / one['p50_ms']:.2f}×" if base and one.get("p50_ms") else "—"
+    status = "**chosen**" if v["name"] == summary["chosen_variant"] else "built"
+    return lead + (f"{_num(v.get('build_seconds'), '.3g')} | {_pct(v['accuracy'])} | "
+                   f"{_num(v.get('size_mb'), '.3f')} | {_parity(v)} | "
+                   f"{_ms(one.get('p50_ms'))} | {_ms(one.get('p95_ms'))} | {_ms(one.get('p99_ms'))} | "
+                   f"{_ms(big.get('p50_ms'))} | {_num(big.get('throughput_per_s'), ',.0f')} | {_memory(v)} | "
+                   f"{speedup} | {status} |")
+
+
+def _variant_table(summary: dict[str, Any], flavor: Flavor) -> list[str]:
+    variants = _shown_variants(summary)
+    largest = max(_batch_sizes(variants) or ["1"], key=int)
+    eager = next((v for v in variants if v["name"] == REFERENCE and v["latency"]), None)
+    base = eager["latency"]["1"]["p50_ms"] if eager and "1" in eager["latency"] else None
+    rows = ["| variant | device | precision | build (s) | accuracy | size (MB) | parity max Δ vs tol | "
+            f"p50 b1 (ms) | p95 b1 (ms) | p99 b1 (ms) | p50 b{largest} (ms) | throughput b{largest} (/s) | memory (MB) | "
+            f"speedup b1 vs `{REFERENCE}` | status |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows += [_variant_row(v, summary, largest, base, flavor) for v in variants]
+    if len(summary["variants"]) > len(variants):
+        rows.append(f"\n… {len(summary['variants']) - len(variants)} more variants in report.json.")
+    rows.append("\nParity: max |Δlogit| against torch fp32 on the variant's own device; an fp32 variant above its "
+                "tolerance is skipped, lossy ones (bf16, fp16, int8) show it for information and are judged by "
+                "accuracy. Memory: GPU peak = torch's peak allocation, GPU used = device memory taken "
+                "(ONNX Runtime's allocator), host RSS = growth of the process's resident memory.")
     return rows
 
 
-def render_markdown(summary: dict[str, Any], links: dict[str, str] | None = None) -> str:
-    links = links or {}
-    history = summary["training"]["history"]
-    lines = [MARKER.format(model=summary["model"]), _headline(summary), "",
+def _latency_by_batch(summary: dict[str, Any]) -> list[str]:
+    variants = [v for v in _shown_variants(summary) if not v["skipped"] and v["latency"]]
+    sizes = _batch_sizes(variants)
+    rows = ["| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for v in variants:
+        cells = [" / ".join(_ms(v["latency"][b][k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
+                 if b in v["latency"] else "—" for b in sizes]
+        rows.append(f"| `{v['name']}` | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _environment(summary: dict[str, Any]) -> list[str]:
+    env, training = summary["environment"], summary["training"]
+    device = env.get("device", "cpu")
+    cuda = "no CUDA" if env.get("cuda") in (None, "None") else f"CUDA {env['cuda']}"
+    lines = [f"- Runner: **{_text(env.get('device_name', device))}** (`{device}`); fp32 math "
+             f"`{env.get('fp32_precision', 'fp32')}` (torch matmul precision `{env.get('matmul_precision', '—')}`, "
+             f"cuDNN TF32 `{env.get('cudnn_tf32', 'n/a')}`)",
+             f"- Software: torch {env.get('torch', '—')} · onnxruntime {env.get('onnxruntime', '—')} · "
+             f"{cuda} · Python {env.get('python', '—')} · {_text(env.get('platform', '—'))}",
+             f"- Training: on `{training['device']}` × {training['world_size']}, "
+             f"precision {training.get('precision', 'fp32')}"]
+    if summary.get("timed_region"):
+        lines.append(f"- Timed region: {_text(summary['timed_region'], 400)}.")
+    cross = summary.get("cross_device")
+    if cross:
+        lines.append(f"- Cross-device difference (informational, gates nothing): torch fp32 on `{device}` vs "
+                     f"{_text(cross['reference'])}: max |Δlogit| {_sci(cross['max_abs_diff'])} "
+                     f"(fp32 tolerance {_sci(cross['tolerance'])}), argmax agreement {cross['argmax_agreement']:.2%}.")
+    return lines
+
+
+def _training(summary: dict[str, Any], flavor: Flavor) -> list[str]:
+    history, training = summary["training"]["history"], summary["training"]
+    lines = ["### Training", f"{len(history)} epochs, best epoch {training['best_epoch']}"
+             + (" (early stop)" if training["stopped_early"] else "")
+             + f", {training['seconds']:.1f} s on {training['device']} × {training['world_size']}"
+             + f", {training.get('precision', 'fp32')}.", ""]
+    if not flavor.html:     # the page has the same curves as PNGs
+        lines += [mermaid_line_chart("Loss per epoch (train, validation)", "epoch", "loss",
+                                     {"train": [h["train_loss"] for h in history],
+                                      "val": [h["val_loss"] for h in history]}), "",
+                  mermaid_line_chart("Validation accuracy per epoch", "epoch", "accuracy",
+                                     {"val": [h["val_accuracy"] for h in history]}), ""]
+    return lines
+
+
+def _latency_chart(summary: dict[str, Any]) -> list[str]:
+    bars = {v["name"]: v["latency"]["1"]["p50_ms"] for v in _shown_variants(summary)
+            if not v["skipped"] and "1" in (v["latency"] or {})}
+    if summary.get("production"):
+        bars["production"] = summary["production"]["latency"]["1"]["p50_ms"]
+    return ["### Latency", mermaid_bar_chart("p50 latency at batch 1 (ms)", "ms", bars), ""]
+
+
+def _render(summary: dict[str, Any], links: dict[str, str], flavor: Flavor) -> str:
+    env = summary["environment"]
+    lines = [MARKER.format(model=summary["model"]), _headline(summary, flavor), "",
              f"Job `{summary['job_id']}` · trigger `{summary['trigger']}`"
              + (f" · commit `{summary['sha'][:12]}`" if summary.get("sha") else "")
              + f" · variant `{summary['chosen_variant']}` · data `{summary['data_fingerprint']}`"
-             + f" · {summary['environment']['device']}", ""]
+             + f" · {_text(env.get('device_name', env['device']))} (`{env['device']}`)", ""]
     if links:
         lines += [" · ".join(f"[{name}]({url})" for name, url in links.items()), ""]
-    lines += ["### Candidate vs production", *_comparison_table(summary), "", "### Gate"]
-    lines += [f"- {c['line']}" for c in summary["gate"]["checks"][:30]]
+    lines += ["### Candidate vs production", *_comparison_table(summary), "", "### Gate", *_gate_lines(summary, flavor)]
     per_class = list(summary["metrics"]["per_class_f1"].items())[:MAX_CLASSES]
     lines += ["", f"Per-class F1 (candidate{', first ' + str(MAX_CLASSES) if len(per_class) == MAX_CLASSES else ''}):",
-              "", "| " + " | ".join(name for name, _ in per_class) + " |", "|" + "---:|" * len(per_class),
+              "", "| " + " | ".join(_text(name, 40) for name, _ in per_class) + " |", "|" + "---:|" * len(per_class),
               "| " + " | ".join(f"{score:.3f}" for _, score in per_class) + " |"]
-    lines += ["", "### Variants", *_variant_table(summary), "", f"Chosen: {summary['chosen_because']}.", ""]
-    lines += ["### Training", f"{len(history)} epochs, best epoch {summary['training']['best_epoch']}"
-              + (" (early stop)" if summary["training"]["stopped_early"] else "")
-              + f", {summary['training']['seconds']:.1f} s on {summary['training']['device']}"
-              + f" × {summary['training']['world_size']}.", "",
-              mermaid_line_chart("Loss per epoch (train, validation)", "epoch", "loss",
-                                 {"train": [h["train_loss"] for h in history],
-                                  "val": [h["val_loss"] for h in history]}), "",
-              mermaid_line_chart("Validation accuracy per epoch", "epoch", "accuracy",
-                                 {"val": [h["val_accuracy"] for h in history]}), ""]
-    bars = {v["name"]: v["latency"]["1"]["p50_ms"] for v in summary["variants"] if not v["skipped"]}
-    if summary.get("production"):
-        bars["production"] = summary["production"]["latency"]["1"]["p50_ms"]
-    lines += ["### Latency", mermaid_bar_chart("p50 latency at batch 1 (ms)", "ms", bars), ""]
-    text = "\n".join(lines)
+    lines += ["", "### Variants", *_variant_table(summary, flavor), "",
+              "Latency by batch size (ms, p50 / p95 / p99):", "", *_latency_by_batch(summary), "",
+              f"Chosen: {_text(summary['chosen_because'], 400)}.", ""]
+    lines += ["### Environment", *_environment(summary), ""]
+    lines += _training(summary, flavor)
+    if not flavor.html:     # the page shows the latency distributions as a PNG
+        lines += _latency_chart(summary)
+    return "\n".join(lines)
+
+
+def render_markdown(summary: dict[str, Any], links: dict[str, str] | None = None) -> str:
+    text = _render(summary, links or {}, GITHUB)
     if len(text) > COMMENT_LIMIT:   # cannot happen with the bounds above; kept as the last line of defence
         text = text[:COMMENT_LIMIT - 200] + "\n\n… report truncated; see the HTML report."
     return text
@@ -206,20 +371,35 @@ def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, 
     return figures
 
 
+PAGE_STYLE = (
+    "body{font-family:'DejaVu Sans',system-ui,sans-serif;max-width:1240px;margin:2em auto;padding:0 1em;"
+    "color:#1f2328;line-height:1.45}"
+    "h2{border-bottom:1px solid #d0d7de;padding-bottom:.3em}h3{margin-top:1.6em}"
+    "table{border-collapse:collapse;display:block;overflow-x:auto;font-size:12px;margin:.5em 0}"
+    "td,th{border:1px solid #d0d7de;padding:3px 6px}th{background:#f6f8fa;vertical-align:bottom}"
+    # numbers stay on one line; the last cell (a status or skip reason) wraps so the table fits the page
+    "td{white-space:nowrap}td:last-child{white-space:normal}"
+    "tr:nth-child(even) td{background:#fafbfc}code{background:#eff1f3;padding:0 4px;border-radius:4px}"
+    ".badge{display:inline-block;padding:1px 7px;border-radius:10px;color:#fff;font-size:12px;font-weight:bold;"
+    "letter-spacing:.03em}.badge.passed{background:#1a7f37}.badge.failed{background:#cf222e}"
+    ".badge.skipped{background:#6e7781}"
+    "img{max-width:100%}pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}"
+    "summary{cursor:pointer;font-weight:bold}")
+
+
 def render_html(summary: dict[str, Any], samples: dict[str, Any]) -> str:
     import markdown_it
 
     body = markdown_it.MarkdownIt("commonmark").enable("table").render(
-        "\n".join(line for line in render_markdown(summary).splitlines() if not line.startswith("<!--")))
+        "\n".join(line for line in _render(summary, {}, PAGE).splitlines() if not line.startswith("<!--")))
     plots = "".join(f'<h3>{html.escape(title)}</h3><img alt="{html.escape(title)}" src="{uri}">'
                     for title, uri in _plots(summary, samples))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "img{max-width:100%}pre{background:#f6f8fa;padding:8px;overflow:auto}")
+    # ensure_ascii keeps the gate lines' emoji out of the page as characters (they would be empty boxes)
+    raw = html.escape(json.dumps(summary, indent=2, default=str, ensure_ascii=True))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>mlgate {html.escape(summary['model'])} "
-            f"{html.escape(summary['job_id'])}</title><style>{style}</style></head><body>{body}"
-            f"<h2>Plots</h2>{plots}<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}"
-            "</pre></body></html>")
+            f"{html.escape(summary['job_id'])}</title><style>{PAGE_STYLE}</style></head><body>{body}"
+            f"<h2>Plots</h2>{plots}<h2>Summary</h2><details><summary>report.json</summary><pre>{raw}</pre></details>"
+            "</body></html>")
 
 
 def write_reports(summary: dict[str, Any], variants: list[Any], production: dict[str, Any] | None,

@@ -4,6 +4,8 @@ CUDA-trained version crossing to a CPU machine (and back). Skipped with the reas
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from automation.predictors import TorchPredictor, load_registered, predict
 from automation.train import train_model
 from models import digits_cnn, digits_mlp
 from models.datasets import digits
-from tests.conftest import fast_config, last_json, run_cli, write_config
+from tests.conftest import fast_config, last_json, write_config
+from triggers.cli import main
 from triggers.serving.server import ModelServer, create_serving_app
 
 pytestmark = pytest.mark.gpu
@@ -74,15 +77,24 @@ def test_every_gpu_variant_builds_matches_on_its_device_and_stays_quiet(cuda, tm
     assert "AUTOTUNE" not in err and "triton" not in err.lower(), err[-2000:]
 
 
-def _job(tmp_path: Path, capsys, device: str) -> Path:
+def _job(directory: Path, device: str) -> Path:
     config = fast_config(epochs=6)
-    del config["defaults"]["optimize"]    # every variant: the chosen one may be device-specific
+    if device == "cuda":
+        del config["defaults"]["optimize"]    # every variant: the chosen one may be a CUDA-only artifact
     config["defaults"]["device"] = {"type": device}
-    path = write_config(tmp_path, config)
-    code, out, _ = run_cli(capsys, "run", "--config", str(path), "--model", "digits_mlp", "--json")
-    summary = last_json(out)
+    path = write_config(directory, config)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["run", "--config", str(path), "--model", "digits_mlp", "--json"], standalone=False)
+    summary = last_json(out.getvalue())
     assert code == 0 and summary["promoted"] and summary["training"]["device"].startswith(device)
     return path
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """digits_mlp v1 trained on CUDA (every variant) and another v1 trained on the CPU."""
+    return {device: _job(tmp_path_factory.mktemp(f"trained-on-{device}"), device) for device in ("cuda", "cpu")}
 
 
 def _load_both_ways(path: Path, tmp_path: Path, cuda) -> tuple[np.ndarray, np.ndarray]:
@@ -98,16 +110,14 @@ def _load_both_ways(path: Path, tmp_path: Path, cuda) -> tuple[np.ndarray, np.nd
 
 
 @pytest.mark.parametrize("trained_on", ["cuda", "cpu"])
-def test_a_version_crosses_between_cuda_and_cpu_machines(trained_on: str, cuda, tmp_path: Path, capsys) -> None:
-    path = _job(tmp_path, capsys, trained_on)
-    gpu_logits, cpu_logits = _load_both_ways(path, tmp_path, cuda)
+def test_a_version_crosses_between_cuda_and_cpu_machines(trained_on: str, cuda, registries, tmp_path: Path) -> None:
+    gpu_logits, cpu_logits = _load_both_ways(registries[trained_on], tmp_path, cuda)
     assert (gpu_logits.argmax(1) == cpu_logits.argmax(1)).mean() > 0.99
     assert np.abs(gpu_logits - cpu_logits).max() < 0.1   # half precision is a legitimate choice here
 
 
-def test_serve_model_answers_on_cuda(cuda, tmp_path: Path, capsys) -> None:
-    path = _job(tmp_path, capsys, "cuda")
-    server = ModelServer(load_config(path), "digits_mlp")
+def test_serve_model_answers_on_cuda(cuda, registries) -> None:
+    server = ModelServer(load_config(registries["cuda"]), "digits_mlp")
     assert server.sync() and server.device.is_cuda
     with TestClient(create_serving_app(server)) as client:
         health = client.get("/healthz").json()

@@ -1,20 +1,26 @@
-"""The PR report: rendered from the summary of a real PR job (tests/fixtures/pr_summary.json: digits_mlp
-against a production version, with a gate that failed), checked the way GitHub will show it."""
+"""The PR report: rendered from the summary of a real PR job (tests/fixtures/pr_summary.json: digits_cnn
+on a CPU runner, against a production version, with a gate that failed), checked the way GitHub will show
+it, plus a CUDA-flavoured copy for what only a GPU runner reports, and the HTML page as a browser draws it."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from automation.report import COMMENT_LIMIT, render_markdown
+from automation.report import COMMENT_LIMIT, render_html, render_markdown
 from triggers.reporter import report_links, status_description
 
 SUMMARY = json.loads((Path(__file__).parent / "fixtures" / "pr_summary.json").read_text())
+EMOJI = ("\u2705", "\u274c", "\u23ed")     # ✅ ❌ ⏭ — no emoji font in headless Chromium: empty boxes
+SKIP_REASON = "TensorRT engine build failed: <IBuilder> returned null | see the build log"
+FALLBACK_REASON = "torch_aoti cannot run here (RuntimeError: package was built for cuda:0)"
 
 
 @pytest.fixture
@@ -26,6 +32,47 @@ def mermaid_blocks(text: str) -> list[str]:
     return re.findall(r"```mermaid\n(.*?)```", text, flags=re.S)
 
 
+def section(text: str, title: str) -> str:
+    return text.split(f"### {title}", 1)[1].split("\n### ", 1)[0]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert all(row.count("|") - row.count("\\|") == rows[0].count("|") for row in rows)   # a well-formed table
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+
+
+def cuda_summary() -> dict[str, Any]:
+    """The fixture as a GPU runner would report it: TF32, a cross-device check, a third batch size,
+    GPU memory kinds, a variant skipped with an awkward reason, and production served by its fallback."""
+    summary: dict[str, Any] = copy.deepcopy(SUMMARY)
+    summary["environment"] |= {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "cuda": "12.8",
+                               "torch": "2.13.0+cu128", "fp32_precision": "tf32", "matmul_precision": "high",
+                               "cudnn_tf32": "True"}
+    summary["cross_device"] = {"reference": "torch fp32 on cpu", "precision": "fp32", "max_abs_diff": 3.1e-4,
+                               "tolerance": 5.8e-3, "argmax_agreement": 1.0, "passed": True}
+    summary["training"] |= {"device": "cuda:0", "precision": "bf16 autocast"}
+    summary["production"] |= {"variant": "torch_aoti", "served_as": "torch_eager", "fallback_reason": FALLBACK_REASON}
+    for variant in summary["variants"]:
+        variant["device"] = "cuda:0"
+        if variant["latency"]:
+            stats = variant["latency"]["32"]
+            variant["latency"]["256"] = stats | {"batch_size": 256, "p50_ms": stats["p50_ms"] * 4,
+                                                 "throughput_per_s": stats["throughput_per_s"] * 2}
+            variant["memory_kind"] = "cuda_device_used" if variant["name"].startswith("onnx") else "cuda_peak_allocated"
+    onnx_cuda = next(v for v in summary["variants"] if v["name"] == "onnx_cuda")
+    onnx_cuda |= copy.deepcopy({k: v for k, v in summary["variants"][4].items() if k not in ("name", "device")})
+    tensorrt = next(v for v in summary["variants"] if v["name"] == "tensorrt_fp16")
+    tensorrt |= {"skipped": SKIP_REASON, "precision": "fp16", "build_seconds": 41.5}
+    return summary
+
+
+def samples_of(summary: dict[str, Any]) -> dict[str, list[float]]:
+    """Stand-ins for the timed calls the job keeps in memory: enough for the box plot."""
+    return {v["name"]: [v["latency"]["1"][k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms")]
+            for v in summary["variants"] if v["latency"]}
+
+
 def test_candidate_vs_production_table_has_deltas_and_the_interval(markdown: str) -> None:
     table = markdown.split("### Candidate vs production", 1)[1].split("###", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("|")]
@@ -35,7 +82,8 @@ def test_candidate_vs_production_table_has_deltas_and_the_interval(markdown: str
     accuracy = next(row for row in rows if row.startswith("| accuracy"))
     assert re.search(r"\| [+−-]\d+\.\d+ pts \(CI \[[+−-]\d+\.\d+, [+−-]\d+\.\d+\]\) \|$", accuracy)   # Δ and its CI
     assert {"p95 latency, batch 1 (ms)", "size (MB)", "macro-F1"} <= {r.split("|")[1].strip() for r in rows}
-    assert f"Production: version {SUMMARY['production']['version']}" in markdown
+    assert (f"Production: version {SUMMARY['production']['version']} (`onnx_fp32`, served as `onnx_fp32`)"
+            in markdown)
 
 
 def test_every_gate_check_has_its_mark_and_reason(markdown: str) -> None:
@@ -64,21 +112,140 @@ def test_mermaid_blocks_are_well_formed(markdown: str) -> None:
         assert re.search(r'y-axis "[^"]+" -?[\d.e+-]+ --> [\d.e+-]+', block)
 
 
-def test_links_variant_table_and_the_commit_status_line(markdown: str) -> None:
+def test_links_and_the_commit_status_line(markdown: str) -> None:
     assert f"[HTML report](https://mlgate.example/reports/{SUMMARY['job_id']})" in markdown
     assert f"[MLflow run](https://mlflow.example.com/#/experiments/{SUMMARY['experiment_id']}/runs/" in markdown
-    for variant in ("torch_eager", "onnx_fp32", "onnx_int8"):
-        assert f"| `{variant}` |" in markdown
     assert status_description(SUMMARY) == "gate failed: min accuracy"
 
 
+def test_every_variant_has_its_numbers_or_its_skip_reason(markdown: str) -> None:
+    header, _, *rows = table_rows(section(markdown, "Variants").split("\n\n", 1)[0])
+    assert header[:3] == ["variant", "device", "precision"] and "throughput b32 (/s)" in header
+    by_name = {row[0].strip("`"): dict(zip(header, row)) for row in rows}
+    assert list(by_name) == [v["name"] for v in SUMMARY["variants"]]
+    for variant in SUMMARY["variants"]:
+        row = by_name[variant["name"]]
+        assert (row["device"], row["precision"]) == (variant["device"], variant["precision"])
+        if variant["skipped"]:
+            assert row["status"] == f"⏭️ skipped: {variant['skipped']}" and row["p50 b1 (ms)"] == "—"
+            continue
+        assert row["p50 b1 (ms)"] == f"{variant['latency']['1']['p50_ms']:.3f}"
+        assert row["p99 b1 (ms)"] == f"{variant['latency']['1']['p99_ms']:.3f}"
+        assert row["throughput b32 (/s)"] == f"{variant['latency']['32']['throughput_per_s']:,.0f}"
+        assert row["memory (MB)"].endswith("(host RSS)") and row["accuracy"].endswith("%")
+        assert row["size (MB)"] == f"{variant['size_mb']:.3f}"
+        assert row["status"] == ("**chosen**" if variant["name"] == SUMMARY["chosen_variant"] else "built")
+    assert by_name["torch_eager"]["speedup b1 vs `torch_eager`"] == "1.00×"
+    assert re.fullmatch(r"\S+ ≤ \S+", by_name["onnx_fp32"]["parity max Δ vs tol"])     # fp32: gated by parity
+    assert by_name["onnx_int8"]["parity max Δ vs tol"].endswith("(info)")              # lossy: judged by accuracy
+
+
+def test_latency_by_batch_size_has_every_batch_size() -> None:
+    for summary, sizes in ((SUMMARY, ["1", "32"]), (cuda_summary(), ["1", "32", "256"])):
+        text = render_markdown(summary)
+        table = text.split("Latency by batch size (ms, p50 / p95 / p99):", 1)[1].split("\n\n", 2)[1]
+        header, _, *rows = table_rows(table)
+        assert header == ["variant"] + [f"batch {b}" for b in sizes]
+        built = [v for v in summary["variants"] if not v["skipped"]]
+        assert [row[0].strip("`") for row in rows] == [v["name"] for v in built]
+        for row, variant in zip(rows, built):
+            for cell, size in zip(row[1:], sizes):
+                stats = variant["latency"][size]
+                assert cell == " / ".join(f"{stats[k]:.3f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
+        assert f"throughput b{sizes[-1]} (/s)" in text
+
+
+def test_environment_on_a_cpu_runner(markdown: str) -> None:
+    env = section(markdown, "Environment")
+    assert "**x86_64** (`cpu`); fp32 math `fp32` (torch matmul precision `highest`, cuDNN TF32 `n/a`)" in env
+    assert "torch 2.13.0+cpu · onnxruntime 1.32.0 · no CUDA · Python 3.11.7" in env
+    assert "Training: on `cpu` × 1, precision fp32" in env
+    assert f"Timed region: {SUMMARY['timed_region']}." in env
+    assert "Cross-device" not in env                     # nothing to compare on a CPU runner
+
+
+def test_environment_fallback_and_skip_reasons_on_a_gpu_runner() -> None:
+    summary = cuda_summary()
+    text = render_markdown(summary)
+    env = section(text, "Environment")
+    assert ("**NVIDIA H100 80GB HBM3** (`cuda:0`); fp32 math `tf32` (torch matmul precision `high`, "
+            "cuDNN TF32 `True`)") in env
+    assert "CUDA 12.8" in env and "Training: on `cuda:0` × 1, precision bf16 autocast" in env
+    assert ("Cross-device difference (informational, gates nothing): torch fp32 on `cuda:0` vs torch fp32 on cpu: "
+            "max |Δlogit| 3.1e-04 (fp32 tolerance 5.8e-03), argmax agreement 100.00%.") in env
+    assert ("Production: version 1 (`torch_aoti`, served here by its fallback `torch_eager` because "
+            f"{FALLBACK_REASON})") in text
+    rows = {row[0].strip("`"): row for row in table_rows(section(text, "Variants").split("\n\n", 1)[0])[2:]}
+    # the reason is escaped, not dropped: `<…>` would vanish as a tag on GitHub, `|` would split the cell
+    assert rows["tensorrt_fp16"][-1] == ("⏭️ skipped: TensorRT engine build failed: &lt;IBuilder&gt; returned null "
+                                         "\\| see the build log")
+    assert rows["tensorrt_fp16"][2:4] == ["fp16", "41.5"]      # a failed build's time is shown
+    assert rows["onnx_cuda"][1] == "cuda:0" and rows["onnx_cuda"][12].endswith("(GPU used)")
+    assert rows["torch_eager"][12].endswith("(GPU peak)")
+
+
 def test_size_stays_under_githubs_comment_limit_by_construction() -> None:
-    huge: dict[str, Any] = copy.deepcopy(SUMMARY)
+    huge: dict[str, Any] = cuda_summary()
     huge["metrics"]["per_class_f1"] = {f"class_{i:04d}": 0.5 for i in range(5000)}
     huge["training"]["history"] = huge["training"]["history"] * 500
     huge["gate"]["checks"] = huge["gate"]["checks"] * 200
+    for variant in huge["variants"]:
+        if variant["latency"]:
+            variant["latency"] |= {str(b): variant["latency"]["32"] for b in range(64, 64 * 40, 64)}
+        else:
+            variant["skipped"] = "x" * 5000
     huge["variants"] = huge["variants"] * 50
+    huge["production"]["fallback_reason"] = "y" * 5000
     text = render_markdown(huge, report_links(huge, "https://mlgate.example"))
     assert len(text) < COMMENT_LIMIT
     assert "… report truncated" not in text      # bounded by construction, not cut at the end
     assert len(mermaid_blocks(text)) == 3
+    assert "more variants in report.json" in text
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_html_has_no_mermaid_source_and_no_emoji(flavour: str) -> None:
+    summary = SUMMARY if flavour == "cpu" else cuda_summary()
+    page = render_html(summary, samples_of(summary))
+    assert "```mermaid" not in page and "xychart-beta" not in page            # the PNG plots stand in
+    assert not [mark for mark in EMOJI if mark in page]
+    assert len(mermaid_blocks(render_markdown(summary))) == 3                  # GitHub still gets the charts
+    assert page.count("<img ") == 3 and "data:image/png;base64," in page
+    # the gate list is built from each check's fields, with a text badge for its status
+    for check in summary["gate"]["checks"]:
+        badge = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check["status"]]
+        assert f'<span class="badge {check["status"]}">{badge}</span> <strong>{check["name"]}</strong>' in page
+        assert check["reason"] in page
+    assert '<span class="badge failed">gate failed</span>' in page
+    for variant in summary["variants"]:
+        assert f"<code>{variant['name']}</code>" in page
+    if flavour == "cuda":
+        assert ('<span class="badge skipped">skipped</span> TensorRT engine build failed: &lt;IBuilder&gt; '
+                "returned null | see the build log") in page
+        assert "gates nothing" in page and "NVIDIA H100 80GB HBM3" in page
+
+
+def screenshot(page: Path, png: Path, profile: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
+                             "--window-size=1200,2400", f"--screenshot={png}", page.as_uri()],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_html_report_renders_in_a_browser(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    summary = cuda_summary()
+    page, png = tmp_path / "report.html", tmp_path / "report.png"
+    page.write_text(render_html(summary, samples_of(summary)), encoding="utf-8")
+    screenshot(page, png, tmp_path / "chromium")
+    assert png.stat().st_size > 100_000                    # a page of tables and plots, not a blank one
+    pixels = imread(png)
+    assert pixels.shape[:2] == (2400, 1200)
+    drawn = (pixels[..., :3].min(axis=2) < 0.9).any(axis=1)    # rows with anything on them
+    assert drawn[:1200].mean() > 0.5 and drawn[1200:].mean() > 0.5     # text, tables and plots down the page
