@@ -189,3 +189,38 @@ def test_unreachable_tracking_server_exits_1_with_one_line(config_path: Path, ca
     lines = error_lines(err)
     assert lines[0].startswith("Error: MLflow tracking store at http://") and "unreachable" in lines[0]
     assert "s3cret" not in err and "Traceback" not in err
+
+
+def test_a_device_specific_artifact_is_served_by_its_portable_form_elsewhere(tmp_path: Path, capsys,
+                                                                            monkeypatch) -> None:
+    """An AOTInductor package only runs on the device it was compiled for. A version whose package was
+    built on a GPU runner still loads on a CPU machine: through the torch model logged beside it."""
+    import numpy as np
+
+    from automation import optimize
+    from automation.device import CPU
+    from automation.predictors import AotiPredictor, load_registered, predict
+    from models.datasets import digits
+    from tests.conftest import fast_config
+
+    real_choose = optimize.choose_variant
+
+    def choose_aoti(variants, tolerance, batch_size):   # the registry path is the subject, not the choice
+        real_choose(variants, tolerance, batch_size)
+        return next(v for v in variants if v.name == "torch_aoti"), "forced by the test"
+
+    monkeypatch.setattr(optimize, "choose_variant", choose_aoti)
+    config = fast_config(epochs=6)
+    config["defaults"]["optimize"]["variants"] = ["torch_eager", "torch_aoti"]
+    path = write_config(tmp_path, config)
+    code, out, _ = run_cli(capsys, "run", "--config", str(path), "--model", "digits_mlp", "--json")
+    assert code == 0 and last_json(out)["chosen_variant"] == "torch_aoti"
+    client, _ = _state(path)
+    native = load_registered(client, "digits_mlp", "1", tmp_path / "native", CPU)
+    assert native.served_as == "torch_aoti" and isinstance(native.predictor, AotiPredictor)
+    assert native.fallback_reason is None
+    client.set_model_version_tag("digits_mlp", "1", "mlgate.device", "cuda:0")   # as a GPU runner tags it
+    elsewhere = load_registered(client, "digits_mlp", "1", tmp_path / "elsewhere", CPU)
+    assert elsewhere.served_as == "torch_eager" and "compiled for cuda:0" in elsewhere.fallback_reason
+    x = digits(seed=0).x_test
+    assert np.abs(predict(native.predictor, x) - predict(elsewhere.predictor, x)).max() < 1e-3
