@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import FAST_CONFIG, wait_for, webhook_examples  # noqa: E402
 from triggers.local_broker import TansuBroker, free_port  # noqa: E402
-from triggers.webhooks import sign  # noqa: E402
+from triggers.intake.webhooks import sign  # noqa: E402
 
 SECRET = "bench-secret"
 
@@ -126,8 +126,8 @@ def drift_benchmark(events: int, rate: int, workdir: Path) -> None:
 
     from automation.config import parse_config
     from automation.store import open_store
-    from triggers import drift
-    from triggers.drift_consumer import DriftConsumer, publish
+    from triggers.intake import drift
+    from triggers.intake.drift_consumer import DriftConsumer, publish
 
     logging.disable(logging.INFO)
     config = parse_config(yaml.safe_dump(FAST_CONFIG), "mlgate.yaml", workdir)

@@ -117,10 +117,11 @@ def clean_tables(db_url: str) -> None:
     from sqlalchemy import delete
 
     from automation.store import open_store
-    from triggers import drift, intake, queue
+    from triggers import queue
+    from triggers.intake import deliveries, drift
 
     with open_store(db_url).begin() as conn:
-        for table in (intake.Delivery, drift.DriftRecord, queue.Job):
+        for table in (deliveries.Delivery, drift.DriftRecord, queue.Job):
             conn.execute(delete(table))
 
 

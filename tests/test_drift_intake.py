@@ -19,9 +19,10 @@ from automation.config import MlgateConfig, parse_config
 from automation.store import open_store
 from tests.conftest import FAST_CONFIG, clean_tables, wait_for
 from triggers.local_broker import TansuBroker
-from triggers import drift, queue
+from triggers import queue
+from triggers.intake import drift
 from triggers.app import ServiceState, create_app
-from triggers.drift_consumer import DriftConsumer, publish
+from triggers.intake.drift_consumer import DriftConsumer, publish
 from triggers.metrics import ServiceMetrics
 
 NOW = datetime.now(timezone.utc)

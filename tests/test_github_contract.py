@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import fast_config, last_json, wait_for, write_config
 from triggers.local_broker import free_port
-from triggers.github_api import GitHubSource, GitHubUnavailable
+from triggers.github.api import GitHubSource, GitHubUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "node_modules" / "@octokit" / "openapi" / "generated" / "api.github.com.json"

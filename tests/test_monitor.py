@@ -12,7 +12,7 @@ import pytest
 from automation.config import load_config
 from tests.conftest import error_lines, fast_config, last_json, run_cli, write_config
 from triggers.local_broker import TansuBroker
-from triggers.drift import parse_event
+from triggers.intake.drift import parse_event
 from triggers.monitor import feature_names
 
 pytestmark = pytest.mark.slow

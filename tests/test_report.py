@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from automation.report import COMMENT_LIMIT, render_html, render_markdown
-from triggers.reporter import report_links, status_description
+from triggers.github.reporter import report_links, status_description
 
 SUMMARY = json.loads((Path(__file__).parent / "fixtures" / "pr_summary.json").read_text())
 EMOJI = ("\u2705", "\u274c", "\u23ed")     # ✅ ❌ ⏭ — no emoji font in headless Chromium: empty boxes

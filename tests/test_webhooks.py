@@ -14,12 +14,13 @@ from fastapi.testclient import TestClient
 from automation.config import parse_config
 from automation.store import open_store
 from tests.conftest import FAST_CONFIG, clean_tables, webhook_examples
-from triggers import intake, queue
-from triggers.changes import affected_models
-from triggers.github_api import GitHubSource
+from triggers import queue
+from triggers.intake import deliveries
+from triggers.intake.changes import affected_models
+from triggers.github.api import GitHubSource
 from triggers.metrics import ServiceMetrics
 from triggers.app import ServiceState, create_app
-from triggers.webhooks import sign
+from triggers.intake.webhooks import sign
 
 SECRET = "s3cret-for-tests"
 
@@ -70,13 +71,13 @@ def test_missing_or_wrong_signature_is_refused_and_nothing_recorded(client: Test
     response = client.post("/webhooks/github", content=tampered + b" ", headers={
         "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-1", "X-Hub-Signature-256": sign(SECRET, tampered)})
     assert response.status_code == 401
-    assert jobs(service) == [] and intake.list_deliveries(service.engine) == []
+    assert jobs(service) == [] and deliveries.list_deliveries(service.engine) == []
 
 
 def test_ping_is_answered_and_recorded(client: TestClient, service: ServiceState) -> None:
     response = deliver(client, "ping", webhook_examples("ping")[0], delivery="ping-1")
     assert response.status_code == 200 and response.json()["status"] == "ignored"
-    assert intake.get_delivery(service.engine, "ping-1").reason.startswith("ping")
+    assert deliveries.get_delivery(service.engine, "ping-1").reason.startswith("ping")
 
 
 def test_malformed_body_is_a_400_and_nothing_recorded(client: TestClient, service: ServiceState) -> None:
@@ -86,7 +87,7 @@ def test_malformed_body_is_a_400_and_nothing_recorded(client: TestClient, servic
     response = deliver(client, "push", no_repository)
     assert response.status_code == 400 and "repository" in response.json()["error"]
     assert deliver(client, "push", None, body=b"[1, 2]").status_code == 400
-    assert jobs(service) == [] and intake.list_deliveries(service.engine) == []
+    assert jobs(service) == [] and deliveries.list_deliveries(service.engine) == []
 
 
 def test_push_touching_one_model_retrains_only_that_model(client: TestClient, service: ServiceState) -> None:
@@ -96,7 +97,7 @@ def test_push_touching_one_model_retrains_only_that_model(client: TestClient, se
     [job] = jobs(service)
     assert (job.model, job.kind, job.trigger, job.sha) == ("digits_mlp", "retrain", "push", payload["after"])
     assert response.json()["jobs"] == [job.id]
-    assert "models/digits_mlp.py changed" in intake.get_delivery(service.engine, "push-1").reason
+    assert "models/digits_mlp.py changed" in deliveries.get_delivery(service.engine, "push-1").reason
 
 
 def test_duplicate_delivery_is_acknowledged_without_a_second_job(client: TestClient,
@@ -113,7 +114,7 @@ def test_push_touching_no_model_makes_no_job_and_says_why(client: TestClient, se
     response = deliver(client, "push", push_to_default(["README.md", "docs/intro.md"]), delivery="docs")
     assert response.status_code == 200 and response.json()["status"] == "no_models"
     assert jobs(service) == []
-    assert "no changed file belongs to a model" in intake.get_delivery(service.engine, "docs").reason
+    assert "no changed file belongs to a model" in deliveries.get_delivery(service.engine, "docs").reason
 
 
 def test_push_touching_shared_code_retrains_every_model(client: TestClient, service: ServiceState) -> None:
@@ -143,7 +144,7 @@ def test_other_events_are_acknowledged_and_recorded(client: TestClient, service:
     star = webhook_examples("star")[0]
     response = deliver(client, "star", star, delivery="star")
     assert response.status_code == 200 and "does not start jobs" in response.json()["reason"]
-    assert jobs(service) == [] and len(intake.list_deliveries(service.engine)) == 2
+    assert jobs(service) == [] and len(deliveries.list_deliveries(service.engine)) == 2
 
 
 def test_pr_opened_then_synchronize_supersedes_the_queued_job(client: TestClient, service: ServiceState,
@@ -159,7 +160,7 @@ def test_pr_opened_then_synchronize_supersedes_the_queued_job(client: TestClient
     assert jobs(service) == []          # the request never waits for the GitHub API
     # the planner asks GitHub for the PR's files; here the API is unreachable, so every model is evaluated
     monkeypatch.setenv("GITHUB_API_URL", "http://127.0.0.1:9")
-    assert intake.plan_pending(service.engine, service.config, GitHubSource.from_env()) == 2
+    assert deliveries.plan_pending(service.engine, service.config, GitHubSource.from_env()) == 2
     by_sha = {(j.sha, j.model): j for j in jobs(service)}
     assert len(by_sha) == 4
     old_sha = opened["pull_request"]["head"]["sha"]
@@ -167,7 +168,7 @@ def test_pr_opened_then_synchronize_supersedes_the_queued_job(client: TestClient
     assert {by_sha[("b" * 40, m)].state for m in ("digits_mlp", "digits_cnn")} == {"queued"}
     new = by_sha[("b" * 40, "digits_mlp")]
     assert (new.kind, new.trigger, new.pr) == ("evaluate", "pr", opened["number"])
-    reasons = [d.reason for d in intake.list_deliveries(service.engine)]
+    reasons = [d.reason for d in deliveries.list_deliveries(service.engine)]
     assert all("evaluating every model" in r for r in reasons)
 
 

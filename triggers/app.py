@@ -21,10 +21,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from sqlalchemy import Engine, text
 
 from automation.config import MlgateConfig
-from triggers import drift, intake, queue
+from triggers import queue
 from triggers.dashboard import DASHBOARD_HTML
+from triggers.intake import deliveries, drift
+from triggers.intake.webhooks import BadPayload, signature_ok
 from triggers.metrics import ServiceMetrics
-from triggers.webhooks import BadPayload, signature_ok
 
 log = logging.getLogger(__name__)
 RESULT_SIGNATURE_HEADER = "X-Mlgate-Signature-256"
@@ -49,7 +50,7 @@ def create_app(state: ServiceState) -> FastAPI:
     app = FastAPI(title="mlgate", description="Event-driven GitOps automation for deep-learning models.")
     app.state.mlgate = state
     events = state.metrics.events
-    recorder = intake.GroupCommitRecorder(state.engine, state.config)
+    recorder = deliveries.GroupCommitRecorder(state.engine, state.config)
     state.components["delivery-writer"] = recorder
 
     @app.post("/webhooks/github", summary="GitHub webhook receiver (push, pull_request, ping)")
@@ -65,7 +66,7 @@ def create_app(state: ServiceState) -> FastAPI:
             events.labels("github", event or "unknown", "bad_request").inc()
             return _error(400, "missing X-GitHub-Event or X-GitHub-Delivery header")
         try:
-            item = intake.Incoming.parse(state.config, delivery_id, event, json.loads(body))
+            item = deliveries.Incoming.parse(state.config, delivery_id, event, json.loads(body))
         except (ValueError, BadPayload) as exc:   # json.JSONDecodeError is a ValueError
             events.labels("github", event, "bad_payload").inc()
             return _error(400, f"malformed {event} payload: {exc}")
@@ -130,7 +131,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.get("/deliveries", summary="Recent webhook deliveries and what they decided")
     def list_deliveries(limit: int = 50) -> list[dict[str, Any]]:
-        return [d.as_dict() for d in intake.list_deliveries(state.engine, min(limit, 500))]
+        return [d.as_dict() for d in deliveries.list_deliveries(state.engine, min(limit, 500))]
 
     @app.get("/drift-events", summary="Recent drift events and what they decided")
     def list_drift_events(limit: int = 50) -> list[dict[str, Any]]:

@@ -140,7 +140,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
     from automation.errors import GateFailed, MlgateError
     from automation.job import JobRequest, run_job
     from automation.progress import JobProgress
-    from triggers.reporter import GitHubReporter
+    from triggers.github.reporter import GitHubReporter
 
     reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
     overrides = {"extra_train": os.path.abspath(args.extra_train)} if args.extra_train else {}

@@ -163,7 +163,7 @@ def publish_event(event: dict[str, Any], topic: str, bootstrap: str | None, post
     """To Kafka (when there are brokers) and/or HTTP POST to the service; returns where it went."""
     sent = []
     if bootstrap:
-        from triggers.drift_consumer import publish
+        from triggers.intake.drift_consumer import publish
 
         publish(bootstrap, topic, [event])
         sent.append(f"kafka:{bootstrap}")
@@ -180,7 +180,7 @@ def publish_event(event: dict[str, Any], topic: str, bootstrap: str | None, post
 def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,
                 kafka_bootstrap: str | None = None, post_url: str | None = None,
                 publish: bool = True) -> dict[str, Any]:
-    from triggers.drift import make_event
+    from triggers.intake.drift import make_event
 
     policy = config.model(model).drift
     window = load_window(current, policy.window_rows)

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from automation.config import MlgateConfig
 from automation.errors import UsageError
 from triggers.app import ServiceState, create_app
-from triggers.github_api import GitHubSource
+from triggers.github.api import GitHubSource
 from triggers.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
 
 
 def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Event) -> None:
-    from triggers.intake import plan_pending
+    from triggers.intake.deliveries import plan_pending
 
     while not stop.is_set():
         try:
@@ -67,7 +67,7 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
 def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
-    from triggers.drift_consumer import DriftConsumer
+    from triggers.intake.drift_consumer import DriftConsumer
     from triggers.worker import Worker
 
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
@@ -107,7 +107,8 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     import uvicorn
 
     from automation import store
-    from triggers import drift, intake, queue  # noqa: F401  (their tables)
+    from triggers import queue  # noqa: F401  (their tables)
+    from triggers.intake import deliveries, drift  # noqa: F401
 
     secret = webhook_secret_from_env()
     engine = store.open_store(store.database_url(config.workdir))

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
-from triggers.github_api import GitHubSource
+from triggers.github.api import GitHubSource
 from triggers.queue import CLAIM_LOCK, insert_jobs, job_row
-from triggers.webhooks import Plan, plan_event
+from triggers.intake.webhooks import Plan, plan_event
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from automation.report import MARKER, render_markdown
-from triggers.github_api import GitHubSource, GitHubUnavailable
+from triggers.github.api import GitHubSource, GitHubUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from automation.config import MlgateConfig
-from triggers.changes import CONFIG_FILE, Affected, affected_models
-from triggers.github_api import GitHubSource, GitHubUnavailable
+from triggers.intake.changes import CONFIG_FILE, Affected, affected_models
+from triggers.github.api import GitHubSource, GitHubUnavailable
 
 PR_ACTIONS = ("opened", "synchronize", "reopened")
 MAX_WEBHOOK_COMMITS = 20   # GitHub lists at most 20 commits in a push payload

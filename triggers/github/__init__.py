@@ -1,0 +1,1 @@
+"""GitHub: the API reads and writes (api.py) and the job reporter (reporter.py)."""
