@@ -133,6 +133,10 @@ class ServiceConfig(Strict):
     # a push touching any of these retrains every model (models/<name>.py files belong to their model)
     shared_paths: list[str] = ["automation/", "models/", "pyproject.toml"]
     kafka: KafkaConfig = KafkaConfig()
+    # where a drift event's data_ref may point: absolute paths, file:// or other URI prefixes (s3://bucket/x/).
+    # Anything else is refused before it is recorded; empty (the default): no event may name data.
+    data_roots: list[str] = []
+    replay_window_hours: PositiveFloat = 72        # a signed webhook body seen within this is not enqueued again
 
 
 class ReportingConfig(Strict):

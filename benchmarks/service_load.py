@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import FAST_CONFIG, wait_for, webhook_examples  # noqa: E402
 from triggers.local_broker import TansuBroker, free_port  # noqa: E402
-from triggers.intake.webhooks import sign  # noqa: E402
+from triggers.request_guard import sign  # noqa: E402
 
 SECRET = "bench-secret"
 

@@ -121,7 +121,7 @@ def clean_tables(db_url: str) -> None:
     from triggers.intake import deliveries, drift
 
     with open_store(db_url).begin() as conn:
-        for table in (deliveries.Delivery, drift.DriftRecord, queue.Job):
+        for table in (deliveries.Delivery, deliveries.SeenBody, drift.DriftRecord, queue.Job):
             conn.execute(delete(table))
 
 

@@ -24,6 +24,7 @@ from triggers.intake import drift
 from triggers.app import ServiceState, create_app
 from triggers.intake.drift_consumer import DriftConsumer, publish
 from triggers.metrics import ServiceMetrics
+from triggers.request_guard import sign
 
 NOW = datetime.now(timezone.utc)
 
@@ -31,6 +32,7 @@ NOW = datetime.now(timezone.utc)
 def make_config(tmp_path: Path, **drift_policy: Any) -> MlgateConfig:
     raw = copy.deepcopy(FAST_CONFIG)
     raw["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 30} | drift_policy
+    raw["service"] = {"data_roots": ["/data", "s3://drift-bucket/windows/"]}
     return parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path)
 
 
@@ -71,7 +73,7 @@ def test_burst_coalesces_into_one_job_with_the_newest_data(engine: Any, tmp_path
     assert payload["data_ref"] == "/data/window-19.npz" and payload["coalesced"] == 19
     # still coalesced while the job runs; a running job keeps the data it started with
     running = queue.claim(engine, "w1")
-    assert decide(engine, config, event(data_ref="/late.npz"))[0].job_id == running.id
+    assert decide(engine, config, event(data_ref="/data/late.npz"))[0].job_id == running.id
     assert queue.get_job(engine, running.id).as_dict()["payload"]["data_ref"] == "/data/window-19.npz"
 
 
@@ -94,20 +96,66 @@ def test_same_event_id_is_recorded_once(engine: Any, tmp_path: Path) -> None:
     assert len(queue.list_jobs(engine)) == 1
 
 
+DRIFT_SECRET, DRIFT_TOKEN = "drift-hmac-secret", "drift-bearer-token"
+
+
+def drift_client(engine: Any, config: MlgateConfig, **credentials: str) -> TestClient:
+    state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine),
+                         **({"drift_secret": DRIFT_SECRET, "drift_token": DRIFT_TOKEN} | credentials))
+    return TestClient(create_app(state))
+
+
+def post_signed(client: TestClient, body: Any, secret: str = DRIFT_SECRET) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post("/events/drift", content=raw, headers={"X-Mlgate-Signature-256": sign(secret, raw),
+                                                              "Content-Type": "application/json"})
+
+
 def test_http_drift_intake_validates_and_decides(engine: Any, tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine))
-    client = TestClient(create_app(state))
-    response = client.post("/events/drift", json=event(share=0.9))
+    client = drift_client(engine, config)
+    response = post_signed(client, event(share=0.9))
     assert response.status_code == 202 and response.json()["outcome"] == "job"
     bad = event()
     bad["data"]["drift_share"] = 1.5
-    response = client.post("/events/drift", json=bad)
+    response = post_signed(client, bad)
     assert response.status_code == 400 and "data.drift_share" in response.json()["error"]
-    response = client.post("/events/drift", json=event(model="resnet_nope"))
+    response = post_signed(client, event(model="resnet_nope"))
     assert response.status_code == 422 and "unknown model 'resnet_nope'" in response.json()["error"]
-    assert client.post("/events/drift", content=b"{not json").status_code == 400
+    assert post_signed(client, b"{not json").status_code == 400
+    by_token = client.post("/events/drift", json=event(model="digits_cnn"),
+                           headers={"Authorization": f"Bearer {DRIFT_TOKEN}"})
+    assert by_token.status_code == 202
+    assert sorted(e.outcome for e in drift.list_drift_events(engine)) == ["job", "job"]
+
+
+def test_http_drift_intake_refuses_outsiders_before_recording_anything(engine: Any, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    client = drift_client(engine, config)
+    assert client.post("/events/drift", json=event(share=0.9)).status_code == 401          # no credential
+    assert post_signed(client, event(share=0.9), secret="guessed").status_code == 401
+    assert client.post("/events/drift", json=event(), headers={"Authorization": "Bearer guessed"}).status_code == 401
+    signed = json.dumps(event(share=0.9)).encode()
+    tampered = client.post("/events/drift", content=signed.replace(b"0.9", b"1.0"),
+                           headers={"X-Mlgate-Signature-256": sign(DRIFT_SECRET, signed)})
+    assert tampered.status_code == 401
+    # a hostile data_ref is refused with a 4xx before it is recorded, whatever its disguise
+    for ref in ("/etc/passwd", "/data/../etc/shadow", "file:///etc/passwd", "relative/window.npz",
+                "file://attacker.example/data/x.npz", "s3://drift-bucket/other/x.npz", "s3://drift-bucket/windows/../x"):
+        response = post_signed(client, event(share=0.9, data_ref=ref))
+        assert response.status_code == 400 and "data_ref" in response.json()["error"], (ref, response.text)
+    accepted = post_signed(client, event(share=0.9, data_ref="file:///data/window-7.npz"))
+    assert accepted.status_code == 202
+    assert queue.get_job(engine, accepted.json()["job_id"]).as_dict()["payload"]["data_ref"] == \
+        "file:///data/window-7.npz"
+    # an oversized body is refused by its declared length, before it is read or authenticated
+    huge = client.post("/events/drift", content=b"x" * (65 * 1024), headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
     assert [e.outcome for e in drift.list_drift_events(engine)] == ["job"]
+    # with no credential configured, HTTP drift intake is off rather than open
+    closed = drift_client(engine, config, drift_secret="", drift_token="")
+    assert closed.post("/events/drift", json=event(share=0.9)).status_code == 403
+    assert len(drift.list_drift_events(engine)) == 1
 
 
 # --- Kafka ------------------------------------------------------------------------------------
@@ -156,20 +204,22 @@ def test_kafka_consumer_records_each_event_once_and_dead_letters_bad_ones(
     producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
     producer.send(config.service.kafka.topic, b"{this is not json")
     producer.send(config.service.kafka.topic, json.dumps(event(model="unknown_model")).encode())
+    producer.send(config.service.kafka.topic, json.dumps(event(data_ref="/etc/passwd")).encode())
     for body in good + [good[0]]:                                   # the last one is a redelivery
         producer.send(config.service.kafka.topic, json.dumps(body).encode())
     producer.flush()
     running = RunningConsumer(config, sqlite_engine, kafka_broker.bootstrap)
     try:
-        assert wait_for(lambda: running.consumer.stats.consumed == 6, 60), running.consumer.stats
+        assert wait_for(lambda: running.consumer.stats.consumed == 7, 60), running.consumer.stats
     finally:
         running.stop()
     outcomes = {r.id: r.outcome for r in recorded(sqlite_engine)}
     assert outcomes == {good[0]["id"]: "job", good[1]["id"]: "below_threshold", good[2]["id"]: "job"}
     assert running.consumer.stats.duplicates == 1 and len(queue.list_jobs(sqlite_engine)) == 2
-    dead = read_topic(kafka_broker.bootstrap, config.service.kafka.dead_letter_topic, 2)
+    dead = read_topic(kafka_broker.bootstrap, config.service.kafka.dead_letter_topic, 3)
     reasons = sorted(dict(r.headers)["mlgate.error"].decode() for r in dead)
-    assert reasons[0].startswith("not JSON") and reasons[1].startswith("unknown model 'unknown_model'")
+    assert reasons[0] == "data_ref '/etc/passwd' is outside the configured data roots"
+    assert reasons[1].startswith("not JSON") and reasons[2].startswith("unknown model 'unknown_model'")
     assert b"{this is not json" in {r.value for r in dead}           # the original bytes, kept for replay
 
 

@@ -24,7 +24,7 @@ from tests.conftest import fast_config, wait_for, webhook_examples
 from triggers.local_broker import TansuBroker, free_port
 from triggers.intake.drift import make_event
 from triggers.intake.drift_consumer import publish
-from triggers.intake.webhooks import sign
+from triggers.request_guard import sign
 
 SECRET = "e2e-secret"
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from triggers.intake.changes import affected_models
 from triggers.github.api import GitHubSource
 from triggers.metrics import ServiceMetrics
 from triggers.app import ServiceState, create_app
-from triggers.intake.webhooks import sign
+from triggers.request_guard import sign
 
 SECRET = "s3cret-for-tests"
 
@@ -214,3 +214,38 @@ def test_runner_reports_its_result_signed(client: TestClient, service: ServiceSt
     garbage = b'{"summary": {}}'
     assert client.post(url, content=garbage, headers={"X-Mlgate-Signature-256": sign(SECRET, garbage)}
                        ).status_code == 400
+
+
+def test_a_replayed_signed_body_under_new_delivery_ids_makes_no_new_job(client: TestClient,
+                                                                        service: ServiceState) -> None:
+    body = json.dumps(push_to_default(["models/digits_mlp.py"])).encode()
+    first = deliver(client, "push", None, body=body, delivery="original")
+    assert first.status_code == 202 and len(first.json()["jobs"]) == 1
+    for i in range(5):   # X-GitHub-Delivery is not signed: an attacker can pick new ones at will
+        replay = deliver(client, "push", None, body=body, delivery=f"forged-{i}")
+        assert replay.status_code == 200 and replay.json()["jobs"] == []
+        assert replay.json()["reason"] == "replay: the same signed body arrived as delivery original"
+    assert len(jobs(service)) == 1
+    redelivery = deliver(client, "push", None, body=body, delivery="original")   # GitHub's redelivery
+    assert redelivery.json()["duplicate"] is True and len(jobs(service)) == 1
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(client: TestClient, service: ServiceState) -> None:
+    huge = b"{" + b" " * (25 * 1024 * 1024) + b"}"
+    response = client.post("/webhooks/github", content=huge, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": "big", "X-Hub-Signature-256": sign(SECRET, huge)})
+    assert response.status_code == 413 and deliveries.list_deliveries(service.engine) == []
+
+
+def test_outsiders_cannot_grow_the_metric_label_set(client: TestClient) -> None:
+    for i in range(30):
+        deliver(client, f"made-up-event-{i}", {"zen": "x"}, secret="wrong")
+    text = client.get("/metrics").text
+    assert "made-up-event" not in text
+    assert 'mlgate_events_total{outcome="bad_signature",source="github",type="other"} 30.0' in text
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "501", "many"])
+def test_list_limits_are_validated(client: TestClient, limit: str) -> None:
+    for path in ("/jobs", "/deliveries", "/drift-events"):
+        assert client.get(path, params={"limit": limit}).status_code == 422

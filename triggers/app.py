@@ -24,11 +24,17 @@ from automation.config import MlgateConfig
 from triggers import queue
 from triggers.dashboard import DASHBOARD_HTML
 from triggers.intake import deliveries, drift
-from triggers.intake.webhooks import BadPayload, signature_ok
+from triggers.intake.webhooks import BadPayload
 from triggers.metrics import ServiceMetrics
+from triggers.request_guard import (EVENT_LIMIT, RESULT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyTooLarge, bearer_ok,
+                                    read_body, signature_ok)
 
 log = logging.getLogger(__name__)
-RESULT_SIGNATURE_HEADER = "X-Mlgate-Signature-256"
+RESULT_SIGNATURE_HEADER = SIGNATURE_HEADER
+# metric labels come from this fixed set: a header value an outsider picks never becomes a new series
+KNOWN_EVENTS = frozenset({"push", "pull_request", "ping", "issue_comment", "installation", "check_run",
+                          "check_suite", "workflow_run", "workflow_job", "status", "create", "delete"})
+Limit = Query(50, ge=1, le=500, description="how many, newest first (1-500)")
 
 
 @dataclass
@@ -37,6 +43,8 @@ class ServiceState:
     engine: Engine
     webhook_secret: str
     metrics: ServiceMetrics
+    drift_secret: str = ""        # MLGATE_DRIFT_SECRET: HMAC of a drift event's body (X-Mlgate-Signature-256)
+    drift_token: str = ""         # MLGATE_DRIFT_TOKEN: or a bearer token
     planner_wake: threading.Event = field(default_factory=threading.Event)
     components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
     started: float = field(default_factory=time.time)
@@ -56,37 +64,54 @@ def create_app(state: ServiceState) -> FastAPI:
     @app.post("/webhooks/github", summary="GitHub webhook receiver (push, pull_request, ping)")
     async def github_webhook(request: Request) -> Response:
         started = time.perf_counter()
-        body = await request.body()
         event = request.headers.get("X-GitHub-Event", "")
+        label = event if event in KNOWN_EVENTS else "other"
+        try:
+            body = await read_body(request, WEBHOOK_LIMIT)
+        except BodyTooLarge as exc:
+            events.labels("github", label, "too_large").inc()
+            return _error(413, str(exc))
         if not signature_ok(state.webhook_secret, body, request.headers.get("X-Hub-Signature-256")):
-            events.labels("github", event or "unknown", "bad_signature").inc()
+            events.labels("github", label, "bad_signature").inc()
             return _error(401, "missing or invalid X-Hub-Signature-256")
         delivery_id = request.headers.get("X-GitHub-Delivery", "")
-        if not event or not delivery_id:
-            events.labels("github", event or "unknown", "bad_request").inc()
+        if not event or not delivery_id or len(delivery_id) > 100:
+            events.labels("github", label, "bad_request").inc()
             return _error(400, "missing X-GitHub-Event or X-GitHub-Delivery header")
         try:
-            item = deliveries.Incoming.parse(state.config, delivery_id, event, json.loads(body))
-        except (ValueError, BadPayload) as exc:   # json.JSONDecodeError is a ValueError
-            events.labels("github", event, "bad_payload").inc()
+            item = deliveries.Incoming.parse(state.config, delivery_id, event, json.loads(body), body)
+        except (ValueError, BadPayload, RecursionError) as exc:   # json.JSONDecodeError is a ValueError
+            events.labels("github", label, "bad_payload").inc()
             return _error(400, f"malformed {event} payload: {exc}")
         try:
             recorded = await recorder.record(item)
         except Exception as exc:   # nothing was committed: GitHub shows the failure and can redeliver
-            events.labels("github", event, "not_recorded").inc()
+            events.labels("github", label, "not_recorded").inc()
             return _error(503, f"delivery not recorded ({type(exc).__name__}); redeliver it")
         delivery = recorded.delivery
         outcome = "duplicate" if recorded.duplicate else delivery["status"]
-        events.labels("github", event, outcome).inc()
+        events.labels("github", label, outcome).inc()
         if delivery["status"] == "pending":
             state.planner_wake.set()
         state.metrics.webhook_seconds.observe(time.perf_counter() - started)
         return JSONResponse(delivery | {"duplicate": recorded.duplicate},
                             status_code=200 if recorded.duplicate or delivery["status"] != "jobs" else 202)
 
-    @app.post("/events/drift", summary="A drift CloudEvent over HTTP (same body as on Kafka)")
+    @app.post("/events/drift", summary="A drift CloudEvent over HTTP (same body as on Kafka); signed with "
+              "MLGATE_DRIFT_SECRET (X-Mlgate-Signature-256) or sent with the bearer MLGATE_DRIFT_TOKEN")
     async def drift_event(request: Request) -> Response:
-        body = await request.body()
+        if not (state.drift_secret or state.drift_token):
+            events.labels("http", "drift", "disabled").inc()
+            return _error(403, "drift intake over HTTP is off: set MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN")
+        try:
+            body = await read_body(request, EVENT_LIMIT)
+        except BodyTooLarge as exc:
+            events.labels("http", "drift", "too_large").inc()
+            return _error(413, str(exc))
+        if not (signature_ok(state.drift_secret, body, request.headers.get(SIGNATURE_HEADER))
+                or bearer_ok(state.drift_token, request.headers.get("Authorization"))):
+            events.labels("http", "drift", "unauthenticated").inc()
+            return _error(401, f"missing or invalid credential ({SIGNATURE_HEADER} or Authorization: Bearer)")
         try:
             event = drift.parse_event(body, state.config)
         except drift.BadEvent as exc:
@@ -119,8 +144,8 @@ def create_app(state: ServiceState) -> FastAPI:
         return JSONResponse({"job": job_id, "state": outcome.state})
 
     @app.get("/jobs", summary="Recent jobs, newest first")
-    def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = 50) -> list[dict[str, Any]]:
-        return [job.as_dict() for job in queue.list_jobs(state.engine, limit=min(limit, 500), state=state_filter)]
+    def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:
+        return [job.as_dict() for job in queue.list_jobs(state.engine, limit=limit, state=state_filter)]
 
     @app.get("/jobs/{job_id}", summary="One job")
     def get_job(job_id: str) -> dict[str, Any]:
@@ -130,12 +155,12 @@ def create_app(state: ServiceState) -> FastAPI:
         return job.as_dict()
 
     @app.get("/deliveries", summary="Recent webhook deliveries and what they decided")
-    def list_deliveries(limit: int = 50) -> list[dict[str, Any]]:
-        return [d.as_dict() for d in deliveries.list_deliveries(state.engine, min(limit, 500))]
+    def list_deliveries(limit: int = Limit) -> list[dict[str, Any]]:
+        return [d.as_dict() for d in deliveries.list_deliveries(state.engine, limit)]
 
     @app.get("/drift-events", summary="Recent drift events and what they decided")
-    def list_drift_events(limit: int = 50) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in drift.list_drift_events(state.engine, min(limit, 500))]
+    def list_drift_events(limit: int = Limit) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in drift.list_drift_events(state.engine, limit)]
 
     @functools.cache
     def mlflow_client() -> Any:   # connected on first use: MLflow's import is slow, and once is enough

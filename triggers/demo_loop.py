@@ -82,7 +82,7 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
 
     from models.datasets import digits
     from triggers.monitor import run_monitor
-    from triggers.intake.webhooks import sign
+    from triggers.request_guard import sign
 
     step = Step()
     workdir.mkdir(parents=True, exist_ok=True)

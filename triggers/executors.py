@@ -55,7 +55,7 @@ def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str
     import httpx
 
     from automation.errors import MlgateError
-    from triggers.intake.webhooks import sign
+    from triggers.request_guard import sign
 
     secret = os.environ.get("GITHUB_WEBHOOK_SECRET")
     if not secret:

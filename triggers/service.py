@@ -71,7 +71,8 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
     from triggers.worker import Worker
 
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
-                         metrics=ServiceMetrics(engine))
+                         metrics=ServiceMetrics(engine), drift_secret=os.environ.get("MLGATE_DRIFT_SECRET", ""),
+                         drift_token=os.environ.get("MLGATE_DRIFT_TOKEN", ""))
     app = create_app(state)
     stop_planner = threading.Event()
 

@@ -8,15 +8,16 @@ never calls out: it verifies, records and enqueues in milliseconds. A delivery w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import queue as queue_module
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, Text, insert, select, update
+from sqlalchemy import DateTime, Engine, String, Text, delete, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
@@ -44,6 +45,17 @@ class Delivery(Base):
 
     def as_dict(self) -> dict[str, Any]:
         return delivery_view(vars(self))
+
+
+class SeenBody(Base):
+    """Signed webhook bodies already accepted. `X-GitHub-Delivery` is not covered by the signature, so a
+    captured body replayed under fresh delivery ids is recognised by its hash instead."""
+
+    __tablename__ = "webhook_bodies"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(String(100))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 def delivery_view(row: Any) -> dict[str, Any]:
@@ -74,11 +86,12 @@ class Incoming:
     event: str
     payload: dict[str, Any]
     plan: Plan
+    body_sha256: str
 
     @classmethod
-    def parse(cls, config: MlgateConfig, delivery_id: str, event: str, payload: Any) -> "Incoming":
+    def parse(cls, config: MlgateConfig, delivery_id: str, event: str, payload: Any, body: bytes) -> "Incoming":
         """Raises webhooks.BadPayload when the body has the wrong shape for its event."""
-        return cls(delivery_id, event, payload, plan_event(config, event, payload))
+        return cls(delivery_id, event, payload, plan_event(config, event, payload), hashlib.sha256(body).hexdigest())
 
 
 def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming]) -> list[Recorded]:
@@ -90,12 +103,24 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
         ids = list({item.delivery_id for item in batch})
         known = {row["id"]: delivery_view(row) for row in conn.execute(
             select(Delivery.__table__).where(Delivery.id.in_(ids))).mappings()}
-        rows, jobs = [], []
+        window_start = now - timedelta(hours=config.service.replay_window_hours)
+        seen = dict(conn.execute(select(SeenBody.sha256, SeenBody.delivery_id).where(
+            SeenBody.sha256.in_({item.body_sha256 for item in batch}), SeenBody.seen_at >= window_start)).all())
+        stale = [item.body_sha256 for item in batch if item.body_sha256 not in seen]
+        if stale:   # seen before the window: it may be accepted again, so forget the old sighting
+            conn.execute(delete(SeenBody).where(SeenBody.sha256.in_(stale)))
+        rows, jobs, bodies = [], [], []
         for item in batch:
             if item.delivery_id in known:
                 results.append(Recorded(known[item.delivery_id], duplicate=True))
                 continue
             plan, action = item.plan, item.payload.get("action")
+            if item.body_sha256 in seen:
+                plan = Plan("ignored", f"replay: the same signed body arrived as delivery {seen[item.body_sha256]}",
+                            repository=plan.repository)
+            else:
+                seen[item.body_sha256] = item.delivery_id
+                bodies.append({"sha256": item.body_sha256, "delivery_id": item.delivery_id, "seen_at": now})
             values: dict[str, Any] = {
                 "id": item.delivery_id, "event": item.event, "action": action if isinstance(action, str) else None,
                 "repository": plan.repository, "status": plan.outcome, "reason": plan.reason, "received_at": now,
@@ -112,6 +137,8 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
         insert_jobs(conn, jobs)
         if rows:
             conn.execute(insert(Delivery), rows)
+        if bodies:
+            conn.execute(insert(SeenBody), bodies)
     for r in results:
         log.info("webhook delivery recorded", extra={"delivery": r.delivery["delivery"], "event": r.delivery["event"],
                                                      "status": r.delivery["status"], "duplicate": r.duplicate})

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Connection, DateTime, Engine, Float, String, Text, bindparam, insert, select, update
@@ -81,7 +83,36 @@ def parse_event(raw: bytes | str | dict[str, Any], config: MlgateConfig) -> Drif
         raise BadEvent(f"not a drift CloudEvent: {where}: {first['msg']}") from None
     if event.data.model not in config.models:
         raise UnknownModel(f"unknown model '{event.data.model}' (known: {', '.join(sorted(config.models))})")
+    if event.data.data_ref is not None:
+        event.data.data_ref = confine_data_ref(event.data.data_ref, config.service.data_roots)
     return event
+
+
+def confine_data_ref(ref: str, roots: list[str]) -> str:
+    """`ref`, normalized, if it lies under one of `roots`; BadEvent otherwise. A local path (plain or
+    file://) is made absolute and normalized first, so `..` cannot climb out of a root."""
+    if not roots:
+        raise BadEvent("data_ref is not accepted: no data roots are configured (service.data_roots)")
+    parsed = urlsplit(ref)
+    local = parsed.scheme in ("", "file")
+    if local:
+        path = unquote(parsed.path) if parsed.scheme == "file" else ref
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise BadEvent(f"data_ref {ref!r}: a file:// URI must name a local path")
+        if not posixpath.isabs(path):
+            raise BadEvent(f"data_ref {ref!r} is not an absolute path")
+        normalized = posixpath.normpath(path)
+    elif ".." in parsed.path.split("/") or parsed.query or parsed.fragment:
+        raise BadEvent(f"data_ref {ref!r} must not contain '..', a query or a fragment")
+    for root in roots:
+        root_parts = urlsplit(root)
+        if local and root_parts.scheme in ("", "file"):
+            base = posixpath.normpath(unquote(root_parts.path) if root_parts.scheme == "file" else root)
+            if normalized == base or normalized.startswith(base.rstrip("/") + "/"):
+                return normalized if parsed.scheme == "" else f"file://{normalized}"
+        elif not local and root_parts.scheme == parsed.scheme and ref.startswith(root.rstrip("/") + "/"):
+            return ref
+    raise BadEvent(f"data_ref {ref!r} is outside the configured data roots")
 
 
 def make_event(model: str, drift_share: float, columns: Iterable[dict[str, Any]], window_start: datetime,

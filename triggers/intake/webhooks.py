@@ -9,8 +9,6 @@ the intake planner so the request itself stays fast.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,18 +26,6 @@ ZERO_SHA = "0" * 40
 
 class BadPayload(ValueError):
     """Signed, but not a payload this event type can have: answered with 400."""
-
-
-def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
-    """`X-Hub-Signature-256` is `sha256=` + hex HMAC-SHA256 of the raw body; compared in constant time."""
-    if not header or not header.startswith("sha256="):
-        return False
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, header)
-
-
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 # Only the fields mlgate reads are declared; GitHub adds fields freely, so the rest is ignored.
