@@ -98,7 +98,8 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
     assert github.commit_comment(REPO, SHA, "promoted")
     assert github.issue_comment(REPO, 1347, "promoted")
     github.dispatch_workflow(REPO, "retrain.yml", "main", {"model": "digits_mlp", "job_id": "abc123",
-                                                             "trigger": "push", "sha": SHA, "pr": "", "data_ref": ""})
+                                                             "trigger": "push", "sha": SHA, "pr": "", "data_ref": "",
+                                                             "result_token": "abc123.1.1900000000.deadbeef"})
 
 
 @pytest.fixture(scope="module")

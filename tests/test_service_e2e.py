@@ -30,12 +30,12 @@ SECRET = "e2e-secret"
 pytestmark = pytest.mark.slow
 
 
-def e2e_config() -> dict[str, Any]:
+def e2e_config(data_root: Path) -> dict[str, Any]:
     config = fast_config(epochs=8)
     # the loop is under test here, not the gate: a drift retrain must not fail on latency noise
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     config["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 0}
-    config["service"] = {"workers": 1, "lease_seconds": 30}
+    config["service"] = {"workers": 1, "lease_seconds": 30, "data_roots": [str(data_root)]}
     return config
 
 
@@ -44,7 +44,7 @@ class Service:
         self.directory, self.port = directory, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = directory / "mlgate.yaml"
-        config.write_text(yaml.safe_dump(e2e_config()), encoding="utf-8")
+        config.write_text(yaml.safe_dump(e2e_config(directory)), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
         env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"}
         self.log = open(directory / "service.log", "wb")

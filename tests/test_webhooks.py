@@ -197,23 +197,55 @@ def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
     assert 'mlgate_jobs{state="queued"} 1.0' in text and "mlgate_queue_depth 1.0" in text
 
 
-def test_runner_reports_its_result_signed(client: TestClient, service: ServiceState) -> None:
+RESULT_SECRET = "result-minting-secret"
+
+
+def post_result(client: TestClient, url_job: str, token: str, **fields: Any) -> Any:
+    body = {"job_id": url_job, "attempt": int(token.split(".")[1]), "exit_code": 3, "error": None,
+            "summary": {"run_id": "abc", "version": "7", "reports": {"html": "/etc/passwd"}},
+            "report_html": "<html>the runner's report</html>"} | fields
+    return client.post(f"/jobs/{url_job}/result", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_a_runner_result_is_accepted_once_for_its_job_and_attempt_only(service: ServiceState) -> None:
+    from triggers.runner_results import mint_token
+
+    service.result_secret = RESULT_SECRET
+    client = TestClient(create_app(service))
     job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    other, _ = queue.enqueue(service.engine, model="digits_cnn", kind="retrain", trigger="push")
     queue.claim(service.engine, "github-executor")
-    result = json.dumps({"exit_code": 3, "summary": {"run_id": "abc", "version": "7",
-                                                     "reports": {"html": "/r/report.html"}}}).encode()
-    url = f"/jobs/{job.id}/result"
-    assert client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign("wrong", result)}
-                       ).status_code == 401
-    response = client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign(SECRET, result)})
-    assert response.status_code == 200 and response.json()["state"] == "gate_failed"
+    queue.claim(service.engine, "github-executor")
+    token = mint_token(RESULT_SECRET, job.id, 1, 600)
+    # the webhook secret no longer signs results, and a token must be genuine, this job's, and unexpired
+    signed = json.dumps({"job_id": job.id, "attempt": 1, "exit_code": 0}).encode()
+    assert client.post(f"/jobs/{job.id}/result", content=signed,
+                       headers={"X-Mlgate-Signature-256": sign(SECRET, signed)}).status_code == 401
+    assert post_result(client, job.id, mint_token("guessed", job.id, 1, 600)).status_code == 401
+    assert post_result(client, job.id, mint_token(RESULT_SECRET, other.id, 1, 600)).status_code == 401
+    assert post_result(client, job.id, mint_token(RESULT_SECRET, job.id, 1, -1)).status_code == 401
+    assert post_result(client, job.id, token, job_id=other.id).status_code == 401    # body names another job
+    assert post_result(client, job.id, token, attempt=2).status_code == 401
+    assert client.post(f"/jobs/{job.id}/result", content=b"{" * 100_000,
+                       headers={"Authorization": f"Bearer {token}"}).status_code == 400
+    assert queue.get_job(service.engine, job.id).state == "running"
+    accepted = post_result(client, job.id, token)
+    assert accepted.status_code == 200 and accepted.json()["state"] == "gate_failed"
     done = client.get(f"/jobs/{job.id}").json()
     assert (done["state"], done["run_id"], done["version"]) == ("gate_failed", "abc", "7")
-    again = client.post(url, content=result, headers={"X-Mlgate-Signature-256": sign(SECRET, result)})
-    assert again.status_code == 409                                      # already finished
-    garbage = b'{"summary": {}}'
-    assert client.post(url, content=garbage, headers={"X-Mlgate-Signature-256": sign(SECRET, garbage)}
-                       ).status_code == 400
+    # the report is the one the runner uploaded, kept where the service chose: never a path it named
+    report = client.get(f"/reports/{job.id}")
+    assert report.status_code == 200 and report.text == "<html>the runner's report</html>"
+    assert post_result(client, job.id, token).status_code == 409                       # single use
+    # a token for an attempt that is no longer the running one (the job was retried) gets nothing
+    stale = mint_token(RESULT_SECRET, other.id, 0, 600)
+    assert post_result(client, other.id, stale).status_code == 409
+    assert queue.get_job(service.engine, other.id).state == "running"
+
+
+def test_runner_results_are_off_without_a_result_secret(client: TestClient, service: ServiceState) -> None:
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    assert post_result(client, job.id, f"{job.id}.1.9999999999.x").status_code == 403
 
 
 def test_a_replayed_signed_body_under_new_delivery_ids_makes_no_new_job(client: TestClient,

@@ -30,7 +30,6 @@ from triggers.request_guard import (EVENT_LIMIT, RESULT_LIMIT, SIGNATURE_HEADER,
                                     read_body, signature_ok)
 
 log = logging.getLogger(__name__)
-RESULT_SIGNATURE_HEADER = SIGNATURE_HEADER
 # metric labels come from this fixed set: a header value an outsider picks never becomes a new series
 KNOWN_EVENTS = frozenset({"push", "pull_request", "ping", "issue_comment", "installation", "check_run",
                           "check_suite", "workflow_run", "workflow_job", "status", "create", "delete"})
@@ -45,9 +44,15 @@ class ServiceState:
     metrics: ServiceMetrics
     drift_secret: str = ""        # MLGATE_DRIFT_SECRET: HMAC of a drift event's body (X-Mlgate-Signature-256)
     drift_token: str = ""         # MLGATE_DRIFT_TOKEN: or a bearer token
+    result_secret: str = ""       # MLGATE_RESULT_SECRET: mints and checks each dispatched job's result credential
     planner_wake: threading.Event = field(default_factory=threading.Event)
     components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
     started: float = field(default_factory=time.time)
+
+
+def _report_file(state: ServiceState, job_id: str) -> Path:
+    """Where a job's HTML report lives: derived from the id of a job that exists, nothing else."""
+    return state.config.workdir / "reports" / job_id / "report.html"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -127,21 +132,40 @@ def create_app(state: ServiceState) -> FastAPI:
         return JSONResponse(vars(decision), status_code=202 if decision.outcome == "job" and not decision.duplicate
                             else 200)
 
-    @app.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome (HMAC-signed)")
+    @app.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome and report, with the job's "
+              "own credential (Authorization: Bearer, minted at dispatch)")
     async def job_result(job_id: str, request: Request) -> Response:
         from triggers.executors import outcome_from_summary
+        from triggers.runner_results import BadResultToken, RunnerResult, check_token
 
-        body = await request.body()
-        if not signature_ok(state.webhook_secret, body, request.headers.get(RESULT_SIGNATURE_HEADER)):
-            return _error(401, f"missing or invalid {RESULT_SIGNATURE_HEADER}")
+        if not state.result_secret:
+            return _error(403, "runner results are off: set MLGATE_RESULT_SECRET")
         try:
-            report = json.loads(body)
-            outcome = outcome_from_summary(int(report["exit_code"]), report.get("summary"), report.get("error"))
-        except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"a result is {{exit_code, summary, error}}: {exc}")
-        if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, **outcome.fields):
-            return _error(409, f"job {job_id} is unknown or already finished")
-        return JSONResponse({"job": job_id, "state": outcome.state})
+            body = await read_body(request, RESULT_LIMIT)
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
+        header = request.headers.get("Authorization", "")
+        try:
+            attempt = check_token(state.result_secret, header.removeprefix("Bearer "), job_id)
+        except BadResultToken as exc:
+            return _error(401, str(exc))
+        try:
+            result = RunnerResult.parse(body)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return _error(400, f"a result is {{job_id, attempt, exit_code, summary, error, report_html}}: {exc}")
+        if (result.job_id, result.attempt) != (job_id, attempt):
+            return _error(401, "the result names another job or attempt than its token")
+        outcome = outcome_from_summary(result.exit_code, result.summary, result.error)
+        if result.report_html is not None:
+            outcome.fields["report_path"] = str(_report_file(state, job_id))
+        if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, attempt=attempt,
+                                       **outcome.fields):
+            return _error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
+        if result.report_html is not None:   # kept under the service's own workdir, at a path it chose
+            report = _report_file(state, job_id)
+            report.parent.mkdir(parents=True, exist_ok=True)
+            await run_in_threadpool(report.write_text, result.report_html, "utf-8")
+        return JSONResponse({"job": job_id, "attempt": attempt, "state": outcome.state})
 
     @app.get("/jobs", summary="Recent jobs, newest first")
     def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:
@@ -186,7 +210,7 @@ def create_app(state: ServiceState) -> FastAPI:
         job = queue.get_job(state.engine, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
-        path = Path(job.report_path) if job.report_path else state.config.workdir / "reports" / job_id / "report.html"
+        path = _report_file(state, job.id)   # never a path from the job's record or a runner
         if not path.is_file():
             raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
         return FileResponse(path, media_type="text/html")

@@ -177,7 +177,7 @@ def _warn_github(outcomes: dict[str, str]) -> None:
 
 def _report_back(args: argparse.Namespace, exit_code: int, summary: dict[str, Any] | None,
                  error: str | None) -> None:
-    from triggers.executors import post_result
+    from triggers.runner_results import post_result
 
     post_result(args.report_to, args.job_id, exit_code, summary, error)
 

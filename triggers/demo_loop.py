@@ -40,9 +40,12 @@ def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
                       "relative": {"max_accuracy_drop": 0.03, "max_latency_increase": None},
                       "bootstrap_samples": 500},
             "drift": {"threshold": 0.3, "cooldown_minutes": 0, "window_rows": 300},
+            # the loop is the point: the compiled variants would add half a minute of compiling per job
+            "optimize": {"variants": ["torch_eager", "torch_half", "onnx_fp32", "onnx_int8"]},
         },
         "models": {MODEL: {"module": "models.digits_mlp", "params": {"hidden": 64}}},
-        "service": {"workers": 1, "lease_seconds": 60},
+        # the fresh labelled data the drift event points at lives in the demo's folder
+        "service": {"workers": 1, "lease_seconds": 60, "data_roots": [str(workdir)]},
     }
 
 

@@ -31,7 +31,7 @@ EXIT_STATES = {0: "succeeded", 3: "gate_failed"}   # anything else is "failed" (
 @dataclass
 class Outcome:
     state: str
-    fields: dict[str, Any] = field(default_factory=dict)   # run_id, version, report_path, error
+    fields: dict[str, Any] = field(default_factory=dict)   # run_id, version, error
 
 
 class Executor(Protocol):
@@ -42,40 +42,11 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     """The job record's state and links from `mlgate run --json`'s exit code and last line."""
     summary = summary or {}
     state = EXIT_STATES.get(exit_code, "failed")
-    fields = {"run_id": summary.get("run_id"), "version": summary.get("version"),
-              "report_path": (summary.get("reports") or {}).get("html")}
+    # the report is never located by a path the job names: the service keeps it under its own workdir
+    fields = {"run_id": summary.get("run_id"), "version": summary.get("version")}
     if state == "failed":
         fields["error"] = (error or f"exit code {exit_code}")[:2000]
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
-
-
-def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str, Any] | None,
-                error: str | None) -> None:
-    """The runner's side of `POST /jobs/{id}/result`: the outcome, signed with GITHUB_WEBHOOK_SECRET."""
-    import httpx
-
-    from automation.errors import MlgateError
-    from triggers.request_guard import sign
-
-    secret = os.environ.get("GITHUB_WEBHOOK_SECRET")
-    if not secret:
-        raise MlgateError("--report-to needs GITHUB_WEBHOOK_SECRET to sign the result")
-    body = json.dumps({"exit_code": exit_code, "summary": summary, "error": error}, default=str).encode()
-    url = f"{service_url.rstrip('/')}/jobs/{job_id}/result"
-    for attempt in range(1, 4):
-        try:
-            response = httpx.post(url, content=body, timeout=30, headers={
-                "Content-Type": "application/json", "X-Mlgate-Signature-256": sign(secret, body)})
-        except httpx.HTTPError as exc:
-            if attempt == 3:
-                raise MlgateError(f"could not report the result to {service_url}: {type(exc).__name__}") from None
-            time.sleep(2 * attempt)
-            continue
-        if response.status_code < 300 or response.status_code == 409:   # 409: already recorded
-            return
-        if response.status_code < 500 or attempt == 3:
-            raise MlgateError(f"{url} answered {response.status_code}: {response.text[:200]}")
-        time.sleep(2 * attempt)
 
 
 def run_arguments(job: Job) -> list[str]:
@@ -120,7 +91,11 @@ class LocalExecutor:
         with open(log_path, "ab") as sink:
             sink.write(b"".join(stdout))
         summary = _json_line(lines[-1]) if lines else None
-        return outcome_from_summary(process.returncode, summary, _last_error(log_path))
+        outcome = outcome_from_summary(process.returncode, summary, _last_error(log_path))
+        report = self.config.workdir / "reports" / job.id / "report.html"   # where the service looks, always
+        if report.is_file():
+            outcome.fields["report_path"] = str(report)
+        return outcome
 
 
 def _die_with_parent() -> None:
@@ -151,16 +126,20 @@ class GitHubExecutor:
     """Dispatch `.github/workflows/<workflow>` and wait: the runner posts the result to
     `POST /jobs/{id}/result`; if the run ends without doing so, the job fails with the run's conclusion."""
 
-    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str,
+    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str, result_secret: str,
                  poll_seconds: float = 15.0) -> None:
         self.config, self.engine, self.github, self.repository = config, engine, github, repository
-        self.poll_seconds = poll_seconds
+        self.result_secret, self.poll_seconds = result_secret, poll_seconds
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
+        from triggers.runner_results import mint_token
+
         settings = self.config.service.github
         data_ref = json.loads(job.payload or "{}").get("data_ref") or ""
+        # the runner's only credential: good for this job's current attempt, once, until the run would time out
+        token = mint_token(self.result_secret, job.id, job.attempts, settings.timeout_minutes * 60 + 1800)
         inputs = {"model": job.model, "job_id": job.id, "trigger": job.trigger, "sha": job.sha or "",
-                  "pr": str(job.pr or ""), "data_ref": data_ref}
+                  "pr": str(job.pr or ""), "data_ref": data_ref, "result_token": token}
         self.github.dispatch_workflow(self.repository, settings.workflow, settings.ref, inputs)
         log.info("workflow dispatched", extra={"job_id": job.id, "workflow": settings.workflow})
         deadline = time.monotonic() + settings.timeout_minutes * 60

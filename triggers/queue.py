@@ -180,13 +180,17 @@ def finish(engine: Engine, job_id: str, worker_id: str, state: State, **fields: 
         return result.rowcount == 1
 
 
-def record_result(engine: Engine, job_id: str, state: State, **fields: Any) -> bool:
-    """The outcome reported by the job itself (a GitHub runner calling back), whoever claimed it."""
+def record_result(engine: Engine, job_id: str, state: State, *, attempt: int | None = None, **fields: Any) -> bool:
+    """The outcome reported by the job itself (a GitHub runner calling back), whoever claimed it. With
+    `attempt`, only while that attempt is the running one: a late or replayed report changes nothing."""
     if state not in FINAL_STATES:
         raise ValueError(f"not a final state: {state}")
     fields.setdefault("error", None)
+    condition = [Job.id == job_id, Job.state.in_(("queued", "running"))]
+    if attempt is not None:
+        condition = [Job.id == job_id, Job.state == "running", Job.attempts == attempt]
     with Session(engine) as session, session.begin():
-        result = session.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
+        result = session.execute(update(Job).where(*condition)
                                  .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
         return result.rowcount == 1
 

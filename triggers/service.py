@@ -48,7 +48,11 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
     if not repository or not os.environ.get("GITHUB_TOKEN"):
         raise UsageError("service.executor is 'github' but GITHUB_REPOSITORY or GITHUB_TOKEN is not set",
                          hint="export GITHUB_REPOSITORY=owner/repo and a GITHUB_TOKEN that may dispatch workflows")
-    return GitHubExecutor(config, engine, GitHubSource.from_env(), repository)
+    secret = os.environ.get("MLGATE_RESULT_SECRET")
+    if not secret:
+        raise UsageError("service.executor is 'github' but MLGATE_RESULT_SECRET is not set",
+                         hint="a random secret only the service holds: it mints each job's result credential")
+    return GitHubExecutor(config, engine, GitHubSource.from_env(), repository, secret)
 
 
 def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Event) -> None:
@@ -72,7 +76,8 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
 
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
                          metrics=ServiceMetrics(engine), drift_secret=os.environ.get("MLGATE_DRIFT_SECRET", ""),
-                         drift_token=os.environ.get("MLGATE_DRIFT_TOKEN", ""))
+                         drift_token=os.environ.get("MLGATE_DRIFT_TOKEN", ""),
+                         result_secret=os.environ.get("MLGATE_RESULT_SECRET", ""))
     app = create_app(state)
     stop_planner = threading.Event()
 
