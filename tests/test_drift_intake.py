@@ -265,3 +265,36 @@ def test_consumer_survives_a_broker_restart(kafka_broker: TansuBroker, sqlite_en
     finally:
         running.stop()
     assert running.consumer.stats.duplicates == 0
+
+
+def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: Any, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from automation.errors import MlgateError
+    from triggers.local_broker import free_port
+    from triggers.monitor import post_drift_event
+
+    config = make_config(tmp_path)
+    state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine),
+                         drift_secret=DRIFT_SECRET)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 20)
+        monkeypatch.delenv("MLGATE_DRIFT_SECRET", raising=False)
+        monkeypatch.delenv("MLGATE_DRIFT_TOKEN", raising=False)
+        with pytest.raises(MlgateError, match="needs MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN"):
+            post_drift_event(f"http://127.0.0.1:{port}/events/drift", event(share=0.9))
+        monkeypatch.setenv("MLGATE_DRIFT_SECRET", DRIFT_SECRET)
+        sent = event(share=0.9)
+        assert post_drift_event(f"http://127.0.0.1:{port}/events/drift", sent).endswith("/events/drift")
+        assert [e.id for e in drift.list_drift_events(engine)] == [sent["id"]]
+        with pytest.raises(MlgateError) as refused:
+            post_drift_event(f"http://ops:hunter2@127.0.0.1:{free_port()}/events/drift", event())
+        assert "hunter2" not in str(refused.value) and "127.0.0.1" in str(refused.value)
+    finally:
+        server.should_exit = True
+        thread.join(10)

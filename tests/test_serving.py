@@ -106,6 +106,12 @@ def test_bad_inputs_get_clear_4xx(served: Running) -> None:
         assert message in response.json()["error"], (name, response.json())
     bad_json = httpx.post(served.url + "/predict", content=b"{nope", timeout=10)
     assert bad_json.status_code == 400
+    # a body no valid request can reach is refused before it is read: 64 examples of 8×8 are < 100 KB
+    huge = httpx.post(served.url + "/predict", content=b"[" * (2 * 1024 * 1024), timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and "at most 64 examples" in huge.json()["error"]
+    deep = httpx.post(served.url + "/predict", content=b"[" * 50_000 + b"]" * 50_000, timeout=10)
+    assert deep.status_code in (400, 413)
     good = post({"inputs": digits_batch(3)})
     assert good.status_code == 200 and len(good.json()["predictions"]) == 3 and good.json()["version"] == "3"
 

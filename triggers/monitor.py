@@ -168,13 +168,36 @@ def publish_event(event: dict[str, Any], topic: str, bootstrap: str | None, post
         publish(bootstrap, topic, [event])
         sent.append(f"kafka:{bootstrap}")
     if post_url:
-        import httpx
-
-        response = httpx.post(post_url, json=event, timeout=30)
-        if response.status_code >= 400:
-            raise MlgateError(f"POST {post_url} answered {response.status_code}: {response.text[:200]}")
-        sent.append(post_url)
+        sent.append(post_drift_event(post_url, event))
     return sent
+
+
+def post_drift_event(url: str, event: dict[str, Any]) -> str:
+    """POST the event to the service, signed with MLGATE_DRIFT_SECRET (or with the bearer MLGATE_DRIFT_TOKEN);
+    returns the URL as it may be shown (credentials in it are hidden)."""
+    import httpx
+
+    from automation.store import redact_text, redact_url
+    from triggers.request_guard import SIGNATURE_HEADER, sign
+
+    shown = redact_url(url)
+    secret, token = os.environ.get("MLGATE_DRIFT_SECRET"), os.environ.get("MLGATE_DRIFT_TOKEN")
+    if not (secret or token):
+        raise MlgateError("--post needs MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN: the service refuses "
+                          "unauthenticated drift events")
+    body = json.dumps(event, default=str).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, body)
+    else:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise MlgateError(f"POST {shown} failed: {type(exc).__name__}: {redact_text(str(exc))[:200]}") from None
+    if response.status_code >= 400:
+        raise MlgateError(f"POST {shown} answered {response.status_code}: {redact_text(response.text[:200])}")
+    return shown
 
 
 def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,

@@ -8,7 +8,9 @@ half-loaded model, and a version that fails its check is never served.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from automation.config import MlgateConfig
 from automation.predictors import RegisteredModel, predict
+from triggers.request_guard import BodyTooLarge, read_body
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,11 @@ class ModelServer:
         self._stop.set()
 
 
+def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
+    """The largest body a valid request can have: every number written out in full (~24 bytes as JSON)."""
+    return max_batch * math.prod(input_shape) * 24 + 4096
+
+
 def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH) -> FastAPI:
     app = FastAPI(title=f"mlgate serving: {server.model}")
     registry = CollectorRegistry()
@@ -166,12 +174,15 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         if served is None:
             errors.labels("no_model").inc()
             return JSONResponse({"error": f"no production version of {server.model} is loaded yet"}, 503)
+        loaded = served.loaded
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await read_body(request, predict_body_limit(loaded.input_shape, max_batch)))
+        except BodyTooLarge as exc:
+            errors.labels("too_large").inc()
+            return JSONResponse({"error": f"{exc}: at most {max_batch} examples per request"}, 413)
+        except (ValueError, RecursionError):
             errors.labels("bad_json").inc()
             return JSONResponse({"error": "the body is not valid JSON"}, 400)
-        loaded = served.loaded
         try:
             x = parse_inputs(body, loaded.input_shape, loaded.dtype, max_batch)
         except BadInput as exc:
