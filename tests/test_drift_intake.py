@@ -298,3 +298,36 @@ def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: An
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_kafka_tls_and_sasl_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automation.errors import UsageError
+    from triggers.intake.drift_consumer import security_from_env
+
+    for name in ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                 "KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert security_from_env() == {"security_protocol": "PLAINTEXT"}
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
+    with pytest.raises(UsageError, match="needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"):
+        security_from_env()
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "scram-sha-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "mlgate")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "pw")
+    monkeypatch.setenv("KAFKA_SSL_CAFILE", "/etc/ssl/kafka-ca.pem")
+    assert security_from_env() == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                   "sasl_plain_username": "mlgate", "sasl_plain_password": "pw",
+                                   "ssl_cafile": "/etc/ssl/kafka-ca.pem"}
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    with pytest.raises(UsageError, match="KAFKA_SASL_\\* is set"):
+        security_from_env()
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "tls-please")
+    with pytest.raises(UsageError, match="is not one of"):
+        security_from_env()
+    # the settings are ones kafka-python accepts: a consumer is built with them (no connection is made)
+    from kafka import KafkaConsumer
+
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.delenv("KAFKA_SSL_CAFILE")
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(2, 8), **security_from_env())
+    consumer.close()

@@ -9,6 +9,7 @@ Broker errors never stop the loop: kafka-python reconnects, and we back off and 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,14 +65,14 @@ class DriftConsumer:
         from kafka import KafkaConsumer
 
         return KafkaConsumer(self.kafka.topic, bootstrap_servers=self.bootstrap, group_id=self.kafka.group_id,
-                             client_id="mlgate-drift", **CONSUMER_SETTINGS)
+                             client_id="mlgate-drift", **CONSUMER_SETTINGS, **security_from_env())
 
     def _dead_letter(self, record: Any, reason: str) -> None:
         from kafka import KafkaProducer
 
         if self._producer is None:
             self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", retries=5,
-                                           client_id="mlgate-dead-letter")
+                                           client_id="mlgate-dead-letter", **security_from_env())
         headers = [("mlgate.error", reason.encode()), ("mlgate.topic", record.topic.encode()),
                    ("mlgate.partition", str(record.partition).encode()), ("mlgate.offset", str(record.offset).encode())]
         self._producer.send(self.kafka.dead_letter_topic, value=record.value, key=record.key, headers=headers)
@@ -136,13 +137,42 @@ class DriftConsumer:
             self._producer.close(timeout=5)
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+# environment variable -> kafka-python setting; secrets come from the environment, never mlgate.yaml
+SECURITY_ENV = {"KAFKA_SASL_MECHANISM": "sasl_mechanism", "KAFKA_SASL_USERNAME": "sasl_plain_username",
+                "KAFKA_SASL_PASSWORD": "sasl_plain_password", "KAFKA_SSL_CAFILE": "ssl_cafile",
+                "KAFKA_SSL_CERTFILE": "ssl_certfile", "KAFKA_SSL_KEYFILE": "ssl_keyfile"}
+
+
+def security_from_env() -> dict[str, str]:
+    """TLS and SASL settings for every Kafka client mlgate makes, from KAFKA_SECURITY_PROTOCOL and friends."""
+    from automation.errors import UsageError
+
+    protocol = os.environ.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise UsageError(f"KAFKA_SECURITY_PROTOCOL={protocol!r} is not one of {', '.join(SECURITY_PROTOCOLS)}")
+    settings = {setting: os.environ[name] for name, setting in SECURITY_ENV.items() if os.environ.get(name)}
+    if protocol.startswith("SASL"):
+        mechanism = settings.setdefault("sasl_mechanism", "PLAIN").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise UsageError(f"KAFKA_SASL_MECHANISM={mechanism!r} is not one of {', '.join(SASL_MECHANISMS)}")
+        settings["sasl_mechanism"] = mechanism
+        if mechanism != "OAUTHBEARER" and not ("sasl_plain_username" in settings and "sasl_plain_password" in settings):
+            raise UsageError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    elif any(name.startswith("KAFKA_SASL") for name in SECURITY_ENV if os.environ.get(name)):
+        raise UsageError("KAFKA_SASL_* is set but KAFKA_SECURITY_PROTOCOL is not SASL_PLAINTEXT or SASL_SSL")
+    return {"security_protocol": protocol, **settings}
+
+
 def publish(bootstrap_servers: str, topic: str, events: list[dict[str, Any]], timeout: float = 30.0) -> None:
     """Send drift events (keyed by model, so a model's events stay in order) and wait for acks."""
     import json
 
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", retries=5, linger_ms=5)
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", retries=5, linger_ms=5,
+                             **security_from_env())
     try:
         for event in events:
             producer.send(topic, key=event["data"]["model"].encode(), value=json.dumps(event).encode())
