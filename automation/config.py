@@ -137,6 +137,8 @@ class ServiceConfig(Strict):
     # Anything else is refused before it is recorded; empty (the default): no event may name data.
     data_roots: list[str] = []
     replay_window_hours: PositiveFloat = 72        # a signed webhook body seen within this is not enqueued again
+    # a PR from a fork whose author cannot write runs only once someone with write access adds this label
+    approve_label: str = "mlgate:evaluate"
 
 
 class ReportingConfig(Strict):

@@ -87,6 +87,27 @@ def test_reads_the_service_makes_are_in_the_contract(github: GitHubSource) -> No
     assert caught.value.status is None
 
 
+def test_pr_trust_asks_the_api_who_may_write(github: GitHubSource, tmp_path: Path) -> None:
+    """The trust policy's calls are in the contract, and a label from someone with write access (the
+    spec's example says admin) approves a fork's PR: it is planned from its file list like any other."""
+    import copy
+
+    import yaml
+
+    from automation.config import parse_config
+    from tests.conftest import webhook_examples
+    from triggers.intake.webhooks import plan_event
+
+    assert github.permission(REPO, "octocat") in {"admin", "maintain", "write", "triage", "read", "none"}
+    config = parse_config(yaml.safe_dump(fast_config()), "mlgate.yaml", tmp_path)
+    labeled = copy.deepcopy(next(p for p in webhook_examples("pull_request") if p["action"] == "labeled"))
+    labeled["pull_request"]["head"]["repo"]["full_name"] = "outsider/Hello-World"
+    labeled["label"]["name"] = config.service.approve_label
+    plan = plan_event(config, "pull_request", labeled, github)
+    # approved: planned from the spec's example file list, whose one file belongs to no model
+    assert plan.outcome == "no_models" and "belongs to a model" in plan.reason, plan
+
+
 def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:
     github.set_status(REPO, SHA, "pending", "mlgate job running", "mlgate/digits_mlp",
                       target_url="https://mlgate.example/reports/abc")

@@ -281,3 +281,27 @@ def test_outsiders_cannot_grow_the_metric_label_set(client: TestClient) -> None:
 def test_list_limits_are_validated(client: TestClient, limit: str) -> None:
     for path in ("/jobs", "/deliveries", "/drift-events"):
         assert client.get(path, params={"limit": limit}).status_code == 422
+
+
+def fork_pr(action: str = "opened") -> dict[str, Any]:
+    """The real example PR, as if opened from a fork by someone with no access to the repository."""
+    payload = copy.deepcopy(next(p for p in webhook_examples("pull_request") if p["action"] == action))
+    payload["pull_request"]["head"]["repo"]["full_name"] = "outsider/Hello-World"
+    payload["pull_request"]["user"]["login"] = payload["sender"]["login"] = "outsider"
+    payload["pull_request"]["author_association"] = "CONTRIBUTOR"
+    return payload
+
+
+def test_a_fork_pr_runs_no_code_until_its_author_is_known_to_have_write_access(
+        client: TestClient, service: ServiceState, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert deliver(client, "pull_request", fork_pr()).json()["status"] == "pending"
+    # the planner cannot ask GitHub who the author is: it fails closed, and says so
+    monkeypatch.setenv("GITHUB_API_URL", "http://127.0.0.1:9")
+    assert deliveries.plan_pending(service.engine, service.config, GitHubSource.from_env()) == 1
+    [delivery] = deliveries.list_deliveries(service.engine)
+    assert delivery.status == "needs_approval" and jobs(service) == []
+    assert delivery.reason.startswith("could not check outsider's access")
+    # a label other than the approval label approves nothing, and is not even sent to the API
+    labeled = fork_pr("labeled")
+    assert labeled["label"]["name"] != service.config.service.approve_label
+    assert deliver(client, "pull_request", labeled).json()["status"] == "ignored"

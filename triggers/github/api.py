@@ -79,6 +79,16 @@ class GitHubSource:
 
         return self._call(f"list files of {repository}#{number}", fetch)
 
+    def permission(self, repository: str, login: str) -> str:
+        """`login`'s access to the repository: admin, maintain, write, triage, read or none."""
+        def fetch(gh: Any) -> str:
+            _, data = gh.requester.requestJsonAndCheck(
+                "GET", f"/repos/{repository}/collaborators/{login}/permission")
+            data = data if isinstance(data, dict) else {}
+            return str(data.get("role_name") or data.get("permission") or "none")   # role_name knows maintain
+
+        return self._call(f"read {login}'s access to {repository}", fetch, attempts=3)
+
     def compare_files(self, repository: str, base: str, head: str) -> list[str]:
         return self._call(f"compare {base[:7]}...{head[:7]}", lambda gh: [
             f.filename for f in gh.get_repo(repository, lazy=True).compare(base, head).files])

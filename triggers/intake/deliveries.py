@@ -36,7 +36,7 @@ class Delivery(Base):
     event: Mapped[str] = mapped_column(String(64))
     action: Mapped[str | None] = mapped_column(String(64), nullable=True)
     repository: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)        # jobs | no_models | ignored | pending
+    status: Mapped[str] = mapped_column(String(16), index=True)        # jobs | no_models | ignored | pending | needs_approval
     reason: Mapped[str] = mapped_column(Text, default="")
     job_ids: Mapped[str] = mapped_column(Text, default="[]")
     payload: Mapped[str | None] = mapped_column(Text, nullable=True)   # kept only while pending

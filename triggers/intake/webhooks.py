@@ -55,13 +55,27 @@ class PushEvent(_Loose):
     repository: _Repository
 
 
+class _HeadRepo(_Loose):
+    full_name: str
+
+
 class _Head(_Loose):
     sha: str
+    repo: _HeadRepo | None = None          # None when the fork was deleted
+
+
+class _User(_Loose):
+    login: str
+
+
+class _Label(_Loose):
+    name: str
 
 
 class _PullRequest(_Loose):
     head: _Head
     base: _Head | None = None
+    user: _User | None = None
 
 
 class PullRequestEvent(_Loose):
@@ -69,6 +83,8 @@ class PullRequestEvent(_Loose):
     number: int
     pull_request: _PullRequest
     repository: _Repository
+    sender: _User | None = None
+    label: _Label | None = None
 
 
 @dataclass
@@ -151,10 +167,14 @@ def _plan_push(config: MlgateConfig, push: PushEvent, github: GitHubSource | Non
 
 def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHubSource | None) -> Plan:
     repo = pr.repository.full_name
-    if pr.action not in PR_ACTIONS:
+    approval = pr.action == "labeled" and pr.label is not None and pr.label.name == config.service.approve_label
+    if pr.action not in PR_ACTIONS and not approval:
         return Plan("ignored", f"pull_request.{pr.action} does not start jobs", repository=repo)
     if github is None:
-        return Plan("pending", "needs the PR's file list from the GitHub API", repository=repo)
+        return Plan("pending", "needs the GitHub API (PR author's access, file list)", repository=repo)
+    refusal = _untrusted(config, pr, github, approval)
+    if refusal is not None:
+        return Plan("needs_approval", refusal, repository=repo)
     try:
         files = github.pull_request_files(repo, pr.number)
         affected = affected_models(config, files,
@@ -164,6 +184,32 @@ def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHu
                             note=f"{exc}; evaluating every model")
     return _jobs(affected, "evaluate", "pr", pr.pull_request.head.sha, pr.number, repo,
                  lambda m: f"pr:{repo}:{pr.number}:{m}")
+
+
+WRITE_ACCESS = frozenset({"admin", "maintain", "write"})
+
+
+def _untrusted(config: MlgateConfig, pr: PullRequestEvent, github: GitHubSource, approval: bool) -> str | None:
+    """Why this PR's code may not run yet, or None. Like GitHub's own rule for workflows from forks: a
+    branch of this repository (pushing one needs write access) or an author with write access runs at once;
+    anyone else waits until someone with write access adds the approval label, checked through the API."""
+    repo = pr.repository.full_name
+    who = pr.sender.login if approval and pr.sender else (pr.pull_request.user.login if pr.pull_request.user else None)
+    head = pr.pull_request.head.repo.full_name if pr.pull_request.head.repo else None
+    if not approval and head == repo:
+        return None
+    if who is None:
+        return "the payload names no user to check"
+    try:
+        permission = github.permission(repo, who)
+    except GitHubUnavailable as exc:   # fail closed: no code runs on an unanswered question
+        return f"could not check {who}'s access ({exc}); not evaluated"
+    if permission in WRITE_ACCESS:
+        return None
+    if approval:
+        return f"label '{config.service.approve_label}' added by {who}, who has {permission} access: not an approval"
+    return (f"PR from {head or 'a deleted fork'} by {who} ({permission} access) waits for approval: someone with "
+            f"write access adds the label '{config.service.approve_label}'")
 
 
 def _base_sha(pr: PullRequestEvent) -> str | None:
