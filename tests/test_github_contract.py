@@ -87,6 +87,16 @@ def test_reads_the_service_makes_are_in_the_contract(github: GitHubSource) -> No
     assert caught.value.status is None
 
 
+def test_a_marker_planted_by_someone_else_is_not_the_sticky_comment() -> None:
+    from triggers.github.api import is_own_comment
+
+    marker = "<!-- mlgate-report model=digits_mlp -->"
+    assert is_own_comment(f"{marker}\n## report", "github-actions[bot]", marker, "github-actions[bot]")
+    assert not is_own_comment(f"{marker} (pre-posted to block the report)", "mallory", marker, "github-actions[bot]")
+    assert not is_own_comment("an unrelated comment", "github-actions[bot]", marker, "github-actions[bot]")
+    assert not is_own_comment(marker, None, marker, "github-actions[bot]")     # a deleted account
+
+
 def test_pr_trust_asks_the_api_who_may_write(github: GitHubSource, tmp_path: Path) -> None:
     """The trust policy's calls are in the contract, and a label from someone with write access (the
     spec's example says admin) approves a fork's PR: it is planned from its file list like any other."""
@@ -113,7 +123,9 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
                       target_url="https://mlgate.example/reports/abc")
     comment_id, created = github.upsert_comment(REPO, 1347, "<!-- mlgate-report model=digits_mlp -->", "body")
     assert created and comment_id
-    # the spec's example comment says "Me too": as a marker it exercises the edit-in-place path
+    # the spec's example comment says "Me too", written by the token's own user (octocat, per GET /user):
+    # as a marker it exercises the edit-in-place path
+    assert github.login() == "octocat"
     _, created = github.upsert_comment(REPO, 1347, "Me too", "edited body")
     assert not created
     assert github.commit_comment(REPO, SHA, "promoted")

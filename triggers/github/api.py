@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from automation.errors import MlgateError
@@ -23,11 +23,19 @@ class GitHubUnavailable(MlgateError):
         self.status = status
 
 
+ACTIONS_BOT = "github-actions[bot]"
+
+
+def is_own_comment(body: str | None, author: str | None, marker: str, own_login: str) -> bool:
+    return marker in (body or "") and author is not None and author.lower() == own_login.lower()
+
+
 @dataclass
 class GitHubSource:
     api_url: str
     token: str | None
     timeout: float = 10.0
+    _login: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> "GitHubSource":
@@ -133,12 +141,25 @@ class GitHubSource:
                    .get_commit(sha).create_status(state=state, description=description[:140], context=context,
                                                   **extra), attempts=3)
 
+    def login(self) -> str:
+        """Who this token acts as. An Actions GITHUB_TOKEN may not read /user; it writes as github-actions[bot]."""
+        if self._login is None:
+            try:
+                self._login = self._call("read the token's user", lambda gh: gh.get_user().login, attempts=3)
+            except GitHubUnavailable as exc:
+                if exc.status != 403 or os.environ.get("GITHUB_ACTIONS") != "true":
+                    raise
+                self._login = ACTIONS_BOT
+        return self._login
+
     def upsert_comment(self, repository: str, number: int, marker: str, body: str) -> tuple[int, bool]:
         """Edit the issue/PR comment carrying `marker`, or create it: one comment, edited on every push.
-        Returns (comment id, created)."""
+        Returns (comment id, created). Only a comment this token wrote counts: anyone can post the marker."""
+        author = self.login()
+
         def find(gh: Any) -> Any:
             for comment in gh.get_repo(repository, lazy=True).get_issue(number).get_comments():
-                if marker in (comment.body or ""):
+                if is_own_comment(comment.body, comment.user.login if comment.user else None, marker, author):
                     return comment
             return None
 
