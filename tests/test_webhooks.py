@@ -305,3 +305,23 @@ def test_a_fork_pr_runs_no_code_until_its_author_is_known_to_have_write_access(
     labeled = fork_pr("labeled")
     assert labeled["label"]["name"] != service.config.service.approve_label
     assert deliver(client, "pull_request", labeled).json()["status"] == "ignored"
+
+
+def test_an_optional_read_token_guards_the_api_and_dashboard(service: ServiceState) -> None:
+    import base64
+
+    service.read_token = "read-only-token"
+    client = TestClient(create_app(service))
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    paths = ["/", "/jobs", f"/jobs/{job.id}", "/deliveries", "/drift-events", "/metrics", f"/reports/{job.id}"]
+    for path in paths:
+        refused = client.get(path)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic"), path
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/jobs", headers={"Authorization": "Bearer read-only-token"}).status_code == 200
+    basic = base64.b64encode(b"anyone:read-only-token").decode()
+    assert client.get("/", headers={"Authorization": f"Basic {basic}"}).status_code == 200   # a browser
+    assert client.get("/healthz").status_code in (200, 503)          # probes need no token
+    # secrets never appear in a response
+    body = client.get("/jobs", headers={"Authorization": "Bearer read-only-token"}).text
+    assert "read-only-token" not in body and SECRET not in body

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from sqlalchemy import Engine, text
@@ -27,7 +27,7 @@ from triggers.intake import deliveries, drift
 from triggers.intake.webhooks import BadPayload
 from triggers.metrics import ServiceMetrics
 from triggers.request_guard import (EVENT_LIMIT, RESULT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyTooLarge, bearer_ok,
-                                    read_body, signature_ok)
+                                    read_body, reader_ok, signature_ok)
 
 log = logging.getLogger(__name__)
 # metric labels come from this fixed set: a header value an outsider picks never becomes a new series
@@ -45,6 +45,7 @@ class ServiceState:
     drift_secret: str = ""        # MLGATE_DRIFT_SECRET: HMAC of a drift event's body (X-Mlgate-Signature-256)
     drift_token: str = ""         # MLGATE_DRIFT_TOKEN: or a bearer token
     result_secret: str = ""       # MLGATE_RESULT_SECRET: mints and checks each dispatched job's result credential
+    read_token: str = ""          # MLGATE_READ_TOKEN: when set, the API and dashboard need it (off for local use)
     planner_wake: threading.Event = field(default_factory=threading.Event)
     components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
     started: float = field(default_factory=time.time)
@@ -61,6 +62,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(state: ServiceState) -> FastAPI:
     app = FastAPI(title="mlgate", description="Event-driven GitOps automation for deep-learning models.")
+
+    def reader(request: Request) -> None:
+        """Read routes: open without MLGATE_READ_TOKEN (local use), else the token is required."""
+        if state.read_token and not reader_ok(state.read_token, request.headers.get("Authorization")):
+            raise HTTPException(401, "this mlgate needs its read token (MLGATE_READ_TOKEN)",
+                                headers={"WWW-Authenticate": 'Basic realm="mlgate"'})
+
+    read = [Depends(reader)]
     app.state.mlgate = state
     events = state.metrics.events
     recorder = deliveries.GroupCommitRecorder(state.engine, state.config)
@@ -167,22 +176,22 @@ def create_app(state: ServiceState) -> FastAPI:
             await run_in_threadpool(report.write_text, result.report_html, "utf-8")
         return JSONResponse({"job": job_id, "attempt": attempt, "state": outcome.state})
 
-    @app.get("/jobs", summary="Recent jobs, newest first")
+    @app.get("/jobs", summary="Recent jobs, newest first", dependencies=read)
     def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:
         return [job.as_dict() for job in queue.list_jobs(state.engine, limit=limit, state=state_filter)]
 
-    @app.get("/jobs/{job_id}", summary="One job")
+    @app.get("/jobs/{job_id}", summary="One job", dependencies=read)
     def get_job(job_id: str) -> dict[str, Any]:
         job = queue.get_job(state.engine, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return job.as_dict()
 
-    @app.get("/deliveries", summary="Recent webhook deliveries and what they decided")
+    @app.get("/deliveries", summary="Recent webhook deliveries and what they decided", dependencies=read)
     def list_deliveries(limit: int = Limit) -> list[dict[str, Any]]:
         return [d.as_dict() for d in deliveries.list_deliveries(state.engine, limit)]
 
-    @app.get("/drift-events", summary="Recent drift events and what they decided")
+    @app.get("/drift-events", summary="Recent drift events and what they decided", dependencies=read)
     def list_drift_events(limit: int = Limit) -> list[dict[str, Any]]:
         return [e.as_dict() for e in drift.list_drift_events(state.engine, limit)]
 
@@ -192,7 +201,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
         return tracking.connect(state.config.workdir, state.config.experiment)[0]
 
-    @app.get("/models", summary="Each model's production version and promotion history")
+    @app.get("/models", summary="Each model's production version and promotion history", dependencies=read)
     def models() -> list[dict[str, Any]]:
         from automation import promote
 
@@ -205,7 +214,7 @@ def create_app(state: ServiceState) -> FastAPI:
                            "history": history})
         return result
 
-    @app.get("/reports/{job_id}", summary="A job's HTML report", response_class=HTMLResponse)
+    @app.get("/reports/{job_id}", summary="A job's HTML report", response_class=HTMLResponse, dependencies=read)
     def report(job_id: str) -> Response:
         job = queue.get_job(state.engine, job_id)
         if job is None:
@@ -231,13 +240,13 @@ def create_app(state: ServiceState) -> FastAPI:
                              "uptime_seconds": round(time.time() - state.started, 1)},
                             status_code=200 if healthy else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", dependencies=read)
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=read)
     def dashboard() -> str:
         return DASHBOARD_HTML
 

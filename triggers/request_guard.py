@@ -52,3 +52,20 @@ def bearer_ok(token: str, header: str | None) -> bool:
     if not token or not header or not header.startswith("Bearer "):
         return False
     return hmac.compare_digest(token.encode(), header.removeprefix("Bearer ").encode())
+
+
+def reader_ok(token: str, header: str | None) -> bool:
+    """The optional read token: `Authorization: Bearer <token>` for API clients, or HTTP Basic with the token
+    as the password, which a browser asks for once and then sends with the dashboard's own requests."""
+    if bearer_ok(token, header):
+        return True
+    if not token or not header or not header.startswith("Basic "):
+        return False
+    import base64
+    import binascii
+
+    try:
+        _, _, password = base64.b64decode(header.removeprefix("Basic "), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(token.encode(), password.encode())

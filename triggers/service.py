@@ -77,7 +77,8 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
                          metrics=ServiceMetrics(engine), drift_secret=os.environ.get("MLGATE_DRIFT_SECRET", ""),
                          drift_token=os.environ.get("MLGATE_DRIFT_TOKEN", ""),
-                         result_secret=os.environ.get("MLGATE_RESULT_SECRET", ""))
+                         result_secret=os.environ.get("MLGATE_RESULT_SECRET", ""),
+                         read_token=os.environ.get("MLGATE_READ_TOKEN", ""))
     app = create_app(state)
     stop_planner = threading.Event()
 
