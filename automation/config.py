@@ -125,6 +125,10 @@ class ServiceConfig(Strict):
     """`mlgate serve` and `mlgate worker`: what turns events into jobs and where jobs run."""
 
     executor: Literal["local", "github"] = "local"
+    branch: str = "main"                           # what a job with no commit (manual, drift) runs: this branch's head
+    # local executor: `commit` runs each job in a git worktree at its SHA (the commit's code and mlgate.yaml);
+    # `in_place` runs the service's own files, for a folder that is not a git repository (the demo)
+    checkout: Literal["commit", "in_place"] = "commit"
     github: GitHubExecutorConfig = GitHubExecutorConfig()
     workers: int = Field(1, ge=0)                  # in-process workers in `mlgate serve` (0: workers run apart)
     max_concurrent_retrains: PositiveInt = 2       # across models; a model never runs two jobs at once
@@ -215,7 +219,9 @@ def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
         config = MlgateConfig.model_validate(_apply_defaults(raw, source))
     except ValidationError as exc:
         raise UsageError(_format_validation_error(source, exc)) from None
-    workdir = config.workdir if config.workdir.is_absolute() else (base_dir / config.workdir)
+    # MLGATE_WORKDIR: a job run from a checkout of another commit keeps the service's state and reports
+    workdir = Path(os.environ.get("MLGATE_WORKDIR") or config.workdir)
+    workdir = workdir if workdir.is_absolute() else (base_dir / workdir)
     return config.model_copy(update={"workdir": workdir.resolve()})
 
 

@@ -146,3 +146,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(repo: Path, files: dict[str, str] | None = None, message: str = "change") -> str:
+    """Write `files` into the git repository at `repo` (made on branch main if needed), commit, return the SHA."""
+    import subprocess
+
+    if not (repo / ".git").exists():
+        repo.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    for name, text in (files or {}).items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text, encoding="utf-8")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=ci@mlgate", "-c", "user.name=ci", "commit", "-qm", message],
+                   cwd=repo, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def project_files(*folders: str) -> dict[str, str]:
+    """The project's own files under `folders` (e.g. the model zoo), to commit into a test repository."""
+    return {str(path.relative_to(PROJECT)): path.read_text(encoding="utf-8")
+            for folder in folders for path in sorted((PROJECT / folder).rglob("*.py"))}

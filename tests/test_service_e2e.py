@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import fast_config, wait_for, webhook_examples
+from tests.conftest import fast_config, git_commit, project_files, wait_for, webhook_examples
 from triggers.local_broker import TansuBroker, free_port
 from triggers.intake.drift import make_event
 from triggers.intake.drift_consumer import publish
@@ -44,7 +44,9 @@ class Service:
         self.directory, self.port = directory, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = directory / "mlgate.yaml"
-        config.write_text(yaml.safe_dump(e2e_config(directory)), encoding="utf-8")
+        # the service's repository: each job runs the commit it names, in a worktree of this repo
+        self.sha = git_commit(directory, project_files("models") | {
+            "mlgate.yaml": yaml.safe_dump(e2e_config(directory)), ".gitignore": "state/\n*.log\n*.npz\nchromium/\n"})
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
         env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"}
         self.log = open(directory / "service.log", "wb")
@@ -86,7 +88,7 @@ def service(tmp_path: Path, kafka_broker: TansuBroker) -> Any:
 
 def signed_push(service: Service, files: list[str]) -> httpx.Response:
     payload = copy.deepcopy(next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master"))
-    payload["before"] = "1" * 40
+    payload["before"], payload["after"] = "1" * 40, service.sha
     payload["commits"][0].update(added=[], removed=[], modified=files)
     body = json.dumps(payload).encode()
     return httpx.post(service.url + "/webhooks/github", content=body, timeout=10, headers={
@@ -134,7 +136,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     assert wait_for(lambda: service.finished(push_job), 240, interval=1), service.job(push_job)
     job = service.job(push_job)
     assert job["state"] == "succeeded", job
-    assert job["version"] == "1" and job["run_id"] and job["attempts"] == 1
+    assert job["version"] == "1" and job["run_id"] and job["attempts"] == 1 and job["sha"] == service.sha
     models = {m["model"]: m for m in service.get("/models").json()}
     assert models["digits_mlp"]["production"] == "1" and models["digits_cnn"]["production"] is None
     report = service.get(f"/reports/{push_job}")

@@ -45,7 +45,8 @@ def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
         },
         "models": {MODEL: {"module": "models.digits_mlp", "params": {"hidden": 64}}},
         # the fresh labelled data the drift event points at lives in the demo's folder
-        "service": {"workers": 1, "lease_seconds": 60, "data_roots": [str(workdir)]},
+        # the demo's folder is not a git repository: its jobs run the installed code, not a commit's
+        "service": {"workers": 1, "lease_seconds": 60, "data_roots": [str(workdir)], "checkout": "in_place"},
     }
 
 

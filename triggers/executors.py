@@ -49,12 +49,17 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
-def run_arguments(job: Job) -> list[str]:
+# what only the service may hold: a job runs a commit's code, which must never see these
+SERVICE_SECRETS = ("GITHUB_WEBHOOK_SECRET", "MLGATE_DRIFT_SECRET", "MLGATE_DRIFT_TOKEN", "MLGATE_RESULT_SECRET",
+                   "MLGATE_READ_TOKEN")
+
+
+def run_arguments(job: Job, sha: str | None = None) -> list[str]:
     """`mlgate run` arguments for a job record (shared by the local and the GitHub executor)."""
     args = ["--model", job.model, "--trigger", job.trigger if job.trigger in ("push", "pr", "drift") else "manual",
             "--job-id", job.id]
-    if job.sha:
-        args += ["--sha", job.sha]
+    if sha or job.sha:
+        args += ["--sha", sha or job.sha]
     if job.pr is not None and job.trigger == "pr":
         args += ["--pr", str(job.pr)]
     data_ref = json.loads(job.payload or "{}").get("data_ref")
@@ -64,19 +69,41 @@ def run_arguments(job: Job) -> list[str]:
 
 
 class LocalExecutor:
+    """Runs a job on this machine, on the commit it names: `mlgate run` inside a worktree at that SHA
+    (triggers/checkout.py), with that commit's mlgate.yaml and code, and the service's state."""
+
     def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
         self.config, self.config_path = config, config_path
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
+        from triggers.checkout import CheckoutFailed, repository_root, resolve_commit, worktree
+
         log_path = self.config.workdir / "jobs" / job.id / "job.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "triggers.cli"]
-        if self.config_path:
-            command += ["--config", self.config_path]
-        command += ["run", *run_arguments(job), "--json"]
-        env = os.environ | {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info")}
-        log.info("job started", extra={"job_id": job.id, "model": job.model, "log": str(log_path)})
-        with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr,
+        config_file = Path(self.config_path or "mlgate.yaml").resolve()
+        if self.config.service.checkout == "in_place":
+            return self._run_in(config_file.parent, config_file, job, job.sha, log_path, lost)
+        try:
+            repo = repository_root(config_file.parent)
+            sha = resolve_commit(repo, job.sha, self.config.service.branch)
+            with worktree(repo, sha, self.config.workdir / "worktrees" / job.id) as tree:
+                outcome = self._run_in(tree, tree / config_file.relative_to(repo), job, sha, log_path, lost)
+        except CheckoutFailed as exc:
+            return Outcome("failed", {"error": str(exc)[:2000]})
+        if outcome is not None:
+            outcome.fields["sha"] = sha   # what ran, also for jobs that named no commit
+        return outcome
+
+    def _run_in(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
+                lost: threading.Event) -> Outcome | None:
+        command = [sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run",
+                   *run_arguments(job, sha), "--json"]
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
+        env |= {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info"),
+                "MLGATE_WORKDIR": str(self.config.workdir)}   # the service's registry, job DB and reports
+        log.info("job started", extra={"job_id": job.id, "model": job.model, "sha": sha, "log": str(log_path)})
+        # cwd: `python -m` puts the worktree first on sys.path, so the commit's own code is what runs
+        with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=tree,
                                                                env=env, preexec_fn=_die_with_parent) as process:
             stdout: list[bytes] = []
             reader = threading.Thread(target=lambda: stdout.extend(process.stdout), daemon=True)   # type: ignore[arg-type]

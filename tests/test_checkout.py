@@ -1,0 +1,86 @@
+"""Jobs run the commit they name: the local executor materializes each job's SHA as a git worktree of a real
+repository and runs that commit's model code and mlgate.yaml, never the service's checkout."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from automation.config import parse_config
+from automation.store import open_store
+from tests.conftest import fast_config, git_commit, project_files
+from triggers import queue
+from triggers.executors import LocalExecutor
+
+pytestmark = pytest.mark.slow
+
+# the same model file, with a one-unit bottleneck: a commit whose code is genuinely worse; at import it
+# also notes which service secret the job's process can see (it must see none)
+WORSE_MLP = '''"""A two-layer perceptron squeezed through one unit."""
+import os
+from pathlib import Path
+
+from torch import nn
+
+from models.datasets import digits as load_data
+
+Path(os.environ["MLGATE_WORKDIR"], "secret-seen-by-job.txt").write_text(str(os.environ.get("GITHUB_WEBHOOK_SECRET")))
+
+
+def build(hidden: int = 128, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.ReLU(), nn.Linear(1, 10))
+'''
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> dict[str, Any]:
+    state = tmp_path / "service-state"
+    config = fast_config(epochs=6)
+    config["workdir"] = str(state)
+    config["models"] = {"digits_mlp": config["models"]["digits_mlp"]}
+    repo = tmp_path / "repo"
+    good = git_commit(repo, project_files("models") | {"mlgate.yaml": yaml.safe_dump(config)}, "good model")
+    worse = git_commit(repo, {"models/digits_mlp.py": WORSE_MLP}, "worse model")
+    service_config = parse_config((repo / "mlgate.yaml").read_text(), str(repo / "mlgate.yaml"), repo)
+    engine = open_store(f"sqlite:///{state / 'mlgate.db'}")
+    return {"repo": repo, "good": good, "worse": worse, "config": service_config, "engine": engine, "state": state}
+
+
+def run(repository: dict[str, Any], sha: str | None) -> tuple[Any, dict[str, Any] | None]:
+    job, _ = queue.enqueue(repository["engine"], model="digits_mlp", kind="retrain", trigger="push", sha=sha)
+    executor = LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml"))
+    outcome = executor.run(job, threading.Event())
+    report = repository["state"] / "reports" / job.id / "report.json"
+    return outcome, json.loads(report.read_text()) if report.exists() else None
+
+
+def test_each_job_runs_the_code_of_its_own_commit(repository: dict[str, Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "the-service-secret")
+    good, good_summary = run(repository, repository["good"])
+    assert good.state == "succeeded" and good.fields["sha"] == repository["good"], good
+    assert good_summary["sha"] == repository["good"] and good_summary["metrics"]["accuracy"] > 0.85
+    assert f"commit `{repository['good'][:12]}`" in (repository["state"] / "reports" / good_summary["job_id"] /
+                                                    "report.md").read_text()
+    worse, worse_summary = run(repository, repository["worse"])
+    assert worse.state == "gate_failed" and worse_summary["sha"] == repository["worse"]
+    assert worse_summary["metrics"]["accuracy"] < good_summary["metrics"]["accuracy"] - 0.2
+    # the commit's code ran, and it could not see the service's secret
+    assert (repository["state"] / "secret-seen-by-job.txt").read_text() == "None"
+    # a job that names no commit runs the branch head and records which commit that was
+    head, head_summary = run(repository, None)
+    assert head.fields["sha"] == repository["worse"] and head_summary["sha"] == repository["worse"]
+    assert not list((repository["state"] / "worktrees").iterdir())          # every worktree was removed
+
+
+def test_a_commit_that_cannot_be_fetched_fails_the_job_in_one_line(repository: dict[str, Any]) -> None:
+    outcome, summary = run(repository, "0badc0ffee" * 4)
+    assert outcome.state == "failed" and summary is None
+    assert outcome.fields["error"].startswith("commit 0badc0ffee0b is not in ") and "\n" not in outcome.fields["error"]
+    outcome, _ = run(repository, "main; rm -rf /")
+    assert outcome.state == "failed" and "is not a commit SHA" in outcome.fields["error"]
