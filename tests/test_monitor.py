@@ -24,7 +24,9 @@ def promoted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from triggers.cli import main
 
     directory = tmp_path_factory.mktemp("monitor")
-    path = write_config(directory, fast_config(epochs=6))
+    config = fast_config(epochs=6)
+    config["service"] = {"data_roots": [str(directory)]}   # where the fresh labelled data is written
+    path = write_config(directory, config)
     assert main(["--config", str(path), "run", "--model", "digits_mlp"], standalone=False) == 0
     return path
 

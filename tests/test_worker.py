@@ -16,7 +16,7 @@ import pytest
 
 from automation.config import load_config
 from automation.store import open_store
-from tests.conftest import fast_config, wait_for, write_config
+from tests.conftest import fast_config, git_commit, project_files, wait_for, write_config
 from triggers import queue
 from triggers.executors import LocalExecutor
 from triggers.worker import Worker
@@ -25,22 +25,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Any]:
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Any, str]:
+    """A config in a git repository (jobs run commits), its job database, and the commit to run."""
     config = fast_config(epochs=6)
     config["service"] = {"lease_seconds": 3, "max_attempts": 3}
     path = write_config(tmp_path, config)
+    commit = git_commit(tmp_path, project_files("models"), "the service's repository")
     monkeypatch.setenv("MLGATE_DATABASE_URL", f"sqlite:///{tmp_path / 'queue.db'}")
     loaded = load_config(path)
-    return loaded, path, open_store(os.environ["MLGATE_DATABASE_URL"])
+    return loaded, path, open_store(os.environ["MLGATE_DATABASE_URL"]), commit
 
 
 def job_processes(worker: psutil.Process) -> list[psutil.Process]:
     return [p for p in worker.children(recursive=True) if "run" in p.cmdline() and "--job-id" in p.cmdline()]
 
 
-def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any]) -> None:
-    config, path, engine = setup
-    job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha="a" * 40)
+def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any, str]) -> None:
+    config, path, engine, commit = setup
+    job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=commit)
     worker = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(path), "worker"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     parent = psutil.Process(worker.pid)
@@ -64,8 +66,8 @@ def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any]
     assert (config.workdir / "jobs" / job.id / "job.log").exists()
 
 
-def test_cancelled_job_stops_its_process(setup: tuple[Any, Path, Any]) -> None:
-    config, path, engine = setup
+def test_cancelled_job_stops_its_process(setup: tuple[Any, Path, Any, str]) -> None:
+    config, path, engine, _ = setup
     job, _ = queue.enqueue(engine, model="digits_cnn", kind="retrain", trigger="push")
     worker = Worker(config, engine, LocalExecutor(config, str(path)), worker_id="w")
     thread = threading.Thread(target=worker.run_one)

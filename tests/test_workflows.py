@@ -58,9 +58,10 @@ def test_gpu_runner_workflow_contract() -> None:
     [job] = workflow["jobs"].values()
     assert job["runs-on"] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
     assert "inputs.model" in workflow["concurrency"]["group"]
-    assert workflow["permissions"]["contents"] == "read"
-    assert not {k for k, v in workflow["permissions"].items() if v == "write"} - {"statuses", "pull-requests",
-                                                                                   "issues"}
+    assert workflow["permissions"] == {}                      # nothing at workflow level: the job says what it needs
+    assert job["permissions"]["contents"] == "read" and job["environment"] == "mlgate-gpu-runner"
+    assert not {k for k, v in job["permissions"].items() if v == "write"} - {"statuses", "pull-requests", "issues"}
+    assert "secrets.MLGATE_WEBHOOK_SECRET" not in RETRAIN.read_text()   # the runner holds no service secret
     labels = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     assert "gpu" in labels
 
