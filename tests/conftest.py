@@ -172,3 +172,19 @@ def project_files(*folders: str) -> dict[str, str]:
     """The project's own files under `folders` (e.g. the model zoo), to commit into a test repository."""
     return {str(path.relative_to(PROJECT)): path.read_text(encoding="utf-8")
             for folder in folders for path in sorted((PROJECT / folder).rglob("*.py"))}
+
+
+def headless_chromium(profile: Path, *args: str) -> str:
+    """Debian's Chromium, headless, with the flags this closed network needs; returns its stdout."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={profile}", *args],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

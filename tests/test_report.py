@@ -7,14 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from automation.report import COMMENT_LIMIT, render_html, render_markdown
+from tests.conftest import headless_chromium
 from triggers.github.reporter import report_links, status_description
 
 SUMMARY = json.loads((Path(__file__).parent / "fixtures" / "pr_summary.json").read_text())
@@ -226,15 +225,7 @@ def test_html_has_no_mermaid_source_and_no_emoji(flavour: str) -> None:
 
 
 def screenshot(page: Path, png: Path, profile: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
-    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                             "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
-                             "--window-size=1200,2400", f"--screenshot={png}", page.as_uri()],
-                            capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-2000:]
+    headless_chromium(profile, "--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={png}", page.as_uri())
 
 
 def test_html_report_renders_in_a_browser(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import fast_config, git_commit, project_files, wait_for, webhook_examples
+from tests.conftest import fast_config, git_commit, headless_chromium, project_files, wait_for, webhook_examples
 from triggers.local_broker import TansuBroker, free_port
 from triggers.intake.drift import make_event
 from triggers.intake.drift_consumer import publish
@@ -116,15 +115,7 @@ def mlflow_run(workdir: Path, run_id: str) -> Any:
 
 
 def dump_dom(url: str, profile: Path) -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.fail("Chromium is missing: `make test` installs the Debian package chromium")
-    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                             "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-                             "--dump-dom", url], capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return headless_chromium(profile, "--virtual-time-budget=10000", "--dump-dom", url)
 
 
 def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_broker: TansuBroker,
