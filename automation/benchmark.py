@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from automation.errors import one_line
 from automation.predictors import Predictor, predict
 
 ProgressFn = Callable[[int], None]
@@ -87,7 +88,7 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
     results = LatencyResults({name: {} for name in predictors})
 
     def drop(name: str, exc: Exception) -> None:
-        results.failures[name] = f"failed while timed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        results.failures[name] = one_line(f"failed while timed: {type(exc).__name__}: {exc}")
         live.pop(name, None)
 
     for batch_size in batch_sizes:

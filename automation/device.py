@@ -33,6 +33,11 @@ class RunnerDevice:
         return self.type == "cuda"
 
     @property
+    def ordinal(self) -> int:
+        """The CUDA device number other runtimes (ONNX Runtime) are given."""
+        return self.index or 0
+
+    @property
     def torch(self) -> "torch.device":
         import torch
 
@@ -86,14 +91,13 @@ def select_device(cfg: "DeviceConfig | None" = None) -> RunnerDevice:
     return RunnerDevice("cuda", index, torch.cuda.get_device_name(index), tf32=tf32)
 
 
+def device_copy(model: "nn.Module", device: RunnerDevice, dtype: Any = None) -> "nn.Module":
+    """An eval-mode copy on `device` (and in `dtype`), so that moving it never moves the caller's model."""
+    return copy.deepcopy(model).to(device=device.torch, dtype=dtype).eval()
+
+
 def host_copy(model: "nn.Module") -> "nn.Module":
-    """An fp32 eval-mode copy on the CPU: what crosses to ONNX, MLflow and files. The original stays put."""
+    """An fp32 copy on the CPU: what crosses to ONNX, MLflow and files. The original stays put."""
     import torch
 
-    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-
-
-def device_copy(model: "nn.Module", device: RunnerDevice, dtype: Any = None) -> "nn.Module":
-    """A copy on `device` (and in `dtype`), so that moving it never moves the caller's model."""
-    moved = copy.deepcopy(model).to(device.torch)
-    return (moved.to(dtype) if dtype is not None else moved).eval()
+    return device_copy(model, CPU, torch.float32)

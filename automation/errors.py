@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """The first non-blank line of a message, clipped: what a report cell or a job record can hold."""
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    return first[:limit] or "unknown error"
+
+
+def failure_reason(step: str, exc: BaseException, limit: int = 300) -> str:
+    return one_line(f"{step} failed: {type(exc).__name__}: {exc}", limit)
+
+
 class MlgateError(Exception):
     """Any failure a user should see as one line, without a traceback."""
 

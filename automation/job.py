@@ -24,7 +24,7 @@ import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
 from automation.device import RunnerDevice, host_copy, select_device
-from automation.errors import GateFailed, MlgateError, StageError
+from automation.errors import GateFailed, MlgateError, StageError, failure_reason
 from automation.progress import JobProgress
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                     v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test,
                                                              splits.classes)
                 except Exception as exc:   # an optional variant's failure is its own
-                    failures[v.name] = optimize.failure_reason("evaluation", exc)
+                    failures[v.name] = failure_reason("evaluation", exc)
             optimize.drop_failed(variants, failures)
             built = [v for v in variants if v.predictor is not None]
             contenders = {v.name: v.predictor for v in built}

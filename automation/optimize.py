@@ -29,7 +29,7 @@ from automation import parity
 from automation.benchmark import AccuracyStats, LatencyStats, MemoryProbe, size_mb
 from automation.config import ALL_VARIANTS, OptimizeConfig
 from automation.device import CPU, RunnerDevice, device_copy, host_copy
-from automation.errors import StageError
+from automation.errors import StageError, failure_reason, one_line
 from automation.logs import captured_output
 from automation.predictors import (AotiPredictor, OnnxPredictor, Predictor, TorchPredictor, onnx_provider_missing,
                                    onnx_providers, predict)
@@ -72,15 +72,6 @@ class Variant:
                 "accuracy": self.accuracy.accuracy if self.accuracy else None,
                 "build_log": str(self.build_log) if self.build_log else None,
                 "latency": {str(b): s.as_dict() for b, s in self.latency.items()}}
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-    return first[:limit] or "unknown error"
-
-
-def failure_reason(step: str, exc: BaseException) -> str:
-    return one_line(f"{step} failed: {type(exc).__name__}: {exc}")
 
 
 # --- artifacts -------------------------------------------------------------------------------------------

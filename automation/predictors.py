@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from automation.device import CPU, RunnerDevice, device_copy
+from automation.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,17 @@ class _TorchRuntime:
         self.device = device
         self.dtype = dtype or torch.float32
         self.memory_kind = "cuda_peak_allocated" if device.is_cuda else "host_rss"
+        self.module: Any = None       # set by the subclass: anything callable on a prepared tensor
 
     def prepare(self, x: np.ndarray) -> Any:
         tensor = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return tensor.to(device=self.device.torch, dtype=self.dtype)
+
+    def run(self, prepared: Any) -> Any:
+        with self._torch.inference_mode():
+            out = self.module(prepared)
+        self.device.synchronize()   # kernels are asynchronous: without this the clock sees only the launch
+        return out
 
     def to_numpy(self, output: Any) -> np.ndarray:
         return output.float().cpu().numpy()
@@ -74,10 +82,7 @@ class TorchPredictor(_TorchRuntime):
     def run(self, prepared: Any) -> Any:
         if self._cudagraphs:   # each call is a new step: the previous call's output may be overwritten
             self._torch.compiler.cudagraph_mark_step_begin()
-        with self._torch.inference_mode():
-            out = self.module(prepared)
-        self.device.synchronize()   # kernels are asynchronous: without this the clock sees only the launch
-        return out
+        return super().run(prepared)
 
 
 class AotiPredictor(_TorchRuntime):
@@ -87,13 +92,8 @@ class AotiPredictor(_TorchRuntime):
         super().__init__(device)
         import torch._inductor
 
-        self.module = torch._inductor.aoti_load_package(str(package), device_index=-1 if device.index is None else device.index)
-
-    def run(self, prepared: Any) -> Any:
-        with self._torch.inference_mode():
-            out = self.module(prepared)
-        self.device.synchronize()
-        return out
+        self.module = torch._inductor.aoti_load_package(
+            str(package), device_index=-1 if device.index is None else device.index)
 
 
 class OnnxPredictor:
@@ -120,7 +120,7 @@ class OnnxPredictor:
         if not self.device.is_cuda:
             return {self.input_name: x}
         binding = self.session.io_binding()
-        index = self.device.index or 0
+        index = self.device.ordinal
         binding.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", index))
         binding.bind_output(self.output_name, "cuda", index)
         binding.synchronize_inputs()
@@ -141,11 +141,11 @@ class OnnxPredictor:
 def onnx_providers(variant: str, device: RunnerDevice = CPU) -> list[Any]:
     """Execution providers, most preferred first. The CUDA provider gets the job's device and TF32
     setting explicitly: its own default allows TF32, which would make fp32 parity a coin toss."""
-    cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": int(device.tf32)})
+    cuda = ("CUDAExecutionProvider", {"device_id": device.ordinal, "use_tf32": int(device.tf32)})
     if variant == "onnx_cuda":
         return [cuda, "CPUExecutionProvider"]
     if variant == "tensorrt_fp16":
-        return [("TensorrtExecutionProvider", {"device_id": device.index or 0, "trt_fp16_enable": True}), cuda,
+        return [("TensorrtExecutionProvider", {"device_id": device.ordinal, "trt_fp16_enable": True}), cuda,
                 "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -191,7 +191,6 @@ def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str
                                    f"{device.torch}")
             return AotiPredictor(package, device), package
         import mlflow.pytorch
-        import torch
 
         model = mlflow.pytorch.load_model(str(local), map_location="cpu")   # whatever device it was saved from
         half = variant == "torch_half"
@@ -225,7 +224,7 @@ def load_registered(client: Any, model: str, version: str, dest: Path, device: R
         served_as = "torch_eager" if variant.startswith("torch_") else "onnx_fp32"
         if served_as == variant:
             raise
-        fallback_reason = f"{variant} cannot run here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        fallback_reason = f"{variant} cannot run here ({one_line(f'{type(exc).__name__}: {exc}', 200)})"
         log.warning("serving the portable form", extra={"model": model, "version": version, "variant": variant,
                                                         "served_as": served_as, "reason": fallback_reason})
         predictor, artifact = _load_variant(served_as, local, device, None)

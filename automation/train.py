@@ -62,7 +62,7 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
     world_size = world_size or resolve_world_size(cfg, device)
     started = time.perf_counter()
     if world_size == 1:
-        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, device=device, on_epoch=on_epoch)
+        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device, on_epoch=on_epoch)
     else:
         result = _train_distributed(build, params, splits, cfg, world_size, device,
                                     backend or ("nccl" if device.is_cuda else "gloo"))
@@ -74,10 +74,10 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
 
 
 def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
-                  rank: int, world_size: int, device: RunnerDevice, on_epoch: EpochCallback | None) -> TrainResult:
+                  rank: int, world_size: int, runner: RunnerDevice, on_epoch: EpochCallback | None) -> TrainResult:
     # --- set-up -------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    runner = device
+    # one GPU per rank under DDP; otherwise the job's device
     device = torch.device("cuda", rank % torch.cuda.device_count()) if world_size > 1 and runner.is_cuda else \
         runner.torch
     model = build(**params).to(device)
@@ -162,7 +162,7 @@ def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
     torch.distributed.init_process_group(backend=backend)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, device=device,
+        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
                                on_epoch=None)
         if rank == 0:
             torch.save({"state_dict": result.model.state_dict(), "history": result.history,

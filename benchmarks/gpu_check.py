@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MEMORY_LABEL = {"cuda_peak_allocated": "GPU peak", "cuda_device_used": "GPU used", "host_rss": "host RSS"}
+sys.path.insert(0, str(ROOT))
+from automation.report import MEMORY_KINDS  # noqa: E402   (the report's memory labels)
 
 
 def _run_job(config: Path, model: str, sha: str, log: Path) -> tuple[int, dict[str, Any] | None, float]:
@@ -54,7 +55,7 @@ def variant_table(summary: dict[str, Any]) -> list[str]:
         if eager and eager["latency"]:
             speed = (f"{eager['latency']['1']['p50_ms'] / b1['p50_ms']:.2f}× / "
                      f"{eager['latency'][large]['p50_ms'] / bl['p50_ms']:.2f}×")
-        memory = "—" if v["memory_mb"] is None else f"{v['memory_mb']:.1f} {MEMORY_LABEL.get(v['memory_kind'], '')}"
+        memory = "—" if v["memory_mb"] is None else f"{v['memory_mb']:.1f} {MEMORY_KINDS.get(v['memory_kind'], '')}"
         chosen = "**chosen**" if v["name"] == summary["chosen_variant"] else ""
         rows.append(f"| {v['name']} | {v['device']} | {v['precision']} | {build} | {v['accuracy']:.2%} | "
                     f"{_ms(b1['p50_ms'])}/{_ms(b1['p95_ms'])}/{_ms(b1['p99_ms'])} | "
@@ -110,7 +111,7 @@ def main() -> int:
         config.write_text(Path(args.config).read_text().replace("workdir: .mlgate", f"workdir: {tmp}/state"))
         for run, sha in ((1, "gpucheck1"), (2, "gpucheck2")):
             for model in args.models:
-                code, summary, seconds = _run_job(config, model, sha, out / f"jobs.log")
+                code, summary, seconds = _run_job(config, model, sha, out / "jobs.log")
                 failed += code not in (0, 3)
                 section = job_section(model, run, code, seconds, summary)
                 print("\n".join(section), flush=True)

@@ -188,3 +188,41 @@ def headless_chromium(profile: Path, *args: str) -> str:
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+class ServeProcess:
+    """`mlgate serve` in a subprocess on a free port, with a clean environment plus `env`, logging to
+    `<directory>/service.log`."""
+
+    def __init__(self, config: Path, directory: Path, env: dict[str, str], cwd: Path) -> None:
+        import subprocess
+        import sys
+
+        from triggers.local_broker import free_port
+
+        self.directory, self.port = directory, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
+        self.log = open(directory / "service.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(config), "serve",
+                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=clean | env, cwd=cwd)
+
+    def get(self, path: str) -> Any:
+        import httpx
+
+        return httpx.get(self.url + path, timeout=30)
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            return self.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(20)
+        self.log.close()
+        return (self.directory / "service.log").read_text(errors="replace")[-4000:]

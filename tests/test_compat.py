@@ -8,7 +8,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 import pytest
 import torch

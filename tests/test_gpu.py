@@ -19,7 +19,7 @@ from automation.device import CPU, select_device
 from automation.optimize import build_variants
 from automation.predictors import TorchPredictor, load_registered, predict
 from automation.train import train_model
-from models import digits_cnn, digits_mlp
+from models import digits_cnn
 from models.datasets import digits
 from tests.conftest import fast_config, last_json, write_config
 from triggers.cli import main

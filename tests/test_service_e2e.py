@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,8 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import fast_config, git_commit, headless_chromium, project_files, wait_for, webhook_examples
-from triggers.local_broker import TansuBroker, free_port
+from tests.conftest import (ServeProcess, fast_config, git_commit, headless_chromium, project_files, wait_for,
+                            webhook_examples)
+from triggers.local_broker import TansuBroker
 from triggers.intake.drift import make_event
 from triggers.intake.drift_consumer import publish
 from triggers.request_guard import sign
@@ -38,41 +36,19 @@ def e2e_config(data_root: Path) -> dict[str, Any]:
     return config
 
 
-class Service:
+class Service(ServeProcess):
     def __init__(self, directory: Path, bootstrap: str) -> None:
-        self.directory, self.port = directory, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = directory / "mlgate.yaml"
         # the service's repository: each job runs the commit it names, in a worktree of this repo
         self.sha = git_commit(directory, project_files("models") | {
             "mlgate.yaml": yaml.safe_dump(e2e_config(directory)), ".gitignore": "state/\n*.log\n*.npz\nchromium/\n"})
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
-        env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"}
-        self.log = open(directory / "service.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(config), "serve",
-                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=directory)
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30)
-
-    def ready(self) -> bool:
-        try:
-            return self.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
+        super().__init__(directory / "mlgate.yaml", directory, cwd=directory, env={
+            "GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"})
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.get(f"/jobs/{job_id}").json()
 
     def finished(self, job_id: str) -> bool:
         return self.job(job_id)["state"] not in ("queued", "running")
-
-    def stop(self) -> str:
-        self.process.terminate()
-        self.process.wait(20)
-        self.log.close()
-        return (self.directory / "service.log").read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture

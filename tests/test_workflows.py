@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import ServeProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 BIN = Path(sys.executable).parent
@@ -70,49 +72,23 @@ def remote_actions(path: Path) -> list[str]:
     return [step["uses"] for job in load(path)["jobs"].values() for step in job["steps"] if "uses" in step]
 
 
-class RunningService:
-    """`mlgate serve` in a subprocess with no workers (jobs run on the "runner"), holding one running job."""
+class RunningService(ServeProcess):
+    """`mlgate serve` with no workers (jobs run on the "runner"), holding one running job."""
 
     def __init__(self, directory: Path) -> None:
-        import os
-
         from automation.store import open_store
         from triggers import queue
-        from triggers.local_broker import free_port
 
         raw = yaml.safe_load((ROOT / "mlgate.yaml").read_text())
         raw |= {"workdir": str(directory / "service-state"), "service": {"workers": 0}}
-        self.config = directory / "service.yaml"
-        self.config.write_text(yaml.safe_dump(raw))
+        config = directory / "service.yaml"
+        config.write_text(yaml.safe_dump(raw))
         engine = open_store(f"sqlite:///{directory / 'service-state' / 'mlgate.db'}")
         self.job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="manual")
         queue.claim(engine, "github-executor")            # as the GitHub executor does before dispatching
-        self.secret, self.port = "result-minting-secret", free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
-        env |= {"GITHUB_WEBHOOK_SECRET": "webhook-secret", "MLGATE_RESULT_SECRET": self.secret}
-        self.log = open(directory / "service.log", "wb")
-        self.process = subprocess.Popen([BIN / "python", "-m", "triggers.cli", "--config", str(self.config), "serve",
-                                         "--port", str(self.port)], cwd=ROOT, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-
-    def get(self, path: str) -> Any:
-        import httpx
-
-        return httpx.get(self.url + path, timeout=10)
-
-    def ready(self) -> bool:
-        import httpx
-
-        try:
-            return self.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(20)
-        self.log.close()
+        self.secret = "result-minting-secret"
+        super().__init__(config, directory, cwd=ROOT, env={"GITHUB_WEBHOOK_SECRET": "webhook-secret",
+                                                            "MLGATE_RESULT_SECRET": self.secret})
 
 
 @pytest.mark.slow

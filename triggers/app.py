@@ -149,15 +149,15 @@ def create_app(state: ServiceState) -> FastAPI:
 
         if not state.result_secret:
             return _error(403, "runner results are off: set MLGATE_RESULT_SECRET")
+        header = request.headers.get("Authorization", "")
+        try:   # the credential is checked before a byte of the body is read
+            attempt = check_token(state.result_secret, header.removeprefix("Bearer "), job_id)
+        except BadResultToken as exc:
+            return _error(401, str(exc))
         try:
             body = await read_body(request, RESULT_LIMIT)
         except BodyTooLarge as exc:
             return _error(413, str(exc))
-        header = request.headers.get("Authorization", "")
-        try:
-            attempt = check_token(state.result_secret, header.removeprefix("Bearer "), job_id)
-        except BadResultToken as exc:
-            return _error(401, str(exc))
         try:
             result = RunnerResult.parse(body)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:

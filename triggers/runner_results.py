@@ -69,7 +69,7 @@ class RunnerResult:
         if not isinstance(data, dict):
             raise ValueError("a result is a JSON object")
         summary, report = data.get("summary"), data.get("report_html")
-        if summary is not None and not isinstance(summary, dict) or report is not None and not isinstance(report, str):
+        if (summary is not None and not isinstance(summary, dict)) or (report is not None and not isinstance(report, str)):
             raise ValueError("summary must be an object and report_html a string")
         return cls(job_id=str(data["job_id"]), attempt=int(data["attempt"]), exit_code=int(data["exit_code"]),
                    summary=summary, error=None if data.get("error") is None else str(data["error"])[:2000],

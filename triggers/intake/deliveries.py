@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
 from triggers.github.api import GitHubSource
-from triggers.queue import CLAIM_LOCK, insert_jobs, job_row
+from triggers.queue import CLAIM_LOCK, as_utc, insert_jobs, job_row
 from triggers.intake.webhooks import Plan, plan_event
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,13 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
         known = {row["id"]: delivery_view(row) for row in conn.execute(
             select(Delivery.__table__).where(Delivery.id.in_(ids))).mappings()}
         window_start = now - timedelta(hours=config.service.replay_window_hours)
-        seen = dict(conn.execute(select(SeenBody.sha256, SeenBody.delivery_id).where(
-            SeenBody.sha256.in_({item.body_sha256 for item in batch}), SeenBody.seen_at >= window_start)).all())
-        stale = [item.body_sha256 for item in batch if item.body_sha256 not in seen]
+        seen, stale = {}, []
+        for sha, delivery_id, seen_at in conn.execute(select(SeenBody.sha256, SeenBody.delivery_id, SeenBody.seen_at)
+                                                      .where(SeenBody.sha256.in_({i.body_sha256 for i in batch}))):
+            if as_utc(seen_at) >= window_start:
+                seen[sha] = delivery_id
+            else:
+                stale.append(sha)
         if stale:   # seen before the window: it may be accepted again, so forget the old sighting
             conn.execute(delete(SeenBody).where(SeenBody.sha256.in_(stale)))
         rows, jobs, bodies = [], [], []
