@@ -118,6 +118,24 @@ def test_pr_trust_asks_the_api_who_may_write(github: GitHubSource, tmp_path: Pat
     assert plan.outcome == "no_models" and "belongs to a model" in plan.reason, plan
 
 
+def test_an_evaluate_comment_by_a_writer_plans_the_prs_head(github: GitHubSource, tmp_path: Path) -> None:
+    """`/mlgate evaluate` from someone with write access (the spec's example: admin) approves the PR: its head
+    is read through the API, and it is planned from its file list."""
+    import yaml
+
+    from automation.config import parse_config
+    from tests.test_webhooks import evaluate_comment
+    from triggers.intake.webhooks import plan_event
+
+    pull = github.pull_request(REPO, 1347)
+    assert pull["head"]["sha"] and pull["number"] == 1347
+    config = parse_config(yaml.safe_dump(fast_config()), "mlgate.yaml", tmp_path)
+    comment = evaluate_comment(login="octocat")
+    comment["repository"]["full_name"], comment["issue"]["number"] = REPO, 1347
+    plan = plan_event(config, "issue_comment", comment, github)
+    assert plan.outcome == "no_models" and "belongs to a model" in plan.reason, plan
+
+
 def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:
     github.set_status(REPO, SHA, "pending", "mlgate job running", "mlgate/digits_mlp",
                       target_url="https://mlgate.example/reports/abc")

@@ -307,6 +307,53 @@ def test_a_fork_pr_runs_no_code_until_its_author_is_known_to_have_write_access(
     assert deliver(client, "pull_request", labeled).json()["status"] == "ignored"
 
 
+def evaluate_comment(body: str = "/mlgate evaluate", login: str = "maintainer") -> dict[str, Any]:
+    """The real issue_comment example, as if written on a pull request."""
+    payload = copy.deepcopy(next(p for p in webhook_examples("issue_comment") if p["action"] == "created"))
+    payload["issue"]["pull_request"] = {"url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/1"}
+    payload["comment"]["body"], payload["comment"]["user"]["login"] = body, login
+    return payload
+
+
+class OneAnswerGitHub(GitHubSource):
+    """The API's answer to "who may write" fixed to one role; every other call fails as if GitHub were down.
+    (The calls themselves are checked against GitHub's OpenAPI description in test_github_contract.)"""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(api_url="http://127.0.0.1:9", token=None)
+        self.role, self.asked = role, []
+
+    def permission(self, repository: str, login: str) -> str:
+        self.asked.append(login)
+        return self.role
+
+
+def test_only_an_evaluate_comment_from_a_writer_approves_a_pr(client: TestClient, service: ServiceState) -> None:
+    # a comment that is not the command, or a command on an issue, is recorded and ignored without the API
+    assert deliver(client, "issue_comment", evaluate_comment("looks good to me")).json()["status"] == "ignored"
+    on_issue = evaluate_comment()
+    on_issue["issue"].pop("pull_request")
+    assert deliver(client, "issue_comment", on_issue).json()["status"] == "ignored"
+    edited = evaluate_comment() | {"action": "edited"}     # editing an old comment into the command approves nothing
+    assert deliver(client, "issue_comment", edited).json()["status"] == "ignored"
+    # the command itself waits for the planner, which asks GitHub who wrote it
+    assert deliver(client, "issue_comment", evaluate_comment(login="outsider")).json()["status"] == "pending"
+    reader = OneAnswerGitHub("read")
+    assert deliveries.plan_pending(service.engine, service.config, reader) == 1
+    [delivery] = [d for d in deliveries.list_deliveries(service.engine) if d.status != "ignored"]
+    assert reader.asked == ["outsider"] and delivery.status == "needs_approval"
+    assert delivery.reason == "'/mlgate evaluate' from outsider, who has read access: not an approval"
+    assert jobs(service) == []
+
+
+def test_an_evaluate_command_fails_closed_when_the_pr_cannot_be_read(service: ServiceState) -> None:
+    from triggers.intake.webhooks import plan_event
+
+    plan = plan_event(service.config, "issue_comment", evaluate_comment(), OneAnswerGitHub("write"))
+    assert plan.outcome == "needs_approval" and plan.reason.startswith("could not check '/mlgate evaluate' from "
+                                                                       "maintainer (GitHub API read")
+
+
 def test_an_optional_read_token_guards_the_api_and_dashboard(service: ServiceState) -> None:
     import base64
 

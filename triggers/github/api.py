@@ -97,6 +97,14 @@ class GitHubSource:
 
         return self._call(f"read {login}'s access to {repository}", fetch, attempts=3)
 
+    def pull_request(self, repository: str, number: int) -> dict[str, Any]:
+        """The pull request as the REST API returns it (head, base, user)."""
+        def fetch(gh: Any) -> dict[str, Any]:
+            _, data = gh.requester.requestJsonAndCheck("GET", f"/repos/{repository}/pulls/{number}")
+            return data if isinstance(data, dict) else {}
+
+        return self._call(f"read {repository}#{number}", fetch, attempts=3)
+
     def compare_files(self, repository: str, base: str, head: str) -> list[str]:
         return self._call(f"compare {base[:7]}...{head[:7]}", lambda gh: [
             f.filename for f in gh.get_repo(repository, lazy=True).compare(base, head).files])

@@ -2,7 +2,8 @@
 
 A push to the default branch retrains the models its commits touch; a pull request
 (opened/synchronize/reopened) evaluates the models its files touch, on the head SHA, and a
-newer push to the PR supersedes the older queued job. Everything else is recorded and ignored.
+newer push to the PR supersedes the older queued job. A PR from outside waits for a maintainer's
+approval: the approval label, or an `/mlgate evaluate` comment. Everything else is recorded and ignored.
 Planning that needs the GitHub API (a PR's file list, the previous mlgate.yaml) is deferred to
 the intake planner so the request itself stays fast.
 """
@@ -20,6 +21,7 @@ from triggers.intake.changes import CONFIG_FILE, Affected, affected_models
 from triggers.github.api import GitHubSource, GitHubUnavailable
 
 PR_ACTIONS = ("opened", "synchronize", "reopened")
+EVALUATE_COMMAND = "/mlgate evaluate"
 MAX_WEBHOOK_COMMITS = 20   # GitHub lists at most 20 commits in a push payload
 ZERO_SHA = "0" * 40
 
@@ -87,6 +89,29 @@ class PullRequestEvent(_Loose):
     label: _Label | None = None
 
 
+class _Comment(_Loose):
+    body: str = ""
+    user: _User | None = None
+
+
+class _Issue(_Loose):
+    number: int
+    pull_request: dict[str, Any] | None = None   # present only when the issue is a pull request
+
+
+class IssueCommentEvent(_Loose):
+    action: str
+    issue: _Issue
+    comment: _Comment
+    repository: _Repository
+
+    @property
+    def is_evaluate_command(self) -> bool:
+        lines = [line.strip() for line in self.comment.body.strip().splitlines()]
+        return (self.action == "created" and self.issue.pull_request is not None and bool(lines)
+                and lines[0].lower() == EVALUATE_COMMAND)
+
+
 @dataclass
 class PlannedJob:
     model: str
@@ -105,8 +130,8 @@ class Plan:
     repository: str | None = None
 
 
-def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | None:
-    model = {"push": PushEvent, "pull_request": PullRequestEvent}.get(event)
+def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | IssueCommentEvent | None:
+    model = {"push": PushEvent, "pull_request": PullRequestEvent, "issue_comment": IssueCommentEvent}.get(event)
     if model is None:
         return None
     try:
@@ -132,6 +157,8 @@ def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSou
         return _plan_push(config, parsed, github)
     if isinstance(parsed, PullRequestEvent):
         return _plan_pull_request(config, parsed, github)
+    if isinstance(parsed, IssueCommentEvent) and parsed.is_evaluate_command:
+        return _plan_evaluate_command(config, parsed, github)
     action = payload.get("action")
     return Plan("ignored", f"event '{event}{'.' + action if action else ''}' does not start jobs")
 
@@ -175,15 +202,44 @@ def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHu
     refusal = _untrusted(config, pr, github, approval)
     if refusal is not None:
         return Plan("needs_approval", refusal, repository=repo)
+    return _plan_pr_jobs(config, repo, pr.number, pr.pull_request, github)
+
+
+def _plan_evaluate_command(config: MlgateConfig, event: IssueCommentEvent, github: GitHubSource | None) -> Plan:
+    """`/mlgate evaluate` on a PR: an approval when its author has write access. The PR's head is read
+    through the API, as the comment's payload names no commit."""
+    repo, number = event.repository.full_name, event.issue.number
+    if github is None:
+        return Plan("pending", "needs the GitHub API (commenter's access, the PR's head)", repository=repo)
+    who = event.comment.user.login if event.comment.user else None
+    if who is None:
+        return Plan("needs_approval", f"'{EVALUATE_COMMAND}' from an unknown user: not an approval", repository=repo)
     try:
-        files = github.pull_request_files(repo, pr.number)
+        permission = github.permission(repo, who)
+        if permission not in WRITE_ACCESS:
+            return Plan("needs_approval", f"'{EVALUATE_COMMAND}' from {who}, who has {permission} access: "
+                        f"not an approval", repository=repo)
+        pull = _PullRequest.model_validate(github.pull_request(repo, number))
+    except GitHubUnavailable as exc:   # fail closed
+        return Plan("needs_approval", f"could not check '{EVALUATE_COMMAND}' from {who} ({exc}); not evaluated",
+                    repository=repo)
+    except ValidationError:
+        return Plan("needs_approval", f"the API's answer for #{number} is not a pull request; not evaluated",
+                    repository=repo)
+    return _plan_pr_jobs(config, repo, number, pull, github)
+
+
+def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullRequest, github: GitHubSource) -> Plan:
+    """Evaluate jobs for the models a (trusted or approved) PR touches, at its head."""
+    head = pull.head.sha
+    try:
+        files = github.pull_request_files(repo, number)
         affected = affected_models(config, files,
-                                   _config_versions(github, repo, _base_sha(pr), pr.pull_request.head.sha))
+                                   _config_versions(github, repo, pull.base.sha if pull.base else None, head))
     except GitHubUnavailable as exc:
         affected = Affected(models=list(config.models), reasons={m: "file list unavailable" for m in config.models},
                             note=f"{exc}; evaluating every model")
-    return _jobs(affected, "evaluate", "pr", pr.pull_request.head.sha, pr.number, repo,
-                 lambda m: f"pr:{repo}:{pr.number}:{m}")
+    return _jobs(affected, "evaluate", "pr", head, number, repo, lambda m: f"pr:{repo}:{number}:{m}")
 
 
 WRITE_ACCESS = frozenset({"admin", "maintain", "write"})
@@ -209,11 +265,7 @@ def _untrusted(config: MlgateConfig, pr: PullRequestEvent, github: GitHubSource,
     if approval:
         return f"label '{config.service.approve_label}' added by {who}, who has {permission} access: not an approval"
     return (f"PR from {head or 'a deleted fork'} by {who} ({permission} access) waits for approval: someone with "
-            f"write access adds the label '{config.service.approve_label}'")
-
-
-def _base_sha(pr: PullRequestEvent) -> str | None:
-    return pr.pull_request.base.sha if pr.pull_request.base else None
+            f"write access adds the label '{config.service.approve_label}' or comments '{EVALUATE_COMMAND}'")
 
 
 def _config_versions(github: GitHubSource, repo: str, before: str | None,
