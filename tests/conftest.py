@@ -117,7 +117,7 @@ def clean_tables(db_url: str) -> None:
     from sqlalchemy import delete
 
     from automation.store import open_store
-    from triggers import queue
+    from triggers.jobs import queue
     from triggers.intake import deliveries, drift
 
     with open_store(db_url).begin() as conn:

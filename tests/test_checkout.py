@@ -14,8 +14,8 @@ import yaml
 from automation.config import parse_config
 from automation.store import open_store
 from tests.conftest import fast_config, git_commit, project_files
-from triggers import queue
-from triggers.executors import LocalExecutor
+from triggers.jobs import queue
+from triggers.jobs.executors import LocalExecutor
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from automation.config import MlgateConfig, parse_config
 from automation.store import open_store
 from tests.conftest import FAST_CONFIG, clean_tables, wait_for
 from triggers.local_broker import TansuBroker
-from triggers import queue
+from triggers.jobs import queue
 from triggers.intake import drift
 from triggers.app import ServiceState, create_app
 from triggers.intake.drift_consumer import DriftConsumer, publish

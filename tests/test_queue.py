@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from automation.store import open_store
-from triggers import queue
+from triggers.jobs import queue
 
 from tests.conftest import clean_tables
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from automation.config import parse_config
 from automation.store import open_store
 from tests.conftest import FAST_CONFIG, clean_tables, webhook_examples
-from triggers import queue
+from triggers.jobs import queue
 from triggers.intake import deliveries
 from triggers.intake.changes import affected_models
 from triggers.github.api import GitHubSource
@@ -208,7 +208,7 @@ def post_result(client: TestClient, url_job: str, token: str, **fields: Any) -> 
 
 
 def test_a_runner_result_is_accepted_once_for_its_job_and_attempt_only(service: ServiceState) -> None:
-    from triggers.runner_results import mint_token
+    from triggers.jobs.runner_results import mint_token
 
     service.result_secret = RESULT_SECRET
     client = TestClient(create_app(service))

@@ -17,9 +17,9 @@ import pytest
 from automation.config import load_config
 from automation.store import open_store
 from tests.conftest import fast_config, git_commit, project_files, wait_for, write_config
-from triggers import queue
-from triggers.executors import LocalExecutor
-from triggers.worker import Worker
+from triggers.jobs import queue
+from triggers.jobs.executors import LocalExecutor
+from triggers.jobs.worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -77,7 +77,7 @@ class RunningService(ServeProcess):
 
     def __init__(self, directory: Path) -> None:
         from automation.store import open_store
-        from triggers import queue
+        from triggers.jobs import queue
 
         raw = yaml.safe_load((ROOT / "mlgate.yaml").read_text())
         raw |= {"workdir": str(directory / "service-state"), "service": {"workers": 0}}
@@ -106,7 +106,7 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
                                                 "tree under test"]):
         subprocess.run(["git", *git], cwd=tree, check=True, capture_output=True)
     from tests.conftest import wait_for
-    from triggers.runner_results import mint_token
+    from triggers.jobs.runner_results import mint_token
 
     service = RunningService(tmp_path)
     job_id = service.job.id

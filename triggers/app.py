@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from sqlalchemy import Engine, text
 
 from automation.config import MlgateConfig
-from triggers import queue
+from triggers.jobs import queue
 from triggers.dashboard import DASHBOARD_HTML
 from triggers.intake import deliveries, drift
 from triggers.intake.webhooks import BadPayload
@@ -144,8 +144,8 @@ def create_app(state: ServiceState) -> FastAPI:
     @app.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome and report, with the job's "
               "own credential (Authorization: Bearer, minted at dispatch)")
     async def job_result(job_id: str, request: Request) -> Response:
-        from triggers.executors import outcome_from_summary
-        from triggers.runner_results import BadResultToken, RunnerResult, check_token
+        from triggers.jobs.executors import outcome_from_summary
+        from triggers.jobs.runner_results import BadResultToken, RunnerResult, check_token
 
         if not state.result_secret:
             return _error(403, "runner results are off: set MLGATE_RESULT_SECRET")

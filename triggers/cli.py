@@ -177,7 +177,7 @@ def _warn_github(outcomes: dict[str, str]) -> None:
 
 def _report_back(args: argparse.Namespace, exit_code: int, summary: dict[str, Any] | None,
                  error: str | None) -> None:
-    from triggers.runner_results import post_result
+    from triggers.jobs.runner_results import post_result
 
     post_result(args.report_to, args.job_id, exit_code, summary, error)
 
@@ -248,9 +248,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
     from automation import store
-    from triggers import queue  # noqa: F401  (its table)
+    from triggers.jobs import queue  # noqa: F401  (its table)
     from triggers.service import make_executor
-    from triggers.worker import Worker
+    from triggers.jobs.worker import Worker
 
     config = _load(args)
     engine = store.open_store(store.database_url(config.workdir))
@@ -315,7 +315,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from automation import store
     from automation.errors import MlgateError
-    from triggers import queue
+    from triggers.jobs import queue
 
     config = _load(args)
     engine = store.open_store(store.database_url(config.workdir))

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from triggers.queue import FINAL_STATES, Job
+from triggers.jobs.queue import FINAL_STATES, Job
 
 STATES = ("queued", "running", *FINAL_STATES)
 DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)

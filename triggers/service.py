@@ -40,7 +40,7 @@ class Loop:
 
 
 def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine) -> Any:
-    from triggers.executors import GitHubExecutor, LocalExecutor
+    from triggers.jobs.executors import GitHubExecutor, LocalExecutor
 
     if config.service.executor == "local":
         return LocalExecutor(config, config_path)
@@ -72,7 +72,7 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
     from triggers.intake.drift_consumer import DriftConsumer
-    from triggers.worker import Worker
+    from triggers.jobs.worker import Worker
 
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
                          metrics=ServiceMetrics(engine), drift_secret=os.environ.get("MLGATE_DRIFT_SECRET", ""),
@@ -114,7 +114,7 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     import uvicorn
 
     from automation import store
-    from triggers import queue  # noqa: F401  (their tables)
+    from triggers.jobs import queue  # noqa: F401  (their tables)
     from triggers.intake import deliveries, drift  # noqa: F401
 
     secret = webhook_secret_from_env()

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
 from triggers.github.api import GitHubSource
-from triggers.queue import CLAIM_LOCK, as_utc, insert_jobs, job_row
+from triggers.jobs.queue import CLAIM_LOCK, as_utc, insert_jobs, job_row
 from triggers.intake.webhooks import Plan, plan_event
 
 log = logging.getLogger(__name__)

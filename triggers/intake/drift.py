@@ -24,7 +24,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
-from triggers.queue import CLAIM_LOCK, Job, as_utc, insert_jobs, job_row
+from triggers.jobs.queue import CLAIM_LOCK, Job, as_utc, insert_jobs, job_row
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
-from triggers import queue
-from triggers.executors import Executor, Outcome
+from triggers.jobs import queue
+from triggers.jobs.executors import Executor, Outcome
 
 log = logging.getLogger(__name__)
 

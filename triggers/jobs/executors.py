@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
-from triggers.queue import Job, get_job
+from triggers.jobs.queue import Job, get_job
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,13 @@ def run_arguments(job: Job, sha: str | None = None) -> list[str]:
 
 class LocalExecutor:
     """Runs a job on this machine, on the commit it names: `mlgate run` inside a worktree at that SHA
-    (triggers/checkout.py), with that commit's mlgate.yaml and code, and the service's state."""
+    (triggers/jobs/checkout.py), with that commit's mlgate.yaml and code, and the service's state."""
 
     def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
         self.config, self.config_path = config, config_path
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
-        from triggers.checkout import CheckoutFailed, repository_root, resolve_commit, worktree
+        from triggers.jobs.checkout import CheckoutFailed, repository_root, resolve_commit, worktree
 
         log_path = self.config.workdir / "jobs" / job.id / "job.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ class GitHubExecutor:
         self.result_secret, self.poll_seconds = result_secret, poll_seconds
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
-        from triggers.runner_results import mint_token
+        from triggers.jobs.runner_results import mint_token
 
         settings = self.config.service.github
         data_ref = json.loads(job.payload or "{}").get("data_ref") or ""
