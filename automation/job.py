@@ -41,6 +41,7 @@ class JobRequest:
     pr: int | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     data_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. extra_train after drift
+    production_dir: Path | None = None   # a snapshot (automation/production.py): the registry is not read
 
     @property
     def may_promote(self) -> bool:
@@ -135,7 +136,14 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     with timer.stage("connect"):
         client, experiment_id = tracking.connect(config.workdir, config.experiment)
         engine = store.open_store(store.database_url(config.workdir))
-        production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
+        snapshot = None
+        if request.production_dir is not None:   # handed in by trusted code: this job never reads the registry
+            from automation.production import read_production
+
+            snapshot = read_production(request.production_dir, request.model)
+            production_version = snapshot.version
+        else:
+            production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
 
     import mlflow
 
@@ -166,7 +174,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         with timer.stage("benchmark"):
             production = None
             if production_version is not None:   # on this runner's device, like the candidate
-                production = _load_production(client, request.model, production_version, job_dir, runner)
+                production = _load_production(client, request.model, production_version, job_dir, runner, snapshot)
             failures: dict[str, str] = {}
             for v in variants:
                 if v.predictor is None:
@@ -288,11 +296,13 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     return summary
 
 
-def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice) -> dict[str, Any]:
+def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice,
+                     snapshot: Any = None) -> dict[str, Any]:
     from automation.benchmark import size_mb
     from automation.predictors import load_registered
 
-    loaded = load_registered(client, model, version, job_dir / "production", runner)
+    loaded = snapshot.load(runner) if snapshot is not None else load_registered(client, model, version,
+                                                                               job_dir / "production", runner)
     artifact = loaded.artifact
     return {"variant": loaded.variant, "served_as": loaded.served_as, "fallback_reason": loaded.fallback_reason,
             "predictor": loaded.predictor, "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}

@@ -204,18 +204,25 @@ def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str
 
 
 def load_registered(client: Any, model: str, version: str, dest: Path, device: RunnerDevice = CPU) -> RegisteredModel:
-    """Download `models:/model/version` and load it on `device`.
+    """Download `models:/model/version` and load it on `device` (see `load_downloaded`)."""
+    import mlflow
+
+    tags = client.get_model_version(model, version).tags
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
+    return load_downloaded(local, model, version, tags, device)
+
+
+def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
+                    device: RunnerDevice = CPU) -> RegisteredModel:
+    """Load a downloaded version (an MLflow model directory and its registry tags) on `device`.
 
     A variant that cannot run here (an AOTInductor package built for another device, a CUDA
     provider on a CPU machine) is served by its portable form instead, and the reason is kept:
     the torch model for torch variants, the fp32 ONNX model for ONNX ones.
     """
-    import mlflow
     from mlflow.models import Model
 
-    tags = client.get_model_version(model, version).tags
     variant = tags.get("mlgate.variant", "onnx_fp32")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
     fallback_reason = None
     try:
         predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"))

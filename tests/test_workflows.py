@@ -57,12 +57,19 @@ def test_gpu_runner_workflow_contract() -> None:
     assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr", "data_ref", "result_token"}
     assert all("type" in spec for spec in inputs.values())
     assert inputs["trigger"]["type"] == "choice"
-    [job] = workflow["jobs"].values()
-    assert job["runs-on"] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
     assert "inputs.model" in workflow["concurrency"]["group"]
-    assert workflow["permissions"] == {}                      # nothing at workflow level: the job says what it needs
-    assert job["permissions"]["contents"] == "read" and job["environment"] == "mlgate-gpu-runner"
-    assert not {k for k, v in job["permissions"].items() if v == "write"} - {"statuses", "pull-requests", "issues"}
+    assert workflow["permissions"] == {}                      # nothing at workflow level: each job says what it needs
+    jobs = workflow["jobs"]
+    assert set(jobs) == {"retrain", "evaluate"}
+    assert jobs["retrain"]["if"] == "inputs.trigger != 'pr'" and jobs["evaluate"]["if"] == "inputs.trigger == 'pr'"
+    for job in jobs.values():
+        assert job["runs-on"] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
+        assert job["permissions"] == {"contents": "read"}     # GitHub is written by the service, not by a job
+    assert jobs["retrain"]["environment"] == "mlgate-gpu-runner"
+    # the job that runs a pull request's code holds no secret and cannot reach the registry
+    evaluate = yaml.safe_dump(jobs["evaluate"])
+    assert "environment" not in jobs["evaluate"] and "secrets." not in evaluate and "MLFLOW" not in evaluate
+    assert "github.token" not in RETRAIN.read_text() and "GITHUB_TOKEN" not in RETRAIN.read_text()
     assert "secrets.MLGATE_WEBHOOK_SECRET" not in RETRAIN.read_text()   # the runner holds no service secret
     labels = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     assert "gpu" in labels
@@ -73,29 +80,64 @@ def remote_actions(path: Path) -> list[str]:
 
 
 class RunningService(ServeProcess):
-    """`mlgate serve` with no workers (jobs run on the "runner"), holding one running job."""
+    """`mlgate serve` with no workers: jobs run on the "runner" (act), which calls back."""
 
     def __init__(self, directory: Path) -> None:
         from automation.store import open_store
-        from triggers.jobs import queue
 
         raw = yaml.safe_load((ROOT / "mlgate.yaml").read_text())
         raw |= {"workdir": str(directory / "service-state"), "service": {"workers": 0}}
         config = directory / "service.yaml"
         config.write_text(yaml.safe_dump(raw))
-        engine = open_store(f"sqlite:///{directory / 'service-state' / 'mlgate.db'}")
-        self.job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="manual")
-        queue.claim(engine, "github-executor")            # as the GitHub executor does before dispatching
+        self.state = directory / "service-state"
+        self.engine = open_store(f"sqlite:///{self.state / 'mlgate.db'}")
         self.secret = "result-minting-secret"
         super().__init__(config, directory, cwd=ROOT, env={"GITHUB_WEBHOOK_SECRET": "webhook-secret",
                                                             "MLGATE_RESULT_SECRET": self.secret})
+
+    def running_job(self, trigger: str, pr: int | None = None) -> Any:
+        """A job queued and claimed, as the GitHub executor does before dispatching it."""
+        from triggers.jobs import queue
+
+        job, _ = queue.enqueue(self.engine, model="digits_mlp", kind="evaluate" if pr else "retrain",
+                               trigger=trigger, pr=pr)
+        return queue.claim(self.engine, "github-executor")
+
+
+def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: dict[str, str]) -> str:
+    """`act workflow_dispatch` on retrain.yml in host mode, remote actions replaced by stand-ins; its output."""
+    event = tmp_path / f"event-{inputs['job_id']}.json"
+    event.write_text(json.dumps({"inputs": {"sha": "", "pr": "", "data_ref": ""} | inputs}))
+    stand_ins = []
+    for action in sorted(set(remote_actions(RETRAIN))):
+        stub = tmp_path / "actions" / action.replace("/", "_").replace("@", "_")
+        if not stub.exists():
+            stub.mkdir(parents=True)
+            shutil.copy(ROOT / "tests" / "fixtures" / "offline_action.yml", stub / "action.yml")
+        stand_ins += ["--local-repository", f"{action}={stub}"]
+    done = subprocess.run(
+        [BIN / "act", "workflow_dispatch", "-W", ".github/workflows/retrain.yml", "-e", str(event),
+         "-P", "self-hosted=-self-hosted", "-P", "linux=-self-hosted", "-P", "gpu=-self-hosted",
+         "--no-cache-server", "--env", f"MLGATE_VENV={BIN.parent}",
+         *[f"--var={k}={v}" for k, v in variables.items()], *stand_ins],
+        cwd=tree, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Job succeeded" in output, output[-4000:]
+    return output
+
+
+def job_summary(output: str, job_id: str) -> dict[str, Any]:
+    return json.loads(next(line.split("| ", 1)[1] for line in output.splitlines()
+                           if "| {" in line and f'"job_id": "{job_id}"' in line))
 
 
 @pytest.mark.slow
 def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -> None:
     """act in host mode on a git copy of the tracked tree. act fetches every remote action before the job
     starts, which cannot work offline: each is replaced by an empty stand-in. act then checks out the
-    local tree itself (a checkout without `ref`), and the artifact upload is skipped under act (`env.ACT`)."""
+    local tree itself (a checkout without `ref`), and the artifact upload is skipped under act (`env.ACT`).
+    A retrain promotes into the service's registry; then a PR job, holding no registry credential, gets
+    production from the service with its own credential and reports back, leaving the registry as it was."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     tree = tmp_path / "repo"
     for name in filter(None, files.decode().split("\0")):
@@ -105,42 +147,46 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
     for git in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@mlgate", "-c", "user.name=ci", "commit", "-qm",
                                                 "tree under test"]):
         subprocess.run(["git", *git], cwd=tree, check=True, capture_output=True)
+    from mlflow import MlflowClient
+
     from tests.conftest import wait_for
     from triggers.jobs.runner_results import mint_token
 
     service = RunningService(tmp_path)
-    job_id = service.job.id
-    event = tmp_path / "event.json"
-    event.write_text(json.dumps({"inputs": {"model": "digits_mlp", "job_id": job_id, "trigger": "manual",
-                                            "sha": "", "pr": "", "data_ref": "",
-                                            "result_token": mint_token(service.secret, job_id, 1, 3600)}}))
-    stand_ins = []
-    for action in sorted(set(remote_actions(RETRAIN))):
-        stub = tmp_path / "actions" / action.replace("/", "_").replace("@", "_")
-        stub.mkdir(parents=True)
-        shutil.copy(ROOT / "tests" / "fixtures" / "offline_action.yml", stub / "action.yml")
-        stand_ins += ["--local-repository", f"{action}={stub}"]
+    registry = f"sqlite:///{service.state / 'mlflow.db'}"
     try:
         assert wait_for(service.ready, 60), (tmp_path / "service.log").read_text()[-2000:]
-        done = subprocess.run(
-            [BIN / "act", "workflow_dispatch", "-W", ".github/workflows/retrain.yml", "-e", str(event),
-             "-P", "self-hosted=-self-hosted", "-P", "linux=-self-hosted", "-P", "gpu=-self-hosted",
-             "--no-cache-server", "--env", f"MLGATE_VENV={BIN.parent}", "--var", f"MLGATE_SERVICE_URL={service.url}",
-             *stand_ins],
-            cwd=tree, capture_output=True, text=True, timeout=900)
-        output = done.stdout + done.stderr
-        assert done.returncode == 0 and "Job succeeded" in output, output[-4000:]
+        retrain = service.running_job("manual")
+        token = mint_token(service.secret, retrain.id, 1, 3600)
+        output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": retrain.id, "trigger": "manual",
+                                               "result_token": token},
+                              {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry})
         # the runner called back with its per-job credential: the service recorded the job and keeps its report
-        recorded = service.get(f"/jobs/{job_id}").json()
+        recorded = service.get(f"/jobs/{retrain.id}").json()
         assert recorded["state"] == "succeeded" and recorded["version"] == "1", recorded
-        report = service.get(f"/reports/{job_id}")
+        report = service.get(f"/reports/{retrain.id}")
         assert report.status_code == 200 and "digits_mlp" in report.text
-        assert mint_token(service.secret, job_id, 1, 3600).split(".")[3] not in output   # masked in the log
+        assert token.split(".")[3] not in output   # masked in the log
+        summary = job_summary(output, retrain.id)
+        assert summary["gate"]["passed"] and summary["promoted"]
+
+        evaluate = service.running_job("pr", pr=7)
+        pr_output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": evaluate.id, "trigger": "pr",
+                                                  "pr": "7", "result_token": mint_token(service.secret, evaluate.id,
+                                                                                        1, 3600)},
+                                 {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry})
+        assert "evaluate" in pr_output and registry not in pr_output   # the PR job never saw the registry's address
+        recorded = service.get(f"/jobs/{evaluate.id}").json()
+        assert recorded["state"] == "succeeded" and recorded["version"] is None, recorded
+        pr_summary = job_summary(pr_output, evaluate.id)
+        assert pr_summary["production"]["version"] == "1" and pr_summary["version"] is None
+        assert not pr_summary["tracking_uri"].startswith(registry)   # its MLflow run stayed on the runner
+        # production's snapshot is for the job's own credential only, and only while it runs
+        assert service.get(f"/jobs/{evaluate.id}/production").status_code == 401
     finally:
         service.stop()
-    summary = json.loads(next(line.split("| ", 1)[1] for line in output.splitlines()
-                              if "| {" in line and f'"job_id": "{job_id}"' in line))
-    assert summary["model"] == "digits_mlp" and summary["gate"]["passed"] and summary["promoted"]
+    versions = MlflowClient(registry, registry).search_model_versions("name='digits_mlp'")
+    assert [v.version for v in versions] == ["1"]   # the PR job wrote nothing to the registry
     # it ran on the checked-out tree: the gates are the repository's mlgate.yaml, not the embedded defaults
     repo_gate = yaml.safe_load((ROOT / "mlgate.yaml").read_text())["defaults"]["gates"]["absolute"]
     [accuracy] = [c for c in summary["gate"]["checks"] if c["name"] == "min accuracy"]

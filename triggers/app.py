@@ -23,6 +23,7 @@ from sqlalchemy import Engine, text
 from automation.config import MlgateConfig
 from triggers.jobs import queue
 from triggers.dashboard import DASHBOARD_HTML
+from triggers.github.job_status import keep_summary
 from triggers.intake import deliveries, drift
 from triggers.intake.webhooks import BadPayload
 from triggers.metrics import ServiceMetrics
@@ -170,11 +171,36 @@ def create_app(state: ServiceState) -> FastAPI:
         if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, attempt=attempt,
                                        **outcome.fields):
             return _error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
+        await run_in_threadpool(keep_summary, state.config.workdir, job_id, result.summary)   # for GitHub reports
         if result.report_html is not None:   # kept under the service's own workdir, at a path it chose
             report = _report_file(state, job_id)
             report.parent.mkdir(parents=True, exist_ok=True)
             await run_in_threadpool(report.write_text, result.report_html, "utf-8")
         return JSONResponse({"job": job_id, "attempt": attempt, "state": outcome.state})
+
+    @app.get("/jobs/{job_id}/production", summary="A running PR job's production snapshot (gzip'd tar), for the "
+             "job's own credential: the runner never holds a registry credential")
+    def job_production(job_id: str, request: Request) -> Response:
+        import tempfile
+
+        from automation.production import export_production, pack
+        from triggers.jobs.runner_results import BadResultToken, check_token
+
+        if not state.result_secret:
+            return _error(403, "runner credentials are off: set MLGATE_RESULT_SECRET")
+        try:
+            attempt = check_token(state.result_secret, request.headers.get("Authorization", "").removeprefix(
+                "Bearer "), job_id)
+        except BadResultToken as exc:
+            return _error(401, str(exc))
+        job = queue.get_job(state.engine, job_id)
+        if job is None or job.state != "running" or job.attempts != attempt:
+            return _error(409, f"job {job_id} attempt {attempt} is not running")
+        scratch = state.config.workdir / "production-snapshots"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as directory:
+            export_production(mlflow_client(), job.model, Path(directory))
+            return Response(pack(Path(directory)), media_type="application/gzip")
 
     @app.get("/jobs", summary="Recent jobs, newest first", dependencies=read)
     def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job-id", help="job id (default: a new random id)")
     run.add_argument("--extra-train", help="npz with x, y appended to the training split (drift retrain)")
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
-    run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job "
-                     "(signed with GITHUB_WEBHOOK_SECRET); used by the GPU-runner workflow")
+    run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job, "
+                     "with the job's credential MLGATE_RESULT_TOKEN; a PR job also gets production from there. "
+                     "Used by the GPU-runner workflow")
+    run.add_argument("--production-dir", metavar="DIR", help="compare against this production snapshot instead "
+                     "of reading the registry (a PR job: written by trusted code, see automation/production.py)")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     for name, text in (("promote", "make a version production (manual override, audited)"),
@@ -123,6 +127,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--trigger pr needs --pr N")
     if args.report_to and (not args.job_id or len(names) != 1):
         raise UsageError("--report-to needs --job-id and --model (the job the service queued)")
+    if args.production_dir and len(names) != 1:
+        raise UsageError("--production-dir needs --model (a snapshot holds one model's production)")
     try:
         summaries, code = _run_jobs(config, args, names)
     except Exception as exc:
@@ -144,11 +150,19 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
 
     reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
     overrides = {"extra_train": os.path.abspath(args.extra_train)} if args.extra_train else {}
+    production_dir = Path(args.production_dir).resolve() if args.production_dir else None
+    if production_dir is None and args.report_to and args.trigger == "pr":
+        # a PR job on a runner holds no registry credential: production comes from the service, with the job's own
+        from triggers.jobs.runner_results import fetch_production
+
+        production_dir = config.workdir / "jobs" / args.job_id / "production-snapshot"
+        fetch_production(args.report_to, args.job_id, production_dir)
     summaries, code = [], EXIT_OK
     with JobProgress(enabled=None if not args.json else False) as progress:
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
-                                 data_overrides=overrides, **({"job_id": args.job_id} if args.job_id else {}))
+                                 data_overrides=overrides, production_dir=production_dir,
+                                 **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
                 _warn_github(reporter.started(name, args.sha))
             try:
@@ -158,7 +172,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
                 summary, code = exc.summary or {}, EXIT_GATE
             except MlgateError as exc:
                 if reporter:
-                    _warn_github(reporter.errored(name, args.sha, str(exc)))
+                    _warn_github(reporter.final_status(name, args.sha, "error", str(exc)))
                 raise
             if reporter and summary:
                 summary["github"] = reporter.finished(summary)
@@ -248,6 +262,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
     from automation import store
+    from triggers.github.job_status import job_reporter_from_env
     from triggers.jobs import queue  # noqa: F401  (its table)
     from triggers.service import make_executor
     from triggers.jobs.worker import Worker
@@ -255,7 +270,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = _load(args)
     engine = store.open_store(store.database_url(config.workdir))
     executor = make_executor(config, _config_path(args), engine)
-    workers = [Worker(config, engine, executor) for _ in range(max(1, args.count))]
+    reporter = job_reporter_from_env(engine, config.workdir, config.reporting.tracking_issue)
+    workers = [Worker(config, engine, executor, reporter=reporter) for _ in range(max(1, args.count))]
     if args.once:
         for worker in workers:
             worker.run_one()

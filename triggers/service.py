@@ -71,6 +71,7 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
 def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
+    from triggers.github.job_status import job_reporter_from_env
     from triggers.intake.drift_consumer import DriftConsumer
     from triggers.jobs.worker import Worker
 
@@ -94,8 +95,9 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
         consumer = DriftConsumer(config, engine, kafka_bootstrap, on_decision=count)
         loops.append(Loop("kafka-consumer", consumer.run, consumer.stop))
     executor = make_executor(config, config_path, engine) if config.service.workers else None
+    reporter = job_reporter_from_env(engine, config.workdir, config.reporting.tracking_issue)
     for i in range(config.service.workers):
-        worker = Worker(config, engine, executor)
+        worker = Worker(config, engine, executor, reporter=reporter)
         loops.append(Loop(f"worker-{i}", worker.run, worker.stop))
     for loop in loops:
         state.components[loop.name] = loop

@@ -109,9 +109,10 @@ class GitHubReporter:
             render_markdown(summary, links))
         return f"comment {comment_id} {'created' if created else 'edited'}"
 
-    def errored(self, model: str, sha: str | None, message: str) -> dict[str, str]:
+    def final_status(self, model: str, sha: str | None, state: str, description: str) -> dict[str, str]:
+        """A final status with no verdict behind it (the job failed, was cancelled, or its runner was lost)."""
         outcomes: dict[str, str] = {}
         if sha:
             self._attempt("status", outcomes, lambda: self.github.set_status(
-                self.repository, sha, "error", message, status_context(model)))
+                self.repository, sha, state, description, status_context(model)))
         return outcomes

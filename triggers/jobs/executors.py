@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
+from triggers.github.job_status import keep_summary
 from triggers.jobs.queue import Job, get_job
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,15 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
-# what only the service may hold: a job runs a commit's code, which must never see these
+# what only the service may hold: a job runs a commit's code, which must never see these. GitHub is
+# written by the service itself (triggers/github/job_status.py), so no job needs its token.
 SERVICE_SECRETS = ("GITHUB_WEBHOOK_SECRET", "MLGATE_DRIFT_SECRET", "MLGATE_DRIFT_TOKEN", "MLGATE_RESULT_SECRET",
-                   "MLGATE_READ_TOKEN")
+                   "MLGATE_READ_TOKEN", "GITHUB_TOKEN", "GH_TOKEN")
+# what a PR job must not reach either: it may not write the registry, the job database or artifact stores
+REGISTRY_CREDENTIALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                        "MLFLOW_TRACKING_PASSWORD", "MLGATE_DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                        "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING",
+                        "AZURE_STORAGE_ACCESS_KEY")
 
 
 def run_arguments(job: Job, sha: str | None = None) -> list[str]:
@@ -70,7 +78,13 @@ def run_arguments(job: Job, sha: str | None = None) -> list[str]:
 
 class LocalExecutor:
     """Runs a job on this machine, on the commit it names: `mlgate run` inside a worktree at that SHA
-    (triggers/jobs/checkout.py), with that commit's mlgate.yaml and code, and the service's state."""
+    (triggers/jobs/checkout.py), with that commit's mlgate.yaml and code, and the service's state.
+
+    A PR job gets none of the service's state: its own workdir (a private MLflow store and job
+    database), no registry or cloud credential, and production as a snapshot this trusted side exported.
+    Its report is copied back. It still runs as the service's OS user, so it is only as contained as that
+    user is: the approval policy decides whose PR code runs at all (see the README).
+    """
 
     def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
         self.config, self.config_path = config, config_path
@@ -99,8 +113,31 @@ class LocalExecutor:
         command = [sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run",
                    *run_arguments(job, sha), "--json"]
         env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
-        env |= {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info"),
-                "MLGATE_WORKDIR": str(self.config.workdir)}   # the service's registry, job DB and reports
+        workdir = self.config.workdir   # the service's registry, job DB and reports
+        if job.trigger == "pr":
+            workdir = self._isolate(job)
+            command += ["--production-dir", str(workdir / "production-snapshot")]
+            env = {k: v for k, v in env.items() if k not in REGISTRY_CREDENTIALS}
+        env |= {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info"), "MLGATE_WORKDIR": str(workdir)}
+        try:
+            return self._launch(command, tree, env, job, sha, log_path, lost, workdir)
+        finally:
+            if workdir != self.config.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _isolate(self, job: Job) -> Path:
+        """A PR job's own workdir, holding production as a snapshot exported here (the trusted side)."""
+        from automation import tracking
+        from automation.production import export_production
+
+        workdir = self.config.workdir / "isolated" / job.id
+        shutil.rmtree(workdir, ignore_errors=True)
+        client, _ = tracking.connect(self.config.workdir, self.config.experiment)
+        export_production(client, job.model, workdir / "production-snapshot")
+        return workdir
+
+    def _launch(self, command: list[str], tree: Path, env: dict[str, str], job: Job, sha: str | None,
+                log_path: Path, lost: threading.Event, workdir: Path) -> Outcome | None:
         log.info("job started", extra={"job_id": job.id, "model": job.model, "sha": sha, "log": str(log_path)})
         # cwd: `python -m` puts the worktree first on sys.path, so the commit's own code is what runs
         with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=tree,
@@ -119,7 +156,12 @@ class LocalExecutor:
             sink.write(b"".join(stdout))
         summary = _json_line(lines[-1]) if lines else None
         outcome = outcome_from_summary(process.returncode, summary, _last_error(log_path))
+        keep_summary(self.config.workdir, job.id, summary)
         report = self.config.workdir / "reports" / job.id / "report.html"   # where the service looks, always
+        written = workdir / "reports" / job.id / "report.html"
+        if written != report and written.is_file():
+            report.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(written, report)
         if report.is_file():
             outcome.fields["report_path"] = str(report)
         return outcome

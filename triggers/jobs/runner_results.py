@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from automation.errors import MlgateError
@@ -76,18 +77,40 @@ class RunnerResult:
                    report_html=report)
 
 
+def _runner_token() -> tuple[str, int]:
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise MlgateError(f"--report-to needs {TOKEN_ENV}, the job's result credential (a workflow input)")
+    try:
+        return token, int(token.split(".")[1])
+    except (IndexError, ValueError):
+        raise MlgateError(f"{TOKEN_ENV} is not a result token") from None
+
+
+def fetch_production(service_url: str, job_id: str, dest: Path) -> None:
+    """The runner's side of `GET /jobs/{id}/production`: the production snapshot a PR job compares against,
+    fetched with the job's credential, so the PR's code never holds a registry credential."""
+    import httpx
+
+    from automation.production import unpack
+
+    token, _ = _runner_token()
+    url = f"{service_url.rstrip('/')}/jobs/{job_id}/production"
+    try:
+        response = httpx.get(url, timeout=300, headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        raise MlgateError(f"could not fetch production from {redact_url(url)}: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise MlgateError(f"{redact_url(url)} answered {response.status_code}: {redact_text(response.text[:200])}")
+    unpack(response.content, dest)
+
+
 def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str, Any] | None,
                 error: str | None) -> None:
     """The runner's side of `POST /jobs/{id}/result`, with the job's credential and its HTML report."""
     import httpx
 
-    token = os.environ.get(TOKEN_ENV)
-    if not token:
-        raise MlgateError(f"--report-to needs {TOKEN_ENV}, the job's result credential (a workflow input)")
-    try:
-        attempt = int(token.split(".")[1])
-    except (IndexError, ValueError):
-        raise MlgateError(f"{TOKEN_ENV} is not a result token") from None
+    token, attempt = _runner_token()
     report_html = None
     report_path = ((summary or {}).get("reports") or {}).get("html")
     if report_path and os.path.isfile(report_path) and os.path.getsize(report_path) <= MAX_REPORT_BYTES:

@@ -10,14 +10,25 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
 from triggers.jobs import queue
 from triggers.jobs.executors import Executor, Outcome
+
+
+class JobReporter(Protocol):
+    """Who hears of a job's start and end (GitHub statuses: triggers/github/job_status.py)."""
+
+    def started(self, job: queue.Job) -> None: ...
+    def ended(self, job: queue.Job) -> Any: ...
+    def sweep(self) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +38,14 @@ def worker_name() -> str:
 
 
 class Worker:
+    SWEEP_SECONDS = 60.0
+
     def __init__(self, config: MlgateConfig, engine: Engine, executor: Executor, worker_id: str | None = None,
-                 on_finish: Callable[[queue.Job, Outcome], None] | None = None) -> None:
+                 reporter: JobReporter | None = None) -> None:
         self.config, self.engine, self.executor = config, engine, executor
         self.worker_id = worker_id or worker_name()
-        self.on_finish = on_finish
+        self.reporter = reporter
+        self._last_sweep = 0.0
         self.lease = config.service.lease_seconds
         self._stop = threading.Event()
 
@@ -49,6 +63,7 @@ class Worker:
         job = queue.claim(self.engine, self.worker_id, self.lease, self.config.service.max_concurrent_retrains)
         if job is None:
             return None
+        self._report("started", lambda: self.reporter.started(job))   # type: ignore[union-attr]
         lost, done = threading.Event(), threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, lost, done), daemon=True)
         beat.start()
@@ -62,15 +77,32 @@ class Worker:
             beat.join()
         if outcome is not None and queue.finish(self.engine, job.id, self.worker_id, outcome.state, **outcome.fields):
             log.info("job finished", extra={"job_id": job.id, "model": job.model, "state": outcome.state})
-            if self.on_finish:
-                self.on_finish(job, outcome)
+        ended = queue.get_job(self.engine, job.id)
+        # ended in this attempt, by this worker, the runner's result or a cancellation: not requeued after a lost lease
+        if ended is not None and ended.state in queue.FINAL_STATES and ended.attempts == job.attempts:
+            self._report("ended", lambda: self.reporter.ended(ended))   # type: ignore[union-attr]
         return job
+
+    def _report(self, what: str, call: Callable[[], Any]) -> None:
+        """A report that fails never fails the job or the worker; the sweep posts what is still owed."""
+        if self.reporter is None:
+            return
+        try:
+            call()
+        except Exception as exc:
+            log.error("job report failed", extra={"what": what, "error": f"{type(exc).__name__}: {exc}"})
+
+    def sweep(self) -> None:
+        if self.reporter is not None and time.monotonic() - self._last_sweep >= self.SWEEP_SECONDS:
+            self._last_sweep = time.monotonic()
+            self._report("sweep", self.reporter.sweep)
 
     def run(self, idle_seconds: float = 1.0) -> None:
         log.info("worker started", extra={"worker": self.worker_id})
         while not self._stop.is_set():
             try:
                 if self.run_one() is None:
+                    self.sweep()
                     self._stop.wait(idle_seconds)
             except Exception as exc:   # the database went away: keep trying, the queue is durable
                 log.error("worker could not reach the queue", extra={"error": f"{type(exc).__name__}: {exc}"})
