@@ -4,8 +4,8 @@ A PR job runs code from the pull request, so it holds no registry credential and
 registry. Trusted code (the service, or its local executor) exports the production version into a
 snapshot directory, and the PR job loads production from there:
 
-    <dir>/production.json   {"model", "version", "tags"}; version null when there is no production
-    <dir>/model/            the version's MLflow model directory
+    <dir>/production.json   {"model", "version", "tags", "path"}; version null when there is no production
+    <dir>/model/…           the version's MLflow model directory, at `path`
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def export_production(client: Any, model: str, dest: Path) -> ProductionSnapshot
         tags = {k: v for k, v in client.get_model_version(model, version).tags.items() if k.startswith("mlgate.")}
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}",
                                                         dst_path=str(dest / "model")))
-    (dest / SNAPSHOT_FILE).write_text(json.dumps({"model": model, "version": version, "tags": tags}), "utf-8")
+    where = None if path is None else path.resolve().relative_to(dest.resolve()).as_posix()
+    (dest / SNAPSHOT_FILE).write_text(json.dumps({"model": model, "version": version, "tags": tags, "path": where}),
+                                      "utf-8")
     return ProductionSnapshot(model, version, tags, path)
 
 
@@ -61,9 +63,11 @@ def read_production(directory: Path, model: str) -> ProductionSnapshot:
         raise MlgateError(f"{directory} is not a production snapshot ({type(exc).__name__})") from None
     if data.get("model") != model:
         raise MlgateError(f"{directory} holds production of {data.get('model')!r}, not {model!r}")
-    version = data.get("version")
+    version, where = data.get("version"), data.get("path")
+    if version is not None and (not isinstance(where, str) or ".." in Path(where).parts or Path(where).is_absolute()):
+        raise MlgateError(f"{directory / SNAPSHOT_FILE} names no model directory inside the snapshot")
     return ProductionSnapshot(model, None if version is None else str(version), dict(data.get("tags") or {}),
-                              directory / "model" if version is not None else None)
+                              directory / where if version is not None else None)
 
 
 def pack(directory: Path) -> bytes:

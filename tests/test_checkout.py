@@ -84,3 +84,42 @@ def test_a_commit_that_cannot_be_fetched_fails_the_job_in_one_line(repository: d
     assert outcome.fields["error"].startswith("commit 0badc0ffee0b is not in ") and "\n" not in outcome.fields["error"]
     outcome, _ = run(repository, "main; rm -rf /")
     assert outcome.state == "failed" and "is not a commit SHA" in outcome.fields["error"]
+
+
+def peeking_model(seen: Path) -> str:
+    """The good model, as a PR that looks for credentials and the service's state when its code is imported."""
+    good = (Path(__file__).resolve().parent.parent / "models" / "digits_mlp.py").read_text()
+    return good + f'''
+import json as _json, os as _os
+_wanted = ("GITHUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_URI", "GITHUB_WEBHOOK_SECRET",
+           "AWS_SECRET_ACCESS_KEY", "MLGATE_DATABASE_URL")
+open({str(seen)!r}, "w").write(_json.dumps({{"credentials": [k for k in _wanted if k in _os.environ],
+                                             "workdir": _os.environ["MLGATE_WORKDIR"]}}))
+'''
+
+
+def test_a_pr_job_holds_no_credential_and_never_writes_the_registry(repository: dict[str, Any], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    for name in ("GITHUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "GITHUB_WEBHOOK_SECRET", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, f"secret-{name}")
+    good, _ = run(repository, repository["good"])
+    assert good.state == "succeeded"                            # version 1 is production
+    seen = tmp_path / "seen-by-pr.json"
+    head = git_commit(repository["repo"], {"models/digits_mlp.py": peeking_model(seen)}, "a PR")
+    job, _ = queue.enqueue(repository["engine"], model="digits_mlp", kind="evaluate", trigger="pr", sha=head, pr=7)
+    outcome = LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml")).run(job, threading.Event())
+    assert outcome.state == "succeeded" and outcome.fields["sha"] == head, outcome
+    found = json.loads(seen.read_text())
+    assert found["credentials"] == [] and Path(found["workdir"]) != repository["state"]
+    # it compared against production, from the snapshot the executor exported, and its report came back
+    summary = json.loads((repository["state"] / "reports" / job.id / "summary.json").read_text())
+    assert summary["production"]["version"] == "1" and summary["version"] is None and summary["gate"]["passed"]
+    assert (repository["state"] / "reports" / job.id / "report.html").is_file()
+    registry = f"sqlite:///{repository['state'] / 'mlflow.db'}"
+    client = MlflowClient(registry, registry)
+    assert [str(v.version) for v in client.search_model_versions("name='digits_mlp'")] == ["1"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, f"tags.`mlgate.job_id` = '{job.id}'")   # no run in the service's store
+    assert not (repository["state"] / "isolated" / job.id).exists()

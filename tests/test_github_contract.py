@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,84 @@ def test_pr_job_sets_status_and_one_sticky_comment(reported_runs: dict[str, dict
 def test_the_token_never_reaches_the_logs(reported_runs: dict[str, dict[str, Any]]) -> None:
     for run in reported_runs.values():
         assert TOKEN not in run["stderr"] and "not-a-real-token" not in run["stderr"]
+
+
+@dataclass
+class RecordingGitHub(GitHubSource):
+    """Prism's GitHub, remembering what was written (Prism validates each call, but keeps nothing)."""
+
+    written: list[tuple[str, ...]] = field(default_factory=list)
+
+    def set_status(self, repository: str, sha: str, state: str, description: str, context: str,
+                   target_url: str | None = None) -> None:
+        self.written.append(("status", sha, state, description, context))
+        super().set_status(repository, sha, state, description, context, target_url)
+
+    def upsert_comment(self, repository: str, number: int, marker: str, body: str) -> tuple[int, bool]:
+        self.written.append(("comment", str(number), marker))
+        return super().upsert_comment(repository, number, marker, body)
+
+
+class ScriptedExecutor:
+    """Ends each job as the test says, the way a runner or executor would."""
+
+    def __init__(self, script: Callable[[Any], Any]) -> None:
+        self.script = script
+
+    def run(self, job: Any, lost: Any) -> Any:
+        return self.script(job)
+
+
+def test_the_service_gives_every_job_it_started_a_final_status(prism: str, tmp_path: Path,
+                                                               reported_runs: dict[str, dict[str, Any]]) -> None:
+    import yaml
+
+    from automation.config import parse_config
+    from automation.store import open_store
+    from triggers.github.job_status import JobStatusReporter, keep_summary
+    from triggers.github.reporter import GitHubReporter
+    from triggers.jobs import queue
+    from triggers.jobs.executors import Outcome
+    from triggers.jobs.worker import Worker
+
+    config = parse_config(yaml.safe_dump(fast_config() | {"workdir": str(tmp_path)}), "mlgate.yaml", tmp_path)
+    engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
+    github = RecordingGitHub(api_url=prism, token=TOKEN)
+    reporter = JobStatusReporter(engine, GitHubReporter(github, REPO, "https://mlgate.example"), tmp_path)
+
+    def run(script: Callable[[Any], Any], **job: Any) -> list[tuple[str, ...]]:
+        github.written.clear()
+        queue.enqueue(engine, **{"model": "digits_mlp", "kind": "retrain", "trigger": "push", "sha": SHA} | job)
+        Worker(config, engine, ScriptedExecutor(script), reporter=reporter).run_one()
+        return list(github.written)
+
+    def crash(job: Any) -> Any:
+        raise RuntimeError("the executor fell over")
+
+    pending = ("status", SHA, "pending", "mlgate job running: train, benchmark, optimize, gate", "mlgate/digits_mlp")
+    assert run(crash) == [pending, ("status", SHA, "error", "job failed: RuntimeError: the executor fell over",
+                                    "mlgate/digits_mlp")]
+
+    def cancelled(job: Any) -> None:
+        queue.cancel(engine, job.id, "stopped by the operator")
+        return None   # what an executor returns once its job is no longer its own
+
+    assert run(cancelled)[-1] == ("status", SHA, "error", "cancelled: stopped by the operator", "mlgate/digits_mlp")
+
+    def verdict(job: Any) -> Any:   # a PR's verdict, as the runner reported it (the summary the service kept)
+        keep_summary(tmp_path, job.id, reported_runs["pr"]["summary"] | {"sha": "f" * 40, "pr": 99})
+        return Outcome("succeeded")
+
+    written = run(verdict, trigger="pr", kind="evaluate", pr=1347)
+    # the job record decides the commit and PR, never the summary a job's code wrote
+    assert written[-2][:3] == ("status", SHA, "success") and written[-1][:2] == ("comment", "1347")
+
+    # the worker died after `pending`; the runner's result ended the job: the next sweep posts the final status
+    job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=SHA, dedupe_key="lost")
+    claimed = queue.claim(engine, "a-worker-that-dies")
+    reporter.started(claimed)
+    queue.record_result(engine, job.id, "failed", attempt=1, error="workflow run ended 'cancelled' without a result")
+    github.written.clear()
+    assert reporter.sweep() == 1 and reporter.sweep() == 0
+    assert github.written == [("status", SHA, "error", "job failed: workflow run ended 'cancelled' without a result",
+                               "mlgate/digits_mlp")]

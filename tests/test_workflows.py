@@ -4,6 +4,7 @@ the GPU-runner workflow executed for real by act (host mode, no Docker) on the e
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -156,6 +157,12 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
     registry = f"sqlite:///{service.state / 'mlflow.db'}"
     try:
         assert wait_for(service.ready, 60), (tmp_path / "service.log").read_text()[-2000:]
+        # the registry's experiment keeps artifacts with the service (act removes the runner's workspace after a job),
+        # as an MLflow server's artifact store would
+        experiment = yaml.safe_load((ROOT / "mlgate.yaml").read_text()).get("experiment", "mlgate")
+        subprocess.run([sys.executable, "-c", "import sys, pathlib; from automation import tracking; "
+                        "tracking.connect(pathlib.Path(sys.argv[1]), sys.argv[2])", str(service.state), experiment],
+                       cwd=ROOT, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
         retrain = service.running_job("manual")
         token = mint_token(service.secret, retrain.id, 1, 3600)
         output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": retrain.id, "trigger": "manual",
@@ -186,7 +193,7 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
     finally:
         service.stop()
     versions = MlflowClient(registry, registry).search_model_versions("name='digits_mlp'")
-    assert [v.version for v in versions] == ["1"]   # the PR job wrote nothing to the registry
+    assert [str(v.version) for v in versions] == ["1"]   # the PR job wrote nothing to the registry
     # it ran on the checked-out tree: the gates are the repository's mlgate.yaml, not the embedded defaults
     repo_gate = yaml.safe_load((ROOT / "mlgate.yaml").read_text())["defaults"]["gates"]["absolute"]
     [accuracy] = [c for c in summary["gate"]["checks"] if c["name"] == "min accuracy"]
