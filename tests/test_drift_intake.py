@@ -7,6 +7,7 @@ import copy
 import json
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from triggers.request_guard import sign
 NOW = datetime.now(timezone.utc)
 
 
-def make_config(tmp_path: Path, **drift_policy: Any) -> MlgateConfig:
+def make_config(tmp_path: Path, topic: str | None = None, **drift_policy: Any) -> MlgateConfig:
     raw = copy.deepcopy(FAST_CONFIG)
     raw["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 30} | drift_policy
     raw["service"] = {"data_roots": ["/data", "s3://drift-bucket/windows/"]}
+    if topic:
+        raw["service"]["kafka"] = {"topic": topic, "dead_letter_topic": f"{topic}.dead"}
     return parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path)
 
 
@@ -221,6 +224,38 @@ def test_kafka_consumer_records_each_event_once_and_dead_letters_bad_ones(
     assert reasons[0] == "data_ref '/etc/passwd' is outside the configured data roots"
     assert reasons[1].startswith("not JSON") and reasons[2].startswith("unknown model 'unknown_model'")
     assert b"{this is not json" in {r.value for r in dead}           # the original bytes, kept for replay
+
+
+def test_no_record_wedges_the_consumer(kafka_broker: TansuBroker, engine: Any, tmp_path: Path) -> None:
+    """Poison records of every kind are dead-lettered with the reason and the consumer goes on, on both
+    databases. An id of 199 characters is valid, and its job's dedupe key must still fit the column."""
+    from kafka import KafkaProducer
+
+    topic = f"poison-{uuid.uuid4().hex[:8]}"
+    config = make_config(tmp_path, topic)
+    long_id = event(model="digits_cnn") | {"id": "x" * 199}
+    after = event(share=0.7)
+    poison = [None, b"[" * 20_000 + b"]" * 20_000, b"\xff\xfe{not utf-8", json.dumps(event() | {"pad": "y" * 200_000}).encode(),
+              json.dumps(event() | {"id": "z" * 5000}).encode(), b"null", b"[]", b'"a string"',
+              json.dumps({"data": {"x": {"y": [[[[[[[[[[]]]]]]]]]]}}}).encode()]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", max_request_size=2_000_000)
+    for value in poison + [json.dumps(long_id).encode(), json.dumps(after).encode()]:
+        producer.send(topic, value, key=b"k", partition=0)   # one partition: the good ones come after the poison
+    producer.flush()
+    running = RunningConsumer(config, engine, kafka_broker.bootstrap)
+    try:
+        assert wait_for(lambda: running.consumer.stats.consumed == len(poison) + 2, 90), running.consumer.stats
+    finally:
+        running.stop()
+    outcomes = {r.id: r.outcome for r in recorded(engine)}
+    assert outcomes == {long_id["id"]: "job", after["id"]: "job"}
+    assert running.consumer.stats.dead_lettered == len(poison) and running.consumer.stats.errors == 0
+    dead = read_topic(kafka_broker.bootstrap, config.service.kafka.dead_letter_topic, len(poison))
+    reasons = sorted(dict(r.headers)["mlgate.error"].decode() for r in dead)
+    assert len(reasons) == len(poison) and "empty record (null value)" in reasons
+    assert "JSON nested too deeply" in reasons and any(r.startswith("record of ") for r in reasons)
+    assert sum(r.startswith("not JSON") for r in reasons) == 1                       # the invalid UTF-8
+    assert any("id: String should have at most 200 characters" in r for r in reasons)
 
 
 def test_offsets_are_committed_only_after_the_batch_is_durable(kafka_broker: TansuBroker, sqlite_engine: Any,

@@ -273,3 +273,27 @@ def test_the_service_gives_every_job_it_started_a_final_status(prism: str, tmp_p
     assert reporter.sweep() == 1 and reporter.sweep() == 0
     assert github.written == [("status", SHA, "error", "job failed: workflow run ended 'cancelled' without a result",
                                "mlgate/digits_mlp")]
+
+
+def test_a_pr_that_touches_no_model_gets_success_on_every_context(prism: str, tmp_path: Path) -> None:
+    """So `mlgate/<model>` can be a required check: a PR no job will come for is not left waiting."""
+    import copy
+    from types import SimpleNamespace
+
+    import yaml
+
+    from automation.config import parse_config
+    from tests.conftest import webhook_examples
+    from triggers.github.job_status import report_unaffected
+    from triggers.github.reporter import GitHubReporter
+    from triggers.intake.webhooks import plan_event
+
+    github = RecordingGitHub(api_url=prism, token=TOKEN)
+    config = parse_config(yaml.safe_dump(fast_config()), "mlgate.yaml", tmp_path)
+    opened = copy.deepcopy(next(p for p in webhook_examples("pull_request") if p["action"] == "opened"))
+    opened["repository"]["full_name"] = opened["pull_request"]["head"]["repo"]["full_name"] = REPO
+    plan = plan_event(config, "pull_request", opened, github)
+    assert plan.outcome == "no_models" and plan.sha == opened["pull_request"]["head"]["sha"]
+    report_unaffected(GitHubReporter(github, REPO), list(config.models))(SimpleNamespace(event="pull_request"), plan)
+    assert github.written == [("status", plan.sha, "success", "no model affected by this change", f"mlgate/{m}")
+                              for m in config.models]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +57,22 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
 
 
 def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Event) -> None:
+    from triggers.github.api import GitHubRateLimited
+    from triggers.github.job_status import report_unaffected
+    from triggers.github.reporter import GitHubReporter
     from triggers.intake.deliveries import plan_pending
 
+    reporter = GitHubReporter.from_env()
+    on_planned = report_unaffected(reporter, list(state.config.models)) if reporter else None
     while not stop.is_set():
         try:
-            while plan_pending(state.engine, state.config, github):
+            while plan_pending(state.engine, state.config, github, on_planned=on_planned):
                 pass
+        except GitHubRateLimited as exc:   # parked, not slept on: the deliveries stay pending until GitHub's reset
+            park = min(3600.0, max(5.0, exc.retry_at - time.time()))
+            log.warning("planning parked by a GitHub rate limit", extra={"error": str(exc), "seconds": round(park)})
+            stop.wait(park)
+            continue
         except Exception as exc:   # the deliveries stay pending in the database; try again
             log.error("planning deliveries failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         state.planner_wake.wait(5.0)

@@ -23,6 +23,29 @@ class GitHubUnavailable(MlgateError):
         self.status = status
 
 
+class GitHubRateLimited(MlgateError):
+    """GitHub said "not now" (rate limit, primary or secondary). Not a GitHubUnavailable on purpose: no
+    caller may take it for a "no" (fail closed); the caller parks the work until `retry_at`."""
+
+    def __init__(self, message: str, retry_at: float) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+def _retry_at(headers: dict[str, str] | None) -> float:
+    """When GitHub says to come back: Retry-After, else the limit's reset, else in a minute."""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    now = time.time()
+    try:
+        if "retry-after" in headers:
+            return now + float(headers["retry-after"])
+        if headers.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in headers:
+            return max(now, float(headers["x-ratelimit-reset"]))
+    except ValueError:
+        pass
+    return now + 60.0
+
+
 ACTIONS_BOT = "github-actions[bot]"
 
 
@@ -43,26 +66,36 @@ class GitHubSource:
                    token=os.environ.get("GITHUB_TOKEN") or None)
 
     def _client(self) -> Any:
-        from github import Auth, Github, GithubRetry
+        from github import Auth, Github
+        from urllib3.util import Retry
 
         auth = Auth.Token(self.token) if self.token else None
-        # Retries: rate limits (GithubRetry waits as GitHub says) and 5xx, for every method but POST:
-        # a POST that failed ambiguously may have happened, so callers decide (see upsert_comment).
-        retry = GithubRetry(total=3, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
-                            allowed_methods={"GET", "HEAD", "PATCH", "PUT", "DELETE"})
+        # Retries: 5xx, for every method but POST (a POST that failed ambiguously may have happened, so
+        # callers decide: see upsert_comment). Never a rate limit: PyGithub's own retry would sleep until
+        # the reset, up to an hour, inside a shared loop; GitHubRateLimited parks the work instead.
+        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
+                      allowed_methods={"GET", "HEAD", "PATCH", "PUT", "DELETE"}, respect_retry_after_header=False,
+                      raise_on_status=False)
         # lazy: no request until a call needs one; no sleeping between calls (the service paces itself)
         return Github(base_url=self.api_url, auth=auth, timeout=int(self.timeout), retry=retry, lazy=True,
                       seconds_between_requests=0, seconds_between_writes=0)
 
     def _call(self, what: str, fn: Any, attempts: int = 1) -> Any:
         """Run `fn(client)`; with attempts > 1 (idempotent calls only) retry 5xx and network errors."""
-        from github import GithubException
+        from github import GithubException, RateLimitExceededException
 
         for attempt in range(1, attempts + 1):
             try:
                 return fn(self._client())
+            except RateLimitExceededException as exc:
+                retry_at = _retry_at(exc.headers)
+                raise GitHubRateLimited(f"GitHub API {what}: rate limited (HTTP {exc.status}) until "
+                                        f"{time.strftime('%H:%M:%S', time.gmtime(retry_at))} UTC", retry_at) from None
             except GithubException as exc:
                 message = exc.data.get("message") if isinstance(exc.data, dict) else None
+                if exc.status == 429:   # PyGithub maps only 403s to RateLimitExceededException
+                    raise GitHubRateLimited(f"GitHub API {what}: rate limited (HTTP 429)",
+                                            _retry_at(exc.headers)) from None
                 if attempt < attempts and exc.status >= 500:
                     time.sleep(0.5 * attempt)
                     continue

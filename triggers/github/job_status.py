@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,10 @@ class JobStatusReporter:
         else:
             state, description = _ending(job)
             outcomes = self.reporter.final_status(job.model, job.sha, state, description)
+        # a status GitHub did not take stays owed: the sweep tries again
+        posted = "pending" if outcomes.get("status", "").startswith("failed") else "final"
         with Session(self.engine) as session, session.begin():
-            session.merge(OwedStatus(job_id=job.id, posted="final", updated_at=_now()))
+            session.merge(OwedStatus(job_id=job.id, posted=posted, updated_at=_now()))
         log.info("github report", extra={"job_id": job.id, "context": status_context(job.model),
                                          "outcomes": outcomes})
         return outcomes
@@ -131,3 +134,15 @@ def job_reporter_from_env(engine: Engine, workdir: Path, tracking_issue: int | N
     """The service's reporter when GITHUB_TOKEN and GITHUB_REPOSITORY are set, else None."""
     reporter = GitHubReporter.from_env(tracking_issue)
     return None if reporter is None else JobStatusReporter(engine, reporter, workdir)
+
+
+def report_unaffected(reporter: GitHubReporter, models: list[str]) -> Callable[[Any, Any], None]:
+    """A planned delivery's hook: a PR that touches no model gets `success` on every `mlgate/<model>`
+    context, so a required check never waits for a job that will not come."""
+    def on_planned(delivery: Any, plan: Any) -> None:
+        if (delivery.event in ("pull_request", "issue_comment") and plan.outcome == "no_models" and plan.sha
+                and plan.repository == reporter.repository):
+            for model in models:
+                reporter.final_status(model, plan.sha, "success", "no model affected by this change")
+
+    return on_planned

@@ -13,6 +13,7 @@ import json
 import logging
 import queue as queue_module
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
 from automation.store import Base, locked_connection
-from triggers.github.api import GitHubSource
+from triggers.github.api import GitHubRateLimited, GitHubSource
 from triggers.jobs.queue import CLAIM_LOCK, as_utc, insert_jobs, job_row
 from triggers.intake.webhooks import Plan, plan_event
 
@@ -176,14 +177,28 @@ class GroupCommitRecorder:
                     batch.append(self._waiting.get_nowait())
                 except queue_module.Empty:
                     break
-            try:
-                results: list[Any] = record_deliveries(self.engine, self.config, [item for item, _ in batch])
-            except Exception as exc:   # every request of the batch answers 503; nothing was committed
-                log.error("recording deliveries failed", extra={"error": f"{type(exc).__name__}: {exc}",
-                                                                "batch": len(batch)})
-                results = [exc] * len(batch)
+            results = self._record([item for item, _ in batch])
             for (_, future), result in zip(batch, results):
                 future.get_loop().call_soon_threadsafe(_settle, future, result)
+
+
+    def _record(self, items: list[Incoming]) -> list[Any]:
+        """Record a batch in one transaction; if it fails, each delivery alone, so only the one the database
+        refuses answers 503 (and GitHub shows that delivery as failed, to redeliver)."""
+        try:
+            return record_deliveries(self.engine, self.config, items)
+        except Exception as exc:
+            log.error("recording deliveries failed", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                            "batch": len(items)})
+            if len(items) == 1:
+                return [exc]
+        results: list[Any] = []
+        for item in items:
+            try:
+                results.extend(record_deliveries(self.engine, self.config, [item]))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
 
 def _settle(future: asyncio.Future[Recorded], result: Any) -> None:
@@ -195,13 +210,25 @@ def _settle(future: asyncio.Future[Recorded], result: Any) -> None:
         future.set_result(result)
 
 
-def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, limit: int = 20) -> int:
-    """Plan pending deliveries in the order they came, calling the API outside any lock. Returns how many."""
+def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, limit: int = 20,
+                 on_planned: Callable[[Delivery, Plan], None] | None = None) -> int:
+    """Plan pending deliveries in the order they came, calling the API outside any lock. Returns how many.
+
+    A delivery that cannot be planned is recorded `error` with the reason, so it never holds up the ones
+    behind it. A rate limit (GitHubRateLimited) propagates: the caller parks planning until GitHub's reset,
+    and the deliveries stay pending."""
     with Session(engine) as session:
         pending = list(session.scalars(select(Delivery).where(Delivery.status == "pending")
                                        .order_by(Delivery.received_at).limit(limit)))
     for delivery in pending:
-        plan = plan_event(config, delivery.event, json.loads(delivery.payload or "{}"), github)
+        try:
+            plan = plan_event(config, delivery.event, json.loads(delivery.payload or "{}"), github)
+        except GitHubRateLimited:
+            raise
+        except Exception as exc:   # a bug or a payload planning cannot read: this delivery's alone
+            log.error("webhook delivery could not be planned", extra={"delivery": delivery.id,
+                                                                     "error": f"{type(exc).__name__}: {exc}"})
+            plan = Plan("error", f"could not be planned: {type(exc).__name__}: {str(exc)[:300]}")
         with locked_connection(engine, CLAIM_LOCK) as conn:
             status = conn.execute(select(Delivery.status).where(Delivery.id == delivery.id)).scalar()
             if status != "pending":
@@ -214,6 +241,8 @@ def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, lim
                 planned_at=datetime.now(timezone.utc), repository=delivery.repository or plan.repository))
         log.info("webhook delivery planned", extra={"delivery": delivery.id, "status": plan.outcome,
                                                     "reason": plan.reason})
+        if on_planned is not None:
+            on_planned(delivery, plan)
     return len(pending)
 
 

@@ -29,6 +29,7 @@ from triggers.jobs.queue import CLAIM_LOCK, Job, as_utc, insert_jobs, job_row
 log = logging.getLogger(__name__)
 
 EVENT_TYPE = "mlgate.drift.detected"
+MAX_EVENT_BYTES = 64 * 1024   # the same cap as over HTTP (request_guard.EVENT_LIMIT)
 
 
 class BadEvent(ValueError):
@@ -69,18 +70,27 @@ class DriftEvent(BaseModel):
     data: DriftData
 
 
-def parse_event(raw: bytes | str | dict[str, Any], config: MlgateConfig) -> DriftEvent:
-    """Validate one event; BadEvent names what is wrong in one line."""
+def parse_event(raw: bytes | str | dict[str, Any] | None, config: MlgateConfig) -> DriftEvent:
+    """Validate one event, whatever arrived (a Kafka record's value may be anything); BadEvent names what
+    is wrong in one line."""
+    if raw is None:
+        raise BadEvent("empty record (null value)")
+    if isinstance(raw, (bytes, str)) and len(raw) > MAX_EVENT_BYTES:
+        raise BadEvent(f"record of {len(raw)} bytes is over the {MAX_EVENT_BYTES}-byte limit")
     try:
         body = raw if isinstance(raw, dict) else json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadEvent(f"not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:   # invalid UTF-8 is a UnicodeDecodeError
+        raise BadEvent(f"not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BadEvent("JSON nested too deeply") from None
     try:
         event = DriftEvent.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(event)"
+        where = ".".join(str(p) for p in first["loc"])[:200] or "(event)"
         raise BadEvent(f"not a drift CloudEvent: {where}: {first['msg']}") from None
+    except RecursionError:
+        raise BadEvent("JSON nested too deeply") from None
     if event.data.model not in config.models:
         raise UnknownModel(f"unknown model '{event.data.model}' (known: {', '.join(sorted(config.models))})")
     if event.data.data_ref is not None:
@@ -206,12 +216,20 @@ def _decide(conn: Connection, config: MlgateConfig, event: DriftEvent, state: _M
                         f"drift retrain {state.last_id} ended less than {policy.cooldown_minutes:g} min ago")
     payload = {"event_id": event.id, "drift_share": share, "data_ref": event.data.data_ref,
                "window_end": event.data.window_end.isoformat(), "coalesced": 0}
-    row = job_row(model=model, kind="retrain", trigger="drift", payload=payload, dedupe_key=f"drift:{event.id}",
+    row = job_row(model=model, kind="retrain", trigger="drift", payload=payload, dedupe_key=drift_dedupe_key(event.id),
                   max_attempts=config.service.max_attempts)
     insert_jobs(conn, [row])
     state.active, state.last_id, state.last_ended = {"id": row["id"], "state": "queued", "payload": payload}, \
         row["id"], now
     return Decision(event.id, "job", row["id"], f"drift share {share:.2f} >= threshold {policy.threshold:.2f}")
+
+
+def drift_dedupe_key(event_id: str) -> str:
+    """The job's dedupe key: `drift:<id>`, or its digest when that would not fit the column (200)."""
+    import hashlib
+
+    key = f"drift:{event_id}"
+    return key if len(key) <= 200 else f"drift:sha256:{hashlib.sha256(event_id.encode()).hexdigest()}"
 
 
 def decide_batch(engine: Engine, config: MlgateConfig, events: list[DriftEvent], source: str) -> list[Decision]:

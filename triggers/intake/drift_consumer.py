@@ -4,6 +4,11 @@ Each poll batch is decided in one transaction (`drift.decide_batch`); bad events
 dead-letter topic (acknowledged by the broker) first; only then are the offsets committed.
 A crash between the two re-delivers the batch, and the event ids make the replay a no-op.
 Broker errors never stop the loop: kafka-python reconnects, and we back off and retry.
+
+No record can wedge the consumer. One that cannot be parsed, whatever it holds, is dead-lettered
+with the reason. When the database refuses a batch, the consumer backs off (doubling, up to a
+minute) while the database is down; if it answers, the events are decided one by one and the one
+it refuses is parked on the dead-letter topic with the reason, so its neighbours go on.
 """
 
 from __future__ import annotations
@@ -67,31 +72,42 @@ class DriftConsumer:
         return KafkaConsumer(self.kafka.topic, bootstrap_servers=self.bootstrap, group_id=self.kafka.group_id,
                              client_id="mlgate-drift", **CONSUMER_SETTINGS, **security_from_env())
 
-    def _dead_letter(self, record: Any, reason: str) -> None:
+    def _dead_letter(self, record: Any, reason: str, outcome: str = "dead_letter") -> None:
         from kafka import KafkaProducer
 
+        log.warning("drift event dead-lettered", extra={"offset": record.offset, "reason": reason,
+                                                        "outcome": outcome})
         if self._producer is None:
             self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", retries=5,
                                            client_id="mlgate-dead-letter", **security_from_env())
-        headers = [("mlgate.error", reason.encode()), ("mlgate.topic", record.topic.encode()),
+        headers = [("mlgate.error", reason[:1000].encode()), ("mlgate.topic", record.topic.encode()),
                    ("mlgate.partition", str(record.partition).encode()), ("mlgate.offset", str(record.offset).encode())]
-        self._producer.send(self.kafka.dead_letter_topic, value=record.value, key=record.key, headers=headers)
+        # kafka-python refuses a record with neither key nor value, which other clients may have written
+        key = record.key if record.key is not None or record.value is not None else b""
+        self._producer.send(self.kafka.dead_letter_topic, value=record.value, key=key, headers=headers)
+        self.stats.dead_lettered += 1
+        if self.on_decision:
+            self.on_decision(outcome)
 
     def process(self, records: list[Any]) -> None:
         """Decide a batch durably; raises if anything could not be made durable."""
-        events: list[DriftEvent] = []
+        parsed: list[tuple[Any, DriftEvent]] = []
         for record in records:
             try:
-                events.append(parse_event(record.value, self.config))
+                parsed.append((record, parse_event(record.value, self.config)))
             except BadEvent as exc:
-                log.warning("drift event dead-lettered", extra={"offset": record.offset, "reason": str(exc)})
                 self._dead_letter(record, str(exc))
-                self.stats.dead_lettered += 1
-                if self.on_decision:
-                    self.on_decision("dead_letter")
+            except Exception as exc:   # whatever a record holds, it never stops the ones after it
+                self._dead_letter(record, f"undecidable record: {type(exc).__name__}: {str(exc)[:200]}")
+        try:
+            decisions = decide_batch(self.engine, self.config, [event for _, event in parsed], source="kafka")
+        except Exception:
+            if not self._database_answers():
+                raise                     # an outage: back off and read the batch again
+            decisions = self._decide_one_by_one(parsed)
         if self._producer is not None:
             self._producer.flush(timeout=30)   # raises when the broker did not take them
-        for decision in decide_batch(self.engine, self.config, events, source="kafka"):
+        for decision in decisions:
             outcome = "duplicate" if decision.duplicate else decision.outcome
             self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
             self.stats.jobs += outcome == "job"
@@ -100,10 +116,34 @@ class DriftConsumer:
                 self.on_decision(outcome)
         self.stats.consumed += len(records)
 
+    def _database_answers(self) -> bool:
+        from sqlalchemy import text
+
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("select 1"))
+            return True
+        except Exception:
+            return False
+
+    def _decide_one_by_one(self, parsed: list[tuple[Any, DriftEvent]]) -> list[Any]:
+        """The database answers but refused the batch: decide each event alone; park the ones it refuses."""
+        decisions = []
+        for record, event in parsed:
+            try:
+                decisions.extend(decide_batch(self.engine, self.config, [event], source="kafka"))
+            except Exception as exc:
+                if not self._database_answers():
+                    raise
+                self._dead_letter(record, f"parked: the database refused it: {type(exc).__name__}: "
+                                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", "parked")
+        return decisions
+
     def run(self) -> None:
         from kafka.errors import KafkaError
 
         consumer = None
+        failures = 0   # consecutive: the back-off doubles, so a refusing database is never hammered
         while not self._stop.is_set():
             try:
                 if consumer is None:
@@ -121,6 +161,7 @@ class DriftConsumer:
                             consumer.seek(partition, batch[0].offset)
                         raise
                     consumer.commit()
+                failures = 0
             except KafkaError as exc:
                 # retriable or not, the answer is the same: keep the uncommitted offsets, back off, go on
                 self.stats.errors += 1
@@ -128,9 +169,10 @@ class DriftConsumer:
                 self._stop.wait(1.0)
             except Exception as exc:
                 self.stats.errors += 1
+                failures += 1
                 log.error("drift batch failed; it will be read again",
-                          extra={"error": f"{type(exc).__name__}: {exc}"})
-                self._stop.wait(2.0)
+                          extra={"error": f"{type(exc).__name__}: {exc}", "retry_in": min(60.0, 2.0 ** failures)})
+                self._stop.wait(min(60.0, 2.0 ** failures))
         if consumer is not None:
             consumer.close(autocommit=False)
         if self._producer is not None:

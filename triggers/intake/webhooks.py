@@ -128,6 +128,7 @@ class Plan:
     reason: str
     jobs: list[PlannedJob] = field(default_factory=list)
     repository: str | None = None
+    sha: str | None = None          # the commit the plan is about (a PR's head): "no model affected" goes there
 
 
 def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | IssueCommentEvent | None:
@@ -281,7 +282,7 @@ def _config_versions(github: GitHubSource, repo: str, before: str | None,
 def _jobs(affected: Affected, kind: str, trigger: str, sha: str, pr: int | None, repo: str,
           supersede_key: Callable[[str], str]) -> Plan:
     if not affected.models:
-        return Plan("no_models", affected.reason(), repository=repo)
+        return Plan("no_models", affected.reason(), repository=repo, sha=sha)
     jobs = [PlannedJob(model=m, kind=kind, trigger=trigger, sha=sha, pr=pr, supersede_key=supersede_key(m))
             for m in affected.models]
-    return Plan("jobs", affected.reason(), jobs, repository=repo)
+    return Plan("jobs", affected.reason(), jobs, repository=repo, sha=sha)
