@@ -372,3 +372,22 @@ def test_an_optional_read_token_guards_the_api_and_dashboard(service: ServiceSta
     # secrets never appear in a response
     body = client.get("/jobs", headers={"Authorization": "Bearer read-only-token"}).text
     assert "read-only-token" not in body and SECRET not in body
+
+
+def test_a_delivery_the_database_refuses_fails_alone_in_its_batch(service: ServiceState, db_url: str) -> None:
+    """Group commit records up to 64 deliveries in one transaction; one the database refuses (here a
+    repository name longer than its column, which PostgreSQL enforces) must not fail its neighbours."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite does not enforce column lengths, so nothing here makes it refuse a delivery")
+    good = [push_to_default(["models/digits_mlp.py"]) for _ in range(2)]
+    good[1]["after"] = "2" * 40
+    bad = push_to_default(["README.md"])
+    bad["repository"]["full_name"] = "x" * 300
+    items = [deliveries.Incoming.parse(service.config, delivery, "push", payload, json.dumps(payload).encode())
+             for delivery, payload in (("good-1", good[0]), ("bad", bad), ("good-2", good[1]))]
+    recorder = deliveries.GroupCommitRecorder(service.engine, service.config)
+    results = recorder._record(items)
+    assert isinstance(results[1], Exception) and [r.delivery["delivery"] for r in (results[0], results[2])] == [
+        "good-1", "good-2"]
+    assert {d.id for d in deliveries.list_deliveries(service.engine)} == {"good-1", "good-2"}
+    assert len(jobs(service)) == 2
