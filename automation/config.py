@@ -134,6 +134,8 @@ class ServiceConfig(Strict):
     max_concurrent_retrains: PositiveInt = 2       # across models; a model never runs two jobs at once
     max_attempts: PositiveInt = 3                  # a job whose worker dies is retried this many times in all
     lease_seconds: PositiveFloat = 60              # a worker that misses heartbeats this long loses its job
+    job_timeout_minutes: PositiveFloat = 240       # a job still running after this is stopped and failed
+    retention_days: PositiveFloat = 90             # finished jobs, deliveries and drift events older are pruned
     # a push touching any of these retrains every model (models/<name>.py files belong to their model)
     shared_paths: list[str] = ["automation/", "models/", "pyproject.toml"]
     kafka: KafkaConfig = KafkaConfig()

@@ -46,6 +46,13 @@ class GateFailed(MlgateError):
     exit_code = 3
 
 
+class GateStale(GateFailed):
+    """The gate passed against a production version that is no longer production (someone moved it
+    while the job ran): nothing was promoted, and the verdict must be taken again."""
+
+    exit_code = 4
+
+
 class StageError(MlgateError):
     """A stage of the job failed; the message names the stage."""
 

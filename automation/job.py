@@ -24,7 +24,7 @@ import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
 from automation.device import RunnerDevice, host_copy, select_device
-from automation.errors import GateFailed, MlgateError, StageError, failure_reason
+from automation.errors import GateFailed, GateStale, MlgateError, StageError, failure_reason
 from automation.progress import JobProgress
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class JobRequest:
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     data_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. extra_train after drift
     production_dir: Path | None = None   # a snapshot (automation/production.py): the registry is not read
+    fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
 
     @property
     def may_promote(self) -> bool:
@@ -143,6 +144,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
             snapshot = read_production(request.production_dir, request.model)
             production_version = snapshot.version
         else:
+            promote.reconcile(client, engine, request.model)   # a move whose mover died settles before we read
             production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
 
     import mlflow
@@ -275,11 +277,17 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                      "variant": chosen.name, "report": summary["reports"]["html"],
                      "checks": [c.line() for c in verdict.checks]}, ensure_ascii=False)[:5000])
                 client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)
+            stale = None
             if version is not None and verdict.passed:
-                record = promote.promote(client, engine, request.model, version, job_id=request.job_id,
-                                         reason=f"gate passed ({request.trigger} {request.sha or ''})".strip())
-                summary["promoted"] = True
-                summary["audit_id"] = record.id
+                try:   # only over the production the gate compared against: a person may have moved it since
+                    record = promote.promote(client, engine, request.model, version, job_id=request.job_id,
+                                             reason=f"gate passed ({request.trigger} {request.sha or ''})".strip(),
+                                             expected_production=production_version, fence=request.fence)
+                    summary["promoted"] = True
+                    summary["audit_id"] = record.id
+                except GateStale as exc:
+                    stale = exc
+                    summary["stale"] = str(exc)
 
         # --- report -------------------------------------------------------------------------
         with timer.stage("report"):
@@ -289,6 +297,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         Path(summary["reports"]["json"]).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
 
+    if stale is not None:
+        raise stale.with_summary(summary)
     if not verdict.passed:
         failed = [c.name for c in verdict.checks if c.status == "failed"]
         raise GateFailed(f"gate failed for {request.model} ({', '.join(failed)}); nothing promoted",

@@ -1,30 +1,64 @@
 """Promote: MLflow registry aliases (`production`, `previous`) plus an append-only audit trail.
 
-Every alias move happens inside one database transaction that holds a per-model lock
-(SELECT … FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite) and writes the audit row,
-so two jobs finishing at once are serialized: each sees the other's result, production
-only ever points at a version whose gate passed (or a recorded manual override), and
-no audit entry is lost.
+A move is a compare-and-set in three steps, so production and the audit trail always agree:
+
+1. *Intent*: under a per-model lock (SELECT … FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite),
+   check the caller's fence (a job that lost its lease may not promote) and that no other move of
+   the model is under way, and record the intent. The lock is held only for that: never across an
+   MLflow call, so a slow registry cannot stall other writers (heartbeats among them).
+2. *Move*: outside the lock; the intent row keeps other movers of the model waiting. If production is
+   no longer the version the caller gated against (say a person rolled back meanwhile), nothing moves
+   and the caller gets GateStale. A move that fails half-way is undone.
+3. *Confirm*: the audit row and the intent's end commit together.
+
+A mover that died between 1 and 3 leaves its intent; `reconcile` (run by every mover after a while,
+and at service start) reads the registry and writes the audit row if production did move, or marks
+the intent abandoned if it did not.
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, select
+from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from automation.errors import MlgateError, UsageError
+from automation.errors import GateStale, MlgateError, UsageError
 from automation.store import Base, locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+log = logging.getLogger(__name__)
+
 PRODUCTION, PREVIOUS = "production", "previous"
 GATE_TAG = "mlgate.gate"
+UNCHANGED = object()                      # `expected_production` not given: promote over whatever is there
+INTENT_STALE = timedelta(minutes=2)       # an unconfirmed move this old is reconciled by the next mover
+WAIT_SECONDS = 120.0                      # how long a mover waits for another move of the same model
+Fence = Callable[[Session], "str | None"]   # why the caller may not promote (read under the lock), or None
+
+
+class PromotionIntent(Base):
+    __tablename__ = "promotion_intents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    version: Mapped[str | None] = mapped_column(String(32), nullable=True)     # None: a rollback, not yet known
+    replaced_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    state: Mapped[str] = mapped_column(String(16), index=True)   # moving | done | stale | failed | abandoned
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PromotionRecord(Base):
@@ -62,45 +96,156 @@ def alias_version(client: "MlflowClient", model: str, alias: str) -> str | None:
         return None
 
 
-def _move(client: "MlflowClient", engine: Engine, model: str, version: str | None, *, action: str,
-          reason: str, job_id: str | None, require_passed: bool, rollback: bool = False) -> PromotionRecord:
-    with locked(engine, model) as session:
-        current = alias_version(client, model, PRODUCTION)
-        if rollback:
-            version = alias_version(client, model, PREVIOUS)
-            if version is None:
-                raise UsageError(f"cannot roll back {model}: it has no '@{PREVIOUS}' version")
-        if version is None:
-            raise UsageError("a version is required")
-        mv = client.get_model_version(model, version)
-        if require_passed and mv.tags.get(GATE_TAG) != "passed":
-            raise MlgateError(f"{model} version {version} did not pass its gate; refusing to promote it")
-        record = PromotionRecord(model=model, action=action, version=version, replaced_version=current,
-                                 job_id=job_id, reason=reason, actor=getpass.getuser())
-        session.add(record)
-        session.flush()
-        if rollback:
-            # the version that `previous` replaced, so a second rollback keeps walking back
-            before = session.scalars(select(PromotionRecord.replaced_version).where(
-                PromotionRecord.model == model, PromotionRecord.version == version,
-                PromotionRecord.action != "rollback").order_by(PromotionRecord.id.desc()).limit(1)).first()
-            new_previous = before if before and before != version else None
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _begin(engine: Engine, client: "MlflowClient", model: str, action: str, version: str | None, reason: str,
+           job_id: str | None, fence: Fence | None) -> int:
+    """Step 1: the intent, once no other move of the model is under way. Returns its id."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        with locked(engine, model) as session:
+            if fence is not None:
+                refusal = fence(session)
+                if refusal:
+                    raise MlgateError(f"not promoting {model}: {refusal}")
+            other = session.scalars(select(PromotionIntent).where(PromotionIntent.model == model,
+                                                                  PromotionIntent.state == "moving")).first()
+            if other is None:
+                intent = PromotionIntent(model=model, action=action, version=version, job_id=job_id, reason=reason,
+                                         actor=getpass.getuser(), state="moving", created_at=_now())
+                session.add(intent)
+                session.flush()
+                return intent.id
+            stale = _now() - _aware(other.created_at) > INTENT_STALE
+        if stale:
+            reconcile(client, engine, model)
+        elif time.monotonic() > deadline:
+            raise MlgateError(f"another move of {model} (intent {other.id}, {other.action}) has not finished "
+                              f"within {WAIT_SECONDS:g} s")
         else:
-            new_previous = current if current != version else alias_version(client, model, PREVIOUS)
-        # alias moves happen while the lock is held; the audit row commits with the block
-        client.set_registered_model_alias(model, PRODUCTION, version)
-        if new_previous:
-            client.set_registered_model_alias(model, PREVIOUS, new_previous)
-        elif alias_version(client, model, PREVIOUS) is not None:
-            client.delete_registered_model_alias(model, PREVIOUS)
+            time.sleep(0.2)
+
+
+def _end(engine: Engine, intent_id: int, state: str, detail: str = "", **values: Any) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(update(PromotionIntent).where(PromotionIntent.id == intent_id)
+                        .values(state=state, detail=detail[:2000], **values))
+
+
+def _confirm(engine: Engine, intent: PromotionIntent, version: str, replaced: str | None,
+             detail: str = "") -> PromotionRecord:
+    """Step 3: the audit row and the intent's end, in one transaction."""
+    with locked(engine, intent.model) as session:
+        record = PromotionRecord(model=intent.model, action=intent.action, version=version, replaced_version=replaced,
+                                 job_id=intent.job_id, reason=intent.reason, actor=intent.actor)
+        session.add(record)
+        session.execute(update(PromotionIntent).where(PromotionIntent.id == intent.id)
+                        .values(state="done", version=version, replaced_version=replaced, detail=detail))
+        session.flush()
     return record
 
 
+def _rollback_target(engine: Engine, client: "MlflowClient", model: str) -> tuple[str, str | None]:
+    """(the version to roll back to, what becomes `previous` then): walking back one promotion at a time."""
+    version = alias_version(client, model, PREVIOUS)
+    if version is None:
+        raise UsageError(f"cannot roll back {model}: it has no '@{PREVIOUS}' version")
+    with Session(engine) as session:
+        before = session.scalars(select(PromotionRecord.replaced_version).where(
+            PromotionRecord.model == model, PromotionRecord.version == version,
+            PromotionRecord.action != "rollback").order_by(PromotionRecord.id.desc()).limit(1)).first()
+    return version, (before if before and before != version else None)
+
+
+def _set_aliases(client: "MlflowClient", model: str, production: str, previous: str | None) -> None:
+    client.set_registered_model_alias(model, PRODUCTION, production)
+    if previous:
+        client.set_registered_model_alias(model, PREVIOUS, previous)
+    elif alias_version(client, model, PREVIOUS) is not None:
+        client.delete_registered_model_alias(model, PREVIOUS)
+
+
+def _move(client: "MlflowClient", engine: Engine, model: str, version: str | None, *, action: str,
+          reason: str, job_id: str | None, require_passed: bool, rollback: bool = False,
+          expected_production: Any = UNCHANGED, fence: Fence | None = None) -> PromotionRecord:
+    intent_id = _begin(engine, client, model, action, version, reason, job_id, fence)
+    try:
+        current = alias_version(client, model, PRODUCTION)
+        previous_before = alias_version(client, model, PREVIOUS)
+        if expected_production is not UNCHANGED and current != expected_production:
+            raise GateStale(f"production of {model} is version {current} now, not {expected_production} as when "
+                            f"the gate ran; version {version} was not promoted")
+        if rollback:
+            version, new_previous = _rollback_target(engine, client, model)
+        else:
+            assert version is not None
+            mv = client.get_model_version(model, version)
+            if require_passed and mv.tags.get(GATE_TAG) != "passed":
+                raise MlgateError(f"{model} version {version} did not pass its gate; refusing to promote it")
+            new_previous = current if current != version else previous_before
+        _end(engine, intent_id, "moving", version=version, replaced_version=current)
+    except GateStale as exc:
+        _end(engine, intent_id, "stale", str(exc))
+        raise
+    except BaseException as exc:
+        _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    try:
+        _set_aliases(client, model, version, new_previous)
+    except BaseException as exc:
+        try:   # undo a half-done move, so production and the audit trail still agree
+            if current is not None:
+                _set_aliases(client, model, current, previous_before)
+            _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}; undone")
+        except Exception as undo:   # the registry is unreachable: reconcile settles it later
+            log.error("promotion undo failed; left for reconcile", extra={"model": model, "intent": intent_id,
+                                                                         "error": f"{type(undo).__name__}: {undo}"})
+        raise
+    with Session(engine) as session:
+        intent = session.get(PromotionIntent, intent_id)
+    assert intent is not None
+    return _confirm(engine, intent, version, current)
+
+
+def reconcile(client: "MlflowClient", engine: Engine, model: str | None = None,
+              older_than: timedelta = INTENT_STALE) -> list[str]:
+    """Settle moves whose mover died: production moved → the audit row is written; else abandoned.
+    Returns what was done, one line per intent."""
+    with Session(engine) as session:
+        query = select(PromotionIntent).where(PromotionIntent.state == "moving")
+        if model:
+            query = query.where(PromotionIntent.model == model)
+        intents = [i for i in session.scalars(query) if _now() - _aware(i.created_at) >= older_than]
+    done = []
+    for intent in intents:
+        production = alias_version(client, intent.model, PRODUCTION)
+        if intent.version is not None and production == intent.version and intent.replaced_version != production:
+            if intent.action != "rollback" and intent.replaced_version:   # the mover may have died before this
+                client.set_registered_model_alias(intent.model, PREVIOUS, intent.replaced_version)
+            _confirm(engine, intent, intent.version, intent.replaced_version, "confirmed by reconcile")
+            done.append(f"{intent.model}: version {intent.version} is production; audit row written")
+        else:
+            _end(engine, intent.id, "abandoned", f"reconcile: production is {production}, the move did not happen")
+            done.append(f"{intent.model}: intent {intent.id} abandoned (production is {production})")
+        log.warning("promotion reconciled", extra={"intent": intent.id, "outcome": done[-1]})
+    return done
+
+
 def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str,
-            job_id: str | None = None, manual: bool = False) -> PromotionRecord:
-    """Make `version` production. Automatic promotion requires its gate tag to say passed."""
+            job_id: str | None = None, manual: bool = False, expected_production: Any = UNCHANGED,
+            fence: Fence | None = None) -> PromotionRecord:
+    """Make `version` production. Automatic promotion requires its gate tag to say passed; with
+    `expected_production` (a version, or None for "no production"), only if production still is that
+    (else GateStale); with `fence`, only if the fence does not refuse under the lock."""
     return _move(client, engine, model, str(version), action="manual_promote" if manual else "promote",
-                 reason=reason, job_id=job_id, require_passed=not manual)
+                 reason=reason, job_id=job_id, require_passed=not manual, expected_production=expected_production,
+                 fence=fence)
 
 
 def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str) -> PromotionRecord:

@@ -52,9 +52,11 @@ def repository(tmp_path: Path) -> dict[str, Any]:
 
 
 def run(repository: dict[str, Any], sha: str | None) -> tuple[Any, dict[str, Any] | None]:
-    job, _ = queue.enqueue(repository["engine"], model="digits_mlp", kind="retrain", trigger="push", sha=sha)
+    queue.enqueue(repository["engine"], model="digits_mlp", kind="retrain", trigger="push", sha=sha)
+    job = queue.claim(repository["engine"], "test-worker", lease_seconds=600)   # as a worker does: it may promote
     executor = LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml"))
     outcome = executor.run(job, threading.Event())
+    queue.finish(repository["engine"], job.id, "test-worker", outcome.state, **outcome.fields)
     report = repository["state"] / "reports" / job.id / "report.json"
     return outcome, json.loads(report.read_text()) if report.exists() else None
 
@@ -108,7 +110,8 @@ def test_a_pr_job_holds_no_credential_and_never_writes_the_registry(repository: 
     assert good.state == "succeeded"                            # version 1 is production
     seen = tmp_path / "seen-by-pr.json"
     head = git_commit(repository["repo"], {"models/digits_mlp.py": peeking_model(seen)}, "a PR")
-    job, _ = queue.enqueue(repository["engine"], model="digits_mlp", kind="evaluate", trigger="pr", sha=head, pr=7)
+    queue.enqueue(repository["engine"], model="digits_mlp", kind="evaluate", trigger="pr", sha=head, pr=7)
+    job = queue.claim(repository["engine"], "test-worker", lease_seconds=600)
     outcome = LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml")).run(job, threading.Event())
     assert outcome.state == "succeeded" and outcome.fields["sha"] == head, outcome
     found = json.loads(seen.read_text())

@@ -37,7 +37,15 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, A
 
 
 def job_processes(worker: psutil.Process) -> list[psutil.Process]:
-    return [p for p in worker.children(recursive=True) if "run" in p.cmdline() and "--job-id" in p.cmdline()]
+    found = []
+    for child in worker.children(recursive=True):
+        try:   # a short-lived child (git) may have exited, or be a zombie, by the time it is read
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "run" in command and "--job-id" in command:
+            found.append(child)
+    return found
 
 
 def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any, str]) -> None:

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sha", help="commit the job is for")
     run.add_argument("--pr", type=int, help="pull-request number (with --trigger pr)")
     run.add_argument("--job-id", help="job id (default: a new random id)")
+    run.add_argument("--attempt", type=int, help="the queue's attempt number for --job-id: promotion is fenced "
+                     "to it (refused once the attempt lost its lease); set by the service's local executor")
     run.add_argument("--extra-train", help="npz with x, y appended to the training split (drift retrain)")
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job, "
@@ -127,6 +129,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--trigger pr needs --pr N")
     if args.report_to and (not args.job_id or len(names) != 1):
         raise UsageError("--report-to needs --job-id and --model (the job the service queued)")
+    if args.attempt is not None and not args.job_id:
+        raise UsageError("--attempt needs --job-id (the queued job it is an attempt of)")
     if args.production_dir and len(names) != 1:
         raise UsageError("--production-dir needs --model (a snapshot holds one model's production)")
     try:
@@ -157,11 +161,16 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
 
         production_dir = config.workdir / "jobs" / args.job_id / "production-snapshot"
         fetch_production(args.report_to, args.job_id, production_dir)
+    fence = None
+    if args.attempt is not None:
+        from triggers.jobs.queue import lease_fence
+
+        fence = lease_fence(args.job_id, args.attempt)
     summaries, code = [], EXIT_OK
     with JobProgress(enabled=None if not args.json else False) as progress:
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
-                                 data_overrides=overrides, production_dir=production_dir,
+                                 data_overrides=overrides, production_dir=production_dir, fence=fence,
                                  **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
                 _warn_github(reporter.started(name, args.sha))
@@ -169,7 +178,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
                 summary = run_job(config, request, progress)
             except GateFailed as exc:
                 print(exc.format(), file=sys.stderr)
-                summary, code = exc.summary or {}, EXIT_GATE
+                summary, code = exc.summary or {}, exc.exit_code   # 3 gate failed, 4 production moved meanwhile
             except MlgateError as exc:
                 if reporter:
                     _warn_github(reporter.final_status(name, args.sha, "error", str(exc)))

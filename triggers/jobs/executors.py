@@ -27,7 +27,7 @@ from triggers.jobs.queue import Job, get_job
 
 log = logging.getLogger(__name__)
 
-EXIT_STATES = {0: "succeeded", 3: "gate_failed"}   # anything else is "failed" (see triggers.cli)
+EXIT_STATES = {0: "succeeded", 3: "gate_failed", 4: "gate_stale"}   # anything else is "failed" (triggers.cli)
 
 
 @dataclass
@@ -63,9 +63,10 @@ REGISTRY_CREDENTIALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TR
 
 
 def run_arguments(job: Job, sha: str | None = None) -> list[str]:
-    """`mlgate run` arguments for a job record (shared by the local and the GitHub executor)."""
+    """`mlgate run` arguments for a job record run by the local executor: `--attempt` fences its
+    promotion to this attempt's lease, in the job database it shares with the service."""
     args = ["--model", job.model, "--trigger", job.trigger if job.trigger in ("push", "pr", "drift") else "manual",
-            "--job-id", job.id]
+            "--job-id", job.id, "--attempt", str(job.attempts)]
     if sha or job.sha:
         args += ["--sha", sha or job.sha]
     if job.pr is not None and job.trigger == "pr":

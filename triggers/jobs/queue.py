@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sqlalchemy import (Connection, DateTime, Engine, Index, Integer, String, Text, bindparam, func, insert, select,
@@ -21,8 +22,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.store import Base, locked, locked_connection
 
-State = Literal["queued", "running", "succeeded", "gate_failed", "failed", "cancelled", "superseded"]
-FINAL_STATES = ("succeeded", "gate_failed", "failed", "cancelled", "superseded")
+State = Literal["queued", "running", "succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded"]
+FINAL_STATES = ("succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded")
 CLAIM_LOCK = "__queue_claim__"
 
 
@@ -168,14 +169,18 @@ def heartbeat(engine: Engine, job_id: str, worker_id: str, lease_seconds: float 
         return result.rowcount == 1
 
 
-def finish(engine: Engine, job_id: str, worker_id: str, state: State, **fields: Any) -> bool:
-    """Record the outcome; ignored (False) when the worker no longer owns the job."""
+def finish(engine: Engine, job_id: str, worker_id: str, state: State, *, attempt: int | None = None,
+           **fields: Any) -> bool:
+    """Record the outcome; ignored (False) when the worker no longer owns the job (or, with `attempt`,
+    that attempt is no longer the running one)."""
     if state not in FINAL_STATES:
         raise ValueError(f"not a final state: {state}")
     fields.setdefault("error", None)   # a retried job that succeeds drops the earlier attempt's error
+    condition = [Job.id == job_id, Job.worker_id == worker_id, Job.state == "running"]
+    if attempt is not None:
+        condition.append(Job.attempts == attempt)
     with Session(engine) as session, session.begin():
-        result = session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
-                                                   Job.state == "running")
+        result = session.execute(update(Job).where(*condition)
                                  .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
         return result.rowcount == 1
 
@@ -193,6 +198,23 @@ def record_result(engine: Engine, job_id: str, state: State, *, attempt: int | N
         result = session.execute(update(Job).where(*condition)
                                  .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
         return result.rowcount == 1
+
+
+def lease_fence(job_id: str, attempt: int) -> Callable[[Session], str | None]:
+    """A promote.Fence for one attempt of a job: it may promote only while that attempt is the running one
+    and its lease has not expired (read under the promotion's lock, in the same database)."""
+    def refusal(session: Session) -> str | None:
+        row = session.execute(select(Job.state, Job.attempts, Job.lease_expires_at).where(Job.id == job_id)).first()
+        if row is None:
+            return f"job {job_id} is not in the queue"
+        if row.state != "running" or row.attempts != attempt:
+            return f"attempt {attempt} of job {job_id} is no longer the running one (now {row.state}, attempt {row.attempts})"
+        expires = as_utc(row.lease_expires_at)
+        if expires is None or expires < _now():
+            return f"job {job_id} lost its lease"
+        return None
+
+    return refusal
 
 
 def cancel(engine: Engine, job_id: str, reason: str) -> bool:

@@ -52,11 +52,34 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
-    def _heartbeat(self, job_id: str, lost: threading.Event, done: threading.Event) -> None:
-        while not done.wait(self.lease / 4):
-            if not queue.heartbeat(self.engine, job_id, self.worker_id, self.lease):
+    def _heartbeat(self, job: queue.Job, lost: threading.Event, done: threading.Event,
+                   timed_out: threading.Event) -> None:
+        """Renew the lease every quarter lease. A renewal that fails is retried every tenth of a lease; once
+        half the lease has gone unrenewed the job is stopped, well before another worker may claim it, and
+        its promotion is fenced anyway. Past `service.job_timeout_minutes` the job is stopped too."""
+        started = last_renewed = time.monotonic()
+        timeout = self.config.service.job_timeout_minutes * 60
+        interval = self.lease / 4
+        while not done.wait(interval):
+            if time.monotonic() - started > timeout:
+                timed_out.set()
+                lost.set()
+                return
+            try:
+                renewed = queue.heartbeat(self.engine, job.id, self.worker_id, self.lease)
+            except Exception as exc:
+                if time.monotonic() - last_renewed > self.lease / 2:
+                    log.error("lease not renewed for half its length; stopping the job",
+                              extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
+                    lost.set()
+                    return
+                log.warning("heartbeat failed; retrying", extra={"job_id": job.id, "error": type(exc).__name__})
+                interval = self.lease / 10
+                continue
+            if not renewed:
                 lost.set()   # cancelled, or recovered by another worker after a stall
                 return
+            last_renewed, interval = time.monotonic(), self.lease / 4
 
     def run_one(self) -> queue.Job | None:
         """Claim and run one job; None when nothing was claimable."""
@@ -64,8 +87,8 @@ class Worker:
         if job is None:
             return None
         self._report("started", lambda: self.reporter.started(job))   # type: ignore[union-attr]
-        lost, done = threading.Event(), threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, lost, done), daemon=True)
+        lost, done, timed_out = threading.Event(), threading.Event(), threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, lost, done, timed_out), daemon=True)
         beat.start()
         try:
             outcome = self.executor.run(job, lost)
@@ -75,7 +98,12 @@ class Worker:
         finally:
             done.set()
             beat.join()
-        if outcome is not None and queue.finish(self.engine, job.id, self.worker_id, outcome.state, **outcome.fields):
+        if timed_out.is_set():
+            minutes = self.config.service.job_timeout_minutes
+            outcome = Outcome("failed", {"error": f"timed out after {minutes:g} min (service.job_timeout_minutes); "
+                                                  "the job was stopped"})
+        if outcome is not None and queue.finish(self.engine, job.id, self.worker_id, outcome.state,
+                                                attempt=job.attempts, **outcome.fields):
             log.info("job finished", extra={"job_id": job.id, "model": job.model, "state": outcome.state})
         ended = queue.get_job(self.engine, job.id)
         # ended in this attempt, by this worker, the runner's result or a cancellation: not requeued after a lost lease
