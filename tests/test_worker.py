@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from automation.config import load_config
 from automation.store import open_store
@@ -86,3 +87,19 @@ def test_cancelled_job_stops_its_process(setup: tuple[Any, Path, Any, str]) -> N
     assert not thread.is_alive(), "the worker kept running a cancelled job"
     done = queue.get_job(engine, job.id)
     assert done.state == "cancelled" and done.error == "superseded by hand" and done.version is None
+
+
+def test_a_job_past_its_timeout_is_stopped_and_failed_with_the_reason(setup: tuple[Any, Path, Any, str],
+                                                                      tmp_path: Path) -> None:
+    _, path, engine, _ = setup
+    raw = fast_config(epochs=500)   # the commit trains far longer than the service allows
+    raw["service"] = {"lease_seconds": 2, "job_timeout_minutes": 0.1}
+    commit = git_commit(tmp_path, {"mlgate.yaml": yaml.safe_dump(raw)}, "a slow job")
+    config = load_config(path)
+    job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=commit)
+    worker = Worker(config, engine, LocalExecutor(config, str(path)), worker_id="w")
+    assert worker.run_one() is not None
+    done = queue.get_job(engine, job.id)
+    assert done.state == "failed" and done.version is None, done.as_dict()
+    assert done.error == "timed out after 0.1 min (service.job_timeout_minutes); the job was stopped"
+    assert not job_processes(psutil.Process())                               # its process is gone
