@@ -116,12 +116,15 @@ def clean_tables(db_url: str) -> None:
     """The PostgreSQL database outlives a test: start with no jobs, deliveries or drift events."""
     from sqlalchemy import delete
 
+    from automation.promote import PromotionIntent
     from automation.store import open_store
+    from triggers.github.job_status import OwedStatus
     from triggers.jobs import queue
     from triggers.intake import deliveries, drift
 
     with open_store(db_url).begin() as conn:
-        for table in (deliveries.Delivery, deliveries.SeenBody, drift.DriftRecord, queue.Job):
+        for table in (deliveries.Delivery, deliveries.SeenBody, drift.DriftRecord, queue.Job, queue.JobStat,
+                      OwedStatus, PromotionIntent):
             conn.execute(delete(table))
 
 

@@ -119,3 +119,34 @@ def test_result_reported_by_the_runner_ends_the_job_and_the_worker_lets_go(db_ur
     assert (done.state, done.run_id, done.version) == ("gate_failed", "r1", "4")
     other, _ = queue.enqueue(engine, model="n", kind="retrain", trigger="push")
     assert queue.cancel(engine, other.id, "not needed") and queue.get_job(engine, other.id).state == "cancelled"
+
+
+def test_retention_prunes_what_ended_long_ago_and_keeps_the_rest(db_url: str, tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from tests.conftest import clean_tables
+    from triggers.jobs.retention import prune
+
+    clean_tables(db_url)
+    engine = open_store(db_url)
+    old, _ = queue.enqueue(engine, model="m1", kind="retrain", trigger="push")
+    recent, _ = queue.enqueue(engine, model="m2", kind="retrain", trigger="push")
+    active, _ = queue.enqueue(engine, model="m3", kind="retrain", trigger="push")
+    for job in (old, recent):
+        queue.claim(engine, "w")
+        queue.finish(engine, job.id, "w", "succeeded")
+    long_ago = datetime.now(timezone.utc) - timedelta(days=100)
+    with Session(engine) as session, session.begin():
+        session.execute(update(queue.Job).where(queue.Job.id.in_([old.id, active.id]))
+                        .values(finished_at=long_ago, created_at=long_ago))
+    (tmp_path / "reports" / old.id).mkdir(parents=True)
+    (tmp_path / "reports" / recent.id).mkdir(parents=True)
+    assert prune(engine, tmp_path, days=90)["jobs"] == 1
+    assert queue.get_job(engine, old.id) is None and not (tmp_path / "reports" / old.id).exists()
+    assert queue.get_job(engine, recent.id) is not None and (tmp_path / "reports" / recent.id).exists()
+    assert queue.get_job(engine, active.id).state == "queued"          # never an active job, however old
+    # the totals /metrics reads outlive the rows
+    assert queue.job_stats(engine)["ended:succeeded"] == 2.0

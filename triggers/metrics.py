@@ -7,38 +7,34 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import Engine
 
-from triggers.jobs.queue import FINAL_STATES, Job
-
-STATES = ("queued", "running", *FINAL_STATES)
-DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
-
+from triggers.jobs import queue
 
 class JobsCollector:
+    """Read at scrape time from the shared database, in O(1): the active jobs through the state index, and
+    the running totals kept as jobs end (`queue.JobStat`), so every replica reports the same figures."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Any]:
-        with Session(self.engine) as session:
-            counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            durations = [(f - s).total_seconds() for s, f in session.execute(
-                select(Job.started_at, Job.finished_at).where(Job.started_at.is_not(None),
-                                                              Job.finished_at.is_not(None))).all()]
-        jobs = GaugeMetricFamily("mlgate_jobs", "Jobs by state", labels=["state"])
-        for state in STATES:
-            jobs.add_metric([state], counts.get(state, 0))
+        active = queue.active_counts(self.engine)
+        totals = queue.job_stats(self.engine)
+        jobs = GaugeMetricFamily("mlgate_jobs", "Jobs waiting or running, by state", labels=["state"])
+        for state in ("queued", "running"):
+            jobs.add_metric([state], active.get(state, 0))
         yield jobs
-        yield GaugeMetricFamily("mlgate_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
-        buckets, total = [], 0
-        for bound in DURATION_BUCKETS:
-            buckets.append((str(bound), sum(d <= bound for d in durations)))
-        buckets.append(("+Inf", len(durations)))
-        total = sum(durations)
-        yield HistogramMetricFamily("mlgate_job_duration_seconds", "Wall time of finished jobs (started to finished)",
-                                    buckets=buckets, sum_value=total)
+        yield GaugeMetricFamily("mlgate_queue_depth", "Jobs waiting for a worker", value=active.get("queued", 0))
+        ended = CounterMetricFamily("mlgate_jobs_ended", "Jobs that ran to an end, by final state", labels=["state"])
+        for state in queue.FINAL_STATES:
+            ended.add_metric([state], totals.get(f"ended:{state}", 0.0))
+        yield ended
+        buckets = [(str(b), totals.get(f"seconds_le:{b:g}", 0.0)) for b in queue.DURATION_BUCKETS]
+        buckets.append(("+Inf", totals.get("seconds_count", 0.0)))
+        yield HistogramMetricFamily("mlgate_job_duration_seconds", "Wall time of ended jobs (started to finished)",
+                                    buckets=buckets, sum_value=totals.get("seconds_sum", 0.0))
 
 
 class ServiceMetrics:

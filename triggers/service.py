@@ -79,6 +79,17 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
         state.planner_wake.clear()
 
 
+def retention_loop(state: ServiceState, stop: threading.Event, every_seconds: float = 3600.0) -> None:
+    from triggers.jobs.retention import prune
+
+    while not stop.is_set():
+        try:
+            prune(state.engine, state.config.workdir, state.config.service.retention_days)
+        except Exception as exc:   # the next pass tries again
+            log.error("pruning failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        stop.wait(every_seconds)
+
+
 def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
@@ -98,7 +109,9 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
         stop_planner.set()
         state.planner_wake.set()
 
-    loops = [Loop("planner", lambda: planner_loop(state, GitHubSource.from_env(), stop_planner), stop_planning)]
+    stop_pruning = threading.Event()
+    loops = [Loop("planner", lambda: planner_loop(state, GitHubSource.from_env(), stop_planner), stop_planning),
+             Loop("retention", lambda: retention_loop(state, stop_pruning), stop_pruning.set)]
     if kafka_bootstrap:
         def count(outcome: str) -> None:
             state.metrics.events.labels("kafka", "drift", outcome).inc()

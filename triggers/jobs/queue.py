@@ -16,8 +16,9 @@ from datetime import datetime, timedelta, timezone
 from collections.abc import Callable
 from typing import Any, Literal
 
-from sqlalchemy import (Connection, DateTime, Engine, Index, Integer, String, Text, bindparam, func, insert, select,
-                        update)
+from sqlalchemy import (Connection, DateTime, Engine, Float, Index, Integer, String, Text, bindparam, func, insert,
+                        select, update)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.store import Base, locked, locked_connection
@@ -74,6 +75,48 @@ class Job(Base):
         data["payload"] = json.loads(self.payload or "{}")
         return {k: (as_utc(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
 
+
+
+class JobStat(Base):
+    """Running totals of jobs that ran to an end, kept as they end, so /metrics reads a few rows per
+    scrape however long the history (and whatever retention pruned)."""
+
+    __tablename__ = "job_stats"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)   # ended:<state>, seconds_{sum,count,le:<b>}
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+
+
+def _count_end(session: Session, state: str, started_at: datetime | None, now: datetime) -> None:
+    """Add one ended job to the totals (inside the transaction that ended it)."""
+    bumps = {f"ended:{state}": 1.0}
+    if started_at is not None:
+        seconds = max(0.0, (now - as_utc(started_at)).total_seconds())   # type: ignore[operator]
+        bumps["seconds_sum"], bumps["seconds_count"] = seconds, 1.0
+        bumps |= {f"seconds_le:{b:g}": 1.0 for b in DURATION_BUCKETS if seconds <= b}
+    for name, amount in bumps.items():
+        if session.execute(update(JobStat).where(JobStat.name == name)
+                           .values(value=JobStat.value + amount)).rowcount == 0:
+            try:
+                with session.begin_nested():
+                    session.add(JobStat(name=name, value=amount))
+            except IntegrityError:   # another writer created it first
+                session.execute(update(JobStat).where(JobStat.name == name).values(value=JobStat.value + amount))
+
+
+def job_stats(engine: Engine) -> dict[str, float]:
+    with Session(engine) as session:
+        return {row.name: row.value for row in session.scalars(select(JobStat))}
+
+
+def active_counts(engine: Engine) -> dict[str, int]:
+    """Queued and running jobs (an index range: bounded by the active jobs, not by history)."""
+    with Session(engine) as session:
+        return dict(session.execute(select(Job.state, func.count()).where(Job.state.in_(("queued", "running")))
+                                    .group_by(Job.state)).all())
 
 
 SUPERSEDED = "superseded by a newer job for the same change"
@@ -179,10 +222,18 @@ def finish(engine: Engine, job_id: str, worker_id: str, state: State, *, attempt
     condition = [Job.id == job_id, Job.worker_id == worker_id, Job.state == "running"]
     if attempt is not None:
         condition.append(Job.attempts == attempt)
+    return _end(engine, job_id, condition, state, fields)
+
+
+def _end(engine: Engine, job_id: str, condition: list[Any], state: str, fields: dict[str, Any]) -> bool:
+    now = _now()
     with Session(engine) as session, session.begin():
-        result = session.execute(update(Job).where(*condition)
-                                 .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
-        return result.rowcount == 1
+        started_at = session.scalar(select(Job.started_at).where(Job.id == job_id))
+        ended = session.execute(update(Job).where(*condition)
+                                .values(state=state, finished_at=now, lease_expires_at=None, **fields)).rowcount == 1
+        if ended:
+            _count_end(session, state, started_at, now)
+        return ended
 
 
 def record_result(engine: Engine, job_id: str, state: State, *, attempt: int | None = None, **fields: Any) -> bool:
@@ -194,10 +245,7 @@ def record_result(engine: Engine, job_id: str, state: State, *, attempt: int | N
     condition = [Job.id == job_id, Job.state.in_(("queued", "running"))]
     if attempt is not None:
         condition = [Job.id == job_id, Job.state == "running", Job.attempts == attempt]
-    with Session(engine) as session, session.begin():
-        result = session.execute(update(Job).where(*condition)
-                                 .values(state=state, finished_at=_now(), lease_expires_at=None, **fields))
-        return result.rowcount == 1
+    return _end(engine, job_id, condition, state, fields)
 
 
 def lease_fence(job_id: str, attempt: int) -> Callable[[Session], str | None]:
