@@ -33,6 +33,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits_mlp v1 (gate passed), v2 (gate failed, never promoted), v3 (gate passed, production)."""
     directory = tmp_path_factory.mktemp("serving")
     config = fast_config(epochs=5)
+    # serving is the point here, not the gate: v3 must pass whatever the 5-epoch runs' noise, so the
+    # relative gate is loosened; v2 fails its gate on purpose through the strict absolute accuracy below
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     path = write_config(directory, config)
     strict = copy.deepcopy(config)
@@ -163,6 +165,38 @@ def test_hot_swap_under_load_serves_only_gated_versions_with_zero_errors(served:
     metrics = httpx.get(served.url + "/metrics").text
     assert 'mlgate_serving_version{model="digits_mlp"} 3.0' in metrics
     assert "mlgate_predict_seconds_count" in metrics and "mlgate_predict_batch_size_bucket" in metrics
+    assert httpx.get(served.url + "/healthz", timeout=5).status_code == 503   # production is the broken v2
+    # leave production as the module's fixture made it
+    assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "restore"],
+                standalone=False) == 0
+
+
+def test_a_transient_load_failure_is_retried_and_readiness_says_so(served: Running, registry: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real_load = served.server.load
+    failures = iter([True, True])
+
+    def registry_flaky(version: str) -> Any:
+        if next(failures, False):
+            raise ConnectionError("the artifact store reset the connection")
+        return real_load(version)
+
+    monkeypatch.setattr(served.server, "load", registry_flaky)
+    assert main(["--config", str(registry), "promote", "digits_mlp", "1", "--reason", "flaky"], standalone=False) == 0
+    try:
+        assert wait_for(lambda: "1" in served.server.failed, 30)
+        health = httpx.get(served.url + "/healthz", timeout=5)
+        # still answering with v3, but not ready: production is v1
+        assert health.status_code == 503 and health.json()["status"] == "not_production", health.json()
+        assert health.json()["version"] == "3" and health.json()["production"] == "1"
+        assert health.json()["not_served"]["1"]["reason"].startswith("ConnectionError")
+        assert httpx.get(served.url + "/livez", timeout=5).status_code == 200
+        # retried with backoff, not given up: v1 is served, and ready again
+        assert wait_for(lambda: served.version() == "1", 30), served.server.failed
+        assert httpx.get(served.url + "/healthz", timeout=5).status_code == 200 and "1" not in served.server.failed
+    finally:
+        assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "back"],
+                    standalone=False) == 0
 
 
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 A watcher follows the `production` alias. When it moves (promotion or rollback) the new version is
 downloaded and loaded in the background, checked on a probe batch, and only then swapped in with
 one reference assignment: a request uses the model it started with, so none fails or sees a
-half-loaded model, and a version that fails its check is never served.
+half-loaded model, and a version that fails its check is never served. A load that fails for any
+other reason (the registry or the network) is retried with backoff. `/healthz` is the readiness
+probe: 503 while the version served is not production; `/livez` only says the process is up.
+Parsing and inference run in the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -28,6 +32,7 @@ from triggers.request_guard import BodyTooLarge, read_body
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
+MAX_RETRY_SECONDS = 300.0   # a version that failed to load for a transient reason is tried again at least this often
 
 
 class BadInput(ValueError):
@@ -65,10 +70,25 @@ def parse_inputs(body: Any, shape: tuple[int, ...], dtype: str, max_batch: int) 
     return array
 
 
+class ProbeFailed(ValueError):
+    """The version loaded but answers a probe batch wrongly: it is never served (no retry helps)."""
+
+
 @dataclass
 class Served:
     loaded: RegisteredModel
     since: float
+
+
+@dataclass
+class LoadFailure:
+    reason: str
+    attempts: int
+    retry_at: float | None   # None: permanent (the version failed its check)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "attempts": self.attempts,
+                "retry_in_seconds": None if self.retry_at is None else max(0.0, round(self.retry_at - time.time(), 1))}
 
 
 class ModelServer:
@@ -77,7 +97,8 @@ class ModelServer:
     def __init__(self, config: MlgateConfig, model: str, poll_seconds: float = 2.0) -> None:
         self.config, self.model, self.poll_seconds = config, model, poll_seconds
         self.current: Served | None = None
-        self.failed: dict[str, str] = {}          # version -> why it was not swapped in
+        self.production: str | None = None        # where the alias pointed at the last look
+        self.failed: dict[str, LoadFailure] = {}  # version -> why it is not (yet) swapped in
         self.swaps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,7 +131,7 @@ class ModelServer:
         probe = np.zeros((2, *loaded.input_shape), dtype=loaded.dtype)
         logits = predict(loaded.predictor, probe)
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
-            raise ValueError(f"version {version} answers a probe batch with {logits.shape} non-finite or "
+            raise ProbeFailed(f"version {version} answers a probe batch with {logits.shape} non-finite or "
                              "misshapen logits")
         return loaded
 
@@ -119,15 +140,25 @@ class ModelServer:
         from automation import promote
 
         target = promote.alias_version(self._client(), self.model, promote.PRODUCTION)
-        if target is None or (self.current and self.current.loaded.version == target) or target in self.failed:
+        self.production = target
+        if target is None or (self.current and self.current.loaded.version == target):
+            return False
+        failure = self.failed.get(target)
+        if failure is not None and (failure.retry_at is None or time.time() < failure.retry_at):
             return False
         try:
             loaded = self.load(target)
         except Exception as exc:   # keep serving what works; say why the new version is not served
-            self.failed[target] = f"{type(exc).__name__}: {exc}"
-            log.error("new production version not swapped in", extra={"model": self.model, "version": target,
-                                                                       "error": self.failed[target]})
+            attempts = failure.attempts + 1 if failure else 1
+            permanent = isinstance(exc, ProbeFailed)
+            delay = min(MAX_RETRY_SECONDS, self.poll_seconds * 2 ** attempts)
+            self.failed[target] = LoadFailure(f"{type(exc).__name__}: {exc}"[:500], attempts,
+                                              None if permanent else time.time() + delay)
+            log.error("new production version not swapped in", extra={
+                "model": self.model, "version": target, "error": self.failed[target].reason,
+                "retry_in": None if permanent else delay})
             return False
+        self.failed.pop(target, None)
         previous = self.current.loaded.version if self.current else None
         self.current = Served(loaded, time.time())   # the swap: one reference assignment
         self.swaps += 1
@@ -149,6 +180,12 @@ class ModelServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _answer(raw: bytes, loaded: RegisteredModel, max_batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
+    logits = predict(loaded.predictor, x)
+    return x, logits, logits.argmax(axis=1)
 
 
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
@@ -176,20 +213,18 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             return JSONResponse({"error": f"no production version of {server.model} is loaded yet"}, 503)
         loaded = served.loaded
         try:
-            body = json.loads(await read_body(request, predict_body_limit(loaded.input_shape, max_batch)))
+            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch))
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return JSONResponse({"error": f"{exc}: at most {max_batch} examples per request"}, 413)
-        except (ValueError, RecursionError):
-            errors.labels("bad_json").inc()
-            return JSONResponse({"error": "the body is not valid JSON"}, 400)
-        try:
-            x = parse_inputs(body, loaded.input_shape, loaded.dtype, max_batch)
-        except BadInput as exc:
-            errors.labels("bad_input").inc()
-            return JSONResponse({"error": str(exc)}, exc.status)
-        logits = predict(loaded.predictor, x)
-        predictions = logits.argmax(axis=1)
+        try:   # parsing and inference are CPU work: the thread pool, so the event loop keeps accepting
+            answer = await run_in_threadpool(_answer, raw, loaded, max_batch)
+        except (ValueError, RecursionError) as exc:
+            reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
+            errors.labels(reason).inc()
+            return JSONResponse({"error": str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON"},
+                                status)
+        x, logits, predictions = answer
         if inference_log is not None:
             inference_log.append(x, predictions, loaded.version)
         batch_sizes.observe(len(x))
@@ -197,16 +232,25 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         return JSONResponse({"model": server.model, "version": loaded.version, "variant": loaded.variant,
                              "predictions": predictions.tolist(), "logits": np.round(logits, 5).tolist()})
 
-    @app.get("/healthz")
+    @app.get("/livez", summary="Liveness: the process answers")
+    def livez() -> Response:
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/healthz", summary="Readiness: 200 only while the version served is production")
     def healthz() -> Response:
         served = server.current
+        not_served = {version: failure.as_dict() for version, failure in server.failed.items()}
         if served is None:
-            return JSONResponse({"status": "loading", "model": server.model, "not_served": server.failed}, 503)
-        return JSONResponse({"status": "ok", "model": server.model, "version": served.loaded.version,
+            return JSONResponse({"status": "loading", "model": server.model, "production": server.production,
+                                 "not_served": not_served}, 503)
+        is_production = served.loaded.version == server.production
+        return JSONResponse({"status": "ok" if is_production else "not_production", "model": server.model,
+                             "version": served.loaded.version, "production": server.production,
                              "variant": served.loaded.variant, "served_as": served.loaded.served_as,
                              "fallback_reason": served.loaded.fallback_reason, "device": str(server.device.torch),
                              "input_shape": list(served.loaded.input_shape),
-                             "serving_since": served.since, "not_served": server.failed})
+                             "serving_since": served.since, "not_served": not_served},
+                            200 if is_production else 503)
 
     @app.get("/metrics")
     def metrics() -> Response:
