@@ -81,7 +81,7 @@ def test_reads_the_service_makes_are_in_the_contract(github: GitHubSource) -> No
     assert files and all(isinstance(f, str) for f in files)
     assert github.compare_files(REPO, "main", "feature")
     # the GitHub executor's tracking call: the spec's example run is not ours, so nothing is found
-    assert github.workflow_run_state(REPO, "retrain.yml", "job-that-is-not-there") is None
+    assert github.workflow_run(REPO, "retrain.yml", "job-that-is-not-there") is None
     # accepted by the contract (an HTTP error would say so); the spec's example file content has
     # escaped newlines inside its base64, so decoding it is refused, in one clear line
     with pytest.raises(GitHubUnavailable, match="content is not valid base64") as caught:
@@ -153,6 +153,7 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
     github.dispatch_workflow(REPO, "retrain.yml", "main", {"model": "digits_mlp", "job_id": "abc123",
                                                              "trigger": "push", "sha": SHA, "pr": "", "data_ref": "",
                                                              "result_token": "abc123.1.1900000000.deadbeef"})
+    github.cancel_workflow_run(REPO, 30433642)
 
 
 @pytest.fixture(scope="module")

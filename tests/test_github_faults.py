@@ -128,3 +128,74 @@ def test_a_status_github_did_not_take_is_posted_by_the_sweep(api: FakeGitHub, tm
     api.mode, api.requests = "ok", []
     assert reporter.sweep() == 1
     assert api.requests == [("POST", f"/repos/{REPO}/statuses/{SHA}")] and reporter.sweep() == 0
+
+
+class ScriptedRuns:
+    """The GitHub calls the executor makes (their requests are checked against GitHub's OpenAPI in
+    test_github_contract), answering from a script: each `workflow_run` pops the next answer."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers, self.calls = answers, []
+
+    def dispatch_workflow(self, repository: str, workflow: str, ref: str, inputs: dict[str, str]) -> None:
+        self.calls.append(("dispatch", inputs["job_id"], inputs["result_token"].split(".")[1]))
+
+    def workflow_run(self, repository: str, workflow: str, job_id: str) -> Any:
+        answer = self.answers.pop(0) if self.answers else self.answers_end
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def cancel_workflow_run(self, repository: str, run_id: int) -> None:
+        self.calls.append(("cancel", run_id))
+
+
+def github_executor(tmp_path: Path, github: ScriptedRuns) -> tuple[Any, Any]:
+    from triggers.jobs.executors import GitHubExecutor
+
+    config = parse_config(yaml.safe_dump(copy.deepcopy(FAST_CONFIG)), "mlgate.yaml", tmp_path)
+    engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
+    return GitHubExecutor(config, engine, github, REPO, "result-secret", poll_seconds=0.01), engine
+
+
+def test_the_github_executor_rides_out_api_errors_and_cancels_what_it_abandons(tmp_path: Path) -> None:
+    from triggers.github.api import GitHubUnavailable, WorkflowRun
+
+    running, done = WorkflowRun(7, "in_progress", None), WorkflowRun(7, "completed", "failure")
+    github = ScriptedRuns([GitHubUnavailable("GitHub API find the run: HTTP 502"), GitHubRateLimited("limited", 0),
+                           running])
+    github.answers_end = done
+    executor, engine = github_executor(tmp_path, github)
+    job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=SHA)
+    claimed = queue.claim(engine, "w")
+    outcome = executor.run(claimed, threading.Event())
+    # two unreadable polls did not fail the job: only the run's own end did
+    assert outcome.state == "failed" and outcome.fields["error"] == "workflow run ended 'failure' without reporting a result"
+    assert github.calls == [("dispatch", job.id, "1")]
+
+    # the job is recovered after a lost lease while the first run still goes: that run is cancelled first
+    queue.finish(engine, job.id, "w", "failed")
+    again, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=SHA)
+    first = queue.claim(engine, "w1")
+    from sqlalchemy import update as sql_update
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session, session.begin():   # w1 died; its lease ran out
+        session.execute(sql_update(queue.Job).where(queue.Job.id == again.id).values(lease_expires_at=queue._now()))
+    second = queue.claim(engine, "w2")
+    assert second.id == first.id == again.id and second.attempts == 2
+    github.answers, github.calls = [running, done], []
+    stop = threading.Event()
+    stop.set()   # the job is no longer this worker's at its first poll: the executor returns at once
+    assert executor.run(second, stop) is None
+    assert github.calls == [("cancel", 7), ("dispatch", again.id, "2")]
+
+    # `mlgate cancel` of a job whose run goes on cancels the run too
+    github.answers, github.calls = [running], []
+    github.answers_end = running
+    third, _ = queue.enqueue(engine, model="digits_cnn", kind="retrain", trigger="push", sha=SHA)
+    claimed = queue.claim(engine, "w3")
+    assert claimed.id == third.id
+    queue.cancel(engine, third.id, "stopped by the operator")
+    assert executor.run(claimed, threading.Event()) is None
+    assert github.calls == [("dispatch", third.id, "1"), ("cancel", 7)]

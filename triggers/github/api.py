@@ -231,15 +231,32 @@ class GitHubSource:
         return self._call(f"comment on #{number}", lambda gh: gh.get_repo(repository, lazy=True)
                           .get_issue(number).create_comment(body)).id
 
-    def workflow_run_state(self, repository: str, workflow: str, job_id: str) -> tuple[str, str | None] | None:
-        """(status, conclusion) of the run whose name carries `job_id`, or None if not seen yet."""
-        def find(gh: Any) -> tuple[str, str | None] | None:
+    def workflow_run(self, repository: str, workflow: str, job_id: str) -> WorkflowRun | None:
+        """The newest run whose name carries `job_id` (run-name in retrain.yml), or None if not seen yet."""
+        def find(gh: Any) -> WorkflowRun | None:
             runs = gh.get_repo(repository, lazy=True).get_workflow(workflow).get_runs(event="workflow_dispatch")
             for i, run in enumerate(runs):
                 if job_id in (run.display_title or run.name or ""):
-                    return run.status, run.conclusion
+                    return WorkflowRun(run.id, run.status, run.conclusion)
                 if i >= 50:
                     break
             return None
 
-        return self._call(f"find the run of job {job_id}", find)
+        return self._call(f"find the run of job {job_id}", find, attempts=3)
+
+    def cancel_workflow_run(self, repository: str, run_id: int) -> None:
+        def cancel(gh: Any) -> None:
+            gh.requester.requestJsonAndCheck("POST", f"/repos/{repository}/actions/runs/{run_id}/cancel")
+
+        self._call(f"cancel run {run_id}", cancel)
+
+
+@dataclass
+class WorkflowRun:
+    id: int
+    status: str                # queued | in_progress | completed | …
+    conclusion: str | None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
