@@ -302,6 +302,42 @@ def test_consumer_survives_a_broker_restart(kafka_broker: TansuBroker, sqlite_en
     assert running.consumer.stats.duplicates == 0
 
 
+@pytest.fixture
+def durable_broker() -> Any:
+    broker = TansuBroker(durable=True).start()
+    yield broker
+    broker.close()
+
+
+def test_a_broker_restart_with_unconsumed_records_loses_and_repeats_nothing(durable_broker: TansuBroker,
+                                                                          sqlite_engine: Any, tmp_path: Path) -> None:
+    """The broker keeps its log (in S3): records published while no consumer ran survive its restart, are
+    consumed once from the committed offsets, and make exactly the jobs they should."""
+    config = make_config(tmp_path)
+    topic = config.service.kafka.topic
+    drifted = event(share=0.7)
+    running = RunningConsumer(config, sqlite_engine, durable_broker.bootstrap)
+    try:
+        publish(durable_broker.bootstrap, topic, [drifted])
+        assert wait_for(lambda: len(recorded(sqlite_engine)) == 1, 60), running.consumer.stats
+    finally:
+        running.stop()                                    # offsets committed; nobody consumes now
+    unconsumed = [drifted] + [event(share=0.1) for _ in range(4)] + [event(model="digits_cnn", share=0.8)]
+    publish(durable_broker.bootstrap, topic, unconsumed)
+    durable_broker.stop()
+    durable_broker.start()                                # same address; the log and the offsets are kept
+    resumed = RunningConsumer(config, sqlite_engine, durable_broker.bootstrap)
+    try:
+        assert wait_for(lambda: resumed.consumer.stats.consumed >= len(unconsumed), 90), resumed.consumer.stats
+        time.sleep(2)                                     # anything read twice would show by now
+    finally:
+        resumed.stop()
+    assert resumed.consumer.stats.consumed == len(unconsumed)   # from the committed offset: none read again
+    outcomes = sorted(r.outcome for r in recorded(sqlite_engine))
+    assert outcomes == ["below_threshold"] * 4 + ["job", "job"] and resumed.consumer.stats.duplicates == 1
+    assert sorted(j.model for j in queue.list_jobs(sqlite_engine)) == ["digits_cnn", "digits_mlp"]
+
+
 def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: Any, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
