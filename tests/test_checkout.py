@@ -72,6 +72,10 @@ def test_each_job_runs_the_code_of_its_own_commit(repository: dict[str, Any],
     worse, worse_summary = run(repository, repository["worse"])
     assert worse.state == "gate_failed" and worse_summary["sha"] == repository["worse"]
     assert worse_summary["metrics"]["accuracy"] < good_summary["metrics"]["accuracy"] - 0.2
+    # the relative gate compared two different models, and failed for the reason it states
+    [relative] = [c for c in worse_summary["gate"]["checks"] if c["name"] == "accuracy vs production"]
+    assert relative["status"] == "failed" and relative["reason"].startswith("significant drop beyond δ"), relative
+    assert worse_summary["production_before"] == good_summary["version"] and not worse_summary["promoted"]
     # the commit's code ran, and it could not see the service's secret
     assert (repository["state"] / "secret-seen-by-job.txt").read_text() == "None"
     # a job that names no commit runs the branch head and records which commit that was
@@ -86,6 +90,34 @@ def test_a_commit_that_cannot_be_fetched_fails_the_job_in_one_line(repository: d
     assert outcome.fields["error"].startswith("commit 0badc0ffee0b is not in ") and "\n" not in outcome.fields["error"]
     outcome, _ = run(repository, "main; rm -rf /")
     assert outcome.state == "failed" and "is not a commit SHA" in outcome.fields["error"]
+
+
+# as accurate, but two 2048-wide layers: many times slower at batch 1
+SLOWER_MLP = '''"""A perceptron with two wide hidden layers."""
+from torch import nn
+
+from models.datasets import digits as load_data
+
+
+def build(hidden: int = 128, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                         nn.Linear(2048, 10))
+'''
+
+
+def test_a_slower_candidate_fails_the_latency_gate_and_production_stays(repository: dict[str, Any]) -> None:
+    good, good_summary = run(repository, repository["good"])
+    assert good.state == "succeeded"
+    slower = git_commit(repository["repo"], {"models/digits_mlp.py": SLOWER_MLP}, "a slower model")
+    outcome, summary = run(repository, slower)
+    assert outcome.state == "gate_failed", outcome
+    [latency] = [c for c in summary["gate"]["checks"] if c["name"] == "latency vs production"]
+    assert latency["status"] == "failed" and latency["reason"].startswith("significantly slower"), latency
+    assert summary["production_before"] == good_summary["version"] and not summary["promoted"]
+    from automation import promote, tracking
+
+    client = tracking.connect(repository["state"], "mlgate")[0]
+    assert promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == good_summary["version"]
 
 
 def peeking_model(seen: Path) -> str:
