@@ -168,6 +168,9 @@ def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
             torch.save({"state_dict": result.model.state_dict(), "history": result.history,
                         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
                         "device": result.device, "precision": result.precision}, out)
+        # ranks tear the group down together: one leaving while its peer still works aborted gloo
+        # ("terminate called without an active exception", SIGABRT) now and then
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -1,11 +1,11 @@
-"""Load benchmark for `mlgate serve-model` on loopback (a script, not a test).
+"""Load benchmark for model serving on loopback (a script, not a test).
 
-Trains and promotes digits_mlp in a temporary workdir, starts `mlgate serve-model`, then prints
-POST /predict requests/s and p50/p99 latency at batch 1 and 32 (one connection, then CONCURRENCY),
-next to the raw ONNX Runtime session latency for the same inputs in the same run, so the serving
-overhead is a measured ratio.
+Trains and promotes digits_mlp in a temporary workdir, then measures, on the same registered version:
+a no-op FastAPI endpoint (the ceiling for any Python HTTP server here), the raw ONNX Runtime session,
+`mlflow models serve`, and `mlgate serve-model` (/predict, /v2 JSON, /v2 binary; dynamic batching off
+and on), at 1 and N concurrent keep-alive connections, batch 1 and 32. Prints one table.
 
-    .venv/bin/python benchmarks/serving_load.py [--requests 3000] [--concurrency 8]
+    .venv/bin/python benchmarks/serving_load.py [--requests 3000] [--concurrency 8] [--skip-mlflow]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -32,12 +33,44 @@ from service_load import _fire, percentile  # noqa: E402
 from tests.conftest import FAST_CONFIG, wait_for, write_config  # noqa: E402
 from triggers.local_broker import free_port  # noqa: E402
 
+NOOP_APP = """
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+app = FastAPI()
+@app.post("/noop")
+async def noop(request: Request) -> Response:
+    await request.body()
+    return Response(b'{"ok":true}', media_type="application/json")
+"""
 
-def predict_requests(port: int, x: np.ndarray, count: int) -> list[bytes]:
-    body = json.dumps({"inputs": x.tolist()}).encode()
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+
+def http_requests(port: int, path: str, body: bytes, count: int, headers: dict[str, str] | None = None) -> list[bytes]:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     return [head + body] * count
+
+
+def predict_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    return json.dumps({"inputs": x.tolist()}).encode(), {}
+
+
+def v2_json_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}],
+                       "outputs": [{"name": "predictions"}]}).encode(), {}
+
+
+def v2_binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "outputs": [{"name": "predictions", "parameters": {"binary_data": True}}]}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def mlflow_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    return json.dumps({"inputs": x.tolist()}).encode(), {}
 
 
 def raw_session_latency(config_path: Path, x: np.ndarray, iterations: int) -> list[float]:
@@ -49,9 +82,8 @@ def raw_session_latency(config_path: Path, x: np.ndarray, iterations: int) -> li
     client, _ = tracking.connect(config.workdir, config.experiment)
     version = promote.alias_version(client, "digits_mlp", promote.PRODUCTION)
     loaded = load_registered(client, "digits_mlp", version, config.workdir / "bench-raw")
-    prepared = loaded.predictor.prepare(x)
     for _ in range(200):
-        loaded.predictor.run(prepared)
+        loaded.predictor.to_numpy(loaded.predictor.run(loaded.predictor.prepare(x)))
     samples = []
     for _ in range(iterations):
         start = time.perf_counter()
@@ -60,11 +92,44 @@ def raw_session_latency(config_path: Path, x: np.ndarray, iterations: int) -> li
     return samples
 
 
+class Server:
+    def __init__(self, command: list[str], health: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([part.replace("{port}", str(self.port)) for part in command],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=os.environ | (env or {}))
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}{health}", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        if not wait_for(up, 180, interval=0.5):
+            self.stop()
+            raise SystemExit(f"{command[:4]} did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def measure(port: int, path: str, make: Callable[[np.ndarray], tuple[bytes, dict[str, str]]], x: np.ndarray,
+            count: int, concurrency: int) -> tuple[float, float, float]:
+    body, headers = make(x)
+    asyncio.run(_fire(port, http_requests(port, path, body, min(300, count), headers), concurrency))   # warm-up
+    elapsed, latencies, statuses = asyncio.run(_fire(port, http_requests(port, path, body, count, headers),
+                                                     concurrency))
+    if set(statuses) != {200}:
+        raise SystemExit(f"{path}: statuses {sorted(set(statuses))}")
+    return count / elapsed, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--no-inference-log", action="store_true", help="serve without the inference log")
+    parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
     args = parser.parse_args()
     from models.datasets import digits
     from triggers.cli import main as mlgate
@@ -74,41 +139,49 @@ def main() -> None:
         os.environ["MLGATE_LOG_LEVEL"] = "warning"
         if mlgate(["--config", str(path), "run", "--model", "digits_mlp"], standalone=False) != 0:
             raise SystemExit("training the model to serve failed")
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(path), "serve-model",
-                                   "digits_mlp", "--port", str(port),
-                                   *(["--no-inference-log"] if args.no_inference_log else [])], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        try:
-            def up() -> bool:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            if not wait_for(up, 120):
-                raise SystemExit("serve-model did not start")
-            x_all = digits(seed=0).x_test
-            print(f"serving digits_mlp ({httpx.get(f'http://127.0.0.1:{port}/healthz').json()['variant']}), "
-                  f"{args.requests} requests per run")
-            for batch in (1, 32):
-                x = x_all[:batch]
-                raw = raw_session_latency(path, x, 5000)
-                print(f"batch {batch:>2}: raw ORT session   p50 {percentile(raw, 0.5) * 1e3:.3f} ms, "
-                      f"p99 {percentile(raw, 0.99) * 1e3:.3f} ms")
-                for concurrency in (1, args.concurrency):
-                    asyncio.run(_fire(port, predict_requests(port, x, 200), concurrency))   # warm-up
-                    elapsed, latencies, statuses = asyncio.run(
-                        _fire(port, predict_requests(port, x, args.requests), concurrency))
-                    assert set(statuses) == {200}, set(statuses)
-                    print(f"          /predict, {concurrency} conn: {args.requests / elapsed:,.0f} req/s "
-                          f"({args.requests * batch / elapsed:,.0f} examples/s), p50 "
-                          f"{percentile(latencies, 0.5) * 1e3:.3f} ms, p99 {percentile(latencies, 0.99) * 1e3:.3f} ms"
-                          + (f"; p50 overhead {percentile(latencies, 0.5) / percentile(raw, 0.5):.1f}× the raw "
-                             f"session" if concurrency == 1 else ""))
-        finally:
-            server.terminate()
-            server.wait(20)
+        x_all = digits(seed=0).x_test.astype(np.float32)
+        py = sys.executable
+        serve = [py, "-m", "triggers.cli", "--config", str(path), "serve-model", "digits_mlp", "--port", "{port}",
+                 "--no-inference-log"]
+        noop_file = Path(directory) / "noop.py"
+        noop_file.write_text(NOOP_APP)
+        targets: list[tuple[str, list[str], str, str, Callable, dict[str, str]]] = [
+            ("no-op FastAPI endpoint", [py, "-m", "uvicorn", "--app-dir", directory, "noop:app", "--port", "{port}",
+                                        "--log-level", "warning", "--no-access-log"], "/docs", "/noop", predict_body,
+             {}),
+            ("mlgate /predict", serve, "/healthz", "/predict", predict_body, {}),
+            ("mlgate /v2 JSON", serve, "/healthz", "/v2/models/digits_mlp/infer", v2_json_body, {}),
+            ("mlgate /v2 binary", serve, "/healthz", "/v2/models/digits_mlp/infer", v2_binary_body, {}),
+            ("mlgate /predict, batching", serve + ["--batch-delay-ms", "0"], "/healthz", "/predict", predict_body, {}),
+            ("mlgate /v2 binary, batching", serve + ["--batch-delay-ms", "0"], "/healthz",
+             "/v2/models/digits_mlp/infer", v2_binary_body, {}),
+        ]
+        if not args.skip_mlflow:
+            uri = f"sqlite:///{Path(directory) / 'state' / 'mlflow.db'}"
+            targets.insert(1, ("mlflow models serve", [py, "-m", "mlflow", "models", "serve", "-m",
+                                                       "models:/digits_mlp/1", "--env-manager", "local", "-p",
+                                                       "{port}", "-h", "127.0.0.1"], "/ping", "/invocations",
+                               mlflow_body, {"MLFLOW_TRACKING_URI": uri}))
+        rows = []
+        for batch in (1, 32):
+            raw = raw_session_latency(path, x_all[:batch], 5000)
+            rows.append(("raw ORT session (no HTTP)", batch, "-", 1 / percentile(raw, 0.5), percentile(raw, 0.5) * 1e3,
+                         percentile(raw, 0.99) * 1e3))
+        for name, command, health, route, make, env in targets:
+            server = Server(command, health, env)
+            try:
+                for batch in (1, 32):
+                    for concurrency in (1, args.concurrency):
+                        rate, p50, p99 = measure(server.port, route, make, x_all[:batch], args.requests, concurrency)
+                        rows.append((name, batch, str(concurrency), rate, p50, p99))
+            finally:
+                server.stop()
+        print(f"digits_mlp, onnx, {args.requests} requests per cell, loopback, {os.cpu_count()} cores\n")
+        print(f"| {'target':<30} | batch | conns | {'req/s':>8} | {'examples/s':>10} | p50 ms | p99 ms |")
+        print(f"|{'-' * 32}|-------|-------|{'-' * 10}|{'-' * 12}|--------|--------|")
+        for name, batch, conns, rate, p50, p99 in rows:
+            print(f"| {name:<30} | {batch:>5} | {conns:>5} | {rate:>8,.0f} | {rate * batch:>10,.0f} | {p50:>6.3f} | "
+                  f"{p99:>6.3f} |")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,93 @@ def test_a_transient_load_failure_is_retried_and_readiness_says_so(served: Runni
                     standalone=False) == 0
 
 
+def test_tritonclient_speaks_the_open_inference_protocol(served: Running) -> None:
+    """A real client of the ecosystem (tritonclient[http]) against /v2: health, metadata, and inference with
+    JSON and binary tensors, answering what /predict answers."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=served.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits_mlp")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    metadata = client.get_model_metadata("digits_mlp")
+    assert metadata["versions"] == ["3"] and metadata["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {o["name"]: o["shape"] for o in metadata["outputs"]} == {"logits": [-1, 10], "predictions": [-1]}
+    x = np.asarray(digits_batch(5), dtype=np.float32)
+    expected = httpx.post(served.url + "/predict", json={"inputs": x.tolist()}, timeout=10).json()
+    for binary in (True, False):
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "predictions")]
+        result = client.infer("digits_mlp", [tensor], outputs=outputs, request_id=f"r-{binary}")
+        assert result.get_response()["model_version"] == "3" and result.get_response()["id"] == f"r-{binary}"
+        np.testing.assert_allclose(result.as_numpy("logits"), np.asarray(expected["logits"]), atol=1e-4)
+        assert result.as_numpy("predictions").tolist() == expected["predictions"]
+    wrong = triton.InferInput("pixels", list(x.shape), "FP32")
+    wrong.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match='this model takes one input tensor, named "input"'):
+        client.infer("digits_mlp", [wrong])
+    misshapen = triton.InferInput("input", [5, 64], "FP32")
+    misshapen.set_data_from_numpy(x.reshape(5, 64))
+    with pytest.raises(InferenceServerException, match=r"the input must be shaped \[batch, 1, 8, 8\]"):
+        client.infer("digits_mlp", [misshapen])
+    with pytest.raises(InferenceServerException, match="unknown model 'other'"):
+        client.get_model_metadata("other")
+
+
+def test_dynamic_batching_runs_concurrent_requests_as_one_batch(served: Running) -> None:
+    """Requests that arrive together (here 16, in-process, inside a 50 ms window) share batches; each
+    still gets its own rows, the same as when it runs alone."""
+    import asyncio
+
+    app = create_serving_app(served.server, None, max_batch=64, batch_delay_ms=50)
+    x = np.asarray(digits_batch(16), dtype=np.float32)
+
+    async def fire() -> list[Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mlgate") as client:
+            return await asyncio.gather(*(client.post("/predict", json={"inputs": x[i:i + 1].tolist()})
+                                          for i in range(16)))
+
+    answers = asyncio.run(fire())
+    [batcher] = app.state.batchers.values()
+    assert batcher.stats.examples == 16 and batcher.stats.batches < 16, batcher.stats
+    alone = httpx.post(served.url + "/predict", json={"inputs": x.tolist()}, timeout=10).json()
+    assert [a.json()["predictions"][0] for a in answers] == alone["predictions"]
+    np.testing.assert_allclose([a.json()["logits"][0] for a in answers], alone["logits"], atol=1e-4)
+
+
+def test_several_worker_processes_serve_one_port(registry: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(registry), "serve-model",
+                                "digits_mlp", "--port", str(port), "--workers", "2", "--batch-delay-ms", "1",
+                                "--log-dir", str(tmp_path / "inference")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(ready, 120)
+        assert len([c for c in psutil.Process(process.pid).children() if "spawn_main" in " ".join(
+            c.cmdline())]) == 2
+        x = digits_batch(4)
+        answers = {httpx.post(url + "/predict", json={"inputs": x}, timeout=10).json()["version"] for _ in range(20)}
+        assert answers == {"3"}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:
     log = InferenceLog(tmp_path / "window", rows_per_file=50, max_files=3, flush_seconds=60)
     rng = np.random.default_rng(0)

@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     serve_model.add_argument("--host", default="127.0.0.1")
     serve_model.add_argument("--port", type=int, default=8081)
     serve_model.add_argument("--poll-seconds", type=float, default=2.0, help="how often to check the alias")
+    serve_model.add_argument("--workers", type=int, default=1, help="worker processes on the one port")
+    serve_model.add_argument("--max-batch", type=int, default=1024, help="examples per request, and per batch")
+    serve_model.add_argument("--batch-delay-ms", type=float, default=None, metavar="MS",
+                             help="dynamic batching: run concurrent requests as one batch, waiting at most MS "
+                                  "for more (0: batch only what is already waiting); off by default")
     serve_model.add_argument("--log-dir", help="inference log window (default: <workdir>/inference/MODEL)")
     serve_model.add_argument("--no-inference-log", action="store_true",
                              help="keep no inputs (privacy); `mlgate monitor` then needs --current")
@@ -242,27 +247,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_model(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from triggers.serving.process import ServeSettings, serve
 
-    import uvicorn
+    from automation.errors import UsageError
 
-    from triggers.serving.inference_log import InferenceLog
-    from triggers.serving.server import ModelServer, create_serving_app
-
-    config = _load(args)
-    config.model(args.model)
-    server = ModelServer(config, args.model, poll_seconds=args.poll_seconds)
-    server.sync()   # serve at once when a production version exists; the watcher handles the rest
-    server.start()
-    log = None if args.no_inference_log else InferenceLog(
-        Path(args.log_dir) if args.log_dir else config.workdir / "inference" / args.model)
-    try:
-        uvicorn.run(create_serving_app(server, log), host=args.host, port=args.port, log_level="warning",
-                    access_log=False)
-    finally:
-        server.stop()
-        if log is not None:
-            log.close()
+    _load(args).model(args.model)   # a bad config or an unknown model: one line, before any worker starts
+    if args.workers < 1 or args.max_batch < 1 or (args.batch_delay_ms is not None and args.batch_delay_ms < 0):
+        raise UsageError("--workers and --max-batch must be at least 1, and --batch-delay-ms at least 0")
+    settings = ServeSettings(config_path=_config_path(args), model=args.model, poll_seconds=args.poll_seconds,
+                             log_dir=args.log_dir, inference_log=not args.no_inference_log, max_batch=args.max_batch,
+                             batch_delay_ms=args.batch_delay_ms)
+    serve(settings, args.host, args.port, args.workers)
     return EXIT_OK
 
 

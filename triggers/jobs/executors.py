@@ -89,9 +89,21 @@ class LocalExecutor:
 
     def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
         self.config, self.config_path = config, config_path
+        self._store_ready = False
+
+    def _prepare_store(self) -> None:
+        """Create (migrate) the MLflow store here, once, before any job: a job killed while MLflow migrates
+        its embedded SQLite store would leave it half-migrated for every job after it."""
+        if not self._store_ready:
+            from automation import tracking
+
+            tracking.connect(self.config.workdir, self.config.experiment)
+            self._store_ready = True
 
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
         from triggers.jobs.checkout import CheckoutFailed, repository_root, resolve_commit, worktree
+
+        self._prepare_store()
 
         log_path = self.config.workdir / "jobs" / job.id / "job.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)

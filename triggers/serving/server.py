@@ -78,6 +78,7 @@ class ProbeFailed(ValueError):
 class Served:
     loaded: RegisteredModel
     since: float
+    classes: int = 0   # logits per example, from the probe
 
 
 @dataclass
@@ -160,7 +161,8 @@ class ModelServer:
             return False
         self.failed.pop(target, None)
         previous = self.current.loaded.version if self.current else None
-        self.current = Served(loaded, time.time())   # the swap: one reference assignment
+        classes = predict(loaded.predictor, np.zeros((1, *loaded.input_shape), dtype=loaded.dtype)).shape[1]
+        self.current = Served(loaded, time.time(), classes)   # the swap: one reference assignment
         self.swaps += 1
         log.info("serving new version", extra={"model": self.model, "version": target, "previous": previous,
                                                "variant": loaded.variant})
@@ -182,10 +184,8 @@ class ModelServer:
         self._stop.set()
 
 
-def _answer(raw: bytes, loaded: RegisteredModel, max_batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x = parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
-    logits = predict(loaded.predictor, x)
-    return x, logits, logits.argmax(axis=1)
+def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
+    return parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
 
 
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
@@ -193,8 +193,29 @@ def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
     return max_batch * math.prod(input_shape) * 24 + 4096
 
 
-def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH) -> FastAPI:
+def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH,
+                       batch_delay_ms: float | None = None) -> FastAPI:
+    """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
+    requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
+    from triggers.serving.batching import DynamicBatcher
+
     app = FastAPI(title=f"mlgate serving: {server.model}")
+    batchers: dict[int, DynamicBatcher] = {}
+
+    async def infer(loaded: RegisteredModel, x: np.ndarray) -> np.ndarray:
+        """Logits for `x` from `loaded`: batched with concurrent requests when batching is on."""
+        if batch_delay_ms is None:
+            return await run_in_threadpool(predict, loaded.predictor, x)
+        batcher = batchers.get(id(loaded))
+        if batcher is None:
+            for old in batchers.values():   # a swapped-out version's batcher ends with its last batch
+                old.close()
+            batchers.clear()
+            batcher = batchers[id(loaded)] = DynamicBatcher(lambda batch: predict(loaded.predictor, batch),
+                                                            max_batch, batch_delay_ms)
+        return await batcher.infer(x)
+
+    app.state.batchers = batchers
     registry = CollectorRegistry()
     latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
@@ -218,13 +239,14 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             errors.labels("too_large").inc()
             return JSONResponse({"error": f"{exc}: at most {max_batch} examples per request"}, 413)
         try:   # parsing and inference are CPU work: the thread pool, so the event loop keeps accepting
-            answer = await run_in_threadpool(_answer, raw, loaded, max_batch)
+            x = await run_in_threadpool(_parse, raw, loaded, max_batch)
         except (ValueError, RecursionError) as exc:
             reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
             errors.labels(reason).inc()
             return JSONResponse({"error": str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON"},
                                 status)
-        x, logits, predictions = answer
+        logits = await infer(loaded, x)
+        predictions = logits.argmax(axis=1)
         if inference_log is not None:
             inference_log.append(x, predictions, loaded.version)
         batch_sizes.observe(len(x))
@@ -251,6 +273,10 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                              "input_shape": list(served.loaded.input_shape),
                              "serving_since": served.since, "not_served": not_served},
                             200 if is_production else 503)
+
+    from triggers.serving.open_inference import add_routes
+
+    add_routes(app, server, infer, max_batch, inference_log, errors)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -1,0 +1,97 @@
+"""Dynamic batching, as Triton does it: requests that arrive together run as one batch.
+
+Each request's examples join a queue. One task per served version takes the oldest, then keeps taking
+until the batch holds `max_batch` examples or `max_delay_ms` has passed since it began, and runs the
+batch in the thread pool (inference never runs on the event loop). While a batch runs, new requests
+queue up, so under load batches form even with no delay. Each request gets back its own rows.
+A batch never mixes versions: a request is answered by the version it arrived for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    examples: int = 0
+    sizes: list[int] = field(default_factory=list)   # the last 1,000 batch sizes
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.examples += size
+        self.sizes = (self.sizes + [size])[-1000:]
+
+
+class DynamicBatcher:
+    """Batches for one predictor: `await batcher.infer(x)` → that request's logits."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_ms: float) -> None:
+        self.run, self.max_batch, self.max_delay = run, max_batch, max_delay_ms / 1000.0
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.stats = BatchStats()
+        self._task: asyncio.Task[None] | None = None
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(x, future))
+        return await future
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self.queue.get()]
+        size, deadline = len(batch[0].x), time.monotonic() + self.max_delay
+        while size < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if size + len(item.x) > self.max_batch:   # it starts the next batch
+                self.queue.put_nowait(item)
+                break
+            batch.append(item)
+            size += len(item.x)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            try:
+                logits = await run_in_threadpool(self.run, x)
+            except Exception as exc:   # every request of the batch hears of it; the loop goes on
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            self.stats.add(len(x))
+            start = 0
+            for pending in batch:
+                rows = len(pending.x)
+                if not pending.future.done():
+                    pending.future.set_result(logits[start:start + rows])
+                start += rows
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,240 @@
+"""The Open Inference Protocol (KServe v2, as Triton, KServe and MLServer speak it) over HTTP/REST:
+JSON tensors and the binary tensor data extension, for one served model.
+
+The model has one input, named `input` (the logged signature's shape, batch first), and two outputs:
+`logits` (FP32, [batch, classes]) and `predictions` (INT64, [batch]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from triggers.serving.server import BadInput
+
+INPUT_NAME = "input"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+TO_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+            "FP32": np.float32, "FP64": np.float64}
+FROM_NUMPY = {np.dtype(v).name: k for k, v in TO_NUMPY.items()}
+
+
+def v2_datatype(dtype: str) -> str:
+    return FROM_NUMPY[np.dtype(dtype).name]
+
+
+@dataclass
+class InferRequest:
+    x: np.ndarray
+    id: str | None
+    outputs: dict[str, bool]   # requested output -> as binary
+
+
+def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], dtype: str,
+                max_batch: int) -> InferRequest:
+    """An inference request (JSON, or JSON then binary tensors) → the input batch; BadInput says what is wrong."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise BadInput(f"{HEADER_LENGTH} is not a number", 400) from None
+        if not 0 < split <= len(body):
+            raise BadInput(f"{HEADER_LENGTH} {split} is outside the body ({len(body)} bytes)", 400)
+        head, binary = body[:split], body[split:]
+    else:
+        head, binary = body, b""
+    try:
+        request = json.loads(head)
+    except (ValueError, RecursionError):
+        raise BadInput("the inference request is not valid JSON", 400) from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadInput('an inference request is a JSON object with "inputs": a list of tensors', 400)
+    tensors = request["inputs"]
+    if len(tensors) != 1 or not isinstance(tensors[0], dict) or tensors[0].get("name") != INPUT_NAME:
+        raise BadInput(f'this model takes one input tensor, named "{INPUT_NAME}"', 400)
+    x = _tensor(tensors[0], binary, shape, dtype, max_batch)
+    parameters = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
+    default_binary = bool(parameters.get("binary_data_output", False))
+    requested = request.get("outputs")
+    if requested is None:
+        outputs = {"logits": default_binary, "predictions": default_binary}
+    elif isinstance(requested, list) and all(isinstance(o, dict) for o in requested):
+        outputs = {}
+        for output in requested:
+            name = output.get("name")
+            if name not in ("logits", "predictions"):
+                raise BadInput(f'unknown output "{name}": this model has "logits" and "predictions"', 400)
+            params = output.get("parameters") if isinstance(output.get("parameters"), dict) else {}
+            outputs[name] = bool(params.get("binary_data", default_binary))
+    else:
+        raise BadInput('"outputs" must be a list of {"name": …}', 400)
+    request_id = request.get("id")
+    return InferRequest(x, str(request_id) if request_id is not None else None, outputs)
+
+
+def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype: str, max_batch: int) -> np.ndarray:
+    declared = tensor.get("shape")
+    if not isinstance(declared, list) or not all(isinstance(d, int) and d >= 0 for d in declared):
+        raise BadInput('the input tensor needs "shape": a list of sizes', 400)
+    if tuple(declared[1:]) != shape or len(declared) != len(shape) + 1:
+        raise BadInput(f"the input must be shaped [batch, {', '.join(map(str, shape))}]; got {declared}")
+    if not 0 < declared[0] <= max_batch:
+        raise BadInput(f"batch of {declared[0]} examples: between 1 and {max_batch}", 413 if declared[0] else 422)
+    datatype = tensor.get("datatype")
+    if datatype not in TO_NUMPY or datatype == "BOOL":
+        raise BadInput(f"datatype {datatype!r} is not a number type (FP32, FP64, INT64, …)")
+    count = math.prod(declared)
+    parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        expected = count * np.dtype(TO_NUMPY[datatype]).itemsize
+        if size != expected or len(binary) != size:
+            raise BadInput(f"binary_data_size {size}: a {datatype} tensor shaped {declared} is {expected} bytes, "
+                           f"and {len(binary)} follow the JSON", 400)
+        array = np.frombuffer(binary, dtype=np.dtype(TO_NUMPY[datatype]).newbyteorder("<"))
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise BadInput('the input tensor needs "data" (or binary data)', 400)
+        try:
+            array = np.asarray(data, dtype=TO_NUMPY[datatype]).reshape(-1)
+        except (ValueError, TypeError):
+            raise BadInput(f"the data is not a list of {datatype} numbers") from None
+        if array.size != count:
+            raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
+    array = array.reshape(declared).astype(dtype)
+    if not np.isfinite(array).all():
+        raise BadInput("the input contains NaN or infinity")
+    return array
+
+
+def infer_response(model: str, version: str, request: InferRequest, logits: np.ndarray,
+                   predictions: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, or JSON then the binary outputs that were asked for so."""
+    tensors = {"logits": np.ascontiguousarray(logits, dtype="<f4"),
+               "predictions": np.ascontiguousarray(predictions, dtype="<i8")}
+    outputs, chunks = [], []
+    for name, as_binary in request.outputs.items():
+        array = tensors[name]
+        output: dict[str, Any] = {"name": name, "datatype": v2_datatype(array.dtype.name),
+                                  "shape": list(array.shape)}
+        if as_binary:
+            chunk = array.tobytes()
+            output["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            output["data"] = array.reshape(-1).tolist()
+        outputs.append(output)
+    head = {"model_name": model, "model_version": version, "outputs": outputs}
+    if request.id is not None:
+        head["id"] = request.id
+    header = json.dumps(head, separators=(",", ":")).encode()
+    if not chunks:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(chunks), {"Content-Type": "application/octet-stream",
+                                        HEADER_LENGTH: str(len(header))}
+
+
+def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ...], dtype: str,
+                   classes: int) -> dict[str, Any]:
+    return {"name": model, "versions": [version], "platform": platform,
+            "inputs": [{"name": INPUT_NAME, "datatype": v2_datatype(dtype), "shape": [-1, *shape]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "predictions", "datatype": "INT64", "shape": [-1]}]}
+
+
+INLINE_BYTES = 16 * 1024   # a smaller body is parsed on the event loop: a thread-pool hop would cost more
+
+
+def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
+    """The v2 routes on the serving app; `infer(loaded, x)` runs the model (batched or not, off the loop)."""
+    from fastapi.concurrency import run_in_threadpool
+
+    from triggers.request_guard import BodyTooLarge, read_body
+    from triggers.serving.server import predict_body_limit
+
+    def error(message: str, status: int) -> Response:
+        return JSONResponse({"error": message}, status)
+
+    def served_for(name: str, version: str | None) -> Any:
+        if name != server.model:
+            return error(f"unknown model '{name}' (this server serves {server.model})", 404)
+        served = server.current
+        if served is None:
+            return error(f"no version of {server.model} is loaded yet", 503)
+        if version is not None and version != served.loaded.version:
+            return error(f"version {version} of {name} is not served (serving {served.loaded.version})", 404)
+        return served
+
+    def ready() -> bool:
+        return server.current is not None and server.current.loaded.version == server.production
+
+    @app.get("/v2", summary="Open Inference Protocol: server metadata")
+    def server_metadata() -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"name": "mlgate", "version": version("mlgate"), "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol: liveness")
+    def live() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness (serving production)")
+    def server_ready() -> Response:
+        return JSONResponse({"ready": ready()}, 200 if ready() else 503)
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    def model_ready(name: str, version: str | None = None) -> Response:
+        served = served_for(name, version)
+        return served if isinstance(served, Response) else JSONResponse({"name": name, "ready": True})
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata (from the logged signature)")
+    @app.get("/v2/models/{name}/versions/{version}")
+    def metadata(name: str, version: str | None = None) -> Response:
+        served = served_for(name, version)
+        if isinstance(served, Response):
+            return served
+        loaded = served.loaded
+        return JSONResponse(model_metadata(server.model, loaded.version, f"mlgate_{loaded.served_as}",
+                                           loaded.input_shape, loaded.dtype, served.classes))
+
+    async def infer_route(name: str, version: str | None, request: Request) -> Response:
+        served = served_for(name, version)
+        if isinstance(served, Response):
+            errors.labels("no_model").inc()
+            return served
+        loaded = served.loaded
+        try:
+            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch))
+        except BodyTooLarge as exc:
+            errors.labels("too_large").inc()
+            return error(f"{exc}: at most {max_batch} examples per request", 413)
+        header = request.headers.get(HEADER_LENGTH)
+        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch)
+        try:
+            parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
+        except BadInput as exc:
+            errors.labels("bad_input").inc()
+            return error(str(exc), exc.status)
+        logits = await infer(loaded, parsed.x)
+        predictions = logits.argmax(axis=1)
+        if inference_log is not None:
+            inference_log.append(parsed.x, predictions, loaded.version)
+        body, headers = infer_response(server.model, loaded.version, parsed, logits, predictions)
+        return Response(body, headers=headers)
+
+    @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference (JSON or binary tensors)")
+    async def infer_latest(name: str, request: Request) -> Response:
+        return await infer_route(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await infer_route(name, version, request)
