@@ -161,7 +161,8 @@ def main() -> None:
             targets.insert(1, ("mlflow models serve", [py, "-m", "mlflow", "models", "serve", "-m",
                                                        "models:/digits_mlp/1", "--env-manager", "local", "-p",
                                                        "{port}", "-h", "127.0.0.1"], "/ping", "/invocations",
-                               mlflow_body, {"MLFLOW_TRACKING_URI": uri}))
+                               mlflow_body, {"MLFLOW_TRACKING_URI": uri,   # it starts `uvicorn` from PATH
+                                             "PATH": f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}"}))
         rows = []
         for batch in (1, 32):
             raw = raw_session_latency(path, x_all[:batch], 5000)
