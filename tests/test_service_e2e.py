@@ -130,11 +130,30 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     assert run.data.params["data.override.extra_train"] == fresh          # trained on the fresh data
     assert (service.directory / "state" / "jobs" / drift_job_id / "job.log").stat().st_size > 0
 
-    # 3. the dashboard, rendered by a real browser from the JSON API
+    # 3. the dashboard, rendered by a real browser from the JSON API: a card per model first, then the events
+    overview = models["digits_mlp"]
+    assert [v["version"] for v in overview["versions"]] == ["1", "2"] and overview["promoted"]["version"] == "2"
+    assert overview["promoted"]["job_id"] == drift_job_id and overview["jobs"][0]["gate"]["passed"]
     dom = dump_dom(service.url + "/", tmp_path / "chromium")
-    assert f'data-job="{push_job}"' in dom and f'data-job="{drift_job_id}"' in dom
-    assert f'href="/reports/{push_job}"' in dom and 'class="state succeeded"' in dom
+    start = dom.index('data-model="digits_mlp"')
+    card = dom[start:dom.find("</section>", start)]
+    assert "digits_mlp: production v2 (previous v1)" in card and f"(job {drift_job_id})" in card
+    assert f'data-job="{push_job}"' in card and f'data-job="{drift_job_id}"' in card and ">passed<" in card
+    for metric, threshold in (("accuracy", "0.85"), ("p95_ms", "50")):
+        chart = card[card.index(f'data-metric="{metric}"'):]
+        chart = chart[:chart.index("</svg>")]
+        assert f'data-threshold="{threshold}"' in chart and chart.count("<circle") == 2, chart
+    assert "digits_cnn: nothing in production" in dom
+    assert f'data-job="{push_job}"' in dom and f'href="/reports/{push_job}"' in dom and 'class="state succeeded"' in dom
     assert "2 recent jobs: 0 running, 0 queued" in dom
+    png = tmp_path / "dashboard.png"
+    headless_chromium(tmp_path / "chromium", "--hide-scrollbars", "--window-size=1280,1600",
+                      "--virtual-time-budget=10000", f"--screenshot={png}", service.url + "/")
+    from matplotlib.image import imread
+
+    pixels = imread(png)
+    drawn = (pixels[..., :3].min(axis=2) < 0.9).any(axis=1)
+    assert pixels.shape[:2] == (1600, 1280) and drawn[:800].mean() > 0.3   # cards and charts, not a blank page
 
     metrics = service.get("/metrics").text
     assert 'mlgate_events_total{outcome="job",source="kafka",type="drift"} 1.0' in metrics

@@ -227,9 +227,12 @@ def create_app(state: ServiceState) -> FastAPI:
 
         return tracking.connect(state.config.workdir, state.config.experiment)[0]
 
-    @app.get("/models", summary="Each model's production version and promotion history", dependencies=read)
+    @app.get("/models", summary="Each model: production and previous version, who promoted it, its last jobs "
+             "with their gate verdicts, and accuracy and p95 latency across versions with the gate thresholds",
+             dependencies=read)
     def models() -> list[dict[str, Any]]:
         from automation import promote
+        from triggers.model_overview import model_overview
 
         client = mlflow_client()
         result = []
@@ -237,7 +240,7 @@ def create_app(state: ServiceState) -> FastAPI:
             aliases = promote.alias_state(client, name)
             history = [r.as_dict() for r in promote.audit_trail(state.engine, name)]
             result.append({"model": name, "production": aliases.production, "previous": aliases.previous,
-                           "history": history})
+                           "history": history} | model_overview(state.engine, state.config, name, history))
         return result
 
     @app.get("/reports/{job_id}", summary="A job's HTML report", response_class=HTMLResponse, dependencies=read)

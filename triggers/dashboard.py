@@ -1,4 +1,6 @@
-"""The dashboard at `/`: one static page that renders the JSON API (jobs, deliveries, drift events)."""
+"""The dashboard at `/`: one static page that renders the JSON API. It leads with one card per model
+(production and previous version, who promoted it and why, its last jobs with their gate verdicts, and
+accuracy and p95 latency across versions drawn against the gate thresholds), then the event tables."""
 
 DASHBOARD_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>mlgate</title>
@@ -12,10 +14,18 @@ DASHBOARD_HTML = """<!doctype html>
  .succeeded{background:#dafbe1}.gate_failed,.failed{background:#ffebe9}.running{background:#ddf4ff}
  .queued{background:#fff8c5}.superseded,.cancelled{background:#eaeef2;color:#57606a}
  #status{color:#57606a}
+ .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:1rem}
+ .card{border:1px solid #d0d7de;border-radius:.5rem;padding:1rem}
+ .card h3{margin:0 0 .3rem;font-size:1.05rem} .card .who{color:#57606a;margin:.2rem 0 .6rem}
+ .charts{display:flex;gap:1rem;margin-top:.6rem} .charts figure{margin:0} figcaption{font-size:12px;color:#57606a}
+ svg .threshold{stroke:#cf222e;stroke-dasharray:4 3} svg .series{fill:none;stroke:#0969da;stroke-width:2}
+ svg .failed-point{fill:#cf222e} svg .point{fill:#0969da}
 </style></head>
 <body>
 <h1>mlgate</h1>
 <p id="status">loading…</p>
+<h2>Models</h2>
+<div id="models" class="cards"></div>
 <h2>Jobs</h2>
 <table id="jobs"><thead><tr><th>job</th><th>model</th><th>kind</th><th>trigger</th><th>commit / PR</th>
 <th>state</th><th>attempts</th><th>created</th><th>version</th><th>report</th></tr></thead><tbody></tbody></table>
@@ -34,10 +44,83 @@ function fill(id, items, render) {
   const body = document.querySelector("#" + id + " tbody"); body.replaceChildren();
   for (const item of items) render(body.insertRow(), item);
 }
+const SVG = "http://www.w3.org/2000/svg";
+function svgEl(name, attrs) {
+  const el = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  return el;
+}
+// one metric across versions, with the gate's threshold as a dashed line
+function chart(metric, label, versions, threshold) {
+  const fig = document.createElement("figure"), w = 250, h = 120, pad = 22;
+  const values = versions.map(v => v[metric]).filter(v => v != null);
+  const all = threshold == null ? values : values.concat([threshold]);
+  const lo = Math.min(...all), hi = Math.max(...all), span = (hi - lo) || Math.abs(hi) || 1;
+  const x = i => pad + (versions.length < 2 ? (w - 2 * pad) / 2 : i * (w - 2 * pad) / (versions.length - 1));
+  const y = v => h - pad - (v - lo) / span * (h - 2 * pad);
+  const svg = svgEl("svg", {width: w, height: h, "data-metric": metric, role: "img"});
+  svg.append(svgEl("line", {x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, stroke: "#d0d7de"}));
+  if (threshold != null) {
+    const t = svgEl("line", {x1: pad, x2: w - pad, y1: y(threshold), y2: y(threshold), class: "threshold",
+                             "data-threshold": threshold});
+    svg.append(t);
+  }
+  const points = versions.map((v, i) => v[metric] == null ? null : [x(i), y(v[metric])]).filter(Boolean);
+  svg.append(svgEl("polyline", {points: points.map(p => p.join(",")).join(" "), class: "series"}));
+  versions.forEach((v, i) => {
+    if (v[metric] == null) return;
+    const dot = svgEl("circle", {cx: x(i), cy: y(v[metric]), r: 4, class: v.gate_passed ? "point" : "failed-point"});
+    const tip = svgEl("title", {}); tip.textContent = "v" + v.version + ": " + v[metric]; dot.append(tip);
+    svg.append(dot);
+    const tick = svgEl("text", {x: x(i), y: h - 6, "font-size": 10, "text-anchor": "middle"});
+    tick.textContent = "v" + v.version; svg.append(tick);
+    const value = svgEl("text", {x: x(i), y: y(v[metric]) - 7, "font-size": 10, "text-anchor": "middle"});
+    value.textContent = Number(v[metric]).toPrecision(3); svg.append(value);
+  });
+  const cap = document.createElement("figcaption");
+  cap.textContent = label + (threshold == null ? "" : " (gate: " + threshold + ")");
+  fig.append(svg, cap); return fig;
+}
+function modelCard(m) {
+  const card = document.createElement("section"); card.className = "card"; card.dataset.model = m.model;
+  const title = document.createElement("h3");
+  title.textContent = m.model + ": " + (m.production ? "production v" + m.production : "nothing in production") +
+    (m.previous ? " (previous v" + m.previous + ")" : "");
+  const who = document.createElement("p"); who.className = "who";
+  const p = m.promoted;
+  const did = {promote: "promoted", manual_promote: "promoted by hand", rollback: "rolled back"};
+  who.textContent = p ? (did[p.action] || p.action) + " by " + p.actor + " at " + p.created_at.replace("T", " ").slice(0, 19) +
+    (p.job_id ? " (job " + p.job_id + ")" : "") + ": " + p.reason : "never promoted";
+  const table = document.createElement("table"); table.className = "model-jobs";
+  const head = table.createTHead().insertRow();
+  for (const h of ["job", "trigger", "state", "gate", "version", "report"]) cell(head, h);
+  const body = table.createTBody();
+  for (const j of m.jobs) {
+    const row = body.insertRow(); row.dataset.job = j.id;
+    cell(row, j.id); cell(row, j.trigger + (j.pr ? " #" + j.pr : ""));
+    const s = cell(row, ""); const badge = document.createElement("span");
+    badge.className = "state " + j.state; badge.textContent = j.state; s.append(badge);
+    cell(row, j.gate ? (j.gate.passed ? "passed" : "failed: " + j.gate.failed.join(", ")) : (j.error || ""));
+    cell(row, j.version);
+    const r = cell(row, "");
+    if (j.report) { const a = document.createElement("a"); a.href = "/reports/" + j.id; a.textContent = "report";
+      r.append(a); }
+  }
+  const charts = document.createElement("div"); charts.className = "charts";
+  if (m.versions.length) {
+    charts.append(chart("accuracy", "accuracy", m.versions, m.thresholds.min_accuracy),
+                  chart("p95_ms", "p95 ms at batch 1", m.versions, m.thresholds.max_p95_latency_ms));
+  } else {
+    charts.textContent = "no registered version yet";
+  }
+  card.append(title, who, table, charts); return card;
+}
 async function refresh() {
   try {
-    const [jobs, deliveries, drift] = await Promise.all(
-      ["/jobs?limit=100", "/deliveries?limit=30", "/drift-events?limit=30"].map(u => fetch(u).then(r => r.json())));
+    const [models, jobs, deliveries, drift] = await Promise.all(
+      ["/models", "/jobs?limit=100", "/deliveries?limit=30", "/drift-events?limit=30"].map(
+        u => fetch(u).then(r => r.json())));
+    document.getElementById("models").replaceChildren(...models.map(modelCard));
     fill("jobs", jobs, (row, j) => {
       row.dataset.job = j.id;
       cell(row, j.id); cell(row, j.model); cell(row, j.kind); cell(row, j.trigger);

@@ -140,7 +140,7 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     import uvicorn
 
     from automation import store
-    from triggers.jobs import queue  # noqa: F401  (their tables)
+    from triggers.jobs import queue, retention  # noqa: F401  (their tables: retention imports every pruned one)
     from triggers.intake import deliveries, drift  # noqa: F401
 
     secret = webhook_secret_from_env()

@@ -150,7 +150,6 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
                         {"name": "predictions", "datatype": "INT64", "shape": [-1]}]}
 
 
-INLINE_BYTES = 16 * 1024   # a smaller body is parsed on the event loop: a thread-pool hop would cost more
 
 
 def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
@@ -158,7 +157,7 @@ def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log:
     from fastapi.concurrency import run_in_threadpool
 
     from triggers.request_guard import BodyTooLarge, read_body
-    from triggers.serving.server import predict_body_limit
+    from triggers.serving.server import INLINE_BYTES, predict_body_limit
 
     def error(message: str, status: int) -> Response:
         return JSONResponse({"error": message}, status)

@@ -6,7 +6,7 @@ one reference assignment: a request uses the model it started with, so none fail
 half-loaded model, and a version that fails its check is never served. A load that fails for any
 other reason (the registry or the network) is retried with backoff. `/healthz` is the readiness
 probe: 503 while the version served is not production; `/livez` only says the process is up.
-Parsing and inference run in the thread pool, never on the event loop.
+Inference runs on inference threads, never on the event loop; so does parsing a body over 16 KB.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from triggers.request_guard import BodyTooLarge, read_body
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
+INLINE_BYTES = 16 * 1024    # a request body up to this is parsed on the event loop (tens of µs); larger, off it
 MAX_RETRY_SECONDS = 300.0   # a version that failed to load for a transient reason is tried again at least this often
 
 
@@ -197,7 +198,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                        batch_delay_ms: float | None = None) -> FastAPI:
     """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
     requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
-    from triggers.serving.batching import DynamicBatcher
+    from triggers.serving.batching import DynamicBatcher, off_loop
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
     batchers: dict[int, DynamicBatcher] = {}
@@ -205,7 +206,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     async def infer(loaded: RegisteredModel, x: np.ndarray) -> np.ndarray:
         """Logits for `x` from `loaded`: batched with concurrent requests when batching is on."""
         if batch_delay_ms is None:
-            return await run_in_threadpool(predict, loaded.predictor, x)
+            return await off_loop(predict, loaded.predictor, x)
         batcher = batchers.get(id(loaded))
         if batcher is None:
             for old in batchers.values():   # a swapped-out version's batcher ends with its last batch
@@ -238,8 +239,9 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return JSONResponse({"error": f"{exc}: at most {max_batch} examples per request"}, 413)
-        try:   # parsing and inference are CPU work: the thread pool, so the event loop keeps accepting
-            x = await run_in_threadpool(_parse, raw, loaded, max_batch)
+        try:   # a small body parses faster than a thread hop; a large one is parsed off the event loop
+            x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await run_in_threadpool(
+                _parse, raw, loaded, max_batch)
         except (ValueError, RecursionError) as exc:
             reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
             errors.labels(reason).inc()
