@@ -91,6 +91,23 @@ class DriftPolicy(Strict):
     window_rows: PositiveInt = 5000                # `mlgate monitor`: newest rows of current data compared
 
 
+class RolloutStage(Strict):
+    traffic: float = Field(ge=0, le=1)             # share the new version answers; 0: shadow (compared, never returned)
+    min_seconds: float = Field(60, ge=0)           # the stage lasts at least this long
+    min_requests: PositiveInt = 200                # and sees at least this many requests
+
+
+class RolloutConfig(Strict):
+    """`serve-model` after a promotion: the new version goes through these stages on live traffic, compared
+    with the previous one; a stage it fails rolls production back (audited)."""
+
+    stages: list[RolloutStage] = [RolloutStage(traffic=0), RolloutStage(traffic=0.05), RolloutStage(traffic=0.25)]
+    min_agreement: float = Field(0.95, gt=0, le=1)   # same prediction as the previous version
+    max_error_rate: float = Field(0.01, ge=0, le=1)  # the new version's inference failures
+    max_latency_ratio: float = Field(1.5, gt=1)      # a request is "slower" beyond this ratio to the previous one
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
 class ModelDefaults(Strict):
     """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
 
@@ -103,6 +120,7 @@ class ModelDefaults(Strict):
     optimize: OptimizeConfig = OptimizeConfig()
     gates: GateConfig = GateConfig()
     drift: DriftPolicy = DriftPolicy()
+    rollout: RolloutConfig | None = None           # none: a promotion switches all traffic at once
 
 
 class ModelConfig(ModelDefaults):

@@ -248,10 +248,11 @@ def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *,
                  fence=fence)
 
 
-def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str) -> PromotionRecord:
-    """Move production back to `@previous`."""
+def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str,
+             expected_production: Any = UNCHANGED) -> PromotionRecord:
+    """Move production back to `@previous` (with `expected_production`, only if production still is that)."""
     return _move(client, engine, model, None, action="rollback", reason=reason, job_id=None,
-                 require_passed=False, rollback=True)
+                 require_passed=False, rollback=True, expected_production=expected_production)
 
 
 def audit_trail(engine: Engine, model: str | None = None) -> list[PromotionRecord]:

@@ -19,11 +19,12 @@ def test_closed_loop_demo(tmp_path: Path) -> None:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     steps = [s["step"] for s in summary["steps"]]
     assert steps == ["broker", "service", "push", "promoted", "serving", "normal traffic", "monitor",
-                     "shifted traffic", "drift", "retrain queued", "promoted", "hot swap"]
+                     "shifted traffic", "drift", "retrain queued", "promoted", "rollout", "hot swap"]
     by_step = {s["step"]: s for s in summary["steps"]}
     assert by_step["monitor"]["drift_share"] < 0.3 <= by_step["drift"]["drift_share"]
     assert [s["version"] for s in summary["steps"] if s["step"] == "promoted"] == ["1", "2"]
     assert by_step["hot swap"]["version"] == "2"
+    assert by_step["rollout"]["stages"] == ["shadow", "canary 50%", "done"]   # compared, then half, then all
     assert by_step["hot swap"]["accuracy"] > by_step["shifted traffic"]["accuracy"]   # the retrain helped
     for line in ("push: signed push webhook", "drift: drift share", "→ kafka:", "hot swap: serving answers"):
         assert line in done.stdout

@@ -286,6 +286,104 @@ def test_several_worker_processes_serve_one_port(registry: Path, tmp_path: Path)
         process.wait(30)
 
 
+# the MLP, trained as usual, but once serving (eval mode) it answers 3 for 5 and 5 for 3: wrong on two classes
+SWAPPED_MLP = '''from torch import nn
+
+from models.datasets import digits as load_data
+from models.digits_mlp import build as mlp
+
+
+class SwapWhenServing(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y if self.training else y[:, [0, 1, 2, 5, 4, 3, 6, 7, 8, 9]]
+
+
+def build(**params):
+    return SwapWhenServing(mlp(**params))
+'''
+
+
+def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(registry: Path, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from automation import promote, store, tracking
+
+    directory = registry.parent
+    (directory / "swapped_mlp.py").write_text(SWAPPED_MLP)
+    monkeypatch.syspath_prepend(str(directory))
+    raw = yaml.safe_load(registry.read_text())
+    bad = copy.deepcopy(raw)
+    bad["models"] = {"digits_mlp": {"module": "swapped_mlp", "params": {"hidden": 64}}}
+    (directory / "swapped.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["--config", str(directory / "swapped.yaml"), "run", "--model", "digits_mlp"], standalone=False) == 3
+    sys.modules.pop("swapped_mlp", None)
+    config = load_config(registry)
+    client = tracking.connect(config.workdir, config.experiment)[0]
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='digits_mlp'"))
+    bad_version = str(versions[-1])                                  # its gate failed: only a person promotes it
+    staged = copy.deepcopy(raw)
+    staged["defaults"]["rollout"] = {"stages": [{"traffic": 0, "min_seconds": 0.5, "min_requests": 40},
+                                                {"traffic": 0.5, "min_seconds": 0.5, "min_requests": 40}],
+                                     "min_agreement": 0.95}
+    (directory / "staged.yaml").write_text(yaml.safe_dump(staged))
+    running = Running(directory / "staged.yaml", tmp_path / "inference")
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        x = digits_batch(40)
+        with httpx.Client(timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                response = http.post(running.url + "/predict", json={"inputs": [x[i % 40]]})
+                answers.append((response.status_code, response.json().get("version")))
+                i += 1
+
+    clients = [threading.Thread(target=traffic) for _ in range(2)]
+    for client_thread in clients:
+        client_thread.start()
+    engine = store.open_store(store.database_url(config.workdir))
+    try:
+        # a person promotes the bad version: shadow compares it on live traffic, and it is rolled back
+        assert main(["--config", str(registry), "promote", "digits_mlp", bad_version, "--reason", "by hand"],
+                    standalone=False) == 0
+        assert wait_for(lambda: promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == "3", 60)
+        last = promote.audit_trail(engine, "digits_mlp")[-1]
+        assert last.action == "rollback" and last.version == "3" and last.replaced_version == bad_version
+        assert last.reason.startswith(f"rollout: version {bad_version} failed its shadow stage: agreement "), \
+            last.reason
+        assert not any(version == bad_version for _, version in answers)     # shadow: it never answered
+        # a good version goes through shadow, then the canary, and is served
+        assert main(["--config", str(registry), "promote", "digits_mlp", "1", "--reason", "good"],
+                    standalone=False) == 0
+        assert wait_for(lambda: running.version() == "1", 60), running.server.rollout
+        health = httpx.get(running.url + "/healthz", timeout=5).json()
+        assert health["status"] == "ok" and health["rollout"] is None
+    finally:
+        stop.set()
+        for client_thread in clients:
+            client_thread.join(30)
+        running.stop()
+        assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "restore"],
+                    standalone=False) == 0
+    assert {status for status, _ in answers} == {200}, len(answers)       # no client saw a failure
+    assert {"3", "1"} <= {version for _, version in answers}
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from triggers.serving.rollout import Rollout
+
+    with Session(engine) as session:
+        states = [(r.candidate, r.state) for r in session.scalars(select(Rollout).order_by(Rollout.id))]
+    assert states[-2:] == [(bad_version, "rolled_back"), ("1", "done")]
+
+
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:
     log = InferenceLog(tmp_path / "window", rows_per_file=50, max_files=3, flush_seconds=60)
     rng = np.random.default_rng(0)

@@ -40,6 +40,11 @@ def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
                       "relative": {"max_accuracy_drop": 0.03, "max_latency_increase": None},
                       "bootstrap_samples": 500},
             "drift": {"threshold": 0.3, "cooldown_minutes": 0, "window_rows": 300},
+            # short stages for a demo; a drift retrain is meant to answer differently on the shifted inputs,
+            # so agreement here only guards against a broken version
+            "rollout": {"stages": [{"traffic": 0, "min_seconds": 1, "min_requests": 30},
+                                   {"traffic": 0.5, "min_seconds": 1, "min_requests": 30}],
+                        "min_agreement": 0.3},
             # the loop is the point: the compiled variants would add half a minute of compiling per job
             "optimize": {"variants": ["torch_eager", "torch_half", "onnx_fp32", "onnx_int8"]},
         },
@@ -182,8 +187,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         step("promoted", f"retrained on the fresh data, gate passed: version {job['version']} is production",
              version=job["version"])
         new_version = job["version"]
-        _wait(f"serving to swap to version {new_version}",
-              lambda: httpx.get(serving + "/healthz", timeout=2).json().get("version") == new_version, 60)
+        stages = _roll_out(serving, new_version, shifted_x, splits.y_test[:300])
+        step("rollout", f"version {new_version} on live traffic: {' → '.join(stages)}", stages=stages)
         served, after = _traffic(serving, shifted_x, splits.y_test[:300])
         step("hot swap", f"serving answers with version {served}; accuracy on the shifted inputs "
              f"{before:.1%} → {after:.1%}", accuracy=after, version=served)
@@ -205,6 +210,26 @@ def _finished(service: str, job_id: str) -> dict[str, Any] | None:
 
     job = httpx.get(f"{service}/jobs/{job_id}", timeout=5).json()
     return job if job["state"] not in ("queued", "running") else None
+
+
+def _roll_out(serving: str, version: str, x: np.ndarray, y: np.ndarray, timeout: float = 120) -> list[str]:
+    """Keep traffic flowing while serve-model rolls `version` out; the stages seen, in order."""
+    import httpx
+
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(serving + "/healthz", timeout=5).json()
+        rollout = health.get("rollout")
+        stage = ("shadow" if rollout["traffic"] == 0 else f"canary {rollout['traffic']:.0%}") if rollout else None
+        if stage and (not seen or seen[-1] != stage):
+            seen.append(stage)
+        if health.get("version") == version and rollout is None:
+            return seen + ["done"]
+        if health.get("production") != version:
+            raise MlgateError(f"demo: version {version} was rolled back during its rollout")
+        _traffic(serving, x[:60], y[:60])
+    raise MlgateError(f"demo: the rollout of version {version} did not finish within {timeout:g} s")
 
 
 def _traffic(serving: str, x: np.ndarray, y: np.ndarray, batch: int = 10) -> tuple[str, float]:

@@ -152,8 +152,9 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
 
 
 
-def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
-    """The v2 routes on the serving app; `infer(loaded, x)` runs the model (batched or not, off the loop)."""
+def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
+    """The v2 routes on the serving app; `answer(served, x)` runs the model (batched or not, off the loop,
+    rolling out or not) and says which version answered."""
     from fastapi.concurrency import run_in_threadpool
 
     from triggers.request_guard import BodyTooLarge, read_body
@@ -173,7 +174,9 @@ def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log:
         return served
 
     def ready() -> bool:
-        return server.current is not None and server.current.loaded.version == server.production
+        candidate = server.candidate
+        return server.current is not None and server.production in (
+            server.current.loaded.version, candidate.loaded.version if candidate is not None else None)
 
     @app.get("/v2", summary="Open Inference Protocol: server metadata")
     def server_metadata() -> dict[str, Any]:
@@ -223,7 +226,7 @@ def add_routes(app: Any, server: Any, infer: Any, max_batch: int, inference_log:
         except BadInput as exc:
             errors.labels("bad_input").inc()
             return error(str(exc), exc.status)
-        logits = await infer(loaded, parsed.x)
+        logits, loaded = await answer(served, parsed.x)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
             inference_log.append(parsed.x, predictions, loaded.version)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ class ModelServer:
         self.config, self.model, self.poll_seconds = config, model, poll_seconds
         self.current: Served | None = None
         self.production: str | None = None        # where the alias pointed at the last look
+        # staged rollout (the model's `rollout:` block): the new version, compared with `current` on live traffic
+        self.rollout_config = config.model(model).rollout
+        self.candidate: Served | None = None
+        self.rollout: Any = None                  # rollout.RolloutView while one runs
+        self.tally: Any = None
+        self._engine: Any = None
         self.failed: dict[str, LoadFailure] = {}  # version -> why it is not (yet) swapped in
         self.swaps = 0
         self._stop = threading.Event()
@@ -137,43 +144,117 @@ class ModelServer:
                              "misshapen logits")
         return loaded
 
+    def engine(self) -> Any:
+        """The job database: where a rollout's stage and counts live, shared by every replica."""
+        if self._engine is None:
+            from automation import promote, store  # noqa: F401  (promote: its tables)
+            from triggers.serving import rollout  # noqa: F401  (its tables)
+
+            self._engine = store.open_store(store.database_url(self.config.workdir))
+        return self._engine
+
     def sync(self) -> bool:
         """Serve the version `production` points at now; True when a swap happened."""
         from automation import promote
 
         target = promote.alias_version(self._client(), self.model, promote.PRODUCTION)
         self.production = target
+        if self.candidate is not None and target != self.candidate.loaded.version:
+            self.candidate, self.rollout = None, None   # rolled back (here or by another replica), or moved on
         if target is None or (self.current and self.current.loaded.version == target):
             return False
+        if self.rollout_config is not None and self.current is not None:
+            self._begin_rollout(target)
+            return False
+        loaded = self._load_checked(target)
+        if loaded is None:   # keep serving what works; `failed` says why the new version is not served
+            return False
+        self._swap_in(loaded, target)
+        return True
+
+    def _load_checked(self, target: str) -> RegisteredModel | None:
+        """The version loaded and checked, or None: it failed its probe (never retried), or failed to load
+        for another reason (retried with backoff); `failed` says which and why."""
         failure = self.failed.get(target)
         if failure is not None and (failure.retry_at is None or time.time() < failure.retry_at):
-            return False
+            return None
         try:
             loaded = self.load(target)
-        except Exception as exc:   # keep serving what works; say why the new version is not served
+        except Exception as exc:
             attempts = failure.attempts + 1 if failure else 1
-            permanent = isinstance(exc, ProbeFailed)
             delay = min(MAX_RETRY_SECONDS, self.poll_seconds * 2 ** attempts)
             self.failed[target] = LoadFailure(f"{type(exc).__name__}: {exc}"[:500], attempts,
-                                              None if permanent else time.time() + delay)
-            log.error("new production version not swapped in", extra={
+                                              None if isinstance(exc, ProbeFailed) else time.time() + delay)
+            log.error("new production version not loaded", extra={
                 "model": self.model, "version": target, "error": self.failed[target].reason,
-                "retry_in": None if permanent else delay})
-            return False
+                "retry_in": None if isinstance(exc, ProbeFailed) else delay})
+            return None
         self.failed.pop(target, None)
+        return loaded
+
+    def _begin_rollout(self, target: str) -> None:
+        from triggers.serving import rollout
+
+        if self.candidate is not None and self.candidate.loaded.version == target:
+            return
+        loaded = self._load_checked(target)
+        if loaded is None:
+            return
+        assert self.current is not None and self.rollout_config is not None
+        self.tally = self.tally or rollout.Tally()
+        self.rollout = rollout.begin(self.engine(), self.model, self.current.loaded.version, target,
+                                     self.rollout_config)
+        self.candidate = Served(loaded, time.time(), self._classes(loaded))
+        log.info("rollout started", extra={"model": self.model, "candidate": target,
+                                           "baseline": self.current.loaded.version})
+
+    def tick(self) -> None:
+        """A running rollout: add this replica's counts, let the stage be judged, act on the verdict."""
+        from triggers.serving import rollout
+
+        if self.rollout is None or self.candidate is None or self.rollout_config is None:
+            return
+        self.tally.flush(self.engine())
+        view, failure = rollout.advance(self.engine(), self.rollout.id, self.rollout_config)
+        self.rollout = view
+        if failure:
+            self._roll_back(view, failure)
+        elif view.state == "done":
+            candidate, self.candidate, self.rollout = self.candidate, None, None
+            self._swap_in(candidate.loaded, candidate.loaded.version)
+        elif view.state == "rolled_back":
+            self.candidate, self.rollout = None, None
+
+    def _roll_back(self, view: Any, reason: str) -> None:
+        from automation import promote
+        from automation.errors import GateStale
+
+        self.candidate, self.rollout = None, None
+        try:
+            record = promote.rollback(self._client(), self.engine(), self.model, reason=f"rollout: {reason}",
+                                      expected_production=view.candidate)
+        except GateStale:   # production moved meanwhile (another replica, or a person): nothing to undo
+            return
+        log.warning("rollout failed; production rolled back", extra={
+            "model": self.model, "candidate": view.candidate, "production": record.version, "reason": reason})
+        announce_rollback(self.config, self.model, view, record, reason)
+
+    def _classes(self, loaded: RegisteredModel) -> int:
+        return int(predict(loaded.predictor, np.zeros((1, *loaded.input_shape), dtype=loaded.dtype)).shape[1])
+
+    def _swap_in(self, loaded: RegisteredModel, target: str) -> None:
         previous = self.current.loaded.version if self.current else None
-        classes = predict(loaded.predictor, np.zeros((1, *loaded.input_shape), dtype=loaded.dtype)).shape[1]
-        self.current = Served(loaded, time.time(), classes)   # the swap: one reference assignment
+        self.current = Served(loaded, time.time(), self._classes(loaded))   # the swap: one reference assignment
         self.swaps += 1
         log.info("serving new version", extra={"model": self.model, "version": target, "previous": previous,
                                                "variant": loaded.variant})
-        return True
 
     def start(self) -> None:
         def watch() -> None:
             while not self._stop.is_set():
                 try:
                     self.sync()
+                    self.tick()
                 except Exception as exc:   # registry unreachable: keep serving, try again
                     log.warning("cannot check the production alias", extra={"error": f"{type(exc).__name__}: {exc}"})
                 self._stop.wait(self.poll_seconds)
@@ -183,6 +264,36 @@ class ModelServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def announce_rollback(config: MlgateConfig, model: str, view: Any, record: Any, reason: str) -> None:
+    """A rollback is news: a CloudEvent on `mlgate.rollout` (when Kafka is configured) and a GitHub note
+    (when GitHub is, on `reporting.tracking_issue`). Neither failing undoes anything."""
+    import os
+    import uuid
+
+    event = {"specversion": "1.0", "type": "mlgate.rollout.rolled_back", "source": f"mlgate/serve-model/{model}",
+             "id": uuid.uuid4().hex, "datacontenttype": "application/json",
+             "data": {"model": model, "candidate": view.candidate, "production": record.version,
+                      "audit_id": record.id, "reason": reason}}
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap:
+        try:
+            from triggers.intake.drift_consumer import publish
+
+            publish(bootstrap, "mlgate.rollout", [event | {"data": event["data"] | {"model": model}}])
+        except Exception as exc:
+            log.error("rollback event not published", extra={"error": f"{type(exc).__name__}: {exc}"})
+    from triggers.github.reporter import GitHubReporter
+
+    reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
+    if reporter is not None and config.reporting.tracking_issue:
+        try:
+            reporter.github.issue_comment(reporter.repository, config.reporting.tracking_issue,
+                                          f"mlgate rolled **{model}** back to version **{record.version}**: {reason} "
+                                          f"(audit entry {record.id}).")
+        except Exception as exc:
+            log.error("rollback note not posted", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
@@ -217,6 +328,30 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         return await batcher.infer(x)
 
     app.state.batchers = batchers
+
+    async def answer(served: Served, x: np.ndarray) -> tuple[np.ndarray, RegisteredModel]:
+        """The logits for a request, and the version that gave them. During a rollout both versions see the
+        request: the candidate's answer is compared (agreement, errors, latency) and returned only for its
+        stage's share of traffic; a candidate that fails is never the answer, so no client sees it."""
+        candidate, view = server.candidate, server.rollout
+        if candidate is None or view is None or view.state != "running":
+            return await infer(served.loaded, x), served.loaded
+        started = time.perf_counter()
+        baseline = await infer(served.loaded, x)
+        middle = time.perf_counter()
+        try:
+            candidate_logits: np.ndarray | None = await infer(candidate.loaded, x)
+        except Exception as exc:
+            log.warning("rollout candidate failed a request", extra={"error": f"{type(exc).__name__}: {exc}"})
+            candidate_logits = None
+        ended = time.perf_counter()
+        agree = 0 if candidate_logits is None else int((candidate_logits.argmax(1) == baseline.argmax(1)).sum())
+        slower = candidate_logits is not None and (ended - middle) > server.rollout_config.max_latency_ratio * (
+            middle - started)
+        server.tally.add(view, examples=len(x), agree=agree, candidate_error=candidate_logits is None, slower=slower)
+        if candidate_logits is not None and random.random() < view.traffic:
+            return candidate_logits, candidate.loaded
+        return baseline, served.loaded
     registry = CollectorRegistry()
     latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
@@ -225,6 +360,10 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     errors = Counter("mlgate_predict_errors", "Refused or failed requests", ["reason"], registry=registry)
     version_served = Gauge("mlgate_serving_version", "Registry version being served", ["model"], registry=registry)
     gpu_memory = Gauge("mlgate_gpu_memory_bytes", "CUDA memory allocated by this process", registry=registry)
+    rollout_traffic = Gauge("mlgate_rollout_traffic", "Share of requests the rolling-out version answers",
+                            ["model"], registry=registry)
+    rollout_stage = Gauge("mlgate_rollout_stage", "Stage of the running rollout (-1: none)", ["model"],
+                          registry=registry)
 
     @app.post("/predict", summary="Predict a batch: {\"inputs\": [example, …]}")
     async def predict_endpoint(request: Request) -> Response:
@@ -247,7 +386,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             errors.labels(reason).inc()
             return JSONResponse({"error": str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON"},
                                 status)
-        logits = await infer(loaded, x)
+        logits, loaded = await answer(served, x)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
             inference_log.append(x, predictions, loaded.version)
@@ -260,15 +399,18 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     def livez() -> Response:
         return JSONResponse({"status": "alive"})
 
-    @app.get("/healthz", summary="Readiness: 200 only while the version served is production")
+    @app.get("/healthz", summary="Readiness: 200 only while the version served (or rolled out) is production")
     def healthz() -> Response:
-        served = server.current
+        served, rollout = server.current, server.rollout
         not_served = {version: failure.as_dict() for version, failure in server.failed.items()}
         if served is None:
             return JSONResponse({"status": "loading", "model": server.model, "production": server.production,
                                  "not_served": not_served}, 503)
-        is_production = served.loaded.version == server.production
+        rolling_out = rollout is not None and server.candidate is not None and \
+            server.candidate.loaded.version == server.production
+        is_production = served.loaded.version == server.production or rolling_out
         return JSONResponse({"status": "ok" if is_production else "not_production", "model": server.model,
+                             "rollout": None if rollout is None else rollout.as_dict(),
                              "version": served.loaded.version, "production": server.production,
                              "variant": served.loaded.variant, "served_as": served.loaded.served_as,
                              "fallback_reason": served.loaded.fallback_reason, "device": str(server.device.torch),
@@ -278,7 +420,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
 
     from triggers.serving.open_inference import add_routes
 
-    add_routes(app, server, infer, max_batch, inference_log, errors)
+    add_routes(app, server, answer, max_batch, inference_log, errors)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -286,6 +428,9 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
 
         if server.current is not None:
             version_served.labels(server.model).set(float(server.current.loaded.version))
+        rollout = server.rollout
+        rollout_traffic.labels(server.model).set(0.0 if rollout is None else rollout.traffic)
+        rollout_stage.labels(server.model).set(-1 if rollout is None else rollout.stage)
         try:
             import torch
 
