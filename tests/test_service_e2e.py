@@ -134,6 +134,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     overview = models["digits_mlp"]
     assert [v["version"] for v in overview["versions"]] == ["1", "2"] and overview["promoted"]["version"] == "2"
     assert overview["promoted"]["job_id"] == drift_job_id and overview["jobs"][0]["gate"]["passed"]
+    assert overview["rollout"] is None          # no rollout: block here, so no serve-model ever rolled one out
     dom = dump_dom(service.url + "/", tmp_path / "chromium")
     start = dom.index('data-model="digits_mlp"')
     card = dom[start:dom.find("</section>", start)]

@@ -353,7 +353,9 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
         # a person promotes the bad version: shadow compares it on live traffic, and it is rolled back
         assert main(["--config", str(registry), "promote", "digits_mlp", bad_version, "--reason", "by hand"],
                     standalone=False) == 0
-        assert wait_for(lambda: promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == "3", 60)
+        # the audit row is confirmed just after the aliases move: wait for it
+        assert wait_for(lambda: promote.audit_trail(engine, "digits_mlp")[-1].action == "rollback", 60)
+        assert promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == "3"
         last = promote.audit_trail(engine, "digits_mlp")[-1]
         assert last.action == "rollback" and last.version == "3" and last.replaced_version == bad_version
         assert last.reason.startswith(f"rollout: version {bad_version} failed its shadow stage: agreement "), \
@@ -382,6 +384,13 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
     with Session(engine) as session:
         states = [(r.candidate, r.state) for r in session.scalars(select(Rollout).order_by(Rollout.id))]
     assert states[-2:] == [(bad_version, "rolled_back"), ("1", "done")]
+    # the service's model card reads the same rollout state (the job database is shared)
+    from triggers.model_overview import model_overview
+
+    engine = store.open_store(store.database_url(config.workdir))   # now with the service's tables too
+    card = model_overview(engine, config, "digits_mlp", [r.as_dict() for r in promote.audit_trail(engine, "digits_mlp")])
+    assert card["rollout"]["candidate"] == "1" and card["rollout"]["state"] == "done"
+    assert card["rollout"]["requests"] >= 40 and card["rollout"]["agreement"] > 0.9
 
 
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:

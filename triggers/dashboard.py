@@ -113,7 +113,16 @@ function modelCard(m) {
   } else {
     charts.textContent = "no registered version yet";
   }
-  card.append(title, who, table, charts); return card;
+  const roll = document.createElement("p"); roll.className = "rollout";
+  const r = m.rollout;
+  if (r) {
+    roll.dataset.state = r.state;
+    roll.textContent = r.state === "running"
+      ? "rollout of v" + r.candidate + " over v" + r.baseline + ": stage " + (r.stage + 1) + ", " + r.requests +
+        " requests" + (r.agreement == null ? "" : ", agreement " + r.agreement.toFixed(3))
+      : "last rollout: v" + r.candidate + " " + r.state.replace("_", " ") + (r.reason ? " (" + r.reason + ")" : "");
+  }
+  card.append(title, who, roll, table, charts); return card;
 }
 async function refresh() {
   try {

@@ -142,6 +142,7 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     from automation import store
     from triggers.jobs import queue, retention  # noqa: F401  (their tables: retention imports every pruned one)
     from triggers.intake import deliveries, drift  # noqa: F401
+    from triggers.serving import rollout  # noqa: F401  (the model cards read serve-model's rollouts)
 
     secret = webhook_secret_from_env()
     engine = store.open_store(store.database_url(config.workdir))
