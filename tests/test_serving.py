@@ -367,6 +367,15 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
         assert wait_for(lambda: running.version() == "1", 60), running.server.rollout
         health = httpx.get(running.url + "/healthz", timeout=5).json()
         assert health["status"] == "ok" and health["rollout"] is None
+        # back to v3 (rolled out like any promotion), then the bad version again, over the same v3 as the first
+        # time: a rollout of its own, and rolled back again
+        assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "v3 again"],
+                    standalone=False) == 0
+        assert wait_for(lambda: running.version() == "3", 60), running.server.rollout
+        assert main(["--config", str(registry), "promote", "digits_mlp", bad_version, "--reason", "again"],
+                    standalone=False) == 0
+        assert wait_for(lambda: promote.audit_trail(engine, "digits_mlp")[-1].action == "rollback", 60)
+        assert promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == "3"
     finally:
         stop.set()
         for client_thread in clients:
@@ -383,14 +392,14 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
 
     with Session(engine) as session:
         states = [(r.candidate, r.state) for r in session.scalars(select(Rollout).order_by(Rollout.id))]
-    assert states[-2:] == [(bad_version, "rolled_back"), ("1", "done")]
+    assert states[-4:] == [(bad_version, "rolled_back"), ("1", "done"), ("3", "done"), (bad_version, "rolled_back")]
     # the service's model card reads the same rollout state (the job database is shared)
     from triggers.model_overview import model_overview
 
     engine = store.open_store(store.database_url(config.workdir))   # now with the service's tables too
     card = model_overview(engine, config, "digits_mlp", [r.as_dict() for r in promote.audit_trail(engine, "digits_mlp")])
-    assert card["rollout"]["candidate"] == "1" and card["rollout"]["state"] == "done"
-    assert card["rollout"]["requests"] >= 40 and card["rollout"]["agreement"] > 0.9
+    assert card["rollout"]["candidate"] == bad_version and card["rollout"]["state"] == "rolled_back"
+    assert card["rollout"]["requests"] >= 40 and card["rollout"]["agreement"] < 0.95
 
 
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ class Rollout(Base):
     candidate: Mapped[str] = mapped_column(String(32))
     stage: Mapped[int] = mapped_column(Integer, default=0)
     stage_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    state: Mapped[str] = mapped_column(String(16), index=True)      # running | done | rolled_back
+    state: Mapped[str] = mapped_column(String(16), index=True)      # running | done | rolled_back | superseded
     reason: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -77,12 +77,15 @@ def _view(row: Rollout, config: RolloutConfig) -> RolloutView:
 
 
 def begin(engine: Engine, model: str, baseline: str, candidate: str, config: RolloutConfig) -> RolloutView:
-    """The rollout of `candidate` over `baseline`: the one another replica began, or a new one."""
+    """The running rollout of `candidate` over `baseline` another replica began, or a new one (a version
+    promoted again after a rollback is rolled out again). It ends any other running rollout of the model."""
     with locked(engine, f"rollout:{model}") as session:
         row = session.scalars(select(Rollout).where(Rollout.model == model, Rollout.candidate == candidate,
-                                                    Rollout.baseline == baseline)
+                                                    Rollout.baseline == baseline, Rollout.state == "running")
                               .order_by(Rollout.id.desc()).limit(1)).first()
         if row is None:
+            session.execute(update(Rollout).where(Rollout.model == model, Rollout.state == "running").values(
+                state="superseded", reason=f"production moved to version {candidate}"))
             row = Rollout(model=model, baseline=baseline, candidate=candidate, stage=0, stage_started_at=_now(),
                           state="running", reason="")
             session.add(row)
