@@ -39,14 +39,10 @@ def engine(db_url: str) -> Any:
 
 
 def versions(client: MlflowClient, gates: list[str]) -> tuple[str, list[str]]:
+    from tests.test_promote_concurrency import _register_versions
+
     model = f"fenced_{uuid.uuid4().hex[:8]}"
-    client.create_registered_model(model)
-    made = []
-    for verdict in gates:
-        mv = client.create_model_version(model, source="file:///nonexistent/model")
-        client.set_model_version_tag(model, mv.version, promote.GATE_TAG, verdict)
-        made.append(str(mv.version))
-    return model, made
+    return model, _register_versions(client, model, gates)
 
 
 def intents(engine: Any, model: str) -> list[tuple[str, str | None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
