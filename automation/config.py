@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from automation.errors import UsageError
 
@@ -95,6 +95,7 @@ class RolloutStage(Strict):
     traffic: float = Field(ge=0, le=1)             # share the new version answers; 0: shadow (compared, never returned)
     min_seconds: float = Field(60, ge=0)           # the stage lasts at least this long
     min_requests: PositiveInt = 200                # and sees at least this many requests
+    min_labels: NonNegativeInt = 0                 # and the rollout has this many labelled examples (POST /feedback)
 
 
 class RolloutConfig(Strict):
@@ -104,7 +105,10 @@ class RolloutConfig(Strict):
     stages: list[RolloutStage] = [RolloutStage(traffic=0), RolloutStage(traffic=0.05), RolloutStage(traffic=0.25)]
     min_agreement: float = Field(0.95, gt=0, le=1)   # same prediction as the previous version
     max_error_rate: float = Field(0.01, ge=0, le=1)  # the new version's inference failures
-    max_latency_ratio: float = Field(1.5, gt=1)      # a request is "slower" beyond this ratio to the previous one
+    max_latency_ratio: float = Field(1.5, gt=1)      # p95 and p99 against the previous version's
+    latency_noise_floor_ms: float = Field(0.05, ge=0)  # a smaller latency gap is jitter, whatever the ratio
+    max_class_shift: float = Field(0.05, gt=0, le=1)   # change in any class's share of the predictions
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # on labelled examples, where labels come back
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 

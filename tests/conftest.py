@@ -98,6 +98,20 @@ def kafka_broker() -> Any:
     broker.stop()
 
 
+def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                             consumer_timeout_ms=15_000)
+    records = []
+    for record in consumer:
+        records.append(record)
+        if len(records) >= expected:
+            break
+    consumer.close()
+    return records
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "node_modules" / "@octokit" / "webhooks-examples" / \
     "api.github.com" / "index.json"
 
@@ -121,10 +135,11 @@ def clean_tables(db_url: str) -> None:
     from triggers.github.job_status import OwedStatus
     from triggers.jobs import queue
     from triggers.intake import deliveries, drift
+    from triggers.serving import rollout
 
     with open_store(db_url).begin() as conn:
         for table in (deliveries.Delivery, deliveries.SeenBody, drift.DriftRecord, queue.Job, queue.JobStat,
-                      OwedStatus, PromotionIntent):
+                      OwedStatus, PromotionIntent, rollout.Rollout, rollout.RolloutStat, rollout.RolloutPrediction):
             conn.execute(delete(table))
 
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from automation.config import MlgateConfig, parse_config
 from automation.store import open_store
-from tests.conftest import FAST_CONFIG, clean_tables, wait_for
+from tests.conftest import FAST_CONFIG, clean_tables, read_topic, wait_for
 from triggers.local_broker import TansuBroker
 from triggers.jobs import queue
 from triggers.intake import drift
@@ -182,20 +182,6 @@ def sqlite_engine(tmp_path: Path) -> Any:
 
 def recorded(engine: Any) -> list[drift.DriftRecord]:
     return drift.list_drift_events(engine, limit=10_000)
-
-
-def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
-                             consumer_timeout_ms=15_000)
-    records = []
-    for record in consumer:
-        records.append(record)
-        if len(records) >= expected:
-            break
-    consumer.close()
-    return records
 
 
 def test_kafka_consumer_records_each_event_once_and_dead_letters_bad_ones(

@@ -170,7 +170,7 @@ def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
                                "digits_mlp", "--trigger", trigger, "--sha", SHA, *extra, "--json"],
                               capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[trigger] = {"summary": last_json(done.stdout), "stderr": done.stderr}
+        runs[trigger] = {"summary": last_json(done.stdout), "stderr": done.stderr, "config": path}
     return runs
 
 
@@ -188,6 +188,25 @@ def test_pr_job_sets_status_and_one_sticky_comment(reported_runs: dict[str, dict
     github = run["summary"]["github"]
     assert github["status"] == "ok" and github["comment"].startswith("comment ")
     assert "promotion note" not in github and not run["summary"]["promoted"]
+
+
+def test_a_rollout_rollback_is_noted_where_the_promotion_note_went(reported_runs: dict[str, dict[str, Any]],
+                                                                    github: GitHubSource) -> None:
+    from automation import tracking
+    from automation.config import load_config
+    from triggers.github.reporter import GitHubReporter
+    from triggers.serving.server import commit_of
+
+    run = reported_runs["push"]
+    config = load_config(run["config"])
+    client = tracking.connect(config.workdir, config.experiment)[0]
+    version = run["summary"]["version"]
+    assert commit_of(client, "digits_mlp", version) == SHA         # the commit the version was trained from
+    reason = f"version {version} failed its shadow stage: agreement 0.812"
+    on_commit = GitHubReporter(github, REPO).rolled_back("digits_mlp", version, "0", reason, 7, SHA)
+    on_issue = GitHubReporter(github, REPO, tracking_issue=1347).rolled_back("digits_mlp", version, "0", reason, 7,
+                                                                           SHA)
+    assert on_commit["rollback note"].isdigit() and on_issue["rollback note"].isdigit()   # the new comments' ids
 
 
 def test_the_token_never_reaches_the_logs(reported_runs: dict[str, dict[str, Any]]) -> None:

@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from automation.config import load_config
-from tests.conftest import fast_config, wait_for, write_config
+from tests.conftest import fast_config, read_topic, wait_for, write_config
 from triggers.local_broker import free_port
 from triggers.cli import main
 from triggers.serving.inference_log import InferenceLog
@@ -308,9 +308,17 @@ def build(**params):
 '''
 
 
+FEEDBACK_TOKEN = "feedback-token-for-tests"
+
+
 def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(registry: Path, tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                kafka_broker: Any) -> None:
+    """Two clients post requests and then their labels (POST /feedback); every stage waits for labels."""
+    import json
     import sys
+
+    from models.datasets import digits
 
     from automation import promote, store, tracking
 
@@ -328,21 +336,35 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
     versions = sorted(int(v.version) for v in client.search_model_versions("name='digits_mlp'"))
     bad_version = str(versions[-1])                                  # its gate failed: only a person promotes it
     staged = copy.deepcopy(raw)
-    staged["defaults"]["rollout"] = {"stages": [{"traffic": 0, "min_seconds": 0.5, "min_requests": 40},
-                                                {"traffic": 0.5, "min_seconds": 0.5, "min_requests": 40}],
-                                     "min_agreement": 0.95}
+    # labels compare the versions on 40 repeated examples: a good version that differs on one of them would
+    # look 2.5 % less accurate on every repeat, so the allowed drop is wider than that
+    staged["defaults"]["rollout"] = {"stages": [{"traffic": 0, "min_seconds": 0.5, "min_requests": 40,
+                                                 "min_labels": 20},
+                                                {"traffic": 0.5, "min_seconds": 0.5, "min_requests": 40,
+                                                 "min_labels": 20}],
+                                     "min_agreement": 0.95, "max_accuracy_drop": 0.05}
     (directory / "staged.yaml").write_text(yaml.safe_dump(staged))
+    monkeypatch.setenv("MLGATE_FEEDBACK_TOKEN", FEEDBACK_TOKEN)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_broker.bootstrap)
     running = Running(directory / "staged.yaml", tmp_path / "inference")
     answers: list[tuple[int, str | None]] = []
+    feedback: list[dict[str, Any]] = []
     stop = threading.Event()
 
     def traffic() -> None:
-        x = digits_batch(40)
+        x, y = digits_batch(40), digits(seed=0).y_test[:40].tolist()
+        labels: list[dict[str, Any]] = []
         with httpx.Client(timeout=30) as http:
             i = 0
             while not stop.is_set():
                 response = http.post(running.url + "/predict", json={"inputs": [x[i % 40]]})
                 answers.append((response.status_code, response.json().get("version")))
+                labels.append({"id": response.headers["X-Request-Id"], "label": y[i % 40]})
+                if len(labels) == 10:
+                    sent = http.post(running.url + "/feedback", json={"labels": labels},
+                                     headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}"})
+                    feedback.append(sent.json() | {"status": sent.status_code})
+                    labels = []
                 i += 1
 
     clients = [threading.Thread(target=traffic) for _ in range(2)]
@@ -385,14 +407,31 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
                     standalone=False) == 0
     assert {status for status, _ in answers} == {200}, len(answers)       # no client saw a failure
     assert {"3", "1"} <= {version for _, version in answers}
-    from sqlalchemy import select
+    assert {f["status"] for f in feedback} == {200} and not any(f["refused"] for f in feedback)
+    assert sum(f["matched"] for f in feedback) >= 4 * 20                  # no rollout ended before its labels
+    # each rollback was announced on the drift topic's sibling, as a CloudEvent
+    events = [json.loads(r.value) for r in read_topic(kafka_broker.bootstrap, "mlgate.rollout", 2)]
+    rollbacks = [r for r in promote.audit_trail(engine, "digits_mlp") if r.action == "rollback"][-2:]
+    assert [e["type"] for e in events] == ["mlgate.rollout.rolled_back"] * 2
+    assert [(e["data"]["candidate"], e["data"]["production"], e["data"]["audit_id"]) for e in events] == [
+        (bad_version, "3", r.id) for r in rollbacks]
+    assert all(e["data"]["reason"] == r.reason.removeprefix("rollout: ") for e, r in zip(events, rollbacks))
+    from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
     from triggers.serving.rollout import Rollout
 
+    from triggers.serving.rollout import RolloutPrediction, stage_counts
+
     with Session(engine) as session:
-        states = [(r.candidate, r.state) for r in session.scalars(select(Rollout).order_by(Rollout.id))]
-    assert states[-4:] == [(bad_version, "rolled_back"), ("1", "done"), ("3", "done"), (bad_version, "rolled_back")]
+        ended = list(session.scalars(select(Rollout).order_by(Rollout.id)))[-4:]
+        assert [(r.candidate, r.state) for r in ended] == [
+            (bad_version, "rolled_back"), ("1", "done"), ("3", "done"), (bad_version, "rolled_back")]
+        good = stage_counts(session, ended[1].id, 1)
+        # the predictions kept for labels leave with their rollout
+        assert session.scalar(select(func.count()).select_from(RolloutPrediction).where(
+            RolloutPrediction.rollout_id.in_([r.id for r in ended]))) == 0
+    assert good["labelled"] >= 20 and good["cand_correct"] / good["labelled"] > 0.8
     # the service's model card reads the same rollout state (the job database is shared)
     from triggers.model_overview import model_overview
 

@@ -119,10 +119,17 @@ function modelCard(m) {
     roll.dataset.state = r.state;
     roll.textContent = r.state === "running"
       ? "rollout of v" + r.candidate + " over v" + r.baseline + ": stage " + (r.stage + 1) + ", " + r.requests +
-        " requests" + (r.agreement == null ? "" : ", agreement " + r.agreement.toFixed(3))
+        " requests" + (r.agreement == null ? "" : ", agreement " + r.agreement.toFixed(3)) + liveText(r.live)
       : "last rollout: v" + r.candidate + " " + r.state.replace("_", " ") + (r.reason ? " (" + r.reason + ")" : "");
   }
   card.append(title, who, roll, table, charts); return card;
+}
+function liveText(live) {
+  if (!live) return "";
+  const l = live.latency || {}, a = live.accuracy;
+  return (l.base_p95_ms == null || l.cand_p95_ms == null ? "" :
+      ", p95 " + l.cand_p95_ms.toFixed(2) + " ms vs " + l.base_p95_ms.toFixed(2) + " ms") +
+    (a ? ", accuracy " + a.candidate.toFixed(3) + " vs " + a.baseline.toFixed(3) + " on " + live.labelled + " labels" : "");
 }
 async function refresh() {
   try {

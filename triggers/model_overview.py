@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from automation.config import MlgateConfig
 from triggers.github.job_status import summary_file
 from triggers.jobs.queue import Job
-from triggers.serving.rollout import Rollout, RolloutStat
+from triggers.serving.rollout import Rollout, stage_counts
+from triggers.serving.rollout_analysis import comparison
 
 RECENT_JOBS = 6
 VERSIONS = 20
@@ -59,15 +60,15 @@ def model_overview(engine: Engine, config: MlgateConfig, model: str, history: li
                          "gate_passed": bool(summary["gate"].get("passed"))})
     versions.sort(key=lambda v: int(v["version"]) if str(v["version"]).isdigit() else 0)
     gates = config.model(model).gates.absolute
+    rollout_config = config.model(model).rollout
     with Session(engine) as session:
         latest = session.scalars(select(Rollout).where(Rollout.model == model).order_by(Rollout.id.desc())
                                  .limit(1)).first()
-        counts = {} if latest is None else {s.name: s.value for s in session.scalars(select(RolloutStat).where(
-            RolloutStat.rollout_id == latest.id, RolloutStat.stage == latest.stage))}
+        counts = {} if latest is None else stage_counts(session, latest.id, latest.stage)
+    live = comparison(counts, rollout_config.confidence if rollout_config else 0.95)
     rollout = None if latest is None else {
         "candidate": latest.candidate, "baseline": latest.baseline, "stage": latest.stage, "state": latest.state,
-        "reason": latest.reason, "requests": counts.get("requests", 0.0),
-        "agreement": counts["agree"] / counts["examples"] if counts.get("examples") else None}
+        "reason": latest.reason, "requests": live["requests"], "agreement": live["agreement"], "live": live}
     # the latest move is what put production where it is
     return {"promoted": history[-1] if history else None, "jobs": jobs, "versions": versions, "rollout": rollout,
             "thresholds": {"min_accuracy": gates.min_accuracy, "max_p95_latency_ms": gates.max_p95_latency_ms}}

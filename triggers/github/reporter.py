@@ -92,16 +92,28 @@ class GitHubReporter:
         if summary.get("trigger") == "pr" and summary.get("pr"):
             self._attempt("comment", outcomes, lambda: self._sticky_comment(summary, links))
         elif summary.get("promoted"):
-            note = (f"mlgate promoted **{model}** version **{summary['version']}** to production "
-                    f"({summary['chosen_variant']}, accuracy {summary['metrics']['accuracy']:.2%}, "
-                    f"trigger `{summary['trigger']}`, job `{summary['job_id']}`).")
-            if self.tracking_issue:
-                self._attempt("promotion note", outcomes, lambda: self.github.issue_comment(
-                    self.repository, self.tracking_issue, note + (f" Commit {sha}." if sha else "")))
-            elif sha:
-                self._attempt("promotion note", outcomes, lambda: self.github.commit_comment(
-                    self.repository, sha, note))
+            self._note("promotion note", outcomes, sha, (
+                f"mlgate promoted **{model}** version **{summary['version']}** to production "
+                f"({summary['chosen_variant']}, accuracy {summary['metrics']['accuracy']:.2%}, "
+                f"trigger `{summary['trigger']}`, job `{summary['job_id']}`)."))
         return outcomes
+
+    def rolled_back(self, model: str, candidate: str, production: str, reason: str, audit_id: int,
+                    sha: str | None) -> dict[str, str]:
+        """A rollout's rollback, where the version's promotion note went (`sha`: the version's commit)."""
+        outcomes: dict[str, str] = {}
+        self._note("rollback note", outcomes, sha, (
+            f"mlgate rolled **{model}** back from version **{candidate}** to version **{production}** "
+            f"after its staged rollout: {reason} (audit entry {audit_id})."))
+        return outcomes
+
+    def _note(self, what: str, outcomes: dict[str, str], sha: str | None, note: str) -> None:
+        """On the tracking issue when there is one, else on the commit."""
+        if self.tracking_issue:
+            self._attempt(what, outcomes, lambda: self.github.issue_comment(
+                self.repository, self.tracking_issue, note + (f" Commit {sha}." if sha else "")))
+        elif sha:
+            self._attempt(what, outcomes, lambda: self.github.commit_comment(self.repository, sha, note))
 
     def _sticky_comment(self, summary: dict[str, Any], links: dict[str, str]) -> str:
         comment_id, created = self.github.upsert_comment(

@@ -153,12 +153,12 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
 
 
 def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
-    """The v2 routes on the serving app; `answer(served, x)` runs the model (batched or not, off the loop,
+    """The v2 routes on the serving app; `answer(served, x, request_id)` runs the model (batched or not, off the loop,
     rolling out or not) and says which version answered."""
     from fastapi.concurrency import run_in_threadpool
 
     from triggers.request_guard import BodyTooLarge, read_body
-    from triggers.serving.server import INLINE_BYTES, predict_body_limit
+    from triggers.serving.server import INLINE_BYTES, REQUEST_ID, new_request_id, predict_body_limit
 
     def error(message: str, status: int) -> Response:
         return JSONResponse({"error": message}, status)
@@ -226,12 +226,13 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         except BadInput as exc:
             errors.labels("bad_input").inc()
             return error(str(exc), exc.status)
-        logits, loaded = await answer(served, parsed.x)
+        request_id = new_request_id()
+        logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
             inference_log.append(parsed.x, predictions, loaded.version)
         body, headers = infer_response(server.model, loaded.version, parsed, logits, predictions)
-        return Response(body, headers=headers)
+        return Response(body, headers=headers | {REQUEST_ID: request_id})
 
     @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference (JSON or binary tensors)")
     async def infer_latest(name: str, request: Request) -> Response:

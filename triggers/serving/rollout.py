@@ -4,28 +4,32 @@ every request is compared), then canaries answering a growing share.
 
 The state lives in the job database, so every `serve-model` replica agrees on the stage: each replica
 adds its counts to `rollout_stats` every second, and whichever replica next holds the rollout's lock
-judges the stage once it is long and busy enough. The verdict uses intervals, as the offline gate does:
-a stage fails only when the candidate is *significantly* worse (the whole Wilson interval beyond the
-limit) on agreement, inference errors, or the share of requests it answers more than
-`max_latency_ratio` slower. A failed stage rolls production back to the baseline (audited).
+judges the stage once it is long, busy and labelled enough (rollout_analysis.py says how). A failed
+stage rolls production back to the baseline (audited).
+
+Each request of a rollout leaves both versions' predictions in `rollout_predictions` under its request
+id, so a label that comes back later (`POST /feedback`, to any replica) is scored once against both;
+the rows go when the rollout ends.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from statistics import NormalDist
 
-from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, select, update
+import numpy as np
+from sqlalchemy import Boolean, DateTime, Engine, Float, Integer, String, Text, delete, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import RolloutConfig
 from automation.store import Base, locked
+from triggers.serving import rollout_analysis as analysis
 
-COUNTS = ("requests", "examples", "agree", "candidate_errors", "slower")
+WHOLE_ROLLOUT = -1   # the stage under which labels count: they compare the same two versions in every stage
 
 
 class Rollout(Base):
@@ -50,6 +54,19 @@ class RolloutStat(Base):
     value: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class RolloutPrediction(Base):
+    """What both versions predicted for one request of a running rollout, until its labels come back."""
+
+    __tablename__ = "rollout_predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(Integer, index=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    baseline: Mapped[str] = mapped_column(Text)      # JSON list of classes, one per example
+    candidate: Mapped[str] = mapped_column(Text)
+    labelled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 @dataclass
 class RolloutView:
     id: int
@@ -60,20 +77,28 @@ class RolloutView:
     state: str
     reason: str
     traffic: float
+    comparison: dict[str, object] = field(default_factory=dict)   # the stage's live comparison, when read
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "baseline": self.baseline, "candidate": self.candidate, "stage": self.stage,
-                "state": self.state, "traffic": self.traffic, "reason": self.reason}
+                "state": self.state, "traffic": self.traffic, "reason": self.reason, "comparison": self.comparison}
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _view(row: Rollout, config: RolloutConfig) -> RolloutView:
+def _view(row: Rollout, config: RolloutConfig, counts: dict[str, float] | None = None) -> RolloutView:
     traffic = config.stages[min(row.stage, len(config.stages) - 1)].traffic if row.state == "running" else (
         1.0 if row.state == "done" else 0.0)
-    return RolloutView(row.id, row.model, row.baseline, row.candidate, row.stage, row.state, row.reason, traffic)
+    return RolloutView(row.id, row.model, row.baseline, row.candidate, row.stage, row.state, row.reason, traffic,
+                       {} if counts is None else analysis.comparison(counts, config.confidence))
+
+
+def stage_counts(session: Session, rollout_id: int, stage: int) -> dict[str, float]:
+    """The stage's counts from every replica, with the labels that came back over the whole rollout."""
+    return {s.name: s.value for s in session.scalars(select(RolloutStat).where(
+        RolloutStat.rollout_id == rollout_id, RolloutStat.stage.in_((stage, WHOLE_ROLLOUT))))}
 
 
 def begin(engine: Engine, model: str, baseline: str, candidate: str, config: RolloutConfig) -> RolloutView:
@@ -83,7 +108,9 @@ def begin(engine: Engine, model: str, baseline: str, candidate: str, config: Rol
         row = session.scalars(select(Rollout).where(Rollout.model == model, Rollout.candidate == candidate,
                                                     Rollout.baseline == baseline, Rollout.state == "running")
                               .order_by(Rollout.id.desc()).limit(1)).first()
-        if row is None:
+        if row is None:   # also whatever a replica flushed for an ended rollout as it ended
+            session.execute(delete(RolloutPrediction).where(RolloutPrediction.rollout_id.in_(
+                select(Rollout.id).where(Rollout.model == model))))
             session.execute(update(Rollout).where(Rollout.model == model, Rollout.state == "running").values(
                 state="superseded", reason=f"production moved to version {candidate}"))
             row = Rollout(model=model, baseline=baseline, candidate=candidate, stage=0, stage_started_at=_now(),
@@ -100,64 +127,118 @@ def current(engine: Engine, rollout_id: int, config: RolloutConfig) -> RolloutVi
         return _view(row, config)
 
 
+@dataclass
+class Observation:
+    """One request of a rollout, as both versions answered it."""
+
+    request_id: str
+    baseline: np.ndarray              # predicted classes
+    candidate: np.ndarray | None      # None: the candidate failed
+    baseline_seconds: float
+    candidate_seconds: float
+
+
 class Tally:
-    """This replica's counts since the last flush, per rollout stage."""
+    """This replica's counts and predictions since the last flush, per rollout stage."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[int, int, str]] = Counter()
+        self._predictions: list[dict[str, object]] = []
 
-    def add(self, rollout: RolloutView, *, examples: int, agree: int, candidate_error: bool, slower: bool) -> None:
-        """One request: how many examples, on how many of them both versions predicted the same class."""
+    def add(self, rollout: RolloutView, seen: Observation) -> None:
+        counts: Counter[str] = Counter(requests=1, examples=len(seen.baseline))
+        counts[f"lat_base_{analysis.latency_bucket(seen.baseline_seconds)}"] += 1
+        counts.update(f"class_base_{k}" for k in seen.baseline.tolist())
+        if seen.candidate is None:
+            counts["candidate_errors"] += 1
+        else:
+            counts["compared"] += len(seen.candidate)
+            counts["agree"] += int((seen.candidate == seen.baseline).sum())
+            counts[f"lat_cand_{analysis.latency_bucket(seen.candidate_seconds)}"] += 1
+            counts.update(f"class_cand_{k}" for k in seen.candidate.tolist())
         with self._lock:
-            key = (rollout.id, rollout.stage)
-            self._counts[(*key, "requests")] += 1
-            self._counts[(*key, "examples")] += examples
-            self._counts[(*key, "agree")] += agree
-            self._counts[(*key, "candidate_errors")] += candidate_error
-            self._counts[(*key, "slower")] += slower
+            for name, amount in counts.items():
+                self._counts[(rollout.id, rollout.stage, name)] += amount
+            if seen.candidate is not None:
+                self._predictions.append({"rollout_id": rollout.id, "request_id": seen.request_id,
+                                          "baseline": json.dumps(seen.baseline.tolist()),
+                                          "candidate": json.dumps(seen.candidate.tolist()), "labelled": False})
 
     def flush(self, engine: Engine) -> None:
         with self._lock:
             counts, self._counts = self._counts, Counter()
-        if not counts:
+            predictions, self._predictions = self._predictions, []
+        if not counts and not predictions:
             return
         with Session(engine) as session, session.begin():
-            for (rollout_id, stage, name), amount in counts.items():
-                done = session.execute(update(RolloutStat).where(
-                    RolloutStat.rollout_id == rollout_id, RolloutStat.stage == stage, RolloutStat.name == name)
-                    .values(value=RolloutStat.value + amount)).rowcount
-                if not done:
-                    session.add(RolloutStat(rollout_id=rollout_id, stage=stage, name=name, value=float(amount)))
+            add_counts(session, counts)
+            if predictions:   # a rollout that ended meanwhile takes no more labels
+                running = set(session.scalars(select(Rollout.id).where(
+                    Rollout.id.in_({p["rollout_id"] for p in predictions}), Rollout.state == "running")))
+                predictions = [p for p in predictions if p["rollout_id"] in running]
+            if predictions:
+                session.execute(insert(RolloutPrediction), predictions)
 
 
-def wilson(successes: float, n: float, confidence: float) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def add_counts(session: Session, counts: Counter[tuple[int, int, str]]) -> None:
+    for (rollout_id, stage, name), amount in counts.items():
+        done = session.execute(update(RolloutStat).where(
+            RolloutStat.rollout_id == rollout_id, RolloutStat.stage == stage, RolloutStat.name == name)
+            .values(value=RolloutStat.value + amount)).rowcount
+        if not done:
+            session.add(RolloutStat(rollout_id=rollout_id, stage=stage, name=name, value=float(amount)))
 
 
-def judge(counts: dict[str, float], config: RolloutConfig) -> str | None:
-    """Why the candidate failed this stage, or None. Fails only on what the interval makes certain."""
-    n, examples = counts.get("requests", 0.0), counts.get("examples", 0.0)
-    agree_low, agree_high = wilson(counts.get("agree", 0.0), examples, config.confidence)
-    if agree_high < config.min_agreement:
-        return (f"agreement {counts.get('agree', 0) / examples:.3f} with the previous version on {examples:.0f} "
-                f"predictions, {config.confidence:.0%} CI "
-                f"[{agree_low:.3f}, {agree_high:.3f}], below {config.min_agreement:g}")
-    error_low, error_high = wilson(counts.get("candidate_errors", 0.0), n, config.confidence)
-    if error_low > config.max_error_rate:
-        return (f"inference error rate {counts.get('candidate_errors', 0) / n:.3f}, {config.confidence:.0%} CI "
-                f"[{error_low:.3f}, {error_high:.3f}], above {config.max_error_rate:g}")
-    slow_low, slow_high = wilson(counts.get("slower", 0.0), n, config.confidence)
-    if slow_low > 0.5:
-        return (f"{counts.get('slower', 0) / n:.0%} of requests more than {config.max_latency_ratio:g}× slower than "
-                f"the previous version, {config.confidence:.0%} CI [{slow_low:.3f}, {slow_high:.3f}]")
-    return None
+@dataclass
+class FeedbackResult:
+    matched: list[str]
+    unmatched: list[str]      # no running rollout of the model served it (or its labels came already)
+    refused: dict[str, str]   # request id -> why its labels do not fit its request
+    examples: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"matched": len(self.matched), "labelled_examples": self.examples, "unmatched": self.unmatched,
+                "refused": self.refused}
+
+
+def record_feedback(engine: Engine, model: str, labels: Sequence[tuple[str, list[int]]]) -> FeedbackResult:
+    """Score delayed labels against what both versions predicted for those requests. A request's labels
+    count once, whichever replica gets them and however often they are sent."""
+    result = FeedbackResult([], [], {}, 0)
+    wanted = dict(labels)
+    with Session(engine) as session, session.begin():
+        running = select(Rollout.id).where(Rollout.model == model, Rollout.state == "running")
+        rows = session.scalars(select(RolloutPrediction).where(
+            RolloutPrediction.rollout_id.in_(running), RolloutPrediction.request_id.in_(list(wanted)),
+            RolloutPrediction.labelled.is_(False))).all()
+        counts: Counter[tuple[int, int, str]] = Counter()
+        for row in rows:
+            truth = wanted.get(row.request_id)
+            baseline, candidate = json.loads(row.baseline), json.loads(row.candidate)
+            if truth is None:
+                continue
+            if len(truth) != len(baseline):
+                result.refused[row.request_id] = (f"{len(truth)} labels for a request of {len(baseline)} "
+                                                  "examples")
+                continue
+            claimed = session.execute(update(RolloutPrediction).where(
+                RolloutPrediction.id == row.id, RolloutPrediction.labelled.is_(False)).values(labelled=True)).rowcount
+            if not claimed:   # another replica scored it meanwhile
+                continue
+            wanted.pop(row.request_id)
+            result.matched.append(row.request_id)
+            result.examples += len(truth)
+            for label, base, cand in zip(truth, baseline, candidate):
+                key = (row.rollout_id, WHOLE_ROLLOUT)
+                counts[(*key, "labelled")] += 1
+                counts[(*key, "base_correct")] += base == label
+                counts[(*key, "cand_correct")] += cand == label
+                counts[(*key, "base_only")] += base == label and cand != label
+                counts[(*key, "cand_only")] += cand == label and base != label
+        add_counts(session, counts)
+    result.unmatched = [rid for rid in wanted if rid not in result.refused]
+    return result
 
 
 def advance(engine: Engine, rollout_id: int, config: RolloutConfig) -> tuple[RolloutView, str | None]:
@@ -171,19 +252,20 @@ def advance(engine: Engine, rollout_id: int, config: RolloutConfig) -> tuple[Rol
         if row.state != "running":
             return _view(row, config), None
         stage = config.stages[row.stage]
-        counts = {s.name: s.value for s in session.scalars(select(RolloutStat).where(
-            RolloutStat.rollout_id == rollout_id, RolloutStat.stage == row.stage))}
+        counts = stage_counts(session, rollout_id, row.stage)
         started = row.stage_started_at if row.stage_started_at.tzinfo else row.stage_started_at.replace(
             tzinfo=timezone.utc)
-        if counts.get("requests", 0) < stage.min_requests or (_now() - started).total_seconds() < stage.min_seconds:
-            return _view(row, config), None
-        failure = judge(counts, config)
+        if counts.get("requests", 0) < stage.min_requests or counts.get("labelled", 0) < stage.min_labels or \
+                (_now() - started).total_seconds() < stage.min_seconds:
+            return _view(row, config, counts), None
+        failure = analysis.judge(counts, config)
         kind = "shadow" if stage.traffic == 0 else f"canary {stage.traffic:.0%}"
         if failure:
             row.state, row.reason = "rolled_back", f"version {row.candidate} failed its {kind} stage: {failure}"
-            return _view(row, config), row.reason
-        if row.stage + 1 < len(config.stages):
+        elif row.stage + 1 < len(config.stages):
             row.stage, row.stage_started_at = row.stage + 1, _now()
         else:
             row.state, row.reason = "done", f"version {row.candidate} passed every stage"
-        return _view(row, config), None
+        if row.state != "running":   # its predictions waited for labels that can no longer count
+            session.execute(delete(RolloutPrediction).where(RolloutPrediction.rollout_id == rollout_id))
+        return _view(row, config, counts), failure and row.reason

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -33,6 +34,7 @@ from triggers.request_guard import BodyTooLarge, read_body
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
+REQUEST_ID = "X-Request-Id"    # every answer's id, for the labels that come back later
 INLINE_BYTES = 16 * 1024    # a request body up to this is parsed on the event loop (tens of µs); larger, off it
 MAX_RETRY_SECONDS = 300.0   # a version that failed to load for a transient reason is tried again at least this often
 
@@ -212,9 +214,10 @@ class ModelServer:
         """A running rollout: add this replica's counts, let the stage be judged, act on the verdict."""
         from triggers.serving import rollout
 
+        if self.tally is not None:   # also the last requests of a rollout that just ended
+            self.tally.flush(self.engine())
         if self.rollout is None or self.candidate is None or self.rollout_config is None:
             return
-        self.tally.flush(self.engine())
         view, failure = rollout.advance(self.engine(), self.rollout.id, self.rollout_config)
         self.rollout = view
         if failure:
@@ -237,7 +240,7 @@ class ModelServer:
             return
         log.warning("rollout failed; production rolled back", extra={
             "model": self.model, "candidate": view.candidate, "production": record.version, "reason": reason})
-        announce_rollback(self.config, self.model, view, record, reason)
+        announce_rollback(self.config, self._client(), self.model, view, record, reason)
 
     def _classes(self, loaded: RegisteredModel) -> int:
         return int(predict(loaded.predictor, np.zeros((1, *loaded.input_shape), dtype=loaded.dtype)).shape[1])
@@ -266,10 +269,9 @@ class ModelServer:
         self._stop.set()
 
 
-def announce_rollback(config: MlgateConfig, model: str, view: Any, record: Any, reason: str) -> None:
+def announce_rollback(config: MlgateConfig, client: Any, model: str, view: Any, record: Any, reason: str) -> None:
     """A rollback is news: a CloudEvent on `mlgate.rollout` (when Kafka is configured) and a GitHub note
-    (when GitHub is, on `reporting.tracking_issue`). Neither failing undoes anything."""
-    import os
+    where the promotion note went (when GitHub is). Neither failing undoes anything."""
     import uuid
 
     event = {"specversion": "1.0", "type": "mlgate.rollout.rolled_back", "source": f"mlgate/serve-model/{model}",
@@ -281,23 +283,41 @@ def announce_rollback(config: MlgateConfig, model: str, view: Any, record: Any, 
         try:
             from triggers.intake.drift_consumer import publish
 
-            publish(bootstrap, "mlgate.rollout", [event | {"data": event["data"] | {"model": model}}])
+            publish(bootstrap, rollout_topic(config.service.kafka.topic), [event])
         except Exception as exc:
             log.error("rollback event not published", extra={"error": f"{type(exc).__name__}: {exc}"})
     from triggers.github.reporter import GitHubReporter
 
     reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
-    if reporter is not None and config.reporting.tracking_issue:
-        try:
-            reporter.github.issue_comment(reporter.repository, config.reporting.tracking_issue,
-                                          f"mlgate rolled **{model}** back to version **{record.version}**: {reason} "
-                                          f"(audit entry {record.id}).")
-        except Exception as exc:
-            log.error("rollback note not posted", extra={"error": f"{type(exc).__name__}: {exc}"})
+    if reporter is not None:
+        outcomes = reporter.rolled_back(model, view.candidate, record.version, reason, record.id,
+                                        commit_of(client, model, view.candidate))
+        log.info("rollback reported on github", extra={"outcomes": outcomes})
+
+
+def rollout_topic(drift_topic: str) -> str:
+    """The drift topic's sibling: `mlgate.drift` → `mlgate.rollout`."""
+    prefix, dot, _ = drift_topic.rpartition(".")
+    return f"{prefix}{dot}rollout"
+
+
+def commit_of(client: Any, model: str, version: str) -> str | None:
+    """The commit a registered version was trained from (its job's evidence tag), if known."""
+    try:
+        evidence = client.get_model_version(model, version).tags.get("mlgate.evidence")
+        return json.loads(evidence).get("commit") if evidence else None
+    except Exception as exc:   # the note then goes without the commit; nothing else depends on it
+        log.warning("commit of version not found", extra={"version": version, "error": f"{type(exc).__name__}: {exc}"})
+        return None
 
 
 def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
     return parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
+
+
+def new_request_id() -> str:
+    """The id a client sends its labels back under (`POST /feedback`)."""
+    return os.urandom(12).hex()
 
 
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
@@ -329,13 +349,16 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
 
     app.state.batchers = batchers
 
-    async def answer(served: Served, x: np.ndarray) -> tuple[np.ndarray, RegisteredModel]:
+    async def answer(served: Served, x: np.ndarray, request_id: str) -> tuple[np.ndarray, RegisteredModel]:
         """The logits for a request, and the version that gave them. During a rollout both versions see the
-        request: the candidate's answer is compared (agreement, errors, latency) and returned only for its
-        stage's share of traffic; a candidate that fails is never the answer, so no client sees it."""
+        request: the candidate's answer is compared (agreement, classes, errors, latency; later, labels under
+        `request_id`) and returned only for its stage's share of traffic; a candidate that fails is never the
+        answer, so no client sees it."""
         candidate, view = server.candidate, server.rollout
         if candidate is None or view is None or view.state != "running":
             return await infer(served.loaded, x), served.loaded
+        from triggers.serving.rollout import Observation
+
         started = time.perf_counter()
         baseline = await infer(served.loaded, x)
         middle = time.perf_counter()
@@ -345,13 +368,13 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             log.warning("rollout candidate failed a request", extra={"error": f"{type(exc).__name__}: {exc}"})
             candidate_logits = None
         ended = time.perf_counter()
-        agree = 0 if candidate_logits is None else int((candidate_logits.argmax(1) == baseline.argmax(1)).sum())
-        slower = candidate_logits is not None and (ended - middle) > server.rollout_config.max_latency_ratio * (
-            middle - started)
-        server.tally.add(view, examples=len(x), agree=agree, candidate_error=candidate_logits is None, slower=slower)
+        server.tally.add(view, Observation(request_id, baseline.argmax(1),
+                                           None if candidate_logits is None else candidate_logits.argmax(1),
+                                           middle - started, ended - middle))
         if candidate_logits is not None and random.random() < view.traffic:
             return candidate_logits, candidate.loaded
         return baseline, served.loaded
+
     registry = CollectorRegistry()
     latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
@@ -364,6 +387,12 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                             ["model"], registry=registry)
     rollout_stage = Gauge("mlgate_rollout_stage", "Stage of the running rollout (-1: none)", ["model"],
                           registry=registry)
+    rollout_agreement = Gauge("mlgate_rollout_agreement", "Share of examples both versions predict alike, "
+                              "this stage", ["model"], registry=registry)
+    rollout_latency = Gauge("mlgate_rollout_latency_seconds", "Latency quantiles of each version, this stage",
+                            ["model", "version", "quantile"], registry=registry)
+    rollout_accuracy = Gauge("mlgate_rollout_accuracy", "Accuracy of each version on the labelled examples "
+                             "(POST /feedback)", ["model", "version"], registry=registry)
 
     @app.post("/predict", summary="Predict a batch: {\"inputs\": [example, …]}")
     async def predict_endpoint(request: Request) -> Response:
@@ -386,14 +415,16 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             errors.labels(reason).inc()
             return JSONResponse({"error": str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON"},
                                 status)
-        logits, loaded = await answer(served, x)
+        request_id = new_request_id()
+        logits, loaded = await answer(served, x, request_id)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
             inference_log.append(x, predictions, loaded.version)
         batch_sizes.observe(len(x))
         latency.observe(time.perf_counter() - started)
-        return JSONResponse({"model": server.model, "version": loaded.version, "variant": loaded.variant,
-                             "predictions": predictions.tolist(), "logits": np.round(logits, 5).tolist()})
+        return JSONResponse({"id": request_id, "model": server.model, "version": loaded.version,
+                             "variant": loaded.variant, "predictions": predictions.tolist(),
+                             "logits": np.round(logits, 5).tolist()}, headers={REQUEST_ID: request_id})
 
     @app.get("/livez", summary="Liveness: the process answers")
     def livez() -> Response:
@@ -421,6 +452,9 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     from triggers.serving.open_inference import add_routes
 
     add_routes(app, server, answer, max_batch, inference_log, errors)
+    from triggers.serving.feedback import add_route
+
+    add_route(app, server, max_batch)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -431,6 +465,14 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         rollout = server.rollout
         rollout_traffic.labels(server.model).set(0.0 if rollout is None else rollout.traffic)
         rollout_stage.labels(server.model).set(-1 if rollout is None else rollout.stage)
+        live = rollout.comparison if rollout is not None else {}
+        rollout_agreement.labels(server.model).set(live.get("agreement") or float("nan"))
+        for who, name in (("base", "baseline"), ("cand", "candidate")):
+            for q in ("95", "99"):
+                milliseconds = (live.get("latency") or {}).get(f"{who}_p{q}_ms")
+                rollout_latency.labels(server.model, name, f"0.{q}").set(
+                    float("nan") if milliseconds is None else milliseconds / 1000)
+            rollout_accuracy.labels(server.model, name).set((live.get("accuracy") or {}).get(name, float("nan")))
         try:
             import torch
 
