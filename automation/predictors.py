@@ -100,13 +100,16 @@ class OnnxPredictor:
     """ONNX Runtime. On a CUDA provider, inputs and outputs are bound on the GPU (I/O binding), so the
     timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays."""
 
-    def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU) -> None:
+    def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU,
+                 cpu_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3   # warnings about node placement are not the job's
+        if cpu_threads is not None:      # None: ONNX Runtime's default, one intra-op thread per core
+            options.intra_op_num_threads = cpu_threads
         self.session = ort.InferenceSession(str(path), sess_options=options,
                                             providers=providers or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -180,7 +183,8 @@ class RegisteredModel:
     dtype: str
 
 
-def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None) -> tuple[Predictor, Path]:
+def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None,
+                  cpu_threads: int | None = None) -> tuple[Predictor, Path]:
     if variant.startswith("torch_"):
         if variant == "torch_aoti":
             package = next(local.rglob("*.pt2"), None)
@@ -200,21 +204,23 @@ def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str
     missing = onnx_provider_missing(variant, device)
     if missing:
         raise RuntimeError(missing)
-    return OnnxPredictor(onnx_file, onnx_providers(variant, device), device), onnx_file
+    return OnnxPredictor(onnx_file, onnx_providers(variant, device), device, cpu_threads), onnx_file
 
 
-def load_registered(client: Any, model: str, version: str, dest: Path, device: RunnerDevice = CPU) -> RegisteredModel:
+def load_registered(client: Any, model: str, version: str, dest: Path, device: RunnerDevice = CPU,
+                    cpu_threads: int | None = None) -> RegisteredModel:
     """Download `models:/model/version` and load it on `device` (see `load_downloaded`)."""
     import mlflow
 
     tags = client.get_model_version(model, version).tags
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
-    return load_downloaded(local, model, version, tags, device)
+    return load_downloaded(local, model, version, tags, device, cpu_threads)
 
 
 def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
-                    device: RunnerDevice = CPU) -> RegisteredModel:
-    """Load a downloaded version (an MLflow model directory and its registry tags) on `device`.
+                    device: RunnerDevice = CPU, cpu_threads: int | None = None) -> RegisteredModel:
+    """Load a downloaded version (an MLflow model directory and its registry tags) on `device`; an ONNX
+    Runtime session on the CPU uses `cpu_threads` intra-op threads (None: one per core).
 
     A variant that cannot run here (an AOTInductor package built for another device, a CUDA
     provider on a CPU machine) is served by its portable form instead, and the reason is kept:
@@ -225,7 +231,7 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
     variant = tags.get("mlgate.variant", "onnx_fp32")
     fallback_reason = None
     try:
-        predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"))
+        predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"), cpu_threads)
         served_as = variant
     except Exception as exc:   # a device-specific artifact: serve the portable form rather than nothing
         served_as = "torch_eager" if variant.startswith("torch_") else "onnx_fp32"
@@ -234,7 +240,7 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
         fallback_reason = f"{variant} cannot run here ({one_line(f'{type(exc).__name__}: {exc}', 200)})"
         log.warning("serving the portable form", extra={"model": model, "version": version, "variant": variant,
                                                         "served_as": served_as, "reason": fallback_reason})
-        predictor, artifact = _load_variant(served_as, local, device, None)
+        predictor, artifact = _load_variant(served_as, local, device, None, cpu_threads)
     spec = Model.load(str(local)).signature.inputs.to_dict()[0]["tensor-spec"]
     return RegisteredModel(version=version, variant=variant, served_as=served_as, fallback_reason=fallback_reason,
                            predictor=predictor, artifact=artifact,

@@ -10,6 +10,7 @@ A batch never mixes versions: a request is answered by the version it arrived fo
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,10 @@ from typing import Any
 import numpy as np
 
 
-# inference threads (ONNX Runtime and torch release the GIL while they compute); a plain executor hop
-# costs less than anyio's thread pool, and at batch 1 the hop is most of a request's time
-INFERENCE = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inference")
+# inference threads, one per core (ONNX Runtime and torch release the GIL while they compute; each ONNX
+# session runs on one thread); a plain executor hop costs less than anyio's thread pool, and at batch 1
+# the hop is most of a request's time
+INFERENCE = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="inference")
 
 
 async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
@@ -52,7 +54,7 @@ class DynamicBatcher:
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_ms: float) -> None:
         self.run, self.max_batch, self.max_delay = run, max_batch, max_delay_ms / 1000.0
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()   # None: close
         self.stats = BatchStats()
         self._task: asyncio.Task[None] | None = None
 
@@ -60,12 +62,15 @@ class DynamicBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(x, future))
+        self.queue.put_nowait(_Pending(x, future))   # unbounded: never waits
         return await future
 
     async def _collect(self) -> list[_Pending]:
-        batch = [await self.queue.get()]
-        size, deadline = len(batch[0].x), time.monotonic() + self.max_delay
+        first = await self.queue.get()
+        if first is None:   # closed
+            return []
+        batch = [first]
+        size, deadline = len(first.x), time.monotonic() + self.max_delay
         while size < self.max_batch:
             try:
                 item = self.queue.get_nowait()
@@ -77,7 +82,7 @@ class DynamicBatcher:
                     item = await asyncio.wait_for(self.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-            if size + len(item.x) > self.max_batch:   # it starts the next batch
+            if item is None or size + len(item.x) > self.max_batch:   # it ends this batch
                 self.queue.put_nowait(item)
                 break
             batch.append(item)
@@ -87,6 +92,10 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
+            if not batch:
+                if self.queue.empty():
+                    return
+                continue   # requests that came after close: served, and the loop ends once none are left
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             try:
                 logits = await off_loop(self.run, x)
@@ -104,5 +113,6 @@ class DynamicBatcher:
                 start += rows
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """The loop ends once the requests already queued are answered (none is left waiting); a request
+        that still comes starts it again."""
+        self.queue.put_nowait(None)

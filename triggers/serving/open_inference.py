@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from triggers.serving.server import BadInput
+from triggers.serving.server import BadInput, all_finite
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -24,6 +24,7 @@ TO_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": 
             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
             "FP32": np.float32, "FP64": np.float64}
 FROM_NUMPY = {np.dtype(v).name: k for k, v in TO_NUMPY.items()}
+LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in TO_NUMPY.items()}   # the binary extension's order
 
 
 def v2_datatype(dtype: str) -> str:
@@ -94,11 +95,11 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
     parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
     size = parameters.get("binary_data_size")
     if size is not None:
-        expected = count * np.dtype(TO_NUMPY[datatype]).itemsize
+        expected = count * LITTLE_ENDIAN[datatype].itemsize
         if size != expected or len(binary) != size:
             raise BadInput(f"binary_data_size {size}: a {datatype} tensor shaped {declared} is {expected} bytes, "
                            f"and {len(binary)} follow the JSON", 400)
-        array = np.frombuffer(binary, dtype=np.dtype(TO_NUMPY[datatype]).newbyteorder("<"))
+        array = np.frombuffer(binary, dtype=LITTLE_ENDIAN[datatype])
     else:
         data = tensor.get("data")
         if not isinstance(data, list):
@@ -110,7 +111,7 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
     array = array.reshape(declared).astype(dtype)
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise BadInput("the input contains NaN or infinity")
     return array
 
@@ -152,9 +153,11 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
 
 
 
-def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log: Any, errors: Any) -> None:
-    """The v2 routes on the serving app; `answer(served, x, request_id)` runs the model (batched or not, off the loop,
-    rolling out or not) and says which version answered."""
+def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log: Any,
+               errors: Any) -> list[tuple[str, Any]]:
+    """The v2 routes on the serving app; `answer(served, x, request_id)` runs the model (batched or not, off
+    the loop, rolling out or not) and says which version answered. Returns the inference routes, for the
+    fast path (fast_path.py)."""
     from fastapi.concurrency import run_in_threadpool
 
     from triggers.request_guard import BodyTooLarge, read_body
@@ -241,3 +244,5 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_version(name: str, version: str, request: Request) -> Response:
         return await infer_route(name, version, request)
+
+    return [(r"/v2/models/([^/]+)/infer", infer_latest), (r"/v2/models/([^/]+)/versions/([^/]+)/infer", infer_version)]

@@ -63,8 +63,9 @@ def serve(settings: ServeSettings, host: str, port: int, workers: int = 1) -> No
     import uvicorn
 
     if workers == 1:
-        uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", access_log=False,
+                    proxy_headers=False)   # nothing here reads the client's address
         return
     os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
     uvicorn.run("triggers.serving.process:app_from_env", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, proxy_headers=False)

@@ -11,6 +11,7 @@ Inference runs on inference threads, never on the event loop; so does parsing a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +71,14 @@ def parse_inputs(body: Any, shape: tuple[int, ...], dtype: str, max_batch: int) 
     if tuple(array.shape[1:]) != shape:
         raise BadInput(f"examples must have shape {list(shape)}; got {list(array.shape[1:])}")
     array = array.astype(dtype)
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise BadInput("examples contain NaN or infinity")
     return array
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity. A finite sum settles it in one pass; only a sum that overflowed looks closer."""
+    return bool(np.isfinite(array.sum())) or bool(np.isfinite(array).all())
 
 
 class ProbeFailed(ValueError):
@@ -137,8 +144,11 @@ class ModelServer:
         """Download, load and check a version (a probe batch must give finite logits of the right shape)."""
         from automation.predictors import load_registered
 
+        # one intra-op thread per session: requests run side by side on the inference threads instead, and a
+        # tiny batch loses more to waking intra-op threads (and their spinning) than it gains from them
         loaded = load_registered(self._client(), self.model, version,
-                                 self.config.workdir / "serving" / self.model / f"v{version}", self.device)
+                                 self.config.workdir / "serving" / self.model / f"v{version}", self.device,
+                                 cpu_threads=1)
         probe = np.zeros((2, *loaded.input_shape), dtype=loaded.dtype)
         logits = predict(loaded.predictor, probe)
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
@@ -315,9 +325,13 @@ def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
     return parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
 
 
+_ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
+
+
 def new_request_id() -> str:
-    """The id a client sends its labels back under (`POST /feedback`)."""
-    return os.urandom(12).hex()
+    """The id a client sends its labels back under (`POST /feedback`): unique per process (a counter) and
+    across processes and replicas (48 random bits per process)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
@@ -326,25 +340,34 @@ def predict_body_limit(input_shape: tuple[int, ...], max_batch: int) -> int:
 
 
 def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH,
-                       batch_delay_ms: float | None = None) -> FastAPI:
+                       batch_delay_ms: float | None = None) -> Any:
     """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
     requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
     from triggers.serving.batching import DynamicBatcher, off_loop
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
     batchers: dict[int, DynamicBatcher] = {}
+    registry = CollectorRegistry()
+    inference_batches = Histogram("mlgate_inference_batch_examples", "Examples per model call (a dynamic batch "
+                                  "joins requests)", registry=registry,
+                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+    def run_batch(loaded: RegisteredModel) -> Callable[[np.ndarray], np.ndarray]:
+        def run(batch: np.ndarray) -> np.ndarray:
+            inference_batches.observe(len(batch))
+            return predict(loaded.predictor, batch)
+        return run
 
     async def infer(loaded: RegisteredModel, x: np.ndarray) -> np.ndarray:
         """Logits for `x` from `loaded`: batched with concurrent requests when batching is on."""
         if batch_delay_ms is None:
-            return await off_loop(predict, loaded.predictor, x)
+            return await off_loop(run_batch(loaded), x)
         batcher = batchers.get(id(loaded))
-        if batcher is None:
-            for old in batchers.values():   # a swapped-out version's batcher ends with its last batch
-                old.close()
-            batchers.clear()
-            batcher = batchers[id(loaded)] = DynamicBatcher(lambda batch: predict(loaded.predictor, batch),
-                                                            max_batch, batch_delay_ms)
+        if batcher is None:   # a version no longer served (nor rolled out) has its batcher end after its last batch
+            live = {id(s.loaded) for s in (server.current, server.candidate) if s is not None} | {id(loaded)}
+            for key in [key for key in batchers if key not in live]:
+                batchers.pop(key).close()
+            batcher = batchers[id(loaded)] = DynamicBatcher(run_batch(loaded), max_batch, batch_delay_ms)
         return await batcher.infer(x)
 
     app.state.batchers = batchers
@@ -375,7 +398,6 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             return candidate_logits, candidate.loaded
         return baseline, served.loaded
 
-    registry = CollectorRegistry()
     latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
     batch_sizes = Histogram("mlgate_predict_batch_size", "Examples per request", registry=registry,
@@ -451,7 +473,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
 
     from triggers.serving.open_inference import add_routes
 
-    add_routes(app, server, answer, max_batch, inference_log, errors)
+    inference_routes = add_routes(app, server, answer, max_batch, inference_log, errors)
+    from triggers.serving.fast_path import InferenceFastPath
     from triggers.serving.feedback import add_route
 
     add_route(app, server, max_batch)
@@ -482,4 +505,4 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             pass
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return InferenceFastPath(app, [("/predict", predict_endpoint), *inference_routes])
