@@ -8,6 +8,7 @@ import hashlib
 import hmac
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 SIGNATURE_HEADER = "X-Mlgate-Signature-256"   # mlgate's own signed requests (drift events, runner results)
 KiB, MiB = 1024, 1024 * 1024
@@ -29,12 +30,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BodyTooLarge(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -7,6 +7,7 @@ The model has one input, named `input` (the logged signature's shape, batch firs
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     return InferRequest(x, str(request_id) if request_id is not None else None, outputs)
 
 
+@functools.lru_cache(maxsize=16)
+def _dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)   # parsing a dtype's name costs more than the cast of a small tensor
+
+
 def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype: str, max_batch: int) -> np.ndarray:
     declared = tensor.get("shape")
     if not isinstance(declared, list) or not all(isinstance(d, int) and d >= 0 for d in declared):
@@ -110,7 +116,7 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
             raise BadInput(f"the data is not a list of {datatype} numbers") from None
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
-    array = array.reshape(declared).astype(dtype)
+    array = array.reshape(declared).astype(_dtype(dtype))
     if not all_finite(array):
         raise BadInput("the input contains NaN or infinity")
     return array
@@ -119,13 +125,12 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
 def infer_response(model: str, version: str, request: InferRequest, logits: np.ndarray,
                    predictions: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: JSON, or JSON then the binary outputs that were asked for so."""
-    tensors = {"logits": np.ascontiguousarray(logits, dtype="<f4"),
-               "predictions": np.ascontiguousarray(predictions, dtype="<i8")}
+    tensors = {"logits": ("FP32", np.ascontiguousarray(logits, dtype="<f4")),
+               "predictions": ("INT64", np.ascontiguousarray(predictions, dtype="<i8"))}
     outputs, chunks = [], []
     for name, as_binary in request.outputs.items():
-        array = tensors[name]
-        output: dict[str, Any] = {"name": name, "datatype": v2_datatype(array.dtype.name),
-                                  "shape": list(array.shape)}
+        datatype, array = tensors[name]
+        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if as_binary:
             chunk = array.tobytes()
             output["parameters"] = {"binary_data_size": len(chunk)}
