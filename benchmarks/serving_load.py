@@ -5,7 +5,11 @@ a no-op FastAPI endpoint (the ceiling for any Python HTTP server here), the raw 
 `mlflow models serve`, and `mlgate serve-model` (/predict, /v2 JSON, /v2 binary; dynamic batching off
 and on), at 1 and N concurrent keep-alive connections, batch 1 and 32. Prints one table.
 
-    .venv/bin/python benchmarks/serving_load.py [--requests 3000] [--concurrency 8] [--skip-mlflow]
+Then the batch-1 target on its own: this machine's speed drifts by tens of percent within a minute, so
+mlgate (batching on) and the no-op endpoint run side by side and are measured in alternating rounds;
+the ratio of each pair is printed, with their median.
+
+    .venv/bin/python benchmarks/serving_load.py [--requests 3000] [--concurrency 8] [--skip-mlflow] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds for the batch-1 ratio")
     args = parser.parse_args()
     from models.datasets import digits
     from triggers.cli import main as mlgate
@@ -183,6 +188,34 @@ def main() -> None:
         for name, batch, conns, rate, p50, p99 in rows:
             print(f"| {name:<30} | {batch:>5} | {conns:>5} | {rate:>8,.0f} | {rate * batch:>10,.0f} | {p50:>6.3f} | "
                   f"{p99:>6.3f} |")
+        paired_ratio(targets, x_all[:1], args.requests, args.concurrency, args.rounds)
+
+
+def paired_ratio(targets: list[tuple[str, list[str], str, str, Callable, dict[str, str]]], x: np.ndarray,
+                 count: int, concurrency: int, rounds: int) -> None:
+    """Batch 1 at `concurrency` connections: each mlgate route with batching against the no-op endpoint,
+    measured one right after the other, `rounds` times."""
+    import statistics
+
+    chosen = {name: target for name, *target in targets
+              if name == "no-op FastAPI endpoint" or name.endswith(", batching")}
+    servers = {name: Server(command, health, env) for name, (command, health, _, _, env) in chosen.items()}
+    try:
+        noop = servers.pop("no-op FastAPI endpoint")
+        print(f"\nbatch 1, {concurrency} connections, alternating with the no-op endpoint ({rounds} rounds of "
+              f"{count} requests each):\n")
+        for name, server in servers.items():
+            route, make = chosen[name][2], chosen[name][3]
+            ratios = []
+            for _ in range(rounds):
+                base = measure(noop.port, "/noop", predict_body, x, count, concurrency)[0]
+                ratios.append(measure(server.port, route, make, x, count, concurrency)[0] / base)
+            print(f"- {name}: median {statistics.median(ratios):.0%} of the no-op's requests/s "
+                  f"(rounds: {', '.join(f'{r:.0%}' for r in ratios)})")
+    finally:
+        noop.stop()
+        for server in servers.values():
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def test_closed_loop_demo(tmp_path: Path) -> None:
     assert [s["version"] for s in summary["steps"] if s["step"] == "promoted"] == ["1", "2"]
     assert by_step["hot swap"]["version"] == "2"
     assert by_step["rollout"]["stages"] == ["shadow", "canary 50%", "done"]   # compared, then half, then all
+    live = by_step["rollout"]["comparison"]     # labels the demo sent back (POST /feedback) during the rollout
+    assert live["labelled"] >= 100 and live["accuracy"]["candidate"] > live["accuracy"]["baseline"], live
     assert by_step["hot swap"]["accuracy"] > by_step["shifted traffic"]["accuracy"]   # the retrain helped
     for line in ("push: signed push webhook", "drift: drift share", "→ kafka:", "hot swap: serving answers"):
         assert line in done.stdout

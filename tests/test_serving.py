@@ -119,6 +119,27 @@ def test_bad_inputs_get_clear_4xx(served: Running) -> None:
     assert good.status_code == 200 and len(good.json()["predictions"]) == 3 and good.json()["version"] == "3"
 
 
+def test_a_model_that_fails_at_inference_answers_500_and_the_server_goes_on(served: Running) -> None:
+    """The inference routes bypass FastAPI's routing (triggers/serving/fast_path.py): an unexpected error
+    must still be a plain 500, with no traceback for the client."""
+    predictor = served.server.current.loaded.predictor
+    x = digits_batch(1)
+
+    def broken(prepared: Any) -> Any:
+        raise RuntimeError("onnxruntime: failed to allocate memory")
+
+    predictor.run = broken   # an instance attribute: the class's run comes back when it is deleted
+    try:
+        answers = [httpx.post(served.url + "/predict", json={"inputs": x}, timeout=10),
+                   httpx.post(served.url + "/v2/models/digits_mlp/infer", timeout=10, json={"inputs": [
+                       {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": np.ravel(x).tolist()}]})]
+    finally:
+        del predictor.run
+    assert [(a.status_code, a.json()) for a in answers] == [(500, {"error": "internal error"})] * 2
+    assert all("Traceback" not in a.text and "allocate" not in a.text for a in answers)
+    assert httpx.post(served.url + "/predict", json={"inputs": x}, timeout=10).status_code == 200
+
+
 def test_hot_swap_under_load_serves_only_gated_versions_with_zero_errors(served: Running, registry: Path) -> None:
     results: list[tuple[int, str | None]] = []
     stop = threading.Event()

@@ -40,11 +40,12 @@ def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
                       "relative": {"max_accuracy_drop": 0.03, "max_latency_increase": None},
                       "bootstrap_samples": 500},
             "drift": {"threshold": 0.3, "cooldown_minutes": 0, "window_rows": 300},
-            # short stages for a demo; a drift retrain is meant to answer differently on the shifted inputs,
-            # so agreement here only guards against a broken version
-            "rollout": {"stages": [{"traffic": 0, "min_seconds": 1, "min_requests": 30},
-                                   {"traffic": 0.5, "min_seconds": 1, "min_requests": 30}],
-                        "min_agreement": 0.3},
+            # short stages for a demo, each waiting for labels (the demo sends them back); a drift retrain is
+            # meant to answer differently on the shifted inputs, so agreement and class shares only guard
+            # against a broken version here, and the labels decide
+            "rollout": {"stages": [{"traffic": 0, "min_seconds": 1, "min_requests": 30, "min_labels": 100},
+                                   {"traffic": 0.5, "min_seconds": 1, "min_requests": 30, "min_labels": 100}],
+                        "min_agreement": 0.3, "max_class_shift": 0.5},
             # the loop is the point: the compiled variants would add half a minute of compiling per job
             "optimize": {"variants": ["torch_eager", "torch_half", "onnx_fp32", "onnx_int8"]},
         },
@@ -102,7 +103,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
     config = load_config(config_path)
     secret = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_", "KAFKA_"))}
-    env |= {"GITHUB_WEBHOOK_SECRET": secret, "MLGATE_LOG_LEVEL": "warning"}
+    feedback_token = secrets.token_hex(16)
+    env |= {"GITHUB_WEBHOOK_SECRET": secret, "MLGATE_LOG_LEVEL": "warning", "MLGATE_FEEDBACK_TOKEN": feedback_token}
     processes: list[subprocess.Popen[bytes]] = []
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
@@ -187,8 +189,12 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         step("promoted", f"retrained on the fresh data, gate passed: version {job['version']} is production",
              version=job["version"])
         new_version = job["version"]
-        stages = _roll_out(serving, new_version, shifted_x, splits.y_test[:300])
-        step("rollout", f"version {new_version} on live traffic: {' → '.join(stages)}", stages=stages)
+        stages, live = _roll_out(serving, new_version, shifted_x, splits.y_test[:300], feedback_token)
+        accuracy = live.get("accuracy") or {}
+        step("rollout", f"version {new_version} on live traffic: {' → '.join(stages)}; on "
+             f"{live.get('labelled', 0)} labels sent back, accuracy {accuracy.get('candidate', 0):.1%} against "
+             f"{accuracy.get('baseline', 0):.1%} for version {live.get('baseline')}",
+             stages=stages, comparison=live)
         served, after = _traffic(serving, shifted_x, splits.y_test[:300])
         step("hot swap", f"serving answers with version {served}; accuracy on the shifted inputs "
              f"{before:.1%} → {after:.1%}", accuracy=after, version=served)
@@ -212,36 +218,51 @@ def _finished(service: str, job_id: str) -> dict[str, Any] | None:
     return job if job["state"] not in ("queued", "running") else None
 
 
-def _roll_out(serving: str, version: str, x: np.ndarray, y: np.ndarray, timeout: float = 120) -> list[str]:
-    """Keep traffic flowing while serve-model rolls `version` out; the stages seen, in order."""
+def _roll_out(serving: str, version: str, x: np.ndarray, y: np.ndarray, feedback_token: str,
+              timeout: float = 120) -> tuple[list[str], dict[str, Any]]:
+    """Keep traffic flowing, and its labels coming back, while serve-model rolls `version` out; the stages
+    seen, in order, and the last live comparison."""
     import httpx
 
     seen: list[str] = []
+    live: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
+    offset = 0
     while time.monotonic() < deadline:
         health = httpx.get(serving + "/healthz", timeout=5).json()
         rollout = health.get("rollout")
         stage = ("shadow" if rollout["traffic"] == 0 else f"canary {rollout['traffic']:.0%}") if rollout else None
         if stage and (not seen or seen[-1] != stage):
             seen.append(stage)
+        if rollout and rollout.get("comparison", {}).get("labelled"):
+            live = rollout["comparison"] | {"baseline": rollout["baseline"]}
         if health.get("version") == version and rollout is None:
-            return seen + ["done"]
+            return seen + ["done"], live
         if health.get("production") != version:
             raise MlgateError(f"demo: version {version} was rolled back during its rollout")
-        _traffic(serving, x[:60], y[:60])
+        window = slice(offset, offset + 60)
+        _traffic(serving, x[window], y[window], feedback_token=feedback_token)
+        offset = (offset + 60) % len(x)
     raise MlgateError(f"demo: the rollout of version {version} did not finish within {timeout:g} s")
 
 
-def _traffic(serving: str, x: np.ndarray, y: np.ndarray, batch: int = 10) -> tuple[str, float]:
-    """Send x in small batches; returns (the version that answered, accuracy)."""
+def _traffic(serving: str, x: np.ndarray, y: np.ndarray, batch: int = 10,
+             feedback_token: str | None = None) -> tuple[str, float]:
+    """Send x in small batches (and, with a token, their labels afterwards, as a client whose labels come
+    later would); returns (the version that answered, accuracy)."""
     import httpx
 
-    correct, versions = 0, set()
+    correct, versions, labels = 0, set(), []
     with httpx.Client(timeout=30) as client:
         for start in range(0, len(x), batch):
+            truth = y[start:start + batch]
             response = client.post(serving + "/predict", json={"inputs": x[start:start + batch].tolist()})
             response.raise_for_status()
             answer = response.json()
             versions.add(answer["version"])
-            correct += int((np.array(answer["predictions"]) == y[start:start + batch]).sum())
+            correct += int((np.array(answer["predictions"]) == truth).sum())
+            labels.append({"id": answer["id"], "labels": [int(label) for label in truth]})
+        if feedback_token:
+            client.post(serving + "/feedback", json={"labels": labels},
+                        headers={"Authorization": f"Bearer {feedback_token}"}).raise_for_status()
     return ",".join(sorted(versions)), correct / len(x)
