@@ -7,9 +7,12 @@ and on), at 1 and N concurrent keep-alive connections, batch 1 and 32. Prints on
 
 Then the batch-1 target on its own: this machine's speed drifts by tens of percent within a minute, so
 mlgate (batching on) and the no-op endpoint run side by side and are measured in alternating rounds;
-the ratio of each pair is printed, with their median.
+the ratio of each pair is printed, with their median. With `--against REV`, the same is done at batch 32
+for `/v2` binary (batching on) against `/predict` as the commit REV served it (its own checkout, the same
+registered version).
 
     .venv/bin/python benchmarks/serving_load.py [--requests 3000] [--concurrency 8] [--skip-mlflow] [--rounds 10]
+                                                [--against REV]
 """
 
 from __future__ import annotations
@@ -97,11 +100,12 @@ def raw_session_latency(config_path: Path, x: np.ndarray, iterations: int) -> li
 
 
 class Server:
-    def __init__(self, command: list[str], health: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: list[str], health: str, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
         self.port = free_port()
         self.process = subprocess.Popen([part.replace("{port}", str(self.port)) for part in command],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        env=os.environ | (env or {}))
+                                        env=os.environ | (env or {}), cwd=cwd)
 
         def up() -> bool:
             try:
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds for the batch-1 ratio")
+    parser.add_argument("--against", metavar="REV", help="also compare /v2 binary at batch 32 with REV's /predict")
     args = parser.parse_args()
     from models.datasets import digits
     from triggers.cli import main as mlgate
@@ -189,6 +194,42 @@ def main() -> None:
             print(f"| {name:<30} | {batch:>5} | {conns:>5} | {rate:>8,.0f} | {rate * batch:>10,.0f} | {p50:>6.3f} | "
                   f"{p99:>6.3f} |")
         paired_ratio(targets, x_all[:1], args.requests, args.concurrency, args.rounds)
+        if args.against:
+            against_revision(args.against, serve, x_all[:32], args.requests, args.concurrency, args.rounds)
+
+
+def against_revision(revision: str, serve: list[str], x: np.ndarray, count: int, concurrency: int,
+                     rounds: int) -> None:
+    """`/v2` binary with batching, now, against `/predict` as `revision` served it, alternating."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as checkout:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", checkout, revision], check=True,
+                       capture_output=True)
+        try:
+            # run from the checkout: `python -m` puts the working directory first on the import path
+            which = subprocess.run([sys.executable, "-c", "import triggers; print(triggers.__file__)"], cwd=checkout,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            if not which.startswith(os.path.realpath(checkout)):
+                raise SystemExit(f"the checkout of {revision} would not be the code that runs ({which})")
+            old = Server(serve, "/healthz", cwd=checkout)
+            new = Server(serve + ["--batch-delay-ms", "0"], "/healthz", {})
+            try:
+                print(f"\nbatch 32, alternating ({rounds} rounds of {count} requests): /v2 binary with batching "
+                      f"against /predict at {revision}\n")
+                for connections in (1, concurrency):
+                    ratios = []
+                    for _ in range(rounds):
+                        before = measure(old.port, "/predict", predict_body, x, count, connections)[0]
+                        ratios.append(measure(new.port, "/v2/models/digits_mlp/infer", v2_binary_body, x, count,
+                                              connections)[0] / before)
+                    print(f"- {connections} connection(s): median {statistics.median(ratios):.1f}× the examples/s "
+                          f"(rounds: {', '.join(f'{r:.1f}×' for r in ratios)})")
+            finally:
+                old.stop()
+                new.stop()
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", checkout], capture_output=True)
 
 
 def paired_ratio(targets: list[tuple[str, list[str], str, str, Callable, dict[str, str]]], x: np.ndarray,
