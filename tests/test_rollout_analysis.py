@@ -58,13 +58,13 @@ def test_a_slower_candidate_fails_on_p95_and_an_equal_one_does_not() -> None:
 
 
 def test_a_candidate_that_predicts_one_class_more_fails_the_class_check() -> None:
-    base = Counter({f"class_base_{k}": 200 for k in range(10)})
-    shifted = base | Counter({f"class_cand_{k}": 200 for k in range(10)}) | Counter(
-        {"class_cand_0": 500, "class_cand_1": 50})
-    reason = analysis.class_failure(dict(shifted), CONFIG)
-    assert reason and reason.startswith("class 0 is ") and "beyond ±0.05" in reason, reason
-    even = base | Counter({f"class_cand_{k}": 200 for k in range(10)}) | Counter({"class_cand_0": 215})
-    assert analysis.class_failure(dict(even), CONFIG) is None
+    base = {f"class_base_{k}": 200 for k in range(10)}
+    shifted = base | {f"class_cand_{k}": 200 for k in range(10)} | {"class_cand_0": 500, "class_cand_1": 50}
+    reason = analysis.class_failure(shifted, CONFIG)
+    assert reason and reason.startswith("class 0 is 23.3% of its predictions against 10.0% ") and \
+        "beyond ±0.05" in reason, reason
+    even = base | {f"class_cand_{k}": 200 for k in range(10)} | {"class_cand_0": 215}
+    assert analysis.class_failure(even, CONFIG) is None
 
 
 def test_labels_fail_a_candidate_only_when_it_is_significantly_less_accurate() -> None:
@@ -122,7 +122,7 @@ def test_labels_are_scored_once_per_request_and_leave_with_the_rollout(db_url: s
     assert first.matched == ["r0"] and first.refused == {"r1": "1 labels for a request of 3 examples"}
     assert sorted(first.unmatched) == ["failed", "nope"] and first.examples == 3
     again = rollout.record_feedback(engine, "m", [("r0", truth["r0"])])      # sent twice: counted once
-    assert again.matched == [] and again.unmatched == ["r0"]
+    assert again.matched == [] and again.already == ["r0"] and again.unmatched == []
     assert rollout.record_feedback(engine, "other", [("r2", truth["r2"])]).matched == []   # another model's
     rest = rollout.record_feedback(engine, "m", [(rid, labels) for rid, labels in truth.items() if rid != "r0"])
     assert len(rest.matched) == 39
@@ -146,6 +146,59 @@ def test_a_newer_rollout_drops_the_superseded_ones_predictions(db_url: str) -> N
     tally: Any = rollout.Tally()
     tally.add(first, observation("a", [1], [1]))
     tally.flush(engine)
+    assert kept_predictions(engine, first.id) == 1
     second = rollout.begin(engine, "m", "1", "3", CONFIG)
     assert rollout.current(engine, first.id, CONFIG).state == "superseded" and second.id != first.id
+    assert kept_predictions(engine, first.id) == 0
     assert rollout.record_feedback(engine, "m", [("a", [1])]).unmatched == ["a"]
+
+
+def kept_predictions(engine: Any, rollout_id: int) -> int:
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(rollout.RolloutPrediction).where(
+            rollout.RolloutPrediction.rollout_id == rollout_id))
+
+
+def test_replicas_creating_the_same_counters_at_once_lose_none(db_url: str) -> None:
+    """Every replica's first flush of a stage creates the same counters: an upsert, or some would fail."""
+    import threading
+
+    clean_tables(db_url)
+    engine = store.open_store(db_url)
+    view = rollout.begin(engine, "m", "1", "2", CONFIG)
+    replicas = [rollout.Tally(keep_predictions=False) for _ in range(6)]
+    for i, tally in enumerate(replicas):
+        for j in range(5):
+            tally.add(view, observation(f"r{i}-{j}", [j % 3], [j % 3]))
+    start, failures = threading.Barrier(len(replicas)), []
+
+    def flush(tally: rollout.Tally) -> None:
+        start.wait()
+        try:
+            tally.flush(engine)
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=flush, args=(tally,)) for tally in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    with Session(engine) as session:
+        counts = rollout.stage_counts(session, view.id, 0)
+    assert counts["requests"] == 30 and counts["agree"] == 30 and counts["class_base_0"] == 12
+    assert kept_predictions(engine, view.id) == 0    # no labels can come back: nothing kept for them
+
+
+def test_a_stage_that_waits_for_labels_needs_feedback_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automation.errors import UsageError
+    from triggers.serving.server import check_rollout_labels
+
+    waiting = RolloutConfig(stages=[RolloutStage(traffic=0, min_labels=100)])
+    monkeypatch.delenv("MLGATE_FEEDBACK_TOKEN", raising=False)
+    with pytest.raises(UsageError, match="min_labels.*set MLGATE_FEEDBACK_TOKEN"):
+        check_rollout_labels("m", waiting)
+    check_rollout_labels("m", CONFIG)          # no stage waits for labels
+    monkeypatch.setenv("MLGATE_FEEDBACK_TOKEN", "t")
+    check_rollout_labels("m", waiting)

@@ -247,11 +247,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_model(args: argparse.Namespace) -> int:
-    from triggers.serving.process import ServeSettings, serve
-
     from automation.errors import UsageError
+    from triggers.serving.process import ServeSettings, serve
+    from triggers.serving.server import check_rollout_labels
 
-    _load(args).model(args.model)   # a bad config or an unknown model: one line, before any worker starts
+    # a bad config, an unknown model or a rollout that waits for labels that cannot come: one line, before
+    # any worker starts
+    check_rollout_labels(args.model, _load(args).model(args.model).rollout)
     if args.workers < 1 or args.max_batch < 1 or (args.batch_delay_ms is not None and args.batch_delay_ms < 0):
         raise UsageError("--workers and --max-batch must be at least 1, and --batch-delay-ms at least 0")
     settings = ServeSettings(config_path=_config_path(args), model=args.model, poll_seconds=args.poll_seconds,

@@ -20,9 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from triggers.request_guard import MiB, BodyTooLarge, bearer_ok, read_body
+from triggers.serving.server import FEEDBACK_TOKEN_ENV as TOKEN_ENV
 from triggers.serving.server import BadInput
 
-TOKEN_ENV = "MLGATE_FEEDBACK_TOKEN"
 FEEDBACK_LIMIT = 2 * MiB
 MAX_ITEMS = 10_000
 MAX_ID = 64

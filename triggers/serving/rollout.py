@@ -3,13 +3,13 @@ on the same live requests, stage by stage (the model's `rollout:` block): shadow
 every request is compared), then canaries answering a growing share.
 
 The state lives in the job database, so every `serve-model` replica agrees on the stage: each replica
-adds its counts to `rollout_stats` every second, and whichever replica next holds the rollout's lock
-judges the stage once it is long, busy and labelled enough (rollout_analysis.py says how). A failed
-stage rolls production back to the baseline (audited).
+adds its counts to `rollout_stats` at every look at the alias (`--poll-seconds`), and whichever replica
+next holds the rollout's lock judges the stage once it is long, busy and labelled enough
+(rollout_analysis.py says how). A failed stage rolls production back to the baseline (audited).
 
-Each request of a rollout leaves both versions' predictions in `rollout_predictions` under its request
-id, so a label that comes back later (`POST /feedback`, to any replica) is scored once against both;
-the rows go when the rollout ends.
+Where labels can come back (`POST /feedback` is on), each request of a rollout leaves both versions'
+predictions in `rollout_predictions` under its request id, written with the counts, so a label that
+comes later, to any replica, is scored once against both; the rows go when the rollout ends.
 """
 
 from __future__ import annotations
@@ -141,18 +141,19 @@ class Observation:
 class Tally:
     """This replica's counts and predictions since the last flush, per rollout stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_predictions: bool = True) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[int, int, str]] = Counter()
         self._predictions: list[dict[str, object]] = []
+        self.keep_predictions = keep_predictions   # only where labels can come back (POST /feedback is on)
 
     def add(self, rollout: RolloutView, seen: Observation) -> None:
         counts: Counter[str] = Counter(requests=1, examples=len(seen.baseline))
         counts[f"lat_base_{analysis.latency_bucket(seen.baseline_seconds)}"] += 1
-        counts.update(f"class_base_{k}" for k in seen.baseline.tolist())
         if seen.candidate is None:
             counts["candidate_errors"] += 1
-        else:
+        else:   # classes of both on the same requests, so the candidate's failures shift neither share
+            counts.update(f"class_base_{k}" for k in seen.baseline.tolist())
             counts["compared"] += len(seen.candidate)
             counts["agree"] += int((seen.candidate == seen.baseline).sum())
             counts[f"lat_cand_{analysis.latency_bucket(seen.candidate_seconds)}"] += 1
@@ -160,7 +161,7 @@ class Tally:
         with self._lock:
             for name, amount in counts.items():
                 self._counts[(rollout.id, rollout.stage, name)] += amount
-            if seen.candidate is not None:
+            if seen.candidate is not None and self.keep_predictions:
                 self._predictions.append({"rollout_id": rollout.id, "request_id": seen.request_id,
                                           "baseline": json.dumps(seen.baseline.tolist()),
                                           "candidate": json.dumps(seen.candidate.tolist()), "labelled": False})
@@ -171,73 +172,89 @@ class Tally:
             predictions, self._predictions = self._predictions, []
         if not counts and not predictions:
             return
-        with Session(engine) as session, session.begin():
-            add_counts(session, counts)
-            if predictions:   # a rollout that ended meanwhile takes no more labels
-                running = set(session.scalars(select(Rollout.id).where(
-                    Rollout.id.in_({p["rollout_id"] for p in predictions}), Rollout.state == "running")))
-                predictions = [p for p in predictions if p["rollout_id"] in running]
-            if predictions:
-                session.execute(insert(RolloutPrediction), predictions)
+        try:
+            with Session(engine) as session, session.begin():
+                add_counts(session, counts)
+                if predictions:   # a rollout that ended meanwhile takes no more labels
+                    running = set(session.scalars(select(Rollout.id).where(
+                        Rollout.id.in_({p["rollout_id"] for p in predictions}), Rollout.state == "running")))
+                    kept = [p for p in predictions if p["rollout_id"] in running]
+                    if kept:
+                        session.execute(insert(RolloutPrediction), kept)
+        except Exception:   # the database is away: keep them for the next flush
+            with self._lock:
+                self._counts.update(counts)
+                self._predictions[:0] = predictions
+            raise
 
 
 def add_counts(session: Session, counts: Counter[tuple[int, int, str]]) -> None:
-    for (rollout_id, stage, name), amount in counts.items():
-        done = session.execute(update(RolloutStat).where(
-            RolloutStat.rollout_id == rollout_id, RolloutStat.stage == stage, RolloutStat.name == name)
-            .values(value=RolloutStat.value + amount)).rowcount
-        if not done:
-            session.add(RolloutStat(rollout_id=rollout_id, stage=stage, name=name, value=float(amount)))
+    """Add to the shared counters in one upsert per counter (replicas may create the same one at once),
+    in key order so two replicas never wait on each other's rows crosswise."""
+    if not counts:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    else:
+        raise RuntimeError(f"rollout counters need PostgreSQL or SQLite, not {dialect}")
+    statement = upsert(RolloutStat)
+    statement = statement.on_conflict_do_update(
+        index_elements=[RolloutStat.rollout_id, RolloutStat.stage, RolloutStat.name],
+        set_={"value": RolloutStat.value + statement.excluded.value})
+    session.execute(statement, [{"rollout_id": rollout_id, "stage": stage, "name": name, "value": float(amount)}
+                                for (rollout_id, stage, name), amount in sorted(counts.items())])
 
 
 @dataclass
 class FeedbackResult:
     matched: list[str]
-    unmatched: list[str]      # no running rollout of the model served it (or its labels came already)
+    already: list[str]        # its labels came before (from this sender or another replica)
+    unmatched: list[str]      # no prediction kept for it: served outside a rollout, or not flushed yet
     refused: dict[str, str]   # request id -> why its labels do not fit its request
     examples: int
 
     def as_dict(self) -> dict[str, object]:
-        return {"matched": len(self.matched), "labelled_examples": self.examples, "unmatched": self.unmatched,
-                "refused": self.refused}
+        return {"matched": len(self.matched), "labelled_examples": self.examples, "already_labelled": self.already,
+                "unmatched": self.unmatched, "refused": self.refused}
 
 
 def record_feedback(engine: Engine, model: str, labels: Sequence[tuple[str, list[int]]]) -> FeedbackResult:
     """Score delayed labels against what both versions predicted for those requests. A request's labels
     count once, whichever replica gets them and however often they are sent."""
-    result = FeedbackResult([], [], {}, 0)
+    result = FeedbackResult([], [], [], {}, 0)
     wanted = dict(labels)
+    found: set[str] = set()
     with Session(engine) as session, session.begin():
         running = select(Rollout.id).where(Rollout.model == model, Rollout.state == "running")
         rows = session.scalars(select(RolloutPrediction).where(
-            RolloutPrediction.rollout_id.in_(running), RolloutPrediction.request_id.in_(list(wanted)),
-            RolloutPrediction.labelled.is_(False))).all()
+            RolloutPrediction.rollout_id.in_(running), RolloutPrediction.request_id.in_(list(wanted)))).all()
         counts: Counter[tuple[int, int, str]] = Counter()
         for row in rows:
-            truth = wanted.get(row.request_id)
+            truth = wanted[row.request_id]
+            found.add(row.request_id)
             baseline, candidate = json.loads(row.baseline), json.loads(row.candidate)
-            if truth is None:
-                continue
             if len(truth) != len(baseline):
-                result.refused[row.request_id] = (f"{len(truth)} labels for a request of {len(baseline)} "
-                                                  "examples")
+                result.refused[row.request_id] = f"{len(truth)} labels for a request of {len(baseline)} examples"
                 continue
-            claimed = session.execute(update(RolloutPrediction).where(
+            claimed = not row.labelled and session.execute(update(RolloutPrediction).where(
                 RolloutPrediction.id == row.id, RolloutPrediction.labelled.is_(False)).values(labelled=True)).rowcount
-            if not claimed:   # another replica scored it meanwhile
+            if not claimed:   # labelled before, or by another replica just now
+                result.already.append(row.request_id)
                 continue
-            wanted.pop(row.request_id)
             result.matched.append(row.request_id)
             result.examples += len(truth)
+            key = (row.rollout_id, WHOLE_ROLLOUT)
             for label, base, cand in zip(truth, baseline, candidate):
-                key = (row.rollout_id, WHOLE_ROLLOUT)
                 counts[(*key, "labelled")] += 1
                 counts[(*key, "base_correct")] += base == label
                 counts[(*key, "cand_correct")] += cand == label
                 counts[(*key, "base_only")] += base == label and cand != label
                 counts[(*key, "cand_only")] += cand == label and base != label
         add_counts(session, counts)
-    result.unmatched = [rid for rid in wanted if rid not in result.refused]
+    result.unmatched = [rid for rid in wanted if rid not in found]
     return result
 
 

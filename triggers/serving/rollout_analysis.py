@@ -47,7 +47,8 @@ def wilson(successes: float, n: float, confidence: float) -> tuple[float, float]
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends (rounding would put 0 of n a hair above 0, and n of n a hair below 1)
+    return (0.0 if successes <= 0 else max(0.0, centre - half)), (1.0 if successes >= n else min(1.0, centre + half))
 
 
 def share_difference(a: float, n_a: float, b: float, n_b: float, confidence: float) -> tuple[float, float, float]:

@@ -112,6 +112,7 @@ class ModelServer:
         self.production: str | None = None        # where the alias pointed at the last look
         # staged rollout (the model's `rollout:` block): the new version, compared with `current` on live traffic
         self.rollout_config = config.model(model).rollout
+        check_rollout_labels(model, self.rollout_config)
         self.candidate: Served | None = None
         self.rollout: Any = None                  # rollout.RolloutView while one runs
         self.tally: Any = None
@@ -213,7 +214,7 @@ class ModelServer:
         if loaded is None:
             return
         assert self.current is not None and self.rollout_config is not None
-        self.tally = self.tally or rollout.Tally()
+        self.tally = self.tally or rollout.Tally(keep_predictions=feedback_enabled())
         self.rollout = rollout.begin(self.engine(), self.model, self.current.loaded.version, target,
                                      self.rollout_config)
         self.candidate = Served(loaded, time.time(), self._classes(loaded))
@@ -277,6 +278,11 @@ class ModelServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.tally is not None and self._engine is not None:
+            try:   # the last requests' counts and predictions, so labels for them still find them
+                self.tally.flush(self._engine)
+            except Exception as exc:
+                log.warning("last rollout counts not written", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 def announce_rollback(config: MlgateConfig, client: Any, model: str, view: Any, record: Any, reason: str) -> None:
@@ -326,6 +332,23 @@ def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
 
 
 _ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
+
+
+FEEDBACK_TOKEN_ENV = "MLGATE_FEEDBACK_TOKEN"
+
+
+def feedback_enabled() -> bool:
+    """POST /feedback takes labels only with a token to check them against."""
+    return bool(os.environ.get(FEEDBACK_TOKEN_ENV))
+
+
+def check_rollout_labels(model: str, config: Any) -> None:
+    """A stage that waits for labels needs a way for them to come: refused at start, in one line."""
+    from automation.errors import UsageError
+
+    if config is not None and any(stage.min_labels for stage in config.stages) and not feedback_enabled():
+        raise UsageError(f"models.{model}.rollout: a stage waits for labels (min_labels) but POST /feedback is off: "
+                         f"set {FEEDBACK_TOKEN_ENV}")
 
 
 def new_request_id() -> str:
@@ -489,7 +512,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         rollout_traffic.labels(server.model).set(0.0 if rollout is None else rollout.traffic)
         rollout_stage.labels(server.model).set(-1 if rollout is None else rollout.stage)
         live = rollout.comparison if rollout is not None else {}
-        rollout_agreement.labels(server.model).set(live.get("agreement") or float("nan"))
+        agreement = live.get("agreement")
+        rollout_agreement.labels(server.model).set(float("nan") if agreement is None else agreement)
         for who, name in (("base", "baseline"), ("cand", "candidate")):
             for q in ("95", "99"):
                 milliseconds = (live.get("latency") or {}).get(f"{who}_p{q}_ms")
