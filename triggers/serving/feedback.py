@@ -11,10 +11,10 @@ is read.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+import orjson
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +31,7 @@ MAX_ID = 64
 def parse_feedback(raw: bytes, max_batch: int) -> list[tuple[str, list[int]]]:
     """The body → (request id, labels) pairs; BadInput names the first thing wrong."""
     try:
-        body = json.loads(raw)
+        body = orjson.loads(raw)
     except (ValueError, RecursionError):
         raise BadInput("the body is not valid JSON", 400) from None
     items = body.get("labels") if isinstance(body, dict) else None

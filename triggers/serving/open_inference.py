@@ -8,12 +8,12 @@ The model has one input, named `input` (the logged signature's shape, batch firs
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -53,7 +53,7 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     else:
         head, binary = body, b""
     try:
-        request = json.loads(head)
+        request = orjson.loads(head)
     except (ValueError, RecursionError):
         raise BadInput("the inference request is not valid JSON", 400) from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -136,12 +136,12 @@ def infer_response(model: str, version: str, request: InferRequest, logits: np.n
             output["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
-            output["data"] = array.reshape(-1).tolist()
+            output["data"] = array.reshape(-1)
         outputs.append(output)
     head = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.id is not None:
         head["id"] = request.id
-    header = json.dumps(head, separators=(",", ":")).encode()
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(chunks), {"Content-Type": "application/octet-stream",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -328,7 +329,8 @@ def commit_of(client: Any, model: str, version: str) -> str | None:
 
 
 def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
-    return parse_inputs(json.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
+    # orjson reads JSON as the standard has it: NaN and Infinity are not numbers there (400, not JSON)
+    return parse_inputs(orjson.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
 
 
 _ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
@@ -467,9 +469,11 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             inference_log.append(x, predictions, loaded.version)
         batch_sizes.observe(len(x))
         latency.observe(time.perf_counter() - started)
-        return JSONResponse({"id": request_id, "model": server.model, "version": loaded.version,
-                             "variant": loaded.variant, "predictions": predictions.tolist(),
-                             "logits": np.round(logits, 5).tolist()}, headers={REQUEST_ID: request_id})
+        return Response(orjson.dumps({"id": request_id, "model": server.model, "version": loaded.version,
+                                      "variant": loaded.variant, "predictions": np.ascontiguousarray(predictions),
+                                      "logits": np.ascontiguousarray(np.round(logits, 5))},
+                                     option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json", headers={REQUEST_ID: request_id})
 
     @app.get("/livez", summary="Liveness: the process answers")
     def livez() -> Response:
