@@ -109,6 +109,15 @@ def test_bad_inputs_get_clear_4xx(served: Running) -> None:
         assert message in response.json()["error"], (name, response.json())
     bad_json = httpx.post(served.url + "/predict", content=b"{nope", timeout=10)
     assert bad_json.status_code == 400
+    nan = b'{"inputs": [[[' + b",".join([b"[" + b",".join([b"NaN"] * 8) + b"]"] * 8) + b']]]}'
+    assert httpx.post(served.url + "/predict", content=nan, timeout=10).json() == {"error": "the body is not valid JSON"}
+    # NaN in a binary tensor is a number the model cannot take
+    raw = np.full((1, 1, 8, 8), np.nan, dtype="<f4").tobytes()
+    head = ('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+            '"parameters": {"binary_data_size": 256}}]}').encode()
+    binary_nan = httpx.post(served.url + "/v2/models/digits_mlp/infer", content=head + raw, timeout=10,
+                            headers={"Inference-Header-Content-Length": str(len(head))})
+    assert binary_nan.status_code == 422 and binary_nan.json()["error"] == "the input contains NaN or infinity"
     # a body no valid request can reach is refused before it is read: 64 examples of 8×8 are < 100 KB
     huge = httpx.post(served.url + "/predict", content=b"[" * (2 * 1024 * 1024), timeout=10,
                       headers={"Content-Type": "application/json"})
