@@ -333,9 +333,6 @@ def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
     return parse_inputs(orjson.loads(raw), loaded.input_shape, loaded.dtype, max_batch)
 
 
-_ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
-
-
 FEEDBACK_TOKEN_ENV = "MLGATE_FEEDBACK_TOKEN"
 
 
@@ -351,6 +348,9 @@ def check_rollout_labels(model: str, config: Any) -> None:
     if config is not None and any(stage.min_labels for stage in config.stages) and not feedback_enabled():
         raise UsageError(f"models.{model}.rollout: a stage waits for labels (min_labels) but POST /feedback is off: "
                          f"set {FEEDBACK_TOKEN_ENV}")
+
+
+_ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
 
 
 def new_request_id() -> str:
