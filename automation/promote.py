@@ -23,14 +23,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.errors import GateStale, MlgateError, UsageError
-from automation.store import Base, locked
+from automation.store import Base, as_utc, locked, utc_now
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -73,7 +73,7 @@ class PromotionRecord(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     actor: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
-                                                 default=lambda: datetime.now(timezone.utc))
+                                                 default=utc_now)
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "model": self.model, "action": self.action, "version": self.version,
@@ -96,14 +96,6 @@ def alias_version(client: "MlflowClient", model: str, alias: str) -> str | None:
         return None
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
-
-
 def _begin(engine: Engine, client: "MlflowClient", model: str, action: str, version: str | None, reason: str,
            job_id: str | None, fence: Fence | None) -> int:
     """Step 1: the intent, once no other move of the model is under way. Returns its id."""
@@ -118,11 +110,11 @@ def _begin(engine: Engine, client: "MlflowClient", model: str, action: str, vers
                                                                   PromotionIntent.state == "moving")).first()
             if other is None:
                 intent = PromotionIntent(model=model, action=action, version=version, job_id=job_id, reason=reason,
-                                         actor=getpass.getuser(), state="moving", created_at=_now())
+                                         actor=getpass.getuser(), state="moving", created_at=utc_now())
                 session.add(intent)
                 session.flush()
                 return intent.id
-            stale = _now() - _aware(other.created_at) > INTENT_STALE
+            stale = utc_now() - as_utc(other.created_at) > INTENT_STALE
         if stale:
             reconcile(client, engine, model)
         elif time.monotonic() > deadline:
@@ -221,7 +213,7 @@ def reconcile(client: "MlflowClient", engine: Engine, model: str | None = None,
         query = select(PromotionIntent).where(PromotionIntent.state == "moving")
         if model:
             query = query.where(PromotionIntent.model == model)
-        intents = [i for i in session.scalars(query) if _now() - _aware(i.created_at) >= older_than]
+        intents = [i for i in session.scalars(query) if utc_now() - as_utc(i.created_at) >= older_than]
     done = []
     for intent in intents:
         production = alias_version(client, intent.model, PRODUCTION)

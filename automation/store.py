@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def locked_connection(engine: Engine, name: str) -> Iterator[Connection]:
         if engine.dialect.name != "sqlite":   # SQLite's BEGIN IMMEDIATE already excludes every writer
             conn.execute(select(NamedLock.name).where(NamedLock.name == name).with_for_update())
         yield conn
+
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A stored time as UTC: SQLite hands back naive datetimes for what was written aware."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def database_url(workdir: Path) -> str:

@@ -148,7 +148,8 @@ def test_a_newer_rollout_drops_the_superseded_ones_predictions(db_url: str) -> N
     tally.flush(engine)
     assert kept_predictions(engine, first.id) == 1
     second = rollout.begin(engine, "m", "1", "3", CONFIG)
-    assert rollout.current(engine, first.id, CONFIG).state == "superseded" and second.id != first.id
+    with Session(engine) as session:
+        assert session.get(rollout.Rollout, first.id).state == "superseded" and second.id != first.id
     assert kept_predictions(engine, first.id) == 0
     assert rollout.record_feedback(engine, "m", [("a", [1])]).unmatched == ["a"]
 

@@ -11,7 +11,6 @@ is read.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orjson
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from triggers.request_guard import MiB, BodyTooLarge, bearer_ok, read_body
 from triggers.serving.server import FEEDBACK_TOKEN_ENV as TOKEN_ENV
-from triggers.serving.server import BadInput
+from triggers.serving.server import BadInput, feedback_token
 
 FEEDBACK_LIMIT = 2 * MiB
 MAX_ITEMS = 10_000
@@ -55,7 +54,7 @@ def parse_feedback(raw: bytes, max_batch: int) -> list[tuple[str, list[int]]]:
 
 
 def add_route(app: Any, server: Any, max_batch: int) -> None:
-    token = os.environ.get(TOKEN_ENV, "")
+    token = feedback_token()
 
     @app.post("/feedback", summary="Delayed labels for answered requests (bearer token)")
     async def feedback(request: Request) -> Response:

@@ -19,14 +19,14 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 import numpy as np
 from sqlalchemy import Boolean, DateTime, Engine, Float, Integer, String, Text, delete, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import RolloutConfig
-from automation.store import Base, locked
+from automation.store import Base, as_utc, locked, utc_now
 from triggers.serving import rollout_analysis as analysis
 
 WHOLE_ROLLOUT = -1   # the stage under which labels count: they compare the same two versions in every stage
@@ -84,10 +84,6 @@ class RolloutView:
                 "state": self.state, "traffic": self.traffic, "reason": self.reason, "comparison": self.comparison}
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _view(row: Rollout, config: RolloutConfig, counts: dict[str, float] | None = None) -> RolloutView:
     traffic = config.stages[min(row.stage, len(config.stages) - 1)].traffic if row.state == "running" else (
         1.0 if row.state == "done" else 0.0)
@@ -113,17 +109,10 @@ def begin(engine: Engine, model: str, baseline: str, candidate: str, config: Rol
                 select(Rollout.id).where(Rollout.model == model))))
             session.execute(update(Rollout).where(Rollout.model == model, Rollout.state == "running").values(
                 state="superseded", reason=f"production moved to version {candidate}"))
-            row = Rollout(model=model, baseline=baseline, candidate=candidate, stage=0, stage_started_at=_now(),
+            row = Rollout(model=model, baseline=baseline, candidate=candidate, stage=0, stage_started_at=utc_now(),
                           state="running", reason="")
             session.add(row)
             session.flush()
-        return _view(row, config)
-
-
-def current(engine: Engine, rollout_id: int, config: RolloutConfig) -> RolloutView:
-    with Session(engine) as session:
-        row = session.get(Rollout, rollout_id)
-        assert row is not None
         return _view(row, config)
 
 
@@ -270,17 +259,16 @@ def advance(engine: Engine, rollout_id: int, config: RolloutConfig) -> tuple[Rol
             return _view(row, config), None
         stage = config.stages[row.stage]
         counts = stage_counts(session, rollout_id, row.stage)
-        started = row.stage_started_at if row.stage_started_at.tzinfo else row.stage_started_at.replace(
-            tzinfo=timezone.utc)
+        started = as_utc(row.stage_started_at)
         if counts.get("requests", 0) < stage.min_requests or counts.get("labelled", 0) < stage.min_labels or \
-                (_now() - started).total_seconds() < stage.min_seconds:
+                (utc_now() - started).total_seconds() < stage.min_seconds:
             return _view(row, config, counts), None
         failure = analysis.judge(counts, config)
         kind = "shadow" if stage.traffic == 0 else f"canary {stage.traffic:.0%}"
         if failure:
             row.state, row.reason = "rolled_back", f"version {row.candidate} failed its {kind} stage: {failure}"
         elif row.stage + 1 < len(config.stages):
-            row.stage, row.stage_started_at = row.stage + 1, _now()
+            row.stage, row.stage_started_at = row.stage + 1, utc_now()
         else:
             row.state, row.reason = "done", f"version {row.candidate} passed every stage"
         if row.state != "running":   # its predictions waited for labels that can no longer count

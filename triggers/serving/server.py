@@ -336,9 +336,13 @@ def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
 FEEDBACK_TOKEN_ENV = "MLGATE_FEEDBACK_TOKEN"
 
 
+def feedback_token() -> str:
+    """The bearer token POST /feedback checks labels against; empty: feedback is off."""
+    return os.environ.get(FEEDBACK_TOKEN_ENV, "")
+
+
 def feedback_enabled() -> bool:
-    """POST /feedback takes labels only with a token to check them against."""
-    return bool(os.environ.get(FEEDBACK_TOKEN_ENV))
+    return bool(feedback_token())
 
 
 def check_rollout_labels(model: str, config: Any) -> None:
@@ -369,6 +373,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
     requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
     from triggers.serving.batching import DynamicBatcher, off_loop
+    from triggers.serving.rollout import Observation
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
     batchers: dict[int, DynamicBatcher] = {}
@@ -405,8 +410,6 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         candidate, view = server.candidate, server.rollout
         if candidate is None or view is None or view.state != "running":
             return await infer(served.loaded, x), served.loaded
-        from triggers.serving.rollout import Observation
-
         started = time.perf_counter()
         baseline = await infer(served.loaded, x)
         middle = time.perf_counter()
