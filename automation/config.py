@@ -85,10 +85,22 @@ class GateConfig(Strict):
     bootstrap_samples: PositiveInt = 2000
 
 
+class SplitConfig(Strict):
+    """How mlgate splits data a loader returns unsplit (x, y or a DataFrame): stratified and seeded, so the
+    same seed always gives the same test set."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    seed: int = 0
+
+
 class DriftPolicy(Strict):
     threshold: float = Field(0.3, gt=0, le=1)      # retrain when the share of drifted columns reaches this
     cooldown_minutes: float = Field(60, ge=0)      # after a drift retrain, later events only get recorded
     window_rows: PositiveInt = 5000                # `mlgate monitor`: newest rows of current data compared
+    # a smaller window is not tested: with a few dozen rows, per-column tests flag chance differences as drift
+    min_window_rows: PositiveInt = 100
+    keep_reports: PositiveInt = 20                 # newest HTML reports kept per model; older ones are deleted
 
 
 class RolloutStage(Strict):
@@ -117,6 +129,7 @@ class ModelDefaults(Strict):
 
     params: dict[str, Any] = {}                    # passed to build(**params)
     data: dict[str, Any] = {}                      # passed to load_data(**data)
+    split: SplitConfig = SplitConfig()             # for data load_data() returns unsplit
     paths: list[str] = []                          # extra files whose change retrains this model
     device: DeviceConfig = DeviceConfig()
     train: TrainConfig = TrainConfig()

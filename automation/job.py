@@ -24,7 +24,7 @@ import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
 from automation.device import RunnerDevice, host_copy, select_device
-from automation.errors import GateFailed, GateStale, MlgateError, StageError, failure_reason
+from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class JobRequest:
     sha: str | None = None
     pr: int | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    data_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. extra_train after drift
+    fresh_data: str | None = None        # labelled examples after drift, appended to the training split
     production_dir: Path | None = None   # a snapshot (automation/production.py): the registry is not read
     fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
 
@@ -103,7 +103,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
     import torch
 
-    from automation import benchmark, gate, optimize, promote, report, store, tracking, train
+    from automation import benchmark, contract, gate, optimize, promote, report, store, tracking, train
     from automation.predictors import TIMED_REGION
 
     progress = progress or JobProgress(enabled=False)
@@ -115,24 +115,16 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     # --- validate: the whole job's inputs are checked before any training time is spent ---
     with timer.stage("validate"):
         module = check_model_module(request.model, spec)
-        try:
-            probe = module.build(**spec.params)
-            splits = module.load_data(**(spec.data | request.data_overrides))
-        except TypeError as exc:
-            raise MlgateError(f"models.{request.model}: {exc}",
-                              hint="params go to build(), data to load_data(); check their names") from None
-        with torch.no_grad():
-            out = probe.eval()(torch.from_numpy(splits.x_test[:2]))
-        if tuple(out.shape) != (2, len(splits.classes)):
-            raise MlgateError(f"models.{request.model}: build() returns {tuple(out.shape)} for 2 inputs, "
-                              f"expected (2, {len(splits.classes)}) logits")
+        splits, build, preprocess = load_checked_data(request.model, module, spec, request.fresh_data)
         data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
                                        splits.x_test, splits.y_test)
         batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
         runner = select_device(spec.device)   # the one place a job's device is decided
         env = environment_info(runner)
+        described = contract.describe(splits, contract.preprocess_name(module))
         log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
-                                           "config": spec.model_dump(), "data_fingerprint": data_fingerprint})
+                                           "config": spec.model_dump(), "data_fingerprint": data_fingerprint,
+                                           "data": {k: v for k, v in described.items() if k != "features"}})
 
     with timer.stage("connect"):
         client, experiment_id = tracking.connect(config.workdir, config.experiment)
@@ -154,7 +146,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                          "mlgate.trigger": request.trigger, "mlgate.data_fingerprint": data_fingerprint,
                          "mlflow.source.git.commit": request.sha or "", "mlgate.pr": str(request.pr or "")}
                         | {f"env.{k}": v for k, v in env.items()})
-        mlflow.log_params(_flat_params(spec) | {f"data.override.{k}": v for k, v in request.data_overrides.items()})
+        mlflow.log_params(_flat_params(spec) | ({"data.fresh": request.fresh_data} if request.fresh_data else {}))
+        mlflow.log_dict(described, "contract.json")
 
         # --- train ---------------------------------------------------------------------
         with timer.stage("train"), progress.task(f"train {request.model}", spec.train.epochs) as advance:
@@ -162,8 +155,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                 mlflow.log_metrics(metrics, step=epoch)
                 advance(1)
 
-            trained = train.train_model(module.build, spec.params, splits, spec.train, device=runner,
-                                        on_epoch=on_epoch)
+            trained = train.train_model(build, spec.params, splits, spec.train, device=runner, on_epoch=on_epoch)
             mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
 
         # --- optimize: ONNX export, int8, GPU variants where available --------------------
@@ -229,11 +221,12 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
 
         # --- register: log the torch model, its ONNX export and the chosen artifact ---------
         with timer.stage("register"):
-            model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2])
-            # the training split is the drift monitor's reference for this version
+            model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2], described)
+            # the training split, raw as clients send it, is the drift monitor's reference for this version
             job_dir.mkdir(parents=True, exist_ok=True)
             reference = job_dir / REFERENCE_FILE
-            np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1))
+            np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1),
+                                features=np.array(splits.features or [], dtype=str))
             mlflow.log_artifact(str(reference), artifact_path="reference")
             version = None
             if request.may_promote:
@@ -306,6 +299,42 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     return summary
 
 
+def load_checked_data(model: str, module: Any, spec: ModelConfig,
+                      fresh_data: str | None = None) -> tuple[Any, Any, Any]:
+    """The model's data through its contract (automation/contract.py), fresh data appended, pre-processing
+    fitted on the training split, and a build function checked on two test examples: every way a model file
+    can be wrong fails here, before an MLflow run starts."""
+    import torch
+
+    from automation import contract
+
+    try:
+        raw = module.load_data(**spec.data)
+    except TypeError as exc:
+        raise UsageError(f"models.{model}: load_data(): {exc}",
+                         hint="the model's `data:` block is passed to load_data() as keyword arguments") from None
+    splits = contract.prepare_data(model, module, raw, spec.split)
+    if fresh_data:
+        splits = contract.append_fresh(splits, Path(fresh_data), getattr(module, "label", contract.DEFAULT_LABEL))
+    preprocess = contract.fit_preprocess(model, module, splits.x_train)
+    build = contract.model_builder(module.build, splits, preprocess)
+    try:
+        probe = build(**spec.params)
+    except TypeError as exc:
+        raise UsageError(f"models.{model}: build(): {exc}",
+                         hint="the model's `params:` block is passed to build() as keyword arguments") from None
+    try:
+        with torch.no_grad():
+            out = probe.eval()(torch.from_numpy(splits.x_test[:2]))
+    except Exception as exc:
+        raise UsageError(f"models.{model}: build()'s network fails on two test examples shaped "
+                         f"{list(splits.x_test[:2].shape)}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if tuple(out.shape) != (2, len(splits.classes)):
+        raise UsageError(f"models.{model}: build() returns {tuple(out.shape)} for 2 inputs, "
+                         f"expected (2, {len(splits.classes)}) logits, one per class")
+    return splits, build, preprocess
+
+
 def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice,
                      snapshot: Any = None) -> dict[str, Any]:
     from automation.benchmark import size_mb
@@ -318,7 +347,8 @@ def _load_production(client: Any, model: str, version: str, job_dir: Path, runne
             "predictor": loaded.predictor, "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
 
 
-def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray) -> str:
+def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray,
+                described: dict[str, Any]) -> str:
     """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI.
 
     What crosses to the registry is a host copy in fp32 with a host input example, whatever
@@ -333,18 +363,22 @@ def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarra
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     # the AOTInductor package travels inside the torch model, which is also its portable fallback
     extra = [str(chosen.artifact)] if chosen.name == "torch_aoti" and chosen.artifact is not None else None
+    metadata = {"mlgate": described}   # classes, feature names, pre-processing: what serving needs, in MLmodel
     torch_info = mlflow.pytorch.log_model(model, name="torch", serialization_format="pickle", signature=signature,
-                                          pip_requirements=_pip_requirements("torch"), extra_files=extra)
+                                          pip_requirements=_pip_requirements("torch"), extra_files=extra,
+                                          metadata=metadata)
     uris = {name: torch_info.model_uri for name in ("torch_eager", "torch_half", "torch_compile", "torch_aoti")}
     onnx_requirements = _pip_requirements("onnx", "onnxruntime")
     by_name = {v.name: v for v in variants}
     fp32 = by_name.get("onnx_fp32")
     if fp32 is not None and fp32.artifact is not None:
         info = mlflow.onnx.log_model(onnx.load(str(fp32.artifact)), name="onnx", signature=signature,
-                                     save_as_external_data=False, pip_requirements=onnx_requirements)
+                                     save_as_external_data=False, pip_requirements=onnx_requirements,
+                                     metadata=metadata)
         uris |= {"onnx_fp32": info.model_uri, "onnx_cuda": info.model_uri, "tensorrt_fp16": info.model_uri}
     if chosen.name not in uris and chosen.artifact is not None:
         info = mlflow.onnx.log_model(onnx.load(str(chosen.artifact)), name=chosen.name, signature=signature,
-                                     save_as_external_data=False, pip_requirements=onnx_requirements)
+                                     save_as_external_data=False, pip_requirements=onnx_requirements,
+                                     metadata=metadata)
         uris[chosen.name] = info.model_uri
     return uris[chosen.name]

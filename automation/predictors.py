@@ -181,6 +181,10 @@ class RegisteredModel:
     artifact: Path
     input_shape: tuple[int, ...]     # one input, without the batch axis (from the logged signature)
     dtype: str
+    # from the version's contract (MLmodel metadata, automation/contract.py): class names by index, and the
+    # feature names of a tabular model; () and None for versions logged before mlgate recorded them
+    classes: tuple[str, ...] = ()
+    features: tuple[str, ...] | None = None
 
 
 def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None,
@@ -241,7 +245,12 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
         log.warning("serving the portable form", extra={"model": model, "version": version, "variant": variant,
                                                         "served_as": served_as, "reason": fallback_reason})
         predictor, artifact = _load_variant(served_as, local, device, None, cpu_threads)
-    spec = Model.load(str(local)).signature.inputs.to_dict()[0]["tensor-spec"]
+    logged = Model.load(str(local))
+    spec = logged.signature.inputs.to_dict()[0]["tensor-spec"]
+    contract = (logged.metadata or {}).get("mlgate") or {}
+    features = contract.get("features")
     return RegisteredModel(version=version, variant=variant, served_as=served_as, fallback_reason=fallback_reason,
                            predictor=predictor, artifact=artifact,
-                           input_shape=tuple(int(d) for d in spec["shape"][1:]), dtype=str(spec["dtype"]))
+                           input_shape=tuple(int(d) for d in spec["shape"][1:]), dtype=str(spec["dtype"]),
+                           classes=tuple(str(c) for c in contract.get("classes") or ()),
+                           features=None if features is None else tuple(str(f) for f in features))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 
@@ -19,6 +17,7 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...]
+    features: tuple[str, ...] | None = None   # column names of tabular examples, when the data has them
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -40,25 +39,12 @@ def split_arrays(
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, classes)
 
 
-def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2,
-           extra_train: str | None = None) -> Splits:
-    """scikit-learn's 1,797 handwritten 8×8 digits, scaled to [0, 1], shape (N, 1, 8, 8).
-
-    `extra_train` is an .npz file with arrays `x` and `y` (e.g. fresh production
-    inputs after drift) appended to the training split only, so the test set stays
-    comparable with the production model's.
-    """
+def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2) -> Splits:
+    """scikit-learn's 1,797 handwritten 8×8 digits, scaled to [0, 1], shape (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    splits = split_arrays(x, y, classes=tuple(str(c) for c in range(10)), seed=seed,
-                          val_fraction=val_fraction, test_fraction=test_fraction)
-    if extra_train is None:
-        return splits
-    with np.load(Path(extra_train)) as extra:
-        x_extra = extra["x"].astype(np.float32).reshape((-1, *splits.input_shape))
-        y_extra = extra["y"].astype(np.int64)
-    return Splits(np.concatenate([splits.x_train, x_extra]), np.concatenate([splits.y_train, y_extra]),
-                  splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes)
+    return split_arrays(x, y, classes=tuple(str(c) for c in range(10)), seed=seed,
+                        val_fraction=val_fraction, test_fraction=test_fraction)

@@ -158,7 +158,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
     from triggers.github.reporter import GitHubReporter
 
     reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
-    overrides = {"extra_train": os.path.abspath(args.extra_train)} if args.extra_train else {}
+    fresh_data = os.path.abspath(args.extra_train) if args.extra_train else None
     production_dir = Path(args.production_dir).resolve() if args.production_dir else None
     if production_dir is None and args.report_to and args.trigger == "pr":
         # a PR job on a runner holds no registry credential: production comes from the service, with the job's own
@@ -175,7 +175,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
     with JobProgress(enabled=None if not args.json else False) as progress:
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
-                                 data_overrides=overrides, production_dir=production_dir, fence=fence,
+                                 fresh_data=fresh_data, production_dir=production_dir, fence=fence,
                                  **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
                 _warn_github(reporter.started(name, args.sha))

@@ -1,0 +1,413 @@
+"""The model contract: what a model file gives mlgate, checked before any MLflow run or GPU time.
+
+A model file (`models/<name>.py`) defines:
+
+    build(**params) -> nn.Module      logits, one per class, for a batch of raw inputs. If build() takes
+                                      `input_shape` or `num_classes`, mlgate passes them from the data.
+    load_data(**data) -> one of
+        (x, y)                        x: an array (N, *shape) or a DataFrame of named numeric columns;
+                                      y: the labels (array, list or Series)
+        DataFrame                     numeric feature columns plus the label column (see `label`)
+        Splits                        already split (models.datasets.Splits); its test split is used as is
+    label = "species"                 optional: a DataFrame's label column (default "label")
+    preprocess = "standardize"        optional: fitted on the training split only, then part of the model, so
+                                      every variant (ONNX, int8, compiled) and serving run it on raw inputs.
+                                      One of PREPROCESSORS, or an object with fit(x_train) -> nn.Module.
+
+mlgate supports single-label classification. What it does with the data, so the loader need not:
+- x: float64, integers and booleans become float32; text columns, NaN and infinity are refused.
+- y: strings, integer codes (0..K-1, 1..K, any set), integral floats, booleans and one-hot rows become
+  indices 0..K-1; the class names are kept (the strings, or the codes as text) and travel with the version.
+- Unsplit data is split by the framework (seeded and stratified, the model's `split:` block).
+- Fresh data after drift (`mlgate run --extra-train FILE`, a drift event's data_ref) is appended to the
+  training split by the framework: no loader takes an extra argument for it.
+Refused, in one line: continuous targets (regression), multi-label rows, one class, mismatched lengths.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from automation.errors import UsageError
+from models.datasets import Splits, split_arrays
+
+if TYPE_CHECKING:
+    from automation.config import SplitConfig
+
+TASK = "single-label classification"
+DEFAULT_LABEL = "label"
+SPLIT_NAMES = ("train", "val", "test")
+FRESH_SUFFIXES = (".npz", ".csv", ".parquet")
+
+
+class ContractError(UsageError):
+    """The model file's side of the contract is broken; the message names the model and the function."""
+
+
+# --- features (x) ----------------------------------------------------------------------------------------
+
+def _frame_features(where: str, frame: Any) -> tuple[np.ndarray, tuple[str, ...]]:
+    import pandas as pd
+
+    names = tuple(str(c) for c in frame.columns)
+    if len(set(names)) != len(names):
+        raise ContractError(f"{where}: feature columns must have distinct names")
+    for column in frame.columns:
+        series = frame[column]
+        if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+            continue
+        raise ContractError(f"{where}: column {str(column)!r} holds {series.dtype} values, not numbers",
+                            hint="encode it as numbers in load_data(), or drop it")
+    return frame.to_numpy(dtype=np.float64), names
+
+
+def _as_features(where: str, x: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """float32 features and their names (DataFrame columns; None for unnamed arrays)."""
+    names = None
+    if hasattr(x, "columns") and hasattr(x, "to_numpy"):   # a pandas DataFrame
+        x, names = _frame_features(where, x)
+    array = np.asarray(x)
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise ContractError(f"{where}: x holds {array.dtype} values; mlgate trains on numbers",
+                            hint="return numeric arrays, or a DataFrame of numeric columns")
+    if array.ndim < 2:
+        raise ContractError(f"{where}: x has shape {list(array.shape)}; it needs one row per example "
+                            "(shape (N, features) or (N, *example_shape))")
+    with np.errstate(all="ignore"):
+        converted = array.astype(np.float32)
+    if not np.isfinite(converted).all():
+        bad = ~np.isfinite(converted.reshape(len(converted), -1))
+        column = int(np.argmax(bad.any(axis=0)))
+        label = names[column] if names else f"feature {column}"
+        raise ContractError(f"{where}: x has {int(bad.sum())} missing, infinite or out-of-float32-range values "
+                            f"(first in {label!r})", hint="impute or drop them in load_data()")
+    return np.ascontiguousarray(converted), names
+
+
+# --- labels (y) ------------------------------------------------------------------------------------------
+
+def _label_text(value: Any) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _raw_labels(where: str, y: Any) -> np.ndarray:
+    """One label per example, as a 1-D array (one-hot rows become their column index)."""
+    array = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2:
+        values = np.unique(array)
+        if array.dtype.kind in "biuf" and set(values.tolist()) <= {0, 1}:
+            per_row = array.sum(axis=1)
+            if (per_row == 1).all():
+                return array.argmax(axis=1)
+            raise ContractError(f"{where}: y has rows with {int(per_row.max())} labels at once (multi-label); "
+                                f"mlgate supports {TASK}")
+        raise ContractError(f"{where}: y has shape {list(array.shape)}; mlgate supports {TASK}: one label per example")
+    if array.ndim != 1:
+        raise ContractError(f"{where}: y has shape {list(array.shape)}; it needs one label per example")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ContractError(f"{where}: y has missing (NaN) labels", hint="drop those rows in load_data()")
+        if not np.equal(np.mod(array, 1), 0).all():
+            sample = array[np.mod(array, 1) != 0][0]
+            raise ContractError(f"{where}: y holds continuous values (e.g. {sample:g}), a regression target; "
+                                f"mlgate supports {TASK}")
+    elif array.dtype == object:
+        if any(v is None or (isinstance(v, float) and not np.isfinite(v)) for v in array):
+            raise ContractError(f"{where}: y has missing labels", hint="drop those rows in load_data()")
+    return array
+
+
+def _class_order(values: np.ndarray) -> list[Any]:
+    """Numeric codes in numeric order; text in sorted order."""
+    unique = list(dict.fromkeys(values.tolist()))
+    try:
+        return sorted(unique)
+    except TypeError:   # mixed types: order by their text
+        return sorted(unique, key=str)
+
+
+def encode_labels(where: str, parts: Sequence[np.ndarray],
+                  classes: Sequence[str] | None = None) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    """Labels of every split → indices into one class list; the names are the labels as text.
+
+    With `classes` given (a Splits whose labels are already indices 0..K-1), they are checked instead."""
+    if classes is not None:
+        count = len(classes)
+        out = []
+        for part in parts:
+            if part.dtype.kind not in "biu" and not (part.dtype.kind == "f" and np.equal(np.mod(part, 1), 0).all()):
+                raise ContractError(f"{where}: a Splits' y must hold class indices, found {part.dtype} values")
+            indices = part.astype(np.int64)
+            if len(indices) and (indices.min() < 0 or indices.max() >= count):
+                raise ContractError(f"{where}: y holds index {int(indices.max() if indices.max() >= count else indices.min())}"
+                                    f" but Splits.classes names {count} classes (indices 0..{count - 1})")
+            out.append(indices)
+        return out, tuple(str(c) for c in classes)
+    order = _class_order(np.concatenate([np.asarray(p, dtype=object) if p.dtype == object else p for p in parts]))
+    names = [_label_text(v) for v in order]
+    if len(set(names)) != len(names):
+        raise ContractError(f"{where}: labels {names} collide once written as text")
+    index = {name: i for i, name in enumerate(names)}
+    return [np.array([index[_label_text(v)] for v in part.tolist()], dtype=np.int64) for part in parts], tuple(names)
+
+
+# --- the whole loader output ------------------------------------------------------------------------------
+
+def _unpack(where: str, module: Any, raw: Any) -> tuple[Any, Any] | Splits:
+    if isinstance(raw, Splits):
+        return raw
+    if isinstance(raw, tuple) and len(raw) == 2:
+        return raw
+    if hasattr(raw, "columns") and hasattr(raw, "drop"):
+        label = getattr(module, "label", DEFAULT_LABEL)
+        if label not in raw.columns:
+            raise ContractError(f"{where}: the DataFrame has no label column {label!r} "
+                                f"(columns: {', '.join(map(str, list(raw.columns)[:12]))})",
+                                hint="name it 'label', or set `label = \"<column>\"` in the model file")
+        return raw.drop(columns=[label]), raw[label]
+    raise ContractError(f"{where}: returned {type(raw).__name__}; expected (x, y), a DataFrame with a label column, "
+                        "or models.datasets.Splits")
+
+
+def _check_lengths(where: str, x: np.ndarray, y: np.ndarray, split: str = "") -> None:
+    if len(x) != len(y):
+        raise ContractError(f"{where}: {split + ' ' if split else ''}x has {len(x)} rows but y has {len(y)} labels")
+    if len(x) == 0:
+        raise ContractError(f"{where}: the {split + ' ' if split else ''}data is empty")
+
+
+def prepare_data(model: str, module: Any, raw: Any, split: "SplitConfig") -> Splits:
+    """The loader's output as float32 splits with label indices, class names and feature names; or a
+    ContractError naming the model and what to change."""
+    where = f"models.{model}: load_data()"
+    unpacked = _unpack(where, module, raw)
+    if isinstance(unpacked, Splits):
+        xs, names = [], None
+        for name in SPLIT_NAMES:
+            x, names = _as_features(f"{where} ({name} split)", getattr(unpacked, f"x_{name}"))
+            xs.append(x)
+        ys = [_raw_labels(f"{where} ({n} split)", getattr(unpacked, f"y_{n}")) for n in SPLIT_NAMES]
+        for name, x, y in zip(SPLIT_NAMES, xs, ys):
+            _check_lengths(where, x, y, name)
+        if len({x.shape[1:] for x in xs}) != 1:
+            raise ContractError(f"{where}: the splits' examples differ in shape "
+                                f"({', '.join(str(list(x.shape[1:])) for x in xs)})")
+        indices, classes = encode_labels(where, ys, unpacked.classes or None)
+        features = unpacked.features or names
+    else:
+        x_all, features = _as_features(where, unpacked[0])
+        y_all = _raw_labels(where, unpacked[1])
+        _check_lengths(where, x_all, y_all)
+        (y_all,), classes = encode_labels(where, [y_all])
+        counts = np.bincount(y_all, minlength=len(classes))
+        smallest = int(counts.min())
+        if len(classes) > max(20, len(y_all) // 2):
+            raise ContractError(f"{where}: y has {len(classes)} distinct values in {len(y_all)} rows: that looks "
+                                f"like a regression target; mlgate supports {TASK}")
+        if smallest < 3:
+            rare = classes[int(counts.argmin())]
+            raise ContractError(f"{where}: class {rare!r} has {smallest} example(s); a stratified train/val/test "
+                                "split needs at least 3 of each class")
+        s = split
+        parts = split_arrays(x_all, y_all, classes=classes, seed=s.seed, val_fraction=s.val_fraction,
+                             test_fraction=s.test_fraction)
+        xs = [parts.x_train, parts.x_val, parts.x_test]
+        indices = [parts.y_train, parts.y_val, parts.y_test]
+    if len(classes) < 2:
+        raise ContractError(f"{where}: y has a single class ({classes[0]!r}); a classifier needs two or more")
+    missing = sorted(set(range(len(classes))) - set(np.unique(indices[0]).tolist()))
+    if missing:
+        raise ContractError(f"{where}: the training split has no example of class {classes[missing[0]]!r}")
+    if features is not None and (xs[0].ndim != 2 or len(features) != xs[0].shape[1]):
+        raise ContractError(f"{where}: {len(features)} feature names for examples shaped {list(xs[0].shape[1:])}")
+    return Splits(xs[0], indices[0], xs[1], indices[1], xs[2], indices[2], tuple(classes),
+                  tuple(features) if features is not None else None)
+
+
+# --- fresh data after drift -------------------------------------------------------------------------------
+
+def _fresh_labels(where: str, y: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """Fresh labels by class name (or code written as text); integers that are not names are indices."""
+    raw = _raw_labels(where, y)
+    index = {name: i for i, name in enumerate(classes)}
+    texts = [_label_text(v) for v in raw.tolist()]
+    if all(t in index for t in texts):
+        return np.array([index[t] for t in texts], dtype=np.int64)
+    if raw.dtype.kind in "iu" and len(raw) and raw.min() >= 0 and raw.max() < len(classes):
+        return raw.astype(np.int64)
+    unknown = next(t for t in texts if t not in index)
+    raise ContractError(f"{where}: label {unknown!r} is not one of the model's classes "
+                        f"({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''})")
+
+
+def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled fresh examples, in the model's raw form: an .npz with `x` and `y`, or a CSV/Parquet
+    file with the model's feature columns (by name) and the label column."""
+    where = f"fresh data {path.name}"
+    if path.suffix not in FRESH_SUFFIXES:
+        raise ContractError(f"{where}: expected one of {', '.join(FRESH_SUFFIXES)}")
+    if not path.is_file():
+        raise ContractError(f"{where}: no such file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise ContractError(f"{where}: an .npz needs arrays 'x' and 'y'")
+            x_raw, y_raw = data["x"], data["y"]
+        x, _ = _as_features(where, x_raw)
+        try:
+            x = x.reshape((-1, *splits.input_shape))
+        except ValueError:
+            raise ContractError(f"{where}: x has shape {list(x_raw.shape)}, examples must be shaped "
+                                f"{list(splits.input_shape)}") from None
+    else:
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if label not in frame.columns:
+            raise ContractError(f"{where}: no label column {label!r}")
+        wanted = list(splits.features or [])
+        absent = [c for c in wanted if c not in frame.columns]
+        if not wanted or absent:
+            raise ContractError(f"{where}: missing feature column {absent[0]!r}" if absent else
+                                f"{where}: the model's features have no names; send an .npz with x and y")
+        x, _ = _as_features(where, frame[wanted])
+        y_raw = frame[label]
+    y = _fresh_labels(where, np.asarray(y_raw), splits.classes)
+    _check_lengths(where, x, y)
+    return x, y
+
+
+def append_fresh(splits: Splits, path: Path, label: str = DEFAULT_LABEL) -> Splits:
+    """The training split grows; validation and test stay as they were, so versions stay comparable."""
+    x, y = read_fresh(path, splits, label)
+    return Splits(np.concatenate([splits.x_train, x]), np.concatenate([splits.y_train, y]),
+                  splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes, splits.features)
+
+
+# --- pre-processing ---------------------------------------------------------------------------------------
+
+class Scale(nn.Module):
+    """(x - shift) / scale with statistics fitted on the training split. They are buffers: saved in the state
+    dict, exported into every graph (ONNX, AOTInductor), never trained."""
+
+    def __init__(self, shift: np.ndarray, scale: np.ndarray, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("shift", torch.from_numpy(np.ascontiguousarray(shift, dtype=np.float32)))
+        self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+class FittedScaling:
+    """A built-in step: which axes its statistics reduce over, and which statistics."""
+
+    def __init__(self, name: str, axes: Callable[[np.ndarray], tuple[int, ...]],
+                 stats: Callable[[np.ndarray, tuple[int, ...]], tuple[np.ndarray, np.ndarray]]) -> None:
+        self.name, self._axes, self._stats = name, axes, stats
+
+    def fit(self, x_train: np.ndarray) -> nn.Module:
+        shift, scale = self._stats(x_train.astype(np.float64), self._axes(x_train))
+        scale = np.where(scale > 1e-12, scale, 1.0)        # a constant feature passes through, centred
+        return Scale(shift, scale, self.name)
+
+
+def _all_but_batch(x: np.ndarray) -> tuple[int, ...]:
+    return (0,)
+
+
+def _all_but_channels(x: np.ndarray) -> tuple[int, ...]:
+    if x.ndim < 3:
+        raise ContractError(f"normalize_channels needs examples shaped (channels, …); got {list(x.shape[1:])}")
+    return (0, *range(2, x.ndim))
+
+
+def _mean_std(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
+
+
+def _min_range(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    low = x.min(axis=axes, keepdims=True)[0]
+    return low, x.max(axis=axes, keepdims=True)[0] - low
+
+
+PREPROCESSORS: dict[str, FittedScaling] = {
+    "standardize": FittedScaling("standardize", _all_but_batch, _mean_std),                  # per feature
+    "minmax": FittedScaling("minmax", _all_but_batch, _min_range),                            # per feature, to [0, 1]
+    "normalize_channels": FittedScaling("normalize_channels", _all_but_channels, _mean_std),  # per image channel
+}
+
+
+def preprocess_name(module: Any) -> str | None:
+    declared = getattr(module, "preprocess", None)
+    if declared is None:
+        return None
+    return declared if isinstance(declared, str) else type(declared).__name__
+
+
+def fit_preprocess(model: str, module: Any, x_train: np.ndarray) -> nn.Module | None:
+    """The model file's `preprocess`, fitted on the training split only; None when it declares none."""
+    declared = getattr(module, "preprocess", None)
+    if declared is None:
+        return None
+    where = f"models.{model}: preprocess"
+    if isinstance(declared, str):
+        if declared not in PREPROCESSORS:
+            raise ContractError(f"{where}: unknown step {declared!r} (known: {', '.join(PREPROCESSORS)})",
+                                hint="or assign an object with fit(x_train) -> nn.Module")
+        declared = PREPROCESSORS[declared]
+    if not callable(getattr(declared, "fit", None)):
+        raise ContractError(f"{where}: {type(declared).__name__} has no fit(x_train) method")
+    fitted = declared.fit(x_train)
+    if not isinstance(fitted, torch.nn.Module):
+        raise ContractError(f"{where}: fit() returned {type(fitted).__name__}, expected an nn.Module")
+    if any(p.requires_grad for p in fitted.parameters()):
+        raise ContractError(f"{where}: the fitted step has trainable parameters; keep statistics in buffers")
+    return fitted.eval()
+
+
+# --- build() ----------------------------------------------------------------------------------------------
+
+class WithPreprocessing(nn.Sequential):
+    """The user's network behind its fitted pre-processing: the registered model takes raw inputs."""
+
+
+def _build_model(build: Callable[..., Any], preprocess: Any, extra: dict[str, Any], **params: Any) -> Any:
+    network = build(**(extra | params))
+    if preprocess is None:
+        return network
+    return WithPreprocessing(copy.deepcopy(preprocess), network)
+
+
+def model_builder(build: Callable[..., Any], splits: Splits, preprocess: Any) -> Callable[..., Any]:
+    """build(**params), given the data's shape when it asks for it, behind the fitted pre-processing.
+    A partial of module-level functions, so DDP can send it to its worker processes."""
+    accepts = inspect.signature(build).parameters
+    extra = {key: value for key, value in (("input_shape", splits.input_shape), ("num_classes", len(splits.classes)))
+             if key in accepts}
+    return functools.partial(_build_model, build, preprocess, extra)
+
+
+def describe(splits: Splits, preprocess: str | None) -> dict[str, Any]:
+    """What travels with a registered version (its MLmodel metadata), so serving and the monitor need no loader."""
+    return {"task": TASK, "classes": list(splits.classes),
+            "features": None if splits.features is None else list(splits.features),
+            "input_shape": list(splits.input_shape), "input_dtype": "float32", "preprocess": preprocess,
+            "test_examples": int(len(splits.y_test))}
