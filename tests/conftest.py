@@ -244,3 +244,13 @@ class ServeProcess:
         self.process.wait(20)
         self.log.close()
         return (self.directory / "service.log").read_text(errors="replace")[-4000:]
+
+
+def wine_frame() -> Any:
+    """A user's CSV as pandas reads it: scikit-learn's wine data (178 rows, 13 named float64 columns from
+    about 0.1 to 1,680) with a string label column `cultivar`."""
+    from sklearn.datasets import load_wine
+
+    bunch = load_wine(as_frame=True)
+    names = {0: "barolo", 1: "grignolino", 2: "barbera"}
+    return bunch.data.astype("float64").assign(cultivar=bunch.target.map(names))
