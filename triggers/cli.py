@@ -308,6 +308,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
                           kafka_bootstrap=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), publish=not args.dry_run)
     if args.json:
         print(json.dumps(summary))
+    elif not summary.get("tested", True):
+        print(f"{args.model} v{summary['production_version']}: {summary['note']}")
     else:
         verdict = "drift: retrain requested" if summary["published_to"] else (
             "drift above threshold" if summary["retrain"] else "no actionable drift")

@@ -2,8 +2,10 @@
 its production version) and a window of current inputs, with Evidently; publishes a drift
 CloudEvent when the model's policy says so, and keeps Evidently's HTML report.
 
-Current data is a file or a directory of files: .npz (array `x`), .parquet or .csv (feature
-columns x0, x1, …, and optionally `timestamp`, as the inference log writes them).
+Current data is a file or a directory of files: .npz (array `x`, positional), .parquet or .csv
+(the reference's feature columns by name, or x0, x1, … when the model's features have no names, and
+optionally `timestamp`, as the inference log writes them; other columns such as `prediction`,
+`version` or `label` are ignored). A window smaller than the policy's `min_window_rows` is not tested.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class Window:
 
 
 @dataclass
+class Reference:
+    x: np.ndarray
+    names: list[str]              # the model's feature names; x0, x1, … when it has none
+    version: str
+
+
+@dataclass
 class DriftResult:
     share: float
     columns: list[dict[str, Any]]      # drifted columns only: column, score, method, threshold
@@ -54,7 +63,7 @@ def _mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, datetime, datetime]:
+def _read_file(path: Path, names: list[str] | None) -> tuple[np.ndarray, datetime, datetime]:
     if path.suffix == ".npz":
         with np.load(path) as data:
             if "x" not in data:
@@ -64,28 +73,45 @@ def _read_file(path: Path) -> tuple[np.ndarray, datetime, datetime]:
     import pandas as pd
 
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    columns = sorted((c for c in frame.columns if c[:1] == "x" and c[1:].isdigit()), key=lambda c: int(c[1:]))
-    if not columns:
-        raise UsageError(f"{path}: no feature columns (x0, x1, …)")
-    if "timestamp" in frame.columns and len(frame):
+    if names is None:   # no reference to name them: every positional feature column
+        columns = sorted((c for c in frame.columns if c[:1] == "x" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+        if not columns:
+            raise UsageError(f"{path}: no feature columns (x0, x1, …)")
+    else:
+        columns = list(names)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UsageError(f"{path}: no column {missing[0]!r}{more}, a feature of the model")
+    if "timestamp" in frame.columns and "timestamp" not in columns and len(frame):
         stamps = pd.to_datetime(frame["timestamp"], utc=True)
         start, end = stamps.min().to_pydatetime(), stamps.max().to_pydatetime()
     else:
         start = end = _mtime(path)
-    return frame[columns].to_numpy(np.float32), start, end
+    try:
+        return frame[columns].to_numpy(np.float32), start, end
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: feature columns are not all numeric ({exc})") from None
 
 
-def load_window(path: Path, rows: int) -> Window:
-    """The newest `rows` rows of a file or a directory of files (oldest file first)."""
+def data_files(path: Path) -> list[Path]:
+    """The data files of a file or directory, oldest first."""
     if not path.exists():
         raise UsageError(f"current data {path} does not exist")
     files = sorted((p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES), key=lambda p: p.stat().st_mtime) \
         if path.is_dir() else [path]
     if not files:
         raise UsageError(f"{path} holds no {'/'.join(DATA_SUFFIXES)} files")
+    return files
+
+
+def load_window(path: Path, rows: int, names: list[str] | None = None) -> Window:
+    """The newest `rows` rows of a file or a directory of files (oldest file first); table columns are read
+    by `names` (the reference's), or all of x0, x1, … when None."""
+    files = data_files(path)
     parts, starts, ends, used = [], [], [], []
     for file in reversed(files):                    # newest first, until the window is full
-        x, start, end = _read_file(file)
+        x, start, end = _read_file(file, names)
         parts.insert(0, x)
         starts.append(start)
         ends.append(end)
@@ -101,8 +127,19 @@ def load_window(path: Path, rows: int) -> Window:
     return Window(x, min(starts), max(ends), used)
 
 
-def load_reference(config: MlgateConfig, model: str) -> tuple[np.ndarray, str]:
-    """The training split logged with the production version, and that version."""
+def read_reference(path: Path, version: str) -> Reference:
+    """A logged `train.npz`: `x` and `features` (the names; empty, or absent in older versions, for none)."""
+    with np.load(path) as data:
+        x = data["x"]
+        names = [str(n) for n in data["features"]] if "features" in data else []
+    x = x.reshape(len(x), -1)
+    if names and len(names) != x.shape[1]:
+        raise MlgateError(f"reference data of version {version} names {len(names)} features for {x.shape[1]} columns")
+    return Reference(x, names or feature_names(x.shape[1]), version)
+
+
+def load_reference(config: MlgateConfig, model: str) -> Reference:
+    """The training split logged with the production version, its feature names, and that version."""
     import mlflow
 
     from automation import promote, tracking
@@ -121,14 +158,15 @@ def load_reference(config: MlgateConfig, model: str) -> tuple[np.ndarray, str]:
     except Exception as exc:
         raise MlgateError(f"{model} version {version} has no reference data logged ({type(exc).__name__})",
                           hint="versions trained before mlgate logged references need one retrain") from None
-    with np.load(local) as data:
-        return data["x"], version
+    return read_reference(Path(local), version)
 
 
-def compute_drift(reference: np.ndarray, current: np.ndarray, report_html: Path) -> DriftResult:
-    """Evidently's DataDriftPreset over every feature column; per-column tests pick their own method."""
+def compute_drift(reference: np.ndarray, current: np.ndarray, report_html: Path,
+                  names: list[str] | None = None) -> DriftResult:
+    """Evidently's DataDriftPreset over every feature column (named `names`, x0, x1, … by default);
+    per-column tests pick their own method."""
     import pandas as pd
-    from evidently import Report
+    from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
     if reference.shape[1] != current.shape[1]:
@@ -136,11 +174,19 @@ def compute_drift(reference: np.ndarray, current: np.ndarray, report_html: Path)
     rng = np.random.default_rng(0)
     if len(reference) > MAX_REFERENCE_ROWS:   # bounded cost: Evidently's time grows with rows × columns
         reference = reference[rng.choice(len(reference), MAX_REFERENCE_ROWS, replace=False)]
-    names = feature_names(reference.shape[1])
+    names = list(names) if names is not None else feature_names(reference.shape[1])
+    if len(names) != reference.shape[1]:
+        raise UsageError(f"{len(names)} feature names for {reference.shape[1]} reference columns")
+    # every column is a numerical feature, whatever its name: no guessing of ids, timestamps or targets
+    definition = DataDefinition(numerical_columns=names, categorical_columns=[], text_columns=[],
+                                datetime_columns=[], unknown_columns=[], list_columns=[])
+
+    def dataset(x: np.ndarray) -> Any:
+        return Dataset.from_pandas(pd.DataFrame(x, columns=names), data_definition=definition)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # constant columns make scipy warn about division by zero
-        snapshot = Report([DataDriftPreset()]).run(current_data=pd.DataFrame(current, columns=names),
-                                                   reference_data=pd.DataFrame(reference, columns=names))
+        snapshot = Report([DataDriftPreset()]).run(current_data=dataset(current), reference_data=dataset(reference))
     report_html.parent.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(report_html))
     drifted, total = [], 0
@@ -200,28 +246,52 @@ def post_drift_event(url: str, event: dict[str, Any]) -> str:
     return shown
 
 
+def prune_reports(directory: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` drift-*.html reports (and their .json siblings); returns what was deleted."""
+    reports = sorted(directory.glob("drift-*.html"))   # UTC stamps: name order is time order
+    deleted = []
+    for old in reports[:-keep]:
+        for path in (old, old.with_suffix(".json")):
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted
+
+
 def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,
                 kafka_bootstrap: str | None = None, post_url: str | None = None,
                 publish: bool = True) -> dict[str, Any]:
     from triggers.intake.drift import make_event
 
     policy = config.model(model).drift
-    window = load_window(current, policy.window_rows)
-    reference, version = load_reference(config, model)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = compute_drift(reference, window.x, config.workdir / "monitor" / model / f"drift-{stamp}.html")
+    data_files(current)                                 # a missing window fails before any download
+    reference = load_reference(config, model)
+    window = load_window(current, policy.window_rows, reference.names)
+    base = {"model": model, "production_version": reference.version, "threshold": policy.threshold,
+            "current_rows": len(window.x)}
+    if len(window.x) < policy.min_window_rows:         # chance differences would read as drift
+        summary = base | {"tested": False, "drift_share": None, "drifted_columns": 0,
+                          "total_columns": len(reference.names), "reference_rows": len(reference.x),
+                          "retrain": False, "event_id": None, "published_to": [], "report": None,
+                          "note": f"window of {len(window.x)} rows is below drift.min_window_rows "
+                                  f"({policy.min_window_rows}): not tested"}
+        log.info("drift not tested", extra={k: v for k, v in summary.items() if k != "report"})
+        return summary
+    directory = config.workdir / "monitor" / model
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+    result = compute_drift(reference.x, window.x, directory / f"drift-{stamp}.html", reference.names)
     retrain = result.share >= policy.threshold
     event = make_event(model, result.share, result.columns, window.start, window.end,
                        data_ref=os.path.abspath(data_ref) if data_ref else None)
     sent = publish_event(event, config.service.kafka.topic, kafka_bootstrap, post_url) if retrain and publish else []
-    summary = {"model": model, "production_version": version, "drift_share": round(result.share, 4),
-               "threshold": policy.threshold, "drifted_columns": len(result.columns),
-               "total_columns": result.total_columns, "reference_rows": result.reference_rows,
-               "current_rows": result.current_rows, "retrain": retrain, "event_id": event["id"] if sent else None,
-               "published_to": sent, "report": result.report_html}
+    summary = base | {"tested": True, "drift_share": round(result.share, 4),
+                      "drifted_columns": len(result.columns), "total_columns": result.total_columns,
+                      "reference_rows": result.reference_rows, "current_rows": result.current_rows,
+                      "retrain": retrain, "event_id": event["id"] if sent else None, "published_to": sent,
+                      "report": result.report_html}
     log.info("drift computed", extra={k: v for k, v in summary.items() if k != "report"})
     if retrain and publish and not sent:
         summary["note"] = "drift above threshold but nowhere to publish: set KAFKA_BOOTSTRAP_SERVERS or --post"
     (Path(result.report_html).with_suffix(".json")).write_text(json.dumps(summary | {"event": event}, indent=2,
                                                                            default=str), encoding="utf-8")
+    prune_reports(directory, policy.keep_reports)
     return summary
