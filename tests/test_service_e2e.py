@@ -127,7 +127,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     assert models["digits_mlp"]["production"] == "2" and models["digits_mlp"]["previous"] == "1"
     assert [h["version"] for h in models["digits_mlp"]["history"]][:2] in (["2", "1"], ["1", "2"])
     run = mlflow_run(service.directory / "state", job["run_id"])
-    assert run.data.params["data.override.extra_train"] == fresh          # trained on the fresh data
+    assert run.data.params["data.fresh"] == fresh          # trained on the fresh data
     assert (service.directory / "state" / "jobs" / drift_job_id / "job.log").stat().st_size > 0
 
     # 3. the dashboard, rendered by a real browser from the JSON API: a card per model first, then the events
