@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,38 @@ def test_unsupported_tasks_are_refused_before_any_mlflow_run(tmp_path: Path, cap
     assert lines[0].startswith("Error: models.bad: load_data(): ") and expected in lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "state" / "mlflow.db").exists()              # no run, not even a store
+
+
+def test_the_csv_model_serves_records_by_name_and_its_drift_report_names_the_columns(
+        wine_job: tuple[Path, dict], tmp_path: Path) -> None:
+    """The user's journey past the job: records in, class names out, and drift told in the CSV's own names."""
+    from fastapi.testclient import TestClient
+
+    from automation.config import load_config
+    from triggers.monitor import run_monitor
+    from triggers.serving.inference_log import InferenceLog
+    from triggers.serving.server import ModelServer, create_serving_app
+
+    path, _ = wine_job
+    config = load_config(path)
+    server = ModelServer(config, "wine")
+    assert server.sync()
+    log = InferenceLog(tmp_path / "log", flush_seconds=0.05)
+    frame = wine_frame()
+    features = frame.drop(columns="cultivar")
+    with TestClient(create_serving_app(server, log)) as client:
+        answer = client.post("/predict", json={"inputs": features.to_dict(orient="records")})
+        assert answer.status_code == 200, answer.text
+        labels = answer.json()["labels"]
+        assert np.mean(np.array(labels) == frame["cultivar"].to_numpy()) >= 0.9
+        # a production window whose proline (about 280..1,680) has tripled
+        shifted = features.assign(proline=features["proline"] * 3)
+        assert client.post("/predict", json={"inputs": shifted.to_dict(orient="records")}).status_code == 200
+    log.close()
+    summary = run_monitor(config, "wine", tmp_path / "log", publish=False)
+    assert summary["current_rows"] == 2 * len(frame)
+    html = Path(summary["report"]).read_text(encoding="utf-8")
+    assert "proline" in html and "x12" not in html
+    event = json.loads(Path(summary["report"]).with_suffix(".json").read_text(encoding="utf-8"))["event"]
+    drifted = {column["column"] for column in event["data"]["drifted_columns"]}
+    assert "proline" in drifted and drifted <= set(features.columns)

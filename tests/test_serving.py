@@ -50,8 +50,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Running:
     """The serving app under uvicorn on a real port, in a thread."""
 
-    def __init__(self, config_path: Path, log_dir: Path, batch_delay_ms: float | None = None) -> None:
-        self.server = ModelServer(load_config(config_path), "digits_mlp", poll_seconds=0.2)
+    def __init__(self, config_path: Path, log_dir: Path, batch_delay_ms: float | None = None,
+                 model: str = "digits_mlp") -> None:
+        self.server = ModelServer(load_config(config_path), model, poll_seconds=0.2)
         self.server.sync()
         self.server.start()
         self.log = InferenceLog(log_dir, rows_per_file=200, max_files=3, flush_seconds=0.2)
@@ -96,8 +97,13 @@ def test_bad_inputs_get_clear_4xx(served: Running) -> None:
 
     cases = {
         "wrong shape": ({"inputs": [[0.0] * 64]}, 422, "examples must all have shape [1, 8, 8]; got a batch shaped [1, 64]"),
-        "wrong dtype": ({"inputs": [[[["a"] * 8] * 8]]}, 422, "must be numbers"),
-        "booleans": ({"inputs": [[[[True] * 8] * 8]]}, 422, "must be numbers"),
+        "wrong dtype": ({"inputs": [[[["a"] * 8] * 8]]}, 422,
+                        'example 0 holds a string ("a") at [0, 0, 0]: send numbers'),
+        "booleans": ({"inputs": [[[[True] * 8] * 8]]}, 422, "example 0 holds a boolean (true) at [0, 0, 0]: send numbers"),
+        "a null pixel": ({"inputs": [*digits_batch(1), [[[0.5] * 8] * 7 + [[0.5] * 5 + [None, 0.5, 0.5]]]]}, 422,
+                         "example 1 holds null at [0, 7, 5]: send numbers"),
+        "records": ({"inputs": [{"x0": 1.0}]}, 422, "example 0 is an object: send every example as an array shaped "
+                    "[1, 8, 8] (this version names no features, so it takes no records)"),
         "ragged": ({"inputs": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}, 422, "must all have shape"),
         "empty batch": ({"inputs": []}, 422, "non-empty list"),
         "no inputs": ({"x": 1}, 422, '"inputs"'),
@@ -126,6 +132,8 @@ def test_bad_inputs_get_clear_4xx(served: Running) -> None:
     assert deep.status_code in (400, 413)
     good = post({"inputs": digits_batch(3)})
     assert good.status_code == 200 and len(good.json()["predictions"]) == 3 and good.json()["version"] == "3"
+    # digits name their classes "0" … "9": labels are the predictions as text
+    assert good.json()["labels"] == [str(p) for p in good.json()["predictions"]]
 
 
 def test_a_model_that_fails_at_inference_answers_500_and_the_server_goes_on(served: Running) -> None:
@@ -242,7 +250,9 @@ def test_tritonclient_speaks_the_open_inference_protocol(served: Running) -> Non
     metadata = client.get_model_metadata("digits_mlp")
     assert metadata["versions"] == ["3"] and metadata["inputs"] == [
         {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    assert {o["name"]: o["shape"] for o in metadata["outputs"]} == {"logits": [-1, 10], "predictions": [-1]}
+    assert {o["name"]: o["shape"] for o in metadata["outputs"]} == {"logits": [-1, 10], "predictions": [-1],
+                                                                     "labels": [-1]}
+    assert metadata["parameters"] == {"classes": [str(c) for c in range(10)]}   # images: no feature names
     x = np.asarray(digits_batch(5), dtype=np.float32)
     expected = httpx.post(served.url + "/predict", json={"inputs": x.tolist()}, timeout=10).json()
     for binary in (True, False):

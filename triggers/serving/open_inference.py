@@ -1,14 +1,18 @@
 """The Open Inference Protocol (KServe v2, as Triton, KServe and MLServer speak it) over HTTP/REST:
 JSON tensors and the binary tensor data extension, for one served model.
 
-The model has one input, named `input` (the logged signature's shape, batch first), and two outputs:
-`logits` (FP32, [batch, classes]) and `predictions` (INT64, [batch]).
+The model has one input, named `input` (the logged signature's shape, batch first), and the outputs
+`logits` (FP32, [batch, classes]), `predictions` (INT64, [batch]) and, for a version that names its classes,
+`labels` (BYTES, [batch]: the predicted class names). The model metadata's `parameters` carry the class
+names (`classes`, in the logits' order) and a tabular version's feature names (`features`, in the input's
+order).
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +21,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from triggers.serving.server import BadInput, all_finite
+from triggers.serving.server import BadInput, checked_cast, describe_value, format_value
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -32,6 +36,11 @@ def v2_datatype(dtype: str) -> str:
     return FROM_NUMPY[np.dtype(dtype).name]
 
 
+NOT_FINITE = "the input contains NaN or infinity"
+OUTPUTS = ("logits", "predictions", "labels")
+_DATA_OPENS = re.compile(rb"\s*:\s*\[")
+
+
 @dataclass
 class InferRequest:
     x: np.ndarray
@@ -40,8 +49,9 @@ class InferRequest:
 
 
 def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], dtype: str,
-                max_batch: int) -> InferRequest:
-    """An inference request (JSON, or JSON then binary tensors) → the input batch; BadInput says what is wrong."""
+                max_batch: int, labels: bool = False) -> InferRequest:
+    """An inference request (JSON, or JSON then binary tensors) → the input batch; BadInput says what is wrong.
+    `labels`: the version names its classes, so it has a `labels` output."""
     if header_length is not None:
         try:
             split = int(header_length)
@@ -61,18 +71,20 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     tensors = request["inputs"]
     if len(tensors) != 1 or not isinstance(tensors[0], dict) or tensors[0].get("name") != INPUT_NAME:
         raise BadInput(f'this model takes one input tensor, named "{INPUT_NAME}"', 400)
-    x = _tensor(tensors[0], binary, shape, dtype, max_batch)
+    x = _tensor(tensors[0], binary, shape, dtype, max_batch, head)
     parameters = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
     default_binary = bool(parameters.get("binary_data_output", False))
     requested = request.get("outputs")
-    if requested is None:
-        outputs = {"logits": default_binary, "predictions": default_binary}
+    available = OUTPUTS if labels else OUTPUTS[:2]
+    if requested is None:   # all of them, as the protocol says
+        outputs = {name: default_binary for name in available}
     elif isinstance(requested, list) and all(isinstance(o, dict) for o in requested):
         outputs = {}
         for output in requested:
             name = output.get("name")
-            if name not in ("logits", "predictions"):
-                raise BadInput(f'unknown output "{name}": this model has "logits" and "predictions"', 400)
+            if name not in available:
+                names = ", ".join(f'"{n}"' for n in available[:-1]) + f' and "{available[-1]}"'
+                raise BadInput(f'unknown output "{name}": this model has {names}', 400)
             params = output.get("parameters") if isinstance(output.get("parameters"), dict) else {}
             outputs[name] = bool(params.get("binary_data", default_binary))
     else:
@@ -81,15 +93,65 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     return InferRequest(x, str(request_id) if request_id is not None else None, outputs)
 
 
-@functools.lru_cache(maxsize=16)
-def _dtype(name: str) -> np.dtype[Any]:
-    return np.dtype(name)   # parsing a dtype's name costs more than the cast of a small tensor
+def numbers_only(head: bytes) -> bool:
+    """Whether the request's one `"data"` array is a flat list of numbers, told from its bytes (a few memchr
+    scans, no walk over the values): inside it no byte may start a string (`"`), `true`, `false`, `null`, an
+    object or a nested list, and no other `"data"` key may follow it. False when unsure (an escape anywhere,
+    nested data): the values are then looked at one by one."""
+    if head.find(b"\\") >= 0:   # an escaped key could spell "data" otherwise
+        return False
+    key = head.find(b'"data"')
+    opened = _DATA_OPENS.match(head, key + 6) if key >= 0 else None
+    if opened is None:
+        return False
+    start = opened.end()
+    close = head.find(b"]", start)
+    find = head.find
+    return close >= 0 and find(b"[", start, close) < 0 and find(b'"', start, close) < 0 and \
+        find(b"t", start, close) < 0 and find(b"f", start, close) < 0 and find(b"n", start, close) < 0 and \
+        find(b"{", start, close) < 0 and find(b'"data"', close) < 0
 
 
-def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype: str, max_batch: int) -> np.ndarray:
+def _leaves(data: list[Any], depth: int) -> Iterator[Any]:
+    """The values of nested lists in row-major order (lists deeper than `depth` come out as values)."""
+    for item in data:
+        if isinstance(item, list) and depth > 1:
+            yield from _leaves(item, depth - 1)
+        else:
+            yield item
+
+
+def _check_data(data: list[Any], depth: int) -> None:
+    for index, value in enumerate(_leaves(data, depth)):
+        if type(value) is float or type(value) is int:
+            continue
+        kind = describe_value(value)
+        if kind is not None:
+            raise BadInput(f"element {index} of the input is {kind}: send numbers")
+
+
+def _out_of_range(data: list[Any], depth: int, datatype: str) -> BadInput:
+    """The first value of `data` that `datatype` cannot hold, named (a cast of it failed or overflowed)."""
+    target = TO_NUMPY[datatype]
+    low, high = (np.iinfo(target).min, np.iinfo(target).max) if np.dtype(target).kind in "iu" else (
+        -float(np.finfo(target).max), float(np.finfo(target).max))
+    for index, value in enumerate(_leaves(data, depth)):
+        if isinstance(value, (int, float)) and not low <= value <= high:
+            return BadInput(f"element {index} of the input: value {format_value(value)} is out of range for "
+                            f"{datatype}")
+    return BadInput(f"the data does not fit {datatype}")
+
+
+def _element(index: int) -> str:
+    return f"element {index} of the input"
+
+
+def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype: str, max_batch: int,
+            head: bytes) -> np.ndarray:
     declared = tensor.get("shape")
-    if not isinstance(declared, list) or not all(isinstance(d, int) and d >= 0 for d in declared):
-        raise BadInput('the input tensor needs "shape": a list of sizes', 400)
+    if not isinstance(declared, list) or not all(type(d) is int and d >= 0 for d in declared):
+        got = orjson.dumps(declared).decode()[:80] if declared is not None else "none"
+        raise BadInput(f'the input tensor needs "shape": a list of sizes (whole numbers); got {got}', 400)
     if tuple(declared[1:]) != shape or len(declared) != len(shape) + 1:
         raise BadInput(f"the input must be shaped [batch, {', '.join(map(str, shape))}]; got {declared}")
     if not 0 < declared[0] <= max_batch:
@@ -110,33 +172,53 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
         data = tensor.get("data")
         if not isinstance(data, list):
             raise BadInput('the input tensor needs "data" (or binary data)', 400)
+        depth = len(declared)
+        if not numbers_only(head):   # a boolean would become 1.0, null NaN and "2.5" 2.5: refused, by name
+            _check_data(data, depth)
         try:
-            array = np.asarray(data, dtype=TO_NUMPY[datatype]).reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):   # past FP16/FP32's range: inf, found below
+                array = np.asarray(data, dtype=TO_NUMPY[datatype]).reshape(-1)
+        except OverflowError:   # an integer type's range
+            raise _out_of_range(data, depth, datatype) from None
         except (ValueError, TypeError):
             raise BadInput(f"the data is not a list of {datatype} numbers") from None
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
-    array = array.reshape(declared).astype(_dtype(dtype))
-    if not all_finite(array):
-        raise BadInput("the input contains NaN or infinity")
-    return array
+        try:
+            return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
+        except BadInput as exc:   # JSON holds no NaN nor infinity: this one is a value past FP16/FP32's range
+            if exc.args[0] is NOT_FINITE:
+                raise _out_of_range(data, depth, datatype) from None
+            raise
+    return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
+
+
+def bytes_tensor(texts: list[str]) -> bytes:
+    """A BYTES tensor in the binary extension's form: each element's length (4 bytes, little-endian), then it."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in (t.encode() for t in texts))
 
 
 def infer_response(model: str, version: str, request: InferRequest, logits: np.ndarray,
-                   predictions: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers: JSON, or JSON then the binary outputs that were asked for so."""
-    tensors = {"logits": ("FP32", np.ascontiguousarray(logits, dtype="<f4")),
-               "predictions": ("INT64", np.ascontiguousarray(predictions, dtype="<i8"))}
+                   predictions: np.ndarray, classes: tuple[str, ...] = ()) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, or JSON then the binary outputs that were asked for so.
+    `classes`: the version's class names, for the `labels` output."""
     outputs, chunks = [], []
     for name, as_binary in request.outputs.items():
-        datatype, array = tensors[name]
-        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        data: Any
+        if name == "labels":
+            datatype, data = "BYTES", [classes[i] for i in predictions.tolist()]
+            shape = [len(data)]
+        else:
+            datatype, data = ("FP32", np.ascontiguousarray(logits, dtype="<f4")) if name == "logits" else (
+                "INT64", np.ascontiguousarray(predictions, dtype="<i8"))
+            shape = list(data.shape)
+        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if as_binary:
-            chunk = array.tobytes()
+            chunk = bytes_tensor(data) if datatype == "BYTES" else data.tobytes()
             output["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
-            output["data"] = array.reshape(-1)
+            output["data"] = data if datatype == "BYTES" else data.reshape(-1)
         outputs.append(output)
     head = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.id is not None:
@@ -149,11 +231,24 @@ def infer_response(model: str, version: str, request: InferRequest, logits: np.n
 
 
 def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ...], dtype: str,
-                   classes: int) -> dict[str, Any]:
-    return {"name": model, "versions": [version], "platform": platform,
-            "inputs": [{"name": INPUT_NAME, "datatype": v2_datatype(dtype), "shape": [-1, *shape]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-                        {"name": "predictions", "datatype": "INT64", "shape": [-1]}]}
+                   classes: int, class_names: tuple[str, ...] = (),
+                   features: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The protocol's model metadata; its `parameters` carry what the version's contract names: `classes`
+    (the logits' order) and `features` (a tabular input's order), each only when known."""
+    metadata: dict[str, Any] = {
+        "name": model, "versions": [version], "platform": platform,
+        "inputs": [{"name": INPUT_NAME, "datatype": v2_datatype(dtype), "shape": [-1, *shape]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+                    {"name": "predictions", "datatype": "INT64", "shape": [-1]}]}
+    parameters: dict[str, Any] = {}
+    if class_names:
+        metadata["outputs"].append({"name": "labels", "datatype": "BYTES", "shape": [-1]})
+        parameters["classes"] = list(class_names)
+    if features is not None:
+        parameters["features"] = list(features)
+    if parameters:
+        metadata["parameters"] = parameters
+    return metadata
 
 
 
@@ -214,7 +309,8 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
             return served
         loaded = served.loaded
         return JSONResponse(model_metadata(server.model, loaded.version, f"mlgate_{loaded.served_as}",
-                                           loaded.input_shape, loaded.dtype, served.classes))
+                                           loaded.input_shape, loaded.dtype, served.classes, loaded.classes,
+                                           loaded.features))
 
     async def infer_route(name: str, version: str | None, request: Request) -> Response:
         served = served_for(name, version)
@@ -228,7 +324,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
             errors.labels("too_large").inc()
             return error(f"{exc}: at most {max_batch} examples per request", 413)
         header = request.headers.get(HEADER_LENGTH)
-        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch)
+        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes))
         try:
             parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
@@ -238,8 +334,12 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
-            inference_log.append(parsed.x, predictions, loaded.version)
-        body, headers = infer_response(server.model, loaded.version, parsed, logits, predictions)
+            inference_log.append(parsed.x, predictions, loaded.version, features=loaded.features,
+                                 classes=loaded.classes)
+        # the version that answered may differ from the one parsed for (a rollout): its own class names
+        if "labels" in parsed.outputs and not loaded.classes:
+            parsed.outputs.pop("labels")
+        body, headers = infer_response(server.model, loaded.version, parsed, logits, predictions, loaded.classes)
         return Response(body, headers=headers | {REQUEST_ID: request_id})
 
     @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference (JSON or binary tensors)")
