@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 
 from triggers.request_guard import MiB, BodyTooLarge, bearer_ok, read_body
 from triggers.serving.server import FEEDBACK_TOKEN_ENV as TOKEN_ENV
-from triggers.serving.server import BadInput, feedback_token
+from triggers.serving.inputs import BadInput
+from triggers.serving.server import feedback_token
 
 FEEDBACK_LIMIT = 2 * MiB
 MAX_ITEMS = 10_000

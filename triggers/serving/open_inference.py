@@ -21,7 +21,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from triggers.serving.server import BadInput, checked_cast, describe_value, format_value
+from triggers.serving.inputs import BadInput, checked_cast, describe_value, format_value
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
