@@ -3,6 +3,14 @@
 Predictors are timed in interleaved rounds (A, B, C, then B, C, A, ...) so that drift in
 machine load hits every contender alike; the production model is one of the contenders,
 so candidate and production are compared on the same hardware in the same job.
+
+Timing stops once it is precise enough: after `min_rounds`, a batch size ends as soon as every
+contender's per-round p95s agree (their spread is within a tolerance), and at `rounds` otherwise.
+All contenders stop together, so every cell at a batch size has the same number of rounds (the
+gate pairs candidate and production round by round). Each cell records how many rounds ran,
+whether it stopped early, and whether its rounds disagree beyond their own noise
+(`rounds_disagree`: the per-round p95s' confidence intervals do not overlap), which means the
+machine's load changed while the cell was timed; the report flags such cells.
 """
 
 from __future__ import annotations
@@ -32,6 +40,14 @@ class LatencyStats:
     throughput_per_s: float
     round_p95_ms: list[float] = field(default_factory=list)   # one per round, for noise-aware comparison
     samples_ms: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)   # for plots only
+    rounds: int = 0                    # rounds timed (up to max_rounds)
+    max_rounds: int = 0
+    samples: int = 0                   # timed calls in all
+    stopped_early: bool = False        # every contender's rounds agreed before max_rounds
+    steady: bool | None = None         # this cell's rounds agreed (None: a single round, nothing to compare)
+    spread_ms: float | None = None     # max - min of round_p95_ms
+    allowed_spread_ms: float | None = None   # what `steady` allowed: max(steady_spread x median, floor)
+    rounds_disagree: bool | None = None      # the rounds' p95 intervals do not all overlap (see p95_interval)
 
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if k != "samples_ms"}
@@ -60,13 +76,61 @@ def evaluate_accuracy(predictor: Predictor, x: np.ndarray, y: np.ndarray,
                          correct=(predicted == y))
 
 
-def _summarize(batch_size: int, rounds: list[np.ndarray]) -> LatencyStats:
+@dataclass(frozen=True)
+class Steadiness:
+    """When a cell's rounds agree: the spread (max - min) of its per-round p95s is within `spread` of
+    their median, or under `floor_ms` (timer and scheduler jitter, which no number of rounds removes)."""
+
+    spread: float = 0.10
+    floor_ms: float = 0.005
+
+    def allowed_ms(self, round_p95_ms: list[float]) -> float:
+        return max(self.spread * float(np.median(round_p95_ms)), self.floor_ms)
+
+    def steady(self, round_p95_ms: list[float]) -> bool | None:
+        if len(round_p95_ms) < 2:
+            return None
+        return max(round_p95_ms) - min(round_p95_ms) <= self.allowed_ms(round_p95_ms)
+
+
+def _round_p95s(rounds: list[np.ndarray]) -> list[float]:
+    return [float(np.percentile(r * 1e3, 95)) for r in rounds]
+
+
+def p95_interval(timings: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free ~95 % interval for one round's p95: the order statistics at n·0.95 ± z·√(n·0.95·0.05)
+    (binomial). Timings are heavy-tailed, so no normal approximation of the values themselves."""
+    ordered = np.sort(timings)
+    n = len(ordered)
+    centre, half = n * 0.95, z * np.sqrt(n * 0.95 * 0.05)
+    low = int(np.clip(np.floor(centre - half) - 1, 0, n - 1))
+    high = int(np.clip(np.ceil(centre + half) - 1, 0, n - 1))
+    return float(ordered[low]), float(ordered[high])
+
+
+def rounds_disagree(rounds: list[np.ndarray]) -> bool | None:
+    """Whether the rounds measured different things, beyond each round's own sampling noise: some round's
+    p95 interval lies wholly above another's. None with fewer than two rounds."""
+    if len(rounds) < 2:
+        return None
+    intervals = [p95_interval(r) for r in rounds]
+    return max(low for low, _ in intervals) > min(high for _, high in intervals)
+
+
+def _summarize(batch_size: int, rounds: list[np.ndarray], *, max_rounds: int | None = None,
+               stopped_early: bool = False, steadiness: Steadiness = Steadiness()) -> LatencyStats:
     samples_ms = np.concatenate(rounds) * 1e3
     p50, p90, p95, p99 = np.percentile(samples_ms, [50, 90, 95, 99])
     mean = float(samples_ms.mean())
+    round_p95 = _round_p95s(rounds)
     return LatencyStats(batch_size=batch_size, p50_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95),
                         p99_ms=float(p99), mean_ms=mean, throughput_per_s=batch_size * 1e3 / mean,
-                        round_p95_ms=[float(np.percentile(r * 1e3, 95)) for r in rounds], samples_ms=samples_ms)
+                        round_p95_ms=round_p95, samples_ms=samples_ms, rounds=len(rounds),
+                        max_rounds=max_rounds or len(rounds), samples=len(samples_ms), stopped_early=stopped_early,
+                        steady=steadiness.steady(round_p95),
+                        spread_ms=max(round_p95) - min(round_p95) if round_p95 else None,
+                        allowed_spread_ms=steadiness.allowed_ms(round_p95) if round_p95 else None,
+                        rounds_disagree=rounds_disagree(rounds))
 
 
 @dataclass
@@ -79,11 +143,16 @@ class LatencyResults:
 
 
 def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, batch_sizes: list[int], *,
-                    warmup: int, iterations: int, rounds: int,
+                    warmup: int, iterations: int, rounds: int, min_rounds: int | None = None,
+                    steadiness: Steadiness = Steadiness(),
                     progress: ProgressFn | None = None) -> LatencyResults:
     """Latency of every predictor at every batch size. The timed region is `run` alone (see
     automation/predictors.py): inputs are prepared on the device beforehand and `run` synchronizes.
-    A predictor that raises is dropped from the contest with its reason; the others go on."""
+    A predictor that raises is dropped from the contest with its reason; the others go on.
+
+    `rounds` is the most rounds a batch size gets. From `min_rounds` on (None: `rounds`, i.e. never
+    early), a batch size stops after any round at which every live contender is steady (`Steadiness`)."""
+    min_rounds = rounds if min_rounds is None else max(1, min(min_rounds, rounds))
     live = dict(predictors)
     results = LatencyResults({name: {} for name in predictors})
 
@@ -102,6 +171,7 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
             except Exception as exc:   # one runtime's failure is its own
                 drop(name, exc)
         samples: dict[str, list[np.ndarray]] = {name: [] for name in live}
+        stopped_early = False
         for r in range(rounds):
             names = list(live)
             if not names:
@@ -123,8 +193,16 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
                 samples[name].append(timings)
                 if progress is not None:
                     progress(iterations)
+            done = r + 1
+            if min_rounds <= done < rounds and live and \
+                    all(steadiness.steady(_round_p95s(samples[name])) for name in live):
+                stopped_early = True
+                if progress is not None:   # the rounds not needed count as done
+                    progress((rounds - done) * iterations * len(live))
+                break
         for name in live:
-            results.stats[name][batch_size] = _summarize(batch_size, samples[name])
+            results.stats[name][batch_size] = _summarize(batch_size, samples[name], max_rounds=rounds,
+                                                         stopped_early=stopped_early, steadiness=steadiness)
     for name in results.failures:
         results.stats[name] = {}
     return results

@@ -49,7 +49,15 @@ class BenchmarkConfig(Strict):
     batch_sizes: list[PositiveInt] = [1, 32, 256]   # 256: where a GPU earns its keep
     warmup: int = Field(20, ge=0)
     iterations: PositiveInt = 200      # timed calls per round
-    rounds: PositiveInt = 5            # interleaved rounds; relative latency compares rounds
+    rounds: PositiveInt = 5            # interleaved rounds, at most; relative latency compares rounds
+    # Timing stops after `min_rounds` once every contender's rounds agree at that batch size: the spread
+    # (max - min) of its per-round p95s is within `steady_spread` of their median, or under `steady_floor_ms`
+    # (scheduler jitter). All contenders stop together, so candidate and production keep equal round counts.
+    # 3, not 2: with two rounds the gate's bootstrap over rounds has little to resample. A min_rounds above
+    # rounds means: always run `rounds`.
+    min_rounds: PositiveInt = 3
+    steady_spread: float = Field(0.10, ge=0)
+    steady_floor_ms: float = Field(0.005, ge=0)
 
 
 class OptimizeConfig(Strict):
@@ -63,6 +71,11 @@ class OptimizeConfig(Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = \
         "reduce-overhead"
     build_budget_seconds: PositiveFloat = 180               # per variant; a build over it is skipped
+    # On a CPU runner the cheap variants are built and timed first (at select_batch_size): when ONNX Runtime
+    # is already this many times faster than torch_eager, torch_compile and torch_aoti are skipped as unable
+    # to win (compiling torch rarely gains 2x over eager on a CPU; they cost 30-70 s each to build here).
+    # On CUDA they are always built. None: always build them.
+    skip_compile_when_onnx_speedup: PositiveFloat | None = 2.0
 
 
 class AbsoluteGates(Strict):

@@ -101,8 +101,6 @@ def _pip_requirements(*packages: str) -> list[str]:
 
 def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
     """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
-    import torch
-
     from automation import benchmark, contract, gate, optimize, promote, report, store, tracking, train
     from automation.predictors import TIMED_REGION
 
@@ -160,9 +158,10 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
 
         # --- optimize: ONNX export, int8, GPU variants where available --------------------
         with timer.stage("optimize"):
+            # compiled artifacts are cached across jobs under the workdir (optimize.compile_aoti)
             variants, cross_device = optimize.build_variants(trained.model, splits.input_shape, splits.x_test,
                                                              spec.optimize, job_dir / "variants", runner,
-                                                             batch_sizes)
+                                                             batch_sizes, cache_dir=config.workdir / "cache")
 
         # --- benchmark: every variant and production, same hardware, interleaved ----------
         with timer.stage("benchmark"):
@@ -186,8 +185,12 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
             b = spec.benchmark
             total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
             with progress.task("benchmark", total) as advance:
+                # up to b.rounds rounds; all contenders stop together once their rounds agree
                 latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
-                                                    iterations=b.iterations, rounds=b.rounds, progress=advance)
+                                                    iterations=b.iterations, rounds=b.rounds,
+                                                    min_rounds=b.min_rounds, progress=advance,
+                                                    steadiness=benchmark.Steadiness(b.steady_spread,
+                                                                                    b.steady_floor_ms))
             if "production" in latency.failures:
                 raise StageError("benchmark", f"production version {production_version} "
                                               f"{latency.failures['production']}")

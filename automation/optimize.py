@@ -7,11 +7,25 @@ lossy ones (half, int8) are judged by test accuracy in `choose_variant`.
 
 The winner is the fastest variant (p50 at the configured batch size) whose test accuracy
 stays within `accuracy_tolerance` of the fp32 torch model.
+
+What a build costs is decided, not paid blindly:
+- the cheap variants (torch_half, the ONNX ones) are built first; on a CPU runner, eager and the fp32
+  ONNX variant are then timed briefly at `select_batch_size`, and when ONNX Runtime already leads
+  by `skip_compile_when_onnx_speedup` the compiled torch variants (30-70 s each to build here) are
+  skipped as unable to win, with the figures in the reason. On CUDA they are always built;
+- an AOTInductor package is cached under the workdir by a hash of what determines it (weights,
+  graph, input shape, torch version, device), so a rerun of the same model does not rebuild it;
+- builds run one after another, not in parallel: the expensive ones (inductor, AOTInductor's C++
+  build) already use every core, a CPU runner here has two, and concurrent builds would also time
+  each other's warm-up runs. The cheap ones take a second or two; there is nothing to gain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +40,7 @@ import torch
 from torch import nn
 
 from automation import parity
-from automation.benchmark import AccuracyStats, LatencyStats, MemoryProbe, size_mb
+from automation.benchmark import AccuracyStats, LatencyStats, MemoryProbe, measure_latency, size_mb
 from automation.config import ALL_VARIANTS, OptimizeConfig
 from automation.device import CPU, RunnerDevice, device_copy, host_copy
 from automation.errors import StageError, failure_reason, one_line
@@ -37,6 +51,8 @@ from automation.predictors import (AotiPredictor, OnnxPredictor, Predictor, Torc
 log = logging.getLogger(__name__)
 REFERENCE = "torch_eager"
 LOSSY = {"torch_half", "onnx_int8", "tensorrt_fp16"}   # judged by accuracy, not parity
+COMPILED = ("torch_compile", "torch_aoti")            # the expensive builds: built last, skipped if they cannot win
+AOTI_CACHE_KEEP = 16                                   # newest cached packages kept (a few MB each for small models)
 
 
 class Skip(Exception):
@@ -53,6 +69,8 @@ class Variant:
     skipped: str | None = None
     build_seconds: float | None = None
     build_log: Path | None = None          # compiler and exporter output, kept off the job's stderr
+    cached: bool = False                   # the artifact came from the workdir's cache, not a build
+    cache_key: str | None = None
     memory_mb: float | None = None
     memory_kind: str | None = None
     size_mb: float | None = None
@@ -71,6 +89,8 @@ class Variant:
                 "memory_kind": self.memory_kind, "parity": self.parity.as_dict() if self.parity else None,
                 "accuracy": self.accuracy.accuracy if self.accuracy else None,
                 "build_log": str(self.build_log) if self.build_log else None,
+                "cached": self.cached, "cache_key": self.cache_key,
+                "test_examples": int(len(self.accuracy.correct)) if self.accuracy else None,
                 "latency": {str(b): s.as_dict() for b, s in self.latency.items()}}
 
 
@@ -115,10 +135,44 @@ AOTI_BUILD = ("import sys, torch, torch._inductor; "
               "torch._inductor.aoti_compile_and_package(torch.export.load(sys.argv[1]), package_path=sys.argv[2])")
 
 
+def aoti_cache_key(program: torch.export.ExportedProgram, model: nn.Module, input_shape: tuple[int, ...],
+                   device: RunnerDevice) -> str:
+    """What determines an AOTInductor package: the weights, the exported graph (two models with the same
+    weights can compute different things), the input shape, torch's version, the device and the build
+    recipe. A stale or corrupt entry would still be caught: a cached package goes through parity too."""
+    digest = hashlib.sha256()
+    for part in (torch.__version__, device.type, device.name, device.fp32_precision, str(tuple(input_shape)),
+                 AOTI_BUILD, str(program.graph)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for name, tensor in sorted(host_copy(model).state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _store_in_cache(package: Path, entry: Path) -> None:
+    """Atomically (a concurrent job may store the same key), then keep the newest AOTI_CACHE_KEEP entries.
+    A cache that cannot be written costs the next job a build, never this one its variant."""
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        partial = entry / f"model.aoti.pt2.{os.getpid()}.part"
+        shutil.copyfile(package, partial)
+        os.replace(partial, entry / package.name)
+        entries = sorted((e for e in entry.parent.iterdir() if (e / package.name).is_file()),
+                         key=lambda e: (e / package.name).stat().st_mtime, reverse=True)
+        for stale in entries[AOTI_CACHE_KEEP:]:
+            shutil.rmtree(stale, ignore_errors=True)
+    except OSError as exc:
+        log.warning("AOTInductor cache not written", extra={"entry": str(entry), "reason": str(exc)})
+
+
 def compile_aoti(model: nn.Module, example: np.ndarray, device: RunnerDevice, out_dir: Path, *,
-                 timeout: float, log_file: Path) -> Path:
-    """An AOTInductor package for `device`. The C++/Triton build runs in a child process, so the build
-    budget is a hard limit: a build over it is killed, not waited for.
+                 timeout: float, log_file: Path, cache_dir: Path | None = None) -> tuple[Path, str | None, bool]:
+    """An AOTInductor package for `device`: (package, cache key, whether it came from the cache). The
+    C++/Triton build runs in a child process, so the build budget is a hard limit: a build over it is
+    killed, not waited for. With `cache_dir`, a package built before for the same key is reused and a
+    new one is stored there (`<cache_dir>/aoti/<key>/model.aoti.pt2`).
 
     The example is real input: with an all-zero example, torch 2.13's CPU AOTInductor built a package
     for digits_cnn that was off by up to 17 in the logits (caught by parity)."""
@@ -128,9 +182,15 @@ def compile_aoti(model: nn.Module, example: np.ndarray, device: RunnerDevice, ou
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+    package = out_dir / "model.aoti.pt2"
+    key = aoti_cache_key(program, model, tuple(example.shape[1:]), device) if cache_dir is not None else None
+    entry = cache_dir / "aoti" / key if cache_dir is not None and key is not None else None
+    if entry is not None and (entry / package.name).is_file():
+        shutil.copyfile(entry / package.name, package)   # the job's own copy: the cache may be pruned later
+        os.utime(entry / package.name)                   # recently used: kept by the pruning
+        return package, key, True
     exported = out_dir / "model.export.pt2"
     torch.export.save(program, str(exported))
-    package = out_dir / "model.aoti.pt2"
     with log_file.open("ab") as sink:
         try:
             subprocess.run([sys.executable, "-c", AOTI_BUILD, str(exported), str(package)], stdout=sink,
@@ -143,7 +203,9 @@ def compile_aoti(model: nn.Module, example: np.ndarray, device: RunnerDevice, ou
             raise Skip(f"AOTInductor build failed (exit {exc.returncode}): {tail[0] if tail else 'no output'}") \
                 from None
     exported.unlink(missing_ok=True)
-    return package
+    if entry is not None:
+        _store_in_cache(package, entry)
+    return package, key, False
 
 
 # --- building --------------------------------------------------------------------------------------------
@@ -158,6 +220,8 @@ class BuildContext:
     out_dir: Path
     log_file: Path = Path()
     deadline: float = 0.0             # perf_counter() by which this variant's build must end
+    cache_dir: Path | None = None     # compiled artifacts reused across jobs (None: always build)
+    cache: tuple[str | None, bool] = (None, False)   # the current variant's cache key, and whether it hit
     _onnx: Path | None = None
     _onnx_error: str | None = None
 
@@ -188,8 +252,10 @@ def _build_torch_compile(ctx: BuildContext) -> Built:
 
 
 def _build_torch_aoti(ctx: BuildContext) -> Built:
-    package = compile_aoti(ctx.model, ctx.sample, ctx.device, ctx.out_dir,
-                           timeout=max(1.0, ctx.deadline - time.perf_counter()), log_file=ctx.log_file)
+    package, key, hit = compile_aoti(ctx.model, ctx.sample, ctx.device, ctx.out_dir,
+                                     timeout=max(1.0, ctx.deadline - time.perf_counter()), log_file=ctx.log_file,
+                                     cache_dir=ctx.cache_dir)
+    ctx.cache = (key, hit)
     return AotiPredictor(package, ctx.device), package, ctx.device.fp32_precision
 
 
@@ -248,11 +314,59 @@ def _timed(variant: Variant) -> Iterator[None]:
         variant.build_seconds = round(time.perf_counter() - started, 3)
 
 
+PROBE = {"warmup": 5, "iterations": 50, "rounds": 3}   # the short timing behind a "cannot win" decision
+
+
+def compiled_cannot_win(variants: list[Variant], x: np.ndarray, cfg: OptimizeConfig,
+                        device: RunnerDevice) -> str | None:
+    """Why torch_compile and torch_aoti cannot win on this runner, or None when they are worth building.
+
+    Only on a CPU runner, and only against an exact ONNX variant (onnx_fp32 passed parity): a lossy one
+    might still fail on accuracy. torch_eager and onnx_fp32 are timed briefly, interleaved, at the batch
+    size that picks the winner; the decision and its figures go in the reason. Each side's figure is its best
+    round's p50: on a shared machine one round can catch a burst of load (a torch eager p50 of 40 ms instead of
+    0.1 ms was seen here), and the least disturbed round is the closest to what the runtime can do."""
+    ratio = cfg.skip_compile_when_onnx_speedup
+    if ratio is None or device.is_cuda:   # on a GPU, compiling is where the gains are: always build
+        return None
+    built = {v.name: v.predictor for v in variants if v.predictor is not None}
+    exact_onnx = [name for name in ("onnx_fp32",) if name in built]
+    if REFERENCE not in built or not exact_onnx:
+        return None
+    batch = cfg.select_batch_size
+    latency = measure_latency({name: built[name] for name in (REFERENCE, *exact_onnx)}, x, [batch], **PROBE)
+    if latency.failures:   # the benchmark stage will say what failed; build rather than guess
+        return None
+    p50 = {name: _best_round_p50(latency[name][batch]) for name in (REFERENCE, *exact_onnx)}
+    eager = p50[REFERENCE]
+    best = min(exact_onnx, key=p50.__getitem__)
+    fastest = p50[best]
+    speedup = eager / fastest
+    log.info("compiled variants: cannot-win probe", extra={"batch_size": batch, "torch_eager_p50_ms": eager,
+                                                          f"{best}_p50_ms": fastest, "speedup": speedup,
+                                                          "threshold": ratio})
+    if speedup < ratio:
+        return None
+    return (f"cannot win: {best} is {speedup:.1f}× faster than torch_eager at batch {batch} on this CPU "
+            f"(p50 {fastest:.3f} ms vs {eager:.3f} ms, timed before building); compiling torch rarely gains "
+            f"{ratio:g}× over eager on a CPU (optimize.skip_compile_when_onnx_speedup)")
+
+
+def _best_round_p50(stats: LatencyStats) -> float:
+    if stats.rounds < 2 or len(stats.samples_ms) % stats.rounds:
+        return stats.p50_ms
+    return float(np.median(stats.samples_ms.reshape(stats.rounds, -1), axis=1).min())
+
+
 def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.ndarray, cfg: OptimizeConfig,
-                   out_dir: Path, device: RunnerDevice = CPU,
-                   batch_sizes: list[int] | None = None) -> tuple[list[Variant], parity.Parity | None]:
+                   out_dir: Path, device: RunnerDevice = CPU, batch_sizes: list[int] | None = None,
+                   cache_dir: Path | None = None) -> tuple[list[Variant], parity.Parity | None]:
     """Every configured variant, built or skipped with its reason, plus the cross-device difference
-    (torch fp32 on the runner's GPU against torch fp32 on the CPU; None on a CPU runner)."""
+    (torch fp32 on the runner's GPU against torch fp32 on the CPU; None on a CPU runner).
+
+    The cheap variants are built first, then the compiled ones unless they cannot win
+    (`compiled_cannot_win`); the list comes back in the registry's order (config.ALL_VARIANTS).
+    `cache_dir` keeps AOTInductor packages across jobs (None: always build)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     batch_sizes = batch_sizes or [1]
 
@@ -279,41 +393,72 @@ def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.nd
                                       precision=device.fp32_precision)
         log.info("cross-device difference", extra=cross_device.as_dict())
 
-    ctx = BuildContext(model, input_shape, x_test[:2], device, cfg, out_dir)
-    for name in [n for n in ALL_VARIANTS if n in cfg.variants and n != REFERENCE]:
-        variant = Variant(name, build_log=out_dir / f"{name}.build.log")
-        ctx.log_file, ctx.deadline = variant.build_log, time.perf_counter() + cfg.build_budget_seconds
-        variants.append(variant)
-        with _timed(variant):
-            try:
-                probe = MemoryProbe(device)
-                with captured_output(variant.build_log):
-                    predictor, artifact, variant.precision = BUILDERS[name](ctx)
-                    variant.device = str(predictor.device.torch)
-                    candidate = _warm(predictor, x_test, batch_sizes, probe)
-            except Skip as exc:
-                variant.skip(str(exc))
-                continue
-            except Exception as exc:   # any failure of an optional variant is its own, never the job's
-                variant.skip(failure_reason(f"{name} build", exc))
-                continue
-        variant.memory_mb, variant.memory_kind = probe.megabytes, probe.kind
-        variant.size_mb = size_mb(artifact) if artifact is not None else (
-            size_mb(torch_path) * (0.5 if name == "torch_half" else 1.0))
-        lossy = name in LOSSY
-        variant.parity = parity.compare(
-            logits[predictor.device.type], candidate, against=f"torch fp32 on {predictor.device.torch}",
-            precision=variant.precision if variant.precision in parity.EPSILON else "fp32",
-            atol=None if lossy else cfg.parity_atol)
-        if not lossy and not variant.parity.passed:
-            variant.skip(variant.parity.reason())
-            continue
-        if variant.build_seconds > cfg.build_budget_seconds:
-            variant.skip(f"build took {variant.build_seconds:.0f} s, over the {cfg.build_budget_seconds:g} s "
-                         "budget (optimize.build_budget_seconds)")
-            continue
-        variant.predictor, variant.artifact = predictor, artifact
+    ctx = BuildContext(model, input_shape, x_test[:2], device, cfg, out_dir, cache_dir=cache_dir)
+    wanted = [n for n in ALL_VARIANTS if n in cfg.variants and n != REFERENCE]
+    cheap, compiled = [n for n in wanted if n not in COMPILED], [n for n in wanted if n in COMPILED]
+    for name in cheap:
+        variants.append(_build_one(name, ctx, logits, batch_sizes, x_test, torch_path))
+    cannot_win = compiled_cannot_win(variants, x_test, cfg, device) if compiled else None
+    for name in compiled:
+        if cannot_win:
+            variant = Variant(name, device=str(device.torch), precision=device.fp32_precision)
+            variant.skip(cannot_win)
+            variants.append(variant)
+        else:
+            variants.append(_build_one(name, ctx, logits, batch_sizes, x_test, torch_path))
+    variants.sort(key=lambda v: ALL_VARIANTS.index(v.name))   # type: ignore[arg-type]
     return variants, cross_device
+
+
+def _build_one(name: str, ctx: BuildContext, logits: dict[str, np.ndarray], batch_sizes: list[int],
+               x_test: np.ndarray, torch_path: Path) -> Variant:
+    """One optional variant, built, warmed and checked; any failure skips it with its reason."""
+    cfg, device = ctx.cfg, ctx.device
+    variant = Variant(name, build_log=ctx.out_dir / f"{name}.build.log")
+    ctx.log_file, ctx.deadline = variant.build_log, time.perf_counter() + cfg.build_budget_seconds
+    ctx.cache = (None, False)
+    with _timed(variant):
+        try:
+            probe = MemoryProbe(device)
+            with captured_output(variant.build_log):
+                predictor, artifact, variant.precision = BUILDERS[name](ctx)
+                variant.device = str(predictor.device.torch)
+                candidate = _warm(predictor, x_test, batch_sizes, probe)
+        except Skip as exc:
+            variant.skip(str(exc))
+            return variant
+        except Exception as exc:   # any failure of an optional variant is its own, never the job's
+            variant.skip(failure_reason(f"{name} build", exc) + (" (cached package; the cache entry was removed)"
+                                                                 if _drop_cache_entry(ctx) else ""))
+            return variant
+    variant.cache_key, variant.cached = ctx.cache
+    variant.memory_mb, variant.memory_kind = probe.megabytes, probe.kind
+    variant.size_mb = size_mb(artifact) if artifact is not None else (
+        size_mb(torch_path) * (0.5 if name == "torch_half" else 1.0))
+    lossy = name in LOSSY
+    variant.parity = parity.compare(
+        logits[predictor.device.type], candidate, against=f"torch fp32 on {predictor.device.torch}",
+        precision=variant.precision if variant.precision in parity.EPSILON else "fp32",
+        atol=None if lossy else cfg.parity_atol)
+    if not lossy and not variant.parity.passed:
+        variant.skip(variant.parity.reason() + (" (cached package; the cache entry was removed)"
+                                                if _drop_cache_entry(ctx) else ""))
+        return variant
+    if variant.build_seconds > cfg.build_budget_seconds:
+        variant.skip(f"build took {variant.build_seconds:.0f} s, over the {cfg.build_budget_seconds:g} s "
+                     "budget (optimize.build_budget_seconds)")
+        return variant
+    variant.predictor, variant.artifact = predictor, artifact
+    return variant
+
+
+def _drop_cache_entry(ctx: BuildContext) -> bool:
+    """A cached package that failed to load or to match is removed, so the next job builds it afresh."""
+    key, hit = ctx.cache
+    if not hit or key is None or ctx.cache_dir is None:
+        return False
+    shutil.rmtree(ctx.cache_dir / "aoti" / key, ignore_errors=True)
+    return True
 
 
 def drop_failed(variants: list[Variant], failures: dict[str, str]) -> None:

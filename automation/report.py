@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ MEMORY_KINDS = {"cuda_peak_allocated": "GPU peak", "cuda_device_used": "GPU used
 EMOJI = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
 BADGE = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
 MARKER = "<!-- mlgate-report model={model} -->"
+UNSTEADY, IMPLAUSIBLE = "†", "‡"   # latency cells: rounds disagree; more work measured faster (noise)
+MAX_FLAGGED = 12                   # flagged cells named in a footnote; the rest are counted
 
 
 def _pct(value: float | None) -> str:
@@ -40,6 +43,40 @@ def _pct(value: float | None) -> str:
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _acc(value: float | None, n: int | None) -> str:
+    """An accuracy with the size of the test set it was measured on: 100.00% of 36 is not 100.00% of 3,600."""
+    return _pct(value) if value is None or not n else f"{value:.2%} (n={n:,})"
+
+
+def _test_examples(summary: dict[str, Any]) -> int | None:
+    """The test set's size: every accuracy in a job is on the same examples (the gate pairs them)."""
+    return next((v.get("test_examples") for v in summary["variants"]
+                 if v["name"] == summary.get("chosen_variant") and v.get("test_examples")), None) or \
+        next((v["test_examples"] for v in summary["variants"] if v.get("test_examples")), None)
+
+
+def _implausible(latency: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Cells that are plainly noise: a larger batch measured faster (p50) than a smaller one of the same
+    variant. Which of the two is off cannot be told, so both are marked; the value says against which."""
+    sizes = sorted(latency, key=int)
+    marked: dict[str, str] = {}
+    for i, small in enumerate(sizes):
+        for large in sizes[i + 1:]:
+            if latency[small]["p50_ms"] > latency[large]["p50_ms"]:
+                marked.setdefault(small, large)
+                marked.setdefault(large, small)
+    return marked
+
+
+def _flags(latency: dict[str, dict[str, Any]], batch: str) -> str:
+    """Markers for one latency cell (see `_noise_notes`)."""
+    cell = latency.get(batch) or {}
+    marks = UNSTEADY if cell.get("rounds_disagree") else ""
+    if batch in _implausible(latency):
+        marks += IMPLAUSIBLE
+    return f" {marks}" if marks else ""
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -145,13 +182,14 @@ def _comparison_table(summary: dict[str, Any]) -> list[str]:
             delta = f"{c - p:+.4g}"
         rows.append(f"| {name} | {fmt(c)} | {fmt(p)} | {delta or '—'} |")
 
+    n = _test_examples(summary)
     acc_delta = None
     if prod and delta_line and delta_line["observed"] is not None:
         acc_delta = f"{delta_line['observed'] * 100:+.2f} pts"
         if delta_line.get("ci"):
             low, high = delta_line["ci"]
-            acc_delta += f" (CI [{low * 100:+.2f}, {high * 100:+.2f}])"
-    row("accuracy", cand["accuracy"], prod and prod["accuracy"], _pct, acc_delta)
+            acc_delta += f" (CI [{low * 100:+.2f}, {high * 100:+.2f}]" + (f", n={n:,})" if n else ")")
+    row("accuracy", cand["accuracy"], prod and prod["accuracy"], lambda v: _acc(v, n), acc_delta)
     row("macro-F1", cand["macro_f1"], prod and prod["macro_f1"], lambda v: "—" if v is None else f"{v:.4f}")
     for stat in ("p50_ms", "p95_ms", "p99_ms"):
         c = cand["latency"]["1"][stat]
@@ -160,19 +198,42 @@ def _comparison_table(summary: dict[str, Any]) -> list[str]:
             None if p is None else f"{(c / p - 1):+.1%}")
     row("size (MB)", cand["size_mb"], prod and prod["size_mb"], lambda v: "—" if v is None else f"{v:.3f}")
     rows.append("\n" + _production_line(prod))
+    if n:
+        rows.append("\n" + _evidence_line(n, delta_line if prod else None))
     return rows
+
+
+def _evidence_line(n: int, delta_line: dict[str, Any] | None) -> str:
+    """What an accuracy on n examples can show: one example is 100/n points."""
+    line = f"Accuracy is measured on n={n:,} test examples: one example moves it by {100 / n:.2f} pts."
+    ci = delta_line.get("ci") if delta_line else None
+    if ci and ci[0] == ci[1]:
+        line += (f" The interval [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}] has no width because both models got "
+                 "exactly the same examples right: it describes this test set, not how the models would differ "
+                 "on other data.")
+    elif n < 1000:
+        line += " Differences of a few examples are within what another draw of the test set could change."
+    return line
+
+
+ACCURACY_METRICS = ("accuracy", "macro_f1", "Δ accuracy")   # gate metrics measured on the test set
 
 
 def _gate_lines(summary: dict[str, Any], flavor: Flavor) -> list[str]:
     checks = summary["gate"]["checks"][:MAX_CHECKS]
+    n = _test_examples(summary)
+
+    def size(c: dict[str, Any]) -> str:
+        return f" (n={n:,})" if n and c.get("metric") in ACCURACY_METRICS else ""
+
     if not flavor.html:
-        return [f"- {c['line']}" for c in checks]
+        return [f"- {c['line']}{size(c)}" for c in checks]
     # the page builds each line from the check's fields: `line` starts with an emoji mark
     lines = []
     for c in checks:
         observed = "missing" if c["observed"] is None else f"{c['observed']:.4g}"
         lines.append(f"- {flavor.mark(c['status'])} **{_text(c['name'])}**: {_text(c['metric'])} = {observed} "
-                     f"(threshold {_text(c['threshold'])}) — {_text(c['reason'])}")
+                     f"(threshold {_text(c['threshold'])}) — {_text(c['reason'])}{size(c)}")
     return lines
 
 
@@ -214,12 +275,14 @@ def _variant_row(v: dict[str, Any], summary: dict[str, Any], largest: str, base:
         return lead + f"{built} | — | — | — | — | — | — | — | — | — | — | {reason} |"
     lat = v["latency"]
     one, big = lat.get("1", {}), lat.get(largest, {})
+    f1, fbig = (_flags(lat, "1"), _flags(lat, largest)) if lat else ("", "")
     speedup = f"{base / one['p50_ms']:.2f}×" if base and one.get("p50_ms") else "—"
     status = "**chosen**" if v["name"] == summary["chosen_variant"] else "built"
-    return lead + (f"{_num(v.get('build_seconds'), '.3g')} | {_pct(v['accuracy'])} | "
+    built = _num(v.get("build_seconds"), ".3g") + (" (cached)" if v.get("cached") else "")
+    return lead + (f"{built} | {_acc(v['accuracy'], v.get('test_examples'))} | "
                    f"{_num(v.get('size_mb'), '.3f')} | {_parity(v)} | "
-                   f"{_ms(one.get('p50_ms'))} | {_ms(one.get('p95_ms'))} | {_ms(one.get('p99_ms'))} | "
-                   f"{_ms(big.get('p50_ms'))} | {_num(big.get('throughput_per_s'), ',.0f')} | {_memory(v)} | "
+                   f"{_ms(one.get('p50_ms'))}{f1} | {_ms(one.get('p95_ms'))}{f1} | {_ms(one.get('p99_ms'))}{f1} | "
+                   f"{_ms(big.get('p50_ms'))}{fbig} | {_num(big.get('throughput_per_s'), ',.0f')} | {_memory(v)} | "
                    f"{speedup} | {status} |")
 
 
@@ -247,10 +310,82 @@ def _latency_by_batch(summary: dict[str, Any]) -> list[str]:
     sizes = _batch_sizes(variants)
     rows = ["| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for v in variants:
-        cells = [" / ".join(_ms(v["latency"][b][k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
+        cells = [" / ".join(_ms(v["latency"][b][k]) for k in ("p50_ms", "p95_ms", "p99_ms")) + _flags(v["latency"], b)
                  if b in v["latency"] else "—" for b in sizes]
         rows.append(f"| `{v['name']}` | " + " | ".join(cells) + " |")
-    return rows
+    return rows + _noise_notes(summary)
+
+
+def _named(cells: list[str]) -> str:
+    shown = "; ".join(cells[:MAX_FLAGGED])
+    return shown + (f"; and {len(cells) - MAX_FLAGGED} more" if len(cells) > MAX_FLAGGED else "")
+
+
+def _noise_notes(summary: dict[str, Any]) -> list[str]:
+    """Footnotes for the latency cells that should not be read at face value."""
+    unsteady, implausible = [], []
+    contenders = [(v["name"], v["latency"]) for v in _shown_variants(summary) if not v["skipped"] and v["latency"]]
+    for name, latency in contenders:
+        for batch in sorted(latency, key=int):
+            cell = latency[batch]
+            if cell.get("rounds_disagree"):
+                low, high = min(cell["round_p95_ms"]), max(cell["round_p95_ms"])
+                unsteady.append(f"`{_text(name, 40)}` b{batch}: p95 per round {low:.3f}–{high:.3f} ms")
+        for batch, other in sorted(_implausible(latency).items(), key=lambda kv: int(kv[0])):
+            if int(batch) < int(other):
+                implausible.append(f"`{_text(name, 40)}` p50 b{batch} {latency[batch]['p50_ms']:.3f} ms > "
+                                   f"b{other} {latency[other]['p50_ms']:.3f} ms")
+    notes = []
+    if unsteady:
+        notes.append(f"\n{UNSTEADY} Rounds disagree beyond their noise: the 95 % intervals of two rounds' p95s do "
+                     "not overlap, so the machine's load changed while this cell was timed; read it as a range, "
+                     "not a figure. " + _named(unsteady) + ".")
+    if implausible:
+        notes.append(f"\n{IMPLAUSIBLE} Plainly noise: a larger batch of the same variant measured faster than a "
+                     "smaller one, which more work cannot do; at least one of the two cells is off. "
+                     + _named(implausible) + ".")
+    return notes
+
+
+def _cost_lines(summary: dict[str, Any]) -> list[str]:
+    """What the job spent, what it decided not to spend, and why."""
+    lines = ["### Job cost"]
+    timings = summary.get("timings") or {}
+    if timings:
+        outside = sum(t for name, t in timings.items() if name != "train")
+        lines.append("- Stage times: " + " · ".join(f"{_text(name, 20)} {t:.1f} s" for name, t in timings.items())
+                     + f"; outside training {outside:.1f} s" + (" (so far: the report's own time is in report.json)"
+                                                               if "report" not in timings else "") + ".")
+    variants = _shown_variants(summary)
+    for v in variants:
+        if v["skipped"] and v["skipped"].startswith("cannot win"):
+            lines.append(f"- `{v['name']}` not built: {_text(v['skipped'])}.")
+        elif v.get("cached") and not v["skipped"]:
+            key = f" (key `{_text(v['cache_key'], 24)}`)" if v.get("cache_key") else ""
+            lines.append(f"- `{v['name']}` cached: its artifact was built by an earlier job for the same weights, "
+                         f"graph, input shape, torch and device{key}; reusing it took "
+                         f"{_num(v.get('build_seconds'), '.3g')} s. It passed parity like a fresh build.")
+    timed = [v["latency"] for v in variants if not v["skipped"] and v["latency"]]
+    for batch in _batch_sizes(variants):
+        cells = [lat[batch] for lat in timed if batch in lat and "rounds" in lat[batch]]
+        if not cells:
+            continue
+        cell = cells[0]   # every contender at a batch size runs the same rounds
+        if cell.get("stopped_early"):
+            lines.append(f"- Timing, batch {batch}: stopped after {cell['rounds']} of {cell['max_rounds']} rounds "
+                         f"({cell['samples']:,} calls per variant): every contender's per-round p95s already "
+                         "agreed within benchmark.steady_spread (or steady_floor_ms).")
+        elif cell["rounds"] > 1:
+            disagree = [v["name"] for v in variants if not v["skipped"]
+                        and (v["latency"].get(batch) or {}).get("steady") is False]
+            why = (f"the per-round p95s of {', '.join(f'`{n}`' for n in disagree[:MAX_FLAGGED])} stayed further "
+                   "apart than benchmark.steady_spread" if disagree else "the rounds agreed only at the last one")
+            lines.append(f"- Timing, batch {batch}: all {cell['rounds']} rounds ran "
+                         f"({cell['samples']:,} calls per variant): {why}.")
+    lines.append(f"- Variants were built one after another: the compilers (inductor, AOTInductor's C++ build) "
+                 f"already use every core ({os.cpu_count() or '?'} on the machine that wrote this report), so "
+                 "parallel builds would contend for them and disturb each other's warm-up timing.")
+    return lines
 
 
 def _environment(summary: dict[str, Any]) -> list[str]:
@@ -314,6 +449,7 @@ def _render(summary: dict[str, Any], links: dict[str, str], flavor: Flavor) -> s
     lines += ["", "### Variants", *_variant_table(summary, flavor), "",
               "Latency by batch size (ms, p50 / p95 / p99):", "", *_latency_by_batch(summary), "",
               f"Chosen: {_text(summary['chosen_because'], 400)}.", ""]
+    lines += [*_cost_lines(summary), ""]
     lines += ["### Environment", *_environment(summary), ""]
     lines += _training(summary, flavor)
     if not flavor.html:     # the page shows the latency distributions as a PNG
@@ -362,7 +498,9 @@ def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, 
         cand, prod = summary["metrics"], summary["production"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
         axes[0].bar(["candidate", "production"], [cand["accuracy"], prod["accuracy"]], color=["tab:blue", "tab:gray"])
-        axes[0].set(title="Test accuracy", ylim=(min(cand["accuracy"], prod["accuracy"]) - 0.05, 1))
+        n = _test_examples(summary)
+        axes[0].set(title=f"Test accuracy (n={n:,})" if n else "Test accuracy",
+                    ylim=(min(cand["accuracy"], prod["accuracy"]) - 0.05, 1))
         axes[1].bar(["candidate", "production"], [cand["latency"]["1"]["p95_ms"], prod["latency"]["1"]["p95_ms"]],
                     color=["tab:blue", "tab:gray"])
         axes[1].set(title="p95 latency, batch 1 (ms)")

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from automation import optimize, parity
-from automation.benchmark import AccuracyStats, LatencyStats, evaluate_accuracy, measure_latency
-from automation.config import OptimizeConfig, TrainConfig
-from automation.device import select_device
+from automation import benchmark, gate
+from automation.benchmark import AccuracyStats, LatencyResults, LatencyStats, Steadiness, evaluate_accuracy, \
+    measure_latency
+from automation.config import GateConfig, OptimizeConfig, TrainConfig
+from automation.device import CPU, RunnerDevice, select_device
 from automation.errors import StageError
 from automation.optimize import Variant, build_variants, choose_variant, drop_failed
 from automation.predictors import OnnxPredictor, TorchPredictor, predict
@@ -139,18 +141,175 @@ def test_a_build_over_its_budget_is_skipped(trained, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_compiled_variants_build_match_and_keep_their_chatter_off_stderr(trained, tmp_path: Path, capfd) -> None:
+    """Also the AOTInductor cache: the one package built here is reused by a second build of the same weights
+    (the only AOTInductor build in this file: one takes 30-40 s on 2 cores)."""
     splits, model = trained
     cfg = OptimizeConfig(variants=["torch_eager", "torch_compile", "torch_aoti"])
-    variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path, DEVICE, [1, 16])
+    cache = tmp_path / "cache"
+    variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path / "first", DEVICE, [1, 16],
+                                 cache_dir=cache)
     by_name = _by_name(variants)
     for name in ("torch_compile", "torch_aoti"):
         v = by_name[name]
         assert v.skipped is None and v.predictor is not None, v.skipped
         assert v.parity.passed and v.parity.reference == f"torch fp32 on {DEVICE.torch}"
         assert v.build_seconds > 0 and v.build_log is not None
-    assert by_name["torch_aoti"].artifact.name == "model.aoti.pt2" and by_name["torch_aoti"].artifact.stat().st_size
+    built = by_name["torch_aoti"]
+    assert built.artifact.name == "model.aoti.pt2" and built.artifact.stat().st_size
+    assert not built.cached and built.cache_key and (cache / "aoti" / built.cache_key / "model.aoti.pt2").is_file()
     out, err = capfd.readouterr()
     assert "AUTOTUNE" not in err and "g++" not in err and "warning" not in err.lower(), err[-2000:]
+
+    # a rerun of the same model (CPU training is deterministic) takes the package from the cache
+    again, _ = build_variants(model, splits.input_shape, splits.x_test,
+                              OptimizeConfig(variants=["torch_eager", "torch_aoti"]), tmp_path / "second", DEVICE,
+                              [1, 16], cache_dir=cache)
+    hit = _by_name(again)["torch_aoti"]
+    assert hit.skipped is None and hit.cached and hit.cache_key == built.cache_key and hit.parity.passed
+    assert hit.artifact == tmp_path / "second" / "model.aoti.pt2"          # the job's own copy
+    assert hit.artifact.read_bytes() == built.artifact.read_bytes()
+    assert hit.summary()["cached"] is True and not (tmp_path / "second" / "model.export.pt2").exists()
+
+    # other weights, another input shape or another device are another key
+    program = torch.export.export(optimize.device_copy(model, CPU), (torch.from_numpy(splits.x_test[:2]),))
+    key = optimize.aoti_cache_key(program, model, splits.input_shape, CPU)
+    assert key != optimize.aoti_cache_key(program, digits_cnn.build(channels=8, hidden=32), splits.input_shape, CPU)
+    assert key != optimize.aoti_cache_key(program, model, (1, 8, 9), CPU)
+    assert key != optimize.aoti_cache_key(program, model, splits.input_shape, RunnerDevice("cuda", 0, "H100", False))
+
+
+def _probe_result(eager_ms: float, onnx_ms: float, batch: int = 1) -> LatencyResults:
+    def stats(ms: float) -> LatencyStats:
+        return LatencyStats(batch, ms, ms, ms, ms, ms, batch * 1e3 / ms, [ms] * 3)
+    return LatencyResults({"torch_eager": {batch: stats(eager_ms)}, "onnx_fp32": {batch: stats(onnx_ms)}})
+
+
+def test_compiled_variants_that_cannot_win_are_not_built_on_a_cpu(trained, tmp_path: Path, monkeypatch) -> None:
+    """ONNX Runtime 4x faster than eager: compiling torch would cost 30-70 s for a variant that cannot win.
+    The probe's figures are given (a timing here would make the test depend on the machine)."""
+    splits, model = trained
+    probed = []
+
+    def probe(predictors, x, batch_sizes, **kwargs):
+        probed.append((sorted(predictors), batch_sizes))
+        return _probe_result(0.40, 0.10, batch_sizes[0])
+
+    monkeypatch.setattr(optimize, "measure_latency", probe)
+    monkeypatch.setattr(optimize, "compile_aoti", lambda *a, **k: pytest.fail("torch_aoti was built"))
+    cfg = OptimizeConfig(variants=["torch_eager", "torch_compile", "torch_aoti", "onnx_fp32"], select_batch_size=8)
+    variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path, CPU, [1, 8])
+    by_name = _by_name(variants)
+    assert [v.name for v in variants] == ["torch_eager", "torch_compile", "torch_aoti", "onnx_fp32"]   # registry order
+    assert probed == [(["onnx_fp32", "torch_eager"], [8])]          # timed once, at the batch that picks the winner
+    for name in ("torch_compile", "torch_aoti"):
+        v = by_name[name]
+        assert v.predictor is None and v.build_seconds is None and v.device == "cpu"
+        assert v.skipped == ("cannot win: onnx_fp32 is 4.0× faster than torch_eager at batch 8 on this CPU (p50 "
+                             "0.100 ms vs 0.400 ms, timed before building); compiling torch rarely gains 2× over eager "
+                             "on a CPU (optimize.skip_compile_when_onnx_speedup)")
+    assert by_name["onnx_fp32"].predictor is not None and by_name["torch_eager"].predictor is not None
+
+
+def test_compiled_variants_are_built_when_they_might_win(trained, monkeypatch) -> None:
+    splits, model = trained
+    eager, onnx = object(), object()
+    variants = [Variant("torch_eager", predictor=eager), Variant("onnx_fp32", predictor=onnx)]  # type: ignore[arg-type]
+    monkeypatch.setattr(optimize, "measure_latency", lambda *a, **k: _probe_result(0.15, 0.10))
+    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), CPU) is None      # 1.5x < 2x
+    monkeypatch.setattr(optimize, "measure_latency", lambda *a, **k: _probe_result(0.40, 0.10))
+    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), CPU).startswith("cannot win")
+    # configurable, and off with null; never on CUDA, where compiling is where the gains are
+    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(skip_compile_when_onnx_speedup=5),
+                                        CPU) is None
+    assert optimize.compiled_cannot_win(variants, splits.x_test,
+                                        OptimizeConfig(skip_compile_when_onnx_speedup=None), CPU) is None
+    gpu = RunnerDevice("cuda", 0, "NVIDIA H100 80GB HBM3", tf32=False)
+    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), gpu) is None
+    # without an exact ONNX variant there is nothing to compare against (int8 might yet fail on accuracy)
+    int8_only = [Variant("torch_eager", predictor=eager),  # type: ignore[arg-type]
+                 Variant("onnx_int8", predictor=onnx)]  # type: ignore[arg-type]
+    assert optimize.compiled_cannot_win(int8_only, splits.x_test, OptimizeConfig(), CPU) is None
+    # each side is judged by its least disturbed round: one round caught in a burst of load does not decide
+    bursty = np.concatenate([np.full(50, 0.1), np.full(50, 40.0), np.full(50, 0.12)])
+    stats = LatencyStats(1, 40.0, 40.0, 40.0, 40.0, 13.4, 75.0, [0.1, 40.0, 0.12], bursty, rounds=3)
+    assert optimize._best_round_p50(stats) == pytest.approx(0.1)
+
+
+class _FakeClock:
+    """Stands in for time.perf_counter inside the benchmark: fake predictors advance it by what a call
+    'takes', so these tests are about the stopping rule, not about this machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Scripted:
+    """A predictor whose call takes `ms(round, call)` milliseconds of fake time."""
+
+    def __init__(self, clock: _FakeClock, ms, iterations: int) -> None:
+        self.clock, self.ms, self.iterations, self.calls = clock, ms, iterations, 0
+        self.device, self.memory_kind = CPU, "host_rss"
+
+    def prepare(self, x):
+        return x
+
+    def run(self, prepared):
+        self.clock.now += self.ms(self.calls // self.iterations, self.calls % self.iterations) / 1e3
+        self.calls += 1
+
+    def to_numpy(self, output):
+        return output
+
+
+def _jitter(call: int) -> float:
+    return 0.02 * ((call * 7919) % 13) / 13      # up to 2 %, the same in every round
+
+
+def test_timing_stops_early_once_every_contenders_rounds_agree(monkeypatch) -> None:
+    clock, iterations = _FakeClock(), 40
+    monkeypatch.setattr(benchmark, "time", clock)
+    steady = {name: _Scripted(clock, lambda r, i, base=base: base * (1 + _jitter(i)), iterations)
+              for name, base in (("onnx_fp32", 0.1), ("production", 0.12))}
+    counted = []
+    latency = measure_latency(steady, np.zeros((4, 3), np.float32), [1], warmup=0, iterations=iterations, rounds=6,
+                              min_rounds=3, progress=counted.append)
+    for name in steady:
+        cell = latency[name][1]
+        assert (cell.rounds, cell.max_rounds, cell.samples, cell.stopped_early) == (3, 6, 3 * iterations, True)
+        assert cell.steady and not cell.rounds_disagree and len(cell.round_p95_ms) == 3
+        assert cell.as_dict()["stopped_early"] is True and cell.as_dict()["rounds"] == 3
+    assert sum(counted) == 6 * iterations * 2          # the progress bar completes: skipped rounds count as done
+    # the gate pairs candidate and production round by round: equal counts, a real comparison
+    candidate = gate.CandidateMetrics(0.9, 0.9, latency["onnx_fp32"][1].p95_ms, 1.0, None,
+                                      latency["onnx_fp32"][1].round_p95_ms)
+    production = gate.CandidateMetrics(0.9, 0.9, latency["production"][1].p95_ms, 1.0, None,
+                                       latency["production"][1].round_p95_ms)
+    check = gate._latency_vs_production(candidate, production, 0.25, GateConfig())
+    assert check.status == "passed" and "missing" not in check.reason
+
+
+def test_timing_runs_every_round_while_one_contender_is_noisy(monkeypatch) -> None:
+    clock, iterations = _FakeClock(), 40
+    monkeypatch.setattr(benchmark, "time", clock)
+    contenders = {
+        "onnx_fp32": _Scripted(clock, lambda r, i: 0.1 * (1 + _jitter(i)), iterations),
+        # the machine's load changes between rounds: 1x, 1.6x, 1x, 1.6x, ...
+        "torch_eager": _Scripted(clock, lambda r, i: 0.5 * (1.6 if r % 2 else 1.0) * (1 + _jitter(i)), iterations),
+    }
+    latency = measure_latency(contenders, np.zeros((4, 3), np.float32), [1, 8], warmup=0, iterations=iterations,
+                              rounds=5, min_rounds=2, steadiness=Steadiness(spread=0.10, floor_ms=0.005))
+    for batch in (1, 8):
+        noisy, quiet = latency["torch_eager"][batch], latency["onnx_fp32"][batch]
+        assert (noisy.rounds, noisy.stopped_early, noisy.steady, noisy.rounds_disagree) == (5, False, False, True)
+        # the steady one is timed for as long as the noisy one: all contenders stop together
+        assert (quiet.rounds, quiet.stopped_early, quiet.steady, quiet.rounds_disagree) == (5, False, True, False)
+        assert noisy.spread_ms > noisy.allowed_spread_ms == pytest.approx(0.1 * np.median(noisy.round_p95_ms))
+    # min_rounds above rounds, or not given: every round runs, as before
+    assert measure_latency(contenders, np.zeros((4, 3), np.float32), [1], warmup=0, iterations=iterations,
+                           rounds=3)["onnx_fp32"][1].rounds == 3
 
 
 def test_parity_tolerance_follows_the_precision() -> None:

@@ -240,3 +240,75 @@ def test_html_report_renders_in_a_browser(tmp_path: Path) -> None:
     assert pixels.shape[:2] == (2400, 1200)
     drawn = (pixels[..., :3].min(axis=2) < 0.9).any(axis=1)    # rows with anything on them
     assert drawn[:1200].mean() > 0.5 and drawn[1200:].mean() > 0.5     # text, tables and plots down the page
+
+
+def evidence_summary() -> dict[str, Any]:
+    """The fixture as this job now records it: the test set's size per variant, per-cell round counts and
+    noise verdicts, a compiled variant skipped as unable to win and an AOTInductor package from the cache."""
+    summary: dict[str, Any] = copy.deepcopy(SUMMARY)
+    for variant in summary["variants"]:
+        if variant["accuracy"] is not None:
+            variant["test_examples"] = 36
+        for batch, cell in variant["latency"].items():
+            early = batch == "1"   # every contender at a batch size stops together
+            cell |= {"rounds": 3 if early else 5, "max_rounds": 5, "samples": 600 if early else 1000,
+                     "stopped_early": early, "steady": True, "rounds_disagree": False}
+    by_name = {v["name"]: v for v in summary["variants"]}
+    by_name["torch_eager"]["latency"]["32"] |= {"steady": False, "rounds_disagree": True}
+    by_name["onnx_int8"]["latency"]["1"]["p50_ms"] = 2.0          # above its p50 at batch 32 (1.419): noise
+    by_name["torch_compile"] |= {"skipped": "cannot win: onnx_fp32 is 4.8× faster than torch_eager at batch 1 on "
+                                            "this CPU", "latency": {}, "accuracy": None, "test_examples": None}
+    by_name["torch_aoti"] |= {"cached": True, "cache_key": "0123456789abcdef01234567", "build_seconds": 0.9}
+    summary["gate"]["checks"][3]["ci"] = [0.0, 0.0]
+    return summary
+
+
+def test_every_accuracy_shows_the_size_of_the_test_set() -> None:
+    text = render_markdown(evidence_summary())
+    comparison = section(text, "Candidate vs production")
+    accuracy = next(row for row in table_rows(comparison) if row[0] == "accuracy")
+    assert accuracy[1:] == ["95.56% (n=36)", "95.56% (n=36)", "+0.00 pts (CI [+0.00, +0.00], n=36)"]
+    # a zero-width interval on 36 examples says less than it seems to, and the report says so
+    assert "one example moves it by 2.78 pts" in comparison and "has no width" in comparison
+    header, _, *rows = table_rows(section(text, "Variants").split("\n\n", 1)[0])
+    cells = {row[0].strip("`"): dict(zip(header, row))["accuracy"] for row in rows}
+    assert cells["onnx_fp32"] == "95.56% (n=36)" and cells["torch_compile"] == "—"
+    gate = section(text, "Gate")
+    assert "- ❌ min accuracy: accuracy = 0.9556 (threshold ≥ 0.995) — below the limit (n=36)" in gate
+    assert "p95 ms (batch 1) = 0.02019 (threshold ≤ 2) — within limit\n" in gate   # latency checks: no n
+    assert "(n=36)" in render_html(evidence_summary(), samples_of(SUMMARY))
+
+
+def test_noisy_latency_cells_are_marked_with_a_footnote() -> None:
+    text = render_markdown(evidence_summary())
+    table = text.split("Latency by batch size (ms, p50 / p95 / p99):", 1)[1].split("\n\n", 2)[1]
+    rows = {row[0].strip("`"): row[1:] for row in table_rows(table)[2:]}
+    assert rows["torch_eager"][1].endswith(" †") and not rows["torch_eager"][0].endswith(("†", "‡"))
+    assert rows["onnx_int8"][0].endswith(" ‡") and rows["onnx_int8"][1].endswith(" ‡")     # b1 slower than b32
+    assert not any(cell.endswith(("†", "‡")) for cell in rows["onnx_fp32"])
+    notes = text.split("Latency by batch size", 1)[1].split("### Job cost", 1)[0]
+    assert "† Rounds disagree beyond their noise" in notes
+    assert "`torch_eager` b32: p95 per round 0.732–1.434 ms" in notes
+    assert "‡ Plainly noise" in notes and "`onnx_int8` p50 b1 2.000 ms > b32 1.419 ms" in notes
+    variants = {row[0].strip("`"): row for row in table_rows(section(text, "Variants").split("\n\n", 1)[0])[2:]}
+    assert variants["onnx_int8"][7] == "2.000 ‡" and variants["torch_eager"][10] == "0.548 †"
+    # unmarked where nothing was recorded: the flags come from the benchmark, not guessed afterwards
+    assert "†" not in render_markdown(SUMMARY) and "Rounds disagree" not in render_markdown(SUMMARY)
+
+
+def test_the_report_says_what_was_skipped_cached_and_cut_short() -> None:
+    summary = evidence_summary()
+    cost = section(render_markdown(summary), "Job cost")
+    assert "- Stage times: validate 1.4 s · connect 1.5 s · train 2.2 s" in cost and "outside training 28.7 s" in cost
+    assert "- `torch_compile` not built: cannot win: onnx_fp32 is 4.8× faster than torch_eager" in cost
+    assert "- `torch_aoti` cached: its artifact was built by an earlier job" in cost and "0123456789abcdef" in cost
+    assert "- Timing, batch 1: stopped after 3 of 5 rounds (600 calls per variant)" in cost
+    assert ("- Timing, batch 32: all 5 rounds ran (1,000 calls per variant): the per-round p95s of `torch_eager` "
+            "stayed further apart than benchmark.steady_spread.") in cost
+    assert "one after another" in cost
+    rows = {row[0].strip("`"): row for row in table_rows(section(render_markdown(summary), "Variants")
+                                                         .split("\n\n", 1)[0])[2:]}
+    assert rows["torch_aoti"][3] == "0.9 (cached)"
+    assert rows["torch_compile"][-1].startswith("⏭️ skipped: cannot win")
+    page = render_html(summary, samples_of(SUMMARY))
+    assert "<h3>Job cost</h3>" in page and "(cached)" in page
