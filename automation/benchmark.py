@@ -15,6 +15,7 @@ machine's load changed while the cell was timed; the report flags such cells.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -144,14 +145,15 @@ class LatencyResults:
 
 def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, batch_sizes: list[int], *,
                     warmup: int, iterations: int, rounds: int, min_rounds: int | None = None,
-                    steadiness: Steadiness = Steadiness(),
-                    progress: ProgressFn | None = None) -> LatencyResults:
+                    steadiness: Steadiness = Steadiness(), max_round_seconds: float = math.inf,
+                    min_iterations: int = 20, progress: ProgressFn | None = None) -> LatencyResults:
     """Latency of every predictor at every batch size. The timed region is `run` alone (see
     automation/predictors.py): inputs are prepared on the device beforehand and `run` synchronizes.
     A predictor that raises is dropped from the contest with its reason; the others go on.
 
     `rounds` is the most rounds a batch size gets. From `min_rounds` on (None: `rounds`, i.e. never
-    early), a batch size stops after any round at which every live contender is steady (`Steadiness`)."""
+    early), a batch size stops after any round at which every live contender is steady (`Steadiness`).
+    A contender's round ends after `iterations` calls or `max_round_seconds`, but not before `min_iterations`."""
     min_rounds = rounds if min_rounds is None else max(1, min(min_rounds, rounds))
     live = dict(predictors)
     results = LatencyResults({name: {} for name in predictors})
@@ -182,15 +184,19 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
                 p = live[name]
                 timings = np.empty(iterations)
                 handle = prepared[name]
+                calls, deadline = iterations, time.perf_counter() + max_round_seconds
                 try:
                     for i in range(iterations):
                         start = time.perf_counter()
                         p.run(handle)
-                        timings[i] = time.perf_counter() - start
+                        timings[i] = end = time.perf_counter() - start
+                        if start + end >= deadline and i + 1 >= min_iterations:   # slow calls: enough samples
+                            calls = i + 1
+                            break
                 except Exception as exc:
                     drop(name, exc)
                     continue
-                samples[name].append(timings)
+                samples[name].append(timings[:calls])
                 if progress is not None:
                     progress(iterations)
             done = r + 1

@@ -58,6 +58,10 @@ class BenchmarkConfig(Strict):
     min_rounds: PositiveInt = 3
     steady_spread: float = Field(0.10, ge=0)
     steady_floor_ms: float = Field(0.005, ge=0)
+    # A contender's round ends after `iterations` calls or this many seconds, whichever comes first (but never
+    # before `min_iterations` calls): a 40 ms call needs no 200 samples a round, and 200 of them cost 8 s.
+    max_round_seconds: PositiveFloat = 0.5
+    min_iterations: PositiveInt = 20
 
 
 class OptimizeConfig(Strict):

@@ -188,7 +188,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                 # up to b.rounds rounds; all contenders stop together once their rounds agree
                 latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
                                                     iterations=b.iterations, rounds=b.rounds,
-                                                    min_rounds=b.min_rounds, progress=advance,
+                                                    min_rounds=b.min_rounds, max_round_seconds=b.max_round_seconds,
+                                                    min_iterations=b.min_iterations, progress=advance,
                                                     steadiness=benchmark.Steadiness(b.steady_spread,
                                                                                     b.steady_floor_ms))
             if "production" in latency.failures:

@@ -312,6 +312,20 @@ def test_timing_runs_every_round_while_one_contender_is_noisy(monkeypatch) -> No
                            rounds=3)["onnx_fp32"][1].rounds == 3
 
 
+def test_a_round_of_slow_calls_ends_at_its_time_budget_but_not_before_min_iterations(monkeypatch) -> None:
+    clock, iterations = _FakeClock(), 200
+    monkeypatch.setattr(benchmark, "time", clock)
+    contenders = {"slow": _Scripted(clock, lambda r, i: 40.0, iterations),          # 40 ms a call
+                  "fast": _Scripted(clock, lambda r, i: 0.05, iterations)}
+    latency = measure_latency(contenders, np.zeros((4, 3), np.float32), [1], warmup=0, iterations=iterations,
+                              rounds=3, max_round_seconds=0.5, min_iterations=20)
+    assert latency["slow"][1].samples == 3 * 20          # 20 calls pass 0.5 s: the floor, not 200
+    assert latency["fast"][1].samples == 3 * iterations  # 200 calls take 10 ms: all of them
+    tight = measure_latency(contenders, np.zeros((4, 3), np.float32), [1], warmup=0, iterations=iterations,
+                            rounds=1, max_round_seconds=0.0001, min_iterations=20)
+    assert tight["fast"][1].samples == 20                # never fewer than min_iterations
+
+
 def test_parity_tolerance_follows_the_precision() -> None:
     reference = np.array([[8.0, -2.0], [0.5, 1.0]])
     assert parity.tolerance("fp32", reference) == pytest.approx(math.sqrt(2.0 ** -23) * 8.0)
