@@ -56,12 +56,66 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-def fast_config(epochs: int | None = None) -> dict[str, Any]:
-    """A copy of FAST_CONFIG to adjust, with `epochs` when given."""
+# For tests that are about what happens around a job (queue, leases, faults, GitHub, services), not about its
+# variants: two variants (the fp32 reference and its ONNX export), timed at batch 1 only, with FAST_CONFIG's
+# iterations and rounds so a relative latency gate compares as many rounds as before.
+LEAN_OPTIMIZE: dict[str, Any] = {"variants": ["torch_eager", "onnx_fp32"]}
+LEAN_BENCHMARK: dict[str, Any] = {"batch_sizes": [1], "warmup": 5, "iterations": 60, "rounds": 4}
+
+
+def fast_config(epochs: int | None = None, lean: bool = False) -> dict[str, Any]:
+    """A copy of FAST_CONFIG to adjust, with `epochs` when given; `lean`: LEAN_OPTIMIZE and LEAN_BENCHMARK."""
     config = copy.deepcopy(FAST_CONFIG)
     if epochs is not None:
         config["defaults"]["train"]["epochs"] = epochs
+    if lean:
+        config["defaults"]["optimize"] = copy.deepcopy(LEAN_OPTIMIZE)
+        config["defaults"]["benchmark"] = copy.deepcopy(LEAN_BENCHMARK)
     return config
+
+
+# Job processes started by a test share 2 cores with pytest and whatever services the test runs: torch's
+# default of one intra-op thread per core makes its threads spin against those processes (training the
+# digits models took 5-10x longer that way). One thread each; models this small gain nothing from more.
+JOB_THREADS: dict[str, str] = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def single_threaded_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes this test starts (jobs, services, workers) inherit JOB_THREADS."""
+    for key, value in JOB_THREADS.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, its schema migrated once per session (creating one costs seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    MlflowClient(uri, uri).search_experiments()
+    return path
+
+
+@pytest.fixture
+def no_retry_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib3 retries (the GitHub client's) still happen, as many as configured, without sleeping between them:
+    for tests about what a refused or unreachable API leads to, not about how long the backoff waits."""
+    from urllib3.util.retry import Retry
+
+    monkeypatch.setattr(Retry, "get_backoff_time", lambda self: 0.0)
+
+
+def seed_mlflow_store(workdir: Path, template: Path) -> None:
+    """Give `workdir` an empty, already migrated MLflow store (see mlflow_template), as an existing
+    deployment's is: for tests about what happens around a job, not about creating the store."""
+    import shutil
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "mlflow.db").exists():
+        raise FileExistsError(workdir / "mlflow.db")
+    shutil.copyfile(template, workdir / "mlflow.db")
 
 
 def write_config(directory: Path, config: dict[str, Any] | None = None) -> Path:

@@ -4,6 +4,8 @@ repository and runs that commit's model code and mlgate.yaml, never the service'
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import yaml
 
 from automation.config import parse_config
 from automation.store import open_store
-from tests.conftest import fast_config, git_commit, project_files
+from tests.conftest import JOB_THREADS, fast_config, git_commit, project_files, seed_mlflow_store
 from triggers.jobs import queue
 from triggers.jobs.executors import LocalExecutor
 
@@ -37,18 +39,45 @@ def build(hidden: int = 128, dropout: float = 0.1) -> nn.Module:
 '''
 
 
-@pytest.fixture
-def repository(tmp_path: Path) -> dict[str, Any]:
-    state = tmp_path / "service-state"
-    config = fast_config(epochs=6)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> dict[str, Any]:
+    """The service's repository (a good commit, then a worse one) and its state once the good commit's job
+    ran: version 1 in production. Trained once per module; each test runs its jobs on its own copy."""
+    base = tmp_path_factory.mktemp("checkout")
+    state = base / "service-state"
+    config = fast_config(epochs=6, lean=True)
     config["workdir"] = str(state)
     config["models"] = {"digits_mlp": config["models"]["digits_mlp"]}
-    repo = tmp_path / "repo"
+    repo = base / "repo"
     good = git_commit(repo, project_files("models") | {"mlgate.yaml": yaml.safe_dump(config)}, "good model")
     worse = git_commit(repo, {"models/digits_mlp.py": WORSE_MLP}, "worse model")
-    service_config = parse_config((repo / "mlgate.yaml").read_text(), str(repo / "mlgate.yaml"), repo)
+    seed_mlflow_store(state, mlflow_template)
+    repository = {"repo": repo, "good": good, "worse": worse, "state": state, "engine": open_store(
+        f"sqlite:///{state / 'mlgate.db'}"), "config": parse_config((repo / "mlgate.yaml").read_text(),
+                                                                     str(repo / "mlgate.yaml"), repo)}
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("MLFLOW_TRACKING_URI", "MLGATE_DATABASE_URL", "GITHUB_TOKEN", "GITHUB_REPOSITORY"):
+            env.delenv(name, raising=False)
+        for name, value in JOB_THREADS.items():
+            env.setenv(name, value)
+        outcome, summary = run(repository, good)
+    repository["engine"].dispose()
+    return {"repo": repo, "good": good, "worse": worse, "state": state, "good_run": (outcome, summary)}
+
+
+@pytest.fixture
+def repository(trained: dict[str, Any], tmp_path: Path, single_threaded_jobs: None) -> dict[str, Any]:
+    """A copy of the trained service state for this test (the MLflow store's artifacts stay where the module's
+    job wrote them), and the repository's main branch back at the worse commit."""
+    state = tmp_path / "service-state"
+    shutil.copytree(trained["state"], state)
+    repo = trained["repo"]
+    subprocess.run(["git", "reset", "-q", "--hard", trained["worse"]], cwd=repo, check=True)
+    raw = yaml.safe_load((repo / "mlgate.yaml").read_text()) | {"workdir": str(state)}
+    service_config = parse_config(yaml.safe_dump(raw), str(repo / "mlgate.yaml"), repo)
     engine = open_store(f"sqlite:///{state / 'mlgate.db'}")
-    return {"repo": repo, "good": good, "worse": worse, "config": service_config, "engine": engine, "state": state}
+    return {"repo": repo, "good": trained["good"], "worse": trained["worse"], "config": service_config,
+            "engine": engine, "state": state, "good_run": trained["good_run"]}
 
 
 def run(repository: dict[str, Any], sha: str | None) -> tuple[Any, dict[str, Any] | None]:
@@ -64,7 +93,7 @@ def run(repository: dict[str, Any], sha: str | None) -> tuple[Any, dict[str, Any
 def test_each_job_runs_the_code_of_its_own_commit(repository: dict[str, Any],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "the-service-secret")
-    good, good_summary = run(repository, repository["good"])
+    good, good_summary = repository["good_run"]                 # the module's job, on the good commit
     assert good.state == "succeeded" and good.fields["sha"] == repository["good"], good
     assert good_summary["sha"] == repository["good"] and good_summary["metrics"]["accuracy"] > 0.85
     assert f"commit `{repository['good'][:12]}`" in (repository["state"] / "reports" / good_summary["job_id"] /
@@ -106,7 +135,7 @@ def build(hidden: int = 128, dropout: float = 0.1) -> nn.Module:
 
 
 def test_a_slower_candidate_fails_the_latency_gate_and_production_stays(repository: dict[str, Any]) -> None:
-    good, good_summary = run(repository, repository["good"])
+    good, good_summary = repository["good_run"]
     assert good.state == "succeeded"
     slower = git_commit(repository["repo"], {"models/digits_mlp.py": SLOWER_MLP}, "a slower model")
     outcome, summary = run(repository, slower)
@@ -138,7 +167,7 @@ def test_a_pr_job_holds_no_credential_and_never_writes_the_registry(repository: 
 
     for name in ("GITHUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "GITHUB_WEBHOOK_SECRET", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, f"secret-{name}")
-    good, _ = run(repository, repository["good"])
+    good, _ = repository["good_run"]
     assert good.state == "succeeded"                            # version 1 is production
     seen = tmp_path / "seen-by-pr.json"
     head = git_commit(repository["repo"], {"models/digits_mlp.py": peeking_model(seen)}, "a PR")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import JOB_THREADS
+
 pytestmark = pytest.mark.slow
 
 
 def test_closed_loop_demo(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "triggers.cli", "demo", "--loop", "--workdir", str(tmp_path / "demo"),
-                           "--epochs", "8"], capture_output=True, text=True, timeout=900)
+                           "--epochs", "8"], capture_output=True, text=True, timeout=900, env=os.environ | JOB_THREADS)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     steps = [s["step"] for s in summary["steps"]]

@@ -21,15 +21,19 @@ from sqlalchemy.orm import Session
 from automation import promote, store, tracking
 from automation.config import load_config
 from automation.errors import GateStale, MlgateError
-from tests.conftest import clean_tables, fast_config, git_commit, project_files, wait_for, write_config
+from tests.conftest import (clean_tables, fast_config, git_commit, project_files, seed_mlflow_store, wait_for,
+                            write_config)
 from triggers.jobs import queue
 from triggers.jobs.executors import LocalExecutor
 from triggers.jobs.worker import Worker
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> MlflowClient:
-    return tracking.connect(tmp_path, "mlgate")[0]
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> MlflowClient:
+    """One MLflow registry for the module: each test registers its own model (`versions`: a fresh name)."""
+    workdir = tmp_path_factory.mktemp("registry")
+    seed_mlflow_store(workdir, mlflow_template)
+    return tracking.connect(workdir, "mlgate")[0]
 
 
 @pytest.fixture
@@ -138,14 +142,16 @@ def job_processes() -> list[Any]:
 
 @pytest.mark.slow
 def test_a_database_that_refuses_heartbeats_causes_no_double_run(tmp_path: Path, db_url: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch, mlflow_template: Path,
+                                                                 single_threaded_jobs: None) -> None:
     """Worker A's heartbeats fail (its database connection is refused) for longer than the lease. A must stop
     its job before the lease runs out; B recovers the job and runs it once more; exactly one promotion."""
     clean_tables(db_url)
-    config = fast_config(epochs=20)   # a job far longer than the lease
+    config = fast_config(epochs=20, lean=True)   # a job far longer than the lease
     config["service"] = {"lease_seconds": 6, "max_attempts": 3}
     path = write_config(tmp_path, config)
     commit = git_commit(tmp_path, project_files("models"), "the service's repository")
+    seed_mlflow_store(tmp_path / "state", mlflow_template)   # after the commit: the store is not part of it
     monkeypatch.setenv("MLGATE_DATABASE_URL", db_url)
     loaded = load_config(path)
     engine = store.open_store(db_url)

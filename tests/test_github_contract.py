@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import fast_config, last_json, wait_for, write_config
+from tests.conftest import JOB_THREADS, fast_config, last_json, seed_mlflow_store, wait_for, write_config
 from triggers.local_broker import free_port
 from triggers.github.api import GitHubSource, GitHubUnavailable
 
@@ -157,13 +157,15 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
 
 
 @pytest.fixture(scope="module")
-def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory,
+                  mlflow_template: Path) -> dict[str, dict[str, Any]]:
     """`mlgate run` for a push and for a PR, reporting to GitHub (Prism) as it would on a runner."""
     directory = tmp_path_factory.mktemp("reporting")
-    path = write_config(directory, fast_config(epochs=5))
+    path = write_config(directory, fast_config(epochs=5, lean=True))   # GitHub is the point, not the variants
+    seed_mlflow_store(directory / "state", mlflow_template)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_"))}
     env |= {"GITHUB_API_URL": prism, "GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": REPO,
-            "MLGATE_SERVICE_URL": "https://mlgate.example", "MLGATE_LOG_LEVEL": "info"}
+            "MLGATE_SERVICE_URL": "https://mlgate.example", "MLGATE_LOG_LEVEL": "info", **JOB_THREADS}
     runs = {}
     for trigger, extra in (("push", []), ("pr", ["--pr", "1347"])):
         done = subprocess.run([sys.executable, "-m", "triggers.cli", "--config", str(path), "run", "--model",

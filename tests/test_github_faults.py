@@ -36,7 +36,8 @@ class FakeGitHub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode, self.requests = "ok", []
         self.reset_at = int(time.time()) + 3600
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # a short poll interval: shutdown() returns within 50 ms rather than the default half second
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -93,6 +94,7 @@ def test_a_rate_limit_is_reported_at_once_with_githubs_reset(api: FakeGitHub) ->
     assert 100 < limited.value.retry_at - time.time() <= 120
 
 
+@pytest.mark.usefixtures("no_retry_backoff")   # 5xx answers: retried, without the waits
 def test_a_rate_limited_plan_stays_pending_and_holds_up_nothing_else(api: FakeGitHub, tmp_path: Path) -> None:
     config = parse_config(yaml.safe_dump(copy.deepcopy(FAST_CONFIG)), "mlgate.yaml", tmp_path)
     engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
@@ -111,6 +113,7 @@ def test_a_rate_limited_plan_stays_pending_and_holds_up_nothing_else(api: FakeGi
     assert planned.status == "jobs" and "HTTP 502" in planned.reason and "evaluating every model" in planned.reason
 
 
+@pytest.mark.usefixtures("no_retry_backoff")   # 5xx answers: retried, without the waits
 def test_a_status_github_did_not_take_is_posted_by_the_sweep(api: FakeGitHub, tmp_path: Path) -> None:
     engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
     reporter = JobStatusReporter(engine, GitHubReporter(GitHubSource(api_url=api.url, token="t"), REPO), tmp_path)

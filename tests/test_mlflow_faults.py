@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from automation import promote, store
-from tests.conftest import fast_config, last_json, wait_for, write_config
+from tests.conftest import JOB_THREADS, fast_config, last_json, seed_mlflow_store, wait_for, write_config
 from triggers.local_broker import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,9 @@ class FaultProxy(ThreadingHTTPServer):
     def __init__(self, upstream: str) -> None:
         super().__init__(("127.0.0.1", 0), _Forward)
         self.upstream = upstream
+        # one pooled client for every forwarded call: a client per call pays for its set-up (TLS context
+        # included) each time, and registering a model makes dozens of calls
+        self.client = httpx.Client(timeout=60, limits=httpx.Limits(keepalive_expiry=2))   # < uvicorn's 5 s
         self.rule: tuple[str, str, str, str] | None = None
         self.matched = threading.Event()
         self.release = threading.Event()
@@ -61,8 +64,8 @@ class _Forward(BaseHTTPRequestHandler):
             self._send(503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', {"Content-Type": "application/json"})
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        answer = httpx.request(self.command, self.server.upstream + self.path, content=body, headers=headers,
-                               timeout=60)
+        answer = self.server.client.request(self.command, self.server.upstream + self.path, content=body,
+                                            headers=headers)
         self._send(answer.status_code, answer.content, {k: v for k, v in answer.headers.items() if k.lower() in (
             "content-type",)})
 
@@ -81,14 +84,17 @@ class _Forward(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("mlflow-server")
+    seed_mlflow_store(directory, mlflow_template)   # the server starts on a migrated store
     port = free_port()
     log = open(directory / "server.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                 "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
                                 "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               # no job-execution consumers (seven huey processes polling): nothing here uses them
+                               stdout=log, stderr=subprocess.STDOUT,
+                               env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -108,13 +114,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 class Project:
     def __init__(self, directory: Path, proxy: FaultProxy) -> None:
-        config = fast_config(epochs=4)
+        config = fast_config(epochs=4, lean=True)
         config["models"] = {MODEL: config["models"][MODEL]}
         # the second and later runs retrain the same model: the gate is not what these tests are about
         config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
         self.path = write_config(directory, config)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_"))}
-        self.env |= {"MLFLOW_TRACKING_URI": proxy.url, "MLGATE_DATABASE_URL": f"sqlite:///{directory / 'jobs.db'}"}
+        self.env |= {"MLFLOW_TRACKING_URI": proxy.url, "MLGATE_DATABASE_URL": f"sqlite:///{directory / 'jobs.db'}",
+                     **JOB_THREADS}
         self.engine = store.open_store(self.env["MLGATE_DATABASE_URL"])
         from mlflow import MlflowClient
 

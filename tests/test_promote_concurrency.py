@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from automation import promote, store, tracking
+from tests.conftest import seed_mlflow_store
 
 
 def _register_versions(client: MlflowClient, model: str, gates: list[str]) -> list[str]:
@@ -24,6 +25,12 @@ def _register_versions(client: MlflowClient, model: str, gates: list[str]) -> li
         client.set_model_version_tag(model, mv.version, promote.GATE_TAG, verdict)
         versions.append(str(mv.version))
     return versions
+
+
+# what a racer imports, preloaded by the fork server (by names it can import: it does not get pytest's sys.path)
+RACER_IMPORTS = ["pytest", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+                 "mlflow.store.model_registry.sqlalchemy_store", "automation.promote", "automation.store",
+                 "automation.tracking", "tests.conftest"]
 
 
 def _promote_worker(workdir: str, db_url: str, model: str, version: str, barrier, results) -> None:
@@ -40,17 +47,28 @@ def _promote_worker(workdir: str, db_url: str, model: str, version: str, barrier
         results.put(("error", version, str(exc)))
 
 
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
+    """One MLflow registry (SQLite) for the module: each race registers its own model, under a fresh name."""
+    workdir = tmp_path_factory.mktemp("registry")
+    seed_mlflow_store(workdir, mlflow_template)
+    return workdir
+
+
 @pytest.mark.parametrize("attempt", range(3))
-def test_concurrent_promotions_serialize(tmp_path: Path, db_url: str, attempt: int) -> None:
-    client, _ = tracking.connect(tmp_path, "mlgate")
+def test_concurrent_promotions_serialize(registry_dir: Path, db_url: str, attempt: int) -> None:
+    client, _ = tracking.connect(registry_dir, "mlgate")
     model = f"race_{uuid.uuid4().hex[:8]}"
     v1, v2, v3, failed = _register_versions(client, model, ["passed", "passed", "passed", "failed"])
     engine = store.open_store(db_url)
     promote.promote(client, engine, model, v1, reason="initial")
 
-    ctx = mp.get_context("spawn")
+    # separate processes, forked from a server that imported MLflow once for the session rather than a fresh
+    # interpreter importing it per racer; each racer still opens its own store and connections
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(RACER_IMPORTS)
     barrier, results = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_promote_worker, args=(str(tmp_path), db_url, model, v, barrier, results))
+    procs = [ctx.Process(target=_promote_worker, args=(str(registry_dir), db_url, model, v, barrier, results))
              for v in (v2, v3, failed)]
     for p in procs:
         p.start()

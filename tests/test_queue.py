@@ -81,7 +81,10 @@ def _claim_all(db_url: str, worker: str, barrier, results) -> None:
 def test_workers_in_separate_processes_never_claim_the_same_job(db_url: str) -> None:
     engine = open_store(db_url)
     ids = {queue.enqueue(engine, model=f"m{i}", kind="retrain", trigger="push")[0].id for i in range(40)}
-    ctx = mp.get_context("spawn")
+    # separate processes, forked from a server that imported what a worker needs once for the session, rather
+    # than a fresh interpreter importing it all per worker; each worker still opens its own engine
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pytest", "sqlalchemy", "automation.store", "triggers.jobs.queue", "tests.conftest"])
     barrier, results = ctx.Barrier(3), ctx.Queue()
     workers = [ctx.Process(target=_claim_all, args=(db_url, f"w{i}-{uuid.uuid4().hex[:4]}", barrier, results))
                for i in range(3)]

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from automation import promote, store
-from tests.conftest import ServeProcess, clean_tables, fast_config, git_commit, project_files, wait_for
+from tests.conftest import (JOB_THREADS, ServeProcess, clean_tables, fast_config, git_commit, project_files,
+                            seed_mlflow_store, wait_for)
 from triggers.jobs import queue
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 class Service(ServeProcess):
     def __init__(self, directory: Path, db_url: str) -> None:
-        env = {"GITHUB_WEBHOOK_SECRET": "crash-secret", "MLGATE_DATABASE_URL": db_url}
+        env = {"GITHUB_WEBHOOK_SECRET": "crash-secret", "MLGATE_DATABASE_URL": db_url, **JOB_THREADS}
         super().__init__(directory / "mlgate.yaml", directory, cwd=directory, env=env)
 
 
@@ -34,13 +35,15 @@ def job_processes(pid: int) -> list[psutil.Process]:
     return found
 
 
-def test_a_service_killed_mid_job_finishes_the_job_once_after_restart(tmp_path: Path, db_url: str) -> None:
+def test_a_service_killed_mid_job_finishes_the_job_once_after_restart(tmp_path: Path, db_url: str,
+                                                                      mlflow_template: Path) -> None:
     clean_tables(db_url)
-    config = fast_config(epochs=10)
+    config = fast_config(epochs=10, lean=True)
     config["models"] = {"digits_mlp": config["models"]["digits_mlp"]}
     config["service"] = {"workers": 1, "lease_seconds": 4}
     sha = git_commit(tmp_path, project_files("models") | {"mlgate.yaml": yaml.safe_dump(config),
                                                            ".gitignore": "state/\n*.log\n"})
+    seed_mlflow_store(tmp_path / "state", mlflow_template)
     engine = store.open_store(db_url)
     job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=sha)
     first = Service(tmp_path, db_url)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import (ServeProcess, fast_config, git_commit, headless_chromium, project_files, wait_for,
-                            webhook_examples)
+from tests.conftest import (JOB_THREADS, ServeProcess, fast_config, git_commit, headless_chromium, project_files,
+                            seed_mlflow_store, wait_for, webhook_examples)
 from triggers.local_broker import TansuBroker
 from triggers.intake.drift import make_event
 from triggers.intake.drift_consumer import publish
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def e2e_config(data_root: Path) -> dict[str, Any]:
-    config = fast_config(epochs=8)
+    config = fast_config(epochs=8, lean=True)
     # the loop is under test here, not the gate: a drift retrain must not fail on latency noise
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     config["defaults"]["drift"] = {"threshold": 0.3, "cooldown_minutes": 0}
@@ -37,12 +37,14 @@ def e2e_config(data_root: Path) -> dict[str, Any]:
 
 
 class Service(ServeProcess):
-    def __init__(self, directory: Path, bootstrap: str) -> None:
+    def __init__(self, directory: Path, bootstrap: str, mlflow_template: Path) -> None:
         # the service's repository: each job runs the commit it names, in a worktree of this repo
         self.sha = git_commit(directory, project_files("models") | {
             "mlgate.yaml": yaml.safe_dump(e2e_config(directory)), ".gitignore": "state/\n*.log\n*.npz\nchromium/\n"})
+        seed_mlflow_store(directory / "state", mlflow_template)
         super().__init__(directory / "mlgate.yaml", directory, cwd=directory, env={
-            "GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info"})
+            "GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info",
+            **JOB_THREADS})
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.get(f"/jobs/{job_id}").json()
@@ -52,8 +54,8 @@ class Service(ServeProcess):
 
 
 @pytest.fixture
-def service(tmp_path: Path, kafka_broker: TansuBroker) -> Any:
-    running = Service(tmp_path, kafka_broker.bootstrap)
+def service(tmp_path: Path, kafka_broker: TansuBroker, mlflow_template: Path) -> Any:
+    running = Service(tmp_path, kafka_broker.bootstrap, mlflow_template)
     try:
         assert wait_for(running.ready, 60), "the service did not become healthy"
         yield running
@@ -100,7 +102,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     response = signed_push(service, ["models/digits_mlp.py"])
     assert response.status_code == 202, response.text
     [push_job] = response.json()["jobs"]
-    assert wait_for(lambda: service.finished(push_job), 240, interval=1), service.job(push_job)
+    assert wait_for(lambda: service.finished(push_job), 240, interval=0.25), service.job(push_job)
     job = service.job(push_job)
     assert job["state"] == "succeeded", job
     assert job["version"] == "1" and job["run_id"] and job["attempts"] == 1 and job["sha"] == service.sha
@@ -120,7 +122,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     assert wait_for(lambda: drift_job() is not None, 60), service.get("/drift-events").json()
     drift_job_id = drift_job()["job_id"]
     assert drift_job()["outcome"] == "job"
-    assert wait_for(lambda: service.finished(drift_job_id), 240, interval=1), service.job(drift_job_id)
+    assert wait_for(lambda: service.finished(drift_job_id), 240, interval=0.25), service.job(drift_job_id)
     job = service.job(drift_job_id)
     assert job["state"] == "succeeded" and job["trigger"] == "drift" and job["version"] == "2", job
     models = {m["model"]: m for m in service.get("/models").json()}

@@ -147,6 +147,7 @@ def test_other_events_are_acknowledged_and_recorded(client: TestClient, service:
     assert jobs(service) == [] and len(deliveries.list_deliveries(service.engine)) == 2
 
 
+@pytest.mark.usefixtures("no_retry_backoff")   # GitHub unreachable: retried, without the waits
 def test_pr_opened_then_synchronize_supersedes_the_queued_job(client: TestClient, service: ServiceState,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     examples = webhook_examples("pull_request")
@@ -292,6 +293,7 @@ def fork_pr(action: str = "opened") -> dict[str, Any]:
     return payload
 
 
+@pytest.mark.usefixtures("no_retry_backoff")   # GitHub unreachable: retried, without the waits
 def test_a_fork_pr_runs_no_code_until_its_author_is_known_to_have_write_access(
         client: TestClient, service: ServiceState, monkeypatch: pytest.MonkeyPatch) -> None:
     assert deliver(client, "pull_request", fork_pr()).json()["status"] == "pending"
@@ -346,6 +348,7 @@ def test_only_an_evaluate_comment_from_a_writer_approves_a_pr(client: TestClient
     assert jobs(service) == []
 
 
+@pytest.mark.usefixtures("no_retry_backoff")   # GitHub unreachable: retried, without the waits
 def test_an_evaluate_command_fails_closed_when_the_pr_cannot_be_read(service: ServiceState) -> None:
     from triggers.intake.webhooks import plan_event
 

@@ -17,7 +17,7 @@ import yaml
 
 from automation.config import load_config
 from automation.store import open_store
-from tests.conftest import fast_config, git_commit, project_files, wait_for, write_config
+from tests.conftest import fast_config, git_commit, project_files, seed_mlflow_store, wait_for, write_config
 from triggers.jobs import queue
 from triggers.jobs.executors import LocalExecutor
 from triggers.jobs.worker import Worker
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Any, str]:
     """A config in a git repository (jobs run commits), its job database, and the commit to run."""
-    config = fast_config(epochs=6)
+    config = fast_config(epochs=6, lean=True)
     config["service"] = {"lease_seconds": 3, "max_attempts": 3}
     path = write_config(tmp_path, config)
     commit = git_commit(tmp_path, project_files("models"), "the service's repository")
@@ -49,8 +49,10 @@ def job_processes(worker: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any, str]) -> None:
+def test_killed_worker_job_is_recovered_and_retried(setup: tuple[Any, Path, Any, str], mlflow_template: Path,
+                                                    single_threaded_jobs: None) -> None:
     config, path, engine, commit = setup
+    seed_mlflow_store(config.workdir, mlflow_template)
     job, _ = queue.enqueue(engine, model="digits_mlp", kind="retrain", trigger="push", sha=commit)
     worker = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(path), "worker"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ServeProcess
+from tests.conftest import JOB_THREADS, ServeProcess, seed_mlflow_store
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -120,6 +120,7 @@ def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: 
         [BIN / "act", "workflow_dispatch", "-W", ".github/workflows/retrain.yml", "-e", str(event),
          "-P", "self-hosted=-self-hosted", "-P", "linux=-self-hosted", "-P", "gpu=-self-hosted",
          "--no-cache-server", "--env", f"MLGATE_VENV={BIN.parent}",
+         *[f"--env={k}={v}" for k, v in JOB_THREADS.items()],
          *[f"--var={k}={v}" for k, v in variables.items()], *stand_ins],
         cwd=tree, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
@@ -133,7 +134,8 @@ def job_summary(output: str, job_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -> None:
+def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, mlflow_template: Path,
+                                                               single_threaded_jobs: None) -> None:
     """act in host mode on a git copy of the tracked tree. act fetches every remote action before the job
     starts, which cannot work offline: each is replaced by an empty stand-in. act then checks out the
     local tree itself (a checkout without `ref`), and the artifact upload is skipped under act (`env.ACT`).
@@ -153,6 +155,7 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path) -
     from tests.conftest import wait_for
     from triggers.jobs.runner_results import mint_token
 
+    seed_mlflow_store(tmp_path / "service-state", mlflow_template)   # the service's registry, schema migrated
     service = RunningService(tmp_path)
     registry = f"sqlite:///{service.state / 'mlflow.db'}"
     try:
