@@ -19,9 +19,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from triggers.request_guard import MiB, BodyTooLarge, bearer_ok, read_body
-from triggers.serving.server import FEEDBACK_TOKEN_ENV as TOKEN_ENV
 from triggers.serving.inputs import BadInput
-from triggers.serving.server import feedback_token
+from triggers.serving.requests import FEEDBACK_TOKEN_ENV, error_response, feedback_token
 
 FEEDBACK_LIMIT = 2 * MiB
 MAX_ITEMS = 10_000
@@ -60,16 +59,16 @@ def add_route(app: Any, server: Any, max_batch: int) -> None:
     @app.post("/feedback", summary="Delayed labels for answered requests (bearer token)")
     async def feedback(request: Request) -> Response:
         if not token:
-            return JSONResponse({"error": f"feedback is off: start serve-model with {TOKEN_ENV} set"}, 404)
+            return error_response(f"feedback is off: start serve-model with {FEEDBACK_TOKEN_ENV} set", 404)
         if not bearer_ok(token, request.headers.get("authorization")):
-            return JSONResponse({"error": "feedback needs Authorization: Bearer <MLGATE_FEEDBACK_TOKEN>"}, 401)
+            return error_response("feedback needs Authorization: Bearer <MLGATE_FEEDBACK_TOKEN>", 401)
         try:
             raw = await read_body(request, FEEDBACK_LIMIT)
             labels = parse_feedback(raw, max_batch)
         except BodyTooLarge as exc:
-            return JSONResponse({"error": str(exc)}, 413)
+            return error_response(str(exc), 413)
         except BadInput as exc:
-            return JSONResponse({"error": str(exc)}, exc.status)
+            return error_response(str(exc), exc.status)
         result = await run_in_threadpool(record, server, labels)
         return JSONResponse(result.as_dict())
 

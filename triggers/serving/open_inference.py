@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from triggers.serving.inputs import BadInput, checked_cast, describe_value, format_value
+from triggers.serving.requests import INLINE_BYTES, REQUEST_ID, error_response, new_request_id, predict_body_limit
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -261,19 +262,15 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
     from fastapi.concurrency import run_in_threadpool
 
     from triggers.request_guard import BodyTooLarge, read_body
-    from triggers.serving.server import INLINE_BYTES, REQUEST_ID, new_request_id, predict_body_limit
-
-    def error(message: str, status: int) -> Response:
-        return JSONResponse({"error": message}, status)
 
     def served_for(name: str, version: str | None) -> Any:
         if name != server.model:
-            return error(f"unknown model '{name}' (this server serves {server.model})", 404)
+            return error_response(f"unknown model '{name}' (this server serves {server.model})", 404)
         served = server.current
         if served is None:
-            return error(f"no version of {server.model} is loaded yet", 503)
+            return error_response(f"no version of {server.model} is loaded yet", 503)
         if version is not None and version != served.loaded.version:
-            return error(f"version {version} of {name} is not served (serving {served.loaded.version})", 404)
+            return error_response(f"version {version} of {name} is not served (serving {served.loaded.version})", 404)
         return served
 
     def ready() -> bool:
@@ -322,14 +319,14 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
             raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch))
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
-            return error(f"{exc}: at most {max_batch} examples per request", 413)
+            return error_response(f"{exc}: at most {max_batch} examples per request", 413)
         header = request.headers.get(HEADER_LENGTH)
         args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes))
         try:
             parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
             errors.labels("bad_input").inc()
-            return error(str(exc), exc.status)
+            return error_response(str(exc), exc.status)
         request_id = new_request_id()
         logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)

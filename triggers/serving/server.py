@@ -11,10 +11,8 @@ Inference runs on inference threads, never on the event loop; so does parsing a 
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import os
 import random
 import threading
@@ -33,13 +31,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from automation.config import MlgateConfig
 from automation.predictors import RegisteredModel, predict
 from triggers.request_guard import BodyTooLarge, read_body
+from triggers.serving import feedback, open_inference
+from triggers.serving.fast_path import InferenceFastPath
 from triggers.serving.inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
+from triggers.serving.requests import (FEEDBACK_TOKEN_ENV, INLINE_BYTES, REQUEST_ID, error_response,
+                                       feedback_enabled, new_request_id, predict_body_limit)
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
-REQUEST_ID = "X-Request-Id"    # every answer's id, for the labels that come back later
-INLINE_BYTES = 16 * 1024    # a request body up to this is parsed on the event loop (tens of µs); larger, off it
 MAX_RETRY_SECONDS = 300.0   # a version that failed to load for a transient reason is tried again at least this often
 
 
@@ -298,18 +298,6 @@ def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
                         suspect_body(raw))
 
 
-FEEDBACK_TOKEN_ENV = "MLGATE_FEEDBACK_TOKEN"
-
-
-def feedback_token() -> str:
-    """The bearer token POST /feedback checks labels against; empty: feedback is off."""
-    return os.environ.get(FEEDBACK_TOKEN_ENV, "")
-
-
-def feedback_enabled() -> bool:
-    return bool(feedback_token())
-
-
 def check_rollout_labels(model: str, config: Any) -> None:
     """A stage that waits for labels needs a way for them to come: refused at start, in one line."""
     from automation.errors import UsageError
@@ -317,25 +305,6 @@ def check_rollout_labels(model: str, config: Any) -> None:
     if config is not None and any(stage.min_labels for stage in config.stages) and not feedback_enabled():
         raise UsageError(f"models.{model}.rollout: a stage waits for labels (min_labels) but POST /feedback is off: "
                          f"set {FEEDBACK_TOKEN_ENV}")
-
-
-_ID_PREFIX, _ID_COUNTER = os.urandom(6).hex(), itertools.count()
-
-
-def new_request_id() -> str:
-    """The id a client sends its labels back under (`POST /feedback`): unique per process (a counter) and
-    across processes and replicas (48 random bits per process)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
-
-
-def predict_body_limit(input_shape: tuple[int, ...], max_batch: int,
-                       features: tuple[str, ...] | None = None) -> int:
-    """The largest body a valid request can have: every number written out in full (~24 bytes as JSON), and
-    with records, every feature's name beside it."""
-    per_example = math.prod(input_shape) * 24
-    if features is not None:
-        per_example = max(per_example, sum(len(name.encode()) * 6 + 32 for name in features))   # \uXXXX escapes
-    return max_batch * per_example + 4096
 
 
 PREDICT_DESCRIPTION = """Examples are arrays shaped like the version's input (`GET /healthz`: `input_shape`), or, for a
@@ -433,21 +402,20 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         served = server.current                      # this request's model, whatever swaps meanwhile
         if served is None:
             errors.labels("no_model").inc()
-            return JSONResponse({"error": f"no production version of {server.model} is loaded yet"}, 503)
+            return error_response(f"no production version of {server.model} is loaded yet", 503)
         loaded = served.loaded
         try:
             raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, loaded.features))
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
-            return JSONResponse({"error": f"{exc}: at most {max_batch} examples per request"}, 413)
+            return error_response(f"{exc}: at most {max_batch} examples per request", 413)
         try:   # a small body parses faster than a thread hop; a large one is parsed off the event loop
             x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await run_in_threadpool(
                 _parse, raw, loaded, max_batch)
         except (ValueError, RecursionError) as exc:
             reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
             errors.labels(reason).inc()
-            return JSONResponse({"error": str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON"},
-                                status)
+            return error_response(str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON", status)
         request_id = new_request_id()
         logits, loaded = await answer(served, x, request_id)
         predictions = logits.argmax(axis=1)
@@ -487,13 +455,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                              "serving_since": served.since, "not_served": not_served},
                             200 if is_production else 503)
 
-    from triggers.serving.open_inference import add_routes
-
-    inference_routes = add_routes(app, server, answer, max_batch, inference_log, errors)
-    from triggers.serving.fast_path import InferenceFastPath
-    from triggers.serving.feedback import add_route
-
-    add_route(app, server, max_batch)
+    inference_routes = open_inference.add_routes(app, server, answer, max_batch, inference_log, errors)
+    feedback.add_route(app, server, max_batch)
 
     @app.get("/metrics")
     def metrics() -> Response:
