@@ -2,23 +2,27 @@
 
 Everything the job decides is in the returned summary (the CLI's `--json` line). Stage
 wall times are recorded so the cost of everything around training is visible.
+
+`run_job` only conducts: each stage is a function of what the stages before it produced, handed on in
+small dataclasses, so one stage reads (and changes) without the rest of the job in view.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import logging
 import platform
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -27,10 +31,26 @@ from automation.device import RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from sqlalchemy import Engine
+
+    from automation.gate import Verdict
+    from automation.optimize import Variant
+    from automation.parity import Parity
+    from automation.production import ProductionSnapshot
+    from automation.train import TrainResult
+    from models.datasets import Splits
+
 log = logging.getLogger(__name__)
 
 Trigger = Literal["manual", "push", "pr", "drift"]
 REFERENCE_FILE = "train.npz"          # logged under the run's `reference/` artifacts
+
+# What the stages import, loaded (in this order) before the first stage timer starts: a stage's time is its
+# work, not loading torch, ONNX Runtime or MLflow.
+_STAGE_MODULES = ("benchmark", "contract", "gate", "optimize", "promote", "report", "store", "tracking", "train",
+                  "predictors")
 
 
 @dataclass
@@ -101,201 +121,393 @@ def _pip_requirements(*packages: str) -> list[str]:
 
 def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
     """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
-    from automation import benchmark, contract, gate, optimize, promote, report, store, tracking, train
-    from automation.predictors import TIMED_REGION
-
+    for name in _STAGE_MODULES:
+        importlib.import_module(f"automation.{name}")
     progress = progress or JobProgress(enabled=False)
     timer = StageTimer()
     spec = config.model(request.model)
     job_dir = config.workdir / "jobs" / request.job_id
     report_dir = config.workdir / "reports" / request.job_id
 
-    # --- validate: the whole job's inputs are checked before any training time is spent ---
     with timer.stage("validate"):
-        module = check_model_module(request.model, spec)
-        splits, build, preprocess = load_checked_data(request.model, module, spec, request.fresh_data)
-        data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                                       splits.x_test, splits.y_test)
-        batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
-        runner = select_device(spec.device)   # the one place a job's device is decided
-        env = environment_info(runner)
-        described = contract.describe(splits, contract.preprocess_name(module))
-        log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
-                                           "config": spec.model_dump(), "data_fingerprint": data_fingerprint,
-                                           "data": {k: v for k, v in described.items() if k != "features"}})
-
+        validated = validate(request, spec)
     with timer.stage("connect"):
-        client, experiment_id = tracking.connect(config.workdir, config.experiment)
-        engine = store.open_store(store.database_url(config.workdir))
-        snapshot = None
-        if request.production_dir is not None:   # handed in by trusted code: this job never reads the registry
-            from automation.production import read_production
-
-            snapshot = read_production(request.production_dir, request.model)
-            production_version = snapshot.version
-        else:
-            promote.reconcile(client, engine, request.model)   # a move whose mover died settles before we read
-            production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
+        connected = connect(config, request)
 
     import mlflow
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{request.model}-{request.job_id}") as run:
-        mlflow.set_tags({"mlgate.model": request.model, "mlgate.job_id": request.job_id,
-                         "mlgate.trigger": request.trigger, "mlgate.data_fingerprint": data_fingerprint,
-                         "mlflow.source.git.commit": request.sha or "", "mlgate.pr": str(request.pr or "")}
-                        | {f"env.{k}": v for k, v in env.items()})
-        mlflow.log_params(_flat_params(spec) | ({"data.fresh": request.fresh_data} if request.fresh_data else {}))
-        mlflow.log_dict(described, "contract.json")
-
-        # --- train ---------------------------------------------------------------------
-        with timer.stage("train"), progress.task(f"train {request.model}", spec.train.epochs) as advance:
-            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-                mlflow.log_metrics(metrics, step=epoch)
-                advance(1)
-
-            trained = train.train_model(build, spec.params, splits, spec.train, device=runner, on_epoch=on_epoch)
-            mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
-
-        # --- optimize: ONNX export, int8, GPU variants where available --------------------
+    with mlflow.start_run(experiment_id=connected.experiment_id, run_name=f"{request.model}-{request.job_id}") as run:
+        log_run_inputs(request, spec, validated)
+        with timer.stage("train"):
+            trained = train_stage(request.model, spec, validated, progress)
         with timer.stage("optimize"):
-            # compiled artifacts are cached across jobs under the workdir (optimize.compile_aoti)
-            variants, cross_device = optimize.build_variants(trained.model, splits.input_shape, splits.x_test,
-                                                             spec.optimize, job_dir / "variants", runner,
-                                                             batch_sizes, cache_dir=config.workdir / "cache")
-
-        # --- benchmark: every variant and production, same hardware, interleaved ----------
+            optimized = optimize_stage(config, spec, validated, trained, job_dir)
         with timer.stage("benchmark"):
-            production = None
-            if production_version is not None:   # on this runner's device, like the candidate
-                production = _load_production(client, request.model, production_version, job_dir, runner, snapshot)
-            failures: dict[str, str] = {}
-            for v in variants:
-                if v.predictor is None:
-                    continue
-                try:
-                    v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test,
-                                                             splits.classes)
-                except Exception as exc:   # an optional variant's failure is its own
-                    failures[v.name] = failure_reason("evaluation", exc)
-            optimize.drop_failed(variants, failures)
-            built = [v for v in variants if v.predictor is not None]
-            contenders = {v.name: v.predictor for v in built}
-            if production is not None:
-                contenders["production"] = production["predictor"]
-            b = spec.benchmark
-            total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
-            with progress.task("benchmark", total) as advance:
-                # up to b.rounds rounds; all contenders stop together once their rounds agree
-                latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
-                                                    iterations=b.iterations, rounds=b.rounds,
-                                                    min_rounds=b.min_rounds, max_round_seconds=b.max_round_seconds,
-                                                    min_iterations=b.min_iterations, progress=advance,
-                                                    steadiness=benchmark.Steadiness(b.steady_spread,
-                                                                                    b.steady_floor_ms))
-            if "production" in latency.failures:
-                raise StageError("benchmark", f"production version {production_version} "
-                                              f"{latency.failures['production']}")
-            optimize.drop_failed(variants, latency.failures)
-            built = [v for v in variants if v.predictor is not None]
-            for v in built:
-                v.latency = latency[v.name]
-            chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
-                                                         spec.optimize.select_batch_size)
-            if production is not None:
-                production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], splits.x_test,
-                                                                     splits.y_test, splits.classes)
-                production["latency"] = latency["production"]
-
-        # --- gate ---------------------------------------------------------------------------
+            benchmarked = benchmark_stage(request.model, spec, validated, connected, optimized.variants, job_dir,
+                                          progress)
         with timer.stage("gate"):
-            candidate_metrics = gate.CandidateMetrics(
-                accuracy=chosen.accuracy.accuracy, macro_f1=chosen.accuracy.macro_f1,
-                p95_ms_batch1=chosen.latency[1].p95_ms, size_mb=chosen.size_mb, correct=chosen.accuracy.correct,
-                round_p95_ms=chosen.latency[1].round_p95_ms)
-            production_metrics = None if production is None else gate.CandidateMetrics(
-                accuracy=production["accuracy"].accuracy, macro_f1=production["accuracy"].macro_f1,
-                p95_ms_batch1=production["latency"][1].p95_ms, size_mb=production["size_mb"],
-                correct=production["accuracy"].correct, round_p95_ms=production["latency"][1].round_p95_ms)
-            verdict = gate.evaluate_gates(spec.gates, candidate_metrics, production_metrics)
-            for check in verdict.checks:
-                log.info("gate check", extra={"check": check.line(), "status": check.status})
-            mlflow.log_metrics({"test_accuracy": chosen.accuracy.accuracy, "test_macro_f1": chosen.accuracy.macro_f1,
-                                "p95_ms_batch1": chosen.latency[1].p95_ms, "gate_passed": float(verdict.passed)}
-                               | {f"{v.name}.p50_ms_b{bs}": s.p50_ms for v in built for bs, s in v.latency.items()})
-
-        # --- register: log the torch model, its ONNX export and the chosen artifact ---------
+            verdict = gate_stage(spec, benchmarked)
         with timer.stage("register"):
-            model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2], described)
-            # the training split, raw as clients send it, is the drift monitor's reference for this version
-            job_dir.mkdir(parents=True, exist_ok=True)
-            reference = job_dir / REFERENCE_FILE
-            np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1),
-                                features=np.array(splits.features or [], dtype=str))
-            mlflow.log_artifact(str(reference), artifact_path="reference")
-            version = None
-            if request.may_promote:
-                with contextlib.redirect_stderr(io.StringIO()):   # MLflow prints progress chatter there
-                    version = str(mlflow.register_model(model_uri, request.model).version)
-                client.set_model_version_tag(request.model, version, promote.GATE_TAG,
-                                             "passed" if verdict.passed else "failed")
-                # which device the chosen artifact was built for: an AOTInductor package runs only there
-                client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
-
-        summary: dict[str, Any] = {
-            "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
-            "sha": request.sha, "pr": request.pr, "run_id": run.info.run_id, "experiment_id": experiment_id,
-            "tracking_uri": store.redact_url(tracking.tracking_uri(config.workdir)),
-            "data_fingerprint": data_fingerprint, "environment": env,
-            "gate": verdict.as_dict(), "promoted": False,
-            "production_before": production_version, "chosen_variant": chosen.name, "chosen_because": why_chosen,
-            "metrics": {"accuracy": chosen.accuracy.accuracy, "macro_f1": chosen.accuracy.macro_f1,
-                        "per_class_f1": chosen.accuracy.per_class_f1, "size_mb": chosen.size_mb,
-                        "latency": {str(bs): s.as_dict() for bs, s in chosen.latency.items()}},
-            "production": None if production is None else {
-                "version": production_version, "variant": production["variant"],
-                "served_as": production["served_as"], "fallback_reason": production["fallback_reason"],
-                "accuracy": production["accuracy"].accuracy, "macro_f1": production["accuracy"].macro_f1,
-                "size_mb": production["size_mb"],
-                "latency": {str(bs): s.as_dict() for bs, s in production["latency"].items()}},
-            "cross_device": None if cross_device is None else cross_device.as_dict(),
-            "timed_region": TIMED_REGION,
-            "variants": [v.summary() for v in variants],
-            "training": {"history": trained.history, "best_epoch": trained.best_epoch,
-                         "stopped_early": trained.stopped_early, "world_size": trained.world_size,
-                         "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
-            "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
-        }
-
-        # --- promote ------------------------------------------------------------------------
+            version = register_stage(request, connected.client, validated, trained, optimized.variants,
+                                     benchmarked.chosen, verdict.passed, job_dir)
+        summary = build_summary(config, request, run.info.run_id, validated, connected, trained, optimized,
+                                benchmarked, verdict, version, report_dir)
         with timer.stage("promote"):
-            if version is not None:
-                client.set_model_version_tag(request.model, version, "mlgate.evidence", json.dumps(
-                    {"job_id": request.job_id, "trigger": request.trigger, "commit": request.sha,
-                     "variant": chosen.name, "report": summary["reports"]["html"],
-                     "checks": [c.line() for c in verdict.checks]}, ensure_ascii=False)[:5000])
-                client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)
-            stale = None
-            if version is not None and verdict.passed:
-                try:   # only over the production the gate compared against: a person may have moved it since
-                    record = promote.promote(client, engine, request.model, version, job_id=request.job_id,
-                                             reason=f"gate passed ({request.trigger} {request.sha or ''})".strip(),
-                                             expected_production=production_version, fence=request.fence)
-                    summary["promoted"] = True
-                    summary["audit_id"] = record.id
-                except GateStale as exc:
-                    stale = exc
-                    summary["stale"] = str(exc)
-
-        # --- report -------------------------------------------------------------------------
+            promoted = promote_stage(request, connected, benchmarked.chosen, verdict, version,
+                                     summary["reports"]["html"])
+            summary |= promoted.summary_fields()
         with timer.stage("report"):
-            summary["timings"] = dict(timer.seconds)
-            report.write_reports(summary, variants, production, report_dir)
-        summary["timings"] = dict(timer.seconds)
-        Path(summary["reports"]["json"]).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+            report_stage(summary, dict(timer.seconds), optimized.variants, benchmarked.production, report_dir)
+        publish_summary(summary, dict(timer.seconds), report_dir)
 
-    if stale is not None:
-        raise stale.with_summary(summary)
+    return conclude(request, summary, verdict, promoted)
+
+
+# --- validate: the whole job's inputs are checked before any training time is spent ---------------------------
+
+@dataclass
+class Validated:
+    """What validation established about the job's inputs; later stages read these, never the model file."""
+    splits: Splits
+    build: Callable[..., Any]             # the model's build(), checked on two test examples
+    data_fingerprint: str
+    batch_sizes: list[int]                # always 1, the selection batch size and the benchmark's
+    runner: RunnerDevice                  # the one device every stage of this job runs on
+    env: dict[str, str]
+    described: dict[str, Any]             # the data contract, logged as contract.json and into the MLmodel
+
+
+def validate(request: JobRequest, spec: ModelConfig) -> Validated:
+    """Check the model file, its data and its build(), and decide the device: every way a job's inputs can be
+    wrong fails here, before an MLflow run starts."""
+    from automation import contract
+
+    module = check_model_module(request.model, spec)
+    splits, build, _preprocess = load_checked_data(request.model, module, spec, request.fresh_data)
+    data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
+                                   splits.x_test, splits.y_test)
+    batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
+    runner = select_device(spec.device)   # the one place a job's device is decided
+    env = environment_info(runner)
+    described = contract.describe(splits, contract.preprocess_name(module))
+    log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
+                                       "config": spec.model_dump(), "data_fingerprint": data_fingerprint,
+                                       "data": {k: v for k, v in described.items() if k != "features"}})
+    return Validated(splits=splits, build=build, data_fingerprint=data_fingerprint, batch_sizes=batch_sizes,
+                     runner=runner, env=env, described=described)
+
+
+# --- connect: the tracking server, the store, and the production version to compare with ----------------------
+
+@dataclass
+class Connected:
+    """Where this job records, and the production version it is compared with (read once, here)."""
+    client: MlflowClient
+    experiment_id: str
+    engine: Engine
+    production_version: str | None
+    snapshot: ProductionSnapshot | None   # set when trusted code handed the job a production snapshot
+
+
+def connect(config: MlgateConfig, request: JobRequest) -> Connected:
+    """Open the tracking server and the store, and read production: from the snapshot when one was handed in,
+    otherwise from the registry after settling any move whose mover died."""
+    from automation import promote, store, tracking
+
+    client, experiment_id = tracking.connect(config.workdir, config.experiment)
+    engine = store.open_store(store.database_url(config.workdir))
+    snapshot = None
+    if request.production_dir is not None:   # handed in by trusted code: this job never reads the registry
+        from automation.production import read_production
+
+        snapshot = read_production(request.production_dir, request.model)
+        production_version = snapshot.version
+    else:
+        promote.reconcile(client, engine, request.model)   # a move whose mover died settles before we read
+        production_version = promote.alias_version(client, request.model, promote.PRODUCTION)
+    return Connected(client=client, experiment_id=experiment_id, engine=engine,
+                     production_version=production_version, snapshot=snapshot)
+
+
+def log_run_inputs(request: JobRequest, spec: ModelConfig, validated: Validated) -> None:
+    """Tag the run with who asked and on what, and log the config and data contract: a run explains itself."""
+    import mlflow
+
+    mlflow.set_tags({"mlgate.model": request.model, "mlgate.job_id": request.job_id,
+                     "mlgate.trigger": request.trigger, "mlgate.data_fingerprint": validated.data_fingerprint,
+                     "mlflow.source.git.commit": request.sha or "", "mlgate.pr": str(request.pr or "")}
+                    | {f"env.{k}": v for k, v in validated.env.items()})
+    mlflow.log_params(_flat_params(spec) | ({"data.fresh": request.fresh_data} if request.fresh_data else {}))
+    mlflow.log_dict(validated.described, "contract.json")
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+
+def train_stage(model: str, spec: ModelConfig, validated: Validated, progress: JobProgress) -> TrainResult:
+    """Train on the job's device, logging each epoch's metrics as it ends: the run's curves fill in live."""
+    import mlflow
+
+    from automation import train
+
+    with progress.task(f"train {model}", spec.train.epochs) as advance:
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            mlflow.log_metrics(metrics, step=epoch)
+            advance(1)
+
+        trained = train.train_model(validated.build, spec.params, validated.splits, spec.train,
+                                    device=validated.runner, on_epoch=on_epoch)
+        mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
+    return trained
+
+
+# --- optimize: ONNX export, int8, GPU variants where available --------------------------------------------------
+
+@dataclass
+class Optimized:
+    """Every configured variant, built or skipped; the benchmark stage drops failures from `variants` in place."""
+    variants: list[Variant]
+    cross_device: Parity | None   # GPU fp32 against CPU fp32; None on a CPU runner
+
+
+def optimize_stage(config: MlgateConfig, spec: ModelConfig, validated: Validated, trained: TrainResult,
+                   job_dir: Path) -> Optimized:
+    """Build the variants; compiled artifacts are cached across jobs under the workdir (optimize.compile_aoti)."""
+    from automation import optimize
+
+    variants, cross_device = optimize.build_variants(trained.model, validated.splits.input_shape,
+                                                     validated.splits.x_test, spec.optimize, job_dir / "variants",
+                                                     validated.runner, validated.batch_sizes,
+                                                     cache_dir=config.workdir / "cache")
+    return Optimized(variants=variants, cross_device=cross_device)
+
+
+# --- benchmark: every variant and production, same hardware, interleaved ----------------------------------------
+
+@dataclass
+class Benchmarked:
+    """The variants that survived evaluation and timing, the one chosen, and production measured beside them."""
+    built: list[Variant]
+    chosen: Variant
+    why_chosen: str
+    production: dict[str, Any] | None   # _load_production's dict plus its "accuracy" and "latency"; None: none yet
+
+
+def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connected: Connected,
+                    variants: list[Variant], job_dir: Path, progress: JobProgress) -> Benchmarked:
+    """Evaluate every built variant, time them with production on this runner's device, and choose one.
+
+    A variant that fails is dropped from `variants` with its reason; production failing to run is the
+    stage's failure, since the gate could not compare against it."""
+    from automation import benchmark, optimize
+
+    splits, batch_sizes = validated.splits, validated.batch_sizes
+    production = None
+    if connected.production_version is not None:   # on this runner's device, like the candidate
+        production = _load_production(connected.client, model, connected.production_version, job_dir,
+                                      validated.runner, connected.snapshot)
+    _evaluate_variants(variants, splits)
+    built = [v for v in variants if v.predictor is not None]
+    contenders = {v.name: v.predictor for v in built}
+    if production is not None:
+        contenders["production"] = production["predictor"]
+    b = spec.benchmark
+    total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
+    with progress.task("benchmark", total) as advance:
+        # up to b.rounds rounds; all contenders stop together once their rounds agree
+        latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
+                                            iterations=b.iterations, rounds=b.rounds,
+                                            min_rounds=b.min_rounds, max_round_seconds=b.max_round_seconds,
+                                            min_iterations=b.min_iterations, progress=advance,
+                                            steadiness=benchmark.Steadiness(b.steady_spread, b.steady_floor_ms))
+    if "production" in latency.failures:
+        raise StageError("benchmark", f"production version {connected.production_version} "
+                                      f"{latency.failures['production']}")
+    optimize.drop_failed(variants, latency.failures)
+    built = [v for v in variants if v.predictor is not None]
+    for v in built:
+        v.latency = latency[v.name]
+    chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
+                                                 spec.optimize.select_batch_size)
+    if production is not None:
+        production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], splits.x_test,
+                                                             splits.y_test, splits.classes)
+        production["latency"] = latency["production"]
+    return Benchmarked(built=built, chosen=chosen, why_chosen=why_chosen, production=production)
+
+
+def _evaluate_variants(variants: list[Variant], splits: Splits) -> None:
+    """Each built variant's accuracy on the test split; one that cannot be evaluated is dropped, not fatal."""
+    from automation import benchmark, optimize
+
+    failures: dict[str, str] = {}
+    for v in variants:
+        if v.predictor is None:
+            continue
+        try:
+            v.accuracy = benchmark.evaluate_accuracy(v.predictor, splits.x_test, splits.y_test, splits.classes)
+        except Exception as exc:   # an optional variant's failure is its own
+            failures[v.name] = failure_reason("evaluation", exc)
+    optimize.drop_failed(variants, failures)
+
+
+# --- gate -------------------------------------------------------------------------------------------------------
+
+def gate_stage(spec: ModelConfig, benchmarked: Benchmarked) -> Verdict:
+    """Judge the chosen variant against the absolute gates and production, and log the numbers judged."""
+    import mlflow
+
+    from automation import gate
+
+    chosen, production = benchmarked.chosen, benchmarked.production
+    candidate_metrics = gate.CandidateMetrics(
+        accuracy=chosen.accuracy.accuracy, macro_f1=chosen.accuracy.macro_f1,
+        p95_ms_batch1=chosen.latency[1].p95_ms, size_mb=chosen.size_mb, correct=chosen.accuracy.correct,
+        round_p95_ms=chosen.latency[1].round_p95_ms)
+    production_metrics = None if production is None else gate.CandidateMetrics(
+        accuracy=production["accuracy"].accuracy, macro_f1=production["accuracy"].macro_f1,
+        p95_ms_batch1=production["latency"][1].p95_ms, size_mb=production["size_mb"],
+        correct=production["accuracy"].correct, round_p95_ms=production["latency"][1].round_p95_ms)
+    verdict = gate.evaluate_gates(spec.gates, candidate_metrics, production_metrics)
+    for check in verdict.checks:
+        log.info("gate check", extra={"check": check.line(), "status": check.status})
+    mlflow.log_metrics({"test_accuracy": chosen.accuracy.accuracy, "test_macro_f1": chosen.accuracy.macro_f1,
+                        "p95_ms_batch1": chosen.latency[1].p95_ms, "gate_passed": float(verdict.passed)}
+                       | {f"{v.name}.p50_ms_b{bs}": s.p50_ms for v in benchmarked.built for bs, s in v.latency.items()})
+    return verdict
+
+
+# --- register: log the torch model, its ONNX export and the chosen artifact -------------------------------------
+
+def register_stage(request: JobRequest, client: MlflowClient, validated: Validated, trained: TrainResult,
+                   variants: list[Variant], chosen: Variant, passed: bool, job_dir: Path) -> str | None:
+    """Log the models and the drift reference; register a version (tagged with the verdict) unless this job
+    may not promote. Returns the new version, None for a PR job."""
+    import mlflow
+
+    from automation import promote
+
+    splits = validated.splits
+    model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2], validated.described)
+    # the training split, raw as clients send it, is the drift monitor's reference for this version
+    job_dir.mkdir(parents=True, exist_ok=True)
+    reference = job_dir / REFERENCE_FILE
+    np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1),
+                        features=np.array(splits.features or [], dtype=str))
+    mlflow.log_artifact(str(reference), artifact_path="reference")
+    version = None
+    if request.may_promote:
+        with contextlib.redirect_stderr(io.StringIO()):   # MLflow prints progress chatter there
+            version = str(mlflow.register_model(model_uri, request.model).version)
+        client.set_model_version_tag(request.model, version, promote.GATE_TAG, "passed" if passed else "failed")
+        # which device the chosen artifact was built for: an AOTInductor package runs only there
+        client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
+    return version
+
+
+# --- summary: everything the job decided, the CLI's `--json` line -----------------------------------------------
+
+def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, validated: Validated,
+                  connected: Connected, trained: TrainResult, optimized: Optimized, benchmarked: Benchmarked,
+                  verdict: Verdict, version: str | None, report_dir: Path) -> dict[str, Any]:
+    """The job's summary before promotion; the promote and report stages add their outcome and timings."""
+    from automation import store, tracking
+    from automation.predictors import TIMED_REGION
+
+    chosen, production = benchmarked.chosen, benchmarked.production
+    cross_device = optimized.cross_device
+    return {
+        "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
+        "sha": request.sha, "pr": request.pr, "run_id": run_id, "experiment_id": connected.experiment_id,
+        "tracking_uri": store.redact_url(tracking.tracking_uri(config.workdir)),
+        "data_fingerprint": validated.data_fingerprint, "environment": validated.env,
+        "gate": verdict.as_dict(), "promoted": False,
+        "production_before": connected.production_version, "chosen_variant": chosen.name,
+        "chosen_because": benchmarked.why_chosen,
+        "metrics": {"accuracy": chosen.accuracy.accuracy, "macro_f1": chosen.accuracy.macro_f1,
+                    "per_class_f1": chosen.accuracy.per_class_f1, "size_mb": chosen.size_mb,
+                    "latency": {str(bs): s.as_dict() for bs, s in chosen.latency.items()}},
+        "production": None if production is None else {
+            "version": connected.production_version, "variant": production["variant"],
+            "served_as": production["served_as"], "fallback_reason": production["fallback_reason"],
+            "accuracy": production["accuracy"].accuracy, "macro_f1": production["accuracy"].macro_f1,
+            "size_mb": production["size_mb"],
+            "latency": {str(bs): s.as_dict() for bs, s in production["latency"].items()}},
+        "cross_device": None if cross_device is None else cross_device.as_dict(),
+        "timed_region": TIMED_REGION,
+        "variants": [v.summary() for v in optimized.variants],
+        "training": {"history": trained.history, "best_epoch": trained.best_epoch,
+                     "stopped_early": trained.stopped_early, "world_size": trained.world_size,
+                     "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
+        "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
+    }
+
+
+# --- promote ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Promoted:
+    """What the promote stage did: moved production (with its audit record), found it moved, or neither."""
+    promoted: bool = False
+    audit_id: Any = None
+    stale: GateStale | None = None   # production moved since the gate compared against it: raised after reporting
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The summary keys this outcome sets (none when nothing was tried)."""
+        if self.promoted:
+            return {"promoted": True, "audit_id": self.audit_id}
+        if self.stale is not None:
+            return {"stale": str(self.stale)}
+        return {}
+
+
+def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, verdict: Verdict,
+                  version: str | None, report_html: str) -> Promoted:
+    """Tag the version with its evidence, then move production to it if the gate passed: only over the
+    production the gate compared against, since a person may have moved it since."""
+    from automation import promote
+
+    client = connected.client
+    if version is not None:
+        client.set_model_version_tag(request.model, version, "mlgate.evidence", json.dumps(
+            {"job_id": request.job_id, "trigger": request.trigger, "commit": request.sha,
+             "variant": chosen.name, "report": report_html,
+             "checks": [c.line() for c in verdict.checks]}, ensure_ascii=False)[:5000])
+        client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)
+    if version is None or not verdict.passed:
+        return Promoted()
+    try:   # only over the production the gate compared against: a person may have moved it since
+        record = promote.promote(client, connected.engine, request.model, version, job_id=request.job_id,
+                                 reason=f"gate passed ({request.trigger} {request.sha or ''})".strip(),
+                                 expected_production=connected.production_version, fence=request.fence)
+    except GateStale as exc:
+        return Promoted(stale=exc)
+    return Promoted(promoted=True, audit_id=record.id)
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+def report_stage(summary: dict[str, Any], timings: dict[str, float], variants: list[Variant],
+                 production: dict[str, Any] | None, report_dir: Path) -> None:
+    """Write the md/html/json reports, with the stage timings so far."""
+    from automation import report
+
+    summary["timings"] = timings
+    report.write_reports(summary, variants, production, report_dir)
+
+
+def publish_summary(summary: dict[str, Any], timings: dict[str, float], report_dir: Path) -> None:
+    """Final timings (the report stage included) into report.json, and the reports onto the run."""
+    import mlflow
+
+    summary["timings"] = timings
+    Path(summary["reports"]["json"]).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    mlflow.log_artifacts(str(report_dir), artifact_path="report")
+
+
+def conclude(request: JobRequest, summary: dict[str, Any], verdict: Verdict, promoted: Promoted) -> dict[str, Any]:
+    """The job's outcome once the run is closed: the summary, or the reported failure raised with it."""
+    if promoted.stale is not None:
+        raise promoted.stale.with_summary(summary)
     if not verdict.passed:
         failed = [c.name for c in verdict.checks if c.status == "failed"]
         raise GateFailed(f"gate failed for {request.model} ({', '.join(failed)}); nothing promoted",
