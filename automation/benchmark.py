@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from automation.errors import one_line
-from automation.predictors import Predictor, predict
+from automation.predictors import Predictor, host_batch, predict
 
 ProgressFn = Callable[[int], None]
 
@@ -163,7 +163,7 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
         live.pop(name, None)
 
     for batch_size in batch_sizes:
-        batch = np.resize(sample, (batch_size, *sample.shape[1:])).astype(np.float32)
+        batch = host_batch(np.resize(sample, (batch_size, *sample.shape[1:])))
         prepared: dict[str, Any] = {}
         for name, p in list(live.items()):
             try:

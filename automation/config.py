@@ -34,6 +34,9 @@ class TrainConfig(Strict):
     seed: int = 0
     amp: bool = True                   # autocast on CUDA only; ignored on CPU
     distributed: Literal["auto", "off"] = "auto"   # auto: DDP over all GPUs when there are several
+    # DataLoader worker processes reading a training split on disk (models.datasets.DiskArray); 0 reads in the
+    # training process. On a GPU runner, 2-4 keep the GPU fed while the next batches are read.
+    loader_workers: NonNegativeInt = 0
 
 
 class DeviceConfig(Strict):
@@ -136,6 +139,9 @@ class RolloutConfig(Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1)  # the new version's inference failures
     max_latency_ratio: float = Field(1.5, gt=1)      # p95 and p99 against the previous version's
     latency_noise_floor_ms: float = Field(0.05, ge=0)  # a smaller latency gap is jitter, whatever the ratio
+    # inference time per example (model calls only, no queue or batching wait) against the previous version's
+    max_compute_ratio: float = Field(1.5, gt=1)
+    compute_noise_floor_us: float = Field(2.0, ge=0)   # per example; a smaller gap is timer noise
     max_class_shift: float = Field(0.05, gt=0, le=1)   # change in any class's share of the predictions
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # on labelled examples, where labels come back
     confidence: float = Field(0.95, gt=0.5, lt=1)
@@ -155,10 +161,20 @@ class ModelDefaults(Strict):
     gates: GateConfig = GateConfig()
     drift: DriftPolicy = DriftPolicy()
     rollout: RolloutConfig | None = None           # none: a promotion switches all traffic at once
+    # merged over this block when the job's device is a CPU: a short config (fewer examples or epochs) for a
+    # runner without a GPU, beside the full one. Any of the keys above; checked when the file is read.
+    on_cpu: dict[str, Any] = {}
 
 
 class ModelConfig(ModelDefaults):
     module: str                                    # e.g. models.digits_mlp
+
+    def for_cpu(self) -> "ModelConfig":
+        """This block with `on_cpu` merged over it (itself when there is none)."""
+        if not self.on_cpu:
+            return self
+        merged = _deep_merge(self.model_dump(exclude={"on_cpu"}), self.on_cpu)
+        return ModelConfig.model_validate(merged)
 
 
 class KafkaConfig(Strict):
@@ -273,6 +289,11 @@ def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
         config = MlgateConfig.model_validate(_apply_defaults(raw, source))
     except ValidationError as exc:
         raise UsageError(_format_validation_error(source, exc)) from None
+    for name, spec in config.models.items():   # a bad key in on_cpu fails now, not on the first CPU runner
+        try:
+            spec.for_cpu()
+        except ValidationError as exc:
+            raise UsageError(_format_validation_error(source, exc, prefix=f"models.{name}.on_cpu")) from None
     # MLGATE_WORKDIR: a job run from a checkout of another commit keeps the service's state and reports
     workdir = Path(os.environ.get("MLGATE_WORKDIR") or config.workdir)
     workdir = workdir if workdir.is_absolute() else (base_dir / workdir)

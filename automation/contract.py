@@ -34,23 +34,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from automation.errors import UsageError
-from models.datasets import Splits, split_arrays
+from automation.preprocess import (PREPROCESSORS, ContractError, Pixels, Scale, TextEncoder, Tokenize,  # noqa: F401
+                                   WithPreprocessing, declared_step, fit_preprocess, preprocess_name)
+from models.datasets import Splits, is_on_disk, join_examples, split_arrays
 
 if TYPE_CHECKING:
     from automation.config import SplitConfig
 
 TASK = "single-label classification"
 DEFAULT_LABEL = "label"
+DEFAULT_TEXT = "text"     # a text model's fresh data: the column that holds the text
 SPLIT_NAMES = ("train", "val", "test")
 FRESH_SUFFIXES = (".npz", ".csv", ".parquet")
-
-
-class ContractError(UsageError):
-    """The model file's side of the contract is broken; the message names the model and the function."""
 
 
 # --- features (x) ----------------------------------------------------------------------------------------
@@ -70,8 +67,37 @@ def _frame_features(where: str, frame: Any) -> tuple[np.ndarray, tuple[str, ...]
     return frame.to_numpy(dtype=np.float64), names
 
 
-def _as_features(where: str, x: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
-    """float32 features and their names (DataFrame columns; None for unnamed arrays)."""
+def _as_images(where: str, x: Any) -> Any:
+    """uint8 images, raw as clients send them; an array on disk (models.datasets.DiskArray) stays there."""
+    if not is_on_disk(x):
+        x = np.asarray(x)
+    if np.dtype(x.dtype) != np.uint8 or x.ndim not in (3, 4):
+        raise ContractError(f"{where}: preprocess \"pixels\" takes uint8 images shaped (N, H, W) or (N, C, H, W); "
+                            f"x holds {x.dtype} values shaped {list(x.shape)}",
+                            hint="return the pixels as uint8 (0..255), unscaled")
+    return x if is_on_disk(x) else np.ascontiguousarray(x)
+
+
+def as_texts(where: str, x: Any) -> np.ndarray:
+    """Strings, one per example, as a 1-D object array."""
+    if hasattr(x, "to_numpy") and not hasattr(x, "columns"):   # a pandas Series
+        x = x.to_numpy()
+    array = np.asarray(x, dtype=object) if not isinstance(x, np.ndarray) else x
+    if array.ndim != 1:
+        raise ContractError(f"{where}: a text model's x is one string per example; got shape {list(array.shape)}")
+    bad = next((i for i, v in enumerate(array.tolist()) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ContractError(f"{where}: x[{bad}] is {type(array[bad]).__name__}, not a string")
+    return array.astype(object)
+
+
+def _as_features(where: str, x: Any, kind: str = "tensor") -> tuple[Any, tuple[str, ...] | None]:
+    """float32 features and their names (DataFrame columns; None for unnamed arrays); for an image or text
+    model, its raw inputs (uint8 pixels, strings)."""
+    if kind == "image":
+        return _as_images(where, x), None
+    if kind == "text":
+        return as_texts(where, x), None
     names = None
     if hasattr(x, "columns") and hasattr(x, "to_numpy"):   # a pandas DataFrame
         x, names = _frame_features(where, x)
@@ -189,15 +215,23 @@ def _check_lengths(where: str, x: np.ndarray, y: np.ndarray, split: str = "") ->
         raise ContractError(f"{where}: the {split + ' ' if split else ''}data is empty")
 
 
+def input_kind(model: str, module: Any) -> str:
+    """"image" (uint8 pixels in), "text" (strings in) or "tensor" (numbers in), from the declared step."""
+    step = declared_step(model, module)
+    return "image" if isinstance(step, Pixels) else "text" if isinstance(step, Tokenize) else "tensor"
+
+
 def prepare_data(model: str, module: Any, raw: Any, split: "SplitConfig") -> Splits:
-    """The loader's output as float32 splits with label indices, class names and feature names; or a
-    ContractError naming the model and what to change."""
+    """The loader's output as splits with label indices, class names and feature names; or a ContractError
+    naming the model and what to change. Examples are float32, except an image model's uint8 pixels and a
+    text model's strings, which stay raw for their pre-processing."""
     where = f"models.{model}: load_data()"
+    kind = input_kind(model, module)
     unpacked = _unpack(where, module, raw)
     if isinstance(unpacked, Splits):
         xs, names = [], None
         for name in SPLIT_NAMES:
-            x, names = _as_features(f"{where} ({name} split)", getattr(unpacked, f"x_{name}"))
+            x, names = _as_features(f"{where} ({name} split)", getattr(unpacked, f"x_{name}"), kind)
             xs.append(x)
         ys = [_raw_labels(f"{where} ({n} split)", getattr(unpacked, f"y_{n}")) for n in SPLIT_NAMES]
         for name, x, y in zip(SPLIT_NAMES, xs, ys):
@@ -208,7 +242,7 @@ def prepare_data(model: str, module: Any, raw: Any, split: "SplitConfig") -> Spl
         indices, classes = encode_labels(where, ys, unpacked.classes or None)
         features = unpacked.features or names
     else:
-        x_all, features = _as_features(where, unpacked[0])
+        x_all, features = _as_features(where, unpacked[0], kind)
         y_all = _raw_labels(where, unpacked[1])
         _check_lengths(where, x_all, y_all)
         (y_all,), classes = encode_labels(where, [y_all])
@@ -233,8 +267,9 @@ def prepare_data(model: str, module: Any, raw: Any, split: "SplitConfig") -> Spl
         raise ContractError(f"{where}: the training split has no example of class {classes[missing[0]]!r}")
     if features is not None and (xs[0].ndim != 2 or len(features) != xs[0].shape[1]):
         raise ContractError(f"{where}: {len(features)} feature names for examples shaped {list(xs[0].shape[1:])}")
+    sources = unpacked.sources if isinstance(unpacked, Splits) else ()
     return Splits(xs[0], indices[0], xs[1], indices[1], xs[2], indices[2], tuple(classes),
-                  tuple(features) if features is not None else None)
+                  tuple(features) if features is not None else None, sources)
 
 
 # --- fresh data after drift -------------------------------------------------------------------------------
@@ -253,20 +288,78 @@ def _fresh_labels(where: str, y: np.ndarray, classes: tuple[str, ...]) -> np.nda
                         f"({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''})")
 
 
-def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled fresh examples, in the model's raw form: an .npz with `x` and `y`, or a CSV/Parquet
-    file with the model's feature columns (by name) and the label column."""
+def _fresh_images(where: str, path: Path, splits: Splits) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of image files, one sub-folder per class name (`<class>/<name>.png`)."""
+    from PIL import Image
+
+    images, labels = [], []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.parent.parent != path:
+            raise ContractError(f"{where}: {file.relative_to(path)} is not <class>/<image file>")
+        try:
+            with Image.open(file) as opened:
+                images.append(image_pixels(opened, splits.input_shape))
+        except ValueError as exc:
+            raise ContractError(f"{where}: {file.relative_to(path)}: {exc}") from None
+        except OSError:
+            raise ContractError(f"{where}: {file.relative_to(path)} is not an image file") from None
+        labels.append(file.parent.name)
+    if not images:
+        raise ContractError(f"{where}: no image files in <class>/ folders")
+    return np.stack(images), np.array(labels, dtype=object)
+
+
+def image_pixels(image: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A decoded image as uint8 pixels shaped like the model's examples ((H, W) grey, or (C, H, W))."""
+    channels, (height, width) = (shape[0] if len(shape) == 3 else 0), shape[-2:]
+    if image.size != (width, height):
+        raise ValueError(f"the image is {image.size[0]}×{image.size[1]}, the model takes {width}×{height}")
+    mode = {0: "L", 1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+    if mode is None:
+        raise ValueError(f"the model's images have {channels} channels")
+    pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+    if channels == 0:
+        return pixels
+    return pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
+
+
+def _fresh_texts(where: str, path: Path, label: str, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """JSONL ({"text": …, "label": …} per line) or Parquet with a text and a label column."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    except ValueError as exc:
+        raise ContractError(f"{where}: not valid {path.suffix[1:].upper()}: {str(exc).splitlines()[0][:200]}") from None
+    for column in (text, label):
+        if column not in frame.columns:
+            raise ContractError(f"{where}: no {column!r} column")
+    return as_texts(where, frame[text]), np.asarray(frame[label])
+
+
+def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL, kind: str = "tensor",
+               text: str = DEFAULT_TEXT) -> tuple[Any, np.ndarray]:
+    """Labelled fresh examples, in the model's raw form:
+    - numbers: an .npz with `x` and `y`, or CSV/Parquet with the feature columns (by name) and the label;
+    - images: an .npz with uint8 `x` and `y`, or a folder of image files in one folder per class;
+    - text: JSONL or Parquet with a text column (`text`) and the label column."""
     where = f"fresh data {path.name}"
-    if path.suffix not in FRESH_SUFFIXES:
-        raise ContractError(f"{where}: expected one of {', '.join(FRESH_SUFFIXES)}")
-    if not path.is_file():
+    suffixes = {"image": (".npz", "a folder"), "text": (".jsonl", ".parquet")}.get(kind, FRESH_SUFFIXES)
+    is_folder = kind == "image" and path.is_dir()
+    if path.suffix not in suffixes and not is_folder:
+        raise ContractError(f"{where}: expected one of {', '.join(suffixes)}")
+    if not path.is_file() and not is_folder:
         raise ContractError(f"{where}: no such file")
-    if path.suffix == ".npz":
+    if is_folder:
+        x, y_raw = _fresh_images(where, path, splits)
+    elif kind == "text":
+        x, y_raw = _fresh_texts(where, path, label, text)
+    elif path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "x" not in data or "y" not in data:
                 raise ContractError(f"{where}: an .npz needs arrays 'x' and 'y'")
             x_raw, y_raw = data["x"], data["y"]
-        x, _ = _as_features(where, x_raw)
+        x, _ = _as_features(where, x_raw, kind)
         try:
             x = x.reshape((-1, *splits.input_shape))
         except ValueError:
@@ -290,124 +383,55 @@ def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL) -> tuple[
     return x, y
 
 
-def append_fresh(splits: Splits, path: Path, label: str = DEFAULT_LABEL) -> Splits:
-    """The training split grows; validation and test stay as they were, so versions stay comparable."""
-    x, y = read_fresh(path, splits, label)
-    return Splits(np.concatenate([splits.x_train, x]), np.concatenate([splits.y_train, y]),
-                  splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes, splits.features)
+def append_fresh(splits: Splits, path: Path, label: str = DEFAULT_LABEL, kind: str = "tensor",
+                 text: str = DEFAULT_TEXT) -> Splits:
+    """The training split grows; validation and test stay as they were, so versions stay comparable. A
+    training split on disk stays there: the fresh rows join it (models.datasets.JoinedArray)."""
+    x, y = read_fresh(path, splits, label, kind, text)
+    return Splits(join_examples(splits.x_train, x), np.concatenate([splits.y_train, y]),
+                  splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes, splits.features,
+                  splits.sources + (str(path),))
 
 
-# --- pre-processing ---------------------------------------------------------------------------------------
-
-class Scale(nn.Module):
-    """(x - shift) / scale with statistics fitted on the training split. They are buffers: saved in the state
-    dict, exported into every graph (ONNX, AOTInductor), never trained."""
-
-    def __init__(self, shift: np.ndarray, scale: np.ndarray, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.register_buffer("shift", torch.from_numpy(np.ascontiguousarray(shift, dtype=np.float32)))
-        self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.shift) / self.scale
-
-    def extra_repr(self) -> str:
-        return self.kind
-
-
-class FittedScaling:
-    """A built-in step: which axes its statistics reduce over, and which statistics."""
-
-    def __init__(self, name: str, axes: Callable[[np.ndarray], tuple[int, ...]],
-                 stats: Callable[[np.ndarray, tuple[int, ...]], tuple[np.ndarray, np.ndarray]]) -> None:
-        self.name, self._axes, self._stats = name, axes, stats
-
-    def fit(self, x_train: np.ndarray) -> nn.Module:
-        shift, scale = self._stats(x_train.astype(np.float64), self._axes(x_train))
-        scale = np.where(scale > 1e-12, scale, 1.0)        # a constant feature passes through, centred
-        return Scale(shift, scale, self.name)
-
-
-def _all_but_batch(x: np.ndarray) -> tuple[int, ...]:
-    return (0,)
-
-
-def _all_but_channels(x: np.ndarray) -> tuple[int, ...]:
-    if x.ndim < 3:
-        raise ContractError(f"normalize_channels needs examples shaped (channels, …); got {list(x.shape[1:])}")
-    return (0, *range(2, x.ndim))
-
-
-def _mean_std(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    return x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
-
-
-def _min_range(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    low = x.min(axis=axes, keepdims=True)[0]
-    return low, x.max(axis=axes, keepdims=True)[0] - low
-
-
-PREPROCESSORS: dict[str, FittedScaling] = {
-    "standardize": FittedScaling("standardize", _all_but_batch, _mean_std),                  # per feature
-    "minmax": FittedScaling("minmax", _all_but_batch, _min_range),                            # per feature, to [0, 1]
-    "normalize_channels": FittedScaling("normalize_channels", _all_but_channels, _mean_std),  # per image channel
-}
-
-
-def preprocess_name(module: Any) -> str | None:
-    declared = getattr(module, "preprocess", None)
-    if declared is None:
-        return None
-    return declared if isinstance(declared, str) else type(declared).__name__
-
-
-def fit_preprocess(model: str, module: Any, x_train: np.ndarray) -> nn.Module | None:
-    """The model file's `preprocess`, fitted on the training split only; None when it declares none."""
-    declared = getattr(module, "preprocess", None)
-    if declared is None:
-        return None
-    where = f"models.{model}: preprocess"
-    if isinstance(declared, str):
-        if declared not in PREPROCESSORS:
-            raise ContractError(f"{where}: unknown step {declared!r} (known: {', '.join(PREPROCESSORS)})",
-                                hint="or assign an object with fit(x_train) -> nn.Module")
-        declared = PREPROCESSORS[declared]
-    if not callable(getattr(declared, "fit", None)):
-        raise ContractError(f"{where}: {type(declared).__name__} has no fit(x_train) method")
-    fitted = declared.fit(x_train)
-    if not isinstance(fitted, torch.nn.Module):
-        raise ContractError(f"{where}: fit() returned {type(fitted).__name__}, expected an nn.Module")
-    if any(p.requires_grad for p in fitted.parameters()):
-        raise ContractError(f"{where}: the fitted step has trainable parameters; keep statistics in buffers")
-    return fitted.eval()
+def encode_texts(splits: Splits, encoder: TextEncoder) -> Splits:
+    """A text model's splits as token ids: what its network (and every variant) takes."""
+    return Splits(encoder.encode(splits.x_train), splits.y_train, encoder.encode(splits.x_val), splits.y_val,
+                  encoder.encode(splits.x_test), splits.y_test, splits.classes, None, splits.sources)
 
 
 # --- build() ----------------------------------------------------------------------------------------------
 
-class WithPreprocessing(nn.Sequential):
-    """The user's network behind its fitted pre-processing: the registered model takes raw inputs."""
-
-
 def _build_model(build: Callable[..., Any], preprocess: Any, extra: dict[str, Any], **params: Any) -> Any:
     network = build(**(extra | params))
-    if preprocess is None:
+    if not isinstance(preprocess, nn.Module):   # none, or a host-side step (the tokenizer) outside the graph
         return network
     return WithPreprocessing(copy.deepcopy(preprocess), network)
 
 
 def model_builder(build: Callable[..., Any], splits: Splits, preprocess: Any) -> Callable[..., Any]:
-    """build(**params), given the data's shape when it asks for it, behind the fitted pre-processing.
-    A partial of module-level functions, so DDP can send it to its worker processes."""
+    """build(**params), given the data's shape when it asks for it (and a text model's `vocab_size`), behind
+    the fitted in-graph pre-processing. A partial of module-level functions, so DDP can send it to its
+    worker processes."""
     accepts = inspect.signature(build).parameters
-    extra = {key: value for key, value in (("input_shape", splits.input_shape), ("num_classes", len(splits.classes)))
-             if key in accepts}
+    offered = {"input_shape": splits.input_shape, "num_classes": len(splits.classes)}
+    if isinstance(preprocess, TextEncoder):
+        offered["vocab_size"] = preprocess.vocab_size
+    extra = {key: value for key, value in offered.items() if key in accepts}
     return functools.partial(_build_model, build, preprocess, extra)
 
 
-def describe(splits: Splits, preprocess: str | None) -> dict[str, Any]:
-    """What travels with a registered version (its MLmodel metadata), so serving and the monitor need no loader."""
-    return {"task": TASK, "classes": list(splits.classes),
-            "features": None if splits.features is None else list(splits.features),
-            "input_shape": list(splits.input_shape), "input_dtype": "float32", "preprocess": preprocess,
-            "test_examples": int(len(splits.y_test))}
+INPUT_DTYPES = {"image": "uint8", "text": "string", "tensor": "float32"}
+
+
+def describe(raw: Splits, preprocess: str | None, kind: str = "tensor",
+             network_input: Splits | None = None) -> dict[str, Any]:
+    """What travels with a registered version (its MLmodel metadata), so serving and the monitor need no loader:
+    the raw input clients send (`input_kind`, `input_shape`, `input_dtype`), and for a text model, what its
+    network takes after the tokenizer (`network_input`)."""
+    described = {"task": TASK, "classes": list(raw.classes),
+                 "features": None if raw.features is None else list(raw.features),
+                 "input_kind": kind, "input_shape": list(raw.input_shape), "input_dtype": INPUT_DTYPES[kind],
+                 "preprocess": preprocess, "test_examples": int(len(raw.y_test))}
+    if network_input is not None and kind == "text":
+        described["network_input"] = {"shape": list(network_input.input_shape), "dtype": "int64"}
+    return described

@@ -28,8 +28,9 @@ import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
 from automation.device import RunnerDevice, host_copy, select_device
-from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason
+from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason, one_line
 from automation.progress import JobProgress
+from models.datasets import DataMissing
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,7 +83,7 @@ class StageTimer:
         except MlgateError:
             raise
         except Exception as exc:   # name the stage; keep the cause chained for --debug
-            raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
+            raise StageError(name, one_line(f"{type(exc).__name__}: {exc}", 400)) from exc
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         log.info("stage finished", extra={"stage": name, "seconds": round(self.seconds[name], 3)})
@@ -130,7 +131,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     report_dir = config.workdir / "reports" / request.job_id
 
     with timer.stage("validate"):
-        validated = validate(request, spec)
+        validated = validate(config, request, spec)
+    spec = validated.spec   # with `on_cpu` merged in on a runner without a GPU
     with timer.stage("connect"):
         connected = connect(config, request)
 
@@ -148,10 +150,10 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         with timer.stage("gate"):
             verdict = gate_stage(spec, benchmarked)
         with timer.stage("register"):
-            version = register_stage(request, connected.client, validated, trained, optimized.variants,
-                                     benchmarked.chosen, verdict.passed, job_dir)
+            version, logged = register_stage(request, connected.client, validated, trained, optimized.variants,
+                                             benchmarked.chosen, verdict.passed, job_dir)
         summary = build_summary(config, request, run.info.run_id, validated, connected, trained, optimized,
-                                benchmarked, verdict, version, report_dir)
+                                benchmarked, verdict, version, report_dir) | logged
         with timer.stage("promote"):
             promoted = promote_stage(request, connected, benchmarked.chosen, verdict, version,
                                      summary["reports"]["html"])
@@ -175,26 +177,36 @@ class Validated:
     runner: RunnerDevice                  # the one device every stage of this job runs on
     env: dict[str, str]
     described: dict[str, Any]             # the data contract, logged as contract.json and into the MLmodel
+    spec: ModelConfig                     # the model's block as this runner runs it (`on_cpu` merged on a CPU)
+    raw: Splits                           # the examples as clients send them (a text model's strings)
+    encoder: Any = None                   # a text model's fitted tokenizer (automation/preprocess.TextEncoder)
+    manifest: list[dict[str, Any]] = field(default_factory=list)   # the source files behind the fingerprint
+
+    @property
+    def kind(self) -> str:
+        return str(self.described["input_kind"])
 
 
-def validate(request: JobRequest, spec: ModelConfig) -> Validated:
+def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Validated:
     """Check the model file, its data and its build(), and decide the device: every way a job's inputs can be
     wrong fails here, before an MLflow run starts."""
-    from automation import contract
+    from automation.fingerprint import data_fingerprint
 
+    runner = select_device(spec.device)   # the one place a job's device is decided; a CPU runner runs `on_cpu`
+    if not runner.is_cuda:
+        spec = spec.for_cpu()
     module = check_model_module(request.model, spec)
-    splits, build, _preprocess = load_checked_data(request.model, module, spec, request.fresh_data)
-    data_fingerprint = fingerprint(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                                   splits.x_test, splits.y_test)
+    checked = load_checked_data(request.model, module, spec, request.fresh_data)
+    digest, manifest = data_fingerprint(checked.raw, config.workdir / "cache" / "manifests.json")
     batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
-    runner = select_device(spec.device)   # the one place a job's device is decided
     env = environment_info(runner)
-    described = contract.describe(splits, contract.preprocess_name(module))
     log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
-                                       "config": spec.model_dump(), "data_fingerprint": data_fingerprint,
-                                       "data": {k: v for k, v in described.items() if k != "features"}})
-    return Validated(splits=splits, build=build, data_fingerprint=data_fingerprint, batch_sizes=batch_sizes,
-                     runner=runner, env=env, described=described)
+                                       "config": spec.model_dump(), "data_fingerprint": digest,
+                                       "source_files": len(manifest),
+                                       "data": {k: v for k, v in checked.described.items() if k != "features"}})
+    return Validated(splits=checked.splits, build=checked.build, data_fingerprint=digest,
+                     batch_sizes=batch_sizes, runner=runner, env=env, described=checked.described, spec=spec,
+                     raw=checked.raw, encoder=checked.encoder, manifest=manifest)
 
 
 # --- connect: the tracking server, the store, and the production version to compare with ----------------------
@@ -239,6 +251,9 @@ def log_run_inputs(request: JobRequest, spec: ModelConfig, validated: Validated)
                     | {f"env.{k}": v for k, v in validated.env.items()})
     mlflow.log_params(_flat_params(spec) | ({"data.fresh": request.fresh_data} if request.fresh_data else {}))
     mlflow.log_dict(validated.described, "contract.json")
+    if validated.manifest:   # which files, with their hashes, the version was trained and tested on
+        mlflow.log_dict({"fingerprint": validated.data_fingerprint, "files": validated.manifest},
+                        "data_manifest.json")
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -290,6 +305,9 @@ class Benchmarked:
     chosen: Variant
     why_chosen: str
     production: dict[str, Any] | None   # _load_production's dict plus its "accuracy" and "latency"; None: none yet
+    # a text model: every contender was timed on raw strings, its tokenizer inside the timed region; this is the
+    # chosen variant's network alone, on token ids
+    network_alone: dict[int, Any] | None = None
 
 
 def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connected: Connected,
@@ -300,25 +318,35 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     stage's failure, since the gate could not compare against it."""
     from automation import benchmark, optimize
 
-    splits, batch_sizes = validated.splits, validated.batch_sizes
+    from automation.predictors import EncodingPredictor
+
+    splits, batch_sizes, encoder = validated.splits, validated.batch_sizes, validated.encoder
     production = None
     if connected.production_version is not None:   # on this runner's device, like the candidate
         production = _load_production(connected.client, model, connected.production_version, job_dir,
                                       validated.runner, connected.snapshot)
     _evaluate_variants(variants, splits)
     built = [v for v in variants if v.predictor is not None]
-    contenders = {v.name: v.predictor for v in built}
+    # what a client sends: a text model's variants are timed with the tokenizer, as /predict runs them, and
+    # production with its own tokenizer (it may have been fitted on other texts)
+    inputs = validated.raw.x_test if encoder is not None else splits.x_test
+    contenders = {v.name: EncodingPredictor(v.predictor, encoder) if encoder is not None else v.predictor
+                  for v in built}
     if production is not None:
         contenders["production"] = production["predictor"]
     b = spec.benchmark
     total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
-    with progress.task("benchmark", total) as advance:
+
+    def timed(who: dict[str, Any], sample: Any, advance: Any = None) -> Any:
         # up to b.rounds rounds; all contenders stop together once their rounds agree
-        latency = benchmark.measure_latency(contenders, splits.x_test, batch_sizes, warmup=b.warmup,
-                                            iterations=b.iterations, rounds=b.rounds,
-                                            min_rounds=b.min_rounds, max_round_seconds=b.max_round_seconds,
-                                            min_iterations=b.min_iterations, progress=advance,
-                                            steadiness=benchmark.Steadiness(b.steady_spread, b.steady_floor_ms))
+        return benchmark.measure_latency(who, sample, batch_sizes, warmup=b.warmup, iterations=b.iterations,
+                                         rounds=b.rounds, min_rounds=b.min_rounds,
+                                         max_round_seconds=b.max_round_seconds, min_iterations=b.min_iterations,
+                                         progress=advance,
+                                         steadiness=benchmark.Steadiness(b.steady_spread, b.steady_floor_ms))
+
+    with progress.task("benchmark", total) as advance:
+        latency = timed(contenders, inputs, advance)
     if "production" in latency.failures:
         raise StageError("benchmark", f"production version {connected.production_version} "
                                       f"{latency.failures['production']}")
@@ -329,10 +357,15 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
                                                  spec.optimize.select_batch_size)
     if production is not None:
-        production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], splits.x_test,
+        production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], inputs,
                                                              splits.y_test, splits.classes)
         production["latency"] = latency["production"]
-    return Benchmarked(built=built, chosen=chosen, why_chosen=why_chosen, production=production)
+    network_alone = None
+    if encoder is not None:
+        alone = timed({chosen.name: chosen.predictor}, splits.x_test)
+        network_alone = None if chosen.name in alone.failures else alone[chosen.name]
+    return Benchmarked(built=built, chosen=chosen, why_chosen=why_chosen, production=production,
+                       network_alone=network_alone)
 
 
 def _evaluate_variants(variants: list[Variant], splits: Splits) -> None:
@@ -379,20 +412,22 @@ def gate_stage(spec: ModelConfig, benchmarked: Benchmarked) -> Verdict:
 # --- register: log the torch model, its ONNX export and the chosen artifact -------------------------------------
 
 def register_stage(request: JobRequest, client: MlflowClient, validated: Validated, trained: TrainResult,
-                   variants: list[Variant], chosen: Variant, passed: bool, job_dir: Path) -> str | None:
-    """Log the models and the drift reference; register a version (tagged with the verdict) unless this job
-    may not promote. Returns the new version, None for a PR job."""
+                   variants: list[Variant], chosen: Variant, passed: bool,
+                   job_dir: Path) -> tuple[str | None, dict[str, Any]]:
+    """Log the models (a text model's tokenizer beside each) and the drift reference; register a version
+    (tagged with the verdict) unless this job may not promote. Returns the new version (None for a PR job)
+    and what the summary should say of what was logged."""
     import mlflow
 
     from automation import promote
 
     splits = validated.splits
-    model_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2], validated.described)
-    # the training split, raw as clients send it, is the drift monitor's reference for this version
     job_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = validated.encoder.save(job_dir / "preprocess") if validated.encoder is not None else None
+    model_uri, torch_uri = _log_models(trained.model, chosen, variants, splits.x_test[:2], validated.described,
+                                       [tokenizer] if tokenizer is not None else [])
     reference = job_dir / REFERENCE_FILE
-    np.savez_compressed(reference, x=splits.x_train.reshape(len(splits.x_train), -1),
-                        features=np.array(splits.features or [], dtype=str))
+    _write_reference(reference, validated, trained.model, torch_uri)
     mlflow.log_artifact(str(reference), artifact_path="reference")
     version = None
     if request.may_promote:
@@ -401,7 +436,33 @@ def register_stage(request: JobRequest, client: MlflowClient, validated: Validat
         client.set_model_version_tag(request.model, version, promote.GATE_TAG, "passed" if passed else "failed")
         # which device the chosen artifact was built for: an AOTInductor package runs only there
         client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
-    return version
+    return version, {"tokenizer": None if tokenizer is None else str(tokenizer)}
+
+
+REFERENCE_ROWS = 5000   # embeddings kept as a version's drift reference
+
+
+def _write_reference(path: Path, validated: Validated, model: Any, torch_uri: str) -> None:
+    """The drift monitor's reference for this version. Numbers: the training split, raw as clients send it.
+    Images and text: the model's embeddings of examples it never trained on (validation and test), and a text
+    model's descriptors of those texts (triggers/monitor_embeddings.py)."""
+    raw = validated.raw
+    if validated.kind == "tensor":
+        np.savez_compressed(path, x=np.asarray(raw.x_train).reshape(len(raw.x_train), -1),
+                            features=np.array(raw.features or [], dtype=str))
+        return
+    from automation.device import host_copy
+    from automation.embeddings import embed
+
+    unseen = np.concatenate([np.asarray(raw.x_val), np.asarray(raw.x_test)])
+    if len(unseen) > REFERENCE_ROWS:
+        unseen = unseen[np.sort(np.random.default_rng(0).choice(len(unseen), REFERENCE_ROWS, replace=False))]
+    extra: dict[str, np.ndarray] = {}
+    if validated.encoder is not None:
+        extra = {f"descriptor_{name}": values for name, values in validated.encoder.descriptors(list(unseen)).items()}
+    np.savez_compressed(path, embeddings=embed(host_copy(model), unseen, validated.encoder),
+                        input_kind=np.array(validated.kind), input_shape=np.array(raw.input_shape, dtype=np.int64),
+                        torch_uri=np.array(torch_uri), **extra)
 
 
 # --- summary: everything the job decided, the CLI's `--json` line -----------------------------------------------
@@ -439,6 +500,13 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
                      "stopped_early": trained.stopped_early, "world_size": trained.world_size,
                      "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
+        "contract": validated.described,
+        "config_profile": "on_cpu" if validated.spec.on_cpu and not validated.runner.is_cuda else "default",
+        "data_sources": {"files": len(validated.manifest),
+                         "bytes": sum(int(e["size"]) for e in validated.manifest)},
+        "served_path": None if benchmarked.network_alone is None else {
+            "includes": "tokenizer", "latency": {str(bs): s.as_dict() for bs, s in chosen.latency.items()},
+            "network_alone": {str(bs): s.as_dict() for bs, s in benchmarked.network_alone.items()}},
     }
 
 
@@ -515,40 +583,58 @@ def conclude(request: JobRequest, summary: dict[str, Any], verdict: Verdict, pro
     return summary
 
 
-def load_checked_data(model: str, module: Any, spec: ModelConfig,
-                      fresh_data: str | None = None) -> tuple[Any, Any, Any]:
+@dataclass
+class CheckedData:
+    splits: Splits            # what the network takes (a text model's token ids)
+    raw: Splits               # what clients send (uint8 pixels, strings, numbers)
+    build: Callable[..., Any]
+    preprocess: Any           # the fitted step: an nn.Module inside the model, or a host-side TextEncoder
+    encoder: Any              # the TextEncoder, for a text model
+    described: dict[str, Any]
+
+
+def load_checked_data(model: str, module: Any, spec: ModelConfig, fresh_data: str | None = None) -> CheckedData:
     """The model's data through its contract (automation/contract.py), fresh data appended, pre-processing
     fitted on the training split, and a build function checked on two test examples: every way a model file
     can be wrong fails here, before an MLflow run starts."""
     import torch
 
     from automation import contract
+    from automation.predictors import host_batch
 
     try:
-        raw = module.load_data(**spec.data)
+        loaded = module.load_data(**spec.data)
     except TypeError as exc:
         raise UsageError(f"models.{model}: load_data(): {exc}",
                          hint="the model's `data:` block is passed to load_data() as keyword arguments") from None
-    splits = contract.prepare_data(model, module, raw, spec.split)
+    except DataMissing as exc:
+        raise UsageError(f"models.{model}: load_data(): {exc}") from None
+    kind = contract.input_kind(model, module)
+    raw = contract.prepare_data(model, module, loaded, spec.split)
     if fresh_data:
-        splits = contract.append_fresh(splits, Path(fresh_data), getattr(module, "label", contract.DEFAULT_LABEL))
-    preprocess = contract.fit_preprocess(model, module, splits.x_train)
+        raw = contract.append_fresh(raw, Path(fresh_data), getattr(module, "label", contract.DEFAULT_LABEL), kind,
+                                    getattr(module, "text", contract.DEFAULT_TEXT))
+    preprocess = contract.fit_preprocess(model, module, raw.x_train)
+    encoder = preprocess if isinstance(preprocess, contract.TextEncoder) else None
+    splits = contract.encode_texts(raw, encoder) if encoder is not None else raw
     build = contract.model_builder(module.build, splits, preprocess)
     try:
         probe = build(**spec.params)
     except TypeError as exc:
         raise UsageError(f"models.{model}: build(): {exc}",
                          hint="the model's `params:` block is passed to build() as keyword arguments") from None
+    example = host_batch(splits.x_test[:2])
     try:
         with torch.no_grad():
-            out = probe.eval()(torch.from_numpy(splits.x_test[:2]))
+            out = probe.eval()(torch.from_numpy(example))
     except Exception as exc:
         raise UsageError(f"models.{model}: build()'s network fails on two test examples shaped "
-                         f"{list(splits.x_test[:2].shape)}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+                         f"{list(example.shape)} ({example.dtype}): {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if tuple(out.shape) != (2, len(splits.classes)):
         raise UsageError(f"models.{model}: build() returns {tuple(out.shape)} for 2 inputs, "
                          f"expected (2, {len(splits.classes)}) logits, one per class")
-    return splits, build, preprocess
+    described = contract.describe(raw, contract.preprocess_name(module), kind, splits)
+    return CheckedData(splits, raw, build, preprocess, encoder, described)
 
 
 def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice,
@@ -558,14 +644,18 @@ def _load_production(client: Any, model: str, version: str, job_dir: Path, runne
 
     loaded = snapshot.load(runner) if snapshot is not None else load_registered(client, model, version,
                                                                                job_dir / "production", runner)
+    from automation.predictors import EncodingPredictor
+
     artifact = loaded.artifact
+    predictor = loaded.predictor if loaded.encoder is None else EncodingPredictor(loaded.predictor, loaded.encoder)
     return {"variant": loaded.variant, "served_as": loaded.served_as, "fallback_reason": loaded.fallback_reason,
-            "predictor": loaded.predictor, "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
+            "predictor": predictor, "size_mb": size_mb(artifact if artifact.is_file() else artifact / "data")}
 
 
 def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarray,
-                described: dict[str, Any]) -> str:
-    """Log torch + ONNX fp32 (+ the chosen artifact when it differs); return the chosen model's URI.
+                described: dict[str, Any], beside: list[Path] | None = None) -> tuple[str, str]:
+    """Log torch + ONNX fp32 (+ the chosen artifact when it differs), each with the files `beside` it (a
+    tokenizer); return the chosen model's URI and the torch model's.
 
     What crosses to the registry is a host copy in fp32 with a host input example, whatever
     device trained or ran it: a version must load on any machine."""
@@ -578,10 +668,11 @@ def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarra
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     # the AOTInductor package travels inside the torch model, which is also its portable fallback
-    extra = [str(chosen.artifact)] if chosen.name == "torch_aoti" and chosen.artifact is not None else None
+    beside = [str(p) for p in beside or []]
+    extra = [str(chosen.artifact)] if chosen.name == "torch_aoti" and chosen.artifact is not None else []
     metadata = {"mlgate": described}   # classes, feature names, pre-processing: what serving needs, in MLmodel
     torch_info = mlflow.pytorch.log_model(model, name="torch", serialization_format="pickle", signature=signature,
-                                          pip_requirements=_pip_requirements("torch"), extra_files=extra,
+                                          pip_requirements=_pip_requirements("torch"), extra_files=extra + beside or None,
                                           metadata=metadata)
     uris = {name: torch_info.model_uri for name in ("torch_eager", "torch_half", "torch_compile", "torch_aoti")}
     onnx_requirements = _pip_requirements("onnx", "onnxruntime")
@@ -590,11 +681,11 @@ def _log_models(model: Any, chosen: Any, variants: list[Any], example: np.ndarra
     if fp32 is not None and fp32.artifact is not None:
         info = mlflow.onnx.log_model(onnx.load(str(fp32.artifact)), name="onnx", signature=signature,
                                      save_as_external_data=False, pip_requirements=onnx_requirements,
-                                     metadata=metadata)
+                                     metadata=metadata, extra_files=beside or None)
         uris |= {"onnx_fp32": info.model_uri, "onnx_cuda": info.model_uri, "tensorrt_fp16": info.model_uri}
     if chosen.name not in uris and chosen.artifact is not None:
         info = mlflow.onnx.log_model(onnx.load(str(chosen.artifact)), name=chosen.name, signature=signature,
                                      save_as_external_data=False, pip_requirements=onnx_requirements,
-                                     metadata=metadata)
+                                     metadata=metadata, extra_files=beside or None)
         uris[chosen.name] = info.model_uri
-    return uris[chosen.name]
+    return uris[chosen.name], torch_info.model_uri

@@ -46,7 +46,7 @@ from automation.device import CPU, RunnerDevice, device_copy, host_copy
 from automation.errors import StageError, failure_reason, one_line
 from automation.logs import captured_output
 from automation.predictors import (AotiPredictor, OnnxPredictor, Predictor, TorchPredictor, onnx_provider_missing,
-                                   onnx_providers, predict)
+                                   host_batch, onnx_providers, predict)
 
 log = logging.getLogger(__name__)
 REFERENCE = "torch_eager"
@@ -96,9 +96,10 @@ class Variant:
 
 # --- artifacts -------------------------------------------------------------------------------------------
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
-    """ONNX from a CPU copy, with a dynamic batch axis and weights inline (one self-contained file)."""
-    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, dtype: np.dtype | type = np.float32) -> Path:
+    """ONNX from a CPU copy, with a dynamic batch axis and weights inline (one self-contained file). The
+    input keeps its dtype: an image model takes uint8 pixels, a text model int64 token ids."""
+    example = torch.zeros((2, *input_shape), dtype=torch.from_numpy(np.zeros(0, dtype=dtype)).dtype)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)   # torchvision ops
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # exporter internals, not the user's model
@@ -177,7 +178,7 @@ def compile_aoti(model: nn.Module, example: np.ndarray, device: RunnerDevice, ou
     The example is real input: with an all-zero example, torch 2.13's CPU AOTInductor built a package
     for digits_cnn that was off by up to 17 in the logits (caught by parity)."""
     module = device_copy(model, device)
-    example = torch.from_numpy(np.ascontiguousarray(example[:2], dtype=np.float32)).to(device.torch)
+    example = torch.from_numpy(host_batch(example[:2])).to(device.torch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,),
@@ -230,7 +231,8 @@ class BuildContext:
         if self._onnx is None and self._onnx_error is None:
             try:
                 with captured_output(self.out_dir / "onnx_export.build.log"):
-                    self._onnx = export_onnx(self.model, self.input_shape, self.out_dir / "model.onnx")
+                    self._onnx = export_onnx(self.model, self.input_shape, self.out_dir / "model.onnx",
+                                             host_batch(self.sample[:1]).dtype)
             except Exception as exc:   # the exporter raises many types; the reason is what the user needs
                 self._onnx_error = failure_reason("ONNX export", exc) + " (the model must be traceable by torch.export)"
         if self._onnx_error:
@@ -297,7 +299,7 @@ def _warm(predictor: Predictor, x: np.ndarray, batch_sizes: list[int], probe: Me
     """Run every shape the job will time (compiled runtimes build per shape), measure memory at the
     largest batch, and return the logits on `x` (the test set)."""
     for batch_size in sorted(batch_sizes):
-        batch = np.resize(x, (batch_size, *x.shape[1:])).astype(np.float32)
+        batch = host_batch(np.resize(x, (batch_size, *x.shape[1:])))
         prepared = predictor.prepare(batch)
         for _ in range(3):   # CUDA graphs record on the second or third call
             predictor.run(prepared)

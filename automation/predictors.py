@@ -36,11 +36,37 @@ class Predictor(Protocol):
     def to_numpy(self, output: Any) -> np.ndarray: ...
 
 
+def host_batch(x: Any) -> np.ndarray:
+    """A batch as the network takes it: integer inputs (uint8 pixels, int64 token ids) as they are, numbers
+    as float32; strings (a text model's served path) as they are, for its tokenizer."""
+    array = np.ascontiguousarray(x)
+    return array if array.dtype.kind in "iubO" else array.astype(np.float32, copy=False)
+
+
 def predict(predictor: Predictor, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """fp32 logits on the host for all of `x`, in batches."""
     chunks = [predictor.to_numpy(predictor.run(predictor.prepare(x[i:i + batch_size])))
               for i in range(0, len(x), batch_size)]
     return np.concatenate(chunks)
+
+
+class EncodingPredictor:
+    """A text model's served path: raw strings through its tokenizer, then the network's runtime. The
+    tokenizer runs inside `run`, so a timing of this predictor includes it (and the ids' copy to the
+    device), as a client of `/predict` would see."""
+
+    def __init__(self, inner: Predictor, encoder: Any) -> None:
+        self.inner, self.encoder = inner, encoder
+        self.device, self.memory_kind = inner.device, inner.memory_kind
+
+    def prepare(self, x: Any) -> Any:
+        return list(x)
+
+    def run(self, prepared: Any) -> Any:
+        return self.inner.run(self.inner.prepare(self.encoder.encode(prepared)))
+
+    def to_numpy(self, output: Any) -> np.ndarray:
+        return self.inner.to_numpy(output)
 
 
 class _TorchRuntime:
@@ -56,8 +82,9 @@ class _TorchRuntime:
         self.module: Any = None       # set by the subclass: anything callable on a prepared tensor
 
     def prepare(self, x: np.ndarray) -> Any:
-        tensor = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return tensor.to(device=self.device.torch, dtype=self.dtype)
+        tensor = self._torch.from_numpy(host_batch(x))
+        # integer inputs keep their dtype: the model's first step (pixels, an embedding) reads them as such
+        return tensor.to(device=self.device.torch, dtype=self.dtype if tensor.is_floating_point() else None)
 
     def run(self, prepared: Any) -> Any:
         with self._torch.inference_mode():
@@ -119,7 +146,7 @@ class OnnxPredictor:
         self.memory_kind = "cuda_device_used" if on_gpu else "host_rss"
 
     def prepare(self, x: np.ndarray) -> Any:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = host_batch(x)
         if not self.device.is_cuda:
             return {self.input_name: x}
         binding = self.session.io_binding()
@@ -185,6 +212,20 @@ class RegisteredModel:
     # feature names of a tabular model; () and None for versions logged before mlgate recorded them
     classes: tuple[str, ...] = ()
     features: tuple[str, ...] | None = None
+    # what clients send: "tensor" (numbers shaped input_shape), "image" (uint8 pixels shaped input_shape, or
+    # PNG files) or "text" (strings, which `encoder` turns into the network's token ids)
+    input_kind: str = "tensor"
+    encoder: Any = None               # automation.preprocess.TextEncoder for a text model
+
+    def probe_input(self, count: int) -> Any:
+        """`count` harmless raw examples, to check the version answers at all."""
+        if self.input_kind == "text":
+            return ["probe"] * count
+        return np.zeros((count, *self.input_shape), dtype=self.dtype)
+
+    def network_input(self, raw: Any) -> np.ndarray:
+        """Raw inputs as the network takes them: a text model's strings through its tokenizer."""
+        return self.encoder.encode(raw) if self.encoder is not None else raw
 
 
 def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None,
@@ -249,8 +290,19 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
     spec = logged.signature.inputs.to_dict()[0]["tensor-spec"]
     contract = (logged.metadata or {}).get("mlgate") or {}
     features = contract.get("features")
+    kind = str(contract.get("input_kind") or "tensor")
+    encoder = None
+    shape = tuple(int(d) for d in spec["shape"][1:])
+    if kind == "text":   # the tokenizer the version was trained with, saved beside it
+        from automation.preprocess import TOKENIZER_FILE, TextEncoder
+
+        found = next(local.rglob(TOKENIZER_FILE), None)
+        if found is None:
+            raise FileNotFoundError(f"version {version} is a text model but holds no {TOKENIZER_FILE}")
+        encoder, shape = TextEncoder.load(found), ()
     return RegisteredModel(version=version, variant=variant, served_as=served_as, fallback_reason=fallback_reason,
-                           predictor=predictor, artifact=artifact,
-                           input_shape=tuple(int(d) for d in spec["shape"][1:]), dtype=str(spec["dtype"]),
+                           predictor=predictor, artifact=artifact, input_shape=shape,
+                           dtype="string" if kind == "text" else str(spec["dtype"]),
                            classes=tuple(str(c) for c in contract.get("classes") or ()),
-                           features=None if features is None else tuple(str(f) for f in features))
+                           features=None if features is None else tuple(str(f) for f in features),
+                           input_kind=kind, encoder=encoder)

@@ -13,7 +13,7 @@ import random
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 
 from automation.config import TrainConfig
 from automation.device import CPU, RunnerDevice
-from models.datasets import Splits
+from models.datasets import Splits, is_on_disk
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 BuildFn = Callable[..., nn.Module]
@@ -91,13 +91,12 @@ def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: T
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss()
 
-    x_train = torch.from_numpy(splits.x_train).to(device)
-    y_train = torch.from_numpy(splits.y_train).to(device)
-    x_val = torch.from_numpy(splits.x_val).to(device)
+    batches = TrainingBatches(splits.x_train, splits.y_train, device, cfg.loader_workers)
+    x_val = torch.from_numpy(np.asarray(splits.x_val)).to(device)
     y_val = torch.from_numpy(splits.y_val).to(device)
     # every rank draws the same permutation and takes its own stride, as DistributedSampler does
     generator = torch.Generator().manual_seed(cfg.seed)
-    per_rank = len(x_train) // world_size
+    per_rank = len(batches) // world_size
 
     best_loss, best_state, best_epoch, stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
@@ -106,17 +105,16 @@ def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: T
         # --- train one epoch ------------------------------------------------------------
         epoch_start = time.perf_counter()
         train_module.train()
-        order = torch.randperm(len(x_train), generator=generator)[rank::world_size][:per_rank].to(device)
+        order = torch.randperm(len(batches), generator=generator)[rank::world_size][:per_rank]
         total_loss = torch.zeros((), device=device)
-        for start in range(0, per_rank, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+        for x_batch, y_batch in batches.epoch(order, cfg.batch_size):
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(train_module(x_train[idx]), y_train[idx])
+                loss = loss_fn(train_module(x_batch), y_batch)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += loss.detach() * len(idx)   # stays on device: no sync per step
+            total_loss += loss.detach() * len(y_batch)   # stays on device: no sync per step
         train_loss = (total_loss / per_rank).item()    # one sync per epoch
 
         # --- validate (every rank on the full split, so all reach the same stop decision) ---
@@ -146,6 +144,57 @@ def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: T
     return TrainResult(model=model.to(device="cpu", dtype=torch.float32).eval(), history=history,
                        best_epoch=best_epoch, stopped_early=stopped_early, world_size=world_size, device=str(device),
                        precision=precision)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of a split on disk; a batch is read in one call (`__getitems__`), not one row at a time."""
+
+    def __init__(self, x: Any, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        return self.x[index], self.y[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(indices)
+        return torch.from_numpy(np.asarray(self.x[rows])), torch.from_numpy(self.y[rows])
+
+
+class TrainingBatches:
+    """The training split's batches in a given order. In memory, the whole split sits on the device and a
+    batch is an index; on disk (models.datasets.DiskArray), a DataLoader reads each batch's rows, so memory
+    holds a few batches whatever the split's size. Both take the same rows in the same order."""
+
+    def __init__(self, x: Any, y: np.ndarray, device: torch.device, workers: int = 0) -> None:
+        self.device, self.workers = device, workers
+        self.streamed = is_on_disk(x)
+        self.rows = _Rows(x, y) if self.streamed else None
+        self.x = None if self.streamed else torch.from_numpy(np.asarray(x)).to(device)
+        self.y = None if self.streamed else torch.from_numpy(y).to(device)
+        self.count = len(y)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def epoch(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.streamed:
+            order = order.to(self.device)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield self.x[idx], self.y[idx]
+            return
+        chunks = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        loader = torch.utils.data.DataLoader(self.rows, batch_sampler=chunks, collate_fn=_as_batch,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        for x_batch, y_batch in loader:
+            yield x_batch.to(self.device, non_blocking=True), y_batch.to(self.device, non_blocking=True)
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch   # __getitems__ already stacked it
 
 
 def _free_port() -> int:

@@ -488,6 +488,91 @@ def test_a_staged_rollout_rolls_a_bad_version_back_and_lets_a_good_one_through(r
     assert card["rollout"]["requests"] >= 40 and card["rollout"]["agreement"] < 0.95
 
 
+# the digits MLP with the same weights (seeded, and its extra buffers take nothing from the RNG), plus work
+# that changes no answer: the same predictions as v3, at several times the compute per example
+COSTLY_MLP = '''import torch
+from torch import nn
+
+from models.datasets import digits as load_data
+from models.digits_mlp import build as mlp
+
+
+class Costly(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("spread", torch.full((64, 512), 0.01))
+        self.register_buffer("mix", torch.eye(512) * 0.5)
+
+    def forward(self, x):
+        z = torch.tanh(x.flatten(1) @ self.spread)
+        for _ in range(12):
+            z = torch.tanh(z @ self.mix)
+        return self.inner(x) + 0.0 * z.mean(dim=1, keepdim=True)
+
+
+def build(**params):
+    return Costly(mlp(**params))
+'''
+
+
+def test_a_version_costing_several_times_the_compute_is_rolled_back_for_it(registry: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dynamic batching, end-to-end latency is mostly the batching wait and the queue, the same for
+    both versions; the time each version's model calls take per example is what tells them apart."""
+    import sys
+
+    from automation import promote, store, tracking
+
+    directory = registry.parent
+    (directory / "costly_mlp.py").write_text(COSTLY_MLP)
+    monkeypatch.syspath_prepend(str(directory))
+    raw = yaml.safe_load(registry.read_text())
+    costly = copy.deepcopy(raw)
+    costly["models"] = {"digits_mlp": {"module": "costly_mlp", "params": {"hidden": 64}}}
+    costly["defaults"]["gates"]["absolute"]["min_accuracy"] = 0.999     # never promoted by its job
+    (directory / "costly.yaml").write_text(yaml.safe_dump(costly))
+    assert main(["--config", str(directory / "costly.yaml"), "run", "--model", "digits_mlp"], standalone=False) == 3
+    sys.modules.pop("costly_mlp", None)
+    config = load_config(registry)
+    client = tracking.connect(config.workdir, config.experiment)[0]
+    costly_version = str(max(int(v.version) for v in client.search_model_versions("name='digits_mlp'")))
+    staged = copy.deepcopy(raw)
+    staged["defaults"]["rollout"] = {"stages": [{"traffic": 0, "min_seconds": 0.5, "min_requests": 60}]}
+    (directory / "cost.yaml").write_text(yaml.safe_dump(staged))
+    running = Running(directory / "cost.yaml", tmp_path / "inference", batch_delay_ms=1)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def traffic() -> None:
+        x = digits_batch(20)
+        with httpx.Client(timeout=10) as http:
+            i = 0
+            while not stop.is_set():
+                statuses.append(http.post(running.url + "/predict", json={"inputs": [x[i % 20]]}).status_code)
+                i += 1
+
+    clients = [threading.Thread(target=traffic) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    engine = store.open_store(store.database_url(config.workdir))
+    try:
+        assert main(["--config", str(registry), "promote", "digits_mlp", costly_version, "--reason", "by hand"],
+                    standalone=False) == 0
+        assert wait_for(lambda: promote.audit_trail(engine, "digits_mlp")[-1].action == "rollback", 60)
+        last = promote.audit_trail(engine, "digits_mlp")[-1]
+        assert last.version == "3" and last.replaced_version == costly_version
+        assert "inference costs" in last.reason and "per example" in last.reason, last.reason
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        running.stop()
+        assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "restore"],
+                    standalone=False) == 0
+    assert set(statuses) == {200}
+
+
 def test_inference_log_stays_bounded_and_monitor_reads_it(tmp_path: Path) -> None:
     log = InferenceLog(tmp_path / "window", rows_per_file=50, max_files=3, flush_seconds=60)
     rng = np.random.default_rng(0)

@@ -127,9 +127,14 @@ def load_window(path: Path, rows: int, names: list[str] | None = None) -> Window
     return Window(x, min(starts), max(ends), used)
 
 
-def read_reference(path: Path, version: str) -> Reference:
-    """A logged `train.npz`: `x` and `features` (the names; empty, or absent in older versions, for none)."""
+def read_reference(path: Path, version: str) -> Any:
+    """A logged `train.npz`: `x` and `features` (the names; empty, or absent in older versions, for none);
+    or, for an image or text model, its embeddings (triggers/monitor_embeddings.py)."""
     with np.load(path) as data:
+        if "embeddings" in data:
+            from triggers.monitor_embeddings import read_embedding_reference
+
+            return read_embedding_reference(data, version)
         x = data["x"]
         names = [str(n) for n in data["features"]] if "features" in data else []
     x = x.reshape(len(x), -1)
@@ -138,7 +143,7 @@ def read_reference(path: Path, version: str) -> Reference:
     return Reference(x, names or feature_names(x.shape[1]), version)
 
 
-def load_reference(config: MlgateConfig, model: str) -> Reference:
+def load_reference(config: MlgateConfig, model: str) -> Any:
     """The training split logged with the production version, its feature names, and that version."""
     import mlflow
 
@@ -260,27 +265,69 @@ def prune_reports(directory: Path, keep: int) -> list[Path]:
 def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: str | None = None,
                 kafka_bootstrap: str | None = None, post_url: str | None = None,
                 publish: bool = True) -> dict[str, Any]:
-    from triggers.intake.drift import make_event
+
+    from triggers.monitor_embeddings import EmbeddingReference
 
     policy = config.model(model).drift
-    data_files(current)                                 # a missing window fails before any download
+    files = data_files(current)                         # a missing window fails before any download
     reference = load_reference(config, model)
+    if isinstance(reference, EmbeddingReference):
+        return _monitor_embeddings(config, model, files, reference, data_ref, kafka_bootstrap, post_url, publish)
     window = load_window(current, policy.window_rows, reference.names)
     base = {"model": model, "production_version": reference.version, "threshold": policy.threshold,
             "current_rows": len(window.x)}
     if len(window.x) < policy.min_window_rows:         # chance differences would read as drift
-        summary = base | {"tested": False, "drift_share": None, "drifted_columns": 0,
-                          "total_columns": len(reference.names), "reference_rows": len(reference.x),
-                          "retrain": False, "event_id": None, "published_to": [], "report": None,
-                          "note": f"window of {len(window.x)} rows is below drift.min_window_rows "
-                                  f"({policy.min_window_rows}): not tested"}
-        log.info("drift not tested", extra={k: v for k, v in summary.items() if k != "report"})
-        return summary
+        return _not_tested(base, len(reference.names), len(reference.x), policy.min_window_rows)
     directory = config.workdir / "monitor" / model
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
     result = compute_drift(reference.x, window.x, directory / f"drift-{stamp}.html", reference.names)
+    return _decide(config, model, base, result, window.start, window.end, data_ref, kafka_bootstrap, post_url,
+                   publish)
+
+
+def _not_tested(base: dict[str, Any], columns: int, reference_rows: int, min_rows: int) -> dict[str, Any]:
+    summary = base | {"tested": False, "drift_share": None, "drifted_columns": 0,
+                      "total_columns": columns, "reference_rows": reference_rows,
+                      "retrain": False, "event_id": None, "published_to": [], "report": None,
+                      "note": f"window of {base['current_rows']} rows is below drift.min_window_rows "
+                              f"({min_rows}): not tested"}
+    log.info("drift not tested", extra={k: v for k, v in summary.items() if k != "report"})
+    return summary
+
+
+def _monitor_embeddings(config: MlgateConfig, model: str, files: list[Path], reference: Any, data_ref: str | None,
+                        kafka_bootstrap: str | None, post_url: str | None, publish: bool) -> dict[str, Any]:
+    """An image or text model: the window's raw inputs embedded by the production version, then compared."""
+    from triggers.monitor_embeddings import compute_embedding_drift, embed_window, read_raw_window
+
+    policy = config.model(model).drift
+    window, used = read_raw_window(files, policy.window_rows, reference)
+    base = {"model": model, "production_version": reference.version, "threshold": policy.threshold,
+            "current_rows": len(window), "compared": "embeddings" + (" and text descriptors"
+                                                                     if reference.descriptors else "")}
+    tests = 1 + len(reference.descriptors)
+    if len(window) < policy.min_window_rows:
+        return _not_tested(base, tests, len(reference.embeddings), policy.min_window_rows)
+    directory = config.workdir / "monitor" / model
+    embeddings, descriptors = embed_window(reference, window, directory / f"model-v{reference.version}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+    drifted, total = compute_embedding_drift(reference, embeddings, descriptors, directory / f"drift-{stamp}.html")
+    result = DriftResult(len(drifted) / total, drifted, total, len(reference.embeddings), len(window),
+                         str(directory / f"drift-{stamp}.html"))
+    times = [_mtime(f) for f in used]
+    return _decide(config, model, base, result, min(times), max(times), data_ref, kafka_bootstrap, post_url, publish)
+
+
+def _decide(config: MlgateConfig, model: str, base: dict[str, Any], result: DriftResult, start: datetime,
+            end: datetime, data_ref: str | None, kafka_bootstrap: str | None, post_url: str | None,
+            publish: bool) -> dict[str, Any]:
+    """Retrain or not by the model's policy; publish the event; write the summary beside the report."""
+    from triggers.intake.drift import make_event
+
+    policy = config.model(model).drift
+    directory = config.workdir / "monitor" / model
     retrain = result.share >= policy.threshold
-    event = make_event(model, result.share, result.columns, window.start, window.end,
+    event = make_event(model, result.share, result.columns, start, end,
                        data_ref=os.path.abspath(data_ref) if data_ref else None)
     sent = publish_event(event, config.service.kafka.topic, kafka_bootstrap, post_url) if retrain and publish else []
     summary = base | {"tested": True, "drift_share": round(result.share, 4),

@@ -22,7 +22,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from triggers.serving.inputs import BadInput, checked_cast, describe_value, format_value
-from triggers.serving.requests import INLINE_BYTES, REQUEST_ID, error_response, new_request_id, predict_body_limit
+from triggers.serving.requests import (INLINE_BYTES, REQUEST_ID, error_response, log_columns, new_request_id,
+                                      predict_body_limit)
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -34,7 +35,7 @@ LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in TO_NUMPY.items()} 
 
 
 def v2_datatype(dtype: str) -> str:
-    return FROM_NUMPY[np.dtype(dtype).name]
+    return "BYTES" if dtype == "string" else FROM_NUMPY[np.dtype(dtype).name]
 
 
 NOT_FINITE = "the input contains NaN or infinity"
@@ -50,9 +51,10 @@ class InferRequest:
 
 
 def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], dtype: str,
-                max_batch: int, labels: bool = False) -> InferRequest:
+                max_batch: int, labels: bool = False, kind: str = "tensor") -> InferRequest:
     """An inference request (JSON, or JSON then binary tensors) → the input batch; BadInput says what is wrong.
-    `labels`: the version names its classes, so it has a `labels` output."""
+    `labels`: the version names its classes, so it has a `labels` output. `kind`: a text model takes a BYTES
+    tensor of UTF-8 strings; an image model a UINT8 tensor of pixels or a BYTES tensor of PNG/JPEG files."""
     if header_length is not None:
         try:
             split = int(header_length)
@@ -72,7 +74,12 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     tensors = request["inputs"]
     if len(tensors) != 1 or not isinstance(tensors[0], dict) or tensors[0].get("name") != INPUT_NAME:
         raise BadInput(f'this model takes one input tensor, named "{INPUT_NAME}"', 400)
-    x = _tensor(tensors[0], binary, shape, dtype, max_batch, head)
+    if kind in ("text", "image") and tensors[0].get("datatype") == "BYTES":
+        x = _raw_tensor(tensors[0], binary, shape, max_batch, kind)
+    elif kind == "text":
+        raise BadInput(f"datatype {tensors[0].get('datatype')!r}: this model takes text, a BYTES tensor shaped [batch]")
+    else:
+        x = _tensor(tensors[0], binary, shape, dtype, max_batch, head)
     parameters = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
     default_binary = bool(parameters.get("binary_data_output", False))
     requested = request.get("outputs")
@@ -194,6 +201,24 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
     return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
 
 
+def _raw_tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], max_batch: int,
+                kind: str) -> np.ndarray:
+    """A BYTES tensor shaped [batch]: UTF-8 texts, or image files decoded to the version's pixels."""
+    from triggers.serving import raw_inputs
+
+    declared = tensor.get("shape")
+    if not isinstance(declared, list) or len(declared) != 1 or type(declared[0]) is not int or declared[0] < 0:
+        got = orjson.dumps(declared).decode()[:80] if declared is not None else "none"
+        raise BadInput(f"a BYTES input is shaped [batch], one element per {kind}; got {got}", 400)
+    limit = min(max_batch, raw_inputs.MAX_TEXT_BATCH) if kind == "text" else max_batch
+    if not 0 < declared[0] <= limit:
+        raise BadInput(f"batch of {declared[0]} examples: between 1 and {limit}", 413 if declared[0] else 422)
+    elements = raw_inputs.bytes_elements(tensor, binary, declared[0])
+    if kind == "text":
+        return raw_inputs.texts_from_bytes(elements)
+    return raw_inputs.images_from_files(elements, shape)
+
+
 def bytes_tensor(texts: list[str]) -> bytes:
     """A BYTES tensor in the binary extension's form: each element's length (4 bytes, little-endian), then it."""
     return b"".join(len(e).to_bytes(4, "little") + e for e in (t.encode() for t in texts))
@@ -233,9 +258,10 @@ def infer_response(model: str, version: str, request: InferRequest, logits: np.n
 
 def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ...], dtype: str,
                    classes: int, class_names: tuple[str, ...] = (),
-                   features: tuple[str, ...] | None = None) -> dict[str, Any]:
+                   features: tuple[str, ...] | None = None, input_kind: str = "tensor") -> dict[str, Any]:
     """The protocol's model metadata; its `parameters` carry what the version's contract names: `classes`
-    (the logits' order) and `features` (a tabular input's order), each only when known."""
+    (the logits' order), `features` (a tabular input's order), each only when known, and `input_kind` for an
+    image model (which also takes a BYTES tensor of PNG/JPEG files) or a text model (BYTES, UTF-8)."""
     metadata: dict[str, Any] = {
         "name": model, "versions": [version], "platform": platform,
         "inputs": [{"name": INPUT_NAME, "datatype": v2_datatype(dtype), "shape": [-1, *shape]}],
@@ -247,6 +273,8 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
         parameters["classes"] = list(class_names)
     if features is not None:
         parameters["features"] = list(features)
+    if input_kind != "tensor":
+        parameters["input_kind"] = input_kind
     if parameters:
         metadata["parameters"] = parameters
     return metadata
@@ -307,7 +335,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         loaded = served.loaded
         return JSONResponse(model_metadata(server.model, loaded.version, f"mlgate_{loaded.served_as}",
                                            loaded.input_shape, loaded.dtype, served.classes, loaded.classes,
-                                           loaded.features))
+                                           loaded.features, loaded.input_kind))
 
     async def infer_route(name: str, version: str | None, request: Request) -> Response:
         served = served_for(name, version)
@@ -316,12 +344,12 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
             return served
         loaded = served.loaded
         try:
-            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch))
+            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, None, loaded.input_kind))
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return error_response(f"{exc}: at most {max_batch} examples per request", 413)
         header = request.headers.get(HEADER_LENGTH)
-        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes))
+        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes), loaded.input_kind)
         try:
             parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
@@ -331,7 +359,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
-            inference_log.append(parsed.x, predictions, loaded.version, features=loaded.features,
+            inference_log.append(parsed.x, predictions, loaded.version, features=log_columns(loaded),
                                  classes=loaded.classes)
         # the version that answered may differ from the one parsed for (a rollout): its own class names
         if "labels" in parsed.outputs and not loaded.classes:

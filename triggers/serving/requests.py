@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -27,10 +28,17 @@ def new_request_id() -> str:
 
 
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int,
-                       features: tuple[str, ...] | None = None) -> int:
+                       features: tuple[str, ...] | None = None, input_kind: str = "tensor") -> int:
     """The largest body a valid request can have: every number written out in full (~24 bytes as JSON), and
-    with records, every feature's name beside it."""
+    with records, every feature's name beside it; for text, a fixed bound; an image file as large as allowed
+    (base64)."""
+    from triggers.serving import raw_inputs
+
+    if input_kind == "text":
+        return raw_inputs.MAX_TEXT_BODY
     per_example = math.prod(input_shape) * 24
+    if input_kind == "image":
+        per_example = max(per_example, raw_inputs.MAX_IMAGE_BYTES * 4 // 3 + 64)
     if features is not None:
         per_example = max(per_example, sum(len(name.encode()) * 6 + 32 for name in features))   # \uXXXX escapes
     return max_batch * per_example + 4096
@@ -48,3 +56,8 @@ def feedback_enabled() -> bool:
 def error_response(message: str, status: int) -> JSONResponse:
     """A refused request's answer: `{"error": message}` with the HTTP status."""
     return JSONResponse({"error": message}, status)
+
+
+def log_columns(loaded: Any) -> tuple[str, ...] | None:
+    """The inference log's input columns: a text model logs its texts whole, in one `text` column."""
+    return ("text",) if loaded.input_kind == "text" else loaded.features

@@ -155,6 +155,14 @@ class Tally:
                                           "baseline": json.dumps(seen.baseline.tolist()),
                                           "candidate": json.dumps(seen.candidate.tolist()), "labelled": False})
 
+    def add_cost(self, rollout: RolloutView, candidate: bool, seconds: float, examples: int) -> None:
+        """One model call's time over its examples, for the version that made it (its compute cost)."""
+        if examples <= 0:
+            return
+        name = f"cost_{'cand' if candidate else 'base'}_{analysis.latency_bucket(seconds / examples)}"
+        with self._lock:
+            self._counts[(rollout.id, rollout.stage, name)] += 1
+
     def flush(self, engine: Engine) -> None:
         with self._lock:
             counts, self._counts = self._counts, Counter()

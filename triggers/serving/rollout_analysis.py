@@ -142,6 +142,23 @@ def accuracy_failure(counts: Mapping[str, float], config: RolloutConfig) -> str 
     return None
 
 
+def compute_failure(counts: Mapping[str, float], config: RolloutConfig) -> str | None:
+    """The candidate's inference time per example (each model call's time over its batch's examples: what a
+    version costs on its own, whatever the batching wait and queue add) against the previous version's, at
+    the median, when the whole interval lies beyond `max_compute_ratio`. End-to-end latency hides this below
+    saturation: a 7× costlier model answers in the same 2 ms while the server idles."""
+    base, cand = histogram(counts, "cost_base_"), histogram(counts, "cost_cand_")
+    b, c = quantile_interval(base, 0.5, config.confidence), quantile_interval(cand, 0.5, config.confidence)
+    if b is None or c is None:
+        return None
+    if c[1] > config.max_compute_ratio * b[2] and c[1] - b[2] > config.compute_noise_floor_us / 1e6:
+        return (f"inference costs {c[0] * 1e6:.3g} µs per example at the median ({config.confidence:.0%} CI "
+                f"[{c[1] * 1e6:.3g}, {c[2] * 1e6:.3g}]) against {b[0] * 1e6:.3g} µs ([{b[1] * 1e6:.3g}, "
+                f"{b[2] * 1e6:.3g}]) for the previous version, {c[0] / b[0]:.1f}×, more than "
+                f"{config.max_compute_ratio:g}×")
+    return None
+
+
 def judge(counts: Mapping[str, float], config: RolloutConfig) -> str | None:
     """Why the candidate failed this stage, or None. `counts` holds the stage's counts and the rollout's
     labels. Fails only on what the interval makes certain."""
@@ -157,7 +174,8 @@ def judge(counts: Mapping[str, float], config: RolloutConfig) -> str | None:
     if n and error_low > config.max_error_rate:
         return (f"inference error rate {errors / n:.3f}, {config.confidence:.0%} CI "
                 f"[{error_low:.3f}, {error_high:.3f}], above {config.max_error_rate:g}")
-    return accuracy_failure(counts, config) or class_failure(counts, config) or latency_failure(counts, config)
+    return accuracy_failure(counts, config) or class_failure(counts, config) or compute_failure(counts, config) or \
+        latency_failure(counts, config)
 
 
 def comparison(counts: Mapping[str, float], confidence: float) -> dict[str, object]:
@@ -169,6 +187,8 @@ def comparison(counts: Mapping[str, float], confidence: float) -> dict[str, obje
         for q in QUANTILES:
             found = quantile_interval(hist, q, confidence)
             latency[f"{who}_p{q * 100:g}_ms"] = None if found is None else round(found[0] * 1000, 4)
+        cost = quantile_interval(histogram(counts, f"cost_{who}_"), 0.5, confidence)
+        latency[f"{who}_compute_us_per_example"] = None if cost is None else round(cost[0] * 1e6, 3)
     labelled = counts.get("labelled", 0.0)
     return {"requests": int(n), "examples": int(examples),
             "agreement": round(counts.get("agree", 0.0) / compared, 4) if compared else None,

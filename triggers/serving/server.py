@@ -11,13 +11,14 @@ Inference runs on inference threads, never on the event loop; so does parsing a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from automation.config import MlgateConfig
 from automation.predictors import RegisteredModel, predict
 from triggers.request_guard import BodyTooLarge, read_body
-from triggers.serving import feedback, open_inference
+from triggers.serving import feedback, open_inference, raw_inputs
 from triggers.serving.fast_path import InferenceFastPath
 from triggers.serving.inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
 from triggers.serving.requests import (FEEDBACK_TOKEN_ENV, INLINE_BYTES, REQUEST_ID, error_response,
-                                       feedback_enabled, new_request_id, predict_body_limit)
+                                       feedback_enabled, log_columns, new_request_id, predict_body_limit)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,7 @@ class ModelServer:
         loaded = load_registered(self._client(), self.model, version,
                                  self.config.workdir / "serving" / self.model / f"v{version}", self.device,
                                  cpu_threads=1)
-        probe = np.zeros((2, *loaded.input_shape), dtype=loaded.dtype)
-        logits = predict(loaded.predictor, probe)
+        logits = predict(loaded.predictor, loaded.network_input(loaded.probe_input(2)))
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
             raise ProbeFailed(f"version {version} answers a probe batch with {logits.shape} non-finite or "
                              "misshapen logits")
@@ -219,7 +219,7 @@ class ModelServer:
         announce_rollback(self.config, self._client(), self.model, view, record, reason)
 
     def _classes(self, loaded: RegisteredModel) -> int:
-        return int(predict(loaded.predictor, np.zeros((1, *loaded.input_shape), dtype=loaded.dtype)).shape[1])
+        return int(predict(loaded.predictor, loaded.network_input(loaded.probe_input(1))).shape[1])
 
     def _swap_in(self, loaded: RegisteredModel, target: str) -> None:
         previous = self.current.loaded.version if self.current else None
@@ -294,8 +294,15 @@ def commit_of(client: Any, model: str, version: str) -> str | None:
 
 def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
     # orjson reads JSON as the standard has it: NaN and Infinity are not numbers there (400, not JSON)
-    return parse_inputs(orjson.loads(raw), loaded.input_shape, loaded.dtype, max_batch, loaded.features,
-                        suspect_body(raw))
+    body = orjson.loads(raw)
+    if loaded.input_kind in ("text", "image") and isinstance(body, dict) and isinstance(body.get("inputs"), list) \
+            and body["inputs"] and len(body["inputs"]) <= max_batch:
+        if loaded.input_kind == "text":
+            return raw_inputs.texts(body["inputs"])
+        files = raw_inputs.images(body["inputs"], loaded.input_shape)
+        if files is not None:
+            return files
+    return parse_inputs(body, loaded.input_shape, loaded.dtype, max_batch, loaded.features, suspect_body(raw))
 
 
 def check_rollout_labels(model: str, config: Any) -> None:
@@ -319,6 +326,12 @@ A value that is not a number (null, a boolean, a string), a value out of the inp
 unknown feature, or a wrong shape is answered 422 with one line naming the example and where."""
 
 
+async def timed(pending: Awaitable[np.ndarray]) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    result = await pending
+    return result, time.perf_counter() - started
+
+
 def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH,
                        batch_delay_ms: float | None = None) -> Any:
     """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
@@ -336,7 +349,13 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     def run_batch(loaded: RegisteredModel) -> Callable[[np.ndarray], np.ndarray]:
         def run(batch: np.ndarray) -> np.ndarray:
             inference_batches.observe(len(batch))
-            return predict(loaded.predictor, batch)
+            started = time.perf_counter()
+            # a text model's tokenizer runs here, per version: a rollout's candidate may have its own
+            logits = predict(loaded.predictor, loaded.network_input(batch))
+            candidate, view = server.candidate, server.rollout
+            if candidate is not None and view is not None and view.state == "running":   # what each version costs
+                server.tally.add_cost(view, loaded is candidate.loaded, time.perf_counter() - started, len(batch))
+            return logits
         return run
 
     async def infer(loaded: RegisteredModel, x: np.ndarray) -> np.ndarray:
@@ -361,18 +380,21 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         candidate, view = server.candidate, server.rollout
         if candidate is None or view is None or view.state != "running":
             return await infer(served.loaded, x), served.loaded
-        started = time.perf_counter()
-        baseline = await infer(served.loaded, x)
-        middle = time.perf_counter()
-        try:
-            candidate_logits: np.ndarray | None = await infer(candidate.loaded, x)
-        except Exception as exc:
-            log.warning("rollout candidate failed a request", extra={"error": f"{type(exc).__name__}: {exc}"})
-            candidate_logits = None
-        ended = time.perf_counter()
+        # both versions at once: the candidate's time overlaps the baseline's instead of adding to every request
+        baseline_outcome, candidate_outcome = await asyncio.gather(
+            timed(infer(served.loaded, x)), timed(infer(candidate.loaded, x)), return_exceptions=True)
+        if isinstance(baseline_outcome, BaseException):   # the version clients rely on: its failure is theirs
+            raise baseline_outcome
+        baseline, base_seconds = baseline_outcome
+        if isinstance(candidate_outcome, BaseException):
+            log.warning("rollout candidate failed a request",
+                        extra={"error": f"{type(candidate_outcome).__name__}: {candidate_outcome}"})
+            candidate_logits, cand_seconds = None, 0.0
+        else:
+            candidate_logits, cand_seconds = candidate_outcome
         server.tally.add(view, Observation(request_id, baseline.argmax(1),
                                            None if candidate_logits is None else candidate_logits.argmax(1),
-                                           middle - started, ended - middle))
+                                           base_seconds, cand_seconds))
         if candidate_logits is not None and random.random() < view.traffic:
             return candidate_logits, candidate.loaded
         return baseline, served.loaded
@@ -405,7 +427,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             return error_response(f"no production version of {server.model} is loaded yet", 503)
         loaded = served.loaded
         try:
-            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, loaded.features))
+            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, loaded.features,
+                                                              loaded.input_kind))
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return error_response(f"{exc}: at most {max_batch} examples per request", 413)
@@ -420,7 +443,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         logits, loaded = await answer(served, x, request_id)
         predictions = logits.argmax(axis=1)
         if inference_log is not None:
-            inference_log.append(x, predictions, loaded.version, features=loaded.features, classes=loaded.classes)
+            inference_log.append(x, predictions, loaded.version, features=log_columns(loaded),
+                                 classes=loaded.classes)
         batch_sizes.observe(len(x))
         latency.observe(time.perf_counter() - started)
         answer_body: dict[str, Any] = {"id": request_id, "model": server.model, "version": loaded.version,

@@ -1,0 +1,182 @@
+"""Drift for image and text models: on the model's embeddings, and for text also on text descriptors.
+
+The reference (logged by the job with each version, `reference/train.npz`) holds the embeddings of examples
+the version never trained on (validation and test: the embeddings of training examples are tighter than
+any new input's, which would read as drift), and for a text model the descriptors of those texts.
+`mlgate monitor` embeds the current window (raw inputs from the inference log) with the same version, and
+Evidently compares them:
+- embeddings: Evidently's model-based embedding drift (a classifier told to separate reference from current;
+  drift when its ROC AUC on held-out rows exceeds `EMBEDDING_AUC_THRESHOLD`);
+- descriptors (text length, out-of-vocabulary share): Evidently's per-column drift tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automation.errors import MlgateError, UsageError
+
+EMBEDDINGS = "embeddings"
+EMBEDDING_AUC_THRESHOLD = 0.55   # Evidently's default for its model-based method
+MAX_ROWS = 5000                  # of each side: the classifier and the report's t-SNE stay bounded
+
+
+@dataclass
+class EmbeddingReference:
+    embeddings: np.ndarray
+    descriptors: dict[str, np.ndarray]   # a text model's; empty for images
+    input_kind: str                      # "image" or "text"
+    input_shape: tuple[int, ...]
+    torch_uri: str                       # the version's torch model: what embeds the current window
+    version: str
+
+
+def read_embedding_reference(data: Any, version: str) -> EmbeddingReference:
+    """From a loaded reference .npz that holds `embeddings`."""
+    descriptors = {str(name[len("descriptor_"):]): data[name] for name in data.files if name.startswith("descriptor_")}
+    return EmbeddingReference(data["embeddings"], descriptors, str(data["input_kind"]),
+                              tuple(int(d) for d in data["input_shape"]), str(data["torch_uri"]), version)
+
+
+def read_raw_window(files: list[Path], rows: int, reference: EmbeddingReference) -> tuple[np.ndarray, list[Path]]:
+    """The newest `rows` raw inputs: texts from a `text` column, or images from pixel columns x0, x1, …
+    (as the inference log writes them) or an .npz `x`; oldest file first."""
+    import pandas as pd
+
+    parts: list[np.ndarray] = []
+    used: list[Path] = []
+    width = int(np.prod(reference.input_shape)) if reference.input_kind == "image" else 0
+    for file in reversed(files):
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as data:
+                if "x" not in data:
+                    raise UsageError(f"{file}: an .npz window needs an array named 'x'")
+                x = data["x"]
+        else:
+            frame = pd.read_parquet(file) if file.suffix == ".parquet" else pd.read_csv(file)
+            if reference.input_kind == "text":
+                if "text" not in frame.columns:
+                    raise UsageError(f"{file}: no 'text' column (a text model's window)")
+                x = frame["text"].astype(str).to_numpy(dtype=object)
+            else:
+                columns = [f"x{i}" for i in range(width)]
+                missing = [c for c in columns if c not in frame.columns]
+                if missing:
+                    raise UsageError(f"{file}: no column {missing[0]!r} of the model's {width} pixels")
+                x = frame[columns].to_numpy()
+        if reference.input_kind == "image":
+            if x.size % width:
+                raise UsageError(f"{file}: rows of {x.size // max(len(x), 1)} values; the model's images have {width}")
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+                raise UsageError(f"{file}: pixel values outside 0..255")
+            x = x.reshape((-1, *reference.input_shape)).astype(np.uint8)
+        parts.insert(0, x)
+        used.append(file)
+        if sum(len(p) for p in parts) >= rows:
+            break
+    window = np.concatenate(parts)[-rows:]
+    if len(window) == 0:
+        raise UsageError("the window is empty")
+    return window, used
+
+
+def embed_window(reference: EmbeddingReference, window: np.ndarray, model_dir: Path) -> tuple[np.ndarray, dict]:
+    """The current window's embeddings (and a text model's descriptors), by the reference's version."""
+    import mlflow.pytorch
+
+    from automation.embeddings import embed
+    from automation.preprocess import TOKENIZER_FILE, TextEncoder
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference.torch_uri, dst_path=str(model_dir)))
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+    except Exception as exc:
+        raise MlgateError(f"cannot load version {reference.version}'s torch model to embed the window "
+                          f"({type(exc).__name__})") from None
+    encoder = None
+    if reference.input_kind == "text":
+        found = next(local.rglob(TOKENIZER_FILE), None)
+        if found is None:
+            raise MlgateError(f"version {reference.version} is a text model but holds no {TOKENIZER_FILE}")
+        encoder = TextEncoder.load(found)
+    descriptors = encoder.descriptors(list(window)) if encoder is not None else {}
+    return embed(model, window, encoder), descriptors
+
+
+def _sample(x: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
+    if len(x) <= rows:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), rows, replace=False))]
+
+
+def embedding_drift_score(reference: np.ndarray, current: np.ndarray) -> float:
+    """Evidently's model-based embedding drift, without its report: the ROC AUC of a classifier separating
+    reference from current rows (0.5: indistinguishable)."""
+    import pandas as pd
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    names = [f"e{i}" for i in range(reference.shape[1])]
+    method = ModelDriftMethod(threshold=EMBEDDING_AUC_THRESHOLD, bootstrap=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score, _, _ = method(pd.DataFrame(_sample(current, MAX_ROWS), columns=names),
+                             pd.DataFrame(_sample(reference, MAX_ROWS), columns=names))
+    return float(score)
+
+
+def compute_embedding_drift(reference: EmbeddingReference, current: np.ndarray, current_descriptors: dict,
+                            report_html: Path) -> tuple[list[dict[str, Any]], int]:
+    """Evidently's report (embedding drift, with its t-SNE picture; per-descriptor drift): the drifted tests
+    (column, score, method, threshold) and how many tests ran."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift, ValueDrift
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    ref_emb, cur_emb = _sample(reference.embeddings, MAX_ROWS), _sample(current, MAX_ROWS)
+    names = [f"e{i}" for i in range(ref_emb.shape[1])]
+    descriptor_names = sorted(reference.descriptors)
+    definition = DataDefinition(numerical_columns=names + descriptor_names, embeddings={EMBEDDINGS: names},
+                                categorical_columns=[], text_columns=[], datetime_columns=[], unknown_columns=[],
+                                list_columns=[])
+
+    def dataset(embeddings: np.ndarray, descriptors: dict[str, np.ndarray]) -> Any:
+        frame = pd.DataFrame(embeddings, columns=names)
+        for name in descriptor_names:
+            frame[name] = _sample(descriptors[name], MAX_ROWS) if len(descriptors[name]) > MAX_ROWS else \
+                descriptors[name]
+        return Dataset.from_pandas(frame, data_definition=definition)
+
+    metrics: list[Any] = [EmbeddingsDrift(embeddings_name=EMBEDDINGS,
+                                          drift_method=ModelDriftMethod(threshold=EMBEDDING_AUC_THRESHOLD,
+                                                                        bootstrap=False))]
+    metrics += [ValueDrift(column=name) for name in descriptor_names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snapshot = Report(metrics).run(current_data=dataset(cur_emb, current_descriptors),
+                                       reference_data=dataset(ref_emb, reference.descriptors))
+    report_html.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(report_html))
+    drifted, total = [], 0
+    for metric in snapshot.dict()["metrics"]:
+        cfg = metric.get("config", {})
+        kind = cfg.get("type", "")
+        if kind.endswith("EmbeddingsDrift"):
+            total += 1
+            score = float(metric["value"])
+            if score > EMBEDDING_AUC_THRESHOLD:
+                drifted.append({"column": EMBEDDINGS, "score": score, "method": "model ROC AUC (Evidently)",
+                                "threshold": EMBEDDING_AUC_THRESHOLD})
+        elif kind.endswith("ValueDrift"):
+            total += 1
+            score, method, threshold = float(metric["value"]), str(cfg.get("method")), float(cfg.get("threshold"))
+            if (score < threshold) if "p_value" in method else (score >= threshold):
+                drifted.append({"column": cfg.get("column"), "score": score, "method": method, "threshold": threshold})
+    if total == 0:
+        raise MlgateError("Evidently returned no embedding drift result")
+    return drifted, total
