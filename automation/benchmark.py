@@ -60,6 +60,7 @@ class AccuracyStats:
     macro_f1: float
     per_class_f1: dict[str, float]
     correct: np.ndarray          # per test example, for paired bootstrap comparisons
+    predicted: np.ndarray | None = None   # per test example: the confusion matrix and misclassified examples
 
     def as_dict(self) -> dict[str, object]:
         return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "per_class_f1": self.per_class_f1}
@@ -74,7 +75,7 @@ def evaluate_accuracy(predictor: Predictor, x: np.ndarray, y: np.ndarray,
     return AccuracyStats(accuracy=float((predicted == y).mean()),
                          macro_f1=float(per_class.mean()),
                          per_class_f1={name: float(score) for name, score in zip(classes, per_class)},
-                         correct=(predicted == y))
+                         correct=(predicted == y), predicted=predicted)
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                                      summary["reports"]["html"])
             summary |= promoted.summary_fields()
         with timer.stage("report"):
-            report_stage(summary, dict(timer.seconds), optimized.variants, benchmarked.production, report_dir)
+            report_stage(summary, dict(timer.seconds), optimized.variants, benchmarked.production, report_dir,
+                         validated.raw.x_test)
         publish_summary(summary, dict(timer.seconds), report_dir)
 
     return conclude(request, summary, verdict, promoted)
@@ -440,6 +441,22 @@ def register_stage(request: JobRequest, client: MlflowClient, validated: Validat
 
 
 REFERENCE_ROWS = 5000   # embeddings kept as a version's drift reference
+MAX_CONFUSION_CLASSES = 50
+MISCLASSIFIED_SHOWN = 16
+
+
+def _errors(predicted: np.ndarray | None, truth: np.ndarray, classes: int) -> dict[str, Any] | None:
+    """The chosen variant's confusion matrix (rows: true class, columns: predicted) and the first misclassified
+    test examples (index, true, predicted), for the report."""
+    if predicted is None:
+        return None
+    wrong = np.flatnonzero(predicted != truth)[:MISCLASSIFIED_SHOWN]
+    confusion = None
+    if classes <= MAX_CONFUSION_CLASSES:
+        confusion = np.zeros((classes, classes), dtype=np.int64)
+        np.add.at(confusion, (truth, predicted), 1)
+    return {"confusion": None if confusion is None else confusion.tolist(),
+            "misclassified": [[int(i), int(truth[i]), int(predicted[i])] for i in wrong]}
 
 
 def _write_reference(path: Path, validated: Validated, model: Any, torch_uri: str) -> None:
@@ -501,6 +518,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
                      "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         "contract": validated.described,
+        "errors": _errors(chosen.accuracy.predicted, validated.splits.y_test, len(validated.splits.classes)),
         "config_profile": "on_cpu" if validated.spec.on_cpu and not validated.runner.is_cuda else "default",
         "data_sources": {"files": len(validated.manifest),
                          "bytes": sum(int(e["size"]) for e in validated.manifest)},
@@ -555,12 +573,13 @@ def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, ve
 # --- report -----------------------------------------------------------------------------------------------------
 
 def report_stage(summary: dict[str, Any], timings: dict[str, float], variants: list[Variant],
-                 production: dict[str, Any] | None, report_dir: Path) -> None:
-    """Write the md/html/json reports, with the stage timings so far."""
+                 production: dict[str, Any] | None, report_dir: Path, test_inputs: Any = None) -> None:
+    """Write the md/html/json reports, with the stage timings so far; the raw test inputs show the
+    misclassified examples (thumbnails, text snippets)."""
     from automation import report
 
     summary["timings"] = timings
-    report.write_reports(summary, variants, production, report_dir)
+    report.write_reports(summary, variants, production, report_dir, test_inputs)
 
 
 def publish_summary(summary: dict[str, Any], timings: dict[str, float], report_dir: Path) -> None:

@@ -446,6 +446,7 @@ def _render(summary: dict[str, Any], links: dict[str, str], flavor: Flavor) -> s
     lines += ["", f"Per-class F1 (candidate{', first ' + str(MAX_CLASSES) if len(per_class) == MAX_CLASSES else ''}):",
               "", "| " + " | ".join(_text(name, 40) for name, _ in per_class) + " |", "|" + "---:|" * len(per_class),
               "| " + " | ".join(f"{score:.3f}" for _, score in per_class) + " |"]
+    lines += _confusion_lines(summary)
     lines += ["", "### Variants", *_variant_table(summary, flavor), "",
               "Latency by batch size (ms, p50 / p95 / p99):", "", *_latency_by_batch(summary), "",
               f"Chosen: {_text(summary['chosen_because'], 400)}.", ""]
@@ -455,6 +456,25 @@ def _render(summary: dict[str, Any], links: dict[str, str], flavor: Flavor) -> s
     if not flavor.html:     # the page shows the latency distributions as a PNG
         lines += _latency_chart(summary)
     return "\n".join(lines)
+
+
+MAX_CONFUSION_SHOWN = 12   # classes; a larger matrix is in report.json
+
+
+def _confusion_lines(summary: dict[str, Any]) -> list[str]:
+    """The chosen variant's confusion matrix, rows the true class and columns the predicted one, by name."""
+    errors = summary.get("errors") or {}
+    matrix = errors.get("confusion")
+    classes = (summary.get("contract") or {}).get("classes") or []
+    if not matrix or len(matrix) > MAX_CONFUSION_SHOWN or len(classes) != len(matrix):
+        return []
+    names = [_text(c, 16) for c in classes]
+    lines = ["", "Confusion matrix (rows: true class, columns: predicted; test split):", "",
+             "| true / predicted | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for i, (name, row) in enumerate(zip(names, matrix)):   # the diagonal (right) in bold, zeros as dots
+        cells = [f"**{v}**" if i == j else (str(v) if v else "·") for j, v in enumerate(row)]
+        lines.append(f"| **{name}** | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_markdown(summary: dict[str, Any], links: dict[str, str] | None = None) -> str:
@@ -525,13 +545,50 @@ PAGE_STYLE = (
     "summary{cursor:pointer;font-weight:bold}")
 
 
-def render_html(summary: dict[str, Any], samples: dict[str, Any]) -> str:
+def _misclassified(summary: dict[str, Any], test_inputs: Any) -> str:
+    """The first misclassified test examples: a grid of thumbnails for images, escaped snippets for text."""
+    errors = (summary.get("errors") or {}).get("misclassified") or []
+    contract = summary.get("contract") or {}
+    classes = contract.get("classes") or []
+    if not errors or test_inputs is None or not classes:
+        return ""
+    kind = contract.get("input_kind")
+    title = "<h3>Misclassified test examples (true → predicted)</h3>"
+    if kind == "text":
+        items = "".join(f"<li><b>{html.escape(classes[true])} → {html.escape(classes[guess])}</b>: "
+                        f"{html.escape(str(test_inputs[index])[:240])}…</li>" for index, true, guess in errors[:8])
+        return f"{title}<ul class='snippets'>{items}</ul>"
+    if kind != "image":
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = 8
+    rows = (len(errors) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (index, true, guess) in zip(axes.flat, errors):
+        image = np.asarray(test_inputs[index])
+        image = image[0] if image.ndim == 3 and image.shape[0] == 1 else (
+            np.moveaxis(image, 0, -1) if image.ndim == 3 else image)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(f"{classes[true][:12]}\n→ {classes[guess][:12]}", fontsize=7)
+    uri = _png(fig)
+    plt.close(fig)
+    return f'{title}<img alt="misclassified test images" src="{uri}">'
+
+
+def render_html(summary: dict[str, Any], samples: dict[str, Any], test_inputs: Any = None) -> str:
     import markdown_it
 
     body = markdown_it.MarkdownIt("commonmark").enable("table").render(
         "\n".join(line for line in _render(summary, {}, PAGE).splitlines() if not line.startswith("<!--")))
     plots = "".join(f'<h3>{html.escape(title)}</h3><img alt="{html.escape(title)}" src="{uri}">'
-                    for title, uri in _plots(summary, samples))
+                    for title, uri in _plots(summary, samples)) + _misclassified(summary, test_inputs)
     # ensure_ascii keeps the gate lines' emoji out of the page as characters (they would be empty boxes)
     raw = html.escape(json.dumps(summary, indent=2, default=str, ensure_ascii=True))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>mlgate {html.escape(summary['model'])} "
@@ -541,11 +598,11 @@ def render_html(summary: dict[str, Any], samples: dict[str, Any]) -> str:
 
 
 def write_reports(summary: dict[str, Any], variants: list[Any], production: dict[str, Any] | None,
-                  out_dir: Path) -> None:
+                  out_dir: Path, test_inputs: Any = None) -> None:
     """report.md and report.html; the job writes report.json last, once its timings are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = {v.name: v.latency[1].samples_ms for v in variants if v.latency}
     if production is not None:
         samples["production"] = production["latency"][1].samples_ms
     (out_dir / "report.md").write_text(render_markdown(summary), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(summary, samples), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(summary, samples, test_inputs), encoding="utf-8")

@@ -32,10 +32,12 @@ def example_config() -> dict[str, Any]:
     config["defaults"]["benchmark"] = {"batch_sizes": [1, 8], "warmup": 2, "iterations": 20, "rounds": 2}
     config["models"] = {
         "fashion_resnet": {"module": "models.fashion_resnet", "params": {"width": 8, "blocks": 1},
-                           "data": {"train_examples": 1200, "test_examples": 300},
+                           "data": {"train_examples": 1200, "test_examples": 1000},
                            "train": {"epochs": 2, "batch_size": 64, "lr": 0.003},
                            "gates": {"absolute": {"min_accuracy": 0.2}}},
+        # trained without one category: its articles are the unseen news the monitor must notice
         "news_transformer": {"module": "models.news_transformer", "params": {"dim": 32, "layers": 1},
+                             "data": {"holdout_class": "tech"},
                              "train": {"epochs": 3, "batch_size": 32, "lr": 0.003},
                              "gates": {"absolute": {"min_accuracy": 0.2}}},
     }
@@ -69,7 +71,7 @@ def test_both_examples_train_register_and_say_what_they_take(jobs: dict[str, dic
     assert text["contract"]["input_kind"] == "text" and text["contract"]["input_dtype"] == "string"
     assert text["contract"]["network_input"] == {"shape": [256], "dtype": "int64"}
     # the fingerprint is a manifest of the source files, not a hash of arrays in memory
-    assert image["data_sources"]["files"] == 4 and text["data_sources"]["files"] == 2225
+    assert image["data_sources"]["files"] == 4 and text["data_sources"]["files"] == 2225 - 401   # less the held-out category
     # the text model's variants are timed on its served path: the tokenizer inside the timed region
     assert text["served_path"]["includes"] == "tokenizer" and "1" in text["served_path"]["latency"]
 
@@ -196,3 +198,125 @@ def test_bad_raw_text_gets_one_line_4xx(text_server: Running) -> None:
     cut = httpx.post(url + "/v2/models/news_transformer/infer", content=head + (9).to_bytes(4, "little") + b"abcd",
                      headers={"Inference-Header-Content-Length": str(len(head))}, timeout=10)
     assert cut.status_code == 400 and "claims 9 bytes" in cut.json()["error"]
+
+
+# --- drift on embeddings -------------------------------------------------------------------------------------
+
+def log_window(directory: Path, x: Any, version: str, columns: tuple[str, ...] | None) -> Path:
+    """Inputs written as serving writes them (the inference log's Parquet files)."""
+    from triggers.serving.inference_log import InferenceLog
+
+    log = InferenceLog(directory, rows_per_file=10_000, flush_seconds=60)
+    log.append(np.asarray(x, dtype=object) if columns == ("text",) else x, np.zeros(len(x), dtype=np.int64),
+               version, features=columns)
+    log.close()
+    return directory
+
+
+def unseen_images(count: int, offset: int = 0) -> np.ndarray:
+    """Fashion-MNIST test images outside the job's test subset (it took 1,000 of the 10,000)."""
+    from models.datasets import fashion_mnist
+
+    used = set(fashion_mnist(train_examples=1200, test_examples=1000).x_test.reshape(1000, -1).sum(1).tolist())
+    every = fashion_mnist(train_examples=1200).x_test
+    fresh = np.array([i for i in range(len(every)) if int(every[i].sum()) not in used])
+    return every[fresh[offset:offset + count]]
+
+
+def test_the_monitor_sees_rotated_and_brightened_images_and_not_unshifted_ones(registry: Path, jobs: Any,
+                                                                             tmp_path: Path) -> None:
+    from automation.config import load_config
+    from triggers.monitor import run_monitor
+
+    config = load_config(registry)
+    version = jobs["fashion_resnet"]["version"]
+    images = unseen_images(600)
+    windows = {"unshifted": images, "rotated": np.rot90(images, 1, axes=(1, 2)).copy(),
+               "brightened": np.clip(images.astype(np.int16) + 90, 0, 255).astype(np.uint8)}
+    results = {}
+    for name, x in windows.items():
+        window = log_window(tmp_path / name, x.reshape(len(x), -1), version, None)
+        results[name] = run_monitor(config, "fashion_resnet", window, publish=False)
+    assert results["unshifted"]["tested"] and not results["unshifted"]["retrain"], results["unshifted"]
+    for name in ("rotated", "brightened"):
+        assert results[name]["retrain"], results[name]
+        assert results[name]["compared"] == "embeddings"
+    assert Path(results["rotated"]["report"]).read_text(encoding="utf-8").count("embeddings") > 0
+
+
+def test_embedding_drift_stays_quiet_on_twenty_unshifted_windows(registry: Path, jobs: Any) -> None:
+    """The false-alarm rate: 20 windows of images from the same distribution, none seen by the reference."""
+    import mlflow.pytorch
+
+    from automation.config import load_config
+    from automation.embeddings import embed
+    from triggers.monitor import load_reference
+    from triggers.monitor_embeddings import EMBEDDING_AUC_THRESHOLD, embedding_drift_score
+
+    reference = load_reference(load_config(registry), "fashion_resnet")
+    model = mlflow.pytorch.load_model(reference.torch_uri, map_location="cpu")
+    pool = embed(model, unseen_images(20 * 400))
+    scores = [embedding_drift_score(reference.embeddings, pool[i * 400:(i + 1) * 400]) for i in range(20)]
+    alarms = sum(score > EMBEDDING_AUC_THRESHOLD for score in scores)
+    assert alarms == 0, f"{alarms}/20 unshifted windows flagged; ROC AUCs {sorted(scores)[-3:]}"
+    rotated = embed(model, np.rot90(unseen_images(400), 1, axes=(1, 2)).copy())
+    assert embedding_drift_score(reference.embeddings, rotated) > 0.9   # the same check does see a real shift
+
+
+def test_the_monitor_sees_an_unseen_news_category_and_noisy_text(registry: Path, jobs: Any, tmp_path: Path) -> None:
+    from automation.config import load_config
+    from models.datasets import bbc_news, read_bbc_news
+    from triggers.monitor import run_monitor
+
+    config = load_config(registry)
+    version = jobs["news_transformer"]["version"]
+    texts, labels, _ = read_bbc_news()
+    tech = [t for t, label in zip(texts, labels) if label == "tech"][:300]
+    known = list(bbc_news(holdout_class="tech").x_test)
+    rng = np.random.default_rng(0)
+    noisy = ["".join(c if rng.random() > 0.25 else chr(rng.integers(97, 123)) for c in t) for t in known]
+    results = {}
+    for name, x in {"unshifted": known, "held-out category": tech, "noisy": noisy}.items():
+        results[name] = run_monitor(config, "news_transformer", log_window(tmp_path / name.replace(" ", "-"), x,
+                                                                           version, ("text",)), publish=False)
+    assert results["unshifted"]["tested"] and not results["unshifted"]["retrain"], results["unshifted"]
+    assert results["unshifted"]["compared"] == "embeddings and text descriptors"
+    for name in ("held-out category", "noisy"):
+        assert results[name]["retrain"], results[name]
+    report = json.loads(Path(results["noisy"]["report"]).with_suffix(".json").read_text())
+    assert {c["column"] for c in report["event"]["data"]["drifted_columns"]} >= {"embeddings", "oov_share"}
+
+
+# --- reports -------------------------------------------------------------------------------------------------
+
+def test_reports_name_classes_show_the_confusion_and_the_misclassified_examples(jobs: Any, tmp_path: Path) -> None:
+    from tests.conftest import headless_chromium
+
+    image, text = jobs["fashion_resnet"], jobs["news_transformer"]
+    markdown = Path(image["reports"]["md"]).read_text(encoding="utf-8")
+    assert "| true / predicted | T-shirt/top | Trouser |" in markdown and "| **Ankle boot** |" in markdown
+    matrix = image["errors"]["confusion"]
+    assert sum(map(sum, matrix)) == image["contract"]["test_examples"]
+    assert sum(matrix[i][i] for i in range(10)) / sum(map(sum, matrix)) == pytest.approx(image["metrics"]["accuracy"])
+    page = Path(image["reports"]["html"]).read_text(encoding="utf-8")
+    assert '<img alt="misclassified test images" src="data:image/png;base64,' in page
+    text_page = Path(text["reports"]["html"]).read_text(encoding="utf-8")
+    assert "<ul class='snippets'>" in text_page and " → " in text_page
+    shot = tmp_path / "report.png"
+    headless_chromium(tmp_path / "profile", "--window-size=1300,4000", f"--screenshot={shot}",
+                      Path(image["reports"]["html"]).as_uri())
+    from PIL import Image
+
+    with Image.open(shot) as picture:   # rendered: the page has content well below its first screen
+        grey = np.asarray(picture.convert("L"))
+    assert grey.shape == (4000, 1300) and (grey[2000:] < 200).mean() > 0.01
+
+
+def test_a_misclassified_snippet_is_escaped() -> None:
+    from automation.report import _misclassified
+
+    summary = {"contract": {"input_kind": "text", "classes": ["a", "<b>"]},
+               "errors": {"misclassified": [[0, 1, 0]]}}
+    page = _misclassified(summary, np.array(["<script>alert(1)</script> & more"], dtype=object))
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page
+    assert "&lt;b&gt; → a" in page

@@ -340,6 +340,10 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     from triggers.serving.rollout import Observation
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
+    # a version's cost: on a CPU, the CPU time of the thread that ran the call (ONNX Runtime and torch run it
+    # there with one intra-op thread), which waiting for the GIL or a core does not inflate; on a GPU, wall
+    # time (the call synchronizes before it returns)
+    clock = time.perf_counter if server.device.is_cuda else time.thread_time
     batchers: dict[int, DynamicBatcher] = {}
     registry = CollectorRegistry()
     inference_batches = Histogram("mlgate_inference_batch_examples", "Examples per model call (a dynamic batch "
@@ -349,12 +353,12 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
     def run_batch(loaded: RegisteredModel) -> Callable[[np.ndarray], np.ndarray]:
         def run(batch: np.ndarray) -> np.ndarray:
             inference_batches.observe(len(batch))
-            started = time.perf_counter()
+            started = clock()
             # a text model's tokenizer runs here, per version: a rollout's candidate may have its own
             logits = predict(loaded.predictor, loaded.network_input(batch))
             candidate, view = server.candidate, server.rollout
             if candidate is not None and view is not None and view.state == "running":   # what each version costs
-                server.tally.add_cost(view, loaded is candidate.loaded, time.perf_counter() - started, len(batch))
+                server.tally.add_cost(view, loaded is candidate.loaded, clock() - started, len(batch))
             return logits
         return run
 
