@@ -179,6 +179,7 @@ class Validated:
     env: dict[str, str]
     described: dict[str, Any]             # the data contract, logged as contract.json and into the MLmodel
     spec: ModelConfig                     # the model's block as this runner runs it (`on_cpu` merged on a CPU)
+    profile: str                          # "on_cpu" when that block was merged in, else "default"
     raw: Splits                           # the examples as clients send them (a text model's strings)
     encoder: Any = None                   # a text model's fitted tokenizer (automation/preprocess.TextEncoder)
     manifest: list[dict[str, Any]] = field(default_factory=list)   # the source files behind the fingerprint
@@ -194,7 +195,8 @@ def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Va
     from automation.fingerprint import data_fingerprint
 
     runner = select_device(spec.device)   # the one place a job's device is decided; a CPU runner runs `on_cpu`
-    if not runner.is_cuda:
+    profile = "on_cpu" if spec.on_cpu and not runner.is_cuda else "default"
+    if profile == "on_cpu":
         spec = spec.for_cpu()
     module = check_model_module(request.model, spec)
     checked = load_checked_data(request.model, module, spec, request.fresh_data)
@@ -207,6 +209,7 @@ def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Va
                                        "data": {k: v for k, v in checked.described.items() if k != "features"}})
     return Validated(splits=checked.splits, build=checked.build, data_fingerprint=digest,
                      batch_sizes=batch_sizes, runner=runner, env=env, described=checked.described, spec=spec,
+                     profile=profile,
                      raw=checked.raw, encoder=checked.encoder, manifest=manifest)
 
 
@@ -519,7 +522,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         "contract": validated.described,
         "errors": _errors(chosen.accuracy.predicted, validated.splits.y_test, len(validated.splits.classes)),
-        "config_profile": "on_cpu" if validated.spec.on_cpu and not validated.runner.is_cuda else "default",
+        "config_profile": validated.profile,
         "data_sources": {"files": len(validated.manifest),
                          "bytes": sum(int(e["size"]) for e in validated.manifest)},
         "served_path": None if benchmarked.network_alone is None else {

@@ -84,3 +84,23 @@ def test_pr_trigger_needs_pr_number(config_path: Path, capsys: pytest.CaptureFix
     code, _, err = run_cli(capsys, "run", "--config", str(config_path), "--trigger", "pr")
     assert code == 2
     _assert_one_line_error(err, "--pr N")
+
+
+def test_on_cpu_merges_over_the_model_block_and_is_checked_when_read(tmp_path: Path) -> None:
+    from automation.config import parse_config
+    from automation.errors import UsageError
+
+    text = """
+models:
+  m:
+    module: models.digits_mlp
+    params: {hidden: 64}
+    train: {epochs: 30, lr: 0.01}
+    on_cpu: {params: {hidden: 16}, train: {epochs: 2}}
+"""
+    spec = parse_config(text, "x.yaml", tmp_path).model("m")
+    short = spec.for_cpu()
+    assert (short.params, short.train.epochs, short.train.lr) == ({"hidden": 16}, 2, 0.01)   # merged, not replaced
+    assert spec.train.epochs == 30 and not short.on_cpu
+    with pytest.raises(UsageError, match=r"x.yaml: models.m.on_cpu.train.epoch: Extra inputs are not permitted"):
+        parse_config(text.replace("epochs: 2", "epoch: 2"), "x.yaml", tmp_path)

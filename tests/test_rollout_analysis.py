@@ -203,3 +203,21 @@ def test_a_stage_that_waits_for_labels_needs_feedback_on(monkeypatch: pytest.Mon
     check_rollout_labels("m", CONFIG)          # no stage waits for labels
     monkeypatch.setenv("MLGATE_FEEDBACK_TOKEN", "t")
     check_rollout_labels("m", waiting)
+
+
+def cost_counts(base: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    counts: Counter[str] = Counter()
+    counts.update(f"cost_base_{analysis.latency_bucket(s)}" for s in base)
+    counts.update(f"cost_cand_{analysis.latency_bucket(s)}" for s in cand)
+    return dict(counts)
+
+
+def test_a_candidate_costing_several_times_the_compute_per_example_fails_and_an_equal_one_does_not() -> None:
+    base = rng.lognormal(np.log(29e-6), 0.3, 300)          # seconds per example, one per model call
+    costly = analysis.compute_failure(cost_counts(base, rng.lognormal(np.log(206e-6), 0.3, 300)), CONFIG)
+    assert costly is not None and "per example" in costly and "7." in costly
+    assert analysis.compute_failure(cost_counts(base, rng.lognormal(np.log(29e-6), 0.3, 300)), CONFIG) is None
+    # a handful of calls cannot make the whole interval costlier
+    assert analysis.compute_failure(cost_counts(base, rng.lognormal(np.log(206e-6), 0.3, 3)), CONFIG) is None
+    shown = analysis.comparison(cost_counts(base, base * 7), 0.95)["latency"]
+    assert 6 < shown["cand_compute_us_per_example"] / shown["base_compute_us_per_example"] < 8
