@@ -108,6 +108,15 @@ class DiskArray:
     def subset(self, rows: np.ndarray) -> DiskArray:
         return DiskArray(self.path, np.asarray(rows) if self.rows is None else self.rows[rows])
 
+    def __getstate__(self) -> dict[str, object]:   # to another process (DDP ranks, loader workers): the path,
+        state = dict(self.__dict__)                  # not a copy of the file's contents
+        state["_file"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._file = np.load(self.path, mmap_mode="r")
+
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:   # the whole split, in memory
         whole = self[np.arange(len(self))]
         return whole if dtype is None else whole.astype(dtype)

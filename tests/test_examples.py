@@ -230,7 +230,7 @@ def test_the_monitor_sees_rotated_and_brightened_images_and_not_unshifted_ones(r
 
     config = load_config(registry)
     version = jobs["fashion_resnet"]["version"]
-    images = unseen_images(600)
+    images = unseen_images(400)
     windows = {"unshifted": images, "rotated": np.rot90(images, 1, axes=(1, 2)).copy(),
                "brightened": np.clip(images.astype(np.int16) + 90, 0, 255).astype(np.uint8)}
     results = {}

@@ -106,9 +106,9 @@ def test_an_artifact_that_computes_something_else_fails_parity(trained, tmp_path
     splits, model = trained
     real_export = optimize.export_onnx
 
-    def export_a_different_model(model_, input_shape, path):
+    def export_a_different_model(model_, input_shape, path, dtype=np.float32):
         other = digits_cnn.build(channels=8, hidden=32)   # same graph, other weights: a wrong artifact
-        return real_export(other, input_shape, path)
+        return real_export(other, input_shape, path, dtype)
 
     monkeypatch.setattr(optimize, "export_onnx", export_a_different_model)
     variants, _ = build_variants(model, splits.input_shape, splits.x_test,

@@ -579,8 +579,8 @@ def test_a_version_costing_several_times_the_compute_is_rolled_back_for_it(regis
     try:
         assert main(["--config", str(registry), "promote", "digits_mlp", costly_version, "--reason", "by hand"],
                     standalone=False) == 0
-        assert wait_for(lambda: promote.audit_trail(engine, "digits_mlp")[-1].action == "rollback", 60), \
-            rollout_state(engine)
+        assert wait_for(lambda: promote.audit_trail(engine, "digits_mlp")[-1].action == "rollback", 90), \
+            rollout_state(engine)[-1]
         last = promote.audit_trail(engine, "digits_mlp")[-1]
         assert last.version == "3" and last.replaced_version == costly_version
         assert "inference costs" in last.reason and "per example" in last.reason, last.reason
