@@ -3,7 +3,8 @@
 A model file (`models/<name>.py`) defines:
 
     build(**params) -> nn.Module      logits, one per class, for a batch of raw inputs. If build() takes
-                                      `input_shape` or `num_classes`, mlgate passes them from the data.
+                                      `input_shape`, `num_classes` or (a text model) `vocab_size`, mlgate
+                                      passes them from the data.
     load_data(**data) -> one of
         (x, y)                        x: an array (N, *shape) or a DataFrame of named numeric columns;
                                       y: the labels (array, list or Series)
@@ -12,10 +13,16 @@ A model file (`models/<name>.py`) defines:
     label = "species"                 optional: a DataFrame's label column (default "label")
     preprocess = "standardize"        optional: fitted on the training split only, then part of the model, so
                                       every variant (ONNX, int8, compiled) and serving run it on raw inputs.
-                                      One of PREPROCESSORS, or an object with fit(x_train) -> nn.Module.
+                                      A built-in (automation/preprocess.py: "standardize", "minmax",
+                                      "normalize_channels", "pixels" for uint8 images, {"tokenize": {…}} for
+                                      text), or an object with fit(x_train) -> nn.Module.
+
+x may also be uint8 images (with "pixels"), kept as they are, or on disk (models.datasets.DiskArray: read a
+batch at a time), or strings (with "tokenize"): the raw form clients send.
 
 mlgate supports single-label classification. What it does with the data, so the loader need not:
-- x: float64, integers and booleans become float32; text columns, NaN and infinity are refused.
+- x: float64, integers and booleans become float32 (but an image or text model's x stays raw); text columns,
+  NaN and infinity are refused.
 - y: strings, integer codes (0..K-1, 1..K, any set), integral floats, booleans and one-hot rows become
   indices 0..K-1; the class names are kept (the strings, or the codes as text) and travel with the version.
 - Unsplit data is split by the framework (seeded and stratified, the model's `split:` block).
