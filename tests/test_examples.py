@@ -151,6 +151,12 @@ def test_bad_raw_images_get_one_line_4xx(image_server: Running) -> None:
         response = post(body)
         assert response.status_code == status, (name, response.text)
         assert message in response.json()["error"] and "\n" not in response.json()["error"], (name, response.json())
+    # a body is refused by its size before it is read whole: 33 MiB of base64 is over any image request
+    huge = httpx.post(image_server.url + "/predict", content=b'{"inputs": [{"b64": "' + b"A" * (33 * 2**20) + b'"}]}',
+                      timeout=30)
+    assert huge.status_code == 413
+    big_file = base64.b64encode(b"\x89PNG" + bytes(70 * 1024)).decode()   # a 28×28 image needs no 70 KiB
+    assert post({"inputs": [{"b64": big_file}]}).status_code == 413
 
 
 def test_raw_text_on_predict_and_v2_with_the_training_tokenizer(text_server: Running, jobs: dict[str, Any],

@@ -20,7 +20,8 @@ import numpy as np
 from triggers.serving.inputs import BadInput, describe_value
 
 MAX_TEXT_BYTES = 64 * 1024         # per example: a long news article is ~10 KB
-MAX_IMAGE_BYTES = 1024 * 1024      # per encoded file
+MAX_IMAGE_BYTES = 1024 * 1024      # per encoded file, at most; smaller for small images (image_file_limit)
+MAX_IMAGE_BODY = 32 * 1024 * 1024  # an image request's body, whatever its batch
 MAX_TEXT_BATCH = 256               # examples per request for text
 MAX_TEXT_BODY = 16 * 1024 * 1024   # a text request's body, whatever its batch
 
@@ -56,6 +57,12 @@ def texts_from_bytes(elements: list[bytes]) -> np.ndarray:
     return checked_texts(decoded)
 
 
+def image_file_limit(shape: tuple[int, ...]) -> int:
+    """The largest file taken for images shaped `shape`: 8 bytes a pixel (an uncompressed RGBA PNG is 4),
+    at least 64 KiB, at most MAX_IMAGE_BYTES."""
+    return min(MAX_IMAGE_BYTES, max(64 * 1024, 8 * int(np.prod(shape))))
+
+
 def image_from_file(i: int, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     """One PNG/JPEG file → uint8 pixels shaped `shape`. The size is checked from the header, before decoding,
     so a decompression bomb is never decoded."""
@@ -63,8 +70,9 @@ def image_from_file(i: int, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
     from automation.contract import image_pixels
 
-    if len(data) > MAX_IMAGE_BYTES:
-        raise BadInput(f"example {i}: an image file of {len(data):,} bytes is over the limit of {MAX_IMAGE_BYTES:,}", 413)
+    limit = image_file_limit(shape)
+    if len(data) > limit:
+        raise BadInput(f"example {i}: an image file of {len(data):,} bytes is over the limit of {limit:,}", 413)
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("PNG", "JPEG"):

@@ -37,8 +37,9 @@ def predict_body_limit(input_shape: tuple[int, ...], max_batch: int,
     if input_kind == "text":
         return raw_inputs.MAX_TEXT_BODY
     per_example = math.prod(input_shape) * 24
-    if input_kind == "image":
-        per_example = max(per_example, raw_inputs.MAX_IMAGE_BYTES * 4 // 3 + 64)
+    if input_kind == "image":   # pixels as numbers, or files as base64
+        per_example = max(per_example, raw_inputs.image_file_limit(input_shape) * 4 // 3 + 64)
+        return min(max_batch * per_example + 4096, raw_inputs.MAX_IMAGE_BODY)
     if features is not None:
         per_example = max(per_example, sum(len(name.encode()) * 6 + 32 for name in features))   # \uXXXX escapes
     return max_batch * per_example + 4096
