@@ -317,6 +317,8 @@ def check_rollout_labels(model: str, config: Any) -> None:
 PREDICT_DESCRIPTION = """Examples are arrays shaped like the version's input (`GET /healthz`: `input_shape`), or, for a
 tabular version that names its features, records keyed by feature name:
 `{"inputs": [{"alcohol": 14.2, "malic_acid": 1.7, …}, …]}`. Values are raw (pre-processing is inside the model).
+An image version (`/healthz`, `/v2` metadata: `input_kind` image) takes uint8 pixels, or PNG/JPEG files as
+`{"b64": "…"}`; a text version takes strings, `{"inputs": ["…", …]}`, through the tokenizer it was trained with.
 
 The answer: `predictions` (class indices), `labels` (class names; absent for versions logged without them),
 `probabilities` (each example's softmax probability of its predicted class), `logits` (one per class), `id`
