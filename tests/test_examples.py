@@ -120,6 +120,8 @@ def test_v2_takes_uint8_tensors_and_png_bytes(image_server: Running) -> None:
 
     images = fashion_mnist(train_examples=100, test_examples=100).x_test[:3]
     client = triton.InferenceServerClient(url=image_server.url.removeprefix("http://"))
+    health = httpx.get(image_server.url + "/healthz", timeout=5).json()
+    assert health["input_kind"] == "image" and health["input_shape"] == [28, 28]
     metadata = client.get_model_metadata("fashion_resnet")
     assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 28, 28]}]
     assert metadata["parameters"]["input_kind"] == "image"

@@ -481,7 +481,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                              "version": served.loaded.version, "production": server.production,
                              "variant": served.loaded.variant, "served_as": served.loaded.served_as,
                              "fallback_reason": served.loaded.fallback_reason, "device": str(server.device.torch),
-                             "input_shape": list(served.loaded.input_shape),
+                             "input_shape": list(served.loaded.input_shape), "input_kind": served.loaded.input_kind,
                              "serving_since": served.since, "not_served": not_served},
                             200 if is_production else 503)
 
