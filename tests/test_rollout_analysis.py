@@ -24,10 +24,11 @@ CONFIG = RolloutConfig()
 rng = np.random.default_rng(7)
 
 
-def latency_counts(base: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+def latency_counts(base: np.ndarray, cand: np.ndarray, kind: str = "lat") -> dict[str, float]:
+    """Histogram counts of both versions' seconds (`lat`: per request; `cost`: per example of a model call)."""
     counts: Counter[str] = Counter()
-    counts.update(f"lat_base_{analysis.latency_bucket(s)}" for s in base)
-    counts.update(f"lat_cand_{analysis.latency_bucket(s)}" for s in cand)
+    counts.update(f"{kind}_base_{analysis.latency_bucket(s)}" for s in base)
+    counts.update(f"{kind}_cand_{analysis.latency_bucket(s)}" for s in cand)
     return dict(counts)
 
 
@@ -206,10 +207,7 @@ def test_a_stage_that_waits_for_labels_needs_feedback_on(monkeypatch: pytest.Mon
 
 
 def cost_counts(base: np.ndarray, cand: np.ndarray) -> dict[str, float]:
-    counts: Counter[str] = Counter()
-    counts.update(f"cost_base_{analysis.latency_bucket(s)}" for s in base)
-    counts.update(f"cost_cand_{analysis.latency_bucket(s)}" for s in cand)
-    return dict(counts)
+    return latency_counts(base, cand, "cost")
 
 
 def test_a_candidate_costing_several_times_the_compute_per_example_fails_and_an_equal_one_does_not() -> None:
