@@ -1,0 +1,1 @@
+"""The service's HTTP surface, one router per concern; `triggers.app.create_app` includes them."""

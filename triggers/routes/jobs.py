@@ -1,0 +1,102 @@
+"""Jobs and what fed them (deliveries, drift events), and the runner's side: results and production snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from triggers.github.job_status import keep_summary
+from triggers.intake import deliveries, drift
+from triggers.jobs import queue
+from triggers.request_guard import RESULT_LIMIT, BodyTooLarge, read_body
+from triggers.routes.state import Limit, ServiceState, error, read_access, report_file
+
+
+def jobs_router(state: ServiceState) -> APIRouter:
+    router = APIRouter()
+    read = read_access(state)
+
+    @router.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome and report, with the job's "
+                 "own credential (Authorization: Bearer, minted at dispatch)")
+    async def job_result(job_id: str, request: Request) -> Response:
+        from triggers.jobs.executors import outcome_from_summary
+        from triggers.jobs.runner_results import BadResultToken, RunnerResult, check_token
+
+        if not state.result_secret:
+            return error(403, "runner results are off: set MLGATE_RESULT_SECRET")
+        header = request.headers.get("Authorization", "")
+        try:   # the credential is checked before a byte of the body is read
+            attempt = check_token(state.result_secret, header.removeprefix("Bearer "), job_id)
+        except BadResultToken as exc:
+            return error(401, str(exc))
+        try:
+            body = await read_body(request, RESULT_LIMIT)
+        except BodyTooLarge as exc:
+            return error(413, str(exc))
+        try:
+            result = RunnerResult.parse(body)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return error(400, f"a result is {{job_id, attempt, exit_code, summary, error, report_html}}: {exc}")
+        if (result.job_id, result.attempt) != (job_id, attempt):
+            return error(401, "the result names another job or attempt than its token")
+        outcome = outcome_from_summary(result.exit_code, result.summary, result.error)
+        if result.report_html is not None:
+            outcome.fields["report_path"] = str(report_file(state, job_id))
+        if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, attempt=attempt,
+                                       **outcome.fields):
+            return error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
+        await run_in_threadpool(keep_summary, state.config.workdir, job_id, result.summary)   # for GitHub reports
+        if result.report_html is not None:   # kept under the service's own workdir, at a path it chose
+            report = report_file(state, job_id)
+            report.parent.mkdir(parents=True, exist_ok=True)
+            await run_in_threadpool(report.write_text, result.report_html, "utf-8")
+        return JSONResponse({"job": job_id, "attempt": attempt, "state": outcome.state})
+
+    @router.get("/jobs/{job_id}/production", summary="A running PR job's production snapshot (gzip'd tar), for "
+                "the job's own credential: the runner never holds a registry credential")
+    def job_production(job_id: str, request: Request) -> Response:
+        import tempfile
+
+        from automation.production import export_production, pack
+        from triggers.jobs.runner_results import BadResultToken, check_token
+
+        if not state.result_secret:
+            return error(403, "runner credentials are off: set MLGATE_RESULT_SECRET")
+        try:
+            attempt = check_token(state.result_secret, request.headers.get("Authorization", "").removeprefix(
+                "Bearer "), job_id)
+        except BadResultToken as exc:
+            return error(401, str(exc))
+        job = queue.get_job(state.engine, job_id)
+        if job is None or job.state != "running" or job.attempts != attempt:
+            return error(409, f"job {job_id} attempt {attempt} is not running")
+        scratch = state.config.workdir / "production-snapshots"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as directory:
+            export_production(state.mlflow_client(), job.model, Path(directory))
+            return Response(pack(Path(directory)), media_type="application/gzip")
+
+    @router.get("/jobs", summary="Recent jobs, newest first", dependencies=read)
+    def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:
+        return [job.as_dict() for job in queue.list_jobs(state.engine, limit=limit, state=state_filter)]
+
+    @router.get("/jobs/{job_id}", summary="One job", dependencies=read)
+    def get_job(job_id: str) -> dict[str, Any]:
+        job = queue.get_job(state.engine, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job.as_dict()
+
+    @router.get("/deliveries", summary="Recent webhook deliveries and what they decided", dependencies=read)
+    def list_deliveries(limit: int = Limit) -> list[dict[str, Any]]:
+        return [d.as_dict() for d in deliveries.list_deliveries(state.engine, limit)]
+
+    @router.get("/drift-events", summary="Recent drift events and what they decided", dependencies=read)
+    def list_drift_events(limit: int = Limit) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in drift.list_drift_events(state.engine, limit)]
+
+    return router

@@ -1,0 +1,38 @@
+"""Each model's production state and history, and the dashboard page that shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from triggers.dashboard import DASHBOARD_HTML
+from triggers.routes.state import ServiceState, read_access
+
+
+def models_router(state: ServiceState) -> APIRouter:
+    router = APIRouter()
+    read = read_access(state)
+
+    @router.get("/models", summary="Each model: production and previous version, who promoted it, its last jobs "
+                "with their gate verdicts, and accuracy and p95 latency across versions with the gate thresholds",
+                dependencies=read)
+    def models() -> list[dict[str, Any]]:
+        from automation import promote
+        from triggers.model_overview import model_overview
+
+        client = state.mlflow_client()
+        result = []
+        for name in state.config.models:
+            aliases = promote.alias_state(client, name)
+            history = [r.as_dict() for r in promote.audit_trail(state.engine, name)]
+            result.append({"model": name, "production": aliases.production, "previous": aliases.previous,
+                           "history": history} | model_overview(state.engine, state.config, name, history))
+        return result
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=read)
+    def dashboard() -> str:
+        return DASHBOARD_HTML
+
+    return router
