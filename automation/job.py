@@ -30,6 +30,7 @@ from automation.config import MlgateConfig, ModelConfig, check_model_module
 from automation.device import RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason, one_line
 from automation.progress import JobProgress
+from automation.redaction import redact_url
 from models.datasets import DataMissing
 
 if TYPE_CHECKING:
@@ -491,7 +492,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
                   connected: Connected, trained: TrainResult, optimized: Optimized, benchmarked: Benchmarked,
                   verdict: Verdict, version: str | None, report_dir: Path) -> dict[str, Any]:
     """The job's summary before promotion; the promote and report stages add their outcome and timings."""
-    from automation import store, tracking
+    from automation import tracking
     from automation.predictors import TIMED_REGION
 
     chosen, production = benchmarked.chosen, benchmarked.production
@@ -499,7 +500,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
     return {
         "job_id": request.job_id, "model": request.model, "version": version, "trigger": request.trigger,
         "sha": request.sha, "pr": request.pr, "run_id": run_id, "experiment_id": connected.experiment_id,
-        "tracking_uri": store.redact_url(tracking.tracking_uri(config.workdir)),
+        "tracking_uri": redact_url(tracking.tracking_uri(config.workdir)),
         "data_fingerprint": validated.data_fingerprint, "environment": validated.env,
         "gate": verdict.as_dict(), "promoted": False,
         "production_before": connected.production_version, "chosen_variant": chosen.name,

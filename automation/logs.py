@@ -11,6 +11,8 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
+from automation.redaction import MASK, redact, redact_value
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _SECRET_WORDS = ("token", "secret", "password", "authorization")
 
@@ -19,12 +21,12 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+            "level": record.levelname.lower(), "logger": record.name, "msg": redact(record.getMessage())}
         for key, value in vars(record).items():
             if key not in _STANDARD:
-                entry[key] = "***" if any(w in key.lower() for w in _SECRET_WORDS) else value
+                entry[key] = MASK if any(w in key.lower() for w in _SECRET_WORDS) else redact_value(value)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

@@ -87,13 +87,19 @@ class AliasState:
     previous: str | None
 
 
+# the registry's answers that mean "not there"; anything else (INTERNAL_ERROR, a timeout) is an outage
+ABSENT = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
 def alias_version(client: "MlflowClient", model: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(model, alias).version)
-    except MlflowException:   # no such alias, or no such registered model yet
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ABSENT:   # no such alias, or no such registered model yet
+            return None
+        raise   # an unreachable or failing registry is not "no production": the caller keeps what it has
 
 
 def _begin(engine: Engine, client: "MlflowClient", model: str, action: str, version: str | None, reason: str,

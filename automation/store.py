@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,19 +121,3 @@ def open_store(url: str) -> Engine:
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     return engine
-
-
-def redact_text(text: str) -> str:
-    """Hide credentials embedded in any URL inside free text (exception messages quote URLs)."""
-    return re.sub(r"://[^/@\s]+@", "://***@", text)
-
-
-def redact_url(url: str) -> str:
-    """Drop credentials from a URL before it reaches a log or an error message."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL: hide anything between scheme and host
-        scheme, sep, rest = url.partition("://")
-        return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from automation.errors import MlgateError
-from automation.store import redact_text, redact_url
+from automation.redaction import redact, redact_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -49,6 +49,6 @@ def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
         location = (workdir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
         return client, client.create_experiment(experiment, artifact_location=location)
     except Exception as exc:  # MLflow wraps network errors in many types; the user needs the URI
-        reason = redact_text(str(exc).splitlines()[0])[:200] if str(exc) else type(exc).__name__
+        reason = redact(str(exc).splitlines()[0])[:200] if str(exc) else type(exc).__name__
         raise MlgateError(f"MLflow tracking store at {redact_url(uri)} is unreachable: {reason}",
                           hint="check MLFLOW_TRACKING_URI, or unset it to use the embedded store") from None

@@ -217,7 +217,7 @@ def test_a_transient_load_failure_is_retried_and_readiness_says_so(served: Runni
 
     def registry_flaky(version: str) -> Any:
         if next(failures, False):
-            raise ConnectionError("the artifact store reset the connection")
+            raise ConnectionError("the artifact store reset the connection: http://ci:hunter2-registry@mlflow:5000/")
         return real_load(version)
 
     monkeypatch.setattr(served.server, "load", registry_flaky)
@@ -229,6 +229,7 @@ def test_a_transient_load_failure_is_retried_and_readiness_says_so(served: Runni
         assert health.status_code == 503 and health.json()["status"] == "not_production", health.json()
         assert health.json()["version"] == "3" and health.json()["production"] == "1"
         assert health.json()["not_served"]["1"]["reason"].startswith("ConnectionError")
+        assert "hunter2" not in health.text and "://***@mlflow" in health.text   # readiness is public
         assert httpx.get(served.url + "/livez", timeout=5).status_code == 200
         # retried with backoff, not given up: v1 is served, and ready again
         assert wait_for(lambda: served.version() == "1", 30), served.server.failed
@@ -236,6 +237,27 @@ def test_a_transient_load_failure_is_retried_and_readiness_says_so(served: Runni
     finally:
         assert main(["--config", str(registry), "promote", "digits_mlp", "3", "--reason", "back"],
                     standalone=False) == 0
+
+
+def test_a_registry_outage_is_not_no_production(served: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry failing (not answering "no such alias") keeps the version served and the replica ready."""
+    from mlflow.exceptions import MlflowException
+
+    client = served.server._client()
+    asked = threading.Event()
+
+    def outage(*_: Any, **__: Any) -> Any:
+        asked.set()
+        raise MlflowException("API request to http://mlflow:5000 failed: Max retries exceeded",
+                              error_code="INTERNAL_ERROR")
+
+    before = served.version()
+    monkeypatch.setattr(client, "get_model_version_by_alias", outage)
+    assert asked.wait(10)
+    time.sleep(0.5)   # several polls of the watcher, all failing
+    health = httpx.get(served.url + "/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["version"] == before, health.json()
+    assert served.server.production == before
 
 
 def test_tritonclient_speaks_the_open_inference_protocol(served: Running) -> None:

@@ -228,7 +228,7 @@ def post_drift_event(url: str, event: dict[str, Any]) -> str:
     returns the URL as it may be shown (credentials in it are hidden)."""
     import httpx
 
-    from automation.store import redact_text, redact_url
+    from automation.redaction import redact, redact_url
     from triggers.request_guard import SIGNATURE_HEADER, sign
 
     shown = redact_url(url)
@@ -245,9 +245,9 @@ def post_drift_event(url: str, event: dict[str, Any]) -> str:
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
-        raise MlgateError(f"POST {shown} failed: {type(exc).__name__}: {redact_text(str(exc))[:200]}") from None
+        raise MlgateError(f"POST {shown} failed: {type(exc).__name__}: {redact(str(exc))[:200]}") from None
     if response.status_code >= 400:
-        raise MlgateError(f"POST {shown} answered {response.status_code}: {redact_text(response.text[:200])}")
+        raise MlgateError(f"POST {shown} answered {response.status_code}: {redact(response.text[:200])}")
     return shown
 
 

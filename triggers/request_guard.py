@@ -27,7 +27,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused as soon as it passes `limit`: a declared Content-Length over the limit is
     refused before a byte is read, and a chunked body is cut off as it streams."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
         raise BodyTooLarge(limit)
     chunks, size = [], 0
     while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
 from automation.errors import UsageError
+from automation.redaction import redact_url
 from triggers.app import ServiceState, create_app
 from triggers.github.api import GitHubSource
 from triggers.metrics import ServiceMetrics
@@ -150,7 +151,7 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     for loop in loops:
         loop.start()
     log.info("service started", extra={"host": host, "port": port, "loops": [loop.name for loop in loops],
-                                       "database": store.redact_url(store.database_url(config.workdir))})
+                                       "database": redact_url(store.database_url(config.workdir))})
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automation.errors import MlgateError
-from automation.store import redact_text
+from automation.redaction import redact
 
 DEFAULT_API_URL = "https://api.github.com"
 
@@ -105,7 +105,7 @@ class GitHubSource:
                 if attempt < attempts:
                     time.sleep(0.5 * attempt)
                     continue
-                raise GitHubUnavailable(f"GitHub API {what}: {type(exc).__name__}: {redact_text(str(exc))}"
+                raise GitHubUnavailable(f"GitHub API {what}: {type(exc).__name__}: {redact(str(exc))}"
                                         ) from None
         raise AssertionError("unreachable")
 
@@ -178,6 +178,7 @@ class GitHubSource:
                    target_url: str | None = None) -> None:
         """A commit status; posting the same context again replaces it, so retrying is safe."""
         extra = {"target_url": target_url} if target_url else {}
+        description = redact(description)
         self._call(f"set status {context} on {sha[:7]}", lambda gh: gh.get_repo(repository, lazy=True)
                    .get_commit(sha).create_status(state=state, description=description[:140], context=context,
                                                   **extra), attempts=3)
@@ -196,7 +197,7 @@ class GitHubSource:
     def upsert_comment(self, repository: str, number: int, marker: str, body: str) -> tuple[int, bool]:
         """Edit the issue/PR comment carrying `marker`, or create it: one comment, edited on every push.
         Returns (comment id, created). Only a comment this token wrote counts: anyone can post the marker."""
-        author = self.login()
+        author, body = self.login(), redact(body)
 
         def find(gh: Any) -> Any:
             for comment in gh.get_repo(repository, lazy=True).get_issue(number).get_comments():
@@ -224,10 +225,12 @@ class GitHubSource:
         return created.id, True
 
     def commit_comment(self, repository: str, sha: str, body: str) -> int:
+        body = redact(body)
         return self._call(f"comment on commit {sha[:7]}", lambda gh: gh.get_repo(repository, lazy=True)
                           .get_commit(sha).create_comment(body)).id
 
     def issue_comment(self, repository: str, number: int, body: str) -> int:
+        body = redact(body)
         return self._call(f"comment on #{number}", lambda gh: gh.get_repo(repository, lazy=True)
                           .get_issue(number).create_comment(body)).id
 

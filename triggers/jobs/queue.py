@@ -21,6 +21,7 @@ from sqlalchemy import (Connection, DateTime, Engine, Float, Index, Integer, Str
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from automation.redaction import redact_value
 from automation.store import Base, locked, locked_connection
 
 State = Literal["queued", "running", "succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded"]
@@ -73,7 +74,8 @@ class Job(Base):
     def as_dict(self) -> dict[str, Any]:
         data = {c.name: getattr(self, c.name) for c in self.__table__.columns}
         data["payload"] = json.loads(self.payload or "{}")
-        return {k: (as_utc(v).isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
+        # an error quotes what failed, which may quote a URL with its credentials: never answered as is
+        return {k: (as_utc(v).isoformat() if isinstance(v, datetime) else redact_value(v)) for k, v in data.items()}
 
 
 

@@ -14,17 +14,19 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from automation.errors import MlgateError
-from automation.store import redact_text, redact_url
+from automation.redaction import redact, redact_url
 
 TOKEN_ENV = "MLGATE_RESULT_TOKEN"      # on the runner: the job's credential (a workflow input)
 SECRET_ENV = "MLGATE_RESULT_SECRET"    # on the service: mints and checks the credentials
 MAX_REPORT_BYTES = 6 * 1024 * 1024     # under request_guard.RESULT_LIMIT with the summary
+TOKEN_SHAPE = re.compile(r"([A-Za-z0-9_-]{1,100})\.([0-9]{1,6})\.([0-9]{1,12})\.([0-9a-f]{64})", re.ASCII)
 
 
 class BadResultToken(Exception):
@@ -42,10 +44,10 @@ def mint_token(secret: str, job_id: str, attempt: int, ttl_seconds: float) -> st
 
 def check_token(secret: str, token: str, job_id: str) -> int:
     """The attempt the token was minted for, if it is genuine, for `job_id` and unexpired."""
-    parts = token.split(".")
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+    match = TOKEN_SHAPE.fullmatch(token)
+    if match is None:   # ASCII only: str.isdigit() admits "²", and compare_digest raises on non-ASCII text
         raise BadResultToken("malformed result token")
-    token_job, attempt, expires, mac = parts[0], int(parts[1]), int(parts[2]), parts[3]
+    token_job, attempt, expires, mac = match[1], int(match[2]), int(match[3]), match[4]
     if not hmac.compare_digest(_mac(secret, token_job, attempt, expires), mac):
         raise BadResultToken("invalid result token")
     if token_job != job_id:
@@ -101,7 +103,7 @@ def fetch_production(service_url: str, job_id: str, dest: Path) -> None:
     except httpx.HTTPError as exc:
         raise MlgateError(f"could not fetch production from {redact_url(url)}: {type(exc).__name__}") from None
     if response.status_code != 200:
-        raise MlgateError(f"{redact_url(url)} answered {response.status_code}: {redact_text(response.text[:200])}")
+        raise MlgateError(f"{redact_url(url)} answered {response.status_code}: {redact(response.text[:200])}")
     unpack(response.content, dest)
 
 
@@ -132,5 +134,5 @@ def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str
         if response.status_code < 300 or response.status_code == 409:   # 409: already recorded
             return
         if response.status_code < 500 or attempt_no == 3:
-            raise MlgateError(f"{shown} answered {response.status_code}: {redact_text(response.text[:200])}")
+            raise MlgateError(f"{shown} answered {response.status_code}: {redact(response.text[:200])}")
         time.sleep(2 * attempt_no)

@@ -74,6 +74,8 @@ def jobs_router(state: ServiceState) -> APIRouter:
         job = queue.get_job(state.engine, job_id)
         if job is None or job.state != "running" or job.attempts != attempt:
             return error(409, f"job {job_id} attempt {attempt} is not running")
+        if job.trigger != "pr":   # a retrain reads the registry itself; a leaked retrain token reads nothing here
+            return error(403, f"job {job_id} is not a pull-request job: production snapshots are for PR jobs only")
         scratch = state.config.workdir / "production-snapshots"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as directory:

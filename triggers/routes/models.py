@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from triggers.dashboard import DASHBOARD_HTML
-from triggers.routes.state import ServiceState, read_access
+from triggers.routes.state import ServiceState, error, read_access
 
 
 def models_router(state: ServiceState) -> APIRouter:
@@ -18,14 +18,16 @@ def models_router(state: ServiceState) -> APIRouter:
     @router.get("/models", summary="Each model: production and previous version, who promoted it, its last jobs "
                 "with their gate verdicts, and accuracy and p95 latency across versions with the gate thresholds",
                 dependencies=read)
-    def models() -> list[dict[str, Any]]:
+    def models() -> Any:
         from automation import promote
         from triggers.model_overview import model_overview
 
-        client = state.mlflow_client()
         result = []
         for name in state.config.models:
-            aliases = promote.alias_state(client, name)
+            try:
+                aliases = promote.alias_state(state.mlflow_client(), name)
+            except Exception as exc:   # unreachable: an outage, never shown as "no production"
+                return error(503, f"the model registry did not answer ({type(exc).__name__}); try again")
             history = [r.as_dict() for r in promote.audit_trail(state.engine, name)]
             result.append({"model": name, "production": aliases.production, "previous": aliases.previous,
                            "history": history} | model_overview(state.engine, state.config, name, history))

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from automation.config import MlgateConfig
+from automation.redaction import redact
 from automation.predictors import RegisteredModel, predict
 from triggers.request_guard import BodyTooLarge, read_body
 from triggers.serving import feedback, open_inference, raw_inputs
@@ -161,7 +162,7 @@ class ModelServer:
         except Exception as exc:
             attempts = failure.attempts + 1 if failure else 1
             delay = min(MAX_RETRY_SECONDS, self.poll_seconds * 2 ** attempts)
-            self.failed[target] = LoadFailure(f"{type(exc).__name__}: {exc}"[:500], attempts,
+            self.failed[target] = LoadFailure(redact(f"{type(exc).__name__}: {exc}")[:500], attempts,
                                               None if isinstance(exc, ProbeFailed) else time.time() + delay)
             log.error("new production version not loaded", extra={
                 "model": self.model, "version": target, "error": self.failed[target].reason,

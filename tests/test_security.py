@@ -1,0 +1,116 @@
+"""The security review's findings (issue 19), each tried as an attacker would: what reaches the service
+from outside, and what a message leaving it may carry."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from automation.logs import JsonFormatter
+from automation.redaction import redact, redact_value
+from tests.test_webhooks import RESULT_SECRET, client, post_result, service  # noqa: F401  (fixtures)
+from triggers.app import ServiceState, create_app
+from triggers.jobs import queue
+from triggers.jobs.runner_results import BadResultToken, check_token, mint_token
+
+URL_SECRET = "hunter2-in-a-url"
+ENV_SECRET = "value-of-a-secret-the-filter-never-heard-of"
+
+
+@pytest.fixture
+def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets by the names finding 3 listed as missed by a deny-list, plus one nobody listed."""
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "kafka-sasl-pass-123")
+    monkeypatch.setenv("MLGATE_FEEDBACK_TOKEN", "feedback-token-456")
+    monkeypatch.setenv("ACME_VAULT_TOKEN", ENV_SECRET)
+
+
+# --- finding 10: bad credentials are a 401, never a 500 -------------------------------------------------------
+
+@pytest.mark.parametrize("forge", [
+    lambda t: t[:-1] + "é",                                      # a non-ASCII MAC: compare_digest raised TypeError
+    lambda t: t.replace(".1.", ".².", 1),                        # a non-ASCII digit: int() raised after isdigit()
+    lambda t: ".".join([*t.split(".")[:2], "١٢٣٤٥٦٧٨٩٠", t.split(".")[3]]),   # Arabic-Indic digits
+    lambda t: t + "\x00",
+    lambda t: "a" * 10_000,
+])
+def test_a_forged_result_token_is_refused_as_malformed(forge: object, service: ServiceState) -> None:
+    service.result_secret = RESULT_SECRET
+    app = TestClient(create_app(service), raise_server_exceptions=False)
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    queue.claim(service.engine, "github-executor")
+    forged = forge(mint_token(RESULT_SECRET, job.id, 1, 600))   # type: ignore[operator]
+    with pytest.raises(BadResultToken):
+        check_token(RESULT_SECRET, forged, job.id)
+    header = {"Authorization": f"Bearer {forged}".encode()}   # bytes: the client refuses non-ASCII text
+    for answer in (app.post(f"/jobs/{job.id}/result", json={}, headers=header),
+                   app.get(f"/jobs/{job.id}/production", headers=header)):
+        assert answer.status_code == 401, answer.text
+
+
+def test_a_non_ascii_content_length_is_a_4xx(client: TestClient) -> None:
+    answer = client.post("/webhooks/github", content=b"{}", headers={"Content-Length": "²".encode(), "X-GitHub-Event": "push"})
+    assert 400 <= answer.status_code < 500
+
+
+# --- finding 8: production is served to PR jobs only -----------------------------------------------------------
+
+def test_a_retrain_token_does_not_open_the_production_snapshot(service: ServiceState) -> None:
+    service.result_secret = RESULT_SECRET
+    app = TestClient(create_app(service))
+    retrain, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    queue.claim(service.engine, "github-executor")
+    answer = app.get(f"/jobs/{retrain.id}/production",
+                     headers={"Authorization": f"Bearer {mint_token(RESULT_SECRET, retrain.id, 1, 600)}"})
+    assert answer.status_code == 403 and "for PR jobs only" in answer.json()["error"]
+
+
+# --- finding 7: nothing that leaves carries a credential --------------------------------------------------------
+
+LEAKY = (f"MlflowException: API request to http://ci:{URL_SECRET}@mlflow:5000/api failed; "
+         f"Authorization: Bearer ghp_{'A' * 36}; retry with token {ENV_SECRET} or "
+         f"https://hooks.example/x?token=abcdef123456&x=1")
+
+
+@pytest.mark.usefixtures("secrets_in_env")
+def test_redaction_masks_url_credentials_token_shapes_and_secret_values() -> None:
+    shown = redact(LEAKY + " kafka-sasl-pass-123 feedback-token-456 " + "job1.2.1900000000." + "ab" * 32)
+    for secret in (URL_SECRET, "ghp_", ENV_SECRET, "abcdef123456", "kafka-sasl-pass-123", "feedback-token-456",
+                   "ab" * 32):
+        assert secret not in shown, (secret, shown)
+    assert "http://ci:***@mlflow:5000" not in shown and "://***@mlflow:5000/api" in shown   # where it was stays
+    # ordinary text is untouched: a commit SHA, a job id, numbers
+    plain = "job 3f2a9c1b7e0d at 0123456789abcdef0123456789abcdef01234567 took 12.5 s"
+    assert redact(plain) == plain
+    assert redact_value({"a": [LEAKY, 3, None]})["a"][1:] == [3, None]
+
+
+@pytest.mark.usefixtures("secrets_in_env")
+def test_a_log_record_never_carries_a_credential() -> None:
+    record = logging.makeLogRecord({"msg": "loading failed: %s", "args": (LEAKY,), "levelname": "ERROR",
+                                    "error": LEAKY, "nested": {"why": [LEAKY]}, "github_token": "x"})
+    try:
+        raise RuntimeError(LEAKY)
+    except RuntimeError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    for secret in (URL_SECRET, "ghp_A", ENV_SECRET):
+        assert secret not in line
+    entry = json.loads(line)
+    assert entry["github_token"] == "***" and "://***@mlflow" in entry["error"] and "RuntimeError" in entry["exc"]
+
+
+@pytest.mark.usefixtures("secrets_in_env")
+def test_the_job_api_never_answers_a_credential(service: ServiceState) -> None:
+    app = TestClient(create_app(service))
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    queue.claim(service.engine, "worker-1")
+    queue.finish(service.engine, job.id, "worker-1", "failed", error=LEAKY)
+    for answer in (app.get(f"/jobs/{job.id}"), app.get("/jobs")):
+        assert answer.status_code == 200 and "://***@mlflow" in answer.text
+        assert URL_SECRET not in answer.text and ENV_SECRET not in answer.text and "ghp_A" not in answer.text
