@@ -114,3 +114,66 @@ def test_the_job_api_never_answers_a_credential(service: ServiceState) -> None:
     for answer in (app.get(f"/jobs/{job.id}"), app.get("/jobs")):
         assert answer.status_code == 200 and "://***@mlflow" in answer.text
         assert URL_SECRET not in answer.text and ENV_SECRET not in answer.text and "ghp_A" not in answer.text
+
+
+# --- finding 5: events from another repository plan nothing ---------------------------------------------------
+
+def test_a_signed_push_from_another_repository_is_recorded_as_ignored(client: TestClient, service: ServiceState,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_webhooks import deliver, push_to_default
+    from triggers.intake import deliveries
+
+    payload = push_to_default(["models/digits_mlp.py"])
+    ours = payload["repository"]["full_name"]
+    monkeypatch.setenv("GITHUB_REPOSITORY", ours.upper())   # owner/name compare case-insensitively
+    payload["repository"]["full_name"] = "mallory/" + ours.split("/")[1]   # the same org secret signs a fork
+    answer = deliver(client, "push", payload, delivery="fork-push")
+    assert answer.status_code == 200 and answer.json()["status"] == "ignored"
+    recorded = deliveries.get_delivery(service.engine, "fork-push")
+    assert recorded.status == "ignored" and "is not this service's repository" in recorded.reason
+    assert queue.list_jobs(service.engine) == []
+    payload["repository"]["full_name"] = ours
+    assert deliver(client, "push", payload, delivery="our-push").status_code == 202   # ours still plans a job
+    assert len(queue.list_jobs(service.engine)) == 1
+
+
+# --- finding 6: a report is untrusted content -------------------------------------------------------------------
+
+HOSTILE_REPORT = """<html><body><h1>gate passed</h1>
+<script>document.body.setAttribute("data-pwned", "script ran, origin " + document.domain);
+fetch("/jobs").then(r => r.text()).then(t => document.body.setAttribute("data-read", t.length));</script>
+<img src="x" onerror="document.body.setAttribute('data-onerror', '1')">
+</body></html>"""
+
+
+def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState, tmp_path) -> None:
+    import threading
+
+    import uvicorn
+
+    from tests.conftest import headless_chromium, wait_for
+    from triggers.local_broker import free_port
+    from triggers.routes.state import report_file
+
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="evaluate", trigger="pr", pr=9)
+    path = report_file(service, job.id)
+    path.parent.mkdir(parents=True)
+    path.write_text(HOSTILE_REPORT)
+    answer = TestClient(create_app(service)).get(f"/reports/{job.id}")
+    policy = answer.headers["Content-Security-Policy"]
+    assert answer.status_code == 200 and policy.startswith("sandbox;") and "allow-" not in policy
+    assert "default-src 'none'" in policy and answer.headers["X-Content-Type-Options"] == "nosniff"
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 20)
+        dom = headless_chromium(tmp_path / "chromium", "--virtual-time-budget=5000", "--dump-dom",
+                                f"http://127.0.0.1:{port}/reports/{job.id}")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert "gate passed" in dom   # the page rendered
+    assert "<body>" in dom and "<body data-" not in dom, dom   # no script and no handler set an attribute

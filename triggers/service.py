@@ -150,6 +150,9 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     app, loops = build_service(config, config_path, engine, secret, os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     for loop in loops:
         loop.start()
+    if not os.environ.get("GITHUB_REPOSITORY"):
+        log.warning("GITHUB_REPOSITORY is not set: signed events from any repository plan jobs; set it to pin "
+                    "this service to one repository (a webhook secret shared by an organisation signs them all)")
     log.info("service started", extra={"host": host, "port": port, "loops": [loop.name for loop in loops],
                                        "database": redact_url(store.database_url(config.workdir))})
     try:

@@ -10,6 +10,7 @@ the intake planner so the request itself stays fast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,10 @@ def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSou
     if event == "ping":
         return Plan("ignored", "ping: webhook configured")
     parsed = parse(event, payload)
+    if parsed is not None:
+        foreign = _foreign_repository(parsed.repository.full_name)
+        if foreign:   # a shared (org-level) secret signs every repository's events: only ours plan jobs
+            return Plan("ignored", foreign, repository=parsed.repository.full_name)
     if isinstance(parsed, PushEvent):
         return _plan_push(config, parsed, github)
     if isinstance(parsed, PullRequestEvent):
@@ -162,6 +167,14 @@ def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSou
         return _plan_evaluate_command(config, parsed, github)
     action = payload.get("action")
     return Plan("ignored", f"event '{event}{'.' + action if action else ''}' does not start jobs")
+
+
+def _foreign_repository(full_name: str) -> str | None:
+    """Why an event from `full_name` is not this service's (GITHUB_REPOSITORY), or None when it is (or none is set)."""
+    pinned = os.environ.get("GITHUB_REPOSITORY", "").strip()
+    if pinned and full_name.casefold() != pinned.casefold():   # GitHub's owner/name compare case-insensitively
+        return f"repository {full_name[:200]} is not this service's repository ({pinned})"
+    return None
 
 
 def _plan_push(config: MlgateConfig, push: PushEvent, github: GitHubSource | None) -> Plan:
