@@ -55,6 +55,7 @@ DEFAULT_LABEL = "label"
 DEFAULT_TEXT = "text"     # a text model's fresh data: the column that holds the text
 SPLIT_NAMES = ("train", "val", "test")
 FRESH_SUFFIXES = (".npz", ".csv", ".parquet")
+MAX_FRESH_FILES = 500_000   # a folder of fresh images: each becomes 1-4 KB of pixels in memory
 
 
 # --- features (x) ----------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def _fresh_images(where: str, path: Path, splits: Splits) -> tuple[np.ndarray, n
     from PIL import Image
 
     images, labels = [], []
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in _folder_files(where, path):
         if file.parent.parent != path:
             raise ContractError(f"{where}: {file.relative_to(path)} is not <class>/<image file>")
         try:
@@ -314,6 +315,21 @@ def _fresh_images(where: str, path: Path, splits: Splits) -> tuple[np.ndarray, n
     if not images:
         raise ContractError(f"{where}: no image files in <class>/ folders")
     return np.stack(images), np.array(labels, dtype=object)
+
+
+def _folder_files(where: str, path: Path) -> list[Path]:
+    """The files under `path`, sorted; a symbolic link (which may point outside the folder) or more than
+    MAX_FRESH_FILES entries are refused before any file is read."""
+    files = []
+    for count, entry in enumerate(path.rglob("*"), 1):
+        if count > MAX_FRESH_FILES:
+            raise ContractError(f"{where}: more than {MAX_FRESH_FILES:,} entries; send fresh images as .npz "
+                                "arrays or in several windows")
+        if entry.is_symlink():
+            raise ContractError(f"{where}: {entry.relative_to(path)} is a symbolic link; links are not followed")
+        if entry.is_file():
+            files.append(entry)
+    return sorted(files)
 
 
 def image_pixels(image: Any, shape: tuple[int, ...]) -> np.ndarray:

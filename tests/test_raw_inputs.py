@@ -95,6 +95,32 @@ def test_image_files_as_fresh_data_are_decoded_checked_and_labelled(tmp_path: Pa
         contract.append_fresh(splits, tmp_path / "fresh", kind="image")
 
 
+def test_an_image_folder_with_a_link_or_too_many_files_is_refused_before_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    x = np.zeros((10, 8, 8), np.uint8)
+    splits = Splits(x[:4], np.array([0, 1, 0, 1]), x[4:7], np.array([0, 1, 0]), x[7:], np.array([1, 0, 1]), ("a", "b"))
+    secret = tmp_path / "outside" / "key.png"
+    secret.parent.mkdir()
+    Image.fromarray(x[0]).save(secret)
+    (tmp_path / "fresh" / "a").mkdir(parents=True)
+    Image.fromarray(x[0]).save(tmp_path / "fresh" / "a" / "0.png")
+    (tmp_path / "fresh" / "b").symlink_to(secret.parent, target_is_directory=True)   # a class folder that leaves
+    with pytest.raises(contract.ContractError, match="b is a symbolic link; links are not followed"):
+        contract.append_fresh(splits, tmp_path / "fresh", kind="image")
+    (tmp_path / "fresh" / "b").unlink()
+    (tmp_path / "fresh" / "a" / "1.png").symlink_to(secret)
+    with pytest.raises(contract.ContractError, match="a/1.png is a symbolic link"):
+        contract.append_fresh(splits, tmp_path / "fresh", kind="image")
+    (tmp_path / "fresh" / "a" / "1.png").unlink()
+    monkeypatch.setattr(contract, "MAX_FRESH_FILES", 5)
+    for i in range(6):
+        (tmp_path / "fresh" / "a" / f"empty-{i}.png").touch()   # refused by count, before any is decoded
+    with pytest.raises(contract.ContractError, match="more than 5 entries"):
+        contract.append_fresh(splits, tmp_path / "fresh", kind="image")
+
+
 # --- text ---------------------------------------------------------------------------------------------------
 
 def test_the_tokenizer_is_fitted_on_training_texts_only_and_loads_to_the_same_ids(tmp_path: Path) -> None:

@@ -177,3 +177,23 @@ def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState
         thread.join(10)
     assert "gate passed" in dom   # the page rendered
     assert "<body>" in dom and "<body data-" not in dom, dom   # no script and no handler set an attribute
+
+
+# --- finding 11: data_ref is confined as a path, not as a string -----------------------------------------------
+
+def test_data_ref_resolves_links_and_refuses_control_characters(tmp_path) -> None:
+    from triggers.intake.drift import BadEvent, confine_data_ref
+
+    root = tmp_path / "windows"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "w1.npz").touch()
+    (root / "escape").symlink_to("/etc", target_is_directory=True)
+    (root / "passwd.npz").symlink_to("/etc/passwd")
+    roots = [str(root)]
+    assert confine_data_ref(f"{root}/ok/w1.npz", roots) == f"{root}/ok/w1.npz"
+    assert confine_data_ref(f"file://{root}/ok/w1.npz", roots) == f"file://{root}/ok/w1.npz"
+    for ref in (f"{root}/escape/passwd", f"{root}/passwd.npz", f"file://{root}/escape/shadow",
+                f"file://{root}/ok/w1.npz%00.png", f"{root}/ok/w1.npz\x00", f"{root}/ok/\nw1.npz",
+                f"file://{root}/ok/%0aw1.npz", f"{root}/ok/w1\x7f.npz"):
+        with pytest.raises(BadEvent, match="data_ref"):
+            confine_data_ref(ref, roots)

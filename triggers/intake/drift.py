@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import uuid
 from collections.abc import Iterable
@@ -103,6 +104,8 @@ def confine_data_ref(ref: str, roots: list[str]) -> str:
     file://) is made absolute and normalized first, so `..` cannot climb out of a root."""
     if not roots:
         raise BadEvent("data_ref is not accepted: no data roots are configured (service.data_roots)")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in ref + unquote(ref)):
+        raise BadEvent(f"data_ref {ref!r} contains a NUL or control character")
     parsed = urlsplit(ref)
     local = parsed.scheme in ("", "file")
     if local:
@@ -111,13 +114,15 @@ def confine_data_ref(ref: str, roots: list[str]) -> str:
             raise BadEvent(f"data_ref {ref!r}: a file:// URI must name a local path")
         if not posixpath.isabs(path):
             raise BadEvent(f"data_ref {ref!r} is not an absolute path")
-        normalized = posixpath.normpath(path)
+        # symbolic links resolved first: a link under a root may point anywhere
+        normalized = os.path.realpath(posixpath.normpath(path))
     elif ".." in parsed.path.split("/") or parsed.query or parsed.fragment:
         raise BadEvent(f"data_ref {ref!r} must not contain '..', a query or a fragment")
     for root in roots:
         root_parts = urlsplit(root)
         if local and root_parts.scheme in ("", "file"):
-            base = posixpath.normpath(unquote(root_parts.path) if root_parts.scheme == "file" else root)
+            base = os.path.realpath(posixpath.normpath(unquote(root_parts.path) if root_parts.scheme == "file"
+                                                       else root))
             if normalized == base or normalized.startswith(base.rstrip("/") + "/"):
                 return normalized if parsed.scheme == "" else f"file://{normalized}"
         elif not local and root_parts.scheme == parsed.scheme and ref.startswith(root.rstrip("/") + "/"):
