@@ -206,6 +206,9 @@ class ServiceConfig(Strict):
     retention_days: PositiveFloat = 90             # finished jobs, deliveries and drift events older are pruned
     # a push touching any of these retrains every model (models/<name>.py files belong to their model)
     shared_paths: list[str] = ["automation/", "models/", "pyproject.toml"]
+    # mlgate itself, the judge: a change here touches every model, and a PR changing it whose author cannot
+    # write is never green (its statuses fail, and say a maintainer must review it)
+    judge_paths: list[str] = ["automation/", "triggers/", ".github/", ".ci/", "Makefile", "pyproject.toml"]
     kafka: KafkaConfig = KafkaConfig()
     # where a drift event's data_ref may point: absolute paths, file:// or other URI prefixes (s3://bucket/x/).
     # Anything else is refused before it is recorded; empty (the default): no event may name data.

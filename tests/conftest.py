@@ -192,8 +192,8 @@ def clean_tables(db_url: str) -> None:
     from triggers.serving import rollout
 
     with open_store(db_url).begin() as conn:
-        for table in (deliveries.Delivery, deliveries.SeenBody, drift.DriftRecord, queue.Job, queue.JobStat,
-                      OwedStatus, PromotionIntent, rollout.Rollout, rollout.RolloutStat, rollout.RolloutPrediction):
+        for table in (deliveries.Delivery, deliveries.SeenBody, deliveries.PullRequestHead, drift.DriftRecord,
+                      queue.Job, queue.JobStat, OwedStatus, PromotionIntent, rollout.Rollout, rollout.RolloutStat, rollout.RolloutPrediction):
             conn.execute(delete(table))
 
 

@@ -121,8 +121,8 @@ def test_pr_trust_asks_the_api_who_may_write(github: GitHubSource, tmp_path: Pat
 
 
 def test_an_evaluate_comment_by_a_writer_plans_the_prs_head(github: GitHubSource, tmp_path: Path) -> None:
-    """`/mlgate evaluate` from someone with write access (the spec's example: admin) approves the PR: its head
-    is read through the API, and it is planned from its file list."""
+    """`/mlgate evaluate <sha>` from someone with write access (the spec's example: admin) approves that commit
+    when it is the PR's head, read through the API; the PR is planned from its file list."""
     import yaml
 
     from automation.config import parse_config
@@ -132,10 +132,13 @@ def test_an_evaluate_comment_by_a_writer_plans_the_prs_head(github: GitHubSource
     pull = github.pull_request(REPO, 1347)
     assert pull["head"]["sha"] and pull["number"] == 1347
     config = parse_config(yaml.safe_dump(fast_config()), "mlgate.yaml", tmp_path)
-    comment = evaluate_comment(login="octocat")
+    comment = evaluate_comment(f"/mlgate evaluate {pull['head']['sha'][:12]}", login="octocat")
     comment["repository"]["full_name"], comment["issue"]["number"] = REPO, 1347
     plan = plan_event(config, "issue_comment", comment, github)
     assert plan.outcome == "no_models" and "belongs to a model" in plan.reason, plan
+    # naming no commit, with no head of the PR seen before the comment: approves nothing
+    comment["comment"]["body"] = "/mlgate evaluate"
+    assert plan_event(config, "issue_comment", comment, github).outcome == "needs_approval"
 
 
 def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> None:

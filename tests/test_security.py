@@ -197,3 +197,101 @@ def test_data_ref_resolves_links_and_refuses_control_characters(tmp_path) -> Non
                 f"file://{root}/ok/%0aw1.npz", f"{root}/ok/w1\x7f.npz"):
         with pytest.raises(BadEvent, match="data_ref"):
             confine_data_ref(ref, roots)
+
+
+# --- findings 2 and 12: an approval is of one commit, and never of a change to the judge -----------------------
+
+class StubGitHub:
+    """GitHub's answers for one PR: who may write, its head now, its files. (The calls themselves are
+    checked against GitHub's OpenAPI description in test_github_contract.)"""
+
+    def __init__(self, head: str, files: list[str], roles: dict[str, str]) -> None:
+        self.head, self.files, self.roles = head, files, roles
+
+    def permission(self, repository: str, login: str) -> str:
+        return self.roles.get(login, "read")
+
+    def pull_request(self, repository: str, number: int) -> dict:
+        return {"number": number, "head": {"sha": self.head, "repo": {"full_name": "outsider/Hello-World"}},
+                "base": {"sha": "b" * 40}, "user": {"login": "outsider"}}
+
+    def pull_request_files(self, repository: str, number: int) -> list[str]:
+        return self.files
+
+
+def outsider_pr_then_comment(client: TestClient, body: str, head: str = "a" * 40) -> dict:
+    """An outsider's PR at `head` (recorded from its signed delivery), then a maintainer's comment after it."""
+    from tests.test_webhooks import deliver, evaluate_comment, fork_pr
+
+    opened = fork_pr()
+    opened["pull_request"]["head"]["sha"], opened["pull_request"]["updated_at"] = head, "2026-11-28T10:00:00Z"
+    assert deliver(client, "pull_request", opened).json()["status"] == "pending"
+    comment = evaluate_comment(body)
+    comment["issue"]["number"] = opened["number"]
+    comment["repository"]["full_name"] = opened["repository"]["full_name"]
+    comment["comment"]["created_at"] = "2026-11-28T10:05:00Z"
+    return comment
+
+
+def plan_comment(service: ServiceState, comment: dict, github: StubGitHub):
+    from triggers.intake import deliveries
+    from triggers.intake.webhooks import plan_event
+
+    return plan_event(service.config, "issue_comment", comment, github,   # type: ignore[arg-type]
+                      lambda repo, pr, moment: deliveries.head_at(service.engine, repo, pr, moment))
+
+
+def test_a_push_after_an_evaluate_comment_runs_nothing(client: TestClient, service: ServiceState) -> None:
+    comment = outsider_pr_then_comment(client, "/mlgate evaluate")
+    roles = {"maintainer": "write"}
+    # the head the maintainer saw is still the head: approved, planned at that commit
+    plan = plan_comment(service, comment, StubGitHub("a" * 40, ["models/digits_mlp.py"], roles))
+    assert plan.outcome == "jobs" and {j.sha for j in plan.jobs} == {"a" * 40}
+    # the outsider pushed after the comment, before planning ran: nothing runs, and the reason says why
+    pushed = plan_comment(service, comment, StubGitHub("c" * 40, ["models/digits_mlp.py"], roles))
+    assert pushed.outcome == "needs_approval" and "a push after an approval needs a new one" in pushed.reason
+    # a head mlgate never saw before the comment (it was pushed later, even if recorded first) approves nothing
+    comment["comment"]["created_at"] = "2026-11-28T09:00:00Z"
+    early = plan_comment(service, comment, StubGitHub("a" * 40, ["models/digits_mlp.py"], roles))
+    assert early.outcome == "needs_approval" and "<sha>" in early.reason
+
+
+def test_an_evaluate_comment_naming_a_commit_approves_that_commit_only(client: TestClient,
+                                                                       service: ServiceState) -> None:
+    comment = outsider_pr_then_comment(client, "/mlgate evaluate C0FFEE1")
+    roles = {"maintainer": "write"}
+    plan = plan_comment(service, comment, StubGitHub("c0ffee1" + "0" * 33, ["models/digits_mlp.py"], roles))
+    assert plan.outcome == "jobs"
+    moved = plan_comment(service, comment, StubGitHub("d" * 40, ["models/digits_mlp.py"], roles))
+    assert moved.outcome == "needs_approval" and "approves c0ffee1, but the head is now dddddddddddd" in moved.reason
+    for not_a_sha in ("/mlgate evaluate please", "/mlgate evaluate abc", "/mlgate evaluate " + "g" * 40):
+        comment["comment"]["body"] = not_a_sha
+        assert plan_comment(service, comment, StubGitHub("a" * 40, [], roles)).outcome == "ignored"
+
+
+@pytest.mark.parametrize("changed", ["triggers/cli.py", ".github/workflows/retrain.yml", "Makefile",
+                                     "automation/gate.py"])
+def test_an_approved_outsider_pr_that_changes_mlgate_itself_is_never_green(
+        changed: str, client: TestClient, service: ServiceState) -> None:
+    from triggers.github.job_status import report_unaffected
+
+    comment = outsider_pr_then_comment(client, "/mlgate evaluate")
+    plan = plan_comment(service, comment, StubGitHub("a" * 40, ["models/digits_mlp.py", changed],
+                                                     {"maintainer": "write"}))
+    assert plan.outcome == "judge_changed" and changed in plan.reason and plan.jobs == []
+
+    class Statuses:
+        repository = plan.repository
+        posted: list[tuple[str, str, str]] = []
+
+        def final_status(self, model: str, sha: str, state: str, description: str) -> None:
+            self.posted.append((model, sha, state))
+
+    reporter = Statuses()
+    report_unaffected(reporter, list(service.config.models))(  # type: ignore[arg-type]
+        type("D", (), {"event": "issue_comment"})(), plan)
+    assert {(m, s) for m, _, s in reporter.posted} == {(m, "failure") for m in service.config.models}
+    # the same change by someone who can write is planned, and touches every model
+    trusted = plan_comment(service, comment, StubGitHub("a" * 40, [changed], {"maintainer": "write",
+                                                                              "outsider": "write"}))
+    assert trusted.outcome == "jobs" and {j.model for j in trusted.jobs} == set(service.config.models)

@@ -137,12 +137,17 @@ def job_reporter_from_env(engine: Engine, workdir: Path, tracking_issue: int | N
 
 
 def report_unaffected(reporter: GitHubReporter, models: list[str]) -> Callable[[Any, Any], None]:
-    """A planned delivery's hook: a PR that touches no model gets `success` on every `mlgate/<model>`
-    context, so a required check never waits for a job that will not come."""
+    """A planned delivery's hook for PRs that make no job, so a required check never waits for one that will
+    not come: touching no model is `success` on every `mlgate/<model>` context; changing mlgate itself,
+    by an author who cannot write, is `failure` on every one (the judge is not the PR's to change)."""
+    verdicts = {"no_models": ("success", "no model affected by this change"),
+                "judge_changed": ("failure", "changes mlgate itself: a maintainer must review it")}
+
     def on_planned(delivery: Any, plan: Any) -> None:
-        if (delivery.event in ("pull_request", "issue_comment") and plan.outcome == "no_models" and plan.sha
+        if (delivery.event in ("pull_request", "issue_comment") and plan.outcome in verdicts and plan.sha
                 and plan.repository == reporter.repository):
+            state, description = verdicts[plan.outcome]
             for model in models:
-                reporter.final_status(model, plan.sha, "success", "no model affected by this change")
+                reporter.final_status(model, plan.sha, state, description)
 
     return on_planned

@@ -2,7 +2,8 @@
 
 A model owns its model file (`models/digits_mlp.py` for `module: models.digits_mlp`), the files
 named in its `paths` and `data`, and its block in `mlgate.yaml`. A change to shared code
-(`service.shared_paths`, or the `defaults:` block) touches every model.
+(`service.shared_paths`, or the `defaults:` block) touches every model, and so does a change to mlgate
+itself (`service.judge_paths`): the code that trains, measures and judges every model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Affected:
     models: list[str]
     reasons: dict[str, str] = field(default_factory=dict)   # model -> why it is affected
     note: str = ""                                           # e.g. why a fallback applied
+    judge: list[str] = field(default_factory=list)           # changed files that are mlgate itself
 
     def reason(self) -> str:
         if not self.models:
@@ -66,7 +68,7 @@ def affected_models(config: MlgateConfig, files: Iterable[str],
     files = sorted({str(PurePosixPath(f)) for f in files})
     owned = {name: model_files(spec) for name, spec in config.models.items()}
     reasons: dict[str, str] = {}
-    note = ""
+    note, judge = "", []
     for path in files:
         owners = [name for name, paths in owned.items() if path in paths]
         for name in owners:
@@ -85,8 +87,12 @@ def affected_models(config: MlgateConfig, files: Iterable[str],
                 reasons.setdefault(name, "shared settings in mlgate.yaml changed" if shared
                                    else "its block in mlgate.yaml changed")
             continue
-        if any(_under(path, prefix) for prefix in config.service.shared_paths):
+        if any(_under(path, prefix) for prefix in config.service.judge_paths):
+            judge.append(path)
+            for name in config.models:
+                reasons.setdefault(name, f"mlgate itself ({path}) changed")
+        elif any(_under(path, prefix) for prefix in config.service.shared_paths):
             for name in config.models:
                 reasons.setdefault(name, f"shared code {path} changed")
     models = [name for name in config.models if name in reasons]
-    return Affected(models=models, reasons=reasons, note=note)
+    return Affected(models=models, reasons=reasons, note=note, judge=judge)

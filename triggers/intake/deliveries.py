@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, Text, delete, insert, select, update
+from sqlalchemy import DateTime, Engine, Integer, String, Text, delete, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.config import MlgateConfig
@@ -57,6 +57,40 @@ class SeenBody(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     delivery_id: Mapped[str] = mapped_column(String(100))
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class PullRequestHead(Base):
+    """Each head a pull request had, as its signed pull_request deliveries said, with the time GitHub gave
+    it. What an `/mlgate evaluate` comment approves is the head at the comment's time, not a later push."""
+
+    __tablename__ = "pull_request_heads"
+
+    repository: Mapped[str] = mapped_column(String(200), primary_key=True)
+    pr: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha: Mapped[str] = mapped_column(String(64), primary_key=True)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))   # the first delivery's updated_at
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+def _pull_request_head(item: "Incoming", now: datetime) -> dict[str, Any] | None:
+    """The head a pull_request delivery shows, as a PullRequestHead row, or None when it shows none."""
+    if item.event != "pull_request":
+        return None
+    try:
+        pull, repository = item.payload["pull_request"], item.payload["repository"]["full_name"]
+        since = datetime.fromisoformat(pull["updated_at"].replace("Z", "+00:00"))
+        return {"repository": repository, "pr": int(item.payload["number"]), "sha": str(pull["head"]["sha"]),
+                "since": as_utc(since), "recorded_at": now}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def head_at(engine: Engine, repository: str, pr: int, moment: datetime) -> str | None:
+    """The PR's head at `moment`: the newest head recorded with a time at or before it."""
+    with Session(engine) as session:
+        return session.scalar(select(PullRequestHead.sha).where(
+            PullRequestHead.repository == repository, PullRequestHead.pr == pr,
+            PullRequestHead.since <= as_utc(moment)).order_by(PullRequestHead.since.desc()).limit(1))
 
 
 def delivery_view(row: Any) -> dict[str, Any]:
@@ -114,7 +148,7 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
                 stale.append(sha)
         if stale:   # seen before the window: it may be accepted again, so forget the old sighting
             conn.execute(delete(SeenBody).where(SeenBody.sha256.in_(stale)))
-        rows, jobs, bodies = [], [], []
+        rows, jobs, bodies, heads = [], [], [], {}
         for item in batch:
             if item.delivery_id in known:
                 results.append(Recorded(known[item.delivery_id], duplicate=True))
@@ -126,6 +160,11 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
             else:
                 seen[item.body_sha256] = item.delivery_id
                 bodies.append({"sha256": item.body_sha256, "delivery_id": item.delivery_id, "seen_at": now})
+                head = _pull_request_head(item, now)
+                if head is not None:   # the earliest sighting of a head says since when it was the head
+                    key = (head["repository"], head["pr"], head["sha"])
+                    if key not in heads or head["since"] < heads[key]["since"]:
+                        heads[key] = head
             values: dict[str, Any] = {
                 "id": item.delivery_id, "event": item.event, "action": action if isinstance(action, str) else None,
                 "repository": plan.repository, "status": plan.outcome, "reason": plan.reason, "received_at": now,
@@ -144,10 +183,20 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
             conn.execute(insert(Delivery), rows)
         if bodies:
             conn.execute(insert(SeenBody), bodies)
+        _insert_new_heads(conn, list(heads.values()))
     for r in results:
         log.info("webhook delivery recorded", extra={"delivery": r.delivery["delivery"], "event": r.delivery["event"],
                                                      "status": r.delivery["status"], "duplicate": r.duplicate})
     return results
+
+
+def _insert_new_heads(conn: Any, heads: list[dict[str, Any]]) -> None:
+    for head in heads:
+        known = conn.execute(select(PullRequestHead.since).where(
+            PullRequestHead.repository == head["repository"], PullRequestHead.pr == head["pr"],
+            PullRequestHead.sha == head["sha"])).scalar()
+        if known is None:
+            conn.execute(insert(PullRequestHead), [head])
 
 
 class GroupCommitRecorder:
@@ -222,7 +271,8 @@ def plan_pending(engine: Engine, config: MlgateConfig, github: GitHubSource, lim
                                        .order_by(Delivery.received_at).limit(limit)))
     for delivery in pending:
         try:
-            plan = plan_event(config, delivery.event, json.loads(delivery.payload or "{}"), github)
+            plan = plan_event(config, delivery.event, json.loads(delivery.payload or "{}"), github,
+                              lambda repo, pr, moment: head_at(engine, repo, pr, moment))
         except GitHubRateLimited:
             raise
         except Exception as exc:   # a bug or a payload planning cannot read: this delivery's alone

@@ -11,8 +11,10 @@ the intake planner so the request itself stays fast.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +25,7 @@ from triggers.github.api import GitHubSource, GitHubUnavailable
 
 PR_ACTIONS = ("opened", "synchronize", "reopened")
 EVALUATE_COMMAND = "/mlgate evaluate"
+EVALUATE_LINE = re.compile(r"(?i)/mlgate evaluate(?:\s+([0-9a-f]{7,40}))?", re.ASCII)
 MAX_WEBHOOK_COMMITS = 20   # GitHub lists at most 20 commits in a push payload
 ZERO_SHA = "0" * 40
 
@@ -79,6 +82,7 @@ class _PullRequest(_Loose):
     head: _Head
     base: _Head | None = None
     user: _User | None = None
+    updated_at: datetime | None = None     # on a pull_request event: when its head last changed, at the latest
 
 
 class PullRequestEvent(_Loose):
@@ -93,6 +97,7 @@ class PullRequestEvent(_Loose):
 class _Comment(_Loose):
     body: str = ""
     user: _User | None = None
+    created_at: datetime | None = None
 
 
 class _Issue(_Loose):
@@ -110,7 +115,13 @@ class IssueCommentEvent(_Loose):
     def is_evaluate_command(self) -> bool:
         lines = [line.strip() for line in self.comment.body.strip().splitlines()]
         return (self.action == "created" and self.issue.pull_request is not None and bool(lines)
-                and lines[0].lower() == EVALUATE_COMMAND)
+                and EVALUATE_LINE.fullmatch(lines[0]) is not None)
+
+    @property
+    def named_sha(self) -> str | None:
+        """The commit `/mlgate evaluate <sha>` names (7 to 40 hex digits), lower-cased; None when it names none."""
+        match = EVALUATE_LINE.fullmatch(self.comment.body.strip().splitlines()[0].strip())
+        return match[1].lower() if match and match[1] else None
 
 
 @dataclass
@@ -125,7 +136,7 @@ class PlannedJob:
 
 @dataclass
 class Plan:
-    outcome: str                   # jobs | no_models | ignored | pending
+    outcome: str                   # jobs | no_models | judge_changed | needs_approval | ignored | pending
     reason: str
     jobs: list[PlannedJob] = field(default_factory=list)
     repository: str | None = None
@@ -148,8 +159,14 @@ def _pushed_files(push: PushEvent) -> list[str]:
     return [path for c in push.commits for path in (*c.added, *c.removed, *c.modified)]
 
 
-def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSource | None = None) -> Plan:
-    """What this delivery should do. Without `github`, events that need the API plan as `pending`."""
+# (repository, PR number, moment) -> the PR's head at that moment, as its pull_request deliveries said
+HeadAt = Callable[[str, int, datetime], "str | None"]
+
+
+def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSource | None = None,
+               head_at: HeadAt | None = None) -> Plan:
+    """What this delivery should do. Without `github`, events that need the API plan as `pending`.
+    `head_at` tells what an `/mlgate evaluate` comment approved: the head when it was written."""
     if not isinstance(payload, dict):
         raise BadPayload("the body is not a JSON object")
     if event == "ping":
@@ -164,7 +181,7 @@ def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSou
     if isinstance(parsed, PullRequestEvent):
         return _plan_pull_request(config, parsed, github)
     if isinstance(parsed, IssueCommentEvent) and parsed.is_evaluate_command:
-        return _plan_evaluate_command(config, parsed, github)
+        return _plan_evaluate_command(config, parsed, github, head_at)
     action = payload.get("action")
     return Plan("ignored", f"event '{event}{'.' + action if action else ''}' does not start jobs")
 
@@ -219,9 +236,11 @@ def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHu
     return _plan_pr_jobs(config, repo, pr.number, pr.pull_request, github)
 
 
-def _plan_evaluate_command(config: MlgateConfig, event: IssueCommentEvent, github: GitHubSource | None) -> Plan:
-    """`/mlgate evaluate` on a PR: an approval when its author has write access. The PR's head is read
-    through the API, as the comment's payload names no commit."""
+def _plan_evaluate_command(config: MlgateConfig, event: IssueCommentEvent, github: GitHubSource | None,
+                           head_at: HeadAt | None) -> Plan:
+    """`/mlgate evaluate [sha]` on a PR: an approval when its author has write access, of one commit only:
+    the one it names, or else the PR's head when the comment was written (planning may come an hour
+    later). A push since then needs a new approval: the pushed code was never looked at."""
     repo, number = event.repository.full_name, event.issue.number
     if github is None:
         return Plan("pending", "needs the GitHub API (commenter's access, the PR's head)", repository=repo)
@@ -240,11 +259,35 @@ def _plan_evaluate_command(config: MlgateConfig, event: IssueCommentEvent, githu
     except ValidationError:
         return Plan("needs_approval", f"the API's answer for #{number} is not a pull request; not evaluated",
                     repository=repo)
+    refusal = _approved_commit_is_head(event, who, pull.head.sha, head_at)
+    if refusal is not None:
+        return Plan("needs_approval", refusal, repository=repo)
     return _plan_pr_jobs(config, repo, number, pull, github)
 
 
+def _approved_commit_is_head(event: IssueCommentEvent, who: str, head: str, head_at: HeadAt | None) -> str | None:
+    """Why the commit `who` approved is not the PR's head now, or None when it is."""
+    named = event.named_sha
+    if named is not None:
+        if head.lower().startswith(named):
+            return None
+        return (f"'{EVALUATE_COMMAND} {named}' from {who} approves {named}, but the head is now {head[:12]}: "
+                "approve the new head")
+    seen = head_at(event.repository.full_name, event.issue.number, event.comment.created_at) \
+        if head_at is not None and event.comment.created_at is not None else None
+    if seen is None:
+        return (f"'{EVALUATE_COMMAND}' from {who} names no commit, and mlgate saw no head of this PR before the "
+                f"comment: comment '{EVALUATE_COMMAND} <sha>' naming the commit you reviewed")
+    if seen != head:
+        return (f"'{EVALUATE_COMMAND}' from {who} approved {seen[:12]}, the head when it was written; the head is "
+                f"now {head[:12]}: a push after an approval needs a new one")
+    return None
+
+
 def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullRequest, github: GitHubSource) -> Plan:
-    """Evaluate jobs for the models a (trusted or approved) PR touches, at its head."""
+    """Evaluate jobs for the models a (trusted or approved) PR touches, at its head. A PR that changes mlgate
+    itself, by an author who cannot write, is never green: an approval lets its model be measured, never
+    its judge be rewritten."""
     head = pull.head.sha
     try:
         files = github.pull_request_files(repo, number)
@@ -253,7 +296,24 @@ def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullReque
     except GitHubUnavailable as exc:
         affected = Affected(models=list(config.models), reasons={m: "file list unavailable" for m in config.models},
                             note=f"{exc}; evaluating every model")
+    if affected.judge and not _author_writes(repo, pull, github):
+        shown = ", ".join(affected.judge[:3]) + (f" and {len(affected.judge) - 3} more" if len(affected.judge) > 3
+                                                  else "")
+        return Plan("judge_changed", f"changes mlgate itself ({shown}); its author cannot write to {repo}, so no "
+                    "model is judged by it: a maintainer reviews and merges such a change", repository=repo, sha=head)
     return _jobs(affected, "evaluate", "pr", head, number, repo, lambda m: f"pr:{repo}:{number}:{m}")
+
+
+def _author_writes(repo: str, pull: _PullRequest, github: GitHubSource) -> bool:
+    """The PR comes from a branch of this repository, or its author has write access (unanswered: no)."""
+    if pull.head.repo is not None and pull.head.repo.full_name == repo:
+        return True
+    if pull.user is None:
+        return False
+    try:
+        return github.permission(repo, pull.user.login) in WRITE_ACCESS
+    except GitHubUnavailable:
+        return False
 
 
 WRITE_ACCESS = frozenset({"admin", "maintain", "write"})

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from automation.promote import PromotionIntent
 from triggers.github.job_status import OwedStatus
-from triggers.intake.deliveries import Delivery, SeenBody
+from triggers.intake.deliveries import Delivery, PullRequestHead, SeenBody
 from triggers.intake.drift import DriftRecord
 from triggers.jobs.queue import FINAL_STATES, Job
 
@@ -44,6 +44,7 @@ def prune(engine: Engine, workdir: Path, days: float, now: datetime | None = Non
     for name, table, condition in (
             ("deliveries", Delivery, (Delivery.received_at < cutoff) & (Delivery.status != "pending")),
             ("seen_bodies", SeenBody, SeenBody.seen_at < cutoff),
+            ("pull_request_heads", PullRequestHead, PullRequestHead.recorded_at < cutoff),
             ("drift_events", DriftRecord, DriftRecord.received_at < cutoff),
             ("promotion_intents", PromotionIntent,
              (PromotionIntent.created_at < cutoff) & (PromotionIntent.state != "moving"))):
