@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
-from automation.device import RunnerDevice, host_copy, select_device
+from automation.device import CPU, RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason, one_line
 from automation.progress import JobProgress
 from automation.redaction import redact_url
@@ -64,6 +64,10 @@ class JobRequest:
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     fresh_data: str | None = None        # labelled examples after drift, appended to the training split
     production_dir: Path | None = None   # a snapshot (automation/production.py): the registry is not read
+    # an untrusted PR's two halves (automation/candidate.py): its code trains and exports a candidate folder,
+    # then the service's own code judges that folder instead of training
+    export_candidate: Path | None = None
+    judge_candidate: Path | None = None
     fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
 
     @property
@@ -141,18 +145,28 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
 
     with mlflow.start_run(experiment_id=connected.experiment_id, run_name=f"{request.model}-{request.job_id}") as run:
         log_run_inputs(request, spec, validated)
-        with timer.stage("train"):
-            trained = train_stage(request.model, spec, validated, progress)
-        with timer.stage("optimize"):
-            optimized = optimize_stage(config, spec, validated, trained, job_dir)
+        trained: TrainResult | None = None
+        if request.judge_candidate is not None:   # trusted code, judging an untrusted build's artifact
+            with timer.stage("load candidate"):
+                optimized = candidate_stage(request.judge_candidate, validated)
+        else:
+            with timer.stage("train"):
+                trained = train_stage(request.model, spec, validated, progress)
+            if request.export_candidate is not None:   # untrusted code: hand the artifact over, judge nothing
+                with timer.stage("export candidate"):
+                    return export_stage(request, validated, trained, dict(timer.seconds))
+            with timer.stage("optimize"):
+                optimized = optimize_stage(config, spec, validated, trained, job_dir)
         with timer.stage("benchmark"):
             benchmarked = benchmark_stage(request.model, spec, validated, connected, optimized.variants, job_dir,
                                           progress)
         with timer.stage("gate"):
             verdict = gate_stage(spec, benchmarked)
-        with timer.stage("register"):
-            version, logged = register_stage(request, connected.client, validated, trained, optimized.variants,
-                                             benchmarked.chosen, verdict.passed, job_dir)
+        version, logged = None, {}
+        if trained is not None:   # a judged candidate is never registered: its PR job may not promote anyway
+            with timer.stage("register"):
+                version, logged = register_stage(request, connected.client, validated, trained, optimized.variants,
+                                                 benchmarked.chosen, verdict.passed, job_dir)
         summary = build_summary(config, request, run.info.run_id, validated, connected, trained, optimized,
                                 benchmarked, verdict, version, report_dir) | logged
         with timer.stage("promote"):
@@ -280,6 +294,45 @@ def train_stage(model: str, spec: ModelConfig, validated: Validated, progress: J
     return trained
 
 
+# --- an untrusted PR's two halves: export a candidate (its code), judge the candidate (the service's code) --------
+
+def export_stage(request: JobRequest, validated: Validated, trained: TrainResult,
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """Write the candidate folder; its summary says where, and judges nothing (no verdict comes from here)."""
+    from automation.candidate import export_candidate
+
+    splits = validated.splits
+    folder = export_candidate(trained.model, splits.input_shape, splits.x_test.dtype, splits.classes,
+                              validated.encoder, request.export_candidate)   # type: ignore[arg-type]
+    return {"job_id": request.job_id, "model": request.model, "trigger": request.trigger, "sha": request.sha,
+            "candidate": str(folder), "timings": timings,
+            "training": {"best_epoch": trained.best_epoch, "seconds": trained.seconds, "device": trained.device}}
+
+
+def candidate_stage(folder: Path, validated: Validated) -> Optimized:
+    """The untrusted build's ONNX file, checked, as the one variant to judge. A text model's test texts are
+    encoded with the candidate's own tokenizer: the network was trained on its ids."""
+    from automation.candidate import read_candidate
+    from automation.contract import encode_texts
+    from automation.optimize import Variant
+    from automation.predictors import OnnxPredictor
+    from automation.preprocess import TextEncoder
+
+    splits, text = validated.splits, validated.kind == "text"
+    candidate = read_candidate(folder, splits.input_shape, splits.x_test.dtype.name, splits.classes, text)
+    if candidate.tokenizer is not None:
+        validated.encoder = TextEncoder.load(candidate.tokenizer)
+        validated.splits = encode_texts(validated.raw, validated.encoder)
+    try:
+        predictor = OnnxPredictor(candidate.onnx, ["CPUExecutionProvider"], CPU)
+    except Exception as exc:
+        raise StageError("load candidate", f"ONNX Runtime refused the candidate: {failure_reason('load', exc)}") \
+            from None
+    variant = Variant("onnx_fp32", predictor=predictor, artifact=candidate.onnx,
+                      size_mb=candidate.onnx.stat().st_size / 1e6)
+    return Optimized(variants=[variant], cross_device=None)
+
+
 # --- optimize: ONNX export, int8, GPU variants where available --------------------------------------------------
 
 @dataclass
@@ -359,8 +412,14 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     built = [v for v in variants if v.predictor is not None]
     for v in built:
         v.latency = latency[v.name]
-    chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
-                                                 spec.optimize.select_batch_size)
+    if not built:
+        raise StageError("benchmark", "no variant could be evaluated and timed: "
+                         + "; ".join(f"{v.name}: {v.skipped}" for v in variants))
+    if any(v.name == optimize.REFERENCE for v in variants):
+        chosen, why_chosen = optimize.choose_variant(variants, spec.optimize.accuracy_tolerance,
+                                                     spec.optimize.select_batch_size)
+    else:   # a judged candidate: the one artifact its build handed over
+        chosen, why_chosen = built[0], "the pull request's ONNX export, judged by the service's own mlgate"
     if production is not None:
         production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], inputs,
                                                              splits.y_test, splits.classes)
@@ -489,7 +548,7 @@ def _write_reference(path: Path, validated: Validated, model: Any, torch_uri: st
 # --- summary: everything the job decided, the CLI's `--json` line -----------------------------------------------
 
 def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, validated: Validated,
-                  connected: Connected, trained: TrainResult, optimized: Optimized, benchmarked: Benchmarked,
+                  connected: Connected, trained: TrainResult | None, optimized: Optimized, benchmarked: Benchmarked,
                   verdict: Verdict, version: str | None, report_dir: Path) -> dict[str, Any]:
     """The job's summary before promotion; the promote and report stages add their outcome and timings."""
     from automation import tracking
@@ -517,9 +576,13 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
         "cross_device": None if cross_device is None else cross_device.as_dict(),
         "timed_region": TIMED_REGION,
         "variants": [v.summary() for v in optimized.variants],
-        "training": {"history": trained.history, "best_epoch": trained.best_epoch,
-                     "stopped_early": trained.stopped_early, "world_size": trained.world_size,
-                     "device": trained.device, "precision": trained.precision, "seconds": trained.seconds},
+        "training": None if trained is None else {
+            "history": trained.history, "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
+            "world_size": trained.world_size, "device": trained.device, "precision": trained.precision,
+            "seconds": trained.seconds},
+        "judged": None if request.judge_candidate is None else {
+            "by": "the service's own mlgate", "artifact": "ONNX (runs no code when loaded)",
+            "test_split": "the base branch's", "gates": "the base branch's mlgate.yaml"},
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         "contract": validated.described,
         "errors": _errors(chosen.accuracy.predicted, validated.splits.y_test, len(validated.splits.classes)),

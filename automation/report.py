@@ -398,7 +398,8 @@ def _environment(summary: dict[str, Any]) -> list[str]:
              f"- Software: torch {env.get('torch', '—')} · onnxruntime {env.get('onnxruntime', '—')} · "
              f"{cuda} · Python {env.get('python', '—')} · {_text(env.get('platform', '—'))}",
              f"- Training: on `{training['device']}` × {training['world_size']}, "
-             f"precision {training.get('precision', 'fp32')}"]
+             f"precision {training.get('precision', 'fp32')}" if training else
+             "- Training: by the pull request's own code, in a sandbox; only its ONNX export was judged"]
     if summary.get("timed_region"):
         lines.append(f"- Timed region: {_text(summary['timed_region'], 400)}.")
     cross = summary.get("cross_device")
@@ -410,6 +411,10 @@ def _environment(summary: dict[str, Any]) -> list[str]:
 
 
 def _training(summary: dict[str, Any], flavor: Flavor) -> list[str]:
+    if not summary["training"]:   # a judged candidate: its training ran untrusted, so none of it is reported
+        judged = summary.get("judged") or {}
+        return ["### Judged", f"By {judged.get('by', 'trusted code')}: the candidate's {judged.get('artifact', 'artifact')}"
+                f", on {judged.get('test_split', 'the base')} test split, against {judged.get('gates', 'its gates')}.", ""]
     history, training = summary["training"]["history"], summary["training"]
     lines = ["### Training", f"{len(history)} epochs, best epoch {training['best_epoch']}"
              + (" (early stop)" if training["stopped_early"] else "")
@@ -496,18 +501,19 @@ def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = summary["training"]["history"]
-    epochs = range(1, len(history) + 1)
     figures = []
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
-    left.plot(epochs, [h["train_loss"] for h in history], label="train")
-    left.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    left.set(title="Loss", xlabel="epoch")
-    left.legend()
-    right.plot(epochs, [h["val_accuracy"] for h in history], color="tab:green")
-    right.set(title="Validation accuracy", xlabel="epoch")
-    figures.append(("Training curves", _png(fig)))
-    plt.close(fig)
+    if summary["training"]:   # none for a judged candidate
+        history = summary["training"]["history"]
+        epochs = range(1, len(history) + 1)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+        left.plot(epochs, [h["train_loss"] for h in history], label="train")
+        left.plot(epochs, [h["val_loss"] for h in history], label="validation")
+        left.set(title="Loss", xlabel="epoch")
+        left.legend()
+        right.plot(epochs, [h["val_accuracy"] for h in history], color="tab:green")
+        right.set(title="Validation accuracy", xlabel="epoch")
+        figures.append(("Training curves", _png(fig)))
+        plt.close(fig)
     if samples:
         fig, ax = plt.subplots(figsize=(10, 3.2))
         ax.boxplot(list(samples.values()), tick_labels=list(samples), showfliers=False, vert=False)

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                      "Used by the GPU-runner workflow")
     run.add_argument("--production-dir", metavar="DIR", help="compare against this production snapshot instead "
                      "of reading the registry (a PR job: written by trusted code, see automation/production.py)")
+    untrusted = run.add_mutually_exclusive_group()
+    untrusted.add_argument("--export-candidate", metavar="DIR", help="train only, and write the model as a candidate "
+                           "folder (ONNX) for trusted code to judge: an outsider's PR, in the sandbox")
+    untrusted.add_argument("--judge", metavar="DIR", help="judge a candidate folder instead of training: the "
+                           "service's own mlgate, on its own test split and gates")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     for name, text in (("promote", "make a version production (manual override, audited)"),
@@ -111,6 +116,9 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _print_human(summary: dict[str, Any]) -> None:
+    if "candidate" in summary:
+        print(f"{summary['model']}: candidate written to {summary['candidate']} (judged by trusted code, not here)")
+        return
     verdict = "passed" if summary["gate"]["passed"] else "FAILED"
     print(f"{summary['model']}: gate {verdict}; variant {summary['chosen_variant']}; "
           f"accuracy {summary['metrics']['accuracy']:.2%}; p95 b1 {summary['metrics']['latency']['1']['p95_ms']:.3f} ms")
@@ -138,6 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--attempt needs --job-id (the queued job it is an attempt of)")
     if args.production_dir and len(names) != 1:
         raise UsageError("--production-dir needs --model (a snapshot holds one model's production)")
+    if (args.export_candidate or args.judge) and len(names) != 1:
+        raise UsageError("--export-candidate and --judge need --model (a candidate is one model)")
     try:
         summaries, code = _run_jobs(config, args, names)
     except Exception as exc:
@@ -157,7 +167,8 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
     from automation.progress import JobProgress
     from triggers.github.reporter import GitHubReporter
 
-    reporter = GitHubReporter.from_env(config.reporting.tracking_issue)
+    # an exported candidate is judged elsewhere: the untrusted half reports nothing
+    reporter = None if args.export_candidate else GitHubReporter.from_env(config.reporting.tracking_issue)
     fresh_data = os.path.abspath(args.extra_train) if args.extra_train else None
     production_dir = Path(args.production_dir).resolve() if args.production_dir else None
     if production_dir is None and args.report_to and args.trigger == "pr":
@@ -176,6 +187,8 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
                                  fresh_data=fresh_data, production_dir=production_dir, fence=fence,
+                                 export_candidate=Path(args.export_candidate).resolve() if args.export_candidate
+                                 else None, judge_candidate=Path(args.judge).resolve() if args.judge else None,
                                  **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
                 _warn_github(reporter.started(name, args.sha))

@@ -4,10 +4,13 @@ token), both compared in constant time."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 SIGNATURE_HEADER = "X-Mlgate-Signature-256"   # mlgate's own signed requests (drift events, runner results)
@@ -17,30 +20,88 @@ EVENT_LIMIT = 64 * KiB        # a drift CloudEvent is a few KB
 RESULT_LIMIT = 8 * MiB        # a runner's summary plus its HTML report
 
 
+# every body must arrive within this: a client that trickles bytes holds a connection and its buffer
+BODY_TIMEOUT_SECONDS = 20.0
+# unauthenticated bytes buffered at once, across connections (webhooks and drift events, before their
+# signature is checked): past it, a new body is refused with 503 rather than held
+UNVERIFIED_BUDGET = 64 * MiB
+_unverified_bytes = 0   # one event loop per process: no lock needed
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the body is larger than {limit:,} bytes")
         self.limit = limit
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class BodyRefused(Exception):
+    """The body did not arrive in time, or too many unauthenticated bytes are buffered (the status says which)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def answer(self) -> JSONResponse:
+        """`{"error": …}`, closing the connection: its unread rest is never waited for."""
+        return JSONResponse({"error": str(self)}, self.status, headers={"Connection": "close"})
+
+
+async def read_body(request: Request, limit: int, *, digest: Any = None, unverified: bool = False) -> bytes:
     """The raw body, refused as soon as it passes `limit`: a declared Content-Length over the limit is
-    refused before a byte is read, and a chunked body is cut off as it streams."""
+    refused before a byte is read, and a chunked body is cut off as it streams. The whole body must come
+    within BODY_TIMEOUT_SECONDS. `digest` (an hmac object) is fed each chunk as it arrives. `unverified`:
+    the body is not yet authenticated, so it counts against UNVERIFIED_BUDGET while it is read."""
     declared = request.headers.get("content-length")
     if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
         raise BodyTooLarge(limit)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            return await _receive(request, limit, digest, unverified)
+    except TimeoutError:
+        raise BodyRefused(f"the body did not arrive within {BODY_TIMEOUT_SECONDS:g} s", 408) from None
+
+
+async def _receive(request: Request, limit: int, digest: Any, unverified: bool) -> bytes:
+    global _unverified_bytes
     chunks, size = [], 0
-    while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            if unverified:
+                if _unverified_bytes + len(chunk) > UNVERIFIED_BUDGET:
+                    raise BodyRefused("too many unauthenticated bytes are in flight; send it again later", 503)
+                _unverified_bytes += len(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        if unverified:
+            _unverified_bytes -= sum(len(c) for c in chunks)
+
+
+def unverified_bytes() -> int:
+    """Unauthenticated body bytes buffered now, across connections (for tests and metrics)."""
+    return _unverified_bytes
+
+
+def hmac_sha256(secret: str) -> Any:
+    """A running HMAC-SHA256 for `read_body(digest=…)`; its `signature_ok` compares when the body is whole."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
+
+
+def digest_ok(digest: Any, header: str | None) -> bool:
+    """`sha256=` + the hex HMAC a streamed `hmac_sha256` computed, against the header, in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    return hmac.compare_digest(("sha256=" + digest.hexdigest()).encode(), header.encode())
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response
 
 from triggers.intake import deliveries, drift
 from triggers.intake.webhooks import BadPayload
-from triggers.request_guard import (EVENT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyTooLarge, bearer_ok, read_body,
-                                    signature_ok)
+from triggers.request_guard import (EVENT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyRefused, BodyTooLarge, bearer_ok,
+                                    digest_ok, hmac_sha256, read_body, signature_ok)
 from triggers.routes.state import ServiceState, error
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,16 @@ def intake_router(state: ServiceState) -> APIRouter:
         started = time.perf_counter()
         event = request.headers.get("X-GitHub-Event", "")
         label = event if event in KNOWN_EVENTS else "other"
+        digest = hmac_sha256(state.webhook_secret)   # computed as the body streams in
         try:
-            body = await read_body(request, WEBHOOK_LIMIT)
+            body = await read_body(request, WEBHOOK_LIMIT, digest=digest, unverified=True)
         except BodyTooLarge as exc:
             events.labels("github", label, "too_large").inc()
             return error(413, str(exc))
-        if not signature_ok(state.webhook_secret, body, request.headers.get("X-Hub-Signature-256")):
+        except BodyRefused as exc:
+            events.labels("github", label, "refused").inc()
+            return exc.answer()
+        if not state.webhook_secret or not digest_ok(digest, request.headers.get("X-Hub-Signature-256")):
             events.labels("github", label, "bad_signature").inc()
             return error(401, "missing or invalid X-Hub-Signature-256")
         delivery_id = request.headers.get("X-GitHub-Delivery", "")
@@ -70,13 +74,16 @@ def intake_router(state: ServiceState) -> APIRouter:
         if not (state.drift_secret or state.drift_token):
             events.labels("http", "drift", "disabled").inc()
             return error(403, "drift intake over HTTP is off: set MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN")
+        bearer = bearer_ok(state.drift_token, request.headers.get("Authorization"))   # known before the body
         try:
-            body = await read_body(request, EVENT_LIMIT)
+            body = await read_body(request, EVENT_LIMIT, unverified=not bearer)
         except BodyTooLarge as exc:
             events.labels("http", "drift", "too_large").inc()
             return error(413, str(exc))
-        if not (signature_ok(state.drift_secret, body, request.headers.get(SIGNATURE_HEADER))
-                or bearer_ok(state.drift_token, request.headers.get("Authorization"))):
+        except BodyRefused as exc:
+            events.labels("http", "drift", "refused").inc()
+            return exc.answer()
+        if not (bearer or signature_ok(state.drift_secret, body, request.headers.get(SIGNATURE_HEADER))):
             events.labels("http", "drift", "unauthenticated").inc()
             return error(401, f"missing or invalid credential ({SIGNATURE_HEADER} or Authorization: Bearer)")
         try:

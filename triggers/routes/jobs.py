@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from triggers.github.job_status import keep_summary
 from triggers.intake import deliveries, drift
 from triggers.jobs import queue
-from triggers.request_guard import RESULT_LIMIT, BodyTooLarge, read_body
+from triggers.request_guard import RESULT_LIMIT, BodyRefused, BodyTooLarge, read_body
 from triggers.routes.state import Limit, ServiceState, error, read_access, report_file
 
 
@@ -37,6 +37,8 @@ def jobs_router(state: ServiceState) -> APIRouter:
             body = await read_body(request, RESULT_LIMIT)
         except BodyTooLarge as exc:
             return error(413, str(exc))
+        except BodyRefused as exc:
+            return exc.answer()
         try:
             result = RunnerResult.parse(body)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:

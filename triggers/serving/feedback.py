@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from triggers.request_guard import MiB, BodyTooLarge, bearer_ok, read_body
+from triggers.request_guard import MiB, BodyRefused, BodyTooLarge, bearer_ok, read_body
 from triggers.serving.inputs import BadInput
 from triggers.serving.requests import FEEDBACK_TOKEN_ENV, error_response, feedback_token
 
@@ -67,8 +67,10 @@ def add_route(app: Any, server: Any, max_batch: int) -> None:
             labels = parse_feedback(raw, max_batch)
         except BodyTooLarge as exc:
             return error_response(str(exc), 413)
+        except BodyRefused as exc:   # too slow: the connection is dropped, not held
+            return exc.answer()
         except BadInput as exc:
-            return error_response(str(exc), exc.status)
+            return exc.answer()
         result = await run_in_threadpool(record, server, labels)
         return JSONResponse(result.as_dict())
 

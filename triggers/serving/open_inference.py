@@ -289,7 +289,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
     fast path (fast_path.py)."""
     from fastapi.concurrency import run_in_threadpool
 
-    from triggers.request_guard import BodyTooLarge, read_body
+    from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
 
     def served_for(name: str, version: str | None) -> Any:
         if name != server.model:
@@ -348,13 +348,15 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return error_response(f"{exc}: at most {max_batch} examples per request", 413)
+        except BodyRefused as exc:   # too slow: the connection is dropped, not held
+            return exc.answer()
         header = request.headers.get(HEADER_LENGTH)
         args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes), loaded.input_kind)
         try:
             parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
             errors.labels("bad_input").inc()
-            return error_response(str(exc), exc.status)
+            return exc.answer()
         request_id = new_request_id()
         logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)

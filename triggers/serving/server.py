@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from automation.config import MlgateConfig
 from automation.redaction import redact
 from automation.predictors import RegisteredModel, predict
-from triggers.request_guard import BodyTooLarge, read_body
+from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
 from triggers.serving import feedback, open_inference, raw_inputs
 from triggers.serving.fast_path import InferenceFastPath
 from triggers.serving.inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
@@ -439,6 +439,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         except BodyTooLarge as exc:
             errors.labels("too_large").inc()
             return error_response(f"{exc}: at most {max_batch} examples per request", 413)
+        except BodyRefused as exc:   # too slow: the connection is dropped, not held
+            return exc.answer()
         try:   # a small body parses faster than a thread hop; a large one is parsed off the event loop
             x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await run_in_threadpool(
                 _parse, raw, loaded, max_batch)
