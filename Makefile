@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-gpu datasets test-deps test-compat gpu-check clean
+.PHONY: demo test install install-gpu datasets sandbox test-deps test-compat gpu-check clean
 
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test-deps: node_modules/.installed
+# bubblewrap sandboxes pull-request jobs (triggers/jobs/sandbox.py): `mlgate serve` needs it for PR jobs too
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { echo "installing Debian's bubblewrap, the sandbox for pull-request jobs"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap >/dev/null; }; }
+
+test-deps: node_modules/.installed sandbox
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	command -v google-chrome >/dev/null 2>&1 || { echo "installing Debian's chromium for the dashboard test"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -210,6 +210,10 @@ class ServiceConfig(Strict):
     # write is never green (its statuses fail, and say a maintainer must review it)
     judge_paths: list[str] = ["automation/", "triggers/", ".github/", ".ci/", "Makefile", "pyproject.toml"]
     kafka: KafkaConfig = KafkaConfig()
+    # what a local job may see beyond the allow-list (triggers/jobs/sandbox.py): environment variable names a
+    # default-branch retrain also gets, and paths (data outside the repository) a sandboxed PR job may read
+    job_env: list[str] = []
+    sandbox_read_only: list[str] = []
     # where a drift event's data_ref may point: absolute paths, file:// or other URI prefixes (s3://bucket/x/).
     # Anything else is refused before it is recorded; empty (the default): no event may name data.
     data_roots: list[str] = []

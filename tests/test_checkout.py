@@ -150,37 +150,120 @@ def test_a_slower_candidate_fails_the_latency_gate_and_production_stays(reposito
     assert promote.alias_version(client, "digits_mlp", promote.PRODUCTION) == good_summary["version"]
 
 
-def peeking_model(seen: Path) -> str:
-    """The good model, as a PR that looks for credentials and the service's state when its code is imported."""
-    good = (Path(__file__).resolve().parent.parent / "models" / "digits_mlp.py").read_text()
-    return good + f'''
-import json as _json, os as _os
-_wanted = ("GITHUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_URI", "GITHUB_WEBHOOK_SECRET",
-           "AWS_SECRET_ACCESS_KEY", "MLGATE_DATABASE_URL")
-open({str(seen)!r}, "w").write(_json.dumps({{"credentials": [k for k in _wanted if k in _os.environ],
-                                             "workdir": _os.environ["MLGATE_WORKDIR"]}}))
-'''
+SECRETS = {"GITHUB_TOKEN": "ghp_" + "S" * 36, "GITHUB_WEBHOOK_SECRET": "webhook-secret-value",
+           "MLFLOW_TRACKING_TOKEN": "mlflow-token-value", "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+           "ACME_VAULT_TOKEN": "a-secret-no-deny-list-knew", "PGPASSWORD": "pg-password-value"}
+
+# what a hostile PR's model file does when it is imported: looks for every secret it could reach, and says
+# what it found on stderr (the job's log); the sandbox leaves it nothing else to write to
+PEEK = """
+import json as _json, os as _os, sys as _sys
+_secrets = {k: v[::-1] for k, v in %r.items()}   # reversed here, so this file itself holds none of them
+_found = {"env": sorted(k for k in _os.environ if _os.environ[k] in _secrets.values()), "proc": [], "files": []}
+for _pid in _os.listdir("/proc"):
+    try:
+        _environ = open(f"/proc/{_pid}/environ", "rb").read().decode(errors="replace")
+    except OSError:
+        continue
+    _found["proc"] += [k for k, v in _secrets.items() if v in _environ]
+_skip = ("/proc", "/sys", "/dev", "/usr", _sys.prefix, _sys.base_prefix)
+for _root, _dirs, _files in _os.walk("/"):
+    _dirs[:] = [d for d in _dirs if not _os.path.join(_root, d).startswith(_skip)]
+    for _name in _files:
+        try:
+            _text = open(_os.path.join(_root, _name), "rb").read(2_000_000).decode(errors="replace")
+        except OSError:
+            continue
+        _found["files"] += [f"{_os.path.join(_root, _name)}: {k}" for k, v in _secrets.items() if v in _text]
+_found["pids"] = sorted(p for p in _os.listdir("/proc") if p.isdigit())
+_found["uid"] = _os.getuid()
+print("PEEK " + _json.dumps(_found), file=_sys.stderr)
+""" % ({k: v[::-1] for k, v in SECRETS.items()},)
+
+# what the same PR does to mlgate itself: its gate always passes, and its CLI prints a passing summary last
+ALWAYS_PASSING_GATE = """
+_real_evaluate_gates = evaluate_gates
+def evaluate_gates(*args, **kwargs):
+    verdict = _real_evaluate_gates(*args, **kwargs)
+    for check in verdict.checks:
+        check.status = "passed"
+    return verdict
+"""
+FORGED_SUMMARY = """
+import atexit as _atexit, json as _json
+_atexit.register(lambda: print(_json.dumps({"model": "digits_mlp", "version": None, "gate": {"passed": True,
+                 "checks": []}, "metrics": {"accuracy": 1.0}, "forged": True})))
+"""
 
 
-def test_a_pr_job_holds_no_credential_and_never_writes_the_registry(repository: dict[str, Any], tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def peeked(log: Path) -> dict[str, Any]:
+    [line] = [line for line in log.read_text().splitlines() if line.startswith("PEEK ")]
+    return json.loads(line.removeprefix("PEEK "))
+
+
+def pr_job(repository: dict[str, Any], head: str, author_writes: bool) -> tuple[Any, Any]:
+    payload = {"author_writes": True} if author_writes else {}
+    queue.enqueue(repository["engine"], model="digits_mlp", kind="evaluate", trigger="pr", sha=head, pr=7,
+                  payload=payload)
+    job = queue.claim(repository["engine"], "test-worker", lease_seconds=600)
+    return job, LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml")).run(job, threading.Event())
+
+
+def plant_secrets(repository: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    (repository["state"] / "service-secrets.env").write_text("\n".join(SECRETS.values()))   # the service's state
+
+
+def assert_found_nothing(found: dict[str, Any]) -> None:
+    assert found["env"] == [] and found["proc"] == [] and found["files"] == [], found
+    assert found["uid"] == 65534 and len(found["pids"]) < 10, found   # nobody, seeing only its own processes
+
+
+def test_an_outsiders_pr_is_judged_by_the_base_branch_and_finds_no_secret(
+        repository: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork's PR with a worse model, a gate that always passes and a CLI that prints a passing summary: its
+    code only trains and exports; the base branch's mlgate judges the ONNX it exported, and fails it."""
     from mlflow import MlflowClient
 
-    for name in ("GITHUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "GITHUB_WEBHOOK_SECRET", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, f"secret-{name}")
-    good, _ = repository["good_run"]
-    assert good.state == "succeeded"                            # version 1 is production
-    seen = tmp_path / "seen-by-pr.json"
-    head = git_commit(repository["repo"], {"models/digits_mlp.py": peeking_model(seen)}, "a PR")
-    queue.enqueue(repository["engine"], model="digits_mlp", kind="evaluate", trigger="pr", sha=head, pr=7)
-    job = queue.claim(repository["engine"], "test-worker", lease_seconds=600)
-    outcome = LocalExecutor(repository["config"], str(repository["repo"] / "mlgate.yaml")).run(job, threading.Event())
-    assert outcome.state == "succeeded" and outcome.fields["sha"] == head, outcome
-    found = json.loads(seen.read_text())
-    assert found["credentials"] == [] and Path(found["workdir"]) != repository["state"]
+    plant_secrets(repository, monkeypatch)
+    root = Path(__file__).resolve().parent.parent
+    mlgate = {str(f.relative_to(root)): f.read_text() for folder in ("automation", "triggers")
+              for f in (root / folder).rglob("*") if f.is_file() and f.suffix in (".py", ".yaml")}
+    head = git_commit(repository["repo"], mlgate | {   # the PR carries its own copy of mlgate, edited
+        "models/digits_mlp.py": WORSE_MLP.replace("Path(os.environ", "# Path(os.environ") + PEEK,
+        "automation/gate.py": mlgate["automation/gate.py"] + ALWAYS_PASSING_GATE,
+        "triggers/cli.py": mlgate["triggers/cli.py"] + FORGED_SUMMARY}, "a hostile PR")
+    subprocess.run(["git", "reset", "-q", "--hard", repository["good"]], cwd=repository["repo"], check=True)
+    job, outcome = pr_job(repository, head, author_writes=False)
+    log = repository["state"] / "jobs" / job.id / "job.log"
+    assert outcome.state == "gate_failed" and outcome.fields["sha"] == head, (outcome, log.read_text()[-3000:])
+    summary = json.loads((repository["state"] / "reports" / job.id / "summary.json").read_text())
+    assert "forged" not in summary and summary["judged"]["by"] == "the service's own mlgate"
+    [accuracy] = [c for c in summary["gate"]["checks"] if c["name"] == "min accuracy"]
+    assert accuracy["status"] == "failed" and summary["metrics"]["accuracy"] < 0.85, accuracy
+    assert summary["production"]["version"] == "1" and summary["version"] is None
+    assert_found_nothing(peeked(log))
+    registry = f"sqlite:///{repository['state'] / 'mlflow.db'}"
+    assert [str(v.version) for v in MlflowClient(registry, registry).search_model_versions("name='digits_mlp'")] == ["1"]
+    assert not (repository["state"] / "isolated" / job.id).exists()
+
+
+def test_a_writers_pr_judges_itself_in_the_sandbox_and_finds_no_secret(
+        repository: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    plant_secrets(repository, monkeypatch)
+    good = (Path(__file__).resolve().parent.parent / "models" / "digits_mlp.py").read_text()
+    head = git_commit(repository["repo"], {"models/digits_mlp.py": good + PEEK}, "a writer's PR")
+    job, outcome = pr_job(repository, head, author_writes=True)
+    log = repository["state"] / "jobs" / job.id / "job.log"
+    assert outcome.state == "succeeded" and outcome.fields["sha"] == head, (outcome, log.read_text()[-3000:])
+    assert_found_nothing(peeked(log))
     # it compared against production, from the snapshot the executor exported, and its report came back
     summary = json.loads((repository["state"] / "reports" / job.id / "summary.json").read_text())
     assert summary["production"]["version"] == "1" and summary["version"] is None and summary["gate"]["passed"]
+    assert summary["training"] is not None and summary.get("judged") is None   # its own code judged it
     assert (repository["state"] / "reports" / job.id / "report.html").is_file()
     registry = f"sqlite:///{repository['state'] / 'mlflow.db'}"
     client = MlflowClient(registry, registry)

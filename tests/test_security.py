@@ -295,3 +295,60 @@ def test_an_approved_outsider_pr_that_changes_mlgate_itself_is_never_green(
     trusted = plan_comment(service, comment, StubGitHub("a" * 40, [changed], {"maintainer": "write",
                                                                               "outsider": "write"}))
     assert trusted.outcome == "jobs" and {j.model for j in trusted.jobs} == set(service.config.models)
+
+
+# --- finding 9: unauthenticated bodies cannot hold the service's memory ----------------------------------------
+
+def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import wait_for
+    from triggers import request_guard
+    from triggers.local_broker import free_port
+
+    monkeypatch.setattr(request_guard, "BODY_TIMEOUT_SECONDS", 2.0)
+    monkeypatch.setattr(request_guard, "UNVERIFIED_BUDGET", 4 * 1024 * 1024)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def start_body(declared: int, sent: int) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(f"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: d\r\n"
+                     f"X-Hub-Signature-256: sha256=00\r\nContent-Length: {declared}\r\n\r\n".encode() + b"{" * sent)
+        return conn
+
+    def answer(conn: socket.socket) -> bytes:
+        """What the server answered before it closed the connection; a reset while we still sent counts too."""
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except ConnectionResetError:   # closed with our body unread: the kernel resets it
+            received = received or b"RESET"
+        return received
+
+    try:
+        assert wait_for(lambda: server.started, 20)
+        slow = start_body(1_000_000, 100)   # then nothing more: a trickle that never ends
+        began = time.monotonic()
+        dropped = answer(slow)
+        assert dropped.startswith(b"HTTP/1.1 408") and time.monotonic() - began < 8, dropped[:200]
+        # bodies that pile up past the budget: the one that would pass it is refused at once
+        held = [start_body(3 * 1024 * 1024, 2 * 1024 * 1024) for _ in range(2)]
+        assert wait_for(lambda: request_guard.unverified_bytes() >= 4 * 1024 * 1024 - 65536, 5)
+        third = start_body(3 * 1024 * 1024, 1024 * 1024)
+        refused = answer(third)
+        assert refused.startswith(b"HTTP/1.1 503") or refused == b"RESET", refused[:200]
+        assert request_guard.unverified_bytes() <= 4 * 1024 * 1024
+        for conn in held:   # and the held ones time out too, giving their bytes back
+            assert answer(conn).startswith(b"HTTP/1.1 408")
+        assert wait_for(lambda: request_guard.unverified_bytes() == 0, 5)
+    finally:
+        server.should_exit = True
+        thread.join(10)

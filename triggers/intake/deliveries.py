@@ -107,7 +107,8 @@ class Recorded:
 
 def _job_rows(config: MlgateConfig, delivery_id: str, plan: Plan) -> list[dict[str, Any]]:
     return [job_row(model=job.model, kind=job.kind, trigger=job.trigger, sha=job.sha, pr=job.pr,
-                    payload={"delivery": delivery_id, "repository": plan.repository, "reason": plan.reason},
+                    payload={"delivery": delivery_id, "repository": plan.repository, "reason": plan.reason}
+                    | ({"author_writes": True} if job.author_writes else {}),
                     dedupe_key=f"{delivery_id}:{job.model}", supersede_key=job.supersede_key,
                     max_attempts=config.service.max_attempts)
             for job in plan.jobs]

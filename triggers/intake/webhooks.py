@@ -132,6 +132,7 @@ class PlannedJob:
     sha: str
     pr: int | None = None
     supersede_key: str | None = None
+    author_writes: bool = False    # a PR's author may write: its own code may judge it (else the base branch's)
 
 
 @dataclass
@@ -296,12 +297,13 @@ def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullReque
     except GitHubUnavailable as exc:
         affected = Affected(models=list(config.models), reasons={m: "file list unavailable" for m in config.models},
                             note=f"{exc}; evaluating every model")
-    if affected.judge and not _author_writes(repo, pull, github):
+    writes = _author_writes(repo, pull, github)
+    if affected.judge and not writes:
         shown = ", ".join(affected.judge[:3]) + (f" and {len(affected.judge) - 3} more" if len(affected.judge) > 3
                                                   else "")
         return Plan("judge_changed", f"changes mlgate itself ({shown}); its author cannot write to {repo}, so no "
                     "model is judged by it: a maintainer reviews and merges such a change", repository=repo, sha=head)
-    return _jobs(affected, "evaluate", "pr", head, number, repo, lambda m: f"pr:{repo}:{number}:{m}")
+    return _jobs(affected, "evaluate", "pr", head, number, repo, lambda m: f"pr:{repo}:{number}:{m}", writes)
 
 
 def _author_writes(repo: str, pull: _PullRequest, github: GitHubSource) -> bool:
@@ -353,9 +355,9 @@ def _config_versions(github: GitHubSource, repo: str, before: str | None,
 
 
 def _jobs(affected: Affected, kind: str, trigger: str, sha: str, pr: int | None, repo: str,
-          supersede_key: Callable[[str], str]) -> Plan:
+          supersede_key: Callable[[str], str], author_writes: bool = False) -> Plan:
     if not affected.models:
         return Plan("no_models", affected.reason(), repository=repo, sha=sha)
-    jobs = [PlannedJob(model=m, kind=kind, trigger=trigger, sha=sha, pr=pr, supersede_key=supersede_key(m))
-            for m in affected.models]
+    jobs = [PlannedJob(model=m, kind=kind, trigger=trigger, sha=sha, pr=pr, supersede_key=supersede_key(m),
+                       author_writes=author_writes) for m in affected.models]
     return Plan("jobs", affected.reason(), jobs, repository=repo, sha=sha)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -51,17 +50,6 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
-# what only the service may hold: a job runs a commit's code, which must never see these. GitHub is
-# written by the service itself (triggers/github/job_status.py), so no job needs its token.
-SERVICE_SECRETS = ("GITHUB_WEBHOOK_SECRET", "MLGATE_DRIFT_SECRET", "MLGATE_DRIFT_TOKEN", "MLGATE_RESULT_SECRET",
-                   "MLGATE_READ_TOKEN", "GITHUB_TOKEN", "GH_TOKEN")
-# what a PR job must not reach either: it may not write the registry, the job database or artifact stores
-REGISTRY_CREDENTIALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-                        "MLFLOW_TRACKING_PASSWORD", "MLGATE_DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                        "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING",
-                        "AZURE_STORAGE_ACCESS_KEY")
-
-
 def run_arguments(job: Job, sha: str | None = None) -> list[str]:
     """`mlgate run` arguments for a job record run by the local executor: `--attempt` fences its
     promotion to this attempt's lease, in the job database it shares with the service."""
@@ -79,12 +67,14 @@ def run_arguments(job: Job, sha: str | None = None) -> list[str]:
 
 class LocalExecutor:
     """Runs a job on this machine, on the commit it names: `mlgate run` inside a worktree at that SHA
-    (triggers/jobs/checkout.py), with that commit's mlgate.yaml and code, and the service's state.
+    (triggers/jobs/checkout.py), with that commit's mlgate.yaml and code. Every job's environment is built
+    from an allow-list (triggers/jobs/sandbox.py).
 
-    A PR job gets none of the service's state: its own workdir (a private MLflow store and job
-    database), no registry or cloud credential, and production as a snapshot this trusted side exported.
-    Its report is copied back. It still runs as the service's OS user, so it is only as contained as that
-    user is: the approval policy decides whose PR code runs at all (see the README).
+    A retrain (push, drift, manual) runs the default branch's code with the service's state. A PR job gets
+    none of it: it runs in a bubblewrap sandbox with its own workdir, no credential, no network, and
+    production as a snapshot this trusted side exported. A writer's PR judges itself, as on a push. An
+    outsider's PR only trains and exports its model as ONNX; the base branch's code then judges that
+    artifact, in a second sandbox, with the base branch's test split and gates (automation/candidate.py).
     """
 
     def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
@@ -123,20 +113,66 @@ class LocalExecutor:
 
     def _run_in(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
                 lost: threading.Event) -> Outcome | None:
+        from triggers.jobs.sandbox import job_environment
+
+        if job.trigger == "pr":
+            return self._run_pr(tree, config_file, job, sha, log_path, lost)
+        workdir = self.config.workdir   # the service's registry, job DB and reports
+        env = job_environment(True, self.config.service.job_env, {"MLGATE_WORKDIR": str(workdir)})
         command = [sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run",
                    *run_arguments(job, sha), "--json"]
-        env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
-        workdir = self.config.workdir   # the service's registry, job DB and reports
-        if job.trigger == "pr":
-            workdir = self._isolate(job)
-            command += ["--production-dir", str(workdir / "production-snapshot")]
-            env = {k: v for k, v in env.items() if k not in REGISTRY_CREDENTIALS}
-        env |= {"MLGATE_LOG_LEVEL": os.environ.get("MLGATE_LOG_LEVEL", "info"), "MLGATE_WORKDIR": str(workdir)}
+        return self._launch(command, tree, env, job, sha, log_path, lost, workdir)
+
+    def _run_pr(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
+                lost: threading.Event) -> Outcome | None:
+        """A PR job, sandboxed: judged by itself (a writer's) or by the base branch's code (anyone else's)."""
+        from triggers.jobs.sandbox import SandboxUnavailable, bubblewrap
+
         try:
-            return self._launch(command, tree, env, job, sha, log_path, lost, workdir)
+            bubblewrap()
+        except SandboxUnavailable as exc:   # fail closed: PR code never runs unsandboxed
+            return Outcome("failed", {"error": exc.format()})
+        workdir = self._isolate(job)
+        snapshot = workdir / "production-snapshot"
+        try:
+            args = [*run_arguments(job, sha), "--production-dir", str(snapshot), "--json"]
+            if json.loads(job.payload or "{}").get("author_writes") is True:
+                return self._sandboxed(tree, config_file, args, [snapshot], workdir / "run", job, sha, log_path, lost)
+            candidate = workdir / "build" / "candidate"
+            built = self._sandboxed(tree, config_file, [*run_arguments(job, sha), "--export-candidate",
+                                                        str(candidate), "--json"], [], workdir / "build", job, sha,
+                                    log_path, lost)
+            if built is None or built.state != "succeeded":
+                return built
+            return self._judge(candidate, snapshot, args, workdir / "judge", job, sha, log_path, lost)
         finally:
-            if workdir != self.config.workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _judge(self, candidate: Path, snapshot: Path, args: list[str], workdir: Path, job: Job, sha: str | None,
+               log_path: Path, lost: threading.Event) -> Outcome | None:
+        """The base branch's mlgate, in its own worktree and sandbox, judges the candidate folder."""
+        from triggers.jobs.checkout import repository_root, resolve_commit, worktree
+
+        config_file = Path(self.config_path or "mlgate.yaml").resolve()
+        judge_args = [*args, "--judge", str(candidate)]
+        if self.config.service.checkout == "in_place":   # no git: the service's own tree is the base
+            return self._sandboxed(config_file.parent, config_file, judge_args, [candidate, snapshot], workdir,
+                                   job, sha, log_path, lost)
+        repo = repository_root(config_file.parent)
+        base = resolve_commit(repo, None, self.config.service.branch)
+        with worktree(repo, base, self.config.workdir / "worktrees" / f"{job.id}-judge") as tree:
+            return self._sandboxed(tree, tree / config_file.relative_to(repo), judge_args, [candidate, snapshot],
+                                   workdir, job, sha, log_path, lost)
+
+    def _sandboxed(self, tree: Path, config_file: Path, args: list[str], read_only: list[Path], workdir: Path,
+                   job: Job, sha: str | None, log_path: Path, lost: threading.Event) -> Outcome | None:
+        from triggers.jobs.sandbox import job_environment, sandboxed
+
+        extra = [Path(p) for p in self.config.service.sandbox_read_only if Path(p).exists()]
+        env = job_environment(False, set_to={"MLGATE_WORKDIR": str(workdir)})
+        command = sandboxed([sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run", *args],
+                            cwd=tree, writable=workdir, read_only=[*read_only, *extra], env=env)
+        return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir)
 
     def _isolate(self, job: Job) -> Path:
         """A PR job's own workdir, holding production as a snapshot exported here (the trusted side)."""
