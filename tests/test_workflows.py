@@ -55,25 +55,52 @@ def test_every_action_is_pinned_and_no_input_is_interpolated_into_a_script() -> 
 def test_gpu_runner_workflow_contract() -> None:
     workflow = load(RETRAIN)
     inputs = workflow["on"]["workflow_dispatch"]["inputs"]
-    assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr", "data_ref", "result_token"}
+    assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr", "data_ref", "result_token", "author_writes"}
     assert all("type" in spec for spec in inputs.values())
     assert inputs["trigger"]["type"] == "choice"
     assert "inputs.model" in workflow["concurrency"]["group"]
     assert workflow["permissions"] == {}                      # nothing at workflow level: each job says what it needs
     jobs = workflow["jobs"]
-    assert set(jobs) == {"retrain", "evaluate"}
-    assert jobs["retrain"]["if"] == "inputs.trigger != 'pr'" and jobs["evaluate"]["if"] == "inputs.trigger == 'pr'"
+    assert set(jobs) == {"retrain", "evaluate", "build", "judge"}
+    assert jobs["retrain"]["if"] == "inputs.trigger != 'pr'"
+    assert jobs["evaluate"]["if"] == "inputs.trigger == 'pr' && inputs.author_writes == 'true'"
+    assert jobs["build"]["if"] == "inputs.trigger == 'pr' && inputs.author_writes != 'true'"
+    assert jobs["judge"]["needs"] == "build"
     for job in jobs.values():
-        assert job["runs-on"] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
+        assert job["runs-on"][:3] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
         assert job["permissions"] == {"contents": "read"}     # GitHub is written by the service, not by a job
     assert jobs["retrain"]["environment"] == "mlgate-gpu-runner"
-    # the job that runs a pull request's code holds no secret and cannot reach the registry
-    evaluate = yaml.safe_dump(jobs["evaluate"])
-    assert "environment" not in jobs["evaluate"] and "secrets." not in evaluate and "MLFLOW" not in evaluate
+    # PR code and default-branch code never share a runner (finding 4): disjoint labels
+    assert {name: job["runs-on"][3] for name, job in jobs.items()} == {
+        "retrain": "mlgate-trusted", "judge": "mlgate-trusted", "evaluate": "mlgate-untrusted",
+        "build": "mlgate-untrusted"}
+    # the jobs that run a pull request's code hold no secret and cannot reach the registry; build holds no
+    # credential at all, and only the judge (default-branch code) can report a verdict
+    for name in ("evaluate", "build"):
+        text = yaml.safe_dump(jobs[name])
+        assert "environment" not in jobs[name] and "secrets." not in text and "MLFLOW" not in text
+    build = yaml.safe_dump(jobs["build"])
+    assert "result_token" not in build and "MLGATE_RESULT_TOKEN" not in build and "--report-to" not in build
+    assert "--judge candidate" in yaml.safe_dump(jobs["judge"])
+    assert not any("ref" in step.get("with", {}) for step in jobs["judge"]["steps"])   # the dispatched ref: base
     assert "github.token" not in RETRAIN.read_text() and "GITHUB_TOKEN" not in RETRAIN.read_text()
     assert "secrets.MLGATE_WEBHOOK_SECRET" not in RETRAIN.read_text()   # the runner holds no service secret
     labels = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     assert "gpu" in labels
+
+
+def test_the_result_credential_is_masked_before_any_log_header_could_show_it() -> None:
+    """Finding 8: a step's log header prints its `env:` before the step runs, so the credential is never in an
+    `env:` or a script; the first step of each job holding it reads it from the event file and masks it."""
+    jobs = load(RETRAIN)["jobs"]
+    for name, job in jobs.items():
+        assert "result_token" not in yaml.safe_dump(job.get("env", {})), name
+        for step in job["steps"]:
+            assert "result_token" not in yaml.safe_dump(step.get("env", {})) and "${{" not in step.get("run", "")
+        reads = [i for i, step in enumerate(job["steps"]) if "result_token" in step.get("run", "")]
+        if name != "build":   # build holds no credential at all
+            assert reads == [0] and "::add-mask::" in job["steps"][0]["run"], name
+            assert "GITHUB_EVENT_PATH" in job["steps"][0]["run"]
 
 
 def remote_actions(path: Path) -> list[str]:
@@ -108,7 +135,7 @@ class RunningService(ServeProcess):
 def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: dict[str, str]) -> str:
     """`act workflow_dispatch` on retrain.yml in host mode, remote actions replaced by stand-ins; its output."""
     event = tmp_path / f"event-{inputs['job_id']}.json"
-    event.write_text(json.dumps({"inputs": {"sha": "", "pr": "", "data_ref": ""} | inputs}))
+    event.write_text(json.dumps({"inputs": {"sha": "", "pr": "", "data_ref": "", "author_writes": "false"} | inputs}))
     stand_ins = []
     for action in sorted(set(remote_actions(RETRAIN))):
         stub = tmp_path / "actions" / action.replace("/", "_").replace("@", "_")

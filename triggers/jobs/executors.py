@@ -285,8 +285,11 @@ class GitHubExecutor:
         data_ref = json.loads(job.payload or "{}").get("data_ref") or ""
         # the runner's only credential: good for this job's current attempt, once, until the run would time out
         token = mint_token(self.result_secret, job.id, job.attempts, settings.timeout_minutes * 60 + 1800)
+        # an outsider's PR is built by its code and judged by the default branch's (retrain.yml: build, judge)
+        author_writes = json.loads(job.payload or "{}").get("author_writes") is True
         inputs = {"model": job.model, "job_id": job.id, "trigger": job.trigger, "sha": job.sha or "",
-                  "pr": str(job.pr or ""), "data_ref": data_ref, "result_token": token}
+                  "pr": str(job.pr or ""), "data_ref": data_ref, "result_token": token,
+                  "author_writes": "true" if author_writes else "false"}
         self.github.dispatch_workflow(self.repository, settings.workflow, settings.ref, inputs)
         log.info("workflow dispatched", extra={"job_id": job.id, "workflow": settings.workflow})
         deadline = time.monotonic() + settings.timeout_minutes * 60

@@ -256,6 +256,16 @@ def infer_response(model: str, version: str, request: InferRequest, logits: np.n
                                         HEADER_LENGTH: str(len(header))}
 
 
+def _cheap_to_parse(raw: bytes, header: str | None, kind: str) -> bool:
+    """Parsed on the event loop: a small body, or a numeric tensor in binary form whatever its size (its JSON
+    head is small and its data a zero-copy view: ~13 µs at batch 32, where a thread-pool hop costs ~0.4 ms).
+    Images to decode and large JSON go to the thread pool."""
+    if len(raw) <= INLINE_BYTES:
+        return True
+    return (kind == "tensor" and header is not None and header.isascii() and header.isdigit()
+            and int(header) <= INLINE_BYTES)
+
+
 def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ...], dtype: str,
                    classes: int, class_names: tuple[str, ...] = (),
                    features: tuple[str, ...] | None = None, input_kind: str = "tensor") -> dict[str, Any]:
@@ -353,7 +363,8 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         header = request.headers.get(HEADER_LENGTH)
         args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes), loaded.input_kind)
         try:
-            parsed = parse_infer(*args) if len(raw) <= INLINE_BYTES else await run_in_threadpool(parse_infer, *args)
+            parsed = parse_infer(*args) if _cheap_to_parse(raw, header, loaded.input_kind) else \
+                await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
             errors.labels("bad_input").inc()
             return exc.answer()
