@@ -81,7 +81,7 @@ def test_gpu_runner_workflow_contract() -> None:
         assert "environment" not in jobs[name] and "secrets." not in text and "MLFLOW" not in text
     build = yaml.safe_dump(jobs["build"])
     assert "result_token" not in build and "MLGATE_RESULT_TOKEN" not in build and "--report-to" not in build
-    assert "--judge candidate" in yaml.safe_dump(jobs["judge"])
+    assert "--judge \"$candidate\"" in yaml.safe_dump(jobs["judge"], width=1000)
     assert not any("ref" in step.get("with", {}) for step in jobs["judge"]["steps"])   # the dispatched ref: base
     assert "github.token" not in RETRAIN.read_text() and "GITHUB_TOKEN" not in RETRAIN.read_text()
     assert "secrets.MLGATE_WEBHOOK_SECRET" not in RETRAIN.read_text()   # the runner holds no service secret
@@ -146,7 +146,10 @@ def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: 
     done = subprocess.run(
         [BIN / "act", "workflow_dispatch", "-W", ".github/workflows/retrain.yml", "-e", str(event),
          "-P", "self-hosted=-self-hosted", "-P", "linux=-self-hosted", "-P", "gpu=-self-hosted",
+         "-P", "mlgate-trusted=-self-hosted", "-P", "mlgate-untrusted=-self-hosted",
          "--no-cache-server", "--env", f"MLGATE_VENV={BIN.parent}",
+         "--env", "MLGATE_RUNNER_EPHEMERAL=true",   # this test's runner is a fresh tree, gone after the test
+         "--env", f"MLGATE_ACT_HANDOVER={tmp_path / ('candidate-' + inputs['job_id'])}",
          *[f"--env={k}={v}" for k, v in JOB_THREADS.items()],
          *[f"--var={k}={v}" for k, v in variables.items()], *stand_ins],
         cwd=tree, capture_output=True, text=True, timeout=900)
@@ -156,8 +159,9 @@ def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: 
 
 
 def job_summary(output: str, job_id: str) -> dict[str, Any]:
-    return json.loads(next(line.split("| ", 1)[1] for line in output.splitlines()
-                           if "| {" in line and f'"job_id": "{job_id}"' in line))
+    """The last summary line the job's run printed (an outsider's PR prints its build's, then its judge's)."""
+    return json.loads([line.split("| ", 1)[1] for line in output.splitlines()
+                       if "| {" in line and f'"job_id": "{job_id}"' in line][-1])
 
 
 @pytest.mark.slow
@@ -212,11 +216,14 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
                                                   "pr": "7", "result_token": mint_token(service.secret, evaluate.id,
                                                                                         1, 3600)},
                                  {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry})
-        assert "evaluate" in pr_output and registry not in pr_output   # the PR job never saw the registry's address
+        # an outsider's PR (author_writes false): its code builds, the default branch's code judges and reports
+        assert "[retrain/build" in pr_output and "[retrain/judge" in pr_output and "[retrain/evaluate" not in pr_output
+        assert registry not in pr_output   # neither job saw the registry's address
         recorded = service.get(f"/jobs/{evaluate.id}").json()
         assert recorded["state"] == "succeeded" and recorded["version"] is None, recorded
         pr_summary = job_summary(pr_output, evaluate.id)
         assert pr_summary["production"]["version"] == "1" and pr_summary["version"] is None
+        assert pr_summary["judged"]["by"] == "the service's own mlgate" and pr_summary["training"] is None
         assert not pr_summary["tracking_uri"].startswith(registry)   # its MLflow run stayed on the runner
         # production's snapshot is for the job's own credential only, and only while it runs
         assert service.get(f"/jobs/{evaluate.id}/production").status_code == 401
