@@ -159,6 +159,34 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
     github.cancel_workflow_run(REPO, 30433642)
 
 
+def test_nothing_written_to_github_carries_a_credential(github: GitHubSource,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 7: a comment or status quoting an error (with a URL's password, a token, a secret's value) is
+    masked before PyGithub is handed it; the calls still pass the contract."""
+    from github.Commit import Commit
+    from github.Issue import Issue
+
+    monkeypatch.setenv("ACME_VAULT_TOKEN", "vault-token-value-123")
+    sent: list[str] = []
+    for cls, name in ((Issue, "create_comment"), (Commit, "create_comment"), (Commit, "create_status")):
+        real = getattr(cls, name)
+
+        def spy(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            sent.extend(str(v) for v in (*args, *kwargs.values()))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    leak = ("job failed: http://ci:hunter2-db@postgres:5432/mlgate refused; Authorization: Bearer ghp_"
+            + "B" * 36 + "; vault-token-value-123")
+    github.set_status(REPO, SHA, "failure", leak, "mlgate/digits_mlp")
+    github.upsert_comment(REPO, 1347, "<!-- a marker nobody posted -->", leak)
+    github.commit_comment(REPO, SHA, leak)
+    github.issue_comment(REPO, 1347, leak)
+    assert len(sent) >= 4 and all("***" in text for text in sent if "job failed" in text)
+    for secret in ("hunter2-db", "ghp_BBBB", "vault-token-value-123"):
+        assert not any(secret in text for text in sent), secret
+
+
 @pytest.fixture(scope="module")
 def reported_runs(prism: str, tmp_path_factory: pytest.TempPathFactory,
                   mlflow_template: Path) -> dict[str, dict[str, Any]]:
