@@ -138,6 +138,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     with timer.stage("validate"):
         validated = validate(config, request, spec)
     spec = validated.spec   # with `on_cpu` merged in on a runner without a GPU
+    if request.export_candidate is not None:   # untrusted code: train, hand the artifact over, judge nothing
+        return export_job(request, spec, validated, timer)
     with timer.stage("connect"):
         connected = connect(config, request)
 
@@ -152,9 +154,6 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         else:
             with timer.stage("train"):
                 trained = train_stage(request.model, spec, validated, progress)
-            if request.export_candidate is not None:   # untrusted code: hand the artifact over, judge nothing
-                with timer.stage("export candidate"):
-                    return export_stage(request, validated, trained, dict(timer.seconds))
             with timer.stage("optimize"):
                 optimized = optimize_stage(config, spec, validated, trained, job_dir)
         with timer.stage("benchmark"):
@@ -296,16 +295,20 @@ def train_stage(model: str, spec: ModelConfig, validated: Validated, progress: J
 
 # --- an untrusted PR's two halves: export a candidate (its code), judge the candidate (the service's code) --------
 
-def export_stage(request: JobRequest, validated: Validated, trained: TrainResult,
-                 timings: dict[str, float]) -> dict[str, Any]:
-    """Write the candidate folder; its summary says where, and judges nothing (no verdict comes from here)."""
+def export_job(request: JobRequest, spec: ModelConfig, validated: Validated, timer: StageTimer) -> dict[str, Any]:
+    """Train and write the candidate folder, with no tracking server, store or registry: the untrusted half
+    records nothing anywhere. Its summary says where the folder is, and judges nothing."""
+    from automation import train
     from automation.candidate import export_candidate
 
     splits = validated.splits
-    folder = export_candidate(trained.model, splits.input_shape, splits.x_test.dtype, splits.classes,
-                              validated.encoder, request.export_candidate)   # type: ignore[arg-type]
+    with timer.stage("train"):
+        trained = train.train_model(validated.build, spec.params, splits, spec.train, device=validated.runner)
+    with timer.stage("export candidate"):
+        folder = export_candidate(trained.model, splits.input_shape, splits.x_test.dtype, splits.classes,
+                                  validated.encoder, request.export_candidate)   # type: ignore[arg-type]
     return {"job_id": request.job_id, "model": request.model, "trigger": request.trigger, "sha": request.sha,
-            "candidate": str(folder), "timings": timings,
+            "candidate": str(folder), "timings": dict(timer.seconds),
             "training": {"best_epoch": trained.best_epoch, "seconds": trained.seconds, "device": trained.device}}
 
 

@@ -70,7 +70,7 @@ def add_route(app: Any, server: Any, max_batch: int) -> None:
         except BodyRefused as exc:   # too slow: the connection is dropped, not held
             return exc.answer()
         except BadInput as exc:
-            return exc.answer()
+            return error_response(str(exc), exc.status)
         result = await run_in_threadpool(record, server, labels)
         return JSONResponse(result.as_dict())
 

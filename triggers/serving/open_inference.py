@@ -367,7 +367,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
                 await run_in_threadpool(parse_infer, *args)
         except BadInput as exc:
             errors.labels("bad_input").inc()
-            return exc.answer()
+            return error_response(str(exc), exc.status)
         request_id = new_request_id()
         logits, loaded = await answer(served, parsed.x, request_id)
         predictions = logits.argmax(axis=1)
