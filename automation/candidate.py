@@ -100,14 +100,29 @@ def _check_graph(path: Path) -> None:
     except Exception as exc:   # a malformed protobuf: onnx raises DecodeError and others
         raise BadCandidate(f"candidate model.onnx is not an ONNX model ({type(exc).__name__})") from None
     graph = graph_model.graph
+    nodes, tensors = _walk(graph)   # subgraphs too: an If or Loop body is a graph of its own
     custom = sorted({o.domain for o in graph_model.opset_import} - STANDARD_DOMAINS)
-    if custom or any(node.domain not in STANDARD_DOMAINS for node in graph.node):
+    if custom or any(node.domain not in STANDARD_DOMAINS for node in nodes):
         raise BadCandidate(f"candidate model.onnx uses operator domains outside ONNX Runtime's own: {custom}")
     if graph_model.functions:
         raise BadCandidate("candidate model.onnx defines its own functions")
-    tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute if a.HasField("t")]
     if any(uses_external_data(t) for t in tensors):
         raise BadCandidate("candidate model.onnx keeps weights outside the file (external data)")
     weights = {t.name for t in graph.initializer}
     if len([i for i in graph.input if i.name not in weights]) != 1 or len(graph.output) < 1:
         raise BadCandidate("candidate model.onnx must take one input and give logits")
+
+
+def _walk(graph: Any) -> tuple[list[Any], list[Any]]:
+    """Every node and tensor of `graph` and of the subgraphs its nodes carry as attributes."""
+    nodes, tensors = list(graph.node), list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                tensors.append(attribute.t)
+            tensors.extend(attribute.tensors)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                sub_nodes, sub_tensors = _walk(sub)
+                nodes.extend(sub_nodes)
+                tensors.extend(sub_tensors)
+    return nodes, tensors

@@ -17,6 +17,8 @@ from triggers.jobs import queue
 from triggers.jobs.runner_results import BadResultToken, check_token, mint_token
 
 URL_SECRET = "hunter2-in-a-url"
+# what these attack is the HTTP surface, the same on either store: SQLite only (the planner's tests run on both)
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 ENV_SECRET = "value-of-a-secret-the-filter-never-heard-of"
 
 
@@ -30,6 +32,7 @@ def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- finding 10: bad credentials are a 401, never a 500 -------------------------------------------------------
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("forge", [
     lambda t: t[:-1] + "é",                                      # a non-ASCII MAC: compare_digest raised TypeError
     lambda t: t.replace(".1.", ".².", 1),                        # a non-ASCII digit: int() raised after isdigit()
@@ -51,6 +54,7 @@ def test_a_forged_result_token_is_refused_as_malformed(forge: object, service: S
         assert answer.status_code == 401, answer.text
 
 
+@SQLITE_ONLY
 def test_a_non_ascii_content_length_is_a_4xx(client: TestClient) -> None:
     answer = client.post("/webhooks/github", content=b"{}", headers={"Content-Length": "²".encode(), "X-GitHub-Event": "push"})
     assert 400 <= answer.status_code < 500
@@ -58,6 +62,7 @@ def test_a_non_ascii_content_length_is_a_4xx(client: TestClient) -> None:
 
 # --- finding 8: production is served to PR jobs only -----------------------------------------------------------
 
+@SQLITE_ONLY
 def test_a_retrain_token_does_not_open_the_production_snapshot(service: ServiceState) -> None:
     service.result_secret = RESULT_SECRET
     app = TestClient(create_app(service))
@@ -105,6 +110,7 @@ def test_a_log_record_never_carries_a_credential() -> None:
     assert entry["github_token"] == "***" and "://***@mlflow" in entry["error"] and "RuntimeError" in entry["exc"]
 
 
+@SQLITE_ONLY
 @pytest.mark.usefixtures("secrets_in_env")
 def test_the_job_api_never_answers_a_credential(service: ServiceState) -> None:
     app = TestClient(create_app(service))
@@ -146,6 +152,7 @@ fetch("/jobs").then(r => r.text()).then(t => document.body.setAttribute("data-re
 </body></html>"""
 
 
+@SQLITE_ONLY
 def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState, tmp_path) -> None:
     import threading
 
@@ -299,6 +306,7 @@ def test_an_approved_outsider_pr_that_changes_mlgate_itself_is_never_green(
 
 # --- finding 9: unauthenticated bodies cannot hold the service's memory ----------------------------------------
 
+@SQLITE_ONLY
 def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
     import threading
@@ -352,3 +360,58 @@ def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, mon
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# --- finding 1: the artifact an untrusted build hands over is checked before ONNX Runtime sees it --------------
+
+def candidate_folder(folder, *, domain: str = "", external: bool = False, shape: list[int] | None = None,
+                     in_subgraph: bool = False):
+    import onnx
+    from onnx import TensorProto, helper
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1] * 12)
+    if external:   # weights "stored" in a file the judge can read: /etc/passwd
+        weights.ClearField("float_data")
+        weights.data_location = TensorProto.EXTERNAL
+        weights.external_data.add(key="location", value="../../../../etc/passwd")
+    node = helper.make_node("MatMul", ["x", "w"], ["logits"], domain=domain)
+    if in_subgraph:   # the custom operator hidden inside an If's branch
+        branch = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], domain="evil.ops")], "b", [],
+                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        node = helper.make_node("If", ["cond"], ["logits"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [weights])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(folder / "model.onnx"))
+    (folder / "candidate.json").write_text(json.dumps({"input_shape": shape or [4], "dtype": "float32",
+                                                       "classes": ["a", "b", "c"]}))
+    return folder
+
+
+def test_a_candidate_is_refused_unless_it_is_one_self_contained_standard_onnx_file(tmp_path) -> None:
+    from automation.candidate import BadCandidate, read_candidate
+
+    def read(folder):
+        return read_candidate(folder, (4,), "float32", ("a", "b", "c"), text=False)
+
+    assert read(candidate_folder(tmp_path / "good")).input_shape == (4,)
+    cases = {"external": ({"external": True}, "external data"),
+             "custom domain": ({"domain": "evil.ops"}, "operator domains"),
+             "custom op in a subgraph": ({"in_subgraph": True}, "operator domains"),
+             "other input": ({"shape": [5]}, r"the candidate takes float32 \[5\]")}
+    for name, (kwargs, message) in cases.items():
+        with pytest.raises(BadCandidate, match=message):
+            read(candidate_folder(tmp_path / name.replace(" ", "-"), **kwargs))
+    linked = candidate_folder(tmp_path / "linked")
+    (linked / "model.onnx").unlink()
+    (linked / "model.onnx").symlink_to(tmp_path / "good" / "model.onnx")
+    with pytest.raises(BadCandidate, match="not a regular file"):
+        read(linked)
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "candidate.json").write_text('{"input_shape": [4], "dtype": "float32", "classes": ["a","b","c"]}')
+    (tmp_path / "garbage" / "model.onnx").write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(BadCandidate, match="not an ONNX model"):
+        read(tmp_path / "garbage")
+    with pytest.raises(BadCandidate, match="has no candidate.json"):
+        read(tmp_path / "nothing-there")

@@ -32,7 +32,7 @@ class ServiceState:
     planner_wake: threading.Event = field(default_factory=threading.Event)
     components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
     started: float = field(default_factory=time.time)
-    _mlflow: Any = field(default=None, repr=False)
+    _mlflow: Any = field(default=None, repr=False, init=False)
 
     def mlflow_client(self) -> Any:
         """Connected on first use: MLflow's import is slow, and once is enough."""
