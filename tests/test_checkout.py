@@ -166,7 +166,9 @@ for _pid in _os.listdir("/proc"):
     except OSError:
         continue
     _found["proc"] += [k for k, v in _secrets.items() if v in _environ]
-_skip = ("/proc", "/sys", "/dev", "/usr", _sys.prefix, _sys.base_prefix)
+# the system's software and the interpreter, bound read-only for every job alike, are not searched (tens of
+# thousands of files); everything else the sandbox shows is
+_skip = ("/proc", "/sys", "/dev", "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", _sys.prefix, _sys.base_prefix)
 for _root, _dirs, _files in _os.walk("/"):
     _dirs[:] = [d for d in _dirs if not _os.path.join(_root, d).startswith(_skip)]
     for _name in _files:
