@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +310,25 @@ def wine_frame() -> Any:
     bunch = load_wine(as_frame=True)
     names = {0: "barolo", 1: "grignolino", 2: "barbera"}
     return bunch.data.astype("float64").assign(cultivar=bunch.target.map(names))
+
+
+@contextlib.contextmanager
+def app_on_a_port(app: Any) -> Iterator[int]:
+    """An ASGI app under uvicorn on a free loopback port, in a thread, for tests that need a real socket
+    (a browser, raw HTTP, another process); yields the port and stops the server afterwards."""
+    import threading
+
+    import uvicorn
+
+    from triggers.local_broker import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 20), "uvicorn did not start"
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -326,21 +326,15 @@ def test_a_broker_restart_with_unconsumed_records_loses_and_repeats_nothing(dura
 
 def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: Any, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
     from automation.errors import MlgateError
+    from tests.conftest import app_on_a_port
     from triggers.local_broker import free_port
     from triggers.monitor import post_drift_event
 
     config = make_config(tmp_path)
     state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine),
                          drift_secret=DRIFT_SECRET)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, 20)
+    with app_on_a_port(create_app(state)) as port:
         monkeypatch.delenv("MLGATE_DRIFT_SECRET", raising=False)
         monkeypatch.delenv("MLGATE_DRIFT_TOKEN", raising=False)
         with pytest.raises(MlgateError, match="needs MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN"):
@@ -352,9 +346,6 @@ def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: An
         with pytest.raises(MlgateError) as refused:
             post_drift_event(f"http://ops:hunter2@127.0.0.1:{free_port()}/events/drift", event())
         assert "hunter2" not in str(refused.value) and "127.0.0.1" in str(refused.value)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_kafka_tls_and_sasl_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

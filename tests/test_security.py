@@ -154,12 +154,7 @@ fetch("/jobs").then(r => r.text()).then(t => document.body.setAttribute("data-re
 
 @SQLITE_ONLY
 def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState, tmp_path) -> None:
-    import threading
-
-    import uvicorn
-
-    from tests.conftest import headless_chromium, wait_for
-    from triggers.local_broker import free_port
+    from tests.conftest import app_on_a_port, headless_chromium
     from triggers.routes.state import report_file
 
     job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="evaluate", trigger="pr", pr=9)
@@ -171,17 +166,9 @@ def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState
     assert answer.status_code == 200 and policy.startswith("sandbox;") and "allow-" not in policy
     assert "default-src 'none'" in policy and answer.headers["X-Content-Type-Options"] == "nosniff"
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, 20)
+    with app_on_a_port(create_app(service)) as port:
         dom = headless_chromium(tmp_path / "chromium", "--virtual-time-budget=5000", "--dump-dom",
                                 f"http://127.0.0.1:{port}/reports/{job.id}")
-    finally:
-        server.should_exit = True
-        thread.join(10)
     assert "gate passed" in dom   # the page rendered
     assert "<body>" in dom and "<body data-" not in dom, dom   # no script and no handler set an attribute
 
@@ -309,23 +296,15 @@ def test_an_approved_outsider_pr_that_changes_mlgate_itself_is_never_green(
 @SQLITE_ONLY
 def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
-    import threading
     import time
 
-    import uvicorn
-
-    from tests.conftest import wait_for
+    from tests.conftest import app_on_a_port, wait_for
     from triggers import request_guard
-    from triggers.local_broker import free_port
 
     monkeypatch.setattr(request_guard, "BODY_TIMEOUT_SECONDS", 2.0)
     monkeypatch.setattr(request_guard, "UNVERIFIED_BUDGET", 4 * 1024 * 1024)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
 
-    def start_body(declared: int, sent: int) -> socket.socket:
+    def start_body(port: int, declared: int, sent: int) -> socket.socket:
         conn = socket.create_connection(("127.0.0.1", port), timeout=10)
         conn.sendall(f"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: d\r\n"
                      f"X-Hub-Signature-256: sha256=00\r\nContent-Length: {declared}\r\n\r\n".encode() + b"{" * sent)
@@ -341,25 +320,21 @@ def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, mon
             received = received or b"RESET"
         return received
 
-    try:
-        assert wait_for(lambda: server.started, 20)
-        slow = start_body(1_000_000, 100)   # then nothing more: a trickle that never ends
+    with app_on_a_port(create_app(service)) as port:
+        slow = start_body(port, 1_000_000, 100)   # then nothing more: a trickle that never ends
         began = time.monotonic()
         dropped = answer(slow)
         assert dropped.startswith(b"HTTP/1.1 408") and time.monotonic() - began < 8, dropped[:200]
         # bodies that pile up past the budget: the one that would pass it is refused at once
-        held = [start_body(3 * 1024 * 1024, 2 * 1024 * 1024) for _ in range(2)]
+        held = [start_body(port, 3 * 1024 * 1024, 2 * 1024 * 1024) for _ in range(2)]
         assert wait_for(lambda: request_guard.unverified_bytes() >= 4 * 1024 * 1024 - 65536, 5)
-        third = start_body(3 * 1024 * 1024, 1024 * 1024)
+        third = start_body(port, 3 * 1024 * 1024, 1024 * 1024)
         refused = answer(third)
         assert refused.startswith(b"HTTP/1.1 503") or refused == b"RESET", refused[:200]
         assert request_guard.unverified_bytes() <= 4 * 1024 * 1024
         for conn in held:   # and the held ones time out too, giving their bytes back
             assert answer(conn).startswith(b"HTTP/1.1 408")
         assert wait_for(lambda: request_guard.unverified_bytes() == 0, 5)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # --- finding 1: the artifact an untrusted build hands over is checked before ONNX Runtime sees it --------------
