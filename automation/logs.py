@@ -11,7 +11,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
-from automation.redaction import MASK, redact, redact_value
+from automation.redaction import MASK, redact, redact_value, secret_values
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _SECRET_WORDS = ("token", "secret", "password", "authorization")
@@ -21,12 +21,14 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "msg": redact(record.getMessage())}
+            "level": record.levelname.lower(), "logger": record.name}
+        secrets = secret_values()   # read once per record
+        entry["msg"] = redact(record.getMessage(), secrets)
         for key, value in vars(record).items():
             if key not in _STANDARD:
-                entry[key] = MASK if any(w in key.lower() for w in _SECRET_WORDS) else redact_value(value)
+                entry[key] = MASK if any(w in key.lower() for w in _SECRET_WORDS) else redact_value(value, secrets)
         if record.exc_info:
-            entry["exc"] = redact(self.formatException(record.exc_info))
+            entry["exc"] = redact(self.formatException(record.exc_info), secrets)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

@@ -31,23 +31,26 @@ def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(text: str) -> str:
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with credentials masked; `secrets`: secret_values() when the caller already read them."""
     for pattern, replacement in _SHAPES:
         text = pattern.sub(replacement, text)
-    for value in secret_values():
+    for value in secret_values() if secrets is None else secrets:
         if value in text:
             text = text.replace(value, MASK)
     return text
 
 
-def redact_value(value: Any) -> Any:
-    """`redact` through the strings of a JSON-like value (dicts, lists), leaving other types alone."""
+def redact_value(value: Any, secrets: list[str] | None = None) -> Any:
+    """`redact` through the strings of a JSON-like value (dicts, lists), leaving other types alone; the
+    environment is read once for the whole value, not once per string."""
+    secrets = secret_values() if secrets is None else secrets
     if isinstance(value, str):
-        return redact(value)
+        return redact(value, secrets)
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: redact_value(v, secrets) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [redact_value(v) for v in value]
+        return [redact_value(v, secrets) for v in value]
     return value
 
 

@@ -93,26 +93,29 @@ def unverified_bytes() -> int:
 
 
 def hmac_sha256(secret: str) -> Any:
-    """A running HMAC-SHA256 for `read_body(digest=…)`; its `signature_ok` compares when the body is whole."""
+    """A running HMAC-SHA256 for `read_body(digest=…)`; `digest_ok` compares it once the body is whole."""
     return hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
 
-def digest_ok(digest: Any, header: str | None) -> bool:
-    """`sha256=` + the hex HMAC a streamed `hmac_sha256` computed, against the header, in constant time."""
-    if not header or not header.startswith("sha256="):
+def digest_ok(secret: str, digest: Any, header: str | None) -> bool:
+    """`sha256=` + the hex HMAC that `hmac_sha256(secret)` computed (streamed, or over a whole body), against
+    the header, in constant time. No secret configured: nothing is genuine."""
+    if not secret or not header or not header.startswith("sha256="):
         return False
     return hmac.compare_digest(("sha256=" + digest.hexdigest()).encode(), header.encode())
 
 
 def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    digest = hmac_sha256(secret)
+    digest.update(body)
+    return "sha256=" + digest.hexdigest()
 
 
 def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
     """`sha256=` + hex HMAC-SHA256 of the raw body (GitHub's X-Hub-Signature-256 and mlgate's own)."""
-    if not secret or not header or not header.startswith("sha256="):
-        return False
-    return hmac.compare_digest(sign(secret, body), header)
+    digest = hmac_sha256(secret)
+    digest.update(body)
+    return digest_ok(secret, digest, header)
 
 
 def bearer_ok(token: str, header: str | None) -> bool:

@@ -234,7 +234,9 @@ def _plan_pull_request(config: MlgateConfig, pr: PullRequestEvent, github: GitHu
     refusal = _untrusted(config, pr, github, approval)
     if refusal is not None:
         return Plan("needs_approval", refusal, repository=repo)
-    return _plan_pr_jobs(config, repo, pr.number, pr.pull_request, github)
+    # trusted without an approval: _untrusted found the author may write; an approval says nothing of the author
+    return _plan_pr_jobs(config, repo, pr.number, pr.pull_request, github,
+                         author_writes=None if approval else True)
 
 
 def _plan_evaluate_command(config: MlgateConfig, event: IssueCommentEvent, github: GitHubSource | None,
@@ -285,10 +287,11 @@ def _approved_commit_is_head(event: IssueCommentEvent, who: str, head: str, head
     return None
 
 
-def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullRequest, github: GitHubSource) -> Plan:
+def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullRequest, github: GitHubSource,
+                  author_writes: bool | None = None) -> Plan:
     """Evaluate jobs for the models a (trusted or approved) PR touches, at its head. A PR that changes mlgate
     itself, by an author who cannot write, is never green: an approval lets its model be measured, never
-    its judge be rewritten."""
+    its judge be rewritten. `author_writes`: already known, or None to ask the API."""
     head = pull.head.sha
     try:
         files = github.pull_request_files(repo, number)
@@ -297,7 +300,7 @@ def _plan_pr_jobs(config: MlgateConfig, repo: str, number: int, pull: _PullReque
     except GitHubUnavailable as exc:
         affected = Affected(models=list(config.models), reasons={m: "file list unavailable" for m in config.models},
                             note=f"{exc}; evaluating every model")
-    writes = _author_writes(repo, pull, github)
+    writes = _author_writes(repo, pull, github) if author_writes is None else author_writes
     if affected.judge and not writes:
         shown = ", ".join(affected.judge[:3]) + (f" and {len(affected.judge) - 3} more" if len(affected.judge) > 3
                                                   else "")

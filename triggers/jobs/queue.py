@@ -75,7 +75,7 @@ class Job(Base):
         data = {c.name: getattr(self, c.name) for c in self.__table__.columns}
         data["payload"] = json.loads(self.payload or "{}")
         # an error quotes what failed, which may quote a URL with its credentials: never answered as is
-        return {k: (as_utc(v).isoformat() if isinstance(v, datetime) else redact_value(v)) for k, v in data.items()}
+        return redact_value({k: as_utc(v).isoformat() if isinstance(v, datetime) else v for k, v in data.items()})
 
 
 

@@ -42,7 +42,7 @@ def intake_router(state: ServiceState) -> APIRouter:
         except BodyRefused as exc:
             events.labels("github", label, "refused").inc()
             return exc.answer()
-        if not state.webhook_secret or not digest_ok(digest, request.headers.get("X-Hub-Signature-256")):
+        if not digest_ok(state.webhook_secret, digest, request.headers.get("X-Hub-Signature-256")):
             events.labels("github", label, "bad_signature").inc()
             return error(401, "missing or invalid X-Hub-Signature-256")
         delivery_id = request.headers.get("X-GitHub-Delivery", "")
