@@ -75,75 +75,104 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
 
 def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
                   rank: int, world_size: int, runner: RunnerDevice, on_epoch: EpochCallback | None) -> TrainResult:
-    # --- set-up -------------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    # one GPU per rank under DDP; otherwise the job's device
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if world_size > 1 and runner.is_cuda else \
-        runner.torch
-    model = build(**params).to(device)
-    train_module: nn.Module = model
-    if world_size > 1:
-        train_module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss()
+    return TrainingLoop(build, params, splits, cfg, rank=rank, world_size=world_size, runner=runner).run(on_epoch)
 
-    batches = TrainingBatches(splits.x_train, splits.y_train, device, cfg.loader_workers)
-    x_val = torch.from_numpy(np.asarray(splits.x_val)).to(device)
-    y_val = torch.from_numpy(splits.y_val).to(device)
-    # every rank draws the same permutation and takes its own stride, as DistributedSampler does
-    generator = torch.Generator().manual_seed(cfg.seed)
-    per_rank = len(batches) // world_size
 
-    best_loss, best_state, best_epoch, stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
-    history: list[dict[str, float]] = []
-    stopped_early = False
-    for epoch in range(1, cfg.epochs + 1):
-        # --- train one epoch ------------------------------------------------------------
-        epoch_start = time.perf_counter()
-        train_module.train()
-        order = torch.randperm(len(batches), generator=generator)[rank::world_size][:per_rank]
-        total_loss = torch.zeros((), device=device)
-        for x_batch, y_batch in batches.epoch(order, cfg.batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(train_module(x_batch), y_batch)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+@dataclass
+class Progress:
+    """Where training stands between two steps: everything besides the model and optimizer that a resumed
+    run needs to go on exactly as an uninterrupted one would."""
+    epoch: int = 0                       # epochs completed
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict[str, Any] | None = None
+    stale: int = 0                       # epochs since the validation loss last improved
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class TrainingLoop:
+    """One rank's training, in phases: set-up (here), per-epoch train, validate, early-stop."""
+
+    def __init__(self, build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
+                 rank: int, world_size: int, runner: RunnerDevice) -> None:
+        seed_everything(cfg.seed)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        # one GPU per rank under DDP; otherwise the job's device
+        self.device = device = torch.device("cuda", rank % torch.cuda.device_count()) \
+            if world_size > 1 and runner.is_cuda else runner.torch
+        self.model = model = build(**params).to(device)
+        self.train_module: nn.Module = model
+        if world_size > 1:
+            self.train_module = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+        self.batches = TrainingBatches(splits.x_train, splits.y_train, device, cfg.loader_workers)
+        self.x_val = torch.from_numpy(np.asarray(splits.x_val)).to(device)
+        self.y_val = torch.from_numpy(splits.y_val).to(device)
+        # every rank draws the same permutation and takes its own stride, as DistributedSampler does
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.per_rank = len(self.batches) // world_size
+        self.progress = Progress(best_state=copy.deepcopy(model.state_dict()))
+
+    def run(self, on_epoch: EpochCallback | None = None) -> TrainResult:
+        cfg, progress = self.cfg, self.progress
+        while progress.epoch < cfg.epochs and not progress.stopped_early:
+            epoch_start = time.perf_counter()
+            train_loss = self.train_epoch()
+            val_loss, val_accuracy = self.validate()
+            metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+                       "epoch_seconds": time.perf_counter() - epoch_start}
+            progress.epoch += 1
+            progress.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(progress.epoch, metrics)
+            self.early_stop(val_loss)
+        return self.result()
+
+    def train_epoch(self) -> float:
+        self.train_module.train()
+        order = torch.randperm(len(self.batches), generator=self.generator)[self.rank::self.world_size]
+        order = order[:self.per_rank]
+        total_loss = torch.zeros((), device=self.device)
+        for x_batch, y_batch in self.batches.epoch(order, self.cfg.batch_size):
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                loss = self.loss_fn(self.train_module(x_batch), y_batch)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             total_loss += loss.detach() * len(y_batch)   # stays on device: no sync per step
-        train_loss = (total_loss / per_rank).item()    # one sync per epoch
+        return (total_loss / self.per_rank).item()    # one sync per epoch
 
-        # --- validate (every rank on the full split, so all reach the same stop decision) ---
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(x_val).float()
-        val_loss = loss_fn(logits, y_val).item()
-        val_accuracy = (logits.argmax(1) == y_val).float().mean().item()
-        metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
-                   "epoch_seconds": time.perf_counter() - epoch_start}
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+    def validate(self) -> tuple[float, float]:
+        """Loss and accuracy on the full validation split (every rank, so all reach the same stop decision)."""
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits = self.model(self.x_val).float()
+        return self.loss_fn(logits, self.y_val).item(), (logits.argmax(1) == self.y_val).float().mean().item()
 
-        # --- early stopping on validation loss -----------------------------------------------
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+    def early_stop(self, val_loss: float) -> None:
+        progress = self.progress
+        if val_loss < progress.best_loss - 1e-6:
+            progress.best_loss, progress.best_epoch, progress.stale = val_loss, progress.epoch, 0
+            progress.best_state = copy.deepcopy(self.model.state_dict())
         else:
-            stale += 1
-            if stale >= cfg.patience:
-                stopped_early = True
-                break
+            progress.stale += 1
+            progress.stopped_early = progress.stale >= self.cfg.patience
 
-    model.load_state_dict(best_state)
-    precision = f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16'} autocast" if use_amp else "fp32"
-    return TrainResult(model=model.to(device="cpu", dtype=torch.float32).eval(), history=history,
-                       best_epoch=best_epoch, stopped_early=stopped_early, world_size=world_size, device=str(device),
-                       precision=precision)
+    def result(self) -> TrainResult:
+        progress = self.progress
+        self.model.load_state_dict(progress.best_state)
+        precision = f"{'bf16' if self.amp_dtype == torch.bfloat16 else 'fp16'} autocast" if self.use_amp else "fp32"
+        return TrainResult(model=self.model.to(device="cpu", dtype=torch.float32).eval(), history=progress.history,
+                           best_epoch=progress.best_epoch, stopped_early=progress.stopped_early,
+                           world_size=self.world_size, device=str(self.device), precision=precision)
 
 
 class _Rows(torch.utils.data.Dataset):
