@@ -37,6 +37,17 @@ class TrainConfig(Strict):
     # DataLoader worker processes reading a training split on disk (models.datasets.DiskArray); 0 reads in the
     # training process. On a GPU runner, 2-4 keep the GPU fed while the next batches are read.
     loader_workers: NonNegativeInt = 0
+    # onecycle: warm up to `lr`, then anneal; it reaches in a few epochs what a constant rate needs many for
+    lr_schedule: Literal["constant", "onecycle"] = "constant"
+    # a checkpoint at each epoch end and, within long epochs, this often: the next attempt resumes from it
+    checkpoint_every_minutes: PositiveFloat = 10.0
+    # SIGTERM (a spot runner's notice, a cancel, the job's time-out): finish the step, checkpoint, exit 75
+    preemption_grace_seconds: PositiveFloat = 30.0
+    # stop at this much training time (over all attempts) with the best weights so far; the report says so
+    max_minutes: PositiveFloat | None = None
+    # stop once validation accuracy cannot reach the absolute accuracy gate, assuming no remaining epoch gains
+    # more than the largest one-epoch gain seen so far (checked from the third epoch on)
+    abort_when_hopeless: bool = False
 
 
 class DeviceConfig(Strict):

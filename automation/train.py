@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from automation.checkpoint import CheckpointDir, PreemptionNotice, Preempted, Saved
 from automation.config import TrainConfig
 from automation.device import CPU, RunnerDevice
 from models.datasets import Splits, is_on_disk
@@ -40,6 +41,11 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"          # "fp32", or the autocast dtype used on CUDA ("bf16 autocast")
     seconds: float = 0.0
+    train_seconds: float = 0.0       # training time over every attempt (this one and those it resumed)
+    resumed_from: tuple[int, int] | None = None   # (epoch, step) of the checkpoint this attempt started from
+    budget_reached: bool = False
+    hopeless: str | None = None
+    checkpoint_seconds: float = 0.0  # spent writing checkpoints in this attempt
 
 
 def seed_everything(seed: int) -> None:
@@ -56,16 +62,19 @@ def resolve_world_size(cfg: TrainConfig, device: RunnerDevice) -> int:
 
 def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
                 device: RunnerDevice = CPU, world_size: int | None = None, backend: str | None = None,
-                on_epoch: EpochCallback | None = None) -> TrainResult:
+                on_epoch: EpochCallback | None = None, checkpoints: CheckpointDir | None = None,
+                notice: PreemptionNotice | None = None, hopeless_below: float | None = None) -> TrainResult:
     """Train `build(**params)` on `splits` on `device`; returns the best-validation-loss weights on the
-    CPU, in fp32: the trained model crosses the device boundary here, once."""
+    CPU, in fp32: the trained model crosses the device boundary here, once. With `checkpoints`, resumes from
+    the newest complete one there and writes new ones (automation/checkpoint.py)."""
     world_size = world_size or resolve_world_size(cfg, device)
     started = time.perf_counter()
     if world_size == 1:
-        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device, on_epoch=on_epoch)
-    else:
+        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device, on_epoch=on_epoch,
+                               checkpoints=checkpoints, notice=notice, hopeless_below=hopeless_below)
+    else:   # a preemption notice reaches this process only: the ranks resume from the last epoch's checkpoint
         result = _train_distributed(build, params, splits, cfg, world_size, device,
-                                    backend or ("nccl" if device.is_cuda else "gloo"))
+                                    backend or ("nccl" if device.is_cuda else "gloo"), checkpoints, hopeless_below)
         if on_epoch is not None:   # ranks run in other processes; replay their history here
             for epoch, metrics in enumerate(result.history, start=1):
                 on_epoch(epoch, metrics)
@@ -74,14 +83,18 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
 
 
 def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
-                  rank: int, world_size: int, runner: RunnerDevice, on_epoch: EpochCallback | None) -> TrainResult:
-    return TrainingLoop(build, params, splits, cfg, rank=rank, world_size=world_size, runner=runner).run(on_epoch)
+                  rank: int, world_size: int, runner: RunnerDevice, on_epoch: EpochCallback | None,
+                  checkpoints: CheckpointDir | None = None, notice: PreemptionNotice | None = None,
+                  hopeless_below: float | None = None) -> TrainResult:
+    loop = TrainingLoop(build, params, splits, cfg, rank=rank, world_size=world_size, runner=runner,
+                        checkpoints=checkpoints, notice=notice, hopeless_below=hopeless_below)
+    return loop.run(on_epoch)
 
 
 @dataclass
 class Progress:
-    """Where training stands between two steps: everything besides the model and optimizer that a resumed
-    run needs to go on exactly as an uninterrupted one would."""
+    """Where training stands between two steps: everything besides the model, optimizer and random state that
+    a resumed run needs to go on exactly as an uninterrupted one would. A checkpoint holds it."""
     epoch: int = 0                       # epochs completed
     best_loss: float = float("inf")
     best_epoch: int = 0
@@ -89,13 +102,33 @@ class Progress:
     stale: int = 0                       # epochs since the validation loss last improved
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    train_seconds: float = 0.0           # over every attempt, up to the last checkpoint or now
+    budget_reached: bool = False         # train.max_minutes ran out
+    hopeless: str | None = None          # why train.abort_when_hopeless stopped it
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_early or self.budget_reached or self.hopeless is not None
+
+
+@dataclass
+class EpochPosition:
+    """Inside an epoch: its batch order and the steps already taken (a checkpoint between two steps)."""
+    order: torch.Tensor
+    step: int = 0
+    total_loss: float = 0.0
 
 
 class TrainingLoop:
-    """One rank's training, in phases: set-up (here), per-epoch train, validate, early-stop."""
+    """One rank's training, in phases: set-up (here), per-epoch train, validate, early-stop, checkpoint.
+
+    With `checkpoints`, it resumes from the newest complete one, checkpoints at each epoch end and every
+    `checkpoint_every_minutes` inside an epoch, and on a preemption notice checkpoints at the next step and
+    raises Preempted. Rank 0 writes; under DDP only at epoch ends."""
 
     def __init__(self, build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
-                 rank: int, world_size: int, runner: RunnerDevice) -> None:
+                 rank: int, world_size: int, runner: RunnerDevice, checkpoints: CheckpointDir | None = None,
+                 notice: PreemptionNotice | None = None, hopeless_below: float | None = None) -> None:
         seed_everything(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         # one GPU per rank under DDP; otherwise the job's device
@@ -118,37 +151,79 @@ class TrainingLoop:
         # every rank draws the same permutation and takes its own stride, as DistributedSampler does
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.per_rank = len(self.batches) // world_size
+        steps_per_epoch = -(-self.per_rank // cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch) \
+            if cfg.lr_schedule == "onecycle" else None
         self.progress = Progress(best_state=copy.deepcopy(model.state_dict()))
+        self.position: EpochPosition | None = None
+        self.checkpoints = checkpoints if rank == 0 or world_size == 1 else None
+        self.notice, self.hopeless_below = notice, hopeless_below
+        self.resumed_from: tuple[int, int] | None = None
+        self.checkpoint_seconds = 0.0
+        latest = checkpoints.latest() if checkpoints is not None else None   # every rank resumes alike
+        if latest is not None:
+            self.load_state(latest)
+        self._clock = self._last_saved = time.monotonic()
 
+    # --- the loop ------------------------------------------------------------------------------
     def run(self, on_epoch: EpochCallback | None = None) -> TrainResult:
         cfg, progress = self.cfg, self.progress
-        while progress.epoch < cfg.epochs and not progress.stopped_early:
+        while progress.epoch < cfg.epochs and not progress.finished:
             epoch_start = time.perf_counter()
             train_loss = self.train_epoch()
             val_loss, val_accuracy = self.validate()
             metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
                        "epoch_seconds": time.perf_counter() - epoch_start}
+            if progress.budget_reached:   # cut short by train.max_minutes: judged as it stands
+                metrics["partial"] = 1.0
             progress.epoch += 1
             progress.history.append(metrics)
             if on_epoch is not None:
                 on_epoch(progress.epoch, metrics)
             self.early_stop(val_loss)
+            self.give_up_if_hopeless()
+            self.save_checkpoint()
         return self.result()
 
     def train_epoch(self) -> float:
+        if self.position is None:
+            order = torch.randperm(len(self.batches), generator=self.generator)[self.rank::self.world_size]
+            self.position = EpochPosition(order[:self.per_rank])
+        position = self.position
         self.train_module.train()
-        order = torch.randperm(len(self.batches), generator=self.generator)[self.rank::self.world_size]
-        order = order[:self.per_rank]
-        total_loss = torch.zeros((), device=self.device)
-        for x_batch, y_batch in self.batches.epoch(order, self.cfg.batch_size):
+        total_loss = torch.full((), position.total_loss, device=self.device)
+        for x_batch, y_batch in self.batches.epoch(position.order, self.cfg.batch_size, position.step):
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 loss = self.loss_fn(self.train_module(x_batch), y_batch)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.scheduler is not None:
+                self.scheduler.step()
             total_loss += loss.detach() * len(y_batch)   # stays on device: no sync per step
+            position.step += 1
+            if self._between_steps(total_loss):
+                break
+        self.position = None
         return (total_loss / self.per_rank).item()    # one sync per epoch
+
+    def _between_steps(self, total_loss: torch.Tensor) -> bool:
+        """After a step: checkpoint when due or preempted (raising Preempted then); True ends the epoch here
+        because train.max_minutes ran out."""
+        if self.checkpoints is not None and self.world_size == 1:
+            preempted = self.notice is not None and self.notice.requested.is_set()
+            if preempted or time.monotonic() - self._last_saved >= self.cfg.checkpoint_every_minutes * 60:
+                self.position.total_loss = float(total_loss)   # type: ignore[union-attr]
+                saved = self.save_checkpoint()
+                if preempted:
+                    raise Preempted(f"preempted at epoch {saved.epoch + 1}, step {saved.step}: checkpointed in "
+                                    f"{saved.seconds:.2f} s; the next attempt resumes there")
+        if self.cfg.max_minutes is not None and self._train_seconds() >= self.cfg.max_minutes * 60:
+            self.progress.budget_reached = True
+            return True
+        return False
 
     def validate(self) -> tuple[float, float]:
         """Loss and accuracy on the full validation split (every rank, so all reach the same stop decision)."""
@@ -166,13 +241,90 @@ class TrainingLoop:
             progress.stale += 1
             progress.stopped_early = progress.stale >= self.cfg.patience
 
+    def give_up_if_hopeless(self) -> None:
+        """train.abort_when_hopeless: the bound assumes no remaining epoch adds more validation accuracy than
+        the largest one-epoch gain so far. It says nothing about a schedule that saves its gains for late."""
+        accuracies = [h["val_accuracy"] for h in self.progress.history]
+        if not self.cfg.abort_when_hopeless or self.hopeless_below is None or len(accuracies) < 3:
+            return
+        best_so_far = np.maximum.accumulate(accuracies)
+        largest_gain = float(max(np.diff(best_so_far).max(), 0.0))
+        remaining = self.cfg.epochs - self.progress.epoch
+        reachable = float(best_so_far[-1]) + remaining * largest_gain
+        if reachable < self.hopeless_below:
+            self.progress.hopeless = (
+                f"after {self.progress.epoch} epochs, validation accuracy {best_so_far[-1]:.2%} plus at most "
+                f"{largest_gain:.2%} per remaining epoch ({remaining}) reaches {reachable:.2%}, under the "
+                f"{self.hopeless_below:.2%} gate")
+
     def result(self) -> TrainResult:
         progress = self.progress
         self.model.load_state_dict(progress.best_state)
         precision = f"{'bf16' if self.amp_dtype == torch.bfloat16 else 'fp16'} autocast" if self.use_amp else "fp32"
         return TrainResult(model=self.model.to(device="cpu", dtype=torch.float32).eval(), history=progress.history,
                            best_epoch=progress.best_epoch, stopped_early=progress.stopped_early,
-                           world_size=self.world_size, device=str(self.device), precision=precision)
+                           world_size=self.world_size, device=str(self.device), precision=precision,
+                           train_seconds=self._train_seconds(), resumed_from=self.resumed_from,
+                           budget_reached=progress.budget_reached, hopeless=progress.hopeless,
+                           checkpoint_seconds=self.checkpoint_seconds)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _train_seconds(self) -> float:
+        now = time.monotonic()
+        self.progress.train_seconds += now - self._clock
+        self._clock = now
+        return self.progress.train_seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        progress = {k: v for k, v in vars(self.progress).items() if k != "best_state"}
+        progress["train_seconds"] = self._train_seconds()
+        position = None if self.position is None else {
+            "order": self.position.order, "step": self.position.step, "total_loss": self.position.total_loss}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "best_state": self.progress.best_state, "progress": progress,
+                "position": position, "rng": _random_state(self.generator, self.device)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(best_state=state["best_state"], **state["progress"])
+        position = state["position"]
+        self.position = None if position is None else EpochPosition(position["order"], int(position["step"]),
+                                                                     float(position["total_loss"]))
+        _restore_random_state(state["rng"], self.generator, self.device)
+        self.resumed_from = (self.progress.epoch, self.position.step if self.position else 0)
+
+    def save_checkpoint(self) -> Saved:
+        if self.checkpoints is None:
+            return Saved(Path(), self.progress.epoch, 0, 0.0)
+        saved = self.checkpoints.save(self.state_dict(), self.progress.epoch,
+                                      self.position.step if self.position else 0)
+        self.checkpoint_seconds += saved.seconds
+        self._last_saved = time.monotonic()
+        return saved
+
+
+def _random_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def _restore_random_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -208,16 +360,20 @@ class TrainingBatches:
     def __len__(self) -> int:
         return self.count
 
-    def epoch(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, order: torch.Tensor, batch_size: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch in `order`, after the first `skip` (a resumed epoch)."""
         if not self.streamed:
             order = order.to(self.device)
-            for start in range(0, len(order), batch_size):
+            for start in range(skip * batch_size, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 yield self.x[idx], self.y[idx]
             return
-        chunks = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        chunks = [order[i:i + batch_size].tolist() for i in range(skip * batch_size, len(order), batch_size)]
+        # its own generator: a loader drawing its worker seed from the global one would shift every random
+        # number after it, and a resumed epoch (a loader started mid-way) would not match an uninterrupted one
         loader = torch.utils.data.DataLoader(self.rows, batch_sampler=chunks, collate_fn=_as_batch,
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(len(chunks)))
         for x_batch, y_batch in loader:
             yield x_batch.to(self.device, non_blocking=True), y_batch.to(self.device, non_blocking=True)
 
@@ -233,7 +389,8 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
-                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice) -> None:
+                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice,
+                checkpoints: CheckpointDir | None, hopeless_below: float | None) -> None:
     # the same variables torchrun sets, so init_process_group uses the env:// rendezvous
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -241,11 +398,10 @@ def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
-                               on_epoch=None)
+                               on_epoch=None, checkpoints=checkpoints, hopeless_below=hopeless_below)
         if rank == 0:
-            torch.save({"state_dict": result.model.state_dict(), "history": result.history,
-                        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-                        "device": result.device, "precision": result.precision}, out)
+            fields = {k: v for k, v in vars(result).items() if k not in ("model", "world_size", "seconds")}
+            torch.save({"state_dict": result.model.state_dict(), **fields}, out)
         # ranks tear the group down together: one leaving while its peer still works aborted gloo
         # ("terminate called without an active exception", SIGABRT) now and then
         torch.distributed.barrier()
@@ -254,16 +410,16 @@ def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
 
 
 def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
-                       world_size: int, device: RunnerDevice, backend: str) -> TrainResult:
+                       world_size: int, device: RunnerDevice, backend: str, checkpoints: CheckpointDir | None,
+                       hopeless_below: float | None) -> TrainResult:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         mp.spawn(_ddp_worker, nprocs=world_size, join=True,
-                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg, device))
+                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg, device, checkpoints,
+                       hopeless_below))
         saved = torch.load(out, weights_only=False)
     model = build(**params)
-    model.load_state_dict(saved["state_dict"])
-    return TrainResult(model=model.eval(), history=saved["history"], best_epoch=saved["best_epoch"],
-                       stopped_early=saved["stopped_early"], world_size=world_size, device=saved["device"],
-                       precision=saved["precision"])
+    model.load_state_dict(saved.pop("state_dict"))
+    return TrainResult(model=model.eval(), world_size=world_size, **saved)

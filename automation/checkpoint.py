@@ -1,0 +1,163 @@
+"""Checkpoints that the next attempt of the same job resumes from, and the preemption notice (SIGTERM).
+
+A checkpoint is one `torch.save` file plus a sidecar holding its SHA-256, each written to a temporary name,
+flushed and renamed: a reader sees a whole checkpoint or none, and a file whose digest does not match (a torn
+copy, a full disk) is passed over for the one before it. Only tensors and plain values go in, so reading one
+back uses `torch.load(weights_only=True)` and runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from automation.errors import MlgateError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+KEEP = 2   # the newest and the one before: a torn newest still leaves a whole one
+
+
+class Preempted(MlgateError):
+    """The runner is going away (SIGTERM, a cancel, the job's time-out): the job checkpointed and stopped.
+    The service requeues it as `preempted`; the next attempt resumes from the checkpoint."""
+
+    exit_code = 75   # EX_TEMPFAIL: try again later
+
+
+@dataclass(frozen=True)
+class Saved:
+    path: Path
+    epoch: int
+    step: int
+    seconds: float   # how long writing it took
+
+
+class CheckpointDir:
+    """A job's checkpoints in one folder: `ckpt-<epoch>-<step>.pt` and `….pt.json` (digest, size, position)."""
+
+    def __init__(self, folder: Path, keep: int = KEEP) -> None:
+        self.folder, self.keep = Path(folder), keep
+
+    def save(self, state: dict[str, Any], epoch: int, step: int) -> Saved:
+        import torch
+
+        started = time.perf_counter()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, **state}, buffer)
+        data = buffer.getvalue()
+        path = self.folder / f"ckpt-{epoch:05d}-{step:07d}.pt"
+        _write_atomically(path, data)
+        sidecar = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "epoch": epoch, "step": step}
+        _write_atomically(path.with_name(path.name + ".json"), json.dumps(sidecar).encode())
+        self._prune()
+        return Saved(path, epoch, step, time.perf_counter() - started)
+
+    def _complete(self) -> list[tuple[tuple[int, int], Path]]:
+        found = []
+        for sidecar in self.folder.glob("ckpt-*.pt.json"):
+            try:
+                meta = json.loads(sidecar.read_text())
+                found.append(((int(meta["epoch"]), int(meta["step"])), sidecar.with_suffix("")))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(found, reverse=True)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint whose bytes match their recorded digest, loaded on the CPU; None if none."""
+        import torch
+
+        if not self.folder.is_dir():
+            return None
+        for _, path in self._complete():
+            try:
+                meta = json.loads(path.with_name(path.name + ".json").read_text())
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                log.warning("checkpoint does not match its digest; passing over it", extra={"checkpoint": path.name})
+                continue
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if state.get("format") != FORMAT:
+                log.warning("checkpoint of another format; passing over it", extra={"checkpoint": path.name})
+                continue
+            return state
+        return None
+
+    def _prune(self) -> None:
+        for _, path in self._complete()[self.keep:]:
+            for stale in (path, path.with_name(path.name + ".json")):
+                stale.unlink(missing_ok=True)
+        for torn in self.folder.glob("*.tmp"):   # a write cut short by an earlier attempt's death
+            torn.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                path.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)   # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+class PreemptionNotice:
+    """SIGTERM asks training to stop at the next step boundary and checkpoint. If that has not happened within
+    `grace_seconds`, the process exits anyway with Preempted's code: the last complete checkpoint stands, a
+    half-written one is never read. Installed only in the main thread (signals are delivered there)."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.requested = threading.Event()
+        self.received_at: float | None = None
+        self._previous: Any = None
+        self._watchdog: threading.Timer | None = None
+
+    def __enter__(self) -> "PreemptionNotice":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            return
+        self.received_at = time.monotonic()
+        self.requested.set()
+        self._watchdog = threading.Timer(self.grace_seconds, self._out_of_time)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _out_of_time(self) -> None:
+        import sys
+
+        print(f"Error: preempted: no checkpoint within the {self.grace_seconds:g} s grace period; the last complete "
+              "one stands", file=sys.stderr, flush=True)
+        os._exit(Preempted.exit_code)

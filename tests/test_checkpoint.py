@@ -1,0 +1,158 @@
+"""Checkpoints and resume inside the training loop: an interrupted run resumed from its checkpoint ends with
+exactly the weights of an uninterrupted one (on the CPU, bit for bit), and only complete checkpoints are read."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from automation.checkpoint import CheckpointDir, Preempted, PreemptionNotice
+from automation.config import TrainConfig
+from automation.train import TrainResult, train_model
+from models import digits_mlp
+from models.datasets import digits
+
+# dropout, a onecycle schedule and several batches per epoch: every random and stateful part is exercised
+CFG = TrainConfig(epochs=4, batch_size=128, lr=0.01, lr_schedule="onecycle", patience=10)
+PARAMS = {"hidden": 32, "dropout": 0.2}
+
+
+class Died(Exception):
+    """Stands in for a SIGKILL: nothing after the raise runs, and nothing is saved on the way out."""
+
+
+def _train(folder: Path | None, *, on_epoch: Any = None, notice: PreemptionNotice | None = None,
+           cfg: TrainConfig = CFG) -> TrainResult:
+    return train_model(digits_mlp.build, PARAMS, digits(seed=0), cfg, on_epoch=on_epoch, notice=notice,
+                       checkpoints=CheckpointDir(folder) if folder else None)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> TrainResult:
+    return _train(None)
+
+
+def test_a_run_killed_after_an_epoch_resumes_there_with_identical_weights(tmp_path: Path,
+                                                                           uninterrupted: TrainResult) -> None:
+    def die_after_two(epoch: int, _metrics: dict[str, float]) -> None:
+        if epoch == 2:
+            raise Died
+
+    with pytest.raises(Died):
+        _train(tmp_path, on_epoch=die_after_two)
+    # epoch 2 ended but the process died before its checkpoint: the newest complete one is epoch 1's
+    assert CheckpointDir(tmp_path).latest()["progress"]["epoch"] == 1
+    trained: list[int] = []
+    resumed = _train(tmp_path, on_epoch=lambda epoch, _m: trained.append(epoch))
+    assert resumed.resumed_from == (1, 0)
+    assert trained == [2, 3, 4]                      # only the remaining epochs
+    _assert_same_weights(resumed.model, uninterrupted.model)
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in uninterrupted.history]
+
+
+def test_a_preemption_notice_mid_epoch_checkpoints_that_step_and_the_resume_matches(
+        tmp_path: Path, uninterrupted: TrainResult) -> None:
+    notice = PreemptionNotice(grace_seconds=30)
+    calls = {"n": 0}
+
+    def notice_at_step_5(module: Any, _inputs: Any) -> None:
+        if not isinstance(module, torch.nn.Sequential):   # the hook sees every submodule; count the model
+            return
+        calls["n"] += 1
+        if calls["n"] == 5:   # 1,257 rows / 128: step 5 of epoch 1 (validation calls come after the epoch)
+            notice.requested.set()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(notice_at_step_5)
+    try:
+        with pytest.raises(Preempted, match="preempted at epoch 1, step 5"):
+            _train(tmp_path, notice=notice)
+    finally:
+        handle.remove()
+    state = CheckpointDir(tmp_path).latest()
+    assert state["progress"]["epoch"] == 0 and state["position"]["step"] == 5
+    resumed = _train(tmp_path)
+    assert resumed.resumed_from == (0, 5)
+    _assert_same_weights(resumed.model, uninterrupted.model)
+
+
+def test_a_torn_or_tampered_checkpoint_is_passed_over_for_the_one_before(tmp_path: Path) -> None:
+    folder = CheckpointDir(tmp_path)
+    folder.save({"value": torch.tensor([1.0])}, epoch=1, step=0)
+    newest = folder.save({"value": torch.tensor([2.0])}, epoch=2, step=0)
+    assert torch.equal(folder.latest()["value"], torch.tensor([2.0]))
+    data = bytearray(newest.path.read_bytes())
+    data[-20] ^= 0xFF                                    # a flipped byte: same size, other digest
+    newest.path.write_bytes(bytes(data))
+    assert torch.equal(folder.latest()["value"], torch.tensor([1.0]))
+    newest.path.write_bytes(bytes(data[:100]))           # cut short
+    assert torch.equal(folder.latest()["value"], torch.tensor([1.0]))
+    (tmp_path / "ckpt-00009-0000000.pt.123.tmp").write_bytes(b"half of a write")   # a death mid-write
+    (tmp_path / "ckpt-00008-0000000.pt").write_bytes(b"no sidecar: never finished")
+    assert torch.equal(folder.latest()["value"], torch.tensor([1.0]))
+    # a pickle that would run code is refused, even with a matching digest
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"format": 1, "run": os.system}, evil / "x.pt")
+    CheckpointDir(evil).save({"fine": torch.tensor(0)}, epoch=1, step=0)
+    (evil / "ckpt-00001-0000000.pt").write_bytes((evil / "x.pt").read_bytes())
+    import hashlib
+    import json
+
+    data = (evil / "ckpt-00001-0000000.pt").read_bytes()
+    (evil / "ckpt-00001-0000000.pt.json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "epoch": 1, "step": 0}))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        CheckpointDir(evil).latest()
+
+
+def test_only_the_newest_two_checkpoints_are_kept(tmp_path: Path) -> None:
+    folder = CheckpointDir(tmp_path)
+    for epoch in range(1, 6):
+        folder.save({"epoch": epoch}, epoch=epoch, step=0)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt-00004-0000000.pt", "ckpt-00005-0000000.pt"]
+
+
+def test_sigterm_sets_the_notice_and_a_missed_grace_period_exits_75(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\n"
+              "from automation.checkpoint import PreemptionNotice\n"
+              "with PreemptionNotice(grace_seconds=0.5) as notice:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    assert notice.requested.wait(5)\n"
+              "    print('noticed', flush=True)\n"
+              "    time.sleep(30)   # never checkpoints: the watchdog ends it\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == Preempted.exit_code == 75
+    assert done.stdout.strip() == "noticed"
+    assert "no checkpoint within the 0.5 s grace period" in done.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_max_minutes_stops_with_the_best_weights_so_far() -> None:
+    budget = TrainConfig(epochs=50, batch_size=64, lr=3e-3, max_minutes=0.0001, patience=50)
+    result = _train(None, cfg=budget)
+    assert result.budget_reached and len(result.history) == 1 and result.history[-1]["partial"] == 1.0
+    assert result.best_epoch == 1
+
+
+def test_abort_when_hopeless_stops_a_run_that_cannot_reach_the_gate() -> None:
+    hopeless = TrainConfig(epochs=30, batch_size=128, lr=1e-5, abort_when_hopeless=True, patience=30)
+    result = train_model(digits_mlp.build, PARAMS, digits(seed=0), hopeless, hopeless_below=0.99)
+    assert result.hopeless is not None and "under the 99.00% gate" in result.hopeless
+    assert len(result.history) == 3
+    reachable = train_model(digits_mlp.build, PARAMS, digits(seed=0), CFG.model_copy(
+        update={"abort_when_hopeless": True}), hopeless_below=0.5)
+    assert reachable.hopeless is None and len(reachable.history) == CFG.epochs
