@@ -126,10 +126,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class PreemptionNotice:
     """SIGTERM asks training to stop at the next step boundary and checkpoint. If that has not happened within
     `grace_seconds`, the process exits anyway with Preempted's code: the last complete checkpoint stands, a
-    half-written one is never read. Installed only in the main thread (signals are delivered there)."""
+    half-written one is never read. Outside training (nothing to checkpoint) it exits at once. Installed only
+    in the main thread (signals are delivered there)."""
 
     def __init__(self, grace_seconds: float) -> None:
         self.grace_seconds = grace_seconds
+        self.training = False   # set by the training loop while it can checkpoint
         self.requested = threading.Event()
         self.received_at: float | None = None
         self._previous: Any = None
@@ -151,13 +153,19 @@ class PreemptionNotice:
             return
         self.received_at = time.monotonic()
         self.requested.set()
+        if not self.training:   # before or after training: the newest checkpoint already holds everything
+            self._exit("preempted outside training: the next attempt resumes from the newest checkpoint")
         self._watchdog = threading.Timer(self.grace_seconds, self._out_of_time)
         self._watchdog.daemon = True
         self._watchdog.start()
 
     def _out_of_time(self) -> None:
+        self._exit(f"preempted: no checkpoint within the {self.grace_seconds:g} s grace period; the last complete "
+                   "one stands")
+
+    @staticmethod
+    def _exit(message: str) -> None:
         import sys
 
-        print(f"Error: preempted: no checkpoint within the {self.grace_seconds:g} s grace period; the last complete "
-              "one stands", file=sys.stderr, flush=True)
+        print(f"Error: {message}", file=sys.stderr, flush=True)
         os._exit(Preempted.exit_code)

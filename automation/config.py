@@ -212,6 +212,9 @@ class ServiceConfig(Strict):
     workers: int = Field(1, ge=0)                  # in-process workers in `mlgate serve` (0: workers run apart)
     max_concurrent_retrains: PositiveInt = 2       # across models; a model never runs two jobs at once
     max_attempts: PositiveInt = 3                  # a job whose worker dies is retried this many times in all
+    # a preempted attempt (SIGTERM: checkpointed, exit 75) is requeued without counting toward max_attempts,
+    # this many times at most
+    max_preemptions: NonNegativeInt = 10
     lease_seconds: PositiveFloat = 60              # a worker that misses heartbeats this long loses its job
     job_timeout_minutes: PositiveFloat = 240       # a job still running after this is stopped and failed
     retention_days: PositiveFloat = 90             # finished jobs, deliveries and drift events older are pruned

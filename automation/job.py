@@ -16,10 +16,8 @@ import io
 import json
 import logging
 import platform
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from automation.config import MlgateConfig, ModelConfig, check_model_module
+from automation.cost import StageTimer
 from automation.device import CPU, RunnerDevice, host_copy, select_device
-from automation.errors import GateFailed, GateStale, MlgateError, StageError, UsageError, failure_reason, one_line
+from automation.errors import GateFailed, GateStale, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
 from automation.redaction import redact_url
 from models.datasets import DataMissing
@@ -69,29 +68,15 @@ class JobRequest:
     export_candidate: Path | None = None
     judge_candidate: Path | None = None
     fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
+    # training resumes from, and checkpoints into, this folder: the same job's next attempt finds it there
+    checkpoint_dir: Path | None = None
+    notice: Any = None                   # checkpoint.PreemptionNotice: SIGTERM checkpoints and stops training
+    # what this job's earlier attempts spent, as the service recorded them: {count, preempted, seconds}
+    earlier_attempts: dict[str, Any] | None = None
 
     @property
     def may_promote(self) -> bool:
         return self.trigger != "pr"   # a PR job evaluates; it never promotes
-
-
-class StageTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        log.info("stage started", extra={"stage": name})
-        start = time.perf_counter()
-        try:
-            yield
-        except MlgateError:
-            raise
-        except Exception as exc:   # name the stage; keep the cause chained for --debug
-            raise StageError(name, one_line(f"{type(exc).__name__}: {exc}", 400)) from exc
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        log.info("stage finished", extra={"stage": name, "seconds": round(self.seconds[name], 3)})
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -130,7 +115,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     for name in _STAGE_MODULES:
         importlib.import_module(f"automation.{name}")
     progress = progress or JobProgress(enabled=False)
-    timer = StageTimer()
+    timer = StageTimer(on_stage=lambda name: progress.record(stage=name))
     spec = config.model(request.model)
     job_dir = config.workdir / "jobs" / request.job_id
     report_dir = config.workdir / "reports" / request.job_id
@@ -138,6 +123,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
     with timer.stage("validate"):
         validated = validate(config, request, spec)
     spec = validated.spec   # with `on_cpu` merged in on a runner without a GPU
+    timer.use_device(validated.runner)
     if request.export_candidate is not None:   # untrusted code: train, hand the artifact over, judge nothing
         return export_job(request, spec, validated, timer)
     with timer.stage("connect"):
@@ -153,7 +139,7 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                 optimized = candidate_stage(request.judge_candidate, validated)
         else:
             with timer.stage("train"):
-                trained = train_stage(request.model, spec, validated, progress)
+                trained = train_stage(request, spec, validated, progress)
             with timer.stage("optimize"):
                 optimized = optimize_stage(config, spec, validated, trained, job_dir)
         with timer.stage("benchmark"):
@@ -173,8 +159,11 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
                                      summary["reports"]["html"])
             summary |= promoted.summary_fields()
         with timer.stage("report"):
+            summary["cost"] = timer.summary(summary["training"], request.earlier_attempts)
             report_stage(summary, dict(timer.seconds), optimized.variants, benchmarked.production, report_dir,
                          validated.raw.x_test)
+        summary["cost"] = timer.summary(summary["training"], request.earlier_attempts)   # the report stage too
+        log_cost(summary["cost"])
         publish_summary(summary, dict(timer.seconds), report_dir)
 
     return conclude(request, summary, verdict, promoted)
@@ -276,21 +265,47 @@ def log_run_inputs(request: JobRequest, spec: ModelConfig, validated: Validated)
 
 # --- train ------------------------------------------------------------------------------------------------------
 
-def train_stage(model: str, spec: ModelConfig, validated: Validated, progress: JobProgress) -> TrainResult:
+def train_stage(request: JobRequest, spec: ModelConfig, validated: Validated, progress: JobProgress) -> TrainResult:
     """Train on the job's device, logging each epoch's metrics as it ends: the run's curves fill in live."""
     import mlflow
 
     from automation import train
 
-    with progress.task(f"train {model}", spec.train.epochs) as advance:
+    epochs = spec.train.epochs
+    with progress.task(f"train {request.model}", epochs) as advance:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
             advance(1)
+            seconds = metrics.get("epoch_seconds", 0.0)
+            progress.record(stage="train", epoch=epoch, epochs=epochs, val_accuracy=metrics["val_accuracy"],
+                            val_loss=metrics["val_loss"], eta_seconds=round(seconds * (epochs - epoch), 1))
 
         trained = train.train_model(validated.build, spec.params, validated.splits, spec.train,
-                                    device=validated.runner, on_epoch=on_epoch)
+                                    device=validated.runner, on_epoch=on_epoch, **training_options(request, spec))
+        if trained.resumed_from is not None:   # the epochs an earlier attempt trained, into this attempt's run
+            for epoch, metrics in enumerate(trained.history[:trained.resumed_from[0]], start=1):
+                mlflow.log_metrics(metrics, step=epoch)
         mlflow.log_metrics({"best_epoch": trained.best_epoch, "train_seconds": trained.seconds})
     return trained
+
+
+def training_options(request: JobRequest, spec: ModelConfig) -> dict[str, Any]:
+    """Checkpoints, the preemption notice and the hopeless bound's gate, as train_model takes them."""
+    from automation.checkpoint import CheckpointDir
+
+    return {"checkpoints": CheckpointDir(request.checkpoint_dir) if request.checkpoint_dir else None,
+            "notice": request.notice, "hopeless_below": spec.gates.absolute.min_accuracy}
+
+
+def training_summary(trained: TrainResult) -> dict[str, Any]:
+    return {"history": trained.history, "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
+            "world_size": trained.world_size, "device": trained.device, "precision": trained.precision,
+            "seconds": trained.seconds, "train_seconds": trained.train_seconds,
+            "resumed_from": None if trained.resumed_from is None else
+            {"epoch": trained.resumed_from[0], "step": trained.resumed_from[1]},
+            "budget_reached": trained.budget_reached, "hopeless": trained.hopeless,
+            "checkpoint_seconds": trained.checkpoint_seconds, "epochs_this_attempt": trained.epochs_this_attempt,
+            "resumed_seconds": trained.resumed_seconds}
 
 
 # --- an untrusted PR's two halves: export a candidate (its code), judge the candidate (the service's code) --------
@@ -303,13 +318,14 @@ def export_job(request: JobRequest, spec: ModelConfig, validated: Validated, tim
 
     splits = validated.splits
     with timer.stage("train"):
-        trained = train.train_model(validated.build, spec.params, splits, spec.train, device=validated.runner)
+        trained = train.train_model(validated.build, spec.params, splits, spec.train, device=validated.runner,
+                                    **training_options(request, spec))
     with timer.stage("export candidate"):
         folder = export_candidate(trained.model, splits.input_shape, splits.x_test.dtype, splits.classes,
                                   validated.encoder, request.export_candidate)   # type: ignore[arg-type]
     return {"job_id": request.job_id, "model": request.model, "trigger": request.trigger, "sha": request.sha,
             "candidate": str(folder), "timings": dict(timer.seconds),
-            "training": {"best_epoch": trained.best_epoch, "seconds": trained.seconds, "device": trained.device}}
+            "training": training_summary(trained)}
 
 
 def candidate_stage(folder: Path, validated: Validated) -> Optimized:
@@ -579,10 +595,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
         "cross_device": None if cross_device is None else cross_device.as_dict(),
         "timed_region": TIMED_REGION,
         "variants": [v.summary() for v in optimized.variants],
-        "training": None if trained is None else {
-            "history": trained.history, "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
-            "world_size": trained.world_size, "device": trained.device, "precision": trained.precision,
-            "seconds": trained.seconds},
+        "training": None if trained is None else training_summary(trained),
         "judged": None if request.judge_candidate is None else {
             "by": "the service's own mlgate", "artifact": "ONNX (runs no code when loaded)",
             "test_split": "the base branch's", "gates": "the base branch's mlgate.yaml"},
@@ -641,6 +654,15 @@ def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, ve
 
 
 # --- report -----------------------------------------------------------------------------------------------------
+
+def log_cost(cost: dict[str, Any]) -> None:
+    import mlflow
+
+    values = {"cost_wall_seconds": cost["wall_seconds"], "cost_cpu_seconds": cost["cpu_seconds"]}
+    gpu = cost.get("gpu") or {}
+    values |= {f"cost_gpu_{k}": v for k, v in gpu.items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(values)
+
 
 def report_stage(summary: dict[str, Any], timings: dict[str, float], variants: list[Variant],
                  production: dict[str, Any] | None, report_dir: Path, test_inputs: Any = None) -> None:

@@ -356,6 +356,7 @@ def _cost_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("- Stage times: " + " · ".join(f"{_text(name, 20)} {t:.1f} s" for name, t in timings.items())
                      + f"; outside training {outside:.1f} s" + (" (so far: the report's own time is in report.json)"
                                                                if "report" not in timings else "") + ".")
+    lines += _spend_lines(summary.get("cost"))
     variants = _shown_variants(summary)
     for v in variants:
         if v["skipped"] and v["skipped"].startswith("cannot win"):
@@ -385,6 +386,34 @@ def _cost_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"- Variants were built one after another: the compilers (inductor, AOTInductor's C++ build) "
                  f"already use every core ({os.cpu_count() or '?'} on the machine that wrote this report), so "
                  "parallel builds would contend for them and disturb each other's warm-up timing.")
+    return lines
+
+
+def _spend_lines(cost: dict[str, Any] | None) -> list[str]:
+    """CPU and GPU time, GPU energy and memory, and what preemption cost and a resume saved."""
+    if not cost:
+        return []
+    stages = cost.get("stages") or {}
+    lines = [f"- CPU time: {_num(cost.get('cpu_seconds'), '.1f')} s over {_num(cost.get('wall_seconds'), '.1f')} s "
+             "wall (" + " · ".join(f"{_text(name, 20)} {_num(c.get('cpu_seconds'), '.1f')} s"
+                                   for name, c in stages.items()) + ")."]
+    gpu = cost.get("gpu")
+    if gpu:
+        energy = "not counted by this driver" if gpu.get("energy_joules") is None else \
+            f"{gpu['energy_joules'] / 1000:.2f} kJ (the whole GPU's counter)"
+        lines.append(f"- GPU `{_text(gpu.get('device'), 60)}`: {_num(gpu.get('seconds'), '.1f')} GPU-seconds, "
+                     f"energy {energy}, peak memory {_num(gpu.get('peak_memory_mb'), '.0f')} MB (PyTorch's "
+                     "allocations).")
+    else:
+        lines.append(f"- GPU: none ({_text(cost.get('gpu_absent') or 'absent')}).")
+    resume = cost.get("resume") or {}
+    if resume.get("earlier_attempts") or resume.get("resumed_from"):
+        start = resume.get("resumed_from") or {}
+        lines.append(f"- Attempts before this one: {resume.get('earlier_attempts', 0)} "
+                     f"({resume.get('preempted_attempts', 0)} preempted), lost "
+                     f"{_num(resume.get('lost_seconds'), '.1f')} s; this attempt resumed at epoch "
+                     f"{start.get('epoch', 0)}, step {start.get('step', 0)}, which saved "
+                     f"{_num(resume.get('saved_seconds'), '.1f')} s of training.")
     return lines
 
 
@@ -420,6 +449,14 @@ def _training(summary: dict[str, Any], flavor: Flavor) -> list[str]:
              + (" (early stop)" if training["stopped_early"] else "")
              + f", {training['seconds']:.1f} s on {training['device']} × {training['world_size']}"
              + f", {training.get('precision', 'fp32')}.", ""]
+    if training.get("resumed_from"):
+        lines[-1:-1] = [f"Resumed from a checkpoint at epoch {training['resumed_from']['epoch']}, step "
+                        f"{training['resumed_from']['step']}: an earlier attempt trained that far."]
+    if training.get("budget_reached"):
+        lines[-1:-1] = ["**Stopped at the training budget** (train.max_minutes): the best weights so far are what "
+                        "was judged; the last epoch was cut short."]
+    if training.get("hopeless"):
+        lines[-1:-1] = [f"**Stopped as hopeless** (train.abort_when_hopeless): {_text(training['hopeless'], 300)}."]
     if not flavor.html:     # the page has the same curves as PNGs
         lines += [mermaid_line_chart("Loss per epoch (train, validation)", "epoch", "loss",
                                      {"train": [h["train_loss"] for h in history],

@@ -46,6 +46,8 @@ class TrainResult:
     budget_reached: bool = False
     hopeless: str | None = None
     checkpoint_seconds: float = 0.0  # spent writing checkpoints in this attempt
+    epochs_this_attempt: int = 0     # trained (or finished, when resumed mid-epoch) by this attempt
+    resumed_seconds: float = 0.0     # the training time the checkpoint held: what resuming saved
 
 
 def seed_everything(seed: int) -> None:
@@ -160,7 +162,9 @@ class TrainingLoop:
         self.checkpoints = checkpoints if rank == 0 or world_size == 1 else None
         self.notice, self.hopeless_below = notice, hopeless_below
         self.resumed_from: tuple[int, int] | None = None
+        self.resumed_seconds = 0.0
         self.checkpoint_seconds = 0.0
+        self.epochs_run = 0   # by this attempt
         latest = checkpoints.latest() if checkpoints is not None else None   # every rank resumes alike
         if latest is not None:
             self.load_state(latest)
@@ -168,6 +172,15 @@ class TrainingLoop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, on_epoch: EpochCallback | None = None) -> TrainResult:
+        if self.notice is not None:
+            self.notice.training = self.checkpoints is not None and self.world_size == 1
+        try:
+            return self._run(on_epoch)
+        finally:
+            if self.notice is not None:
+                self.notice.training = False
+
+    def _run(self, on_epoch: EpochCallback | None) -> TrainResult:
         cfg, progress = self.cfg, self.progress
         while progress.epoch < cfg.epochs and not progress.finished:
             epoch_start = time.perf_counter()
@@ -178,6 +191,7 @@ class TrainingLoop:
             if progress.budget_reached:   # cut short by train.max_minutes: judged as it stands
                 metrics["partial"] = 1.0
             progress.epoch += 1
+            self.epochs_run += 1
             progress.history.append(metrics)
             if on_epoch is not None:
                 on_epoch(progress.epoch, metrics)
@@ -266,7 +280,8 @@ class TrainingLoop:
                            world_size=self.world_size, device=str(self.device), precision=precision,
                            train_seconds=self._train_seconds(), resumed_from=self.resumed_from,
                            budget_reached=progress.budget_reached, hopeless=progress.hopeless,
-                           checkpoint_seconds=self.checkpoint_seconds)
+                           checkpoint_seconds=self.checkpoint_seconds, epochs_this_attempt=self.epochs_run,
+                           resumed_seconds=self.resumed_seconds)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _train_seconds(self) -> float:
@@ -297,6 +312,7 @@ class TrainingLoop:
                                                                      float(position["total_loss"]))
         _restore_random_state(state["rng"], self.generator, self.device)
         self.resumed_from = (self.progress.epoch, self.position.step if self.position else 0)
+        self.resumed_seconds = self.progress.train_seconds   # training this attempt does not redo
 
     def save_checkpoint(self) -> Saved:
         if self.checkpoints is None:

@@ -126,19 +126,26 @@ def test_sigterm_sets_the_notice_and_a_missed_grace_period_exits_75(tmp_path: Pa
     import subprocess
     import sys
 
-    script = ("import os, signal, time\n"
-              "from automation.checkpoint import PreemptionNotice\n"
-              "with PreemptionNotice(grace_seconds=0.5) as notice:\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    assert notice.requested.wait(5)\n"
-              "    print('noticed', flush=True)\n"
-              "    time.sleep(30)   # never checkpoints: the watchdog ends it\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == Preempted.exit_code == 75
-    assert done.stdout.strip() == "noticed"
-    assert "no checkpoint within the 0.5 s grace period" in done.stderr
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    def run(training: bool) -> subprocess.CompletedProcess:
+        script = ("import os, signal, time\n"
+                  "from automation.checkpoint import PreemptionNotice\n"
+                  "with PreemptionNotice(grace_seconds=0.5) as notice:\n"
+                  f"    notice.training = {training}\n"
+                  "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "    assert notice.requested.wait(5)\n"
+                  "    print('noticed', flush=True)\n"
+                  "    time.sleep(30)   # never checkpoints: the watchdog ends it\n")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).parents[1])
+
+    in_training = run(True)
+    assert in_training.returncode == Preempted.exit_code == 75
+    assert in_training.stdout.strip() == "noticed"
+    assert "no checkpoint within the 0.5 s grace period" in in_training.stderr
+    outside = run(False)   # nothing to checkpoint: it goes at once, without waiting out the grace period
+    assert outside.returncode == 75 and outside.stdout == ""
+    assert "preempted outside training" in outside.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # this process's handler was never touched
 
 
 def test_max_minutes_stops_with_the_best_weights_so_far() -> None:

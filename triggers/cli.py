@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--attempt", type=int, help="the queue's attempt number for --job-id: promotion is fenced "
                      "to it (refused once the attempt lost its lease); set by the service's local executor")
     run.add_argument("--extra-train", help="npz with x, y appended to the training split (drift retrain)")
+    run.add_argument("--checkpoint-dir", metavar="DIR", help="resume training from the newest checkpoint here and "
+                     "write new ones (default with --job-id: <workdir>/jobs/<job-id>/checkpoints). SIGTERM "
+                     "checkpoints and exits 75, for the next attempt to resume")
+    run.add_argument("--earlier-attempts", metavar="COUNT,PREEMPTED,SECONDS", help=argparse.SUPPRESS)   # the service's
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job, "
                      "with the job's credential MLGATE_RESULT_TOKEN; a PR job also gets production from there. "
@@ -152,7 +156,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summaries, code = _run_jobs(config, args, names)
     except Exception as exc:
         if args.report_to:   # the service must learn that the job ended, whatever ended it
-            _report_back(args, 1, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _report_back(args, getattr(exc, "exit_code", 1), None,   # 75: preempted, to be resumed
+                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     if args.report_to:
         _report_back(args, code, summaries[0] if summaries else None, None)
@@ -162,9 +167,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[list[dict[str, Any]], int]:
+    from automation.checkpoint import Preempted, PreemptionNotice
     from automation.errors import GateFailed, MlgateError
     from automation.job import JobRequest, run_job
-    from automation.progress import JobProgress
+    from automation.progress import PROGRESS_FILE, JobProgress
     from triggers.github.reporter import GitHubReporter
 
     # an exported candidate is judged elsewhere: the untrusted half reports nothing
@@ -183,10 +189,17 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
 
         fence = lease_fence(args.job_id, args.attempt)
     summaries, code = [], EXIT_OK
-    with JobProgress(enabled=None if not args.json else False) as progress:
+    checkpoints = Path(args.checkpoint_dir).resolve() if args.checkpoint_dir else \
+        config.workdir / "jobs" / args.job_id / "checkpoints" if args.job_id else None
+    grace = max(config.model(name).train.preemption_grace_seconds for name in names)
+    record_to = config.workdir / "jobs" / args.job_id / PROGRESS_FILE if args.job_id else None
+    with JobProgress(enabled=None if not args.json else False, record_to=record_to) as progress, \
+            PreemptionNotice(grace) as notice:
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
-                                 fresh_data=fresh_data, production_dir=production_dir, fence=fence,
+                                 fresh_data=fresh_data, production_dir=production_dir, fence=fence, notice=notice,
+                                 earlier_attempts=_earlier_attempts(args.earlier_attempts),
+                                 checkpoint_dir=checkpoints / name if checkpoints and len(names) > 1 else checkpoints,
                                  export_candidate=Path(args.export_candidate).resolve() if args.export_candidate
                                  else None, judge_candidate=Path(args.judge).resolve() if args.judge else None,
                                  **({"job_id": args.job_id} if args.job_id else {}))
@@ -197,6 +210,8 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
             except GateFailed as exc:
                 print(exc.format(), file=sys.stderr)
                 summary, code = exc.summary or {}, exc.exit_code   # 3 gate failed, 4 production moved meanwhile
+            except Preempted:
+                raise   # not an end: the next attempt resumes, and reports
             except MlgateError as exc:
                 if reporter:
                     _warn_github(reporter.final_status(name, args.sha, "error", str(exc)))
@@ -208,6 +223,19 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
             if not args.json and summary:
                 _print_human(summary)
     return summaries, code
+
+
+def _earlier_attempts(value: str | None) -> dict[str, Any] | None:
+    """`COUNT,PREEMPTED,SECONDS`: what the attempts before this one spent, for the cost section."""
+    from automation.errors import UsageError
+
+    if not value:
+        return None
+    try:
+        count, preempted, seconds = value.split(",")
+        return {"count": int(count), "preempted": int(preempted), "seconds": float(seconds)}
+    except ValueError:
+        raise UsageError(f"--earlier-attempts is COUNT,PREEMPTED,SECONDS, not {value[:40]!r}") from None
 
 
 def _warn_github(outcomes: dict[str, str]) -> None:

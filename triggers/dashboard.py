@@ -28,7 +28,8 @@ DASHBOARD_HTML = """<!doctype html>
 <div id="models" class="cards"></div>
 <h2>Jobs</h2>
 <table id="jobs"><thead><tr><th>job</th><th>model</th><th>kind</th><th>trigger</th><th>commit / PR</th>
-<th>state</th><th>attempts</th><th>created</th><th>version</th><th>report</th></tr></thead><tbody></tbody></table>
+<th>state</th><th>progress</th><th>attempts</th><th>created</th><th>version</th><th>report</th></tr></thead>
+<tbody></tbody></table>
 <h2>Webhook deliveries</h2>
 <table id="deliveries"><thead><tr><th>delivery</th><th>event</th><th>status</th><th>reason</th><th>jobs</th></tr></thead>
 <tbody></tbody></table>
@@ -93,7 +94,7 @@ function modelCard(m) {
     (p.job_id ? " (job " + p.job_id + ")" : "") + ": " + p.reason : "never promoted";
   const table = document.createElement("table"); table.className = "model-jobs";
   const head = table.createTHead().insertRow();
-  for (const h of ["job", "trigger", "state", "gate", "version", "report"]) cell(head, h);
+  for (const h of ["job", "trigger", "state", "gate", "version", "cost", "report"]) cell(head, h);
   const body = table.createTBody();
   for (const j of m.jobs) {
     const row = body.insertRow(); row.dataset.job = j.id;
@@ -102,6 +103,7 @@ function modelCard(m) {
     badge.className = "state " + j.state; badge.textContent = j.state; s.append(badge);
     cell(row, j.gate ? (j.gate.passed ? "passed" : "failed: " + j.gate.failed.join(", ")) : (j.error || ""));
     cell(row, j.version);
+    cell(row, costText(j.cost), "cost");
     const r = cell(row, "");
     if (j.report) { const a = document.createElement("a"); a.href = "/reports/" + j.id; a.textContent = "report";
       r.append(a); }
@@ -124,6 +126,27 @@ function modelCard(m) {
   }
   card.append(title, who, roll, table, charts); return card;
 }
+function costText(c) {
+  if (!c || c.wall_seconds == null) return "";
+  return Math.round(c.wall_seconds) + " s" + (c.gpu_seconds == null ? " (CPU " + Math.round(c.cpu_seconds) + " s)" :
+    ", GPU " + Math.round(c.gpu_seconds) + " s" + (c.gpu_energy_joules == null ? "" :
+    ", " + (c.gpu_energy_joules / 1000).toFixed(1) + " kJ"));
+}
+// a running job's stage, epoch k/N as a bar, its validation accuracy and the time left at the last epoch's pace
+function progressCell(row, p) {
+  const td = cell(row, "");
+  if (!p) return;
+  td.className = "progress"; td.dataset.stage = p.stage || "";
+  if (p.stage === "train" && p.epochs) {
+    const bar = document.createElement("progress"); bar.max = p.epochs; bar.value = p.epoch || 0;
+    td.append(bar);
+  }
+  const text = document.createElement("span");
+  text.textContent = (p.stage || "") + (p.epochs ? " " + (p.epoch || 0) + "/" + p.epochs : "") +
+    (p.val_accuracy == null ? "" : ", val acc " + Number(p.val_accuracy).toFixed(3)) +
+    (p.eta_seconds == null || p.stage !== "train" ? "" : ", ETA " + Math.round(p.eta_seconds) + " s");
+  td.append(" ", text);
+}
 function liveText(live) {
   if (!live) return "";
   const l = live.latency || {}, a = live.accuracy;
@@ -144,6 +167,7 @@ async function refresh() {
       const s = cell(row, ""); const badge = document.createElement("span");
       badge.className = "state " + j.state; badge.textContent = j.state; s.append(badge);
       if (j.error) s.title = j.error;
+      progressCell(row, j.progress);
       cell(row, j.attempts); cell(row, (j.created_at || "").replace("T", " ").slice(0, 19)); cell(row, j.version);
       const r = cell(row, "");
       if (j.report_path) { const a = document.createElement("a"); a.href = "/reports/" + j.id;

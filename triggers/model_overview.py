@@ -37,6 +37,15 @@ def _verdict(summary: dict[str, Any] | None) -> dict[str, Any] | None:
             "failed": [c.get("name") for c in checks if c.get("status") == "failed"]}
 
 
+def _cost(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    cost = (summary or {}).get("cost")
+    if not isinstance(cost, dict):
+        return None
+    gpu = cost.get("gpu") if isinstance(cost.get("gpu"), dict) else {}
+    return {"wall_seconds": cost.get("wall_seconds"), "cpu_seconds": cost.get("cpu_seconds"),
+            "gpu_seconds": gpu.get("seconds"), "gpu_energy_joules": gpu.get("energy_joules")}
+
+
 def model_overview(engine: Engine, config: MlgateConfig, model: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     with Session(engine) as session:
         recent = list(session.scalars(select(Job).where(Job.model == model)
@@ -48,7 +57,7 @@ def model_overview(engine: Engine, config: MlgateConfig, model: str, history: li
         summary = _summary(config, job.id) if job.state in ("succeeded", "gate_failed", "gate_stale") else None
         jobs.append({"id": job.id, "state": job.state, "trigger": job.trigger, "sha": job.sha, "pr": job.pr,
                      "version": job.version, "created_at": job.as_dict()["created_at"], "error": job.error,
-                     "report": job.report_path is not None, "gate": _verdict(summary)})
+                     "report": job.report_path is not None, "gate": _verdict(summary), "cost": _cost(summary)})
     versions = []
     for job in registered:
         summary = _summary(config, job.id)

@@ -45,7 +45,7 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
     from triggers.jobs.executors import GitHubExecutor, LocalExecutor
 
     if config.service.executor == "local":
-        return LocalExecutor(config, config_path)
+        return LocalExecutor(config, config_path, engine)
     repository = os.environ.get("GITHUB_REPOSITORY")
     if not repository or not os.environ.get("GITHUB_TOKEN"):
         raise UsageError("service.executor is 'github' but GITHUB_REPOSITORY or GITHUB_TOKEN is not set",

@@ -23,11 +23,15 @@ from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
 from triggers.github.job_status import keep_summary
+from automation.checkpoint import Preempted
+from automation.progress import PROGRESS_FILE, ProgressFile
+from triggers.jobs import queue
 from triggers.jobs.queue import Job, get_job
 
 log = logging.getLogger(__name__)
 
-EXIT_STATES = {0: "succeeded", 3: "gate_failed", 4: "gate_stale"}   # anything else is "failed" (triggers.cli)
+# anything else is "failed" (triggers.cli); 75: checkpointed and stopped (automation/checkpoint.Preempted)
+EXIT_STATES = {0: "succeeded", 3: "gate_failed", 4: "gate_stale", 75: "preempted"}
 
 
 @dataclass
@@ -46,16 +50,20 @@ def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: 
     state = EXIT_STATES.get(exit_code, "failed")
     # the report is never located by a path the job names: the service keeps it under its own workdir
     fields = {"run_id": summary.get("run_id"), "version": summary.get("version")}
-    if state == "failed":
+    if state in ("failed", "preempted"):
         fields["error"] = (error or f"exit code {exit_code}")[:2000]
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
-def run_arguments(job: Job, sha: str | None = None) -> list[str]:
+def run_arguments(job: Job, sha: str | None = None, engine: Engine | None = None) -> list[str]:
     """`mlgate run` arguments for a job record run by the local executor: `--attempt` fences its
     promotion to this attempt's lease, in the job database it shares with the service."""
     args = ["--model", job.model, "--trigger", job.trigger if job.trigger in ("push", "pr", "drift") else "manual",
             "--job-id", job.id, "--attempt", str(job.attempts)]
+    earlier = [a for a in queue.attempts(engine, job.id) if a.attempt < job.attempts] if engine is not None else []
+    if earlier:
+        seconds = sum(a.as_dict()["seconds"] or 0.0 for a in earlier)
+        args += ["--earlier-attempts", f"{len(earlier)},{sum(a.state == 'preempted' for a in earlier)},{seconds:.1f}"]
     if sha or job.sha:
         args += ["--sha", sha or job.sha]
     if job.pr is not None and job.trigger == "pr":
@@ -78,9 +86,19 @@ class LocalExecutor:
     artifact, in a second sandbox, with the base branch's test split and gates (automation/candidate.py).
     """
 
-    def __init__(self, config: MlgateConfig, config_path: str | None) -> None:
+    def __init__(self, config: MlgateConfig, config_path: str | None, engine: Engine | None = None) -> None:
         self.config, self.config_path = config, config_path
         self._store_ready = False
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        """The job database, where a running job's progress goes."""
+        if self._engine is None:
+            from automation import store
+
+            self._engine = store.open_store(store.database_url(self.config.workdir))
+        return self._engine
 
     def _prepare_store(self) -> None:
         """Create (migrate) the MLflow store here, once, before any job: a job killed while MLflow migrates
@@ -100,7 +118,7 @@ class LocalExecutor:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         config_file = Path(self.config_path or "mlgate.yaml").resolve()
         if self.config.service.checkout == "in_place":
-            return self._run_in(config_file.parent, config_file, job, job.sha, log_path, lost)
+            return self._ended(job, self._run_in(config_file.parent, config_file, job, job.sha, log_path, lost))
         try:
             repo = repository_root(config_file.parent)
             sha = resolve_commit(repo, job.sha, self.config.service.branch)
@@ -110,6 +128,11 @@ class LocalExecutor:
             return Outcome("failed", {"error": str(exc)[:2000]})
         if outcome is not None:
             outcome.fields["sha"] = sha   # what ran, also for jobs that named no commit
+        return self._ended(job, outcome)
+
+    def _ended(self, job: Job, outcome: Outcome | None) -> Outcome | None:
+        if outcome is not None and outcome.state != "preempted":   # ended: no attempt will resume from them
+            shutil.rmtree(self.config.workdir / "jobs" / job.id / "checkpoints", ignore_errors=True)
         return outcome
 
     def _run_in(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
@@ -121,7 +144,7 @@ class LocalExecutor:
         workdir = self.config.workdir   # the service's registry, job DB and reports
         env = job_environment(True, self.config.service.job_env, {"MLGATE_WORKDIR": str(workdir)})
         command = [sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run",
-                   *run_arguments(job, sha), "--json"]
+                   *run_arguments(job, sha, self.engine), "--json"]
         return self._launch(command, tree, env, job, sha, log_path, lost, workdir)
 
     def _run_pr(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
@@ -136,11 +159,11 @@ class LocalExecutor:
         workdir = self._isolate(job)
         snapshot = workdir / "production-snapshot"
         try:
-            args = [*run_arguments(job, sha), "--production-dir", str(snapshot), "--json"]
+            args = [*run_arguments(job, sha, self.engine), "--production-dir", str(snapshot), "--json"]
             if json.loads(job.payload or "{}").get("author_writes") is True:
                 return self._sandboxed(tree, config_file, args, [snapshot], workdir / "run", job, sha, log_path, lost)
             candidate = workdir / "build" / "candidate"
-            built = self._sandboxed(tree, config_file, [*run_arguments(job, sha), "--export-candidate",
+            built = self._sandboxed(tree, config_file, [*run_arguments(job, sha, self.engine), "--export-candidate",
                                                         str(candidate), "--json"], [], workdir / "build", job, sha,
                                     log_path, lost)
             if built is None or built.state != "succeeded":
@@ -212,11 +235,15 @@ class LocalExecutor:
             stdout: list[bytes] = []
             reader = threading.Thread(target=lambda: stdout.extend(process.stdout), daemon=True)   # type: ignore[arg-type]
             reader.start()
+            progress = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE)
             while process.poll() is None:
                 if lost.wait(0.5):
-                    process.kill()
-                    log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
-                    return None
+                    if self._stop(process, job) != Preempted.exit_code:
+                        log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
+                        return None
+                    break   # it checkpointed: the worker requeues it (if it is still this worker's)
+                if (update := progress.changed()) is not None:
+                    queue.record_progress(self.engine, job.id, job.attempts, update)
             reader.join(10)
         lines = b"".join(stdout).decode(errors="replace").strip().splitlines()
         with open(log_path, "ab") as sink:
@@ -232,6 +259,19 @@ class LocalExecutor:
         if report.is_file():
             outcome.fields["report_path"] = str(report)
         return outcome
+
+
+    def _stop(self, process: subprocess.Popen, job: Job) -> int:
+        """Cancelled, timed out, lost or preempted: SIGTERM, as a spot notice would, so training checkpoints;
+        SIGKILL once the model's grace period (and a margin) has passed. Returns the exit code."""
+        grace = self.config.model(job.model).train.preemption_grace_seconds if job.model in self.config.models \
+            else 30.0
+        process.terminate()
+        try:
+            return process.wait(grace + 10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
 
 
 def _die_with_parent() -> None:

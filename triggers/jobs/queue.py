@@ -24,7 +24,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from automation.redaction import redact_value
 from automation.store import Base, locked, locked_connection
 
-State = Literal["queued", "running", "succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded"]
+State = Literal["queued", "running", "succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded",
+                "preempted"]
 FINAL_STATES = ("succeeded", "gate_failed", "gate_stale", "failed", "cancelled", "superseded")
 CLAIM_LOCK = "__queue_claim__"
 
@@ -77,6 +78,61 @@ class Job(Base):
         # an error quotes what failed, which may quote a URL with its credentials: never answered as is
         return redact_value({k: as_utc(v).isoformat() if isinstance(v, datetime) else v for k, v in data.items()})
 
+
+
+class JobAttempt(Base):
+    """One attempt at a job: who ran it, how it ended (`preempted`, `lost` (its lease), or the job's final
+    state) and, while it runs, its progress (JSON: stage, epoch k/N, validation metric, ETA)."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        started, ended = as_utc(self.started_at), as_utc(self.ended_at)
+        return redact_value({"attempt": self.attempt, "worker_id": self.worker_id, "state": self.state,
+                             "started_at": started.isoformat() if started else None,
+                             "ended_at": ended.isoformat() if ended else None,
+                             "seconds": round(((ended or _now()) - started).total_seconds(), 1) if started else None,
+                             "error": self.error, "progress": json.loads(self.progress) if self.progress else None})
+
+
+def _end_attempt(session: Session, job_id: str, attempt: int, state: str, error: str | None, now: datetime) -> None:
+    session.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                                             JobAttempt.ended_at.is_(None))
+                    .values(state=state, ended_at=now, error=error))
+
+
+def attempts(engine: Engine, job_id: str) -> list[JobAttempt]:
+    with Session(engine) as session:
+        return list(session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)
+                                    .order_by(JobAttempt.attempt)))
+
+
+def running_progress(engine: Engine, job_ids: list[str]) -> dict[str, Any]:
+    """The progress of each of these jobs' running attempt, where it has reported any."""
+    if not job_ids:
+        return {}
+    with Session(engine) as session:
+        rows = session.execute(select(JobAttempt.job_id, JobAttempt.progress)
+                               .where(JobAttempt.job_id.in_(job_ids), JobAttempt.ended_at.is_(None),
+                                      JobAttempt.progress.is_not(None))).all()
+    return {job_id: json.loads(progress) for job_id, progress in rows}
+
+
+def record_progress(engine: Engine, job_id: str, attempt: int, progress: dict[str, Any]) -> bool:
+    """The running attempt's progress, as the job last wrote it; False once that attempt has ended."""
+    with Session(engine) as session, session.begin():
+        return session.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                                                        JobAttempt.ended_at.is_(None))
+                               .values(progress=json.dumps(progress))).rowcount == 1
 
 
 class JobStat(Base):
@@ -173,6 +229,7 @@ def enqueue(engine: Engine, **job: Any) -> tuple[Job, bool]:
 def _recover_expired(session: Session, now: datetime) -> None:
     expired = session.scalars(select(Job).where(Job.state == "running", Job.lease_expires_at < now)).all()
     for job in expired:
+        _end_attempt(session, job.id, job.attempts, "lost", f"worker {job.worker_id} lost its lease", now)
         if job.attempts >= job.max_attempts:
             job.state, job.finished_at = "failed", now
             job.error = f"worker {job.worker_id} lost its lease {job.attempts} times; giving up"
@@ -202,6 +259,7 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float = 60.0,
         if job is not None:
             job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
             job.started_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+            session.add(JobAttempt(job_id=job.id, attempt=job.attempts, worker_id=worker_id, started_at=now))
     return job
 
 
@@ -230,12 +288,40 @@ def finish(engine: Engine, job_id: str, worker_id: str, state: State, *, attempt
 def _end(engine: Engine, job_id: str, condition: list[Any], state: str, fields: dict[str, Any]) -> bool:
     now = _now()
     with Session(engine) as session, session.begin():
-        started_at = session.scalar(select(Job.started_at).where(Job.id == job_id))
+        started_at, attempt = session.execute(select(Job.started_at, Job.attempts).where(Job.id == job_id)).first() \
+            or (None, 0)
         ended = session.execute(update(Job).where(*condition)
                                 .values(state=state, finished_at=now, lease_expires_at=None, **fields)).rowcount == 1
         if ended:
             _count_end(session, state, started_at, now)
+            _end_attempt(session, job_id, attempt, state, fields.get("error"), now)
         return ended
+
+
+def preempt(engine: Engine, job_id: str, attempt: int, reason: str, max_preemptions: int,
+            worker_id: str | None = None) -> str | None:
+    """The running `attempt` was preempted (its runner went away after a checkpoint): requeue the job, to
+    resume there. A preemption is not a failure: it does not use up `max_attempts`, but past `max_preemptions`
+    the job fails. Returns the job's new state, or None when that attempt was no longer the running one."""
+    now = _now()
+    with locked(engine, CLAIM_LOCK) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != "running" or job.attempts != attempt or \
+                (worker_id is not None and job.worker_id != worker_id):
+            return None
+        _end_attempt(session, job_id, attempt, "preempted", reason, now)
+        session.flush()
+        count = session.scalar(select(func.count()).select_from(JobAttempt)
+                               .where(JobAttempt.job_id == job_id, JobAttempt.state == "preempted"))
+        job.worker_id, job.lease_expires_at = None, None
+        if count > max_preemptions:
+            job.state, job.finished_at = "failed", now
+            job.error = f"preempted {count} times (service.max_preemptions is {max_preemptions}); giving up"
+            _count_end(session, "failed", job.started_at, now)
+        else:
+            job.state, job.error = "queued", f"preempted ({reason}); requeued to resume from its checkpoint"
+            job.max_attempts += 1   # this attempt does not count toward the job's retries
+        return job.state
 
 
 def record_result(engine: Engine, job_id: str, state: State, *, attempt: int | None = None, **fields: Any) -> bool:

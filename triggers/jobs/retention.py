@@ -19,7 +19,7 @@ from automation.promote import PromotionIntent
 from triggers.github.job_status import OwedStatus
 from triggers.intake.deliveries import Delivery, PullRequestHead, SeenBody
 from triggers.intake.drift import DriftRecord
-from triggers.jobs.queue import FINAL_STATES, Job
+from triggers.jobs.queue import FINAL_STATES, Job, JobAttempt
 
 log = logging.getLogger(__name__)
 BATCH = 500   # rows per statement: a first prune of a long history never holds a long transaction
@@ -36,6 +36,7 @@ def prune(engine: Engine, workdir: Path, days: float, now: datetime | None = Non
             if not ids:
                 break
             session.execute(delete(OwedStatus).where(OwedStatus.job_id.in_(ids)))
+            session.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(ids)))
             session.execute(delete(Job).where(Job.id.in_(ids)))
         for job_id in ids:   # the job's log, report and variants: under the service's own workdir, by id
             for folder in ("jobs", "reports"):

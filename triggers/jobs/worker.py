@@ -48,9 +48,18 @@ class Worker:
         self._last_sweep = 0.0
         self.lease = config.service.lease_seconds
         self._stop = threading.Event()
+        self._running: dict[str, threading.Event] = {}   # job id → its `lost` event
 
     def stop(self) -> None:
+        """Stop claiming; the running job goes on to its end."""
         self._stop.set()
+
+    def preempt(self) -> None:
+        """This worker's machine is going away: stop claiming, and stop the running job the way a spot notice
+        does (SIGTERM: it checkpoints and exits 75), so it is requeued as preempted and resumes elsewhere."""
+        self._stop.set()
+        for lost in list(self._running.values()):
+            lost.set()
 
     def _heartbeat(self, job: queue.Job, lost: threading.Event, done: threading.Event,
                    timed_out: threading.Event) -> None:
@@ -90,20 +99,27 @@ class Worker:
         lost, done, timed_out = threading.Event(), threading.Event(), threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, lost, done, timed_out), daemon=True)
         beat.start()
+        self._running[job.id] = lost
         try:
             outcome = self.executor.run(job, lost)
         except Exception as exc:   # an executor failure fails this job, never the worker
             log.exception("executor failed", extra={"job_id": job.id})
             outcome = Outcome("failed", {"error": f"{type(exc).__name__}: {exc}"[:2000]})
         finally:
+            self._running.pop(job.id, None)
             done.set()
             beat.join()
         if timed_out.is_set():
             minutes = self.config.service.job_timeout_minutes
             outcome = Outcome("failed", {"error": f"timed out after {minutes:g} min (service.job_timeout_minutes); "
                                                   "the job was stopped"})
-        if outcome is not None and queue.finish(self.engine, job.id, self.worker_id, outcome.state,
-                                                attempt=job.attempts, **outcome.fields):
+        if outcome is not None and outcome.state == "preempted":
+            now = queue.preempt(self.engine, job.id, job.attempts, outcome.fields.get("error", "preempted"),
+                                self.config.service.max_preemptions, worker_id=self.worker_id)
+            log.warning("job preempted", extra={"job_id": job.id, "model": job.model, "attempt": job.attempts,
+                                                "now": now})
+        elif outcome is not None and queue.finish(self.engine, job.id, self.worker_id, outcome.state,
+                                                  attempt=job.attempts, **outcome.fields):
             log.info("job finished", extra={"job_id": job.id, "model": job.model, "state": outcome.state})
         ended = queue.get_job(self.engine, job.id)
         # ended in this attempt, by this worker, the runner's result or a cancellation: not requeued after a lost lease

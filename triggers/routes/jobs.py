@@ -48,6 +48,13 @@ def jobs_router(state: ServiceState) -> APIRouter:
         outcome = outcome_from_summary(result.exit_code, result.summary, result.error)
         if result.report_html is not None:
             outcome.fields["report_path"] = str(report_file(state, job_id))
+        if outcome.state == "preempted":   # the runner checkpointed and went away: requeued to resume
+            requeued = await run_in_threadpool(queue.preempt, state.engine, job_id, attempt,
+                                               outcome.fields.get("error", "preempted"),
+                                               state.config.service.max_preemptions)
+            if requeued is None:
+                return error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
+            return JSONResponse({"job": job_id, "attempt": attempt, "state": "preempted", "job_state": requeued})
         if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, attempt=attempt,
                                        **outcome.fields):
             return error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
@@ -86,14 +93,18 @@ def jobs_router(state: ServiceState) -> APIRouter:
 
     @router.get("/jobs", summary="Recent jobs, newest first", dependencies=read)
     def list_jobs(state_filter: str | None = Query(None, alias="state"), limit: int = Limit) -> list[dict[str, Any]]:
-        return [job.as_dict() for job in queue.list_jobs(state.engine, limit=limit, state=state_filter)]
+        jobs = queue.list_jobs(state.engine, limit=limit, state=state_filter)
+        progress = queue.running_progress(state.engine, [j.id for j in jobs if j.state == "running"])
+        return [job.as_dict() | {"progress": progress.get(job.id)} for job in jobs]
 
     @router.get("/jobs/{job_id}", summary="One job", dependencies=read)
     def get_job(job_id: str) -> dict[str, Any]:
         job = queue.get_job(state.engine, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
-        return job.as_dict()
+        attempts = [a.as_dict() for a in queue.attempts(state.engine, job_id)]
+        running = attempts[-1] if attempts and attempts[-1]["state"] == "running" else None
+        return job.as_dict() | {"attempt_history": attempts, "progress": running and running["progress"]}
 
     @router.get("/deliveries", summary="Recent webhook deliveries and what they decided", dependencies=read)
     def list_deliveries(limit: int = Limit) -> list[dict[str, Any]]:
