@@ -44,10 +44,12 @@ class Saved:
 
 
 class CheckpointDir:
-    """A job's checkpoints in one folder: `ckpt-<epoch>-<step>.pt` and `….pt.json` (digest, size, position)."""
+    """A job's checkpoints in one folder: `ckpt-<epoch>-<step>.pt` and `….pt.json` (digest, size, position).
+    With a `mirror` (ArtifactMirror), each one is also copied where another runner's retry finds it, and an
+    empty folder is filled from there first."""
 
-    def __init__(self, folder: Path, keep: int = KEEP) -> None:
-        self.folder, self.keep = Path(folder), keep
+    def __init__(self, folder: Path, keep: int = KEEP, mirror: "ArtifactMirror | None" = None) -> None:
+        self.folder, self.keep, self.mirror = Path(folder), keep, mirror
 
     def save(self, state: dict[str, Any], epoch: int, step: int) -> Saved:
         import torch
@@ -62,6 +64,8 @@ class CheckpointDir:
         sidecar = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "epoch": epoch, "step": step}
         _write_atomically(path.with_name(path.name + ".json"), json.dumps(sidecar).encode())
         self._prune()
+        if self.mirror is not None:
+            self.mirror.upload(path)
         return Saved(path, epoch, step, time.perf_counter() - started)
 
     def _complete(self) -> list[tuple[tuple[int, int], Path]]:
@@ -78,6 +82,8 @@ class CheckpointDir:
         """The newest checkpoint whose bytes match their recorded digest, loaded on the CPU; None if none."""
         import torch
 
+        if self.mirror is not None and not self._complete():   # a fresh workspace: the retry of another runner
+            self.mirror.download(self.folder)
         if not self.folder.is_dir():
             return None
         for _, path in self._complete():
@@ -109,6 +115,61 @@ class CheckpointDir:
                 path.unlink(missing_ok=True)
 
 
+class ArtifactMirror:
+    """Checkpoints in the MLflow artifact store, for a job whose next attempt may run on another machine (the
+    `github` executor's runners): one run per job, in the experiment `<experiment>-checkpoints`, tagged with the
+    job id. A checkpoint is uploaded before its sidecar, so a sidecar there means the file is whole; the digest
+    is checked again after download. The run is deleted when the job ends."""
+
+    TAG = "mlgate.checkpoint_job"
+
+    def __init__(self, client: Any, experiment: str, job_id: str) -> None:
+        self.client, self.job_id = client, job_id
+        found = client.get_experiment_by_name(f"{experiment}-checkpoints")
+        self.experiment_id = found.experiment_id if found is not None else \
+            client.create_experiment(f"{experiment}-checkpoints")
+        self._run_id: str | None = None
+
+    def _run(self, create: bool) -> str | None:
+        if self._run_id is None:
+            key = hashlib.sha256(self.job_id.encode()).hexdigest()[:32]   # a job id may hold quotes
+            runs = self.client.search_runs([self.experiment_id], f"tags.`{self.TAG}` = '{key}'", max_results=1)
+            if runs:
+                self._run_id = runs[0].info.run_id
+            elif create:
+                self._run_id = self.client.create_run(self.experiment_id, tags={self.TAG: key},
+                                                      run_name=f"checkpoints-{self.job_id[:60]}").info.run_id
+        return self._run_id
+
+    def upload(self, path: Path) -> None:
+        run_id = self._run(create=True)
+        self.client.log_artifact(run_id, str(path), artifact_path="checkpoints")
+        self.client.log_artifact(run_id, str(path.with_name(path.name + ".json")), artifact_path="checkpoints")
+
+    def download(self, folder: Path) -> None:
+        """The newest checkpoints that have their sidecar, into `folder` (digests are checked on reading)."""
+        run_id = self._run(create=False)
+        if run_id is None:
+            return
+        names = {Path(a.path).name for a in self.client.list_artifacts(run_id, "checkpoints")}
+        whole = sorted((n for n in names if n.endswith(".pt") and f"{n}.json" in names), reverse=True)[:KEEP]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in whole:   # the file first, then its sidecar: what makes it count here, too
+            for part in (name, f"{name}.json"):
+                self.client.download_artifacts(run_id, f"checkpoints/{part}", str(folder))
+        fetched = folder / "checkpoints"
+        if fetched.is_dir():
+            for part in sorted(fetched.iterdir(), key=lambda p: p.name.endswith(".json")):
+                part.replace(folder / part.name)
+            fetched.rmdir()
+        log.info("checkpoints fetched from the artifact store", extra={"job_id": self.job_id, "found": len(whole)})
+
+    def discard(self) -> None:
+        run_id = self._run(create=False)
+        if run_id is not None:
+            self.client.delete_run(run_id)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as out:
@@ -124,7 +185,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class PreemptionNotice:
-    """SIGTERM asks training to stop at the next step boundary and checkpoint. If that has not happened within
+    """SIGTERM (or SIGINT) asks training to stop at the next step boundary and checkpoint. If that has not happened within
     `grace_seconds`, the process exits anyway with Preempted's code: the last complete checkpoint stands, a
     half-written one is never read. Outside training (nothing to checkpoint) it exits at once. Installed only
     in the main thread (signals are delivered there)."""
@@ -137,14 +198,17 @@ class PreemptionNotice:
         self._previous: Any = None
         self._watchdog: threading.Timer | None = None
 
+    # SIGINT too: GitHub's cancel (and a job's timeout-minutes) sends it first, 7.5 s before SIGTERM
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __enter__(self) -> "PreemptionNotice":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in (self._previous or {}).items():
+            signal.signal(sig, previous)
         if self._watchdog is not None:
             self._watchdog.cancel()
 

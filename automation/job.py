@@ -70,6 +70,7 @@ class JobRequest:
     fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
     # training resumes from, and checkpoints into, this folder: the same job's next attempt finds it there
     checkpoint_dir: Path | None = None
+    checkpoint_mirror: Any = None        # checkpoint.ArtifactMirror: a retry on another runner resumes from there
     notice: Any = None                   # checkpoint.PreemptionNotice: SIGTERM checkpoints and stops training
     # what this job's earlier attempts spent, as the service recorded them: {count, preempted, seconds}
     earlier_attempts: dict[str, Any] | None = None
@@ -293,7 +294,8 @@ def training_options(request: JobRequest, spec: ModelConfig) -> dict[str, Any]:
     """Checkpoints, the preemption notice and the hopeless bound's gate, as train_model takes them."""
     from automation.checkpoint import CheckpointDir
 
-    return {"checkpoints": CheckpointDir(request.checkpoint_dir) if request.checkpoint_dir else None,
+    return {"checkpoints": CheckpointDir(request.checkpoint_dir, mirror=request.checkpoint_mirror)
+            if request.checkpoint_dir else None,
             "notice": request.notice, "hopeless_below": spec.gates.absolute.min_accuracy}
 
 

@@ -163,3 +163,41 @@ def test_abort_when_hopeless_stops_a_run_that_cannot_reach_the_gate() -> None:
     reachable = train_model(digits_mlp.build, PARAMS, digits(seed=0), CFG.model_copy(
         update={"abort_when_hopeless": True}), hopeless_below=0.5)
     assert reachable.hopeless is None and len(reachable.history) == CFG.epochs
+
+
+def test_a_retry_on_a_fresh_workspace_resumes_from_the_artifact_store(tmp_path: Path, mlflow_template: Path,
+                                                                      uninterrupted: TrainResult) -> None:
+    """The `github` executor's retry runs on another runner: its workspace is empty, and the checkpoints come
+    from the MLflow artifact store (a real one: the SQLite store and its artifact folder)."""
+    from automation import tracking
+    from automation.checkpoint import ArtifactMirror
+    from tests.conftest import seed_mlflow_store
+
+    seed_mlflow_store(tmp_path / "store", mlflow_template)
+    client, _ = tracking.connect(tmp_path / "store", "mlgate")
+
+    def die_after_three(epoch: int, _metrics: dict[str, float]) -> None:
+        if epoch == 3:
+            raise Died
+
+    first_runner = CheckpointDir(tmp_path / "runner-1", mirror=ArtifactMirror(client, "mlgate", "job'1"))
+    with pytest.raises(Died):
+        train_model(digits_mlp.build, PARAMS, digits(seed=0), CFG, on_epoch=die_after_three, checkpoints=first_runner)
+    # a torn upload: a checkpoint whose sidecar never arrived is not fetched
+    torn = tmp_path / "ckpt-00009-0000000.pt"
+    torn.write_bytes(b"the upload of a runner that died mid-way")
+    mirror = ArtifactMirror(client, "mlgate", "job'1")
+    client.log_artifact(mirror._run(create=False), str(torn), artifact_path="checkpoints")
+    # another job's checkpoints are not this one's
+    CheckpointDir(tmp_path / "other", mirror=ArtifactMirror(client, "mlgate", "job2")).save(
+        {"not": torch.tensor(1)}, epoch=7, step=0)
+
+    second_runner = tmp_path / "runner-2"
+    resumed = train_model(digits_mlp.build, PARAMS, digits(seed=0), CFG,
+                          checkpoints=CheckpointDir(second_runner, mirror=mirror))
+    assert resumed.resumed_from == (2, 0)
+    _assert_same_weights(resumed.model, uninterrupted.model)
+    assert not (second_runner / "ckpt-00009-0000000.pt").exists()
+    mirror.discard()   # the job ended: its checkpoint run goes
+    assert ArtifactMirror(client, "mlgate", "job'1")._run(create=False) is None
+    assert ArtifactMirror(client, "mlgate", "job2")._run(create=False) is not None

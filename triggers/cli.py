@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dir", metavar="DIR", help="resume training from the newest checkpoint here and "
                      "write new ones (default with --job-id: <workdir>/jobs/<job-id>/checkpoints). SIGTERM "
                      "checkpoints and exits 75, for the next attempt to resume")
+    run.add_argument("--checkpoint-store", choices=["local", "mlflow"], default="local",
+                     help="mlflow: also keep checkpoints in the MLflow artifact store, where a retry on another "
+                     "runner resumes from them (needs --job-id); the GPU-runner workflow's retrain job sets it")
     run.add_argument("--earlier-attempts", metavar="COUNT,PREEMPTED,SECONDS", help=argparse.SUPPRESS)   # the service's
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job, "
@@ -199,6 +202,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
                                  fresh_data=fresh_data, production_dir=production_dir, fence=fence, notice=notice,
                                  earlier_attempts=_earlier_attempts(args.earlier_attempts),
+                                 checkpoint_mirror=_checkpoint_mirror(config, args, name, len(names) > 1),
                                  checkpoint_dir=checkpoints / name if checkpoints and len(names) > 1 else checkpoints,
                                  export_candidate=Path(args.export_candidate).resolve() if args.export_candidate
                                  else None, judge_candidate=Path(args.judge).resolve() if args.judge else None,
@@ -216,6 +220,9 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
                 if reporter:
                     _warn_github(reporter.final_status(name, args.sha, "error", str(exc)))
                 raise
+            finally:   # any other end: no attempt will resume from the artifact store's copies
+                if request.checkpoint_mirror is not None and not notice.requested.is_set():
+                    request.checkpoint_mirror.discard()
             if reporter and summary:
                 summary["github"] = reporter.finished(summary)
                 _warn_github(summary["github"])
@@ -223,6 +230,20 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
             if not args.json and summary:
                 _print_human(summary)
     return summaries, code
+
+
+def _checkpoint_mirror(config: Any, args: argparse.Namespace, model: str, several: bool) -> Any:
+    from automation.errors import UsageError
+
+    if args.checkpoint_store != "mlflow":
+        return None
+    if not args.job_id:
+        raise UsageError("--checkpoint-store mlflow needs --job-id: checkpoints are found again by the job's id")
+    from automation import tracking
+    from automation.checkpoint import ArtifactMirror
+
+    client, _ = tracking.connect(config.workdir, config.experiment)
+    return ArtifactMirror(client, config.experiment, f"{args.job_id}/{model}" if several else args.job_id)
 
 
 def _earlier_attempts(value: str | None) -> dict[str, Any] | None:
