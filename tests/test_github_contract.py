@@ -350,3 +350,114 @@ def test_a_pr_that_touches_no_model_gets_success_on_every_context(prism: str, tm
     report_unaffected(GitHubReporter(github, REPO), list(config.models))(SimpleNamespace(event="pull_request"), plan)
     assert github.written == [("status", plan.sha, "success", "no model affected by this change", f"mlgate/{m}")
                               for m in config.models]
+
+
+@dataclass
+class RecordingApp(GitHubSource):
+    """Prism's GitHub, as a GitHub App, remembering the check-run and comment calls."""
+
+    written: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def create_check_run(self, repository: str, sha: str, name: str, external_id: str, summary: str,
+                         details_url: str | None = None) -> int:
+        check_run_id = super().create_check_run(repository, sha, name, external_id, summary, details_url)
+        self.written.append(("create", sha, name, external_id, check_run_id))
+        return check_run_id
+
+    def update_check_run(self, repository: str, check_run_id: int, title: str, summary: str,
+                         conclusion: str | None = None, text: str | None = None) -> None:
+        super().update_check_run(repository, check_run_id, title, summary, conclusion, text)
+        self.written.append(("update", check_run_id, title, conclusion, summary))
+
+    def set_status(self, *args: Any, **kwargs: Any) -> None:
+        self.written.append(("status",))
+        super().set_status(*args, **kwargs)
+
+    def upsert_comment(self, repository: str, number: int, marker: str, body: str) -> tuple[int, bool]:
+        self.written.append(("comment", number))
+        return super().upsert_comment(repository, number, marker, body)
+
+
+def _app_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def test_as_a_github_app_a_job_is_a_check_run_with_progress_a_verdict_and_a_rerun(
+        prism: str, tmp_path: Path, reported_runs: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installation tokens from the app's key, then the Checks calls, each validated by Prism against GitHub's
+    description: created in_progress, progress updates (throttled), the verdict with the report's Markdown,
+    and GitHub's "Re-run" (`check_run.rerequested`, a real payload) queues the job again."""
+    import copy
+
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from automation.config import parse_config
+    from automation.store import open_store
+    from tests.conftest import webhook_examples
+    from tests.test_webhooks import SECRET, deliver
+    from triggers.app import ServiceState, create_app
+    from triggers.github.api import GitHubApp
+    from triggers.github.check_runs import CheckRunReporter
+    from triggers.github.job_status import keep_summary
+    from triggers.github.reporter import GitHubReporter
+    from triggers.jobs import queue
+    from triggers.metrics import ServiceMetrics
+
+    monkeypatch.setenv("GITHUB_APP_ID", "1")
+    config = parse_config(yaml.safe_dump(fast_config() | {"workdir": str(tmp_path)}), "mlgate.yaml", tmp_path)
+    engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
+    github = RecordingApp(api_url=prism, token=None, app=GitHubApp("1", _app_key(), 42))
+    reporter = CheckRunReporter(engine, GitHubReporter(github, REPO, "https://mlgate.example"), tmp_path)
+
+    job, _ = queue.enqueue(engine, model="digits_mlp", kind="evaluate", trigger="pr", sha=SHA, pr=1347,
+                           payload={"repository": REPO, "author_writes": True})
+    claimed = queue.claim(engine, "w")
+    reporter.started(claimed)
+    [created] = github.written
+    assert created[:4] == ("create", SHA, "mlgate/digits_mlp", job.id) and isinstance(created[4], int)
+
+    assert reporter.progress(claimed) is False                       # nothing reported yet
+    queue.record_progress(engine, job.id, 1, {"stage": "train", "epoch": 3, "epochs": 8, "val_accuracy": 0.91,
+                                              "eta_seconds": 50})
+    assert reporter.progress(claimed) is True
+    assert reporter.progress(claimed) is False                       # throttled: at most every 15 s
+    assert github.written[-1][1:4] == (created[4], "training: epoch 3/8", None)
+    assert "validation accuracy 91.00%" in github.written[-1][4]
+
+    keep_summary(tmp_path, job.id, reported_runs["pr"]["summary"])
+    assert queue.record_result(engine, job.id, "succeeded", attempt=1)
+    github.written.clear()
+    outcomes = reporter.ended(queue.get_job(engine, job.id))
+    assert outcomes["check run"] == "success" and outcomes["comment"].startswith("comment")
+    [(_, number), (_, check_run_id, title, conclusion, summary)] = github.written
+    assert number == 1347 and check_run_id == created[4] and conclusion == "success"
+    assert "### Gate" in summary and ("status",) not in github.written   # the report; no commit status
+    assert reporter.ended(queue.get_job(engine, job.id)) == {} and reporter.sweep() == 0   # once
+
+    # "Re-run" on the check: a signed check_run.rerequested (GitHub's own example payload) queues it again
+    state = ServiceState(config=config, engine=engine, webhook_secret=SECRET, metrics=ServiceMetrics(engine))
+    client = TestClient(create_app(state))
+    rerun = copy.deepcopy(next(p for p in webhook_examples("check_run") if p["action"] == "rerequested"))
+    rerun["check_run"] |= {"external_id": job.id, "name": "mlgate/digits_mlp", "head_sha": SHA, "app": {"id": 1}}
+    rerun["repository"]["full_name"] = REPO
+    answer = deliver(client, "check_run", rerun)
+    assert answer.status_code == 202, answer.text
+    [again] = answer.json()["jobs"]
+    repeated = queue.get_job(engine, again)
+    assert (repeated.model, repeated.sha, repeated.pr, repeated.trigger, repeated.state) == \
+        ("digits_mlp", SHA, 1347, "pr", "queued")
+    assert json.loads(repeated.payload)["author_writes"] is True and json.loads(repeated.payload)["rerun_of"] == job.id
+    # not ours: another app's check run, a job this service never ran, another commit
+    for change, reason in (({"app": {"id": 2}}, "another app's"), ({"external_id": "nope"}, "no such job"),
+                           ({"head_sha": "0" * 40}, "no such job")):
+        forged = copy.deepcopy(rerun)
+        forged["check_run"] |= change
+        answer = deliver(client, "check_run", forged)
+        assert answer.status_code == 200 and answer.json()["jobs"] == [], answer.text
+        assert reason in answer.json()["reason"]

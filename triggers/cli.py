@@ -344,7 +344,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         for worker in workers:
             worker.run_one()
         return EXIT_OK
-    signal.signal(signal.SIGTERM, lambda *_: [w.stop() for w in workers])
+    # the machine is going away (a spot notice, a drained node): running jobs checkpoint and are requeued
+    signal.signal(signal.SIGTERM, lambda *_: [w.preempt() for w in workers])
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
     for thread in threads:
         thread.start()

@@ -123,7 +123,8 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
     reporter = job_reporter_from_env(engine, config.workdir, config.reporting.tracking_issue)
     for i in range(config.service.workers):
         worker = Worker(config, engine, executor, reporter=reporter)
-        loops.append(Loop(f"worker-{i}", worker.run, worker.stop))
+        # stopping the service preempts its running jobs: they checkpoint, and resume once it is back
+        loops.append(Loop(f"worker-{i}", worker.run, worker.preempt))
     for loop in loops:
         state.components[loop.name] = loop
     return app, loops
@@ -160,3 +161,7 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     finally:
         for loop in loops:
             loop.stop()
+        grace = max((m.train.preemption_grace_seconds for m in config.models.values()), default=30.0)
+        for loop in loops:   # a preempted job needs its grace period to checkpoint and be requeued
+            if loop.name.startswith("worker-") and loop.thread is not None:
+                loop.thread.join(grace + 15)

@@ -13,6 +13,7 @@ from automation.errors import MlgateError
 from automation.redaction import redact
 
 DEFAULT_API_URL = "https://api.github.com"
+MAX_CHECK_TEXT = 65_535   # a check run output's summary and text, each
 
 
 class GitHubUnavailable(MlgateError):
@@ -53,23 +54,68 @@ def is_own_comment(body: str | None, author: str | None, marker: str, own_login:
     return marker in (body or "") and author is not None and author.lower() == own_login.lower()
 
 
+@dataclass(frozen=True)
+class GitHubApp:
+    """The service running as a GitHub App: installation tokens minted from the app's private key (PyGithub
+    renews them before they expire). Its jobs then show as check runs (triggers/github/check_runs.py)."""
+    app_id: str
+    private_key: str = field(repr=False)
+    installation_id: int
+
+    @classmethod
+    def from_env(cls) -> "GitHubApp | None":
+        """GITHUB_APP_ID, GITHUB_APP_INSTALLATION_ID and GITHUB_APP_PRIVATE_KEY (PEM) or
+        GITHUB_APP_PRIVATE_KEY_FILE; None when GITHUB_APP_ID is unset."""
+        app_id = os.environ.get("GITHUB_APP_ID", "").strip()
+        if not app_id:
+            return None
+        key = os.environ.get("GITHUB_APP_PRIVATE_KEY") or ""
+        key_file = os.environ.get("GITHUB_APP_PRIVATE_KEY_FILE")
+        if not key and key_file:
+            try:
+                key = open(key_file, encoding="utf-8").read()
+            except OSError as exc:
+                raise MlgateError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
+        installation = os.environ.get("GITHUB_APP_INSTALLATION_ID", "").strip()
+        if not key or not installation.isdigit() or not app_id.isdigit():
+            raise MlgateError("GITHUB_APP_ID is set, so GITHUB_APP_INSTALLATION_ID (a number) and "
+                              "GITHUB_APP_PRIVATE_KEY or GITHUB_APP_PRIVATE_KEY_FILE (PEM) must be too")
+        return cls(app_id, key, int(installation))
+
+
 @dataclass
 class GitHubSource:
     api_url: str
     token: str | None
     timeout: float = 10.0
+    app: GitHubApp | None = None
     _login: str | None = field(default=None, repr=False)
+    _auth: Any = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> "GitHubSource":
         return cls(api_url=os.environ.get("GITHUB_API_URL") or DEFAULT_API_URL,
-                   token=os.environ.get("GITHUB_TOKEN") or None)
+                   token=os.environ.get("GITHUB_TOKEN") or None, app=GitHubApp.from_env())
+
+    @property
+    def is_app(self) -> bool:
+        return self.app is not None
+
+    def _credentials(self) -> Any:
+        from github import Auth
+
+        if self._auth is None and self.app is not None:   # one object: it caches the installation token
+            self._auth = Auth.AppAuth(self.app.app_id, self.app.private_key).get_installation_auth(
+                self.app.installation_id)
+        elif self._auth is None and self.token:
+            self._auth = Auth.Token(self.token)
+        return self._auth
 
     def _client(self) -> Any:
-        from github import Auth, Github
+        from github import Github
         from urllib3.util import Retry
 
-        auth = Auth.Token(self.token) if self.token else None
+        auth = self._credentials()
         # Retries: 5xx, for every method but POST (a POST that failed ambiguously may have happened, so
         # callers decide: see upsert_comment). Never a rate limit: PyGithub's own retry would sleep until
         # the reset, up to an hour, inside a shared loop; GitHubRateLimited parks the work instead.
@@ -184,7 +230,18 @@ class GitHubSource:
                                                   **extra), attempts=3)
 
     def login(self) -> str:
-        """Who this token acts as. An Actions GITHUB_TOKEN may not read /user; it writes as github-actions[bot]."""
+        """Who this token acts as. An Actions GITHUB_TOKEN may not read /user; it writes as github-actions[bot].
+        An app writes as `<its slug>[bot]`."""
+        if self._login is None and self.app is not None:
+            def slug(gh: Any) -> str:
+                _, data = gh.requester.requestJsonAndCheck("GET", "/app")
+                return f"{(data or {}).get('slug') or 'mlgate'}[bot]"
+
+            from github import Auth, Github
+
+            app_client = Github(base_url=self.api_url, auth=Auth.AppAuth(self.app.app_id, self.app.private_key),
+                                timeout=int(self.timeout), lazy=True)
+            self._login = self._call("read the app", lambda _gh: slug(app_client), attempts=3)
         if self._login is None:
             try:
                 self._login = self._call("read the token's user", lambda gh: gh.get_user().login, attempts=3)
@@ -246,6 +303,36 @@ class GitHubSource:
             return None
 
         return self._call(f"find the run of job {job_id}", find, attempts=3)
+
+    def create_check_run(self, repository: str, sha: str, name: str, external_id: str, summary: str,
+                         details_url: str | None = None) -> int:
+        """A check run `in_progress` on `sha` (GitHub Apps only); returns its id."""
+        body = {"name": name, "head_sha": sha, "status": "in_progress", "external_id": external_id,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "output": {"title": name, "summary": redact(summary)[:MAX_CHECK_TEXT]}}
+        if details_url:
+            body["details_url"] = details_url
+
+        def create(gh: Any) -> int:
+            _, data = gh.requester.requestJsonAndCheck("POST", f"/repos/{repository}/check-runs", input=body)
+            return int((data or {})["id"])
+
+        return self._call(f"create check run {name} on {sha[:7]}", create)
+
+    def update_check_run(self, repository: str, check_run_id: int, title: str, summary: str,
+                         conclusion: str | None = None, text: str | None = None) -> None:
+        """Progress (`in_progress`) or, with a conclusion, the verdict. Replaces the output: safe to retry."""
+        output = {"title": redact(title)[:200], "summary": redact(summary)[:MAX_CHECK_TEXT]}
+        if text:
+            output["text"] = redact(text)[:MAX_CHECK_TEXT]
+        body: dict[str, Any] = {"output": output}
+        if conclusion is None:
+            body["status"] = "in_progress"
+        else:
+            body |= {"status": "completed", "conclusion": conclusion,
+                     "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._call(f"update check run {check_run_id}", lambda gh: gh.requester.requestJsonAndCheck(
+            "PATCH", f"/repos/{repository}/check-runs/{check_run_id}", input=body), attempts=3)
 
     def cancel_workflow_run(self, repository: str, run_id: int) -> None:
         def cancel(gh: Any) -> None:

@@ -66,6 +66,10 @@ class JobStatusReporter:
     def __init__(self, engine: Engine, reporter: GitHubReporter, workdir: Path) -> None:
         self.engine, self.reporter, self.workdir = engine, reporter, workdir
 
+    def progress(self, job: Job) -> bool:
+        """A commit status has nowhere to show progress: the check run reporter has."""
+        return False
+
     def started(self, job: Job) -> None:
         if not job.sha:
             return
@@ -131,9 +135,16 @@ class JobStatusReporter:
 
 
 def job_reporter_from_env(engine: Engine, workdir: Path, tracking_issue: int | None) -> JobStatusReporter | None:
-    """The service's reporter when GITHUB_TOKEN and GITHUB_REPOSITORY are set, else None."""
+    """The service's reporter when GITHUB_REPOSITORY and a credential are set, else None: check runs for a
+    GitHub App, commit statuses for a token."""
     reporter = GitHubReporter.from_env(tracking_issue)
-    return None if reporter is None else JobStatusReporter(engine, reporter, workdir)
+    if reporter is None:
+        return None
+    if reporter.github.is_app:
+        from triggers.github.check_runs import CheckRunReporter
+
+        return CheckRunReporter(engine, reporter, workdir)
+    return JobStatusReporter(engine, reporter, workdir)
 
 
 def report_unaffected(reporter: GitHubReporter, models: list[str]) -> Callable[[Any, Any], None]:

@@ -57,9 +57,10 @@ class GitHubReporter:
 
     @classmethod
     def from_env(cls, tracking_issue: int | None = None) -> "GitHubReporter | None":
-        """A reporter when GITHUB_TOKEN and GITHUB_REPOSITORY are set, else None (nothing to report to)."""
+        """A reporter when GITHUB_REPOSITORY and GITHUB_TOKEN (or a GitHub App: GITHUB_APP_ID …) are set, else
+        None (nothing to report to)."""
         repository, token = os.environ.get("GITHUB_REPOSITORY"), os.environ.get("GITHUB_TOKEN")
-        if not repository or not token:
+        if not repository or not (token or os.environ.get("GITHUB_APP_ID")):
             return None
         return cls(GitHubSource.from_env(), repository, os.environ.get("MLGATE_SERVICE_URL"), tracking_issue)
 
@@ -79,12 +80,13 @@ class GitHubReporter:
                 status_context(model)))
         return outcomes
 
-    def finished(self, summary: dict[str, Any]) -> dict[str, str]:
-        """Status, PR comment, promotion note; returns what happened to each (for the summary)."""
+    def finished(self, summary: dict[str, Any], statuses: bool = True) -> dict[str, str]:
+        """Status (unless a check run stands for it), PR comment, promotion note; returns what happened to each
+        (for the summary)."""
         outcomes: dict[str, str] = {}
         model, sha = summary["model"], summary.get("sha")
         links = report_links(summary, self.service_url)
-        if sha:
+        if sha and statuses:
             state = "success" if summary["gate"]["passed"] else "failure"
             self._attempt("status", outcomes, lambda: self.github.set_status(
                 self.repository, sha, state, status_description(summary), status_context(model),

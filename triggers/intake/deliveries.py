@@ -107,11 +107,30 @@ class Recorded:
 
 def _job_rows(config: MlgateConfig, delivery_id: str, plan: Plan) -> list[dict[str, Any]]:
     return [job_row(model=job.model, kind=job.kind, trigger=job.trigger, sha=job.sha, pr=job.pr,
-                    payload={"delivery": delivery_id, "repository": plan.repository, "reason": plan.reason}
+                    payload=(job.payload or {})
+                    | {"delivery": delivery_id, "repository": plan.repository, "reason": plan.reason}
                     | ({"author_writes": True} if job.author_writes else {}),
                     dedupe_key=f"{delivery_id}:{job.model}", supersede_key=job.supersede_key,
                     max_attempts=config.service.max_attempts)
             for job in plan.jobs]
+
+
+def _rerun(conn: Any, plan: Plan) -> Plan:
+    """A re-requested check run's job, planned again as it was: same model, commit, PR and payload (a drift
+    retrain keeps its data). The job must be this service's, for that commit, in that repository."""
+    from triggers.intake.webhooks import PlannedJob
+    from triggers.jobs.queue import Job
+
+    row = conn.execute(select(Job.model, Job.kind, Job.trigger, Job.sha, Job.pr, Job.payload)
+                       .where(Job.id == plan.rerun_of)).first()
+    payload = json.loads(row.payload or "{}") if row is not None else {}
+    if row is None or row.sha != plan.sha or payload.get("repository", plan.repository) != plan.repository:
+        return Plan("ignored", f"re-run of {plan.rerun_of}: no such job of this service for commit "
+                    f"{(plan.sha or '')[:7]}", repository=plan.repository)
+    kept = {k: v for k, v in payload.items() if k in ("data_ref", "author_writes", "event_id", "drift_share")}
+    return Plan("jobs", plan.reason, [PlannedJob(model=row.model, kind=row.kind, trigger=row.trigger, sha=row.sha,
+                                                 pr=row.pr, supersede_key=None, payload=kept | {"rerun_of": plan.rerun_of})],
+                repository=plan.repository, sha=plan.sha)
 
 
 @dataclass
@@ -155,6 +174,8 @@ def record_deliveries(engine: Engine, config: MlgateConfig, batch: list[Incoming
                 results.append(Recorded(known[item.delivery_id], duplicate=True))
                 continue
             plan, action = item.plan, item.payload.get("action")
+            if plan.outcome == "rerun":
+                plan = _rerun(conn, plan)
             if item.body_sha256 in seen:
                 plan = Plan("ignored", f"replay: the same signed body arrived as delivery {seen[item.body_sha256]}",
                             repository=plan.repository)

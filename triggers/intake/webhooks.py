@@ -124,6 +124,23 @@ class IssueCommentEvent(_Loose):
         return match[1].lower() if match and match[1] else None
 
 
+class _CheckRunApp(_Loose):
+    id: int
+
+
+class _CheckRun(_Loose):
+    name: str
+    head_sha: str
+    external_id: str | None = None
+    app: _CheckRunApp
+
+
+class CheckRunEvent(_Loose):
+    action: str
+    check_run: _CheckRun
+    repository: _Repository
+
+
 @dataclass
 class PlannedJob:
     model: str
@@ -133,6 +150,7 @@ class PlannedJob:
     pr: int | None = None
     supersede_key: str | None = None
     author_writes: bool = False    # a PR's author may write: its own code may judge it (else the base branch's)
+    payload: dict[str, Any] | None = None   # carried over from the job a re-run repeats (its data_ref, …)
 
 
 @dataclass
@@ -142,10 +160,12 @@ class Plan:
     jobs: list[PlannedJob] = field(default_factory=list)
     repository: str | None = None
     sha: str | None = None          # the commit the plan is about (a PR's head): "no model affected" goes there
+    rerun_of: str | None = None     # outcome "rerun": the job whose check run someone re-ran (resolved on record)
 
 
-def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | IssueCommentEvent | None:
-    model = {"push": PushEvent, "pull_request": PullRequestEvent, "issue_comment": IssueCommentEvent}.get(event)
+def parse(event: str, payload: Any) -> PushEvent | PullRequestEvent | IssueCommentEvent | CheckRunEvent | None:
+    model = {"push": PushEvent, "pull_request": PullRequestEvent, "issue_comment": IssueCommentEvent,
+             "check_run": CheckRunEvent}.get(event)
     if model is None:
         return None
     try:
@@ -183,8 +203,23 @@ def plan_event(config: MlgateConfig, event: str, payload: Any, github: GitHubSou
         return _plan_pull_request(config, parsed, github)
     if isinstance(parsed, IssueCommentEvent) and parsed.is_evaluate_command:
         return _plan_evaluate_command(config, parsed, github, head_at)
+    if isinstance(parsed, CheckRunEvent) and parsed.action == "rerequested":
+        return _plan_rerun(parsed)
     action = payload.get("action")
     return Plan("ignored", f"event '{event}{'.' + action if action else ''}' does not start jobs")
+
+
+def _plan_rerun(event: CheckRunEvent) -> Plan:
+    """GitHub's "Re-run" on one of this service's check runs (only someone with write access sees it): the job
+    it showed, once more. Which job comes from the check run's external id; the recording resolves it."""
+    run, repo = event.check_run, event.repository.full_name
+    app_id = os.environ.get("GITHUB_APP_ID", "").strip()
+    if not app_id or str(run.app.id) != app_id:
+        return Plan("ignored", f"check run '{run.name[:100]}' is another app's", repository=repo)
+    if not run.external_id or not run.name.startswith("mlgate/"):
+        return Plan("ignored", f"check run '{run.name[:100]}' names no mlgate job", repository=repo)
+    return Plan("rerun", f"re-run of job {run.external_id[:40]} requested on GitHub", repository=repo,
+                sha=run.head_sha, rerun_of=run.external_id[:40])
 
 
 def _foreign_repository(full_name: str) -> str | None:

@@ -26,6 +26,7 @@ class JobReporter(Protocol):
     """Who hears of a job's start and end (GitHub statuses: triggers/github/job_status.py)."""
 
     def started(self, job: queue.Job) -> None: ...
+    def progress(self, job: queue.Job) -> Any: ...
     def ended(self, job: queue.Job) -> Any: ...
     def sweep(self) -> int: ...
 
@@ -62,7 +63,7 @@ class Worker:
             lost.set()
 
     def _heartbeat(self, job: queue.Job, lost: threading.Event, done: threading.Event,
-                   timed_out: threading.Event) -> None:
+                   timed_out: threading.Event, lease_lost: threading.Event) -> None:
         """Renew the lease every quarter lease. A renewal that fails is retried every tenth of a lease; once
         half the lease has gone unrenewed the job is stopped, well before another worker may claim it, and
         its promotion is fenced anyway. Past `service.job_timeout_minutes` the job is stopped too."""
@@ -80,15 +81,18 @@ class Worker:
                 if time.monotonic() - last_renewed > self.lease / 2:
                     log.error("lease not renewed for half its length; stopping the job",
                               extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
+                    lease_lost.set()
                     lost.set()
                     return
                 log.warning("heartbeat failed; retrying", extra={"job_id": job.id, "error": type(exc).__name__})
                 interval = self.lease / 10
                 continue
             if not renewed:
+                lease_lost.set()
                 lost.set()   # cancelled, or recovered by another worker after a stall
                 return
             last_renewed, interval = time.monotonic(), self.lease / 4
+            self._report("progress", lambda: self.reporter.progress(job))   # type: ignore[union-attr]
 
     def run_one(self) -> queue.Job | None:
         """Claim and run one job; None when nothing was claimable."""
@@ -96,8 +100,8 @@ class Worker:
         if job is None:
             return None
         self._report("started", lambda: self.reporter.started(job))   # type: ignore[union-attr]
-        lost, done, timed_out = threading.Event(), threading.Event(), threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job, lost, done, timed_out), daemon=True)
+        lost, done, timed_out, lease_lost = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, lost, done, timed_out, lease_lost), daemon=True)
         beat.start()
         self._running[job.id] = lost
         try:
@@ -113,6 +117,8 @@ class Worker:
             minutes = self.config.service.job_timeout_minutes
             outcome = Outcome("failed", {"error": f"timed out after {minutes:g} min (service.job_timeout_minutes); "
                                                   "the job was stopped"})
+        if outcome is not None and outcome.state == "preempted" and lease_lost.is_set():
+            outcome = None   # its checkpoint stands, but the job is no longer this worker's to requeue
         if outcome is not None and outcome.state == "preempted":
             now = queue.preempt(self.engine, job.id, job.attempts, outcome.fields.get("error", "preempted"),
                                 self.config.service.max_preemptions, worker_id=self.worker_id)
