@@ -14,6 +14,8 @@ from automation.redaction import redact
 
 DEFAULT_API_URL = "https://api.github.com"
 MAX_CHECK_TEXT = 65_535   # a check run output's summary and text, each
+# the JSON media type by name: some endpoints list another first, which some servers and mocks cannot produce
+JSON_ACCEPT = {"Accept": "application/json"}
 
 
 class GitHubUnavailable(MlgateError):
@@ -104,12 +106,35 @@ class GitHubSource:
     def _credentials(self) -> Any:
         from github import Auth
 
-        if self._auth is None and self.app is not None:   # one object: it caches the installation token
-            self._auth = Auth.AppAuth(self.app.app_id, self.app.private_key).get_installation_auth(
-                self.app.installation_id)
-        elif self._auth is None and self.token:
+        if self.app is not None:
+            return Auth.Token(self._installation_token())
+        if self._auth is None and self.token:
             self._auth = Auth.Token(self.token)
         return self._auth
+
+    def _installation_token(self) -> str:
+        """The app installation's token, minted with a JWT signed by the app's key and kept until 5 minutes
+        before it expires (an hour, on GitHub). Asked for as plain JSON: PyGithub's own request names a
+        retired preview media type."""
+        from datetime import datetime
+
+        from github import Auth, Github
+
+        token, expires = self._auth or (None, 0.0)
+        if token is None or expires - 300 < time.time():
+            app = self.app
+            assert app is not None
+            signer = Github(base_url=self.api_url, auth=Auth.AppAuth(app.app_id, app.private_key),
+                            timeout=int(self.timeout), lazy=True)
+            _, data = signer.requester.requestJsonAndCheck(
+                "POST", f"/app/installations/{app.installation_id}/access_tokens", headers=JSON_ACCEPT)
+            token = str((data or {})["token"])
+            try:
+                expires = datetime.fromisoformat(str(data["expires_at"]).replace("Z", "+00:00")).timestamp()
+            except (KeyError, ValueError):
+                expires = time.time() + 3000
+            self._auth = (token, expires)
+        return token
 
     def _client(self) -> Any:
         from github import Github
@@ -233,15 +258,17 @@ class GitHubSource:
         """Who this token acts as. An Actions GITHUB_TOKEN may not read /user; it writes as github-actions[bot].
         An app writes as `<its slug>[bot]`."""
         if self._login is None and self.app is not None:
-            def slug(gh: Any) -> str:
-                _, data = gh.requester.requestJsonAndCheck("GET", "/app")
-                return f"{(data or {}).get('slug') or 'mlgate'}[bot]"
-
             from github import Auth, Github
 
-            app_client = Github(base_url=self.api_url, auth=Auth.AppAuth(self.app.app_id, self.app.private_key),
+            app = self.app
+
+            def slug(_gh: Any) -> str:   # GET /app takes the app's JWT, not an installation token
+                signer = Github(base_url=self.api_url, auth=Auth.AppAuth(app.app_id, app.private_key),
                                 timeout=int(self.timeout), lazy=True)
-            self._login = self._call("read the app", lambda _gh: slug(app_client), attempts=3)
+                _, data = signer.requester.requestJsonAndCheck("GET", "/app", headers=JSON_ACCEPT)
+                return f"{(data or {}).get('slug') or 'mlgate'}[bot]"
+
+            self._login = self._call("read the app", slug, attempts=3)
         if self._login is None:
             try:
                 self._login = self._call("read the token's user", lambda gh: gh.get_user().login, attempts=3)
@@ -314,7 +341,8 @@ class GitHubSource:
             body["details_url"] = details_url
 
         def create(gh: Any) -> int:
-            _, data = gh.requester.requestJsonAndCheck("POST", f"/repos/{repository}/check-runs", input=body)
+            _, data = gh.requester.requestJsonAndCheck("POST", f"/repos/{repository}/check-runs", input=body,
+                                                       headers=JSON_ACCEPT)
             return int((data or {})["id"])
 
         return self._call(f"create check run {name} on {sha[:7]}", create)
@@ -332,7 +360,7 @@ class GitHubSource:
             body |= {"status": "completed", "conclusion": conclusion,
                      "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._call(f"update check run {check_run_id}", lambda gh: gh.requester.requestJsonAndCheck(
-            "PATCH", f"/repos/{repository}/check-runs/{check_run_id}", input=body), attempts=3)
+            "PATCH", f"/repos/{repository}/check-runs/{check_run_id}", input=body, headers=JSON_ACCEPT), attempts=3)
 
     def cancel_workflow_run(self, repository: str, run_id: int) -> None:
         def cancel(gh: Any) -> None:

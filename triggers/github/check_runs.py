@@ -101,11 +101,12 @@ class CheckRunReporter(JobStatusReporter):
                 CheckRun.job_id == job.id, CheckRun.concluded == "no",
                 CheckRun.progress_at.is_(None) | (CheckRun.progress_at < _now() - PROGRESS_EVERY))
                 .values(progress_at=_now())).rowcount == 1
-            row = session.get(CheckRun, job.id) if taken else None
-        if row is None:
+            check_run_id = session.scalar(select(CheckRun.check_run_id).where(CheckRun.job_id == job.id)) \
+                if taken else None
+        if check_run_id is None:
             return False
         title, summary = progress_text(progress)
-        self.github.update_check_run(self.repository, row.check_run_id, title, summary)
+        self.github.update_check_run(self.repository, check_run_id, title, summary)
         return True
 
     def ended(self, job: Job) -> dict[str, str]:
