@@ -123,11 +123,11 @@ class ArtifactMirror:
 
     TAG = "mlgate.checkpoint_job"
 
-    def __init__(self, client: Any, experiment: str, job_id: str) -> None:
+    def __init__(self, client: Any, experiment: str, job_id: str, artifact_location: str | None = None) -> None:
         self.client, self.job_id = client, job_id
         found = client.get_experiment_by_name(f"{experiment}-checkpoints")
         self.experiment_id = found.experiment_id if found is not None else \
-            client.create_experiment(f"{experiment}-checkpoints")
+            client.create_experiment(f"{experiment}-checkpoints", artifact_location=artifact_location)
         self._run_id: str | None = None
 
     def _run(self, create: bool) -> str | None:

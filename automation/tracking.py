@@ -18,6 +18,12 @@ def tracking_uri(workdir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
+def artifact_location(workdir: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the embedded store (MLflow's default, ./mlruns, would
+    follow the working directory); a tracking server decides for itself."""
+    return (workdir / "mlartifacts").resolve().as_uri() if tracking_uri(workdir).startswith("sqlite") else None
+
+
 def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
     """Point MLflow at the store, check it answers, and return (client, experiment id)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -46,8 +52,7 @@ def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return client, found.experiment_id
-        location = (workdir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-        return client, client.create_experiment(experiment, artifact_location=location)
+        return client, client.create_experiment(experiment, artifact_location=artifact_location(workdir))
     except Exception as exc:  # MLflow wraps network errors in many types; the user needs the URI
         reason = redact(str(exc).splitlines()[0])[:200] if str(exc) else type(exc).__name__
         raise MlgateError(f"MLflow tracking store at {redact_url(uri)} is unreachable: {reason}",

@@ -180,7 +180,8 @@ def test_a_retry_on_a_fresh_workspace_resumes_from_the_artifact_store(tmp_path: 
         if epoch == 3:
             raise Died
 
-    first_runner = CheckpointDir(tmp_path / "runner-1", mirror=ArtifactMirror(client, "mlgate", "job'1"))
+    location = (tmp_path / "store" / "mlartifacts").as_uri()
+    first_runner = CheckpointDir(tmp_path / "runner-1", mirror=ArtifactMirror(client, "mlgate", "job'1", location))
     with pytest.raises(Died):
         train_model(digits_mlp.build, PARAMS, digits(seed=0), CFG, on_epoch=die_after_three, checkpoints=first_runner)
     # a torn upload: a checkpoint whose sidecar never arrived is not fetched

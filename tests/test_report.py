@@ -312,3 +312,43 @@ def test_the_report_says_what_was_skipped_cached_and_cut_short() -> None:
     assert rows["torch_compile"][-1].startswith("⏭️ skipped: cannot win")
     page = render_html(summary, samples_of(SUMMARY))
     assert "<h3>Job cost</h3>" in page and "(cached)" in page
+
+
+def test_the_report_says_what_the_job_cost_and_how_training_ended() -> None:
+    """The cost section on a GPU runner that resumed after a preemption, and on a CPU; and a training cut
+    short by its budget or stopped as hopeless says so."""
+    import copy
+
+    summary = copy.deepcopy(SUMMARY)
+    summary["cost"] = {
+        "stages": {"train": {"wall_seconds": 3600.0, "cpu_seconds": 900.0, "gpu_seconds": 3600.0,
+                             "gpu_energy_joules": 1.2e6},
+                   "benchmark": {"wall_seconds": 60.0, "cpu_seconds": 61.5, "gpu_seconds": 60.0,
+                                 "gpu_energy_joules": 9000.0}},
+        "wall_seconds": 3660.0, "cpu_seconds": 961.5,
+        "gpu": {"device": "NVIDIA H100 80GB HBM3", "seconds": 3660.0, "energy_joules": 1209000.0,
+                "peak_memory_mb": 20480.0},
+        "gpu_absent": None,
+        "resume": {"resumed_from": {"epoch": 12, "step": 340}, "saved_seconds": 5400.0, "earlier_attempts": 2,
+                   "preempted_attempts": 1, "lost_seconds": 240.0}}
+    summary["training"] |= {"resumed_from": {"epoch": 12, "step": 340}, "budget_reached": True,
+                            "hopeless": None}
+    markdown = render_markdown(summary)
+    cost = section(markdown, "Job cost")
+    assert "- CPU time: 961.5 s over 3660.0 s wall (train 900.0 s · benchmark 61.5 s)." in cost
+    assert ("- GPU `NVIDIA H100 80GB HBM3`: 3660.0 GPU-seconds, energy 1209.00 kJ (the whole GPU's counter), "
+            "peak memory 20480 MB") in cost
+    assert ("- Attempts before this one: 2 (1 preempted), lost 240.0 s; this attempt resumed at epoch 12, step 340, "
+            "which saved 5400.0 s of training.") in cost
+    training = section(markdown, "Training")
+    assert "Resumed from a checkpoint at epoch 12, step 340" in training
+    assert "**Stopped at the training budget** (train.max_minutes)" in training
+    on_cpu = copy.deepcopy(summary)
+    on_cpu["cost"] |= {"gpu": None, "gpu_absent": "the job ran on the CPU",
+                       "resume": {"resumed_from": None, "earlier_attempts": 0}}
+    on_cpu["training"] |= {"budget_reached": False, "hopeless": "after 3 epochs, validation accuracy 40.00% …"}
+    markdown = render_markdown(on_cpu)
+    assert "- GPU: none (the job ran on the CPU)." in section(markdown, "Job cost")
+    assert "Attempts before" not in markdown and "Resumed from" in markdown   # the training block says it resumed
+    assert "**Stopped as hopeless** (train.abort_when_hopeless): after 3 epochs" in section(markdown, "Training")
+    assert "<h3>Job cost</h3>" in render_html(on_cpu, samples_of(SUMMARY))

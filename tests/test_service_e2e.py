@@ -152,7 +152,18 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
         tally.add(view, rollout.Observation(f"r{i}", np.array([i % 10]), np.array([(i + (i % 25 == 0)) % 10]),
                                             4e-4, 5e-4))
     tally.flush(engine)
+    # a job running on another worker reports its progress (what the local executor copies from the job's file)
+    from triggers.jobs import queue
+
+    running, _ = queue.enqueue(engine, model="digits_cnn", kind="retrain", trigger="manual")
+    assert queue.claim(engine, "a-remote-worker", lease_seconds=600).id == running.id
+    queue.record_progress(engine, running.id, 1, {"stage": "train", "epoch": 3, "epochs": 8, "val_accuracy": 0.91,
+                                                  "eta_seconds": 50})
     dom = dump_dom(service.url + "/", tmp_path / "chromium")
+    jobs_table = dom[dom.index('<table id="jobs"'):]
+    row = jobs_table[jobs_table.index(f'<tr data-job="{running.id}"'):]
+    row = row[:row.index("</tr>")]
+    assert '<progress max="8" value="3">' in row and "train 3/8, val acc 0.910, ETA 50 s" in row, row
     start = dom.index('data-model="digits_mlp"')
     card = dom[start:dom.find("</section>", start)]
     assert 'data-state="running"' in card and \
@@ -165,7 +176,8 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
         assert f'data-threshold="{threshold}"' in chart and chart.count("<circle") == 2, chart
     assert "digits_cnn: nothing in production" in dom
     assert f'data-job="{push_job}"' in dom and f'href="/reports/{push_job}"' in dom and 'class="state succeeded"' in dom
-    assert "2 recent jobs: 0 running, 0 queued" in dom
+    assert "3 recent jobs: 1 running, 0 queued" in dom
+    assert card.count('class="cost"') >= 2 and " s (CPU " in card   # what each job cost, on its model's card
     png = tmp_path / "dashboard.png"
     headless_chromium(tmp_path / "chromium", "--hide-scrollbars", "--window-size=1280,1600",
                       "--virtual-time-budget=10000", f"--screenshot={png}", service.url + "/")
@@ -178,3 +190,7 @@ def test_push_and_drift_each_retrain_gate_and_promote(service: Service, kafka_br
     metrics = service.get("/metrics").text
     assert 'mlgate_events_total{outcome="job",source="kafka",type="drift"} 1.0' in metrics
     assert "mlgate_job_duration_seconds_count 2.0" in metrics
+    # what the two jobs cost, summed from their summaries; no GPU here, so no GPU-seconds
+    cpu = [line for line in metrics.splitlines() if line.startswith("mlgate_job_cost_cpu_seconds_total ")]
+    assert cpu and float(cpu[0].split()[1]) > 1.0, cpu
+    assert "mlgate_job_cost_gpu_seconds_total 0.0" in metrics and "mlgate_job_preemptions_total 0.0" in metrics

@@ -158,6 +158,32 @@ def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: 
     return output
 
 
+def first_attempt_left_checkpoints(registry: str, experiment: str, job_id: str, workspace: Path,
+                                   artifacts: str) -> None:
+    """A first attempt at the job, on another runner, preempted after epoch 3: its checkpoints are in the
+    registry's artifact store (as `--checkpoint-store mlflow` leaves them) and its workspace is gone."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from automation.checkpoint import ArtifactMirror, CheckpointDir
+    from automation.config import load_config
+    from automation.train import train_model
+    from models import digits_mlp
+
+    spec = load_config(ROOT / "mlgate.yaml").model("digits_mlp")
+
+    def preempted_after_three(epoch: int, _metrics: Any) -> None:
+        if epoch == 4:
+            raise InterruptedError("the runner went away")
+
+    mirror = ArtifactMirror(MlflowClient(registry, registry), experiment, job_id, artifacts)
+    with pytest.raises(InterruptedError):
+        train_model(digits_mlp.build, spec.params, digits_mlp.load_data(**spec.data), spec.train,
+                    on_epoch=preempted_after_three, checkpoints=CheckpointDir(workspace, mirror=mirror))
+    shutil.rmtree(workspace)
+
+
 def job_summary(output: str, job_id: str) -> dict[str, Any]:
     """The last summary line the job's run printed (an outsider's PR prints its build's, then its judge's)."""
     return json.loads([line.split("| ", 1)[1] for line in output.splitlines()
@@ -198,6 +224,8 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
                         "tracking.connect(pathlib.Path(sys.argv[1]), sys.argv[2])", str(service.state), experiment],
                        cwd=ROOT, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
         retrain = service.running_job("manual")
+        first_attempt_left_checkpoints(registry, experiment, retrain.id, tmp_path / "first-runner",
+                                       (service.state / "mlartifacts").as_uri())
         token = mint_token(service.secret, retrain.id, 1, 3600)
         output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": retrain.id, "trigger": "manual",
                                                "result_token": token},
@@ -210,6 +238,9 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
         assert token.split(".")[3] not in output   # masked in the log
         summary = job_summary(output, retrain.id)
         assert summary["gate"]["passed"] and summary["promoted"]
+        # a fresh workspace, yet it resumed: the first attempt's checkpoints came from the artifact store
+        assert summary["training"]["resumed_from"] == {"epoch": 3, "step": 0}, summary["training"]
+        assert summary["training"]["epochs_this_attempt"] == len(summary["training"]["history"]) - 3
 
         evaluate = service.running_job("pr", pr=7)
         pr_output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": evaluate.id, "trigger": "pr",

@@ -243,7 +243,8 @@ def _checkpoint_mirror(config: Any, args: argparse.Namespace, model: str, severa
     from automation.checkpoint import ArtifactMirror
 
     client, _ = tracking.connect(config.workdir, config.experiment)
-    return ArtifactMirror(client, config.experiment, f"{args.job_id}/{model}" if several else args.job_id)
+    return ArtifactMirror(client, config.experiment, f"{args.job_id}/{model}" if several else args.job_id,
+                          tracking.artifact_location(config.workdir))
 
 
 def _earlier_attempts(value: str | None) -> dict[str, Any] | None:

@@ -35,6 +35,13 @@ class JobsCollector:
         buckets.append(("+Inf", totals.get("seconds_count", 0.0)))
         yield HistogramMetricFamily("mlgate_job_duration_seconds", "Wall time of ended jobs (started to finished)",
                                     buckets=buckets, sum_value=totals.get("seconds_sum", 0.0))
+        yield CounterMetricFamily("mlgate_job_preemptions", "Attempts preempted (checkpointed, requeued to resume)",
+                                  value=totals.get("preempted", 0.0))
+        for name in queue.COST_STATS:   # what jobs cost, from their summaries' cost sections
+            unit = "joules" if "joules" in name else "seconds"
+            yield CounterMetricFamily(f"mlgate_job_cost_{name.removesuffix('_' + unit)}_{unit}",
+                                      f"Summed over jobs' attempts: {name.replace('_', ' ')}",
+                                      value=totals.get(f"cost:{name}", 0.0))
 
 
 class ServiceMetrics:

@@ -251,6 +251,7 @@ class LocalExecutor:
         summary = _json_line(lines[-1]) if lines else None
         outcome = outcome_from_summary(process.returncode, summary, _last_error(log_path))
         keep_summary(self.config.workdir, job.id, summary)
+        queue.add_job_cost(self.engine, (summary or {}).get("cost"))
         report = self.config.workdir / "reports" / job.id / "report.html"   # where the service looks, always
         written = workdir / "reports" / job.id / "report.html"
         if written != report and written.is_file():

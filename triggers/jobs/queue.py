@@ -155,6 +155,10 @@ def _count_end(session: Session, state: str, started_at: datetime | None, now: d
         seconds = max(0.0, (now - as_utc(started_at)).total_seconds())   # type: ignore[operator]
         bumps["seconds_sum"], bumps["seconds_count"] = seconds, 1.0
         bumps |= {f"seconds_le:{b:g}": 1.0 for b in DURATION_BUCKETS if seconds <= b}
+    _bump(session, bumps)
+
+
+def _bump(session: Session, bumps: dict[str, float]) -> None:
     for name, amount in bumps.items():
         if session.execute(update(JobStat).where(JobStat.name == name)
                            .values(value=JobStat.value + amount)).rowcount == 0:
@@ -163,6 +167,23 @@ def _count_end(session: Session, state: str, started_at: datetime | None, now: d
                     session.add(JobStat(name=name, value=amount))
             except IntegrityError:   # another writer created it first
                 session.execute(update(JobStat).where(JobStat.name == name).values(value=JobStat.value + amount))
+
+
+COST_STATS = ("wall_seconds", "cpu_seconds", "gpu_seconds", "gpu_energy_joules")
+
+
+def add_job_cost(engine: Engine, cost: Any) -> None:
+    """A finished attempt's cost (the summary's `cost`) into the running totals /metrics reads."""
+    if not isinstance(cost, dict):
+        return
+    gpu = cost.get("gpu") if isinstance(cost.get("gpu"), dict) else {}
+    values = {"wall_seconds": cost.get("wall_seconds"), "cpu_seconds": cost.get("cpu_seconds"),
+              "gpu_seconds": gpu.get("seconds"), "gpu_energy_joules": gpu.get("energy_joules")}
+    bumps = {f"cost:{k}": float(v) for k, v in values.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e12}
+    if bumps:
+        with Session(engine) as session, session.begin():
+            _bump(session, bumps)
 
 
 def job_stats(engine: Engine) -> dict[str, float]:
@@ -314,6 +335,7 @@ def preempt(engine: Engine, job_id: str, attempt: int, reason: str, max_preempti
         count = session.scalar(select(func.count()).select_from(JobAttempt)
                                .where(JobAttempt.job_id == job_id, JobAttempt.state == "preempted"))
         job.worker_id, job.lease_expires_at = None, None
+        _bump(session, {"preempted": 1.0})
         if count > max_preemptions:
             job.state, job.finished_at = "failed", now
             job.error = f"preempted {count} times (service.max_preemptions is {max_preemptions}); giving up"

@@ -59,6 +59,7 @@ def jobs_router(state: ServiceState) -> APIRouter:
                                        **outcome.fields):
             return error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
         await run_in_threadpool(keep_summary, state.config.workdir, job_id, result.summary)   # for GitHub reports
+        await run_in_threadpool(queue.add_job_cost, state.engine, (result.summary or {}).get("cost"))
         if result.report_html is not None:   # kept under the service's own workdir, at a path it chose
             report = report_file(state, job_id)
             report.parent.mkdir(parents=True, exist_ok=True)
