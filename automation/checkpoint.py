@@ -190,8 +190,8 @@ class PreemptionNotice:
     half-written one is never read. Outside training (nothing to checkpoint) it exits at once. Installed only
     in the main thread (signals are delivered there)."""
 
-    def __init__(self, grace_seconds: float) -> None:
-        self.grace_seconds = grace_seconds
+    def __init__(self, grace_seconds: float, enabled: bool = True) -> None:
+        self.grace_seconds, self.enabled = grace_seconds, enabled   # disabled: nothing to resume from
         self.training = False   # set by the training loop while it can checkpoint
         self.requested = threading.Event()
         self.received_at: float | None = None
@@ -202,7 +202,7 @@ class PreemptionNotice:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self) -> "PreemptionNotice":
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 

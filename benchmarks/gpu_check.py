@@ -89,6 +89,15 @@ def job_section(model: str, run: int, code: int, seconds: float, summary: dict[s
         lines.append("served path (tokenizer included), chosen variant p50 ms: " + ", ".join(
             f"b{b} {s['p50_ms']:.3f} (network alone {served['network_alone'][b]['p50_ms']:.3f})"
             for b, s in served["latency"].items() if b in served["network_alone"]))
+    cost = summary.get("cost") or {}
+    gpu = cost.get("gpu")
+    if gpu:
+        joules = gpu.get("energy_joules")
+        energy = "not counted by the driver" if joules is None else f"{joules / 1000:.2f} kJ"
+        lines.append(f"cost: {gpu['seconds']:.1f} GPU-seconds, energy {energy}, peak memory "
+                     f"{gpu.get('peak_memory_mb')} MB on {gpu.get('device')}")
+    else:
+        lines.append(f"cost: no GPU metered ({cost.get('gpu_absent', 'no cost section')})")
     lines += ["stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()), "",
               *variant_table(summary), ""]
     return lines

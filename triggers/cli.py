@@ -197,7 +197,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
     grace = max(config.model(name).train.preemption_grace_seconds for name in names)
     record_to = config.workdir / "jobs" / args.job_id / PROGRESS_FILE if args.job_id else None
     with JobProgress(enabled=None if not args.json else False, record_to=record_to) as progress, \
-            PreemptionNotice(grace) as notice:
+            PreemptionNotice(grace, enabled=checkpoints is not None) as notice:   # else Ctrl-C is "interrupted"
         for name in names:
             request = JobRequest(model=name, trigger=args.trigger, sha=args.sha, pr=args.pr,
                                  fresh_data=fresh_data, production_dir=production_dir, fence=fence, notice=notice,
