@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
-from automation.config import MlgateConfig
-from triggers.github.job_status import keep_summary
 from automation.checkpoint import Preempted
+from automation.config import MlgateConfig
 from automation.progress import PROGRESS_FILE, ProgressFile
+from triggers.github.job_status import keep_summary
 from triggers.jobs import queue
 from triggers.jobs.queue import Job, get_job
 
@@ -238,7 +238,7 @@ class LocalExecutor:
             progress = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE)
             while process.poll() is None:
                 if lost.wait(0.5):
-                    if self._stop(process, job) != Preempted.exit_code:
+                    if self._stop(process, job, lost) != Preempted.exit_code:
                         log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
                         return None
                     break   # it checkpointed: the worker requeues it (if it is still this worker's)
@@ -261,10 +261,13 @@ class LocalExecutor:
             outcome.fields["report_path"] = str(report)
         return outcome
 
-
-    def _stop(self, process: subprocess.Popen, job: Job) -> int:
-        """Cancelled, timed out, lost or preempted: SIGTERM, as a spot notice would, so training checkpoints;
-        SIGKILL once the model's grace period (and a margin) has passed. Returns the exit code."""
+    def _stop(self, process: subprocess.Popen, job: Job, lost: threading.Event) -> int:
+        """Cancelled, timed out or preempted: SIGTERM, as a spot notice would, so training checkpoints; SIGKILL
+        once the model's grace period (and a margin) has passed. A lost lease: SIGKILL at once, before another
+        worker may claim the job and resume from the same checkpoints. Returns the exit code."""
+        if getattr(lost, "lease_lost", False):
+            process.kill()
+            return process.wait()
         grace = self.config.model(job.model).train.preemption_grace_seconds if job.model in self.config.models \
             else 30.0
         process.terminate()

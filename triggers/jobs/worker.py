@@ -82,14 +82,15 @@ class Worker:
                     log.error("lease not renewed for half its length; stopping the job",
                               extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
                     lease_lost.set()
+                    lost.lease_lost = True   # type: ignore[attr-defined]   # the executor kills at once
                     lost.set()
                     return
                 log.warning("heartbeat failed; retrying", extra={"job_id": job.id, "error": type(exc).__name__})
                 interval = self.lease / 10
                 continue
-            if not renewed:
+            if not renewed:   # cancelled (a graceful stop), or recovered by another worker after a stall
                 lease_lost.set()
-                lost.set()   # cancelled, or recovered by another worker after a stall
+                lost.set()
                 return
             last_renewed, interval = time.monotonic(), self.lease / 4
             self._report("progress", lambda: self.reporter.progress(job))   # type: ignore[union-attr]
