@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from automation.errors import one_line
-from automation.predictors import Predictor, host_batch, predict
+from automation.predictors import EVALUATION_BATCH, Predictor, host_batch, predict
 
 ProgressFn = Callable[[int], None]
 
@@ -70,7 +70,7 @@ def evaluate_accuracy(predictor: Predictor, x: np.ndarray, y: np.ndarray,
                       classes: tuple[str, ...]) -> AccuracyStats:
     from sklearn.metrics import f1_score
 
-    predicted = predict(predictor, x).argmax(axis=1)
+    predicted = predict(predictor, x, EVALUATION_BATCH).argmax(axis=1)
     per_class = f1_score(y, predicted, labels=range(len(classes)), average=None, zero_division=0)
     return AccuracyStats(accuracy=float((predicted == y).mean()),
                          macro_f1=float(per_class.mean()),

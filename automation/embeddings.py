@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-BATCH = 256
+BATCH = 64   # predictors.EVALUATION_BATCH: a text model's attention grows with the square of its length
 
 
 def embedding_layer(model: nn.Module) -> nn.Linear:

@@ -45,8 +45,8 @@ from automation.config import ALL_VARIANTS, OptimizeConfig
 from automation.device import CPU, RunnerDevice, device_copy, host_copy
 from automation.errors import StageError, failure_reason, one_line
 from automation.logs import captured_output
-from automation.predictors import (AotiPredictor, OnnxPredictor, Predictor, TorchPredictor, onnx_provider_missing,
-                                   host_batch, onnx_providers, predict)
+from automation.predictors import (EVALUATION_BATCH, AotiPredictor, OnnxPredictor, Predictor, TorchPredictor,
+                                   host_batch, onnx_provider_missing, onnx_providers, predict)
 
 log = logging.getLogger(__name__)
 REFERENCE = "torch_eager"
@@ -304,7 +304,7 @@ def _warm(predictor: Predictor, x: np.ndarray, batch_sizes: list[int], probe: Me
         for _ in range(3):   # CUDA graphs record on the second or third call
             predictor.run(prepared)
     probe.finish(predictor.memory_kind)
-    return predict(predictor, x)
+    return predict(predictor, x, EVALUATION_BATCH)
 
 
 @contextmanager
@@ -390,7 +390,7 @@ def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.nd
 
     cross_device = None
     if device.is_cuda:   # ONNX Runtime on the CPU is judged against torch on the CPU, not on the GPU
-        logits["cpu"] = predict(TorchPredictor(model, CPU), x_test)
+        logits["cpu"] = predict(TorchPredictor(model, CPU), x_test, EVALUATION_BATCH)
         cross_device = parity.compare(logits["cpu"], logits[device.type], against="torch fp32 on cpu",
                                       precision=device.fp32_precision)
         log.info("cross-device difference", extra=cross_device.as_dict())

@@ -28,6 +28,7 @@ from automation.device import CPU, RunnerDevice
 from models.datasets import Splits, is_on_disk
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+VALIDATION_BATCH = 64   # as predictors.EVALUATION_BATCH: attention over long texts grows with the square of length
 BuildFn = Callable[..., nn.Module]
 
 
@@ -243,7 +244,8 @@ class TrainingLoop:
         """Loss and accuracy on the full validation split (every rank, so all reach the same stop decision)."""
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            logits = self.model(self.x_val).float()
+            logits = torch.cat([self.model(self.x_val[i:i + VALIDATION_BATCH]).float()   # bounded memory
+                                for i in range(0, len(self.x_val), VALIDATION_BATCH)])
         return self.loss_fn(logits, self.y_val).item(), (logits.argmax(1) == self.y_val).float().mean().item()
 
     def early_stop(self, val_loss: float) -> None:
