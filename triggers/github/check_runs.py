@@ -21,7 +21,7 @@ from triggers.github.api import GitHubUnavailable
 from triggers.github.job_status import STALE, JobStatusReporter, _ending
 from automation.report import render_markdown
 from triggers.github.reporter import GitHubReporter, report_links, status_context, status_description
-from triggers.jobs.queue import FINAL_STATES, Job, get_job, running_progress
+from triggers.jobs.queue import Job, running_progress
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = timedelta(seconds=15)
@@ -154,12 +154,6 @@ class CheckRunReporter(JobStatusReporter):
                 | ((CheckRun.concluded == "posting") & (CheckRun.updated_at < _now() - STALE)))
                 .values(concluded="posting", updated_at=_now())).rowcount == 1
 
-    def sweep(self) -> int:
+    def _owed(self) -> list[str]:
         with Session(self.engine) as session:
-            owed = list(session.scalars(select(CheckRun.job_id).where(CheckRun.concluded != "yes")))
-        posted = 0
-        for job_id in owed:
-            job = get_job(self.engine, job_id)
-            if job is not None and job.state in FINAL_STATES and self.ended(job):
-                posted += 1
-        return posted
+            return list(session.scalars(select(CheckRun.job_id).where(CheckRun.concluded != "yes")))

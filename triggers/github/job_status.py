@@ -122,12 +122,15 @@ class JobStatusReporter:
                 | ((OwedStatus.posted == "posting") & (OwedStatus.updated_at < _now() - STALE)))
                 .values(posted="posting", updated_at=_now())).rowcount == 1
 
-    def sweep(self) -> int:
-        """Post the final status of every ended job still owed one; returns how many."""
+    def _owed(self) -> list[str]:
+        """The jobs whose final report has not been posted yet."""
         with Session(self.engine) as session:
-            owed = list(session.scalars(select(OwedStatus.job_id).where(OwedStatus.posted != "final")))
+            return list(session.scalars(select(OwedStatus.job_id).where(OwedStatus.posted != "final")))
+
+    def sweep(self) -> int:
+        """Post the final report of every ended job still owed one; returns how many."""
         posted = 0
-        for job_id in owed:
+        for job_id in self._owed():
             job = get_job(self.engine, job_id)
             if job is not None and job.state in FINAL_STATES and self.ended(job):
                 posted += 1
