@@ -10,25 +10,13 @@ A batch never mixes versions: a request is answered by the version it arrived fo
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-
-# inference threads, one per core (ONNX Runtime and torch release the GIL while they compute; each ONNX
-# session runs on one thread); a plain executor hop costs less than anyio's thread pool, and at batch 1
-# the hop is most of a request's time
-INFERENCE = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="inference")
-
-
-async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` on an inference thread, so the event loop keeps accepting requests."""
-    return await asyncio.get_running_loop().run_in_executor(INFERENCE, fn, *args)
+from triggers.serving.inference_threads import off_loop
 
 
 @dataclass

@@ -21,6 +21,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from triggers.serving.inference_threads import off_loop
 from triggers.serving.inputs import BadInput, checked_cast, describe_value, format_value
 from triggers.serving.requests import (INLINE_BYTES, REQUEST_ID, error_response, log_columns, new_request_id,
                                       predict_body_limit)
@@ -297,8 +298,6 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
     """The v2 routes on the serving app; `answer(served, x, request_id)` runs the model (batched or not, off
     the loop, rolling out or not) and says which version answered. Returns the inference routes, for the
     fast path (fast_path.py)."""
-    from fastapi.concurrency import run_in_threadpool
-
     from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
 
     def served_for(name: str, version: str | None) -> Any:
@@ -364,7 +363,7 @@ def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log
         args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes), loaded.input_kind)
         try:
             parsed = parse_infer(*args) if _cheap_to_parse(raw, header, loaded.input_kind) else \
-                await run_in_threadpool(parse_infer, *args)
+                await off_loop(parse_infer, *args)
         except BadInput as exc:
             errors.labels("bad_input").inc()
             return error_response(str(exc), exc.status)

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -339,7 +338,8 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                        batch_delay_ms: float | None = None) -> Any:
     """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
     requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
-    from triggers.serving.batching import DynamicBatcher, off_loop
+    from triggers.serving.batching import DynamicBatcher
+    from triggers.serving.inference_threads import off_loop
     from triggers.serving.rollout import Observation
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
@@ -442,7 +442,7 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
         except BodyRefused as exc:   # too slow: the connection is dropped, not held
             return exc.answer()
         try:   # a small body parses faster than a thread hop; a large one is parsed off the event loop
-            x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await run_in_threadpool(
+            x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await off_loop(
                 _parse, raw, loaded, max_batch)
         except (ValueError, RecursionError) as exc:
             reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
