@@ -270,16 +270,44 @@ def read_bbc_news(root: Path | None = None) -> tuple[list[str], list[str], list[
 
 
 def bbc_news(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-             holdout_class: str | None = None) -> Splits:
+             holdout_class: str | None = None, unseen_fraction: float = 0.0) -> Splits:
     """BBC News articles as raw text (UTF-8 strings), 5 classes, split seeded and stratified.
-    `holdout_class` leaves one class out (the drift checks use it as unseen news)."""
-    texts, labels, files = read_bbc_news()
-    x = np.array(texts, dtype=object)
-    names = sorted(set(labels) - {holdout_class})
-    index = {name: i for i, name in enumerate(names)}
-    keep = np.array([label in index for label in labels])
-    y = np.array([index[label] for label, kept in zip(labels, keep) if kept], dtype=np.int64)
-    splits = split_arrays(x[keep], y, classes=tuple(names), seed=seed, val_fraction=val_fraction,
+    `holdout_class` leaves one class out (the drift checks use it as unseen news); `unseen_fraction` leaves
+    that share of the articles out of every split, stratified (`bbc_news_unseen` returns them: news from the
+    same distribution that no version trained, validated or was tested on)."""
+    x, y, names, files = _bbc_news_kept(holdout_class)
+    if unseen_fraction:
+        kept = _unseen_split(y, seed, unseen_fraction)[0]
+        x, y, files = x[kept], y[kept], [files[i] for i in kept]
+    splits = split_arrays(x, y, classes=tuple(names), seed=seed, val_fraction=val_fraction,
                           test_fraction=test_fraction)
     return Splits(splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test,
-                  splits.classes, sources=tuple(str(f) for f, kept in zip(files, keep) if kept))
+                  splits.classes, sources=tuple(str(f) for f in files))
+
+
+def bbc_news_unseen(seed: int = 0, unseen_fraction: float = 0.3, holdout_class: str | None = None,
+                    **_: object) -> tuple[np.ndarray, np.ndarray]:
+    """The articles (texts, label indices) that `bbc_news` left out with the same arguments."""
+    x, y, _, _ = _bbc_news_kept(holdout_class)
+    unseen = _unseen_split(y, seed, unseen_fraction)[1]
+    return x[unseen], y[unseen]
+
+
+def _bbc_news_kept(holdout_class: str | None) -> tuple[np.ndarray, np.ndarray, list[str], list[Path]]:
+    texts, labels, files = read_bbc_news()
+    names = sorted(set(labels) - {holdout_class})
+    index = {name: i for i, name in enumerate(names)}
+    kept = [i for i, label in enumerate(labels) if label in index]
+    x = np.array([texts[i] for i in kept], dtype=object)
+    y = np.array([index[labels[i]] for i in kept], dtype=np.int64)
+    return x, y, names, [files[i] for i in kept]
+
+
+def _unseen_split(y: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices kept for the splits and left unseen, stratified and seeded."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"unseen_fraction must be between 0 and 1, not {fraction}")
+    kept, unseen = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=y)
+    return np.sort(kept), np.sort(unseen)
