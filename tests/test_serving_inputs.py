@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import fast_config, wait_for, write_config
+from tests.conftest import fast_config, write_config
 from tests.test_serving import Running
 from triggers.cli import main
 
