@@ -80,7 +80,7 @@ def main() -> int:
         config = load_config(scratch / "state" / "mlgate.yaml")
         reference = load_reference(config, MODEL)
         threshold = config.model(MODEL).drift.threshold
-        texts, labels = bbc_news_unseen(**{**block["data"], "unseen_fraction": UNSEEN})
+        texts, labels = bbc_news_unseen(**block["data"])
         rng = np.random.default_rng(1)
         windows = [list(texts[rng.choice(len(texts), args.rows, replace=False)]) for _ in range(args.windows)]
         unshifted = [window_result(reference, w, scratch, threshold) for w in windows]

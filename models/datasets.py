@@ -285,9 +285,10 @@ def bbc_news(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.
                   splits.classes, sources=tuple(str(f) for f in files))
 
 
-def bbc_news_unseen(seed: int = 0, unseen_fraction: float = 0.3, holdout_class: str | None = None,
-                    **_: object) -> tuple[np.ndarray, np.ndarray]:
-    """The articles (texts, label indices) that `bbc_news` left out with the same arguments."""
+def bbc_news_unseen(*, unseen_fraction: float, seed: int = 0, holdout_class: str | None = None,
+                    **_split: float) -> tuple[np.ndarray, np.ndarray]:
+    """The articles (texts, label indices) that `bbc_news` left out with the same arguments (its
+    `val_fraction` and `test_fraction` are taken, and change nothing here)."""
     x, y, _, _ = _bbc_news_kept(holdout_class)
     unseen = _unseen_split(y, seed, unseen_fraction)[1]
     return x[unseen], y[unseen]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
+from tests.conftest import wait_for
 from triggers.serving.inference_threads import WarmThreads, off_loop
 
 
@@ -17,7 +17,7 @@ def test_a_lone_stream_of_calls_stays_on_one_thread_after_a_burst_started_others
     burst = [pool.submit(lambda: (gate.wait(5), threading.current_thread().name)[1]) for _ in range(4)]
     gate.set()
     assert len({f.result(5) for f in burst}) == 4   # the burst needed four threads
-    time.sleep(0.05)   # all four idle again
+    assert wait_for(lambda: len(pool._idle) == 4, 5)   # all four idle again
     lone = {pool.submit(lambda: threading.current_thread().name).result(5) for _ in range(50)}
     assert len(lone) == 1, lone
 

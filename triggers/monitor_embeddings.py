@@ -24,7 +24,7 @@ from automation.errors import MlgateError, UsageError
 EMBEDDINGS = "embeddings"
 EMBEDDING_AUC_THRESHOLD = 0.55   # Evidently's default for its model-based method: the floor
 NULL_SPREAD = 4.0                # standard deviations of the AUC under no drift: ~3e-5 false alarms per window
-DESCRIPTOR_P_VALUE = 1e-4        # a text descriptor drifts below this Kolmogorov-Smirnov p-value
+DESCRIPTOR_P_VALUE = 1e-4        # a text descriptor drifts below this p-value
 MAX_ROWS = 5000                  # of each side: the classifier and the report's t-SNE stay bounded
 
 
@@ -142,16 +142,15 @@ def embedding_drift_score(reference: np.ndarray, current: np.ndarray) -> float:
 
 
 def descriptor_test(column: str, reference_rows: int) -> Any:
-    """Evidently's drift test for one text descriptor. Up to 1,000 reference rows Evidently picks
-    Kolmogorov-Smirnov at p < 0.05: with two descriptors that fires on about one unshifted window in ten
-    (measured: benchmarks/text_drift.py), so the p-value is DESCRIPTOR_P_VALUE instead, as rare a false
-    alarm as the embedding test's. Over 1,000 rows, Evidently's Wasserstein distance (a size, not a
-    p-value) stays as it is."""
+    """Evidently's drift test for one text descriptor. Up to 1,000 reference rows Evidently picks a p-value
+    test (Kolmogorov-Smirnov; a Z or chi-square test when the values are few) at p < 0.05: with two
+    descriptors that fires on about one unshifted window in ten (measured: benchmarks/text_drift.py), so the
+    p-value is DESCRIPTOR_P_VALUE instead, as rare a false alarm as the embedding test's. Over 1,000 rows,
+    Evidently's distances (a size, not a p-value) keep their own thresholds."""
     from evidently.metrics import ValueDrift
 
-    if reference_rows <= 1000:
-        return ValueDrift(column=column, method="ks", threshold=DESCRIPTOR_P_VALUE)
-    return ValueDrift(column=column)
+    return ValueDrift(column=column, threshold=DESCRIPTOR_P_VALUE) if reference_rows <= 1000 else \
+        ValueDrift(column=column)
 
 
 def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_descriptors: dict,
@@ -196,9 +195,8 @@ def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_desc
         cfg = metric.get("config", {})
         if cfg.get("type", "").endswith("ValueDrift"):
             value, method, limit = float(metric["value"]), str(cfg.get("method")), float(cfg.get("threshold"))
-            p_value = "p_value" in method or method == "ks"   # Evidently names its default "K-S p_value"
             tests.append({"column": cfg.get("column"), "score": value, "method": method, "threshold": limit,
-                          "drifted": (value < limit) if p_value else (value >= limit)})
+                          "drifted": (value < limit) if "p_value" in method else (value >= limit)})
     if len(tests) != 1 + len(descriptor_names):
         raise MlgateError("Evidently returned no drift result for some text descriptors")
     return snapshot, tests

@@ -46,7 +46,12 @@ class WarmThreads(Executor):
             number = self._started
         inbox: SimpleQueue[_Call] = SimpleQueue()
         inbox.put(call)
-        threading.Thread(target=self._work, args=(inbox,), name=f"{self.name}_{number}", daemon=True).start()
+        try:
+            threading.Thread(target=self._work, args=(inbox,), name=f"{self.name}_{number}", daemon=True).start()
+        except RuntimeError:   # no thread to be had: the slot is free again, and the caller hears of it
+            with self._lock:
+                self._started -= 1
+            raise
         return future
 
     def _work(self, inbox: SimpleQueue[_Call]) -> None:
