@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import numpy as np
 import pytest
 
@@ -161,6 +162,37 @@ def test_bad_raw_images_get_one_line_4xx(image_server: Running) -> None:
     assert huge.status_code == 413
     big_file = base64.b64encode(b"\x89PNG" + bytes(70 * 1024)).decode()   # a 28×28 image needs no 70 KiB
     assert post({"inputs": [{"b64": big_file}]}).status_code == 413
+    # bodies over 16 KiB are parsed on the inference threads: hostile ones still get one line, and the threads
+    # go on serving
+    pixels = [[[7] * 28] * 28] * 32
+    deep = b'{"inputs": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    v2 = image_server.url + "/v2/models/fashion_resnet/infer"
+    flat = [7] * (32 * 28 * 28)
+
+    def tensor(data: list[Any], datatype: str = "UINT8") -> dict[str, Any]:
+        return {"inputs": [{"name": "input", "shape": [32, 28, 28], "datatype": datatype, "data": data}]}
+
+    hostile = {
+        "/predict, nested 20,000 deep": (image_server.url + "/predict", deep, 400, "not valid JSON"),
+        "/predict, a string among the pixels": (image_server.url + "/predict", orjson.dumps(
+            {"inputs": pixels[:31] + [[["é"] * 28] * 28]}), 422, 'holds a string ("é")'),
+        "/predict, half a pixel": (image_server.url + "/predict", orjson.dumps(
+            {"inputs": pixels[:31] + [[[0.5] * 28] * 28]}), 422, "value 0.5 is not a whole number"),
+        "/v2, nested 20,000 deep": (v2, deep, 400, "not valid JSON"),
+        "/v2, a huge number": (v2, orjson.dumps(tensor(flat[:-1])).replace(b"7]", b"1" * 400 + b"]"), 400,
+                               "not valid JSON"),
+        "/v2, a string in the data": (v2, orjson.dumps(tensor(flat[:-1] + ["\u202e"])), 422, "a string"),
+        "/v2, floats as UINT8": (v2, orjson.dumps(tensor([0.5] * len(flat))), 422,
+                                 "element 0 of the input: value 0.5 is not a whole number, as UINT8 needs"),
+    }
+    for name, (url, body, status, message) in hostile.items():
+        assert len(body) > 16 * 1024, name
+        response = httpx.post(url, content=body, timeout=30)
+        assert response.status_code == status, (name, response.text[:300])
+        error = response.json()["error"]
+        assert message in error and "\n" not in error and "Traceback" not in error, (name, error)
+    assert post({"inputs": pixels}).status_code == 200
+    assert httpx.post(v2, content=orjson.dumps(tensor(flat)), timeout=30).status_code == 200
 
 
 def test_raw_text_on_predict_and_v2_with_the_training_tokenizer(text_server: Running, jobs: dict[str, Any],

@@ -192,12 +192,27 @@ def test_v2_json_tensors_get_one_line_4xx_for_values_shapes_and_ranges(served: R
                                              "element 3 of the input: value 1e+40 is out of range for float32"),
         "FP16 70000": (tensor([14.2, 1.7, 50.0, 70000], "FP16"), 422,
                        "element 3 of the input: value 70000 is out of range for FP16"),
+        # an integer tensor holds whole numbers: a cast would have made 0.5 a 0 without a word
+        "INT32 0.5": (tensor([14, 2, 0.5, 800], "INT32"), 422,
+                      "element 2 of the input: value 0.5 is not a whole number, as INT32 needs"),
+        "INT64 5e-1": (tensor([14, 5e-1, 50, 800], "INT64"), 422,
+                       "element 1 of the input: value 0.5 is not a whole number, as INT64 needs"),
+        "nested UINT8 2.25": (tensor([[14, 2], [50, 2.25]], "UINT8"), 422,
+                              "element 3 of the input: value 2.25 is not a whole number, as UINT8 needs"),
         "shape with true": (tensor([14.2, 1.7, 50.0, 800.0], shape=[1, True, 4]), 400,
                             'the input tensor needs "shape": a list of sizes (whole numbers); got [1,true,4]'),
     }
     for name, (body, status, message) in cases.items():
         response = post(served, body, path)
         assert (response.status_code, response.json()) == (status, {"error": message}), name
+    # orjson keeps the last of two "data" keys: the bytes of the first must not vouch for it
+    twice = (b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "INT64", "data": [14, 2, 50, 800], '
+             b'"data": [14, 2, 50.5, 800]}]}')
+    response = httpx.post(served.url + path, content=twice, timeout=10)
+    assert (response.status_code, response.json()) == (
+        422, {"error": "element 2 of the input: value 50.5 is not a whole number, as INT64 needs"})
+    whole = post(served, tensor([14, 2.0, 50, 800], "INT64"), path)   # 2.0 is a whole number
+    assert whole.status_code == 200, whole.text
     # binary FP64 past float32's range is named; NaN keeps its own message
     for value, message in ((1e40, "element 0 of the input: value 1e+40 is out of range for float32"),
                            (np.nan, "the input contains NaN or infinity")):

@@ -81,8 +81,14 @@ def checked_cast(array: np.ndarray, dtype: str, where: Callable[[int], str], not
     finiteness pass; only a failing array is looked at closer."""
     target = np_dtype(dtype)
     if target.kind in "iu":   # an integer input: NaN has no integer, and a value past the range wraps silently
-        if array.dtype.kind == "f" and not all_finite(array):
-            raise BadInput(not_finite)
+        if array.dtype.kind == "f":
+            if not all_finite(array):
+                raise BadInput(not_finite)
+            fractional = array != np.trunc(array)   # 0.5 would become 0 without a word
+            if fractional.any():
+                index = int(np.flatnonzero(fractional.reshape(-1))[0])
+                raise BadInput(f"{where(index)}: value {format_value(array.reshape(-1)[index])} is not a whole "
+                               f"number, as {type_name or target.name} needs")
         info = np.iinfo(target)
         if array.size and (array.min() < info.min or array.max() > info.max):
             flat = array.reshape(-1)

@@ -107,18 +107,42 @@ def numbers_only(head: bytes) -> bool:
     scans, no walk over the values): inside it no byte may start a string (`"`), `true`, `false`, `null`, an
     object or a nested list, and no other `"data"` key may follow it. False when unsure (an escape anywhere,
     nested data): the values are then looked at one by one."""
-    if head.find(b"\\") >= 0:   # an escaped key could spell "data" otherwise
+    span = _flat_data(head)
+    if span is None:
         return False
+    start, close = span
+    find = head.find
+    return find(b'"', start, close) < 0 and find(b"t", start, close) < 0 and find(b"f", start, close) < 0 and \
+        find(b"n", start, close) < 0 and find(b"{", start, close) < 0 and find(b'"data"', close) < 0
+
+
+def _flat_data(head: bytes) -> tuple[int, int] | None:
+    """Where the values of the one `"data"` array lie in `head`, when it is a flat list; None when unsure."""
+    if head.find(b"\\") >= 0:   # an escaped key could spell "data" otherwise
+        return None
     key = head.find(b'"data"')
     opened = _DATA_OPENS.match(head, key + 6) if key >= 0 else None
     if opened is None:
-        return False
+        return None
     start = opened.end()
     close = head.find(b"]", start)
-    find = head.find
-    return close >= 0 and find(b"[", start, close) < 0 and find(b'"', start, close) < 0 and \
-        find(b"t", start, close) < 0 and find(b"f", start, close) < 0 and find(b"n", start, close) < 0 and \
-        find(b"{", start, close) < 0 and find(b'"data"', close) < 0
+    return (start, close) if close >= 0 and head.find(b"[", start, close) < 0 else None
+
+
+def _may_hold_fractions(head: bytes) -> bool:
+    """Whether a value of the data may be a float (`.`, `e` or `E` in it), told from the bytes; True when unsure."""
+    if not numbers_only(head):
+        return True
+    start, close = _flat_data(head) or (0, len(head))
+    return any(head.find(c, start, close) >= 0 for c in (b".", b"e", b"E"))
+
+
+def _refuse_fractions(data: list[Any], depth: int, datatype: str) -> None:
+    """An integer tensor holds whole numbers: 0.5 would be cast to 0 without a word."""
+    for index, value in enumerate(_leaves(data, depth)):
+        if type(value) is float and not value.is_integer():
+            raise BadInput(f"{_element(index)}: value {format_value(value)} is not a whole number, as {datatype} "
+                           f"needs")
 
 
 def _leaves(data: list[Any], depth: int) -> Iterator[Any]:
@@ -193,6 +217,8 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
             raise BadInput(f"the data is not a list of {datatype} numbers") from None
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
+        if np.dtype(TO_NUMPY[datatype]).kind in "iu" and _may_hold_fractions(head):   # a cast would truncate 0.5
+            _refuse_fractions(data, depth, datatype)
         try:
             return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
         except BadInput as exc:   # JSON holds no NaN nor infinity: this one is a value past FP16/FP32's range
