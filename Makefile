@@ -46,8 +46,10 @@ test-deps: node_modules/.installed sandbox
 	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }; }
 
+# one worker per core, each module on one worker (its module-scoped training is done once): about half the
+# suite waits on subprocesses, services and leases, so two cores run it in two thirds of the time
 test: install test-deps datasets
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # a GPU runner: PyPI's default torch for Linux is the CUDA build; then ONNX Runtime's CUDA/TensorRT providers
 install-gpu:

@@ -8,6 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# `make test` runs the modules on pytest-xdist workers, one per core: torch's default of a thread per core in
+# each would put two spinning threads per core
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import yaml
 
@@ -37,19 +42,37 @@ FAST_CONFIG: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """POSTGRES_URL; under pytest-xdist, a database of the worker's own beside it (test_gw0, ...), created when
+    missing: tests empty the tables they use, so two workers must not share one."""
+    from sqlalchemy import create_engine, make_url, text
+
+    url = make_url(POSTGRES_URL)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    try:
+        if worker:
+            own = url.set(database=f"{url.database}_{worker}")
+            admin = create_engine(url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                if conn.execute(text("select 1 from pg_database where datname = :name"),
+                                {"name": own.database}).first() is None:
+                    conn.execute(text(f'create database "{own.database}"'))
+            admin.dispose()
+            url = own
+        with create_engine(url).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; start it (see README, Development)")
+    return url.render_as_string(hide_password=False)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The job/audit store: a SQLite file, and the PostgreSQL server on this machine."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'mlgate.db'}"
-    from sqlalchemy import create_engine, text
-
-    try:
-        with create_engine(POSTGRES_URL).connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; start it (see README, Development)")
-    return POSTGRES_URL
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture(autouse=True)
