@@ -49,21 +49,24 @@ def postgres_url() -> str:
     from sqlalchemy import create_engine, make_url, text
 
     url = make_url(POSTGRES_URL)
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    failure = None
     try:
-        if worker:
-            own = url.set(database=f"{url.database}_{worker}")
-            admin = create_engine(url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                if conn.execute(text("select 1 from pg_database where datname = :name"),
-                                {"name": own.database}).first() is None:
-                    conn.execute(text(f'create database "{own.database}"'))
-            admin.dispose()
-            url = own
-        with create_engine(url).connect() as conn:
+        with admin.connect() as conn:
             conn.execute(text("select 1"))
-    except Exception:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; start it (see README, Development)")
+            worker = os.environ.get("PYTEST_XDIST_WORKER")
+            if worker:
+                url = url.set(database=f"{url.database}_{worker}")
+                if conn.execute(text("select 1 from pg_database where datname = :name"),
+                                {"name": url.database}).first() is None:
+                    conn.execute(text(f'create database "{url.database}"'))
+    except Exception as error:
+        failure = type(error).__name__
+    finally:
+        admin.dispose()
+    if failure:   # outside the except: the driver's frames (its conninfo holds the password) stay out of the report
+        pytest.fail(f"PostgreSQL at {make_url(POSTGRES_URL)!r} is not reachable, or cannot create the test worker's "
+                    f"database {url.database!r} ({failure}); start it (see README, Development)", pytrace=False)
     return url.render_as_string(hide_password=False)
 
 
