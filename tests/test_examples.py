@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import numpy as np
+import orjson
 import pytest
 
 from tests.conftest import fast_config, last_json, write_config

@@ -149,8 +149,9 @@ def descriptor_test(column: str, reference_rows: int) -> Any:
     Evidently's distances (a size, not a p-value) keep their own thresholds."""
     from evidently.metrics import ValueDrift
 
-    return ValueDrift(column=column, threshold=DESCRIPTOR_P_VALUE) if reference_rows <= 1000 else \
-        ValueDrift(column=column)
+    if reference_rows <= 1000:
+        return ValueDrift(column=column, threshold=DESCRIPTOR_P_VALUE)
+    return ValueDrift(column=column)
 
 
 def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_descriptors: dict,

@@ -102,22 +102,11 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     return InferRequest(x, str(request_id) if request_id is not None else None, outputs)
 
 
-def numbers_only(head: bytes) -> bool:
-    """Whether the request's one `"data"` array is a flat list of numbers, told from its bytes (a few memchr
-    scans, no walk over the values): inside it no byte may start a string (`"`), `true`, `false`, `null`, an
-    object or a nested list, and no other `"data"` key may follow it. False when unsure (an escape anywhere,
-    nested data): the values are then looked at one by one."""
-    span = _flat_data(head)
-    if span is None:
-        return False
-    start, close = span
-    find = head.find
-    return find(b'"', start, close) < 0 and find(b"t", start, close) < 0 and find(b"f", start, close) < 0 and \
-        find(b"n", start, close) < 0 and find(b"{", start, close) < 0 and find(b'"data"', close) < 0
-
-
-def _flat_data(head: bytes) -> tuple[int, int] | None:
-    """Where the values of the one `"data"` array lie in `head`, when it is a flat list; None when unsure."""
+def numbers_span(head: bytes) -> tuple[int, int] | None:
+    """Where the values of the request's one `"data"` array lie in its bytes, when that array is a flat list of
+    numbers, told from the bytes (a few memchr scans, no walk over the values): inside it no byte may start a
+    string (`"`), `true`, `false`, `null`, an object or a nested list, and no other `"data"` key may follow it.
+    None when unsure (an escape anywhere, nested data): the values are then looked at one by one."""
     if head.find(b"\\") >= 0:   # an escaped key could spell "data" otherwise
         return None
     key = head.find(b'"data"')
@@ -126,15 +115,18 @@ def _flat_data(head: bytes) -> tuple[int, int] | None:
         return None
     start = opened.end()
     close = head.find(b"]", start)
-    return (start, close) if close >= 0 and head.find(b"[", start, close) < 0 else None
+    if close < 0:
+        return None
+    find = head.find
+    plain = find(b"[", start, close) < 0 and find(b'"', start, close) < 0 and find(b"t", start, close) < 0 and \
+        find(b"f", start, close) < 0 and find(b"n", start, close) < 0 and find(b"{", start, close) < 0 and \
+        find(b'"data"', close) < 0
+    return (start, close) if plain else None
 
 
-def _may_hold_fractions(head: bytes) -> bool:
-    """Whether a value of the data may be a float (`.`, `e` or `E` in it), told from the bytes; True when unsure."""
-    if not numbers_only(head):
-        return True
-    start, close = _flat_data(head) or (0, len(head))
-    return any(head.find(c, start, close) >= 0 for c in (b".", b"e", b"E"))
+def _may_hold_fractions(head: bytes, span: tuple[int, int] | None) -> bool:
+    """Whether a value of the data may be a float (`.`, `e` or `E` in its bytes); True when unsure."""
+    return span is None or any(head.find(c, *span) >= 0 for c in (b".", b"e", b"E"))
 
 
 def _refuse_fractions(data: list[Any], depth: int, datatype: str) -> None:
@@ -206,7 +198,8 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
         if not isinstance(data, list):
             raise BadInput('the input tensor needs "data" (or binary data)', 400)
         depth = len(declared)
-        if not numbers_only(head):   # a boolean would become 1.0, null NaN and "2.5" 2.5: refused, by name
+        span = numbers_span(head)
+        if span is None:   # a boolean would become 1.0, null NaN and "2.5" 2.5: refused, by name
             _check_data(data, depth)
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # past FP16/FP32's range: inf, found below
@@ -217,7 +210,7 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
             raise BadInput(f"the data is not a list of {datatype} numbers") from None
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
-        if np.dtype(TO_NUMPY[datatype]).kind in "iu" and _may_hold_fractions(head):   # a cast would truncate 0.5
+        if np.dtype(TO_NUMPY[datatype]).kind in "iu" and _may_hold_fractions(head, span):   # a cast truncates 0.5
             _refuse_fractions(data, depth, datatype)
         try:
             return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
