@@ -154,7 +154,7 @@ class ScriptedRuns:
 
 
 def github_executor(tmp_path: Path, github: ScriptedRuns) -> tuple[Any, Any]:
-    from triggers.jobs.executors import GitHubExecutor
+    from triggers.jobs.github_executor import GitHubExecutor
 
     config = parse_config(yaml.safe_dump(copy.deepcopy(FAST_CONFIG)), "mlgate.yaml", tmp_path)
     engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")

@@ -42,7 +42,8 @@ class Loop:
 
 
 def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine) -> Any:
-    from triggers.jobs.executors import GitHubExecutor, LocalExecutor
+    from triggers.jobs.executors import LocalExecutor
+    from triggers.jobs.github_executor import GitHubExecutor
 
     if config.service.executor == "local":
         return LocalExecutor(config, config_path, engine)

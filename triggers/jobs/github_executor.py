@@ -1,0 +1,105 @@
+"""The `github` executor: dispatch the GPU-runner workflow with PyGithub and track the run until the runner
+reports back (`POST /jobs/{id}/result`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import Engine
+
+from automation.config import MlgateConfig
+from triggers.jobs.executors import Outcome
+from triggers.jobs.queue import Job, get_job
+
+log = logging.getLogger(__name__)
+
+
+class GitHubExecutor:
+    """Dispatch `.github/workflows/<workflow>` and wait: the runner posts the result to
+    `POST /jobs/{id}/result`; if the run ends without doing so, the job fails with the run's conclusion.
+
+    A job recovered after a lost lease first cancels the run an earlier attempt may have left going (its
+    credential is for that attempt, so its result would be refused anyway), then dispatches anew. A job
+    cancelled in mlgate cancels its run. A GitHub error while polling is retried until the time-out: the
+    runner goes on regardless, so a flaky API must not fail the job."""
+
+    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str, result_secret: str,
+                 poll_seconds: float = 15.0) -> None:
+        self.config, self.engine, self.github, self.repository = config, engine, github, repository
+        self.result_secret, self.poll_seconds = result_secret, poll_seconds
+
+    def _run(self, job: Job) -> Any:
+        from triggers.github.api import GitHubRateLimited, GitHubUnavailable
+
+        try:
+            return self.github.workflow_run(self.repository, self.config.service.github.workflow, job.id)
+        except (GitHubUnavailable, GitHubRateLimited) as exc:
+            log.warning("workflow run not readable; polling on", extra={"job_id": job.id, "error": str(exc)})
+            return None
+
+    def _cancel_earlier_run(self, job: Job) -> None:
+        earlier = self._run(job)
+        if earlier is None or earlier.completed:
+            return
+        log.warning("cancelling the run of an earlier attempt", extra={"job_id": job.id, "run": earlier.id})
+        self.github.cancel_workflow_run(self.repository, earlier.id)
+        deadline = time.monotonic() + 10 * self.poll_seconds
+        while time.monotonic() < deadline:
+            run = self._run(job)
+            if run is None or run.completed:
+                return
+            time.sleep(self.poll_seconds)
+
+    def run(self, job: Job, lost: threading.Event) -> Outcome | None:
+        from triggers.jobs.runner_results import mint_token
+
+        settings = self.config.service.github
+        if job.attempts > 1:
+            self._cancel_earlier_run(job)
+        data_ref = json.loads(job.payload or "{}").get("data_ref") or ""
+        # the runner's only credential: good for this job's current attempt, once, until the run would time out
+        token = mint_token(self.result_secret, job.id, job.attempts, settings.timeout_minutes * 60 + 1800)
+        # an outsider's PR is built by its code and judged by the default branch's (retrain.yml: build, judge)
+        author_writes = json.loads(job.payload or "{}").get("author_writes") is True
+        inputs = {"model": job.model, "job_id": job.id, "trigger": job.trigger, "sha": job.sha or "",
+                  "pr": str(job.pr or ""), "data_ref": data_ref, "result_token": token,
+                  "author_writes": "true" if author_writes else "false"}
+        self.github.dispatch_workflow(self.repository, settings.workflow, settings.ref, inputs)
+        log.info("workflow dispatched", extra={"job_id": job.id, "workflow": settings.workflow})
+        deadline = time.monotonic() + settings.timeout_minutes * 60
+        concluded_at: float | None = None
+        while time.monotonic() < deadline:
+            if lost.wait(self.poll_seconds):
+                self._cancel_if_cancelled(job)
+                return None
+            current = get_job(self.engine, job.id)
+            if current is None or current.state != "running":
+                self._cancel_if_cancelled(job)
+                return None                   # the runner reported back (or the job was cancelled)
+            run = self._run(job)
+            if run is not None and run.completed:
+                concluded_at = concluded_at or time.monotonic()
+                if time.monotonic() - concluded_at > 2 * self.poll_seconds:   # grace for the result call
+                    return Outcome("failed", {"error": f"workflow run ended '{run.conclusion}' without reporting "
+                                                       "a result"})
+        self._cancel_if_cancelled(job, timed_out=True)
+        return Outcome("failed", {"error": f"no result within {settings.timeout_minutes:g} min"})
+
+    def _cancel_if_cancelled(self, job: Job, timed_out: bool = False) -> None:
+        """Stop the runner of a job that was cancelled here (or ran out of time): it would only burn a GPU."""
+        from triggers.github.api import GitHubRateLimited, GitHubUnavailable
+
+        current = get_job(self.engine, job.id)
+        if not timed_out and (current is None or current.state != "cancelled"):
+            return
+        run = self._run(job)
+        if run is not None and not run.completed:
+            try:
+                self.github.cancel_workflow_run(self.repository, run.id)
+                log.info("workflow run cancelled", extra={"job_id": job.id, "run": run.id})
+            except (GitHubUnavailable, GitHubRateLimited) as exc:
+                log.error("could not cancel the workflow run", extra={"job_id": job.id, "error": str(exc)})
