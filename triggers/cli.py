@@ -331,7 +331,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
     from automation import store
-    from triggers.github.job_status import job_reporter_from_env
+    from triggers.github.job_reporters import job_reporter_from_env
     from triggers.jobs import queue  # noqa: F401  (its table)
     from triggers.service import make_executor
     from triggers.jobs.worker import Worker

@@ -95,7 +95,7 @@ def retention_loop(state: ServiceState, stop: threading.Event, every_seconds: fl
 def build_service(config: MlgateConfig, config_path: str | None, engine: Engine, webhook_secret: str,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
-    from triggers.github.job_status import job_reporter_from_env
+    from triggers.github.job_reporters import job_reporter_from_env
     from triggers.intake.drift_consumer import DriftConsumer
     from triggers.jobs.worker import Worker
 

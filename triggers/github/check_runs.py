@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.store import Base
 from triggers.github.api import GitHubUnavailable
-from triggers.github.job_status import STALE, JobStatusReporter, _ending
+from triggers.github.job_status import STALE, JobStatusReporter, ending
 from automation.report import render_markdown
 from triggers.github.reporter import GitHubReporter, report_links, status_context, status_description
 from triggers.jobs.queue import Job, running_progress
@@ -129,7 +129,7 @@ class CheckRunReporter(JobStatusReporter):
             title, text = status_description(summary), render_markdown(summary, links)
             outcomes |= self.reporter.finished(summary, statuses=False)
         else:
-            state, title = _ending(job)
+            state, title = ending(job)
             timed_out = job.state == "failed" and "timed out" in (job.error or "")
             conclusion, text = "timed_out" if timed_out else CONCLUSIONS.get(job.state, "failure"), title
         try:

@@ -20,6 +20,7 @@ from sqlalchemy import DateTime, Engine, String, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from automation.store import Base
+from automation.summary import JobSummary
 from triggers.github.reporter import GitHubReporter, status_context
 from triggers.jobs.queue import FINAL_STATES, Job, get_job
 
@@ -53,7 +54,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _ending(job: Job) -> tuple[str, str]:
+def ending(job: Job) -> tuple[str, str]:
     """The final status of a job that left no gate verdict: (state, description)."""
     if job.state == "cancelled":
         return "error", f"cancelled: {job.error or 'no reason given'}"
@@ -85,7 +86,7 @@ class JobStatusReporter:
         if summary is not None:
             outcomes = self.reporter.finished(summary)
         else:
-            state, description = _ending(job)
+            state, description = ending(job)
             outcomes = self.reporter.final_status(job.model, job.sha, state, description)
         # a status GitHub did not take stays owed: the sweep tries again
         posted = "pending" if outcomes.get("status", "").startswith("failed") else "final"
@@ -96,17 +97,18 @@ class JobStatusReporter:
         return outcomes
 
     def _summary(self, job: Job) -> dict[str, Any] | None:
-        """The kept summary, if it holds a verdict; who/what/where come from the job record, never from it."""
+        """The kept summary, if it holds a verdict and the job's state is one a verdict gives; who/what/where
+        come from the job record, never from it."""
         path = summary_file(self.workdir, job.id)
         try:
-            summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            summary = JobSummary.parse(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
         except ValueError:
             return None
-        if not isinstance(summary, dict) or not isinstance(summary.get("gate"), dict) or job.state not in (
-                "succeeded", "gate_failed"):
+        if summary is None or summary.gate is None or job.state not in ("succeeded", "gate_failed"):
             return None
-        return summary | {"job_id": job.id, "model": job.model, "sha": job.sha, "trigger": job.trigger, "pr": job.pr,
-                          "version": job.version, "promoted": bool(summary.get("promoted")) and job.version is not None}
+        return summary.as_dict() | {"job_id": job.id, "model": job.model, "sha": job.sha, "trigger": job.trigger,
+                                    "pr": job.pr, "version": job.version,
+                                    "promoted": summary.promoted and job.version is not None}
 
     def _take(self, job_id: str) -> bool:
         """Claim the final report for this caller: the worker that ran the job, or one sweeper. A job that
@@ -135,19 +137,6 @@ class JobStatusReporter:
             if job is not None and job.state in FINAL_STATES and self.ended(job):
                 posted += 1
         return posted
-
-
-def job_reporter_from_env(engine: Engine, workdir: Path, tracking_issue: int | None) -> JobStatusReporter | None:
-    """The service's reporter when GITHUB_REPOSITORY and a credential are set, else None: check runs for a
-    GitHub App, commit statuses for a token."""
-    reporter = GitHubReporter.from_env(tracking_issue)
-    if reporter is None:
-        return None
-    if reporter.github.is_app:
-        from triggers.github.check_runs import CheckRunReporter
-
-        return CheckRunReporter(engine, reporter, workdir)
-    return JobStatusReporter(engine, reporter, workdir)
 
 
 def report_unaffected(reporter: GitHubReporter, models: list[str]) -> Callable[[Any, Any], None]:

@@ -13,22 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
 from triggers.jobs import queue
+from triggers.github.job_reporters import JobReporter
 from triggers.jobs.executors import Executor, Outcome
-
-
-class JobReporter(Protocol):
-    """Who hears of a job's start and end (GitHub statuses: triggers/github/job_status.py)."""
-
-    def started(self, job: queue.Job) -> None: ...
-    def progress(self, job: queue.Job) -> Any: ...
-    def ended(self, job: queue.Job) -> Any: ...
-    def sweep(self) -> int: ...
 
 
 log = logging.getLogger(__name__)
