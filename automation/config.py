@@ -200,6 +200,21 @@ class GitHubExecutorConfig(Strict):
     timeout_minutes: PositiveFloat = 120           # give up tracking a dispatched run after this
 
 
+class SandboxLimits(Strict):
+    """What a sandboxed pull-request job (its build, and the judge) may use. Reaching a limit ends the job
+    with the limit named. Processes are capped with a pids cgroup where the service may make one, else with
+    RLIMIT_NPROC (which binds a non-root service only)."""
+
+    # RLIMIT_AS; not applied where a GPU is visible: CUDA reserves address space far beyond what it uses
+    address_space_gb: PositiveFloat | None = 32
+    cpu_minutes: PositiveFloat | None = None       # RLIMIT_CPU; default: service.job_timeout_minutes × CPUs
+    file_size_mb: PositiveInt = 4096               # RLIMIT_FSIZE: the largest file it may write
+    processes: PositiveInt = 512                   # threads count too
+    open_files: PositiveInt = 4096
+    tmp_mb: PositiveInt = 1024                     # /tmp is a tmpfs of this size
+    workdir_mb: PositiveInt = 8192                 # its writable folder, measured while it runs
+
+
 class ServiceConfig(Strict):
     """`mlgate serve` and `mlgate worker`: what turns events into jobs and where jobs run."""
 
@@ -228,6 +243,7 @@ class ServiceConfig(Strict):
     # default-branch retrain also gets, and paths (data outside the repository) a sandboxed PR job may read
     job_env: list[str] = []
     sandbox_read_only: list[str] = []
+    sandbox_limits: SandboxLimits = SandboxLimits()
     # where a drift event's data_ref may point: absolute paths, file:// or other URI prefixes (s3://bucket/x/).
     # Anything else is refused before it is recorded; empty (the default): no event may name data.
     data_roots: list[str] = []

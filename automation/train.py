@@ -2,7 +2,7 @@
 
 The loop reads top to bottom in phases: set-up, per-epoch train, validate, early-stop.
 With several GPUs (or when asked, e.g. in tests) it runs data-parallel through
-torch.distributed, one process per rank, with the env:// rendezvous torchrun uses.
+torch.distributed, one process per rank, meeting through a rendezvous file.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -400,19 +399,15 @@ def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     return batch   # __getitems__ already stacked it
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
+def _ddp_worker(rank: int, world_size: int, backend: str, rendezvous: str, out: str,
                 build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice,
                 checkpoints: CheckpointDir | None, hopeless_below: float | None) -> None:
-    # the same variables torchrun sets, so init_process_group uses the env:// rendezvous
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.distributed.init_process_group(backend=backend)
+    # A file rendezvous, not env:// (a TCPStore on a port picked ahead of time): the port could be taken by
+    # another process before rank 0 bound it, and rank 0 hosted the store, so under load a rank still tearing
+    # down talked to a store that had gone with rank 0's exit, and gloo aborted that rank (SIGABRT,
+    # "terminate called without an active exception"). A file outlives every rank and needs no port.
+    store = torch.distributed.FileStore(rendezvous, world_size)
+    torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
@@ -420,11 +415,11 @@ def _ddp_worker(rank: int, world_size: int, backend: str, port: int, out: str,
         if rank == 0:
             fields = {k: v for k, v in vars(result).items() if k not in ("model", "world_size", "seconds")}
             torch.save({"state_dict": result.model.state_dict(), **fields}, out)
-        # ranks tear the group down together: one leaving while its peer still works aborted gloo
-        # ("terminate called without an active exception", SIGABRT) now and then
+        # ranks tear the group down together: one leaving while its peer still works aborts gloo
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+        del store
 
 
 def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
@@ -435,7 +430,7 @@ def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, c
     with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         mp.spawn(_ddp_worker, nprocs=world_size, join=True,
-                 args=(world_size, backend, _free_port(), out, build, params, splits, cfg, device, checkpoints,
+                 args=(world_size, backend, str(Path(tmp) / "rendezvous"), out, build, params, splits, cfg, device, checkpoints,
                        hopeless_below))
         saved = torch.load(out, weights_only=False)
     model = build(**params)

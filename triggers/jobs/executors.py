@@ -7,51 +7,48 @@ recovered after a lost lease, or reported by the runner itself).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
 from automation.checkpoint import Preempted
 from automation.config import MlgateConfig
 from automation.progress import PROGRESS_FILE, ProgressFile
-from triggers.github.job_status import keep_summary
+from automation.summary import CostSummary, JobSummary
 from triggers.jobs import queue
+from triggers.jobs.job_end import Outcome, copy_report, finish_job, outcome_from_summary, report_path
 from triggers.jobs.queue import Job
 
+if TYPE_CHECKING:
+    from triggers.jobs.child import Child
+    from triggers.jobs.sandbox import Limits, PidsCgroup
+
 log = logging.getLogger(__name__)
-
-# anything else is "failed" (triggers.cli); 75: checkpointed and stopped (automation/checkpoint.Preempted)
-EXIT_STATES = {0: "succeeded", 3: "gate_failed", 4: "gate_stale", 75: "preempted"}
-
-
-@dataclass
-class Outcome:
-    state: str
-    fields: dict[str, Any] = field(default_factory=dict)   # run_id, version, error
+__all__ = ["Executor", "Finished", "LocalExecutor", "Outcome", "outcome_from_summary", "run_arguments"]
 
 
 class Executor(Protocol):
     def run(self, job: Job, lost: threading.Event) -> Outcome | None: ...
 
 
-def outcome_from_summary(exit_code: int, summary: dict[str, Any] | None, error: str | None) -> Outcome:
-    """The job record's state and links from `mlgate run --json`'s exit code and last line."""
-    summary = summary or {}
-    state = EXIT_STATES.get(exit_code, "failed")
-    # the report is never located by a path the job names: the service keeps it under its own workdir
-    fields = {"run_id": summary.get("run_id"), "version": summary.get("version")}
-    if state in ("failed", "preempted"):
-        fields["error"] = (error or f"exit code {exit_code}")[:2000]
-    return Outcome(state, {k: v for k, v in fields.items() if v is not None})
+@dataclass
+class Finished:
+    """What the trusted side saw of a job's process, never what the process said of itself."""
+    exit_code: int
+    stopped: bool                        # the service sent the stop (cancel, time-out, preemption)
+    last_line: str | None                # stdout's last line: read from trusted code only
+    error: str | None                    # the log's last `Error:` line (or the limit that ended it)
+    cost: dict[str, float]               # wall and CPU seconds, peak RSS: from wait4
 
 
 def run_arguments(job: Job, sha: str | None = None, engine: Engine | None = None) -> list[str]:
@@ -144,7 +141,8 @@ class LocalExecutor:
         env = job_environment(True, self.config.service.job_env, {"MLGATE_WORKDIR": str(workdir)})
         command = [sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run",
                    *run_arguments(job, sha, self.engine), "--json"]
-        return self._launch(command, tree, env, job, sha, log_path, lost, workdir)
+        finished = self._launch(command, tree, env, job, sha, log_path, lost, workdir)
+        return None if finished is None else self._trusted_end(finished, job, workdir)
 
     def _run_pr(self, tree: Path, config_file: Path, job: Job, sha: str | None, log_path: Path,
                 lost: threading.Event) -> Outcome | None:
@@ -160,19 +158,39 @@ class LocalExecutor:
         try:
             args = [*run_arguments(job, sha, self.engine), "--production-dir", str(snapshot), "--json"]
             if json.loads(job.payload or "{}").get("author_writes") is True:
-                return self._sandboxed(tree, config_file, args, [snapshot], workdir / "run", job, sha, log_path, lost)
-            candidate = workdir / "build" / "candidate"
-            built = self._sandboxed(tree, config_file, [*run_arguments(job, sha, self.engine), "--export-candidate",
-                                                        str(candidate), "--json"], [], workdir / "build", job, sha,
-                                    log_path, lost)
-            if built is None or built.state != "succeeded":
-                return built
-            return self._judge(candidate, snapshot, args, workdir / "judge", job, sha, log_path, lost)
+                ran = self._sandboxed(tree, config_file, args, [snapshot], workdir / "run", job, sha, log_path, lost)
+                return None if ran is None else self._trusted_end(ran, job, workdir / "run")
+            return self._build_and_judge(tree, config_file, args, workdir, job, sha, log_path, lost)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def _build_and_judge(self, tree: Path, config_file: Path, args: list[str], workdir: Path, job: Job,
+                         sha: str | None, log_path: Path, lost: threading.Event) -> Outcome | None:
+        """An outsider's PR: its code builds a candidate; only the candidate's files cross (boundary.py); the
+        base branch's code judges them and owns the verdict, the report and the cost. The build's exit code,
+        output and any other file it leaves are never read."""
+        from triggers.jobs.boundary import NoCandidate, take_candidate
+
+        build_dir = workdir / "build"
+        built = self._sandboxed(tree, config_file, [*run_arguments(job, sha, self.engine), "--export-candidate",
+                                                    str(build_dir / "candidate"), "--json"], [], build_dir, job,
+                                sha, log_path, lost)
+        if built is None:
+            return None
+        if built.stopped:   # the service stopped it: the next attempt builds again
+            return Outcome("preempted", {"error": "stopped while building the candidate"})
+        try:
+            candidate = take_candidate(build_dir, "candidate", workdir / "candidate")
+        except NoCandidate as exc:
+            because = f"; {built.error}" if built.error else ""
+            return finish_job(self.engine, self.config.workdir, job.id, Outcome("failed", {
+                "error": f"failed: {exc}{because} (build log: {log_path.name})"[:2000]}), None)
+        judged = self._judge(candidate, workdir / "production-snapshot", args, workdir / "judge", job, sha,
+                             log_path, lost)
+        return None if judged is None else self._trusted_end(judged, job, workdir / "judge", build_cost=built.cost)
+
     def _judge(self, candidate: Path, snapshot: Path, args: list[str], workdir: Path, job: Job, sha: str | None,
-               log_path: Path, lost: threading.Event) -> Outcome | None:
+               log_path: Path, lost: threading.Event) -> Finished | None:
         """The base branch's mlgate, in its own worktree and sandbox, judges the candidate folder."""
         from triggers.jobs.checkout import repository_root, resolve_commit, worktree
 
@@ -188,17 +206,18 @@ class LocalExecutor:
                                    workdir, job, sha, log_path, lost)
 
     def _sandboxed(self, tree: Path, config_file: Path, args: list[str], read_only: list[Path], workdir: Path,
-                   job: Job, sha: str | None, log_path: Path, lost: threading.Event) -> Outcome | None:
-        from triggers.jobs.sandbox import job_environment, sandboxed
+                   job: Job, sha: str | None, log_path: Path, lost: threading.Event) -> Finished | None:
+        from triggers.jobs.sandbox import Limits, job_environment, sandboxed
 
         workdir.mkdir(parents=True, exist_ok=True)
         if not (workdir / "mlflow.db").exists():   # its private store: a copy, not seconds of migrations per job
             shutil.copyfile(self._empty_store(), workdir / "mlflow.db")
         extra = [Path(p) for p in self.config.service.sandbox_read_only if Path(p).exists()]
+        limits = Limits.resolve(self.config.service.sandbox_limits, self.config.service.job_timeout_minutes)
         env = job_environment(False, set_to={"MLGATE_WORKDIR": str(workdir)})
         command = sandboxed([sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run", *args],
-                            cwd=tree, writable=workdir, read_only=[*read_only, *extra], env=env)
-        return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir)
+                            cwd=tree, writable=workdir, read_only=[*read_only, *extra], env=env, tmp_mb=limits.tmp_mb)
+        return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir, limits)
 
     def _empty_store(self) -> Path:
         """An empty MLflow store, its schema migrated once per service: every sandboxed job's private store
@@ -226,55 +245,96 @@ class LocalExecutor:
         return workdir
 
     def _launch(self, command: list[str], tree: Path, env: dict[str, str], job: Job, sha: str | None,
-                log_path: Path, lost: threading.Event, workdir: Path) -> Outcome | None:
-        log.info("job started", extra={"job_id": job.id, "model": job.model, "sha": sha, "log": str(log_path)})
-        # cwd: `python -m` puts the worktree first on sys.path, so the commit's own code is what runs
-        with open(log_path, "ab") as stderr, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=tree,
-                                                               env=env, preexec_fn=_die_with_parent) as process:
-            stdout: list[bytes] = []
-            reader = threading.Thread(target=lambda: stdout.extend(process.stdout), daemon=True)   # type: ignore[arg-type]
-            reader.start()
-            progress = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE)
-            while process.poll() is None:
-                if lost.wait(0.5):
-                    if self._stop(process, job, lost) != Preempted.exit_code:
-                        log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
-                        return None
-                    break   # it checkpointed: the worker requeues it (if it is still this worker's)
-                if (update := progress.changed()) is not None:
-                    queue.record_progress(self.engine, job.id, job.attempts, update)
-            reader.join(10)
-        lines = b"".join(stdout).decode(errors="replace").strip().splitlines()
-        with open(log_path, "ab") as sink:
-            sink.write(b"".join(stdout))
-        summary = _json_line(lines[-1]) if lines else None
-        outcome = outcome_from_summary(process.returncode, summary, _last_error(log_path))
-        keep_summary(self.config.workdir, job.id, summary)
-        queue.add_job_cost(self.engine, (summary or {}).get("cost"))
-        report = self.config.workdir / "reports" / job.id / "report.html"   # where the service looks, always
-        written = workdir / "reports" / job.id / "report.html"
-        if written != report and written.is_file():
-            report.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(written, report)
-        if report.is_file():
-            outcome.fields["report_path"] = str(report)
-        return outcome
+                log_path: Path, lost: threading.Event, workdir: Path, limits: Limits | None = None) -> Finished | None:
+        """Run one process to its end; None when it was abandoned (no longer this worker's job). Its output goes
+        to the job log, bounded; a sandboxed one runs under `limits`, its workdir measured as it runs."""
+        from triggers.jobs.child import Child
+        from triggers.jobs.job_log import JobLog, last_line
+        from triggers.jobs.sandbox import PidsCgroup, workdir_bytes
 
-    def _stop(self, process: subprocess.Popen, job: Job, lost: threading.Event) -> int:
+        log.info("job started", extra={"job_id": job.id, "model": job.model, "sha": sha, "log": str(log_path)})
+        cgroup = PidsCgroup.make(f"{job.id}-{os.getpid()}", limits.processes) if limits is not None else None
+        stopped, over_quota, next_measure = False, None, time.monotonic()
+        try:
+            # cwd: `python -m` puts the worktree first on sys.path, so the commit's own code is what runs
+            with JobLog(log_path) as job_log:
+                child = Child(command, cwd=tree, env=env, log=job_log,
+                              preexec=functools.partial(_prepare_child, limits, cgroup))
+                progress = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE)
+                while child.poll() is None:
+                    if lost.wait(0.5):
+                        if self._stop(child, job, lost) != Preempted.exit_code:
+                            log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
+                            return None
+                        stopped = True   # it checkpointed: the worker requeues it (if it is still this worker's)
+                        break
+                    if (update := progress.changed()) is not None:
+                        queue.record_progress(self.engine, job.id, job.attempts, update)
+                    if limits is not None and time.monotonic() >= next_measure:
+                        next_measure = time.monotonic() + 2.0
+                        if workdir_bytes(workdir, limits.workdir_bytes) > limits.workdir_bytes:
+                            over_quota = (f"its folder passed {limits.workdir_bytes // 1024 ** 2:,} MB "
+                                          "(service.sandbox_limits.workdir_mb)")
+                            child.signal(kill=True)
+                            child.wait()
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+        tail = child.stderr.tail_bytes()[-8192:].decode(errors="replace")
+        reason = over_quota or (limits.reason(child.exit_code or 0, tail) if limits is not None else None)
+        if reason is None and cgroup is not None and cgroup.reached():
+            reason = f"it reached its {limits.processes:,} processes (service.sandbox_limits.processes)"   # type: ignore[union-attr]
+        error = f"stopped: {reason}" if reason else _last_error(tail)
+        return Finished(child.exit_code if child.exit_code is not None else -1, stopped, last_line(child.stdout),
+                        error, child.cost())
+
+    def _trusted_end(self, finished: Finished, job: Job, workdir: Path,
+                     build_cost: dict[str, float] | None = None) -> Outcome:
+        """The end of a process running trusted code (a retrain, a writer's PR, or the judge): its summary is
+        taken, typed; an outsider build's measured cost is added to the judge's."""
+        summary = JobSummary.parse(_json_line(finished.last_line or ""))
+        outcome = outcome_from_summary(finished.exit_code, summary, finished.error, stopped=finished.stopped)
+        if summary is not None and build_cost is not None:
+            summary = _with_build_cost(summary, build_cost)
+        report = report_path(self.config.workdir, job.id)
+        written = workdir / "reports" / job.id / "report.html"
+        if written != report:
+            copy_report(written, report)
+        return finish_job(self.engine, self.config.workdir, job.id, outcome, summary, report)
+
+    def _stop(self, child: Child, job: Job, lost: threading.Event) -> int:
         """Cancelled, timed out or preempted: SIGTERM, as a spot notice would, so training checkpoints; SIGKILL
         once the model's grace period (and a margin) has passed. A lost lease: SIGKILL at once, before another
         worker may claim the job and resume from the same checkpoints. Returns the exit code."""
         if getattr(lost, "lease_lost", False):
-            process.kill()
-            return process.wait()
+            child.signal(kill=True)
+            return child.wait()   # type: ignore[return-value]
         grace = self.config.model(job.model).train.preemption_grace_seconds if job.model in self.config.models \
             else 30.0
-        process.terminate()
-        try:
-            return process.wait(grace + 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        child.signal()
+        code = child.wait(grace + 10)
+        if code is None:
+            child.signal(kill=True)
+            code = child.wait()
+        return code   # type: ignore[return-value]
+
+
+def _with_build_cost(summary: JobSummary, build: dict[str, float]) -> JobSummary:
+    """The judge's cost plus the build's, as this side measured the build's process."""
+    cost = summary.cost.model_dump() if summary.cost is not None else {}
+    for key in ("wall_seconds", "cpu_seconds"):
+        cost[key] = (cost.get(key) or 0.0) + build.get(key, 0.0)
+    cost["build"] = build | {"measured_by": "the service (wait4), not the build"}
+    return summary.model_copy(update={"cost": CostSummary.model_validate(cost)})
+
+
+def _prepare_child(limits: Limits | None, cgroup: PidsCgroup | None) -> None:
+    """In the child, before exec: its limits and cgroup, then dying with its worker."""
+    if cgroup is not None:
+        cgroup.enter()
+    if limits is not None:
+        limits.apply()
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:
@@ -294,8 +354,8 @@ def _json_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _last_error(log_path: Path) -> str | None:
-    """The one-line `Error: …` the CLI prints, from the job log."""
-    lines = log_path.read_text(errors="replace").splitlines()
+def _last_error(text: str) -> str | None:
+    """The one-line `Error: …` the CLI prints, from the end of the job's stderr."""
+    lines = [line for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("Error:")]
     return errors[-1] if errors else (lines[-1] if lines else None)

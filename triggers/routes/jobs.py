@@ -9,7 +9,6 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from triggers.github.job_status import keep_summary
 from triggers.intake import deliveries, drift
 from triggers.jobs import queue
 from triggers.request_guard import RESULT_LIMIT, BodyRefused, BodyTooLarge, read_body
@@ -23,7 +22,8 @@ def jobs_router(state: ServiceState) -> APIRouter:
     @router.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome and report, with the job's "
                  "own credential (Authorization: Bearer, minted at dispatch)")
     async def job_result(job_id: str, request: Request) -> Response:
-        from triggers.jobs.executors import outcome_from_summary
+        from automation.summary import JobSummary
+        from triggers.jobs.job_end import finish_job, outcome_from_summary
         from triggers.jobs.runner_results import BadResultToken, RunnerResult, check_token
 
         if not state.result_secret:
@@ -45,7 +45,9 @@ def jobs_router(state: ServiceState) -> APIRouter:
             return error(400, f"a result is {{job_id, attempt, exit_code, summary, error, report_html}}: {exc}")
         if (result.job_id, result.attempt) != (job_id, attempt):
             return error(401, "the result names another job or attempt than its token")
-        outcome = outcome_from_summary(result.exit_code, result.summary, result.error)
+        # the runner is trusted code (a retrain, or the judge of an outsider's PR): its summary is typed here
+        summary = JobSummary.parse(result.summary)
+        outcome = outcome_from_summary(result.exit_code, summary, result.error)
         if result.report_html is not None:
             outcome.fields["report_path"] = str(report_file(state, job_id))
         if outcome.state == "preempted":   # the runner checkpointed and went away: requeued to resume
@@ -58,12 +60,11 @@ def jobs_router(state: ServiceState) -> APIRouter:
         if not await run_in_threadpool(queue.record_result, state.engine, job_id, outcome.state, attempt=attempt,
                                        **outcome.fields):
             return error(409, f"job {job_id} attempt {attempt} is not running (finished, retried or unknown)")
-        await run_in_threadpool(keep_summary, state.config.workdir, job_id, result.summary)   # for GitHub reports
-        await run_in_threadpool(queue.add_job_cost, state.engine, (result.summary or {}).get("cost"))
         if result.report_html is not None:   # kept under the service's own workdir, at a path it chose
             report = report_file(state, job_id)
             report.parent.mkdir(parents=True, exist_ok=True)
             await run_in_threadpool(report.write_text, result.report_html, "utf-8")
+        await run_in_threadpool(finish_job, state.engine, state.config.workdir, job_id, outcome, summary)
         return JSONResponse({"job": job_id, "attempt": attempt, "state": outcome.state})
 
     @router.get("/jobs/{job_id}/production", summary="A running PR job's production snapshot (gzip'd tar), for "
