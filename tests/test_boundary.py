@@ -198,3 +198,42 @@ def test_a_sandboxed_process_meets_its_limit_and_the_limit_is_named(executor: Lo
     finished = launch(executor, tmp_path, script, chosen, sandbox=True)
     assert finished.error and finished.error.startswith("stopped:") and named in finished.error, (
         attack, finished, (tmp_path / "job.log").read_text()[-2000:])
+
+
+def test_a_builds_exit_code_and_output_never_reach_the_verdict(executor: LocalExecutor, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every exit code 0-255 with a passing summary printed: the outcome is the judge's, always the same; with
+    no candidate left, 'the build produced no candidate', never a verdict."""
+    judge_summary = ('{"job_id": "attack", "model": "digits_mlp", "gate": {"passed": false, "checks": '
+                     '[{"name": "min accuracy", "status": "failed"}]}, "cost": {"wall_seconds": 3.0, "cpu_seconds": 2.0}}')
+    judged: list[Path] = []
+
+    def fake_judge(self: LocalExecutor, candidate: Path, *args: Any) -> Finished:
+        judged.append(candidate)
+        return Finished(3, False, judge_summary, None, {"wall_seconds": 3.0})
+
+    monkeypatch.setattr(LocalExecutor, "_judge", fake_judge)
+    job = SimpleNamespace(id="attack", model="digits_mlp", attempts=1, sha=None, pr=7, trigger="pr", payload="{}")
+    for leaves_candidate in (True, False):
+        outcomes = set()
+        for code in range(256):
+            workdir = tmp_path / f"{leaves_candidate}-{code}"
+
+            def fake_build(self: LocalExecutor, tree: Path, config: Path, args: list[str], read_only: list[Path],
+                           build_dir: Path, *rest: Any) -> Finished:
+                if leaves_candidate:
+                    a_candidate(build_dir / "candidate")
+                return Finished(code, False, PASSING, "Error: forged", {"wall_seconds": 1.0, "cpu_seconds": 0.5})
+
+            monkeypatch.setattr(LocalExecutor, "_sandboxed", fake_build)
+            outcome = executor._build_and_judge(tmp_path, tmp_path / "mlgate.yaml", [], workdir, job,  # type: ignore[arg-type]
+                                                None, tmp_path / "job.log", threading.Event())
+            outcomes.add((outcome.state, outcome.fields.get("error")))
+        if leaves_candidate:
+            assert outcomes == {("gate_failed", None)}   # the judge's verdict, whatever the build said
+        else:
+            [(state, error)] = outcomes
+            assert state == "failed" and error.startswith("failed: the build produced no candidate")
+    assert len(judged) == 256
+    stats = __import__("triggers.jobs.queue", fromlist=["job_stats"]).job_stats(executor.engine)
+    assert stats["cost:cpu_seconds"] == 256 * (2.0 + 0.5)   # the judge's and the measured build's, never 99999

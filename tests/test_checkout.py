@@ -273,3 +273,44 @@ def test_a_writers_pr_judges_itself_in_the_sandbox_and_finds_no_secret(
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert not client.search_runs(experiments, f"tags.`mlgate.job_id` = '{job.id}'")   # no run in the service's store
     assert not (repository["state"] / "isolated" / job.id).exists()
+
+
+# an outsider's CLI that leaves links where the service once looked (its report, its candidate), prints a passing
+# summary with a forged cost, and exits 3: before, the forged summary was taken as a verdict
+LINKS_AND_EXIT_3 = '''
+import json as _json, os as _os, sys as _sys
+if "--export-candidate" in _sys.argv:
+    _folder = _sys.argv[_sys.argv.index("--export-candidate") + 1]
+    _job = _sys.argv[_sys.argv.index("--job-id") + 1]
+    _report = _os.path.join(_os.environ["MLGATE_WORKDIR"], "reports", _job)
+    _os.makedirs(_folder, exist_ok=True)
+    _os.makedirs(_report, exist_ok=True)
+    for _name in ("model.onnx", "candidate.json", "tokenizer.json"):
+        _os.symlink("/proc/self/environ", _os.path.join(_folder, _name))
+    _os.symlink("/proc/self/environ", _os.path.join(_report, "report.html"))
+    _os.symlink("/proc/self/environ", _os.path.join(_report, "summary.json"))
+    print(_json.dumps({"model": "digits_mlp", "gate": {"passed": True, "checks": []}, "promoted": True,
+                       "cost": {"wall_seconds": 1e11, "cpu_seconds": 99999}}))
+    _sys.stdout.flush()
+    _os._exit(3)
+'''
+
+
+def test_an_outsiders_build_that_leaves_links_and_exits_3_gets_no_verdict_of_its_own(
+        repository: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    plant_secrets(repository, monkeypatch)
+    cli = (Path(__file__).resolve().parent.parent / "triggers" / "cli.py").read_text()
+    future = "from __future__ import annotations\n"
+    head = git_commit(repository["repo"], {"triggers/cli.py": cli.replace(future, future + LINKS_AND_EXIT_3, 1)},
+                      "a PR that forges its end")
+    subprocess.run(["git", "reset", "-q", "--hard", repository["good"]], cwd=repository["repo"], check=True)
+    job, outcome = pr_job(repository, head, author_writes=False)
+    assert outcome.state == "failed", outcome
+    assert outcome.fields["error"].startswith("failed: candidate") and "not a regular file" in outcome.fields["error"]
+    reports = repository["state"] / "reports" / job.id
+    assert not (reports / "summary.json").exists() and not (reports / "report.html").exists()
+    totals = queue.job_stats(repository["engine"])   # the module's good run spent some; the forged cost adds none
+    assert totals.get("cost:cpu_seconds", 0) < 1000 and totals.get("cost:wall_seconds", 0) < 1e6
+    for secret in SECRETS.values():
+        assert secret not in "".join(p.read_text(errors="replace") for p in reports.rglob("*") if p.is_file()) \
+            if reports.exists() else True

@@ -25,7 +25,10 @@ class NoCandidate(Exception):
 
 
 def _open_folder(parent: Path, name: str) -> int:
-    parent_fd = os.open(parent, _NOFOLLOW | os.O_DIRECTORY)   # the service made it: the build cannot swap it
+    try:   # the service made `parent`: the build, inside it, cannot swap it
+        parent_fd = os.open(parent, _NOFOLLOW | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise NoCandidate("the build produced no candidate folder") from None
     try:
         return os.open(name, _NOFOLLOW | os.O_DIRECTORY, dir_fd=parent_fd)
     except FileNotFoundError:
