@@ -198,6 +198,12 @@ class GitHubExecutorConfig(Strict):
     workflow: str = "retrain.yml"                  # file name under .github/workflows
     ref: str = "main"                              # branch the workflow file is taken from
     timeout_minutes: PositiveFloat = 120           # give up tracking a dispatched run after this
+    # the runner's credential is a GitHub Actions OIDC token (triggers/jobs/oidc.py); an outsider's PR is judged by
+    # this reusable workflow, the only one whose token may report for such a job
+    judge_workflow: str = "judge.yml"
+    oidc_audience: str = "mlgate"                  # the `aud` the jobs ask for (the workflow's MLGATE_OIDC_AUDIENCE)
+    oidc_issuer: str = "https://token.actions.githubusercontent.com"
+    oidc_jwks_url: str = "https://token.actions.githubusercontent.com/.well-known/jwks"
 
 
 class SandboxLimits(Strict):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 BIN = Path(sys.executable).parent
 RETRAIN = ROOT / ".github" / "workflows" / "retrain.yml"
+JUDGE = ROOT / ".github" / "workflows" / "judge.yml"
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def test_zizmor_finds_nothing_even_as_an_auditor() -> None:
 def test_every_action_is_pinned_and_no_input_is_interpolated_into_a_script() -> None:
     for path in WORKFLOWS:
         for job in load(path)["jobs"].values():
-            for step in job["steps"]:
+            for step in job.get("steps", []):   # a job calling a reusable workflow has none
                 if "uses" in step:
                     assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), (path.name, step["uses"])
                 if "run" in step:
@@ -55,56 +56,84 @@ def test_every_action_is_pinned_and_no_input_is_interpolated_into_a_script() -> 
 def test_gpu_runner_workflow_contract() -> None:
     workflow = load(RETRAIN)
     inputs = workflow["on"]["workflow_dispatch"]["inputs"]
-    assert set(inputs) == {"model", "job_id", "trigger", "sha", "pr", "data_ref", "result_token", "author_writes"}
+    assert set(inputs) == {"model", "job_id", "attempt", "trigger", "sha", "pr", "data_ref", "author_writes"}
     assert all("type" in spec for spec in inputs.values())
     assert inputs["trigger"]["type"] == "choice"
     assert "inputs.model" in workflow["concurrency"]["group"]
+    assert "inputs.job_id" in workflow["run-name"] and "inputs.attempt" in workflow["run-name"]   # how the run is found
     assert workflow["permissions"] == {}                      # nothing at workflow level: each job says what it needs
     jobs = workflow["jobs"]
     assert set(jobs) == {"retrain", "evaluate", "build", "judge"}
     assert jobs["retrain"]["if"] == "inputs.trigger != 'pr'"
     assert jobs["evaluate"]["if"] == "inputs.trigger == 'pr' && inputs.author_writes == 'true'"
     assert jobs["build"]["if"] == "inputs.trigger == 'pr' && inputs.author_writes != 'true'"
-    assert jobs["judge"]["needs"] == "build"
-    for job in jobs.values():
+    # the judge is the reusable judge.yml (so its OIDC token's job_workflow_ref names it), after the build
+    judge_call, judge = jobs["judge"], load(JUDGE)
+    assert judge_call["needs"] == "build" and judge_call["uses"] == "./.github/workflows/judge.yml"
+    assert "secrets" not in judge_call and set(judge_call["with"]) == {"model", "job_id", "attempt", "trigger", "sha",
+                                                                        "pr"}
+    assert set(judge["on"]) == {"workflow_call"} and judge["permissions"] == {} and list(judge["jobs"]) == ["judge"]
+    runners = {name: job for name, job in jobs.items() if name != "judge"} | {"judge": judge["jobs"]["judge"]}
+    for job in runners.values():
         assert job["runs-on"][:3] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
-        assert job["permissions"] == {"contents": "read"}     # GitHub is written by the service, not by a job
+        assert job["permissions"]["contents"] == "read"     # GitHub is written by the service, not by a job
+    # a job that reports asks GitHub for an OIDC token; build, which runs an outsider's code, may not ask
+    assert {name: job["permissions"] for name, job in runners.items()} == {
+        "retrain": {"contents": "read", "id-token": "write"}, "evaluate": {"contents": "read", "id-token": "write"},
+        "build": {"contents": "read"}, "judge": {"contents": "read", "id-token": "write"}}
+    assert judge_call["permissions"] == {"contents": "read", "id-token": "write"}   # what judge.yml may use at most
     assert jobs["retrain"]["environment"] == "mlgate-gpu-runner"
     # PR code and default-branch code never share a runner (finding 4): disjoint labels
-    assert {name: job["runs-on"][3] for name, job in jobs.items()} == {
+    assert {name: job["runs-on"][3] for name, job in runners.items()} == {
         "retrain": "mlgate-trusted", "judge": "mlgate-trusted", "evaluate": "mlgate-untrusted",
         "build": "mlgate-untrusted"}
     # the jobs that run a pull request's code hold no secret and cannot reach the registry; build holds no
     # credential at all, and only the judge (default-branch code) can report a verdict
     for name in ("evaluate", "build"):
         text = yaml.safe_dump(jobs[name])
-        assert "environment" not in jobs[name] and "secrets." not in text and "MLFLOW" not in text
+        assert "environment" not in jobs[name] and "secrets" not in text and "MLFLOW" not in text
     build = yaml.safe_dump(jobs["build"])
-    assert "result_token" not in build and "MLGATE_RESULT_TOKEN" not in build and "--report-to" not in build
-    assert "--judge \"$candidate\"" in yaml.safe_dump(jobs["judge"], width=1000)
-    assert not any("ref" in step.get("with", {}) for step in jobs["judge"]["steps"])   # the dispatched ref: base
-    assert "github.token" not in RETRAIN.read_text() and "GITHUB_TOKEN" not in RETRAIN.read_text()
-    assert "secrets.MLGATE_WEBHOOK_SECRET" not in RETRAIN.read_text()   # the runner holds no service secret
+    for needle in ("id-token", "result_token", "MLGATE_RESULT_TOKEN", "ACTIONS_ID_TOKEN", "--report-to", "vars."):
+        assert needle not in build, needle
+    judge_text = yaml.safe_dump(judge["jobs"]["judge"], width=1000)
+    assert "--judge \"$candidate\"" in judge_text and "secrets" not in judge_text
+    for text in (RETRAIN.read_text(), JUDGE.read_text()):
+        assert "github.token" not in text and "GITHUB_TOKEN" not in text
+        assert "secrets.MLGATE_WEBHOOK_SECRET" not in text   # the runner holds no service secret
     labels = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     assert "gpu" in labels
 
 
-def test_the_result_credential_is_masked_before_any_log_header_could_show_it() -> None:
-    """Finding 8: a step's log header prints its `env:` before the step runs, so the credential is never in an
-    `env:` or a script; the first step of each job holding it reads it from the event file and masks it."""
-    jobs = load(RETRAIN)["jobs"]
-    for name, job in jobs.items():
-        assert "result_token" not in yaml.safe_dump(job.get("env", {})), name
-        for step in job["steps"]:
-            assert "result_token" not in yaml.safe_dump(step.get("env", {})) and "${{" not in step.get("run", "")
-        reads = [i for i, step in enumerate(job["steps"]) if "result_token" in step.get("run", "")]
-        if name != "build":   # build holds no credential at all
-            assert reads == [0] and "::add-mask::" in job["steps"][0]["run"], name
-            assert "GITHUB_EVENT_PATH" in job["steps"][0]["run"]
+def test_the_judge_checks_out_the_base_branch_explicitly() -> None:
+    """Finding 13: the judge had no checkout for a PR dispatch (its only one was `if: inputs.sha == ''`)."""
+    [first, *_] = load(JUDGE)["jobs"]["judge"]["steps"]
+    assert first["uses"].startswith("actions/checkout@") and "if" not in first   # always, before anything runs
+    assert first["with"] == {"ref": "${{ github.sha }}", "persist-credentials": False}   # the dispatched commit
+
+
+def test_no_credential_reaches_a_job_through_inputs_env_or_the_event_file() -> None:
+    """Finding 2: the result credential was a dispatch input, in the event payload every job reads. Now no
+    input, `env:` or step names one, and nothing reads the event file for one: a reporting job asks GitHub
+    for an OIDC token (triggers/jobs/runner_results.py) when it calls the service."""
+    for path in WORKFLOWS:
+        workflow = load(path)
+        for trigger in ("workflow_dispatch", "workflow_call"):
+            for name in (workflow["on"].get(trigger) or {}).get("inputs", {}) if isinstance(workflow["on"], dict) \
+                    else []:
+                assert not any(word in name for word in ("token", "secret", "credential", "key")), (path.name, name)
+        text = path.read_text()
+        assert "result_token" not in text and "MLGATE_RESULT_TOKEN" not in text and "GITHUB_EVENT_PATH" not in text
+        assert "ACTIONS_ID_TOKEN" not in text   # the runner's mlgate asks for the token itself, per call
+    # id-token: write only where a job reports: never in CI, never on build
+    granted = {(path.name, name) for path in WORKFLOWS for name, job in load(path)["jobs"].items()
+               if (job.get("permissions") or {}).get("id-token") == "write"}
+    assert granted == {("retrain.yml", "retrain"), ("retrain.yml", "evaluate"), ("retrain.yml", "judge"),
+                       ("judge.yml", "judge")}
 
 
 def remote_actions(path: Path) -> list[str]:
-    return [step["uses"] for job in load(path)["jobs"].values() for step in job["steps"] if "uses" in step]
+    return [step["uses"] for job in load(path)["jobs"].values() for step in job.get("steps", [])
+            if "uses" in step and not step["uses"].startswith("./")]
 
 
 class RunningService(ServeProcess):

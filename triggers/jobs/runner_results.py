@@ -1,11 +1,15 @@
 """How a GPU runner reports a job back, and how the service knows the report is that job's.
 
-When the service dispatches a job it mints a credential for it: `<job>.<attempt>.<expiry>.<mac>`,
-an HMAC (key: MLGATE_RESULT_SECRET, which only the service holds) over the job id, its attempt
-number and an expiry. The runner sends it as a bearer token with a body naming the same job and
-attempt. The service accepts it once, for that job's current attempt, before the expiry: a token
-from another job, an earlier attempt, or a replay of a recorded result gets nothing. The runner
-never holds a secret that could forge a result for any other job, or sign webhooks.
+On the `github` executor the runner's credential is a GitHub Actions OIDC token (triggers/jobs/oidc.py): the
+job asks GitHub for one when it calls the service, and nothing in the dispatch carries a credential, so the
+outsider's `build` job (which may not ask) has nothing to read. The service checks it against the run it
+dispatched for the job's current attempt and the one workflow file allowed to report.
+
+A minted credential is still accepted for a job that was not dispatched to GitHub: `<job>.<attempt>.<expiry>.
+<mac>`, an HMAC (key: MLGATE_RESULT_SECRET, which only the service holds) over the job id, its attempt number
+and an expiry. Nothing in the service hands one out any more; it is for a runner an operator starts by hand.
+Either way the body names the same job and attempt, and the result is accepted once, for that job's current
+attempt: a token from another job, an earlier attempt, or a replay of a recorded result gets nothing.
 """
 
 from __future__ import annotations
@@ -13,24 +17,50 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from automation.errors import MlgateError
 from automation.redaction import redact, redact_url
 
-TOKEN_ENV = "MLGATE_RESULT_TOKEN"      # on the runner: the job's credential (a workflow input)
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from automation.config import MlgateConfig
+
+TOKEN_ENV = "MLGATE_RESULT_TOKEN"      # on a runner started by hand: a minted credential
+ATTEMPT_ENV = "MLGATE_JOB_ATTEMPT"     # on an Actions runner: the attempt the service dispatched (an input)
+AUDIENCE_ENV = "MLGATE_OIDC_AUDIENCE"  # on an Actions runner: the audience the service verifies
+# what GitHub gives a job that has `permissions: id-token: write`, and no other job
+OIDC_REQUEST_URL_ENV, OIDC_REQUEST_TOKEN_ENV = "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN"
 SECRET_ENV = "MLGATE_RESULT_SECRET"    # on the service: mints and checks the credentials
 MAX_REPORT_BYTES = 6 * 1024 * 1024     # under request_guard.RESULT_LIMIT with the summary
 TOKEN_SHAPE = re.compile(r"([A-Za-z0-9_-]{1,100})\.([0-9]{1,6})\.([0-9]{1,12})\.([0-9a-f]{64})", re.ASCII)
 
 
-class BadResultToken(Exception):
+class RunnerAuthError(Exception):
+    """The runner's credential is not accepted; `status` is the answer, the message says why (never the token)."""
+
+    status = 401
+
+
+class BadResultToken(RunnerAuthError):
     """The credential does not authorize a result for this job (the message says why; answered 401)."""
+
+
+class RunnerAuthOff(RunnerAuthError):
+    status = 403
+
+
+class RunnerAuthLater(RunnerAuthError):
+    """It cannot be checked now (the issuer's keys, or the run not seen yet): 503, the runner retries."""
+
+    status = 503
 
 
 def _mac(secret: str, job_id: str, attempt: int, expires: int) -> str:
@@ -57,6 +87,44 @@ def check_token(secret: str, token: str, job_id: str) -> int:
     return attempt
 
 
+def runner_attempt(config: "MlgateConfig", engine: "Engine", result_secret: str, authorization: str,
+                   job_id: str) -> int:
+    """The attempt of `job_id` the request's `Authorization: Bearer` credential may report for (both runner
+    routes call this). A GitHub Actions OIDC token for a job the `github` executor dispatched; a minted token
+    only for a job that was not dispatched to GitHub (a leaked or replayed one never stands in for OIDC)."""
+    from triggers.jobs import oidc
+
+    token = authorization.removeprefix("Bearer ")
+    if oidc.looks_like_jwt(token):
+        github = config.service.github
+        settings = oidc.OidcSettings(audience=github.oidc_audience, issuer=github.oidc_issuer,
+                                     jwks_url=github.oidc_jwks_url)
+        try:
+            return oidc.attempt_for(engine, token, job_id, settings)
+        except oidc.BadOidcToken as exc:
+            raise BadResultToken(str(exc)) from None
+        except oidc.OidcUnavailable as exc:
+            raise RunnerAuthLater(str(exc)) from None
+    if not result_secret:
+        raise RunnerAuthOff("runner results are off: set MLGATE_RESULT_SECRET, or dispatch to GitHub (OIDC)")
+    attempt = check_token(result_secret, token, job_id)
+    if oidc.dispatches(engine, job_id):
+        raise BadResultToken(f"job {job_id} was dispatched to GitHub: only its OIDC token reports for it")
+    return attempt
+
+
+def _whole_number(data: dict[str, Any], field: str, low: int, high: int) -> int:
+    """An integer in [low, high]: `Infinity`, `1e400`, `NaN`, 2.5 and true are refused, naming the field."""
+    value = data[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be an integer")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{field} must be a finite integer")
+    if not low <= value <= high:
+        raise ValueError(f"{field} must be between {low} and {high}")
+    return int(value)
+
+
 @dataclass
 class RunnerResult:
     job_id: str
@@ -74,15 +142,43 @@ class RunnerResult:
         summary, report = data.get("summary"), data.get("report_html")
         if (summary is not None and not isinstance(summary, dict)) or (report is not None and not isinstance(report, str)):
             raise ValueError("summary must be an object and report_html a string")
-        return cls(job_id=str(data["job_id"]), attempt=int(data["attempt"]), exit_code=int(data["exit_code"]),
+        # a number the JSON parser reads as inf (1e400, Infinity) or NaN made int() raise outside ValueError: a 500
+        return cls(job_id=str(data["job_id"]), attempt=_whole_number(data, "attempt", 0, 1_000_000),
+                   exit_code=_whole_number(data, "exit_code", -255, 255),
                    summary=summary, error=None if data.get("error") is None else str(data["error"])[:2000],
                    report_html=report)
 
 
+def _oidc_token() -> str:
+    """A fresh ID token from GitHub, asked for at each call: it lives minutes, a job hours."""
+    import httpx
+
+    url, bearer = os.environ[OIDC_REQUEST_URL_ENV], os.environ[OIDC_REQUEST_TOKEN_ENV]
+    try:
+        # the URL carries its own query (api-version): the audience is added to it, not put in its place
+        asked = httpx.URL(url).copy_merge_params({"audience": os.environ.get(AUDIENCE_ENV) or "mlgate"})
+        response = httpx.get(asked, timeout=30, headers={"Authorization": f"Bearer {bearer}"})
+        token = response.json().get("value") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        raise MlgateError(f"could not get an OIDC token from the Actions runner: {type(exc).__name__}") from None
+    if not isinstance(token, str) or not token:
+        raise MlgateError(f"the Actions runner gave no OIDC token (HTTP {response.status_code})")
+    return token
+
+
 def _runner_token() -> tuple[str, int]:
+    """The credential and the attempt it is for: an OIDC token where the job may ask for one, else minted."""
+    if os.environ.get(OIDC_REQUEST_URL_ENV) and os.environ.get(OIDC_REQUEST_TOKEN_ENV):
+        try:
+            attempt = int(os.environ.get(ATTEMPT_ENV, ""))
+        except ValueError:
+            raise MlgateError(f"--report-to with an OIDC token needs {ATTEMPT_ENV} (the workflow input attempt)") \
+                from None
+        return _oidc_token(), attempt
     token = os.environ.get(TOKEN_ENV)
     if not token:
-        raise MlgateError(f"--report-to needs {TOKEN_ENV}, the job's result credential (a workflow input)")
+        raise MlgateError(f"--report-to needs the job's credential: an Actions job with `permissions: id-token: "
+                          f"write`, or {TOKEN_ENV}")
     try:
         return token, int(token.split(".")[1])
     except (IndexError, ValueError):
@@ -122,17 +218,20 @@ def post_result(service_url: str, job_id: str, exit_code: int, summary: dict[str
                        "error": error, "report_html": report_html}, default=str).encode()
     url = f"{service_url.rstrip('/')}/jobs/{job_id}/result"
     shown = redact_url(url)
-    for attempt_no in range(1, 4):
+    tries = 6   # 2+4+…+10 s: a 503 (the service has not seen this run yet) outlasts a GitHub listing's lag
+    for attempt_no in range(1, tries + 1):
+        if attempt_no > 1:
+            token, _ = _runner_token()   # a fresh OIDC token each try: one lives minutes
         try:
             response = httpx.post(url, content=body, timeout=30, headers={
                 "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
-            if attempt_no == 3:
+            if attempt_no == tries:
                 raise MlgateError(f"could not report the result to {shown}: {type(exc).__name__}") from None
             time.sleep(2 * attempt_no)
             continue
         if response.status_code < 300 or response.status_code == 409:   # 409: already recorded
             return
-        if response.status_code < 500 or attempt_no == 3:
+        if response.status_code < 500 or attempt_no == tries:
             raise MlgateError(f"{shown} answered {response.status_code}: {redact(response.text[:200])}")
         time.sleep(2 * attempt_no)

@@ -20,19 +20,17 @@ def jobs_router(state: ServiceState) -> APIRouter:
     read = read_access(state)
 
     @router.post("/jobs/{job_id}/result", summary="The runner reports a job's outcome and report, with the job's "
-                 "own credential (Authorization: Bearer, minted at dispatch)")
+                 "own credential (Authorization: Bearer: a GitHub Actions OIDC token)")
     async def job_result(job_id: str, request: Request) -> Response:
         from automation.summary import JobSummary
         from triggers.jobs.job_end import finish_job, outcome_from_summary
-        from triggers.jobs.runner_results import BadResultToken, RunnerResult, check_token
+        from triggers.jobs.runner_results import RunnerAuthError, RunnerResult, runner_attempt
 
-        if not state.result_secret:
-            return error(403, "runner results are off: set MLGATE_RESULT_SECRET")
-        header = request.headers.get("Authorization", "")
-        try:   # the credential is checked before a byte of the body is read
-            attempt = check_token(state.result_secret, header.removeprefix("Bearer "), job_id)
-        except BadResultToken as exc:
-            return error(401, str(exc))
+        try:   # the credential (OIDC, or minted) is checked before a byte of the body is read
+            attempt = await run_in_threadpool(runner_attempt, state.config, state.engine, state.result_secret,
+                                              request.headers.get("Authorization", ""), job_id)
+        except RunnerAuthError as exc:
+            return error(exc.status, str(exc))
         try:
             body = await read_body(request, RESULT_LIMIT)
         except BodyTooLarge as exc:
@@ -73,15 +71,13 @@ def jobs_router(state: ServiceState) -> APIRouter:
         import tempfile
 
         from automation.production import export_production, pack
-        from triggers.jobs.runner_results import BadResultToken, check_token
+        from triggers.jobs.runner_results import RunnerAuthError, runner_attempt
 
-        if not state.result_secret:
-            return error(403, "runner credentials are off: set MLGATE_RESULT_SECRET")
         try:
-            attempt = check_token(state.result_secret, request.headers.get("Authorization", "").removeprefix(
-                "Bearer "), job_id)
-        except BadResultToken as exc:
-            return error(401, str(exc))
+            attempt = runner_attempt(state.config, state.engine, state.result_secret,
+                                     request.headers.get("Authorization", ""), job_id)
+        except RunnerAuthError as exc:
+            return error(exc.status, str(exc))
         job = queue.get_job(state.engine, job_id)
         if job is None or job.state != "running" or job.attempts != attempt:
             return error(409, f"job {job_id} attempt {attempt} is not running")
