@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +140,15 @@ def remote_actions(path: Path) -> list[str]:
 class RunningService(ServeProcess):
     """`mlgate serve` with no workers: jobs run on the "runner" (act), which calls back."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, jwks_url: str) -> None:
         from automation.store import open_store
 
         raw = yaml.safe_load((ROOT / "mlgate.yaml").read_text())
-        raw |= {"workdir": str(directory / "service-state"), "service": {"workers": 0}}
+        raw |= {"workdir": str(directory / "service-state"),
+                "service": {"workers": 0, "github": {"oidc_jwks_url": jwks_url}}}   # GitHub's issuer, played locally
         config = directory / "service.yaml"
         config.write_text(yaml.safe_dump(raw))
+        self.config_path = config
         self.state = directory / "service-state"
         self.engine = open_store(f"sqlite:///{self.state / 'mlgate.db'}")
         self.secret = "result-minting-secret"
@@ -161,16 +164,25 @@ class RunningService(ServeProcess):
         return queue.claim(self.engine, "github-executor")
 
 
-def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: dict[str, str]) -> str:
-    """`act workflow_dispatch` on retrain.yml in host mode, remote actions replaced by stand-ins; its output."""
+def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: dict[str, str],
+                 oidc_env: dict[str, str]) -> str:
+    """`act workflow_dispatch` on retrain.yml in host mode, remote actions replaced by stand-ins; its output.
+    act has no OIDC provider and no per-job permissions: `oidc_env` is what GitHub gives a job with
+    `id-token: write` (the local issuer's token endpoint), given here to every job of the run."""
     event = tmp_path / f"event-{inputs['job_id']}.json"
-    event.write_text(json.dumps({"inputs": {"sha": "", "pr": "", "data_ref": "", "author_writes": "false"} | inputs}))
+    event.write_text(json.dumps({"inputs": inputs}))   # exactly what the executor dispatched
     stand_ins = []
-    for action in sorted(set(remote_actions(RETRAIN))):
+    for action in sorted(set(remote_actions(RETRAIN) + remote_actions(JUDGE))):
         stub = tmp_path / "actions" / action.replace("/", "_").replace("@", "_")
         if not stub.exists():
             stub.mkdir(parents=True)
             shutil.copy(ROOT / "tests" / "fixtures" / "offline_action.yml", stub / "action.yml")
+            if action.startswith("actions/checkout@"):
+                # the judge's checkout names a ref (the dispatched base commit), so act runs it as an action
+                # rather than copying its tree (which its host executor holds already): a one-step no-op
+                (stub / "action.yml").write_text(yaml.safe_dump({
+                    "name": "offline checkout", "description": "act's host executor already holds the tree",
+                    "runs": {"using": "composite", "steps": [{"shell": "bash", "run": "true"}]}}))
         stand_ins += ["--local-repository", f"{action}={stub}"]
     done = subprocess.run(
         [BIN / "act", "workflow_dispatch", "-W", ".github/workflows/retrain.yml", "-e", str(event),
@@ -179,12 +191,53 @@ def act_dispatch(tree: Path, tmp_path: Path, inputs: dict[str, str], variables: 
          "--no-cache-server", "--env", f"MLGATE_VENV={BIN.parent}",
          "--env", "MLGATE_RUNNER_EPHEMERAL=true",   # this test's runner is a fresh tree, gone after the test
          "--env", f"MLGATE_ACT_HANDOVER={tmp_path / ('candidate-' + inputs['job_id'])}",
-         *[f"--env={k}={v}" for k, v in JOB_THREADS.items()],
+         *[f"--env={k}={v}" for k, v in (JOB_THREADS | oidc_env).items()],
          *[f"--var={k}={v}" for k, v in variables.items()], *stand_ins],
         cwd=tree, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Job succeeded" in output, output[-4000:]
     return output
+
+
+class ActAsGitHub:
+    """The GitHub calls the real GitHubExecutor makes, answered by running act: a dispatch starts act on
+    retrain.yml with the dispatched inputs (in a thread), and the run is seen as run `run_id` until act ends."""
+
+    def __init__(self, tree: Path, tmp_path: Path, variables: dict[str, str], oidc_env: dict[str, str]) -> None:
+        self.tree, self.tmp_path, self.variables, self.oidc_env = tree, tmp_path, variables, oidc_env
+        self.run_id, self.inputs, self.output, self.failure = 0, {}, "", None
+        self.thread: threading.Thread | None = None
+
+    def dispatch_workflow(self, repository: str, workflow: str, ref: str, inputs: dict[str, str]) -> None:
+        self.inputs, self.output, self.failure = inputs, "", None
+
+        def run() -> None:
+            try:
+                self.output = act_dispatch(self.tree, self.tmp_path, inputs, self.variables, self.oidc_env)
+            except BaseException as exc:   # the test reads it after the executor returns
+                self.failure = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def workflow_run(self, repository: str, workflow: str, title: str) -> Any:
+        from triggers.github.api import WorkflowRun
+
+        if self.thread is None or title not in f"job {self.inputs['job_id']} (attempt {self.inputs['attempt']})":
+            return None
+        if self.thread.is_alive():
+            return WorkflowRun(self.run_id, "in_progress", None)
+        return WorkflowRun(self.run_id, "completed", "failure" if self.failure else "success")
+
+    def cancel_workflow_run(self, repository: str, run_id: int) -> None:
+        raise AssertionError("nothing is cancelled here")
+
+    def finished(self) -> str:
+        assert self.thread is not None
+        self.thread.join(900)
+        if self.failure is not None:
+            raise self.failure
+        return self.output
 
 
 def first_attempt_left_checkpoints(registry: str, experiment: str, job_id: str, workspace: Path,
@@ -225,8 +278,11 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
     """act in host mode on a git copy of the tracked tree. act fetches every remote action before the job
     starts, which cannot work offline: each is replaced by an empty stand-in. act then checks out the
     local tree itself (a checkout without `ref`), and the artifact upload is skipped under act (`env.ACT`).
-    A retrain promotes into the service's registry; then a PR job, holding no registry credential, gets
-    production from the service with its own credential and reports back, leaving the registry as it was."""
+    The real GitHubExecutor dispatches (act plays GitHub's runner) and records the run; the reporting job
+    asks the local OIDC issuer for a token, as a job with `id-token: write` asks GitHub's, and the service
+    verifies it against the issuer's JWKS and what the executor recorded. A retrain promotes into the
+    service's registry; then an outsider's PR, built by its code and judged by judge.yml, gets production
+    from the service with the judge's token and reports back, leaving the registry as it was."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     tree = tmp_path / "repo"
     for name in filter(None, files.decode().split("\0")):
@@ -238,12 +294,22 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
         subprocess.run(["git", *git], cwd=tree, check=True, capture_output=True)
     from mlflow import MlflowClient
 
+    from automation.config import load_config
     from tests.conftest import wait_for
+    from tests.test_oidc import JUDGE_REF, REPO, RETRAIN_REF, Issuer
+    from triggers.jobs.github_executor import GitHubExecutor
     from triggers.jobs.runner_results import mint_token
 
     seed_mlflow_store(tmp_path / "service-state", mlflow_template)   # the service's registry, schema migrated
-    service = RunningService(tmp_path)
+    issuer = Issuer()
+    service = RunningService(tmp_path, f"{issuer.url}/jwks")
     registry = f"sqlite:///{service.state / 'mlflow.db'}"
+    oidc_env = {"ACTIONS_ID_TOKEN_REQUEST_URL": f"{issuer.url}/token?api-version=2.0",
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN": issuer.request_token}
+    github = ActAsGitHub(tree, tmp_path, {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry},
+                         oidc_env)
+    executor = GitHubExecutor(load_config(service.config_path), service.engine, github, REPO, service.secret,
+                              poll_seconds=0.5)
     try:
         assert wait_for(service.ready, 60), (tmp_path / "service.log").read_text()[-2000:]
         # the registry's experiment keeps artifacts with the service (act removes the runner's workspace after a job),
@@ -255,29 +321,31 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
         retrain = service.running_job("manual")
         first_attempt_left_checkpoints(registry, experiment, retrain.id, tmp_path / "first-runner",
                                        (service.state / "mlartifacts").as_uri())
-        token = mint_token(service.secret, retrain.id, 1, 3600)
-        output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": retrain.id, "trigger": "manual",
-                                               "result_token": token},
-                              {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry})
-        # the runner called back with its per-job credential: the service recorded the job and keeps its report
+        # GitHub would sign the retrain job's token with this run and retrain.yml (the job's own workflow file)
+        github.run_id, issuer.claims = 1001, {"run_id": "1001", "job_workflow_ref": RETRAIN_REF}
+        assert executor.run(retrain, threading.Event()) is None   # the runner reported: nothing left to record
+        output = github.finished()
+        assert "result_token" not in json.dumps(github.inputs) and issuer.issued   # the job asked for its token
+        # the runner called back with its OIDC token: the service recorded the job and keeps its report
         recorded = service.get(f"/jobs/{retrain.id}").json()
         assert recorded["state"] == "succeeded" and recorded["version"] == "1", recorded
         report = service.get(f"/reports/{retrain.id}")
         assert report.status_code == 200 and "digits_mlp" in report.text
-        assert token.split(".")[3] not in output   # masked in the log
+        assert not any(token.split(".")[2] in output for token in issuer.issued)   # no token in the log
         summary = job_summary(output, retrain.id)
         assert summary["gate"]["passed"] and summary["promoted"]
         # a fresh workspace, yet it resumed: the first attempt's checkpoints came from the artifact store
         assert summary["training"]["resumed_from"] == {"epoch": 3, "step": 0}, summary["training"]
         assert summary["training"]["epochs_this_attempt"] == len(summary["training"]["history"]) - 3
 
-        evaluate = service.running_job("pr", pr=7)
-        pr_output = act_dispatch(tree, tmp_path, {"model": "digits_mlp", "job_id": evaluate.id, "trigger": "pr",
-                                                  "pr": "7", "result_token": mint_token(service.secret, evaluate.id,
-                                                                                        1, 3600)},
-                                 {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry})
-        # an outsider's PR (author_writes false): its code builds, the default branch's code judges and reports
-        assert "[retrain/build" in pr_output and "[retrain/judge" in pr_output and "[retrain/evaluate" not in pr_output
+        evaluate = service.running_job("pr", pr=7)   # an outsider's PR: no author_writes in its payload
+        github.run_id, issuer.claims = 1002, {"run_id": "1002", "job_workflow_ref": JUDGE_REF}
+        issued_before = len(issuer.issued)
+        assert executor.run(evaluate, threading.Event()) is None
+        pr_output = github.finished()
+        assert github.inputs["author_writes"] == "false" and len(issuer.issued) > issued_before
+        # an outsider's PR: its code builds, the default branch's code (judge.yml) judges and reports
+        assert "[retrain/build" in pr_output and "[judge/judge" in pr_output and "[retrain/evaluate" not in pr_output
         assert registry not in pr_output   # neither job saw the registry's address
         recorded = service.get(f"/jobs/{evaluate.id}").json()
         assert recorded["state"] == "succeeded" and recorded["version"] is None, recorded
@@ -285,10 +353,17 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
         assert pr_summary["production"]["version"] == "1" and pr_summary["version"] is None
         assert pr_summary["judged"]["by"] == "the service's own mlgate" and pr_summary["training"] is None
         assert not pr_summary["tracking_uri"].startswith(registry)   # its MLflow run stayed on the runner
-        # production's snapshot is for the job's own credential only, and only while it runs
+        # production's snapshot is for the judge's token only, and only while the job runs: a minted token,
+        # or none, gets nothing for a job dispatched to GitHub
+        import httpx
+
+        minted = mint_token(service.secret, evaluate.id, 1, 600)
+        assert httpx.get(f"{service.url}/jobs/{evaluate.id}/production", timeout=30,
+                         headers={"Authorization": f"Bearer {minted}"}).status_code == 401
         assert service.get(f"/jobs/{evaluate.id}/production").status_code == 401
     finally:
         service.stop()
+        issuer.stop()
     versions = MlflowClient(registry, registry).search_model_versions("name='digits_mlp'")
     assert [str(v.version) for v in versions] == ["1"]   # the PR job wrote nothing to the registry
     # it ran on the checked-out tree: the gates are the repository's mlgate.yaml, not the embedded defaults
