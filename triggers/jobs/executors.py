@@ -256,7 +256,7 @@ class LocalExecutor:
 
         log.info("job started", extra={"job_id": job.id, "model": job.model, "sha": sha, "log": str(log_path)})
         cgroup = PidsCgroup.make(f"{job.id}-{os.getpid()}", limits.processes) if limits is not None else None
-        stopped, over_quota, next_measure = False, None, time.monotonic()
+        stopped, over_quota, next_measure, too_many = False, None, time.monotonic(), False
         try:
             # cwd: `python -m` puts the worktree first on sys.path, so the commit's own code is what runs
             with JobLog(log_path) as job_log:
@@ -281,10 +281,11 @@ class LocalExecutor:
                             child.wait()
         finally:
             if cgroup is not None:
+                too_many = cgroup.reached()
                 cgroup.remove()
         tail = child.stderr.tail_bytes()[-8192:].decode(errors="replace")
         reason = over_quota or (limits.reason(child.exit_code or 0, tail) if limits is not None else None)
-        if reason is None and cgroup is not None and cgroup.reached():
+        if reason is None and too_many:
             reason = f"it reached its {limits.processes:,} processes (service.sandbox_limits.processes)"   # type: ignore[union-attr]
         error = f"stopped: {reason}" if reason else _last_error(tail)
         return Finished(child.exit_code if child.exit_code is not None else -1, stopped, last_line(child.stdout),
