@@ -71,6 +71,10 @@ def test_gpu_runner_workflow_contract() -> None:
     # the judge is the reusable judge.yml (so its OIDC token's job_workflow_ref names it), after the build
     judge_call, judge = jobs["judge"], load(JUDGE)
     assert judge_call["needs"] == "build" and judge_call["uses"] == "./.github/workflows/judge.yml"
+    # it runs whatever became of the build: only the candidate crosses, the build's outcome never does
+    assert judge_call["if"] == "${{ !cancelled() && inputs.trigger == 'pr' && inputs.author_writes != 'true' }}"
+    [take] = [step for step in judge["jobs"]["judge"]["steps"] if step["name"] == "Take the candidate"]
+    assert take["continue-on-error"] is True   # no artifact: the judge still runs and says so
     assert "secrets" not in judge_call and set(judge_call["with"]) == {"model", "job_id", "attempt", "trigger", "sha",
                                                                         "pr"}
     assert set(judge["on"]) == {"workflow_call"} and judge["permissions"] == {} and list(judge["jobs"]) == ["judge"]
