@@ -160,7 +160,7 @@ def github_executor(tmp_path: Path, github: ScriptedRuns) -> tuple[Any, Any]:
 
     config = parse_config(yaml.safe_dump(copy.deepcopy(FAST_CONFIG)), "mlgate.yaml", tmp_path)
     engine = open_store(f"sqlite:///{tmp_path / 'mlgate.db'}")
-    return GitHubExecutor(config, engine, github, REPO, "result-secret", poll_seconds=0.01), engine
+    return GitHubExecutor(config, engine, github, REPO, poll_seconds=0.01), engine
 
 
 def test_the_github_executor_rides_out_api_errors_and_cancels_what_it_abandons(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ class Dispatched:
         self.job = queue.claim(self.engine, "github-executor")
         assert self.job is not None and self.job.id == job.id
         self.github = OneRun()
-        executor = GitHubExecutor(self.config, self.engine, self.github, REPO, RESULT_SECRET, poll_seconds=0.01)
+        executor = GitHubExecutor(self.config, self.engine, self.github, REPO, poll_seconds=0.01)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=executor.run, args=(self.job, self.stop), daemon=True)
         self.thread.start()

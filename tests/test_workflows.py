@@ -312,8 +312,7 @@ def test_act_runs_the_gpu_runner_workflow_on_the_example_model(tmp_path: Path, m
                 "ACTIONS_ID_TOKEN_REQUEST_TOKEN": issuer.request_token}
     github = ActAsGitHub(tree, tmp_path, {"MLGATE_SERVICE_URL": service.url, "MLFLOW_TRACKING_URI": registry},
                          oidc_env)
-    executor = GitHubExecutor(load_config(service.config_path), service.engine, github, REPO, service.secret,
-                              poll_seconds=0.5)
+    executor = GitHubExecutor(load_config(service.config_path), service.engine, github, REPO, poll_seconds=0.5)
     try:
         assert wait_for(service.ready, 60), (tmp_path / "service.log").read_text()[-2000:]
         # the registry's experiment keeps artifacts with the service (act removes the runner's workspace after a job),

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--earlier-attempts", metavar="COUNT,PREEMPTED,SECONDS", help=argparse.SUPPRESS)   # the service's
     run.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     run.add_argument("--report-to", metavar="URL", help="post the outcome to the service that queued this job, "
-                     "with the job's credential MLGATE_RESULT_TOKEN; a PR job also gets production from there. "
+                     "with a GitHub Actions OIDC token (or MLGATE_RESULT_TOKEN on a runner started by hand); a PR job "
+                     "also gets production from there. "
                      "Used by the GPU-runner workflow")
     run.add_argument("--production-dir", metavar="DIR", help="compare against this production snapshot instead "
                      "of reading the registry (a PR job: written by trusted code, see automation/production.py)")

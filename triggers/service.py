@@ -51,11 +51,8 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
     if not repository or not os.environ.get("GITHUB_TOKEN"):
         raise UsageError("service.executor is 'github' but GITHUB_REPOSITORY or GITHUB_TOKEN is not set",
                          hint="export GITHUB_REPOSITORY=owner/repo and a GITHUB_TOKEN that may dispatch workflows")
-    secret = os.environ.get("MLGATE_RESULT_SECRET")
-    if not secret:
-        raise UsageError("service.executor is 'github' but MLGATE_RESULT_SECRET is not set",
-                         hint="a random secret only the service holds: it mints each job's result credential")
-    return GitHubExecutor(config, engine, GitHubSource.from_env(), repository, secret)
+    # the runner's credential is a GitHub OIDC token (triggers/jobs/oidc.py): no secret to mint one with
+    return GitHubExecutor(config, engine, GitHubSource.from_env(), repository)
 
 
 def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Event) -> None:

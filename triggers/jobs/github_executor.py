@@ -33,11 +33,11 @@ class GitHubExecutor:
     cancelled in mlgate cancels its run. A GitHub error while polling is retried until the time-out: the
     runner goes on regardless, so a flaky API must not fail the job."""
 
-    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str, result_secret: str,
+    def __init__(self, config: MlgateConfig, engine: Engine, github: Any, repository: str,
                  poll_seconds: float = 15.0) -> None:
+        # no result secret: the runner's credential is a GitHub OIDC token, nothing is minted for a dispatch
         self.config, self.engine, self.github, self.repository = config, engine, github, repository
-        # unused since the runner's credential is OIDC: nothing is minted for a dispatch any more
-        self.result_secret, self.poll_seconds = result_secret, poll_seconds
+        self.poll_seconds = poll_seconds
 
     def _run(self, job: Job, this_attempt: bool = True) -> Any:
         """The newest run of this attempt (its run-name ends `job <id> (attempt <n>)`), or of any attempt."""
