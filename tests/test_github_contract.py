@@ -154,8 +154,8 @@ def test_writes_the_service_makes_are_in_the_contract(github: GitHubSource) -> N
     assert github.commit_comment(REPO, SHA, "promoted")
     assert github.issue_comment(REPO, 1347, "promoted")
     github.dispatch_workflow(REPO, "retrain.yml", "main", {"model": "digits_mlp", "job_id": "abc123",
-                                                             "trigger": "push", "sha": SHA, "pr": "", "data_ref": "",
-                                                             "result_token": "abc123.1.1900000000.deadbeef"})
+                                                             "attempt": "1", "trigger": "push", "sha": SHA, "pr": "",
+                                                             "data_ref": "", "author_writes": "false"})
     github.cancel_workflow_run(REPO, 30433642)
 
 
