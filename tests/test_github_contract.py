@@ -132,7 +132,7 @@ def test_an_evaluate_comment_by_a_writer_plans_the_prs_head(github: GitHubSource
     pull = github.pull_request(REPO, 1347)
     assert pull["head"]["sha"] and pull["number"] == 1347
     config = parse_config(yaml.safe_dump(fast_config()), "mlgate.yaml", tmp_path)
-    comment = evaluate_comment(f"/mlgate evaluate {pull['head']['sha'][:12]}", login="octocat")
+    comment = evaluate_comment(f"/mlgate evaluate {pull['head']['sha']}", login="octocat")
     comment["repository"]["full_name"], comment["issue"]["number"] = REPO, 1347
     plan = plan_event(config, "issue_comment", comment, github)
     assert plan.outcome == "no_models" and "belongs to a model" in plan.reason, plan

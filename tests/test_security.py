@@ -252,15 +252,28 @@ def test_a_push_after_an_evaluate_comment_runs_nothing(client: TestClient, servi
 
 def test_an_evaluate_comment_naming_a_commit_approves_that_commit_only(client: TestClient,
                                                                        service: ServiceState) -> None:
-    comment = outsider_pr_then_comment(client, "/mlgate evaluate C0FFEE1")
+    head = "c0ffee1" + "0" * 33
+    comment = outsider_pr_then_comment(client, f"/mlgate evaluate {head.upper()}")
     roles = {"maintainer": "write"}
-    plan = plan_comment(service, comment, StubGitHub("c0ffee1" + "0" * 33, ["models/digits_mlp.py"], roles))
+    plan = plan_comment(service, comment, StubGitHub(head, ["models/digits_mlp.py"], roles))
     assert plan.outcome == "jobs"
     moved = plan_comment(service, comment, StubGitHub("d" * 40, ["models/digits_mlp.py"], roles))
-    assert moved.outcome == "needs_approval" and "approves c0ffee1, but the head is now dddddddddddd" in moved.reason
+    assert moved.outcome == "needs_approval" and f"approves {head}, but the head is now dddddddddddd" in moved.reason
     for not_a_sha in ("/mlgate evaluate please", "/mlgate evaluate abc", "/mlgate evaluate " + "g" * 40):
         comment["comment"]["body"] = not_a_sha
         assert plan_comment(service, comment, StubGitHub("a" * 40, [], roles)).outcome == "ignored"
+
+
+def test_a_prefix_approves_no_head_that_shares_it(client: TestClient, service: ServiceState) -> None:
+    """Finding 8: `/mlgate evaluate c0ffee1` approved any later head starting with those seven digits."""
+    comment = outsider_pr_then_comment(client, "/mlgate evaluate C0FFEE1")
+    roles = {"maintainer": "write"}
+    for later_head in ("c0ffee1" + "0" * 33, "c0ffee1" + "f" * 33):
+        plan = plan_comment(service, comment, StubGitHub(later_head, ["models/digits_mlp.py"], roles))
+        assert plan.outcome == "needs_approval" and "whole 40-digit SHA" in plan.reason, plan
+    comment["comment"]["body"] = "/mlgate evaluate " + "c0ffee1" + "0" * 32   # 39 digits: a prefix too
+    plan = plan_comment(service, comment, StubGitHub("c0ffee1" + "0" * 33, ["models/digits_mlp.py"], roles))
+    assert plan.outcome == "needs_approval"
 
 
 @pytest.mark.parametrize("changed", ["triggers/cli.py", ".github/workflows/retrain.yml", "Makefile",

@@ -119,7 +119,8 @@ class IssueCommentEvent(_Loose):
 
     @property
     def named_sha(self) -> str | None:
-        """The commit `/mlgate evaluate <sha>` names (7 to 40 hex digits), lower-cased; None when it names none."""
+        """The commit `/mlgate evaluate <sha>` names, lower-cased (recognized at 7 to 40 hex digits, so that a
+        prefix is refused with its reason; only 40 approve); None when it names none."""
         match = EVALUATE_LINE.fullmatch(self.comment.body.strip().splitlines()[0].strip())
         return match[1].lower() if match and match[1] else None
 
@@ -307,7 +308,10 @@ def _approved_commit_is_head(event: IssueCommentEvent, who: str, head: str, head
     """Why the commit `who` approved is not the PR's head now, or None when it is."""
     named = event.named_sha
     if named is not None:
-        if head.lower().startswith(named):
+        if len(named) != 40:   # a prefix would approve any later head that happens to share it
+            return (f"'{EVALUATE_COMMAND} {named}' from {who} names a commit by a {len(named)}-digit prefix: "
+                    "an approval names the whole 40-digit SHA (or no SHA: the head when the comment is written)")
+        if head.lower() == named:
             return None
         return (f"'{EVALUATE_COMMAND} {named}' from {who} approves {named}, but the head is now {head[:12]}: "
                 "approve the new head")
