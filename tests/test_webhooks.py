@@ -377,6 +377,18 @@ def test_an_optional_read_token_guards_the_api_and_dashboard(service: ServiceSta
     assert "read-only-token" not in body and SECRET not in body
 
 
+
+def test_a_read_credential_that_is_not_text_is_a_401(service: ServiceState) -> None:
+    """Finding 12: `Authorization: Basic \\xff\\xfe` (bytes that are neither ASCII base64 nor UTF-8) was a 500."""
+    service.read_token = "read-only-token"
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+    job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
+    for path in ["/", "/jobs", f"/jobs/{job.id}", "/deliveries", "/drift-events", "/metrics", f"/reports/{job.id}"]:
+        for header in (b"Basic \xff\xfe", b"Bearer \xff\xfe", b"Basic w7/Dvg==", b"Basic \xc3\xbf:x"):
+            answer = client.get(path, headers={"Authorization": header})
+            assert answer.status_code == 401, (path, header, answer.status_code)
+
+
 def test_a_delivery_the_database_refuses_fails_alone_in_its_batch(service: ServiceState, db_url: str) -> None:
     """Group commit records up to 64 deliveries in one transaction; one the database refuses (here a
     repository name longer than its column, which PostgreSQL enforces) must not fail its neighbours."""

@@ -136,6 +136,6 @@ def reader_ok(token: str, header: str | None) -> bool:
 
     try:
         _, _, password = base64.b64decode(header.removeprefix("Basic "), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):   # ValueError: not ASCII (a header arrives as latin-1); not UTF-8
         return False
     return hmac.compare_digest(token.encode(), password.encode())
