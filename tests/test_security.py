@@ -403,3 +403,21 @@ def test_a_candidate_is_refused_unless_it_is_one_self_contained_standard_onnx_fi
         read(tmp_path / "garbage")
     with pytest.raises(BadCandidate, match="has no candidate.json"):
         read(tmp_path / "nothing-there")
+
+
+@pytest.mark.parametrize("repository", [None, "", "not-owner-slash-repo"])
+def test_the_service_refuses_to_start_unpinned(tmp_path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch, repository: str | None) -> None:
+    """Finding 13: without GITHUB_REPOSITORY the service only warned, and planned jobs for signed events from any
+    repository an organisation's shared webhook secret signs."""
+    from tests.conftest import error_lines, run_cli, write_config
+
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "a-secret")
+    if repository is None:
+        monkeypatch.delenv("GITHUB_REPOSITORY", raising=False)
+    else:
+        monkeypatch.setenv("GITHUB_REPOSITORY", repository)
+    code, _, err = run_cli(capsys, "serve", "--config", str(write_config(tmp_path)), "--port", "9")
+    [line, _hint] = error_lines(err)
+    assert code == 2 and line.startswith("Error: GITHUB_REPOSITORY") and "Traceback" not in err
+    assert "a-secret" not in err

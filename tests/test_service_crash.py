@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 class Service(ServeProcess):
     def __init__(self, directory: Path, db_url: str) -> None:
-        env = {"GITHUB_WEBHOOK_SECRET": "crash-secret", "MLGATE_DATABASE_URL": db_url, **JOB_THREADS}
+        env = {"GITHUB_WEBHOOK_SECRET": "crash-secret", "GITHUB_REPOSITORY": "Codertocat/Hello-World", "MLGATE_DATABASE_URL": db_url, **JOB_THREADS}
         super().__init__(directory / "mlgate.yaml", directory, cwd=directory, env=env)
 
 

@@ -43,7 +43,7 @@ class Service(ServeProcess):
             "mlgate.yaml": yaml.safe_dump(e2e_config(directory)), ".gitignore": "state/\n*.log\n*.npz\nchromium/\n"})
         seed_mlflow_store(directory / "state", mlflow_template)
         super().__init__(directory / "mlgate.yaml", directory, cwd=directory, env={
-            "GITHUB_WEBHOOK_SECRET": SECRET, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info",
+            "GITHUB_WEBHOOK_SECRET": SECRET, "GITHUB_REPOSITORY": "Codertocat/Hello-World", "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MLGATE_LOG_LEVEL": "info",
             **JOB_THREADS})
 
     def job(self, job_id: str) -> dict[str, Any]:

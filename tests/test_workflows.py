@@ -156,8 +156,10 @@ class RunningService(ServeProcess):
         self.state = directory / "service-state"
         self.engine = open_store(f"sqlite:///{self.state / 'mlgate.db'}")
         self.secret = "result-minting-secret"
+        from tests.test_oidc import REPO
+
         super().__init__(config, directory, cwd=ROOT, env={"GITHUB_WEBHOOK_SECRET": "webhook-secret",
-                                                            "MLGATE_RESULT_SECRET": self.secret})
+                                                            "GITHUB_REPOSITORY": REPO, "MLGATE_RESULT_SECRET": self.secret})
 
     def running_job(self, trigger: str, pr: int | None = None) -> Any:
         """A job queued and claimed, as the GitHub executor does before dispatching it."""

@@ -104,7 +104,7 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
     secret = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLGATE_", "MLFLOW_", "GITHUB_", "KAFKA_"))}
     feedback_token = secrets.token_hex(16)
-    env |= {"GITHUB_WEBHOOK_SECRET": secret, "MLGATE_LOG_LEVEL": "warning", "MLGATE_FEEDBACK_TOKEN": feedback_token}
+    env |= {"GITHUB_WEBHOOK_SECRET": secret, "GITHUB_REPOSITORY": "demo/mlgate", "MLGATE_LOG_LEVEL": "warning", "MLGATE_FEEDBACK_TOKEN": feedback_token}
     processes: list[subprocess.Popen[bytes]] = []
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)

@@ -136,6 +136,17 @@ def webhook_secret_from_env() -> str:
     return secret
 
 
+def repository_from_env() -> str:
+    """The one repository whose events plan jobs. Required: a webhook secret shared by an organisation signs
+    every repository's events, so an unpinned service would plan jobs for all of them."""
+    repository = os.environ.get("GITHUB_REPOSITORY", "").strip()
+    if not repository or repository.count("/") != 1:
+        raise UsageError("GITHUB_REPOSITORY is not set to owner/repo; the service takes GitHub webhooks and must "
+                         "be pinned to one repository",
+                         hint="export GITHUB_REPOSITORY=owner/repo (the repository whose webhook this is)")
+    return repository
+
+
 def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -> None:
     import uvicorn
 
@@ -145,13 +156,11 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     from triggers.serving import rollout  # noqa: F401  (the model cards read serve-model's rollouts)
 
     secret = webhook_secret_from_env()
+    repository_from_env()
     engine = store.open_store(store.database_url(config.workdir))
     app, loops = build_service(config, config_path, engine, secret, os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     for loop in loops:
         loop.start()
-    if not os.environ.get("GITHUB_REPOSITORY"):
-        log.warning("GITHUB_REPOSITORY is not set: signed events from any repository plan jobs; set it to pin "
-                    "this service to one repository (a webhook secret shared by an organisation signs them all)")
     log.info("service started", extra={"host": host, "port": port, "loops": [loop.name for loop in loops],
                                        "database": redact_url(store.database_url(config.workdir))})
     try:
