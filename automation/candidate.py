@@ -26,6 +26,8 @@ MAX_TOKENIZER_BYTES = 64 * 1024 ** 2
 MAX_MANIFEST_BYTES = 64 * 1024
 # the operator sets ONNX Runtime implements itself; a custom domain would name code the judge must not load
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+# operators that repeat or branch inside one call: a candidate could loop until the job's time-out
+CONTROL_FLOW = frozenset({"Loop", "Scan", "If"})
 
 
 class BadCandidate(MlgateError):
@@ -69,7 +71,7 @@ def _regular_file(folder: Path, name: str, limit: int, required: bool = True) ->
 
 
 def read_candidate(folder: Path, input_shape: tuple[int, ...], dtype: str, classes: tuple[str, ...],
-                   text: bool) -> Candidate:
+                   text: bool, allow_control_flow: bool = False) -> Candidate:
     """Trusted side: the candidate, checked against what the base branch's data contract says the model takes."""
     manifest_path = _regular_file(folder, MANIFEST_FILE, MAX_MANIFEST_BYTES)
     try:
@@ -84,12 +86,12 @@ def read_candidate(folder: Path, input_shape: tuple[int, ...], dtype: str, class
     if declared_classes != tuple(classes):
         raise BadCandidate("the candidate names other classes than the base branch's test split")
     onnx_path = _regular_file(folder, ONNX_FILE, MAX_ONNX_BYTES)
-    _check_graph(onnx_path)   # type: ignore[arg-type]
+    _check_graph(onnx_path, allow_control_flow)   # type: ignore[arg-type]
     tokenizer = _regular_file(folder, TOKENIZER_FILE, MAX_TOKENIZER_BYTES, required=text)
     return Candidate(onnx_path, tokenizer, declared, declared_dtype, declared_classes)   # type: ignore[arg-type]
 
 
-def _check_graph(path: Path) -> None:
+def _check_graph(path: Path, allow_control_flow: bool = False) -> None:
     """One input, standard operators, every weight inside the file: external data could name any file the
     judge can read, and a custom operator domain would ask ONNX Runtime to load code."""
     import onnx
@@ -104,6 +106,10 @@ def _check_graph(path: Path) -> None:
     custom = sorted({o.domain for o in graph_model.opset_import} - STANDARD_DOMAINS)
     if custom or any(node.domain not in STANDARD_DOMAINS for node in nodes):
         raise BadCandidate(f"candidate model.onnx uses operator domains outside ONNX Runtime's own: {custom}")
+    looping = sorted({node.op_type for node in nodes if node.domain in ("", "ai.onnx")} & CONTROL_FLOW)
+    if looping and not allow_control_flow:
+        raise BadCandidate(f"candidate model.onnx uses control flow ({', '.join(looping)}), which the base branch "
+                           "does not allow (judge.allow_control_flow in its mlgate.yaml)")
     if graph_model.functions:
         raise BadCandidate("candidate model.onnx defines its own functions")
     if any(uses_external_data(t) for t in tensors):

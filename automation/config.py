@@ -158,6 +158,14 @@ class RolloutConfig(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
+class JudgeConfig(Strict):
+    """How the base branch judges an outsider's candidate (`mlgate run --judge`): the candidate sets none of it."""
+
+    # Loop, Scan and If let a candidate run for as long as it likes per call; refused unless the model needs them
+    allow_control_flow: bool = False
+    call_timeout_seconds: PositiveFloat = 30       # one ONNX Runtime call on the candidate, then it is stopped
+
+
 class ModelDefaults(Strict):
     """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
 
@@ -170,6 +178,7 @@ class ModelDefaults(Strict):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     optimize: OptimizeConfig = OptimizeConfig()
     gates: GateConfig = GateConfig()
+    judge: JudgeConfig = JudgeConfig()
     drift: DriftPolicy = DriftPolicy()
     rollout: RolloutConfig | None = None           # none: a promotion switches all traffic at once
     # merged over this block when the job's device is a CPU: a short config (fewer examples or epochs) for a

@@ -340,12 +340,15 @@ def candidate_stage(folder: Path, validated: Validated) -> Optimized:
     from automation.preprocess import TextEncoder
 
     splits, text = validated.splits, validated.kind == "text"
-    candidate = read_candidate(folder, splits.input_shape, splits.x_test.dtype.name, splits.classes, text)
+    judge = validated.spec.judge   # the base branch's: the candidate sets nothing of how it is judged
+    candidate = read_candidate(folder, splits.input_shape, splits.x_test.dtype.name, splits.classes, text,
+                               allow_control_flow=judge.allow_control_flow)
     if candidate.tokenizer is not None:
         validated.encoder = TextEncoder.load(candidate.tokenizer)
         validated.splits = encode_texts(validated.raw, validated.encoder)
     try:
-        predictor = OnnxPredictor(candidate.onnx, ["CPUExecutionProvider"], CPU)
+        predictor = OnnxPredictor(candidate.onnx, ["CPUExecutionProvider"], CPU,
+                                  call_timeout=judge.call_timeout_seconds)
     except Exception as exc:
         raise StageError("load candidate", f"ONNX Runtime refused the candidate: {failure_reason('load', exc)}") \
             from None

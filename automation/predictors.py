@@ -8,8 +8,10 @@ CUDA timing includes the kernels because `run` synchronizes before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,10 +135,12 @@ class OnnxPredictor:
     timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays."""
 
     def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, call_timeout: float | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
+        # an untrusted candidate's calls are stopped past `call_timeout` (a watchdog sets ORT's terminate flag)
+        self._watchdog = CallWatchdog(ort.RunOptions(), call_timeout) if call_timeout is not None else None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3   # warnings about node placement are not the job's
@@ -162,6 +166,12 @@ class OnnxPredictor:
         return binding
 
     def run(self, prepared: Any) -> Any:
+        if self._watchdog is not None:
+            with self._watchdog.call() as options:
+                if not self.device.is_cuda:
+                    return self.session.run(None, prepared, options)[0]
+                self.session.run_with_iobinding(prepared, options)
+                return prepared
         if not self.device.is_cuda:
             return self.session.run(None, prepared)[0]   # host arrays: already synchronous
         self.session.run_with_iobinding(prepared)       # synchronizes the provider's stream before returning
@@ -171,6 +181,51 @@ class OnnxPredictor:
         if isinstance(output, np.ndarray):
             return output
         return np.asarray(output.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+
+class CallTimedOut(RuntimeError):
+    """ONNX Runtime stopped a call that ran past its time-out."""
+
+
+class CallWatchdog:
+    """Stops an ONNX Runtime call that runs past `seconds`: one thread per predictor sets the call's
+    RunOptions.terminate at its deadline (nothing is started inside the timed call itself)."""
+
+    def __init__(self, options: Any, seconds: float) -> None:
+        import threading
+
+        self.options, self.seconds = options, seconds
+        self._deadline: float | None = None
+        self._fired = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, name="onnx-call-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            time.sleep(min(0.05, self.seconds / 4))
+            with self._lock:
+                if self._deadline is not None and time.monotonic() >= self._deadline and not self._fired:
+                    self.options.terminate, self._fired = True, True
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[Any]:
+        import time
+
+        with self._lock:
+            self.options.terminate, self._fired = False, False
+            self._deadline = time.monotonic() + self.seconds
+        try:
+            yield self.options
+        except Exception as exc:
+            if self._fired:
+                raise CallTimedOut(f"one call ran past its {self.seconds:g} s (judge.call_timeout_seconds) and "
+                                   "was stopped") from None
+            raise exc
+        finally:
+            with self._lock:
+                self._deadline = None
 
 
 def onnx_providers(variant: str, device: RunnerDevice = CPU) -> list[Any]:
