@@ -194,16 +194,19 @@ class CallWatchdog:
     def __init__(self, options: Any, seconds: float) -> None:
         import threading
 
+        options.log_severity_level = 4   # the stopped call's own error is ours to word, in one line
         self.options, self.seconds = options, seconds
         self._deadline: float | None = None
         self._fired = False
         self._lock = threading.Lock()
+        self._armed = threading.Event()   # set while a call runs: the thread sleeps between calls
         threading.Thread(target=self._watch, name="onnx-call-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
         import time
 
         while True:
+            self._armed.wait()
             time.sleep(min(0.05, self.seconds / 4))
             with self._lock:
                 if self._deadline is not None and time.monotonic() >= self._deadline and not self._fired:
@@ -216,6 +219,7 @@ class CallWatchdog:
         with self._lock:
             self.options.terminate, self._fired = False, False
             self._deadline = time.monotonic() + self.seconds
+        self._armed.set()
         try:
             yield self.options
         except Exception as exc:
@@ -226,6 +230,7 @@ class CallWatchdog:
         finally:
             with self._lock:
                 self._deadline = None
+            self._armed.clear()
 
 
 def onnx_providers(variant: str, device: RunnerDevice = CPU) -> list[Any]:

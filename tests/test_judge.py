@@ -81,3 +81,17 @@ def test_the_judge_ends_a_looping_candidate_with_one_line(tmp_path: Path, mlflow
     lines = [line for line in error_lines(err) if not line.startswith("Hint:")]
     assert code != 0 and len(lines) == 1 and "judge.call_timeout_seconds" in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_a_stopped_call_says_so_in_one_line_and_onnx_runtime_adds_nothing(tmp_path: Path,
+                                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """ONNX Runtime logged its own error for the stopped call (a red, multi-part line on the process's stderr)
+    beside ours: the judge's reason is the one line a reader gets."""
+    from automation.predictors import CallTimedOut, OnnxPredictor
+
+    spinning = OnnxPredictor(looping_candidate(tmp_path / "spins") / "model.onnx", call_timeout=0.3)
+    for _ in range(2):   # and the watchdog re-arms for the next call
+        with pytest.raises(CallTimedOut):
+            spinning.run(spinning.prepare(np.zeros((1, 1, 8, 8), np.float32)))
+    captured = capfd.readouterr()
+    assert "onnxruntime" not in captured.err and "terminate flag" not in captured.err, captured.err
