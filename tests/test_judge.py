@@ -95,3 +95,25 @@ def test_a_stopped_call_says_so_in_one_line_and_onnx_runtime_adds_nothing(tmp_pa
             spinning.run(spinning.prepare(np.zeros((1, 1, 8, 8), np.float32)))
     captured = capfd.readouterr()
     assert "onnxruntime" not in captured.err and "terminate flag" not in captured.err, captured.err
+
+
+@pytest.mark.parametrize("declared", [16_384, 8, "garbage"])
+def test_a_candidate_tokenizer_cannot_set_the_judges_sequence_length(tmp_path: Path, declared: object) -> None:
+    """Finding 6: the judge encoded the test texts to whatever length the candidate's tokenizer.json said (its
+    peak memory grew with it). The length is the base branch's; a tokenizer that says otherwise is refused."""
+    from automation.job import _candidate_tokenizer
+    from automation.preprocess import Tokenize
+
+    texts = [f"article {i} about markets sport and politics, words {i % 7}" for i in range(200)]
+    path = Tokenize(vocab_size=100, max_length=16).fit(texts).save(tmp_path)
+    assert _candidate_tokenizer(path, (16,)).encode(["a short text"]).shape == (1, 16)
+    state = json.loads(path.read_text())
+    if declared == "garbage":
+        path.write_text("{not json")
+    else:
+        state["mlgate"]["max_length"] = declared
+        path.write_text(json.dumps(state))
+    with pytest.raises(BadCandidate) as refused:
+        _candidate_tokenizer(path, (16,))
+    assert "\n" not in str(refused.value)
+    assert (f"makes {declared:,} tokens" if declared != "garbage" else "not a tokenizer") in str(refused.value)
