@@ -258,6 +258,10 @@ class ServiceConfig(Strict):
     # default-branch retrain also gets, and paths (data outside the repository) a sandboxed PR job may read
     job_env: list[str] = []
     sandbox_read_only: list[str] = []
+    # a folder outside the repository holding <model>.npz (x, y): the judge of an outsider's PR measures on it
+    # instead of the test split, which anyone can rebuild from the repository's loader and seed (and memorize).
+    # The judge's sandbox reads it; the build's never does. None: the public test split, and the summary says so
+    held_out_dir: Path | None = None
     sandbox_limits: SandboxLimits = SandboxLimits()
     # where a drift event's data_ref may point: absolute paths, file:// or other URI prefixes (s3://bucket/x/).
     # Anything else is refused before it is recorded; empty (the default): no event may name data.
@@ -265,6 +269,14 @@ class ServiceConfig(Strict):
     replay_window_hours: PositiveFloat = 72        # a signed webhook body seen within this is not enqueued again
     # a PR from a fork whose author cannot write runs only once someone with write access adds this label
     approve_label: str = "mlgate:evaluate"
+
+    @model_validator(mode="after")
+    def _held_out_outside(self) -> "ServiceConfig":
+        # relative would mean relative to a checkout: the folder must not be one the PR's tree could hold
+        if self.held_out_dir is not None and not self.held_out_dir.is_absolute():
+            raise ValueError(f"service.held_out_dir must be an absolute path outside the repository, not "
+                             f"{str(self.held_out_dir)!r}")
+        return self
 
 
 class ReportingConfig(Strict):

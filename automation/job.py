@@ -67,6 +67,8 @@ class JobRequest:
     # then the service's own code judges that folder instead of training
     export_candidate: Path | None = None
     judge_candidate: Path | None = None
+    # the service's held-out examples (.npz, x and y) the judge measures on instead of the public test split
+    held_out: Path | None = None
     fence: Any = None                    # promote.Fence: refuses the promotion once this run lost its job
     # training resumes from, and checkpoints into, this folder: the same job's next attempt finds it there
     checkpoint_dir: Path | None = None
@@ -137,6 +139,8 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
         trained: TrainResult | None = None
         if request.judge_candidate is not None:   # trusted code, judging an untrusted build's artifact
             with timer.stage("load candidate"):
+                if request.held_out is not None:   # before the candidate's tokenizer encodes the test texts
+                    held_out_stage(request.held_out, validated)
                 optimized = candidate_stage(request.judge_candidate, validated)
         else:
             with timer.stage("train"):
@@ -187,6 +191,7 @@ class Validated:
     raw: Splits                           # the examples as clients send them (a text model's strings)
     encoder: Any = None                   # a text model's fitted tokenizer (automation/preprocess.TextEncoder)
     manifest: list[dict[str, Any]] = field(default_factory=list)   # the source files behind the fingerprint
+    held_out: str | None = None           # a judge's test split, when the service's held-out set replaced it
 
     @property
     def kind(self) -> str:
@@ -371,6 +376,42 @@ def _candidate_tokenizer(path: Path, input_shape: tuple[int, ...]) -> Any:
         raise BadCandidate(f"the candidate's tokenizer makes {encoder.max_length:,} tokens; the base branch's model "
                            f"takes {input_shape[0]:,}")
     return encoder
+
+
+def held_out_stage(path: Path, validated: Validated) -> None:
+    """The service's held-out examples in place of the test split. The test split is public: the repository's
+    loader and seed rebuild it, so a candidate can be a lookup table of it (100 % there, chance elsewhere).
+    Checked against the base branch's data contract, since the file is the service's and could be stale."""
+    import dataclasses
+    import zipfile
+
+    raw, name = validated.raw, path.name
+    try:
+        with np.load(path, allow_pickle=False) as data:   # no pickles: loading must run no code
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"held-out set {name} is not an .npz with arrays x and y "
+                         f"({type(exc).__name__})") from None
+    text = validated.kind == "text"
+    if text and x.dtype.kind == "U":   # strings, as the loader's raw texts (objects, which npz cannot hold unpickled)
+        x = x.astype(object)
+    if x.shape[1:] != raw.x_test.shape[1:] or x.dtype != raw.x_test.dtype:
+        raise UsageError(f"held-out set {name}: x is {x.dtype} {list(x.shape[1:])} per example; the data contract "
+                         f"says {raw.x_test.dtype} {list(raw.x_test.shape[1:])}")
+    classes = len(validated.splits.classes)
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x) or not len(y) \
+            or int(y.min()) < 0 or int(y.max()) >= classes:
+        raise UsageError(f"held-out set {name}: y must be {len(x):,} integer labels in 0..{classes - 1}")
+    y = y.astype(raw.y_test.dtype)
+    validated.raw = dataclasses.replace(raw, x_test=x, y_test=y)
+    # a tensor model's raw examples are its inputs; a text model's are encoded by the candidate's tokenizer
+    validated.splits = dataclasses.replace(validated.splits, x_test=x, y_test=y) if not text else validated.splits
+    validated.held_out = f"held out by the service ({name}, {len(y):,} examples the build never had)"
+
+
+def _judged_on(validated: Validated) -> str:
+    return validated.held_out or ("the base branch's, which is public: the repository's loader and seed rebuild "
+                                  "it, so a candidate can memorize it (set service.held_out_dir)")
 
 
 # --- optimize: ONNX export, int8, GPU variants where available --------------------------------------------------
@@ -619,7 +660,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
         "training": None if trained is None else training_summary(trained),
         "judged": None if request.judge_candidate is None else {
             "by": "the service's own mlgate", "artifact": "ONNX (runs no code when loaded)",
-            "test_split": "the base branch's", "gates": "the base branch's mlgate.yaml"},
+            "test_split": _judged_on(validated), "gates": "the base branch's mlgate.yaml"},
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         "contract": validated.described,
         "errors": _errors(chosen.accuracy.predicted, validated.splits.y_test, len(validated.splits.classes)),

@@ -117,3 +117,127 @@ def test_a_candidate_tokenizer_cannot_set_the_judges_sequence_length(tmp_path: P
         _candidate_tokenizer(path, (16,))
     assert "\n" not in str(refused.value)
     assert (f"makes {declared:,} tokens" if declared != "garbage" else "not a tokenizer") in str(refused.value)
+
+
+# --- finding 7: the judge measures on examples the build never had -------------------------------------------
+
+def lookup_table_candidate(folder: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """A candidate that is a lookup table of (x, y): an input equal to a memorized example gets its label,
+    anything else all-zero logits (class 0). Squared distances to every memorized example, thresholded."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    onehot = np.eye(10, dtype=np.float32)[y]
+
+    def const(name: str, array: np.ndarray) -> Any:
+        return helper.make_tensor(name, TensorProto.FLOAT, array.shape, array.ravel().tolist())
+
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]),
+             helper.make_node("ReduceSumSquare", ["flat"], ["xx"], axes=[1], keepdims=1),
+             helper.make_node("MatMul", ["flat", "memory_t"], ["dot"]),
+             helper.make_node("Mul", ["dot", "two"], ["dot2"]),
+             helper.make_node("Sub", ["xx", "dot2"], ["partial"]),
+             helper.make_node("Add", ["partial", "memory_sq"], ["distance"]),
+             helper.make_node("Less", ["distance", "threshold"], ["same"]),   # pixels differ by >= 1/16
+             helper.make_node("Cast", ["same"], ["hit"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["hit", "labels"], ["logits"])]
+    inits = [const("memory_t", flat.T.copy()), const("memory_sq", (flat ** 2).sum(axis=1)[None, :]),
+             const("two", np.array(2.0, np.float32)), const("threshold", np.array(1e-3, np.float32)),
+             const("labels", onehot)]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "lookup", [value("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [value("logits", TensorProto.FLOAT, ["n", 10])], inits)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    (folder / "candidate.json").write_text(json.dumps({"input_shape": [1, 8, 8], "dtype": "float32",
+                                                       "classes": list(DIGITS[2])}))
+    return folder
+
+
+@pytest.fixture
+def memorizing(tmp_path: Path, mlflow_template: Path) -> dict[str, Path]:
+    """The config, a candidate memorizing digits' public test split (the repository's loader, seed 0), and a
+    held-out .npz of examples it never saw (from the training split, as the service would keep aside)."""
+    from models.datasets import digits
+
+    splits = digits(seed=0)
+    config = fast_config(epochs=1, lean=True)
+    config["models"] = {"digits_mlp": config["models"]["digits_mlp"]}
+    config["workdir"] = str(tmp_path / "work")
+    seed_mlflow_store(tmp_path / "work", mlflow_template)
+    held_out = tmp_path / "held-out" / "digits_mlp.npz"
+    held_out.parent.mkdir()
+    np.savez(held_out, x=splits.x_train[:300], y=splits.y_train[:300])
+    return {"config": write_config(tmp_path, config), "held_out": held_out,
+            "candidate": lookup_table_candidate(tmp_path / "candidate", splits.x_test, splits.y_test)}
+
+
+def judged(capsys: pytest.CaptureFixture[str], files: dict[str, Path], *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "run", "--config", str(files["config"]), "--model", "digits_mlp", "--trigger", "pr",
+                   "--pr", "7", "--judge", str(files["candidate"]), "--json", *extra)
+
+
+def test_a_lookup_table_of_the_public_test_split_scores_at_chance_on_the_held_out_set(
+        memorizing: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import last_json
+
+    _, out, err = judged(capsys, memorizing)   # the public split: memorized, and it passes
+    public = last_json(out)
+    assert public["metrics"]["accuracy"] > 0.99 and public["gate"]["passed"], err[-2000:]
+    assert "public" in public["judged"]["test_split"]
+    code, out, err = judged(capsys, memorizing, "--held-out", str(memorizing["held_out"]))
+    held = last_json(out)
+    assert held["metrics"]["accuracy"] < 0.25 and not held["gate"]["passed"] and code == 3, err[-2000:]
+    assert held["judged"]["test_split"].startswith("held out by the service (digits_mlp.npz, 300 examples")
+
+
+@pytest.mark.parametrize("broken", ["shape", "dtype", "label", "lengths", "no-y", "not-npz"])
+def test_a_held_out_set_that_breaks_the_data_contract_is_refused_in_one_line(
+        memorizing: dict[str, Path], capsys: pytest.CaptureFixture[str], broken: str) -> None:
+    path = memorizing["held_out"]
+    x, y = np.load(path)["x"], np.load(path)["y"]
+    arrays = {"shape": {"x": x.reshape(len(x), 64), "y": y}, "dtype": {"x": x.astype(np.float64), "y": y},
+              "label": {"x": x, "y": np.where(y == 3, 10, y)}, "lengths": {"x": x, "y": y[:-1]},
+              "no-y": {"x": x}}.get(broken)
+    if arrays is None:
+        path.write_bytes(b"not a zip")
+    else:
+        np.savez(path, **arrays)
+    code, _, err = judged(capsys, memorizing, "--held-out", str(path))
+    lines = [line for line in error_lines(err) if not line.startswith("Hint:")]
+    assert code not in (0, 3) and len(lines) == 1 and "held-out set digits_mlp.npz" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_only_the_judge_takes_a_held_out_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "run", "--config", str(write_config(tmp_path)), "--model", "digits_mlp",
+                           "--export-candidate", str(tmp_path / "out"), "--held-out", str(tmp_path / "x.npz"))
+    assert code == 2 and "--held-out needs --judge" in err
+
+
+def test_the_service_mounts_the_held_out_set_for_the_judge_only(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """LocalExecutor._judge: the held-out file is a read-only mount and a flag of the judge's sandbox."""
+    from automation.config import load_config
+    from automation.errors import UsageError
+    from triggers.jobs.executors import LocalExecutor
+
+    (tmp_path / "held").mkdir()
+    np.savez(tmp_path / "held" / "digits_mlp.npz", x=np.zeros((2, 1, 8, 8), np.float32), y=np.zeros(2, np.int64))
+    raw = fast_config() | {"workdir": str(tmp_path / "state"),
+                           "service": {"checkout": "in_place", "held_out_dir": str(tmp_path / "held")}}
+    config_file = write_config(tmp_path, raw)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(LocalExecutor, "_sandboxed", lambda self, tree, config_file, args, read_only, *rest:
+                        seen.update(args=args, read_only=read_only))
+    job = type("Job", (), {"id": "j1", "model": "digits_mlp"})()
+    LocalExecutor(load_config(config_file), str(config_file))._judge(   # type: ignore[arg-type]
+        tmp_path / "cand", tmp_path / "snap", ["--model", "digits_mlp"], tmp_path, job, None, tmp_path / "log",
+        None)  # type: ignore[arg-type]
+    held = (tmp_path / "held" / "digits_mlp.npz").resolve()
+    assert seen["args"][-2:] == ["--held-out", str(held)] and held in seen["read_only"]
+    for service, message in (({"held_out_dir": "relative/dir"}, "held_out_dir must be an absolute path"),
+                             ({"held_outdir": "/x"}, "held_outdir")):   # strict: a misspelt key is refused
+        with pytest.raises(UsageError, match=message):
+            load_config(write_config(tmp_path, raw | {"service": service}))

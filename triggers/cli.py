@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                            "folder (ONNX) for trusted code to judge: an outsider's PR, in the sandbox")
     untrusted.add_argument("--judge", metavar="DIR", help="judge a candidate folder instead of training: the "
                            "service's own mlgate, on its own test split and gates")
+    run.add_argument("--held-out", metavar="FILE", help="with --judge: measure on this .npz (x, y) instead of the "
+                     "test split, which is public (the repository's loader and seed make it); set by the service "
+                     "from service.held_out_dir, never given to the build")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     for name, text in (("promote", "make a version production (manual override, audited)"),
@@ -156,6 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--production-dir needs --model (a snapshot holds one model's production)")
     if (args.export_candidate or args.judge) and len(names) != 1:
         raise UsageError("--export-candidate and --judge need --model (a candidate is one model)")
+    if args.held_out and not args.judge:   # the build must never be handed the examples it is measured on
+        raise UsageError("--held-out needs --judge (only the judge measures on the held-out set)")
     try:
         summaries, code = _run_jobs(config, args, names)
     except Exception as exc:
@@ -207,6 +212,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
                                  checkpoint_dir=checkpoints / name if checkpoints and len(names) > 1 else checkpoints,
                                  export_candidate=Path(args.export_candidate).resolve() if args.export_candidate
                                  else None, judge_candidate=Path(args.judge).resolve() if args.judge else None,
+                                 held_out=Path(args.held_out).resolve() if args.held_out else None,
                                  **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
                 _warn_github(reporter.started(name, args.sha))

@@ -197,14 +197,20 @@ class LocalExecutor:
         from triggers.jobs.checkout import repository_root, resolve_commit, worktree
 
         config_file = Path(self.config_path or "mlgate.yaml").resolve()
-        judge_args = [*args, "--judge", str(candidate)]
+        judge_args, mounts = [*args, "--judge", str(candidate)], [candidate, snapshot]
+        held_out_dir = self.config.service.held_out_dir
+        held_out = (held_out_dir / f"{job.model}.npz").resolve() if held_out_dir is not None else None
+        if held_out is not None and held_out.is_file():   # the judge's alone: the build never had it mounted
+            judge_args, mounts = [*judge_args, "--held-out", str(held_out)], [*mounts, held_out]
+        elif held_out is not None:   # judged on the public test split, and its summary says so
+            log.warning("no held-out set for this model", extra={"job_id": job.id, "path": str(held_out)})
         if self.config.service.checkout == "in_place":   # no git: the service's own tree is the base
-            return self._sandboxed(config_file.parent, config_file, judge_args, [candidate, snapshot], workdir,
+            return self._sandboxed(config_file.parent, config_file, judge_args, mounts, workdir,
                                    job, sha, log_path, lost)
         repo = repository_root(config_file.parent)
         base = resolve_commit(repo, None, self.config.service.branch)
         with worktree(repo, base, self.config.workdir / "worktrees" / f"{job.id}-judge") as tree:
-            return self._sandboxed(tree, tree / config_file.relative_to(repo), judge_args, [candidate, snapshot],
+            return self._sandboxed(tree, tree / config_file.relative_to(repo), judge_args, mounts,
                                    workdir, job, sha, log_path, lost)
 
     def _sandboxed(self, tree: Path, config_file: Path, args: list[str], read_only: list[Path], workdir: Path,
