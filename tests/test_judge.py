@@ -1,10 +1,12 @@
-"""A judge the candidate cannot steer: control flow is refused unless the base branch allows it, and every call on
-the candidate has a time-out that the base branch sets (finding 9 of issue 29)."""
+"""A judge the candidate cannot steer (issue 29): control flow is refused unless the base branch allows it, and
+every call on the candidate has a time-out that the base branch sets (finding 9); the sequence length is the base
+branch's (finding 6); and the judge measures on a held-out set the build never had (finding 7)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -241,3 +243,24 @@ def test_the_service_mounts_the_held_out_set_for_the_judge_only(tmp_path: Path,
                              ({"held_outdir": "/x"}, "held_outdir")):   # strict: a misspelt key is refused
         with pytest.raises(UsageError, match=message):
             load_config(write_config(tmp_path, raw | {"service": service}))
+
+
+def test_a_text_models_held_out_texts_replace_the_raw_test_split(tmp_path: Path) -> None:
+    """A text model's held-out x is strings (unpickled .npz: unicode); the candidate's tokenizer encodes them."""
+    from types import SimpleNamespace
+
+    from automation.errors import UsageError
+    from automation.job import held_out_stage
+    from models.datasets import Splits
+
+    texts = np.array(["one text", "another"], dtype=object)
+    raw = Splits(texts, np.array([0, 1]), texts, np.array([0, 1]), texts, np.array([0, 1]), ("a", "b"))
+    encoded = Splits(*(np.zeros((2, 4), np.int64), np.array([0, 1])) * 3, ("a", "b"))
+    validated = SimpleNamespace(kind="text", raw=raw, splits=encoded, held_out=None)
+    np.savez(tmp_path / "news.npz", x=np.array(["held", "out", "texts"]), y=np.array([1, 0, 1]))
+    held_out_stage(tmp_path / "news.npz", validated)   # type: ignore[arg-type]
+    assert list(validated.raw.x_test) == ["held", "out", "texts"] and list(validated.raw.y_test) == [1, 0, 1]
+    assert validated.raw.x_test.dtype == object and validated.splits is encoded and "3 examples" in validated.held_out
+    np.savez(tmp_path / "news.npz", x=np.zeros((3, 4), np.int64), y=np.array([1, 0, 1]))   # ids, not texts
+    with pytest.raises(UsageError, match="x is int64 \\[4\\] per example; the data contract says object \\[\\]"):
+        held_out_stage(tmp_path / "news.npz", validated)   # type: ignore[arg-type]
