@@ -232,3 +232,30 @@ def test_the_fingerprint_is_a_manifest_of_the_files_and_the_rows_taken(tmp_path:
     changed, entries = data_fingerprint(splits, cache)
     assert changed != first                                    # the cached hash was not trusted past the mtime
     assert entries == manifest([str(tmp_path / "images.npy")], None)
+
+
+def test_a_png_with_a_short_idat_is_refused_in_one_line() -> None:
+    """Finding 12(a): PIL opens a PNG whose IDAT length is short, then at decode reads the rest of its data as
+    the next chunk and raises SyntaxError ('broken PNG file'), which serve-model answered with a 500."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from triggers.serving.inputs import BadInput
+    from triggers.serving.raw_inputs import image_from_file
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(buffer, "PNG")
+    whole = buffer.getvalue()
+    at = whole.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", whole[at:at + 4])
+    for shape in ((28, 28), (3, 28, 28)):
+        assert image_from_file(0, whole, shape).shape == shape
+        for cut in (10, 100, length - 5):
+            short = whole[:at] + struct.pack(">I", length - cut) + whole[at + 4:]
+            with pytest.raises(BadInput, match="not a readable PNG or JPEG file") as caught:
+                image_from_file(0, short, shape)
+            assert "\n" not in str(caught.value) and caught.value.status < 500
+        with pytest.raises(BadInput, match="not a readable PNG or JPEG file"):   # cut off inside its IDAT
+            image_from_file(0, whole[:at + 40], shape)

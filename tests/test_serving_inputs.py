@@ -300,3 +300,85 @@ def test_the_inference_log_names_its_columns_by_feature_and_class(served: Runnin
     newest = named.tail(6)
     assert newest["label"].tolist() == ["barolo", "grignolino", "barbera"] * 2
     assert newest["proline"].tolist() == [800.0] * 6 and newest["alcohol"].tolist()[:3] == [16.0, 13.0, 13.0]
+
+
+# --- a small image version: broken image files -----------------------------------------------------------------
+
+IMAGE_MODEL = '''"""Bright top or bright bottom: 8x8 uint8 images, two classes."""
+import numpy as np
+from torch import nn
+
+preprocess = "pixels"
+
+
+def load_data(rows: int = 300):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, rows)
+    x = rng.integers(0, 100, size=(rows, 8, 8))
+    x[y == 0, :4] += 150
+    x[y == 1, 4:] += 150
+    return x.astype(np.uint8), y
+
+
+def build(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+'''
+
+
+@pytest.fixture(scope="module")
+def image_served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """serve-model on a registered, promoted 8x8 image version (ONNX only)."""
+    directory = tmp_path_factory.mktemp("serving_images")
+    (directory / "tiles_model.py").write_text(IMAGE_MODEL)
+    config = fast_config(epochs=2)
+    config["defaults"]["optimize"] = {"variants": ["onnx_fp32"]}
+    config["defaults"]["benchmark"] = {"batch_sizes": [1], "warmup": 2, "iterations": 20, "rounds": 3}
+    config["models"] = {"tiles": {"module": "tiles_model", "gates": {"absolute": {"min_accuracy": 0.0}}}}
+    path = write_config(directory, config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(directory))
+        assert main(["--config", str(path), "run", "--model", "tiles"], standalone=False) == 0
+        sys.modules.pop("tiles_model", None)
+    running = Running(path, tmp_path_factory.mktemp("image-inference"), model="tiles")
+    yield running
+    running.stop()
+
+
+def short_idat_png(pixels: np.ndarray, cut: int = 10) -> bytes:
+    """A PNG whose IDAT chunk says it is `cut` bytes shorter than its data: PIL opens it, then reads the rest of
+    the data as the next chunk when it decodes."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    at = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[at:at + 4])
+    return data[:at] + struct.pack(">I", length - cut) + data[at + 4:]
+
+
+def test_a_png_with_a_short_idat_gets_one_line_4xx_on_predict_and_v2(image_served: Running) -> None:
+    """Finding 12(a): PIL reads past a short IDAT at decode time and raises SyntaxError, which was a 500."""
+    import base64
+    import json
+
+    pixels = np.random.default_rng(1).integers(0, 256, size=(8, 8), dtype=np.uint8)
+    broken = short_idat_png(pixels)
+    v2 = image_served.url + "/v2/models/tiles/infer"
+    predict = post(image_served, {"inputs": [{"b64": base64.b64encode(broken).decode()}]})
+    # /v2 takes files in the binary extension: the JSON header, then each element's 4-byte length and bytes
+    element = len(broken).to_bytes(4, "little") + broken
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    binary_v2 = httpx.post(v2, content=header + element, timeout=10,
+                           headers={"Inference-Header-Content-Length": str(len(header))})
+    for name, response in (("/predict", predict), ("/v2", binary_v2)):
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        error = response.json()["error"]
+        assert "not a readable PNG or JPEG file" in error and "\n" not in error, (name, error)
+    # the same picture, whole, is served: the refusal is the file's, not the route's
+    whole = short_idat_png(pixels, cut=0)
+    assert post(image_served, {"inputs": [{"b64": base64.b64encode(whole).decode()}]}).status_code == 200

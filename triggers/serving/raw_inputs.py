@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -77,13 +78,17 @@ def image_from_file(i: int, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("PNG", "JPEG"):
                 raise BadInput(f"example {i} is a {image.format} file: send PNG or JPEG")
+            if image.size == (shape[-1], shape[-2]):   # only the model's size is decoded: a small file may
+                image.load()                            # declare a huge image; a broken one fails here
             return image_pixels(image, shape)
     except BadInput:
         raise
+    # before ValueError: PIL says a broken PNG (a short IDAT, then data read as a chunk) with SyntaxError,
+    # a short file with OSError or EOFError, a bad chunk length with struct.error
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError):
+        raise BadInput(f"example {i} is not a readable PNG or JPEG file") from None
     except ValueError as exc:   # the wrong size or channels, from image_pixels
         raise BadInput(f"example {i}: {exc}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise BadInput(f"example {i} is not a readable PNG or JPEG file") from None
 
 
 def images_from_files(elements: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
