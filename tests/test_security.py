@@ -320,7 +320,9 @@ def test_slow_or_piled_up_unsigned_bodies_are_dropped(service: ServiceState, mon
     def start_body(port: int, declared: int, sent: int) -> socket.socket:
         conn = socket.create_connection(("127.0.0.1", port), timeout=10)
         conn.sendall(f"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: d\r\n"
-                     f"X-Hub-Signature-256: sha256=00\r\nContent-Length: {declared}\r\n\r\n".encode() + b"{" * sent)
+                     # well-formed but forged: a malformed header is refused before its body is read
+                     f"X-Hub-Signature-256: sha256={'0' * 64}\r\nContent-Length: {declared}\r\n\r\n".encode()
+                     + b"{" * sent)
         return conn
 
     def answer(conn: socket.socket) -> bytes:
