@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 from typing import Any
 
 from fastapi import Request
@@ -25,7 +26,11 @@ BODY_TIMEOUT_SECONDS = 20.0
 # unauthenticated bytes buffered at once, across connections (webhooks and drift events, before their
 # signature is checked): past it, a new body is refused with 503 rather than held
 UNVERIFIED_BUDGET = 64 * MiB
-_unverified_bytes = 0   # one event loop per process: no lock needed
+# and from one peer (client address): one sender cannot take the whole budget and starve GitHub's deliveries.
+# Above WEBHOOK_LIMIT, so that one genuine delivery of GitHub's largest size always fits.
+UNVERIFIED_PEER_BUDGET = 32 * MiB
+# `sha256=` + 64 lower-case hex digits, as GitHub and `sign` write it: anything else is refused unread
+SIGNATURE_FORMAT = re.compile(r"sha256=[0-9a-f]{64}", re.ASCII)
 
 
 class BodyTooLarge(Exception):
@@ -46,24 +51,72 @@ class BodyRefused(Exception):
         return JSONResponse({"error": str(self)}, self.status, headers={"Connection": "close"})
 
 
-async def read_body(request: Request, limit: int, *, digest: Any = None, unverified: bool = False) -> bytes:
+class SignatureRefused(BodyRefused):
+    """The signature header is missing (401) or cannot be a signature (400): refused before the body is read."""
+
+
+class _Unverified:
+    """Unauthenticated body bytes buffered now, in all and per peer (one event loop per process: no lock)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_peer: dict[str, int] = {}
+
+    def take(self, peer: str, size: int) -> None:
+        """Count `size` more bytes from `peer`, or refuse them when a budget would be passed."""
+        held = self.by_peer.get(peer, 0)
+        if held + size > UNVERIFIED_PEER_BUDGET:
+            raise BodyRefused("too many unauthenticated bytes are in flight from your address; send it again "
+                              "later", 429)
+        if self.total + size > UNVERIFIED_BUDGET:
+            raise BodyRefused("too many unauthenticated bytes are in flight; send it again later", 503)
+        self.by_peer[peer] = held + size
+        self.total += size
+
+    def give_back(self, peer: str, size: int) -> None:
+        self.total -= size
+        left = self.by_peer.get(peer, 0) - size
+        if left > 0:
+            self.by_peer[peer] = left
+        else:   # no entry per peer that ever sent: the map stays as small as what is in flight
+            self.by_peer.pop(peer, None)
+
+
+_unverified = _Unverified()
+
+
+def signature_refusal(request: Request, header: str) -> SignatureRefused | None:
+    """Why `header` cannot authenticate this request's body, known before a byte of it is read; None when it
+    has the form of a signature (whether it is one is known only once the body is whole)."""
+    value = request.headers.get(header)
+    if not value:
+        return SignatureRefused(f"missing {header}", 401)
+    if not SIGNATURE_FORMAT.fullmatch(value):
+        return SignatureRefused(f"malformed {header}: expected sha256= and 64 lower-case hex digits", 400)
+    return None
+
+
+async def read_body(request: Request, limit: int, *, digest: Any = None, signed_by: str | None = None) -> bytes:
     """The raw body, refused as soon as it passes `limit`: a declared Content-Length over the limit is
     refused before a byte is read, and a chunked body is cut off as it streams. The whole body must come
-    within BODY_TIMEOUT_SECONDS. `digest` (an hmac object) is fed each chunk as it arrives. `unverified`:
-    the body is not yet authenticated, so it counts against UNVERIFIED_BUDGET while it is read."""
+    within BODY_TIMEOUT_SECONDS. `digest` (an hmac object) is fed each chunk as it arrives. `signed_by`: the
+    header whose signature will authenticate the body; until then the body is unauthenticated, so it is read
+    only when that header has a signature's form, and counts against the budgets while it is read."""
     declared = request.headers.get("content-length")
     if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
         raise BodyTooLarge(limit)
+    if signed_by is not None and (refusal := signature_refusal(request, signed_by)) is not None:
+        raise refusal
     try:
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
-            return await _receive(request, limit, digest, unverified)
+            return await _receive(request, limit, digest, signed_by is not None)
     except TimeoutError:
         raise BodyRefused(f"the body did not arrive within {BODY_TIMEOUT_SECONDS:g} s", 408) from None
 
 
 async def _receive(request: Request, limit: int, digest: Any, unverified: bool) -> bytes:
-    global _unverified_bytes
-    chunks, size = [], 0
+    chunks, size, counted = [], 0, 0
+    peer = request.client.host if request.client else "unknown"
     try:
         while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
             message = await request.receive()
@@ -74,22 +127,21 @@ async def _receive(request: Request, limit: int, digest: Any, unverified: bool) 
             if size > limit:
                 raise BodyTooLarge(limit)
             if unverified:
-                if _unverified_bytes + len(chunk) > UNVERIFIED_BUDGET:
-                    raise BodyRefused("too many unauthenticated bytes are in flight; send it again later", 503)
-                _unverified_bytes += len(chunk)
+                _unverified.take(peer, len(chunk))
+                counted += len(chunk)
             if digest is not None:
                 digest.update(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
-        if unverified:
-            _unverified_bytes -= sum(len(c) for c in chunks)
+        if counted:
+            _unverified.give_back(peer, counted)
 
 
-def unverified_bytes() -> int:
-    """Unauthenticated body bytes buffered now, across connections (for tests and metrics)."""
-    return _unverified_bytes
+def unverified_bytes(peer: str | None = None) -> int:
+    """Unauthenticated body bytes buffered now, across connections or from one peer (for tests and metrics)."""
+    return _unverified.total if peer is None else _unverified.by_peer.get(peer, 0)
 
 
 def hmac_sha256(secret: str) -> Any:

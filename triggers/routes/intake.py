@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response
 
 from triggers.intake import deliveries, drift
 from triggers.intake.webhooks import BadPayload
-from triggers.request_guard import (EVENT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyRefused, BodyTooLarge, bearer_ok,
-                                    digest_ok, hmac_sha256, read_body, signature_ok)
+from triggers.request_guard import (EVENT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyRefused, BodyTooLarge,
+                                    SignatureRefused, bearer_ok, digest_ok, hmac_sha256, read_body, signature_ok)
 from triggers.routes.state import ServiceState, error
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,14 @@ def intake_router(state: ServiceState) -> APIRouter:
         label = event if event in KNOWN_EVENTS else "other"
         digest = hmac_sha256(state.webhook_secret)   # computed as the body streams in
         try:
-            body = await read_body(request, WEBHOOK_LIMIT, digest=digest, unverified=True)
+            # unsigned or with a header that cannot be a signature: refused unread, so it holds no budget
+            body = await read_body(request, WEBHOOK_LIMIT, digest=digest, signed_by="X-Hub-Signature-256")
         except BodyTooLarge as exc:
             events.labels("github", label, "too_large").inc()
             return error(413, str(exc))
+        except SignatureRefused as exc:
+            events.labels("github", label, "bad_signature").inc()
+            return exc.answer()
         except BodyRefused as exc:
             events.labels("github", label, "refused").inc()
             return exc.answer()
@@ -76,10 +80,14 @@ def intake_router(state: ServiceState) -> APIRouter:
             return error(403, "drift intake over HTTP is off: set MLGATE_DRIFT_SECRET or MLGATE_DRIFT_TOKEN")
         bearer = bearer_ok(state.drift_token, request.headers.get("Authorization"))   # known before the body
         try:
-            body = await read_body(request, EVENT_LIMIT, unverified=not bearer)
+            body = await read_body(request, EVENT_LIMIT, signed_by=None if bearer else SIGNATURE_HEADER)
         except BodyTooLarge as exc:
             events.labels("http", "drift", "too_large").inc()
             return error(413, str(exc))
+        except SignatureRefused:   # neither credential: refused before the body is read
+            events.labels("http", "drift", "unauthenticated").inc()
+            return BodyRefused(f"missing or invalid credential ({SIGNATURE_HEADER} or Authorization: Bearer)",
+                               401).answer()
         except BodyRefused as exc:
             events.labels("http", "drift", "refused").inc()
             return exc.answer()
