@@ -383,10 +383,12 @@ def test_a_read_credential_that_is_not_text_is_a_401(service: ServiceState) -> N
     service.read_token = "read-only-token"
     client = TestClient(create_app(service), raise_server_exceptions=False)
     job, _ = queue.enqueue(service.engine, model="digits_mlp", kind="retrain", trigger="push")
-    for path in ["/", "/jobs", f"/jobs/{job.id}", "/deliveries", "/drift-events", "/metrics", f"/reports/{job.id}"]:
+    for path in ["/", "/jobs", f"/jobs/{job.id}", "/models", "/deliveries",
+                 "/drift-events", "/metrics", f"/reports/{job.id}"]:
         for header in (b"Basic \xff\xfe", b"Bearer \xff\xfe", b"Basic w7/Dvg==", b"Basic \xc3\xbf:x"):
             answer = client.get(path, headers={"Authorization": header})
             assert answer.status_code == 401, (path, header, answer.status_code)
+    assert client.get("/healthz", headers={"Authorization": b"Basic \xff\xfe"}).status_code == 200   # open, redacted
 
 
 def test_a_delivery_the_database_refuses_fails_alone_in_its_batch(service: ServiceState, db_url: str) -> None:
@@ -406,3 +408,32 @@ def test_a_delivery_the_database_refuses_fails_alone_in_its_batch(service: Servi
         "good-1", "good-2"]
     assert {d.id for d in deliveries.list_deliveries(service.engine)} == {"good-1", "good-2"}
     assert len(jobs(service)) == 2
+
+
+@pytest.mark.parametrize("prefix", [7, 12, 39])
+def test_an_evaluate_comment_naming_a_prefix_approves_nothing_and_says_why(
+        client: TestClient, service: ServiceState, prefix: int) -> None:
+    """Issue 29, finding 8: `/mlgate evaluate c0ffee1` approved whatever head started with those digits, so an
+    outsider could push another commit sharing them. Planned as the service plans it, and recorded."""
+    from tests.test_security import StubGitHub
+
+    head = "c0ffee1" + "9" * 33
+    opened = fork_pr()
+    opened["pull_request"]["head"]["sha"], opened["pull_request"]["updated_at"] = head, "2026-11-28T10:00:00Z"
+    assert deliver(client, "pull_request", opened).json()["status"] == "pending"
+    comment = evaluate_comment(f"/mlgate evaluate {head[:prefix]}")
+    comment["issue"]["number"], comment["repository"]["full_name"] = opened["number"], opened["repository"]["full_name"]
+    comment["comment"]["created_at"] = "2026-11-28T10:05:00Z"
+    named = deliver(client, "issue_comment", comment, delivery="by-prefix").json()
+    assert named["status"] == "pending"
+    github = StubGitHub(head, ["models/digits_mlp.py"], {"maintainer": "write"})
+    assert deliveries.plan_pending(service.engine, service.config, github) == 2   # type: ignore[arg-type]
+    delivery = deliveries.get_delivery(service.engine, "by-prefix")
+    assert delivery is not None and delivery.status == "needs_approval" and jobs(service) == []
+    assert f"names a commit by a {prefix}-digit prefix" in delivery.reason
+    assert "whole 40-digit SHA" in delivery.reason and "\n" not in delivery.reason
+    # the whole SHA, as GitHub shows it, approves that commit
+    comment["comment"]["body"] = f"/mlgate evaluate {head.upper()}"
+    assert deliver(client, "issue_comment", comment, delivery="by-sha").json()["status"] == "pending"
+    assert deliveries.plan_pending(service.engine, service.config, github) == 1   # type: ignore[arg-type]
+    assert {(j.sha, j.pr) for j in jobs(service)} == {(head, opened["number"])}
