@@ -132,3 +132,12 @@ def test_a_drift_event_without_a_credential_is_refused_before_its_body_is_read(
         conn.sendall(b"POST /events/drift HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")   # no body yet
         refused = answer(conn)
         assert refused.startswith(b"HTTP/1.1 401") and b"X-Mlgate-Signature-256" in refused, refused[:200]
+
+
+def test_a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() -> None:
+    assert request_guard.peer_of("127.0.0.2") == "127.0.0.2"
+    assert request_guard.peer_of("::ffff:10.0.0.7") == "10.0.0.7"
+    same_64 = {request_guard.peer_of("2001:db8:1:2::5"), request_guard.peer_of("2001:db8:1:2:ffff::9")}
+    assert same_64 == {"2001:db8:1:2::/64"}
+    assert request_guard.peer_of("2001:db8:1:3::5") != request_guard.peer_of("2001:db8:1:2::5")
+    assert request_guard.peer_of("") == "unknown" and request_guard.peer_of("testclient") == "testclient"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import re
 from typing import Any
 
@@ -85,6 +86,20 @@ class _Unverified:
 _unverified = _Unverified()
 
 
+def peer_of(host: str) -> str:
+    """Whose budget a connection spends: its IPv4 address, or its IPv6 /64 (one host is handed a whole /64, so
+    one address each would let it open a budget per address)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:   # no address (a Unix socket, a test client): one shared budget
+        return host or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def signature_refusal(request: Request, header: str) -> SignatureRefused | None:
     """Why `header` cannot authenticate this request's body, known before a byte of it is read; None when it
     has the form of a signature (whether it is one is known only once the body is whole)."""
@@ -116,7 +131,7 @@ async def read_body(request: Request, limit: int, *, digest: Any = None, signed_
 
 async def _receive(request: Request, limit: int, digest: Any, unverified: bool) -> bytes:
     chunks, size, counted = [], 0, 0
-    peer = request.client.host if request.client else "unknown"
+    peer = peer_of(request.client.host if request.client else "")
     try:
         while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
             message = await request.receive()
