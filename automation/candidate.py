@@ -106,7 +106,7 @@ def _check_graph(path: Path, allow_control_flow: bool = False) -> None:
     custom = sorted({o.domain for o in graph_model.opset_import} - STANDARD_DOMAINS)
     if custom or any(node.domain not in STANDARD_DOMAINS for node in nodes):
         raise BadCandidate(f"candidate model.onnx uses operator domains outside ONNX Runtime's own: {custom}")
-    looping = sorted({node.op_type for node in nodes if node.domain in ("", "ai.onnx")} & CONTROL_FLOW)
+    looping = sorted({node.op_type for node in nodes if _is_control_flow(node)})
     if looping and not allow_control_flow:
         raise BadCandidate(f"candidate model.onnx uses control flow ({', '.join(looping)}), which the base branch "
                            "does not allow (judge.allow_control_flow in its mlgate.yaml)")
@@ -117,6 +117,13 @@ def _check_graph(path: Path, allow_control_flow: bool = False) -> None:
     weights = {t.name for t in graph.initializer}
     if len([i for i in graph.input if i.name not in weights]) != 1 or len(graph.output) < 1:
         raise BadCandidate("candidate model.onnx must take one input and give logits")
+
+
+def _is_control_flow(node: Any) -> bool:
+    """Loop, Scan, If, and any node that runs a graph it carries: com.microsoft's BeamSearch, GreedySearch and
+    Sampling loop over their subgraphs too, up to a length the candidate's own attributes set."""
+    return (node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW) or \
+        any(a.HasField("g") or len(a.graphs) for a in node.attribute)
 
 
 def _walk(graph: Any) -> tuple[list[Any], list[Any]]:

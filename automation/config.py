@@ -164,6 +164,9 @@ class JudgeConfig(Strict):
     # Loop, Scan and If let a candidate run for as long as it likes per call; refused unless the model needs them
     allow_control_flow: bool = False
     call_timeout_seconds: PositiveFloat = 30       # one ONNX Runtime call on the candidate, then it is stopped
+    # every call on the candidate together (evaluation and timing make hundreds: 30 s each would hold the
+    # judge for hours); far above what the zoo's models need on a busy CPU, far below the job's time-out
+    total_seconds: PositiveFloat = 1800
 
 
 class ModelDefaults(Strict):

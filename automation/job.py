@@ -352,7 +352,7 @@ def candidate_stage(folder: Path, validated: Validated) -> Optimized:
         validated.splits = encode_texts(validated.raw, validated.encoder)
     try:
         predictor = OnnxPredictor(candidate.onnx, ["CPUExecutionProvider"], CPU,
-                                  call_timeout=judge.call_timeout_seconds)
+                                  call_timeout=judge.call_timeout_seconds, total_seconds=judge.total_seconds)
     except Exception as exc:
         raise StageError("load candidate", f"ONNX Runtime refused the candidate: {failure_reason('load', exc)}") \
             from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +136,15 @@ class OnnxPredictor:
     timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays."""
 
     def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU,
-                 cpu_threads: int | None = None, call_timeout: float | None = None) -> None:
+                 cpu_threads: int | None = None, call_timeout: float | None = None,
+                 total_seconds: float | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-        # an untrusted candidate's calls are stopped past `call_timeout` (a watchdog sets ORT's terminate flag)
-        self._watchdog = CallWatchdog(ort.RunOptions(), call_timeout) if call_timeout is not None else None
+        # an untrusted candidate's calls are stopped past `call_timeout` each, or once they have taken
+        # `total_seconds` together (a watchdog sets ORT's terminate flag)
+        self._watchdog = CallWatchdog(ort.RunOptions(), call_timeout, total_seconds) \
+            if call_timeout is not None else None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3   # warnings about node placement are not the job's
@@ -188,16 +192,21 @@ class CallTimedOut(RuntimeError):
 
 
 class CallWatchdog:
-    """Stops an ONNX Runtime call that runs past `seconds`: one thread per predictor sets the call's
-    RunOptions.terminate at its deadline (nothing is started inside the timed call itself)."""
+    """Stops an ONNX Runtime call that runs past `seconds`, or past what is left of `total` (every call's time
+    together: calls that each stay just under `seconds` would otherwise hold the judge for hours, since
+    evaluation and timing make hundreds). One thread per predictor sets the call's RunOptions.terminate at
+    its deadline (nothing is started inside the timed call itself)."""
 
-    def __init__(self, options: Any, seconds: float) -> None:
+    def __init__(self, options: Any, seconds: float, total: float | None = None) -> None:
         import threading
 
         options.log_severity_level = 4   # the stopped call's own error is ours to word, in one line
         self.options, self.seconds = options, seconds
+        self.total = math.inf if total is None else total
+        self._spent = 0.0                 # seconds every call so far took, together
         self._deadline: float | None = None
         self._fired = False
+        self._by_total = False            # this call's deadline is the total's, not its own
         self._lock = threading.Lock()
         self._armed = threading.Event()   # set while a call runs: the thread sleeps between calls
         threading.Thread(target=self._watch, name="onnx-call-watchdog", daemon=True).start()
@@ -212,24 +221,34 @@ class CallWatchdog:
                 if self._deadline is not None and time.monotonic() >= self._deadline and not self._fired:
                     self.options.terminate, self._fired = True, True
 
+    def _spent_all(self) -> CallTimedOut:
+        return CallTimedOut(f"the candidate's calls took its {self.total:g} s in all (judge.total_seconds) and "
+                            "were stopped")
+
     @contextlib.contextmanager
     def call(self) -> Iterator[Any]:
         import time
 
         with self._lock:
-            self.options.terminate, self._fired = False, False
-            self._deadline = time.monotonic() + self.seconds
+            left = self.total - self._spent
+            if left <= 0:
+                raise self._spent_all()
+            self.options.terminate, self._fired, self._by_total = False, False, left < self.seconds
+            start = time.monotonic()
+            self._deadline = start + min(self.seconds, left)
         self._armed.set()
         try:
             yield self.options
         except Exception as exc:
             if self._fired:
-                raise CallTimedOut(f"one call ran past its {self.seconds:g} s (judge.call_timeout_seconds) and "
-                                   "was stopped") from None
+                raise (self._spent_all() if self._by_total else CallTimedOut(
+                    f"one call ran past its {self.seconds:g} s (judge.call_timeout_seconds) and was stopped")) \
+                    from None
             raise exc
         finally:
             with self._lock:
                 self._deadline = None
+                self._spent += time.monotonic() - start
             self._armed.clear()
 
 

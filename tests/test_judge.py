@@ -55,6 +55,27 @@ def test_control_flow_is_refused_unless_the_base_branch_allows_it(tmp_path: Path
     assert read_candidate(folder, *DIGITS, text=False, allow_control_flow=True).onnx.name == "model.onnx"
 
 
+def test_any_node_that_runs_a_subgraph_is_control_flow(tmp_path: Path) -> None:
+    """com.microsoft's BeamSearch (or GreedySearch, Sampling) loops over its own subgraphs up to a length its
+    attributes set: a standard domain, and not named Loop, Scan or If, but control flow all the same."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    folder = looping_candidate(tmp_path / "candidate", trips=1)
+    model = onnx.load(str(folder / "model.onnx"))
+    body = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "decoder",
+                             [value("a", TensorProto.FLOAT, [1])], [value("b", TensorProto.FLOAT, [1])])
+    loop = next(node for node in model.graph.node if node.op_type == "Loop")
+    model.graph.node.remove(loop)   # no Loop left: only the contrib node carries a graph
+    model.graph.node.append(helper.make_node("BeamSearch", ["raw"], ["logits"], domain="com.microsoft",
+                                             decoder=body, max_length=10 ** 9))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(BadCandidate, match=r"control flow \(BeamSearch\).*judge.allow_control_flow"):
+        read_candidate(folder, *DIGITS, text=False)
+
+
 def test_a_call_past_its_time_out_is_stopped_in_one_line(tmp_path: Path) -> None:
     from automation.predictors import CallTimedOut, OnnxPredictor
 
@@ -81,7 +102,7 @@ def test_the_judge_ends_a_looping_candidate_with_one_line(tmp_path: Path, mlflow
     code, _, err = run_cli(capsys, "run", "--config", str(path), "--model", "digits_mlp", "--trigger", "pr",
                            "--pr", "7", "--judge", str(folder), "--json")
     lines = [line for line in error_lines(err) if not line.startswith("Hint:")]
-    assert code != 0 and len(lines) == 1 and "judge.call_timeout_seconds" in lines[0], err[-2000:]
+    assert code != 0 and len(lines) == 1 and "(judge.call_timeout_seconds) and was stopped" in lines[0], err[-2000:]
     assert "Traceback" not in err
 
 
@@ -97,6 +118,33 @@ def test_a_stopped_call_says_so_in_one_line_and_onnx_runtime_adds_nothing(tmp_pa
             spinning.run(spinning.prepare(np.zeros((1, 1, 8, 8), np.float32)))
     captured = capfd.readouterr()
     assert "onnxruntime" not in captured.err and "terminate flag" not in captured.err, captured.err
+
+
+def test_the_candidates_calls_together_are_stopped_past_the_total(tmp_path: Path) -> None:
+    """Calls that each stay under judge.call_timeout_seconds (30 s) still held the judge for hours: evaluation
+    and timing make hundreds of them. Past judge.total_seconds, the running call is stopped, and no more start."""
+    from automation.predictors import CallTimedOut, OnnxPredictor
+
+    spinning = OnnxPredictor(looping_candidate(tmp_path / "spins") / "model.onnx", call_timeout=600,
+                             total_seconds=0.3)
+    for _ in range(2):   # the first is stopped at the total's deadline, not its own; the next never starts
+        with pytest.raises(CallTimedOut, match=r"took its 0.3 s in all \(judge.total_seconds\)"):
+            spinning.run(spinning.prepare(np.zeros((1, 1, 8, 8), np.float32)))
+
+
+def test_the_judge_ends_a_candidate_past_its_total_with_one_line(tmp_path: Path, mlflow_template: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = fast_config(epochs=1)
+    config["models"] = {"digits_mlp": config["models"]["digits_mlp"] | {
+        "judge": {"allow_control_flow": True, "call_timeout_seconds": 600, "total_seconds": 1}}}
+    config["workdir"] = str(tmp_path / "work")
+    seed_mlflow_store(tmp_path / "work", mlflow_template)
+    path = write_config(tmp_path, config)
+    code, _, err = run_cli(capsys, "run", "--config", str(path), "--model", "digits_mlp", "--trigger", "pr",
+                           "--pr", "7", "--judge", str(looping_candidate(tmp_path / "candidate")), "--json")
+    lines = [line for line in error_lines(err) if not line.startswith("Hint:")]
+    assert code != 0 and len(lines) == 1 and "(judge.total_seconds) and were stopped" in lines[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("declared", [16_384, 8, "garbage"])
