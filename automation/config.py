@@ -279,6 +279,12 @@ class ServiceConfig(Strict):
         if self.held_out_dir is not None and not self.held_out_dir.is_absolute():
             raise ValueError(f"service.held_out_dir must be an absolute path outside the repository, not "
                              f"{str(self.held_out_dir)!r}")
+        # the build's sandbox mounts sandbox_read_only too: a held-out set under one is a set the build can read
+        shared = [p for p in self.sandbox_read_only if self.held_out_dir is not None
+                  and self.held_out_dir.resolve().is_relative_to(Path(p).resolve())]
+        if shared:
+            raise ValueError(f"service.held_out_dir is inside sandbox_read_only's {shared[0]!r}, which every "
+                             "pull request's build may read: keep the held-out set elsewhere")
         return self
 
 
@@ -364,6 +370,10 @@ def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
     # MLGATE_WORKDIR: a job run from a checkout of another commit keeps the service's state and reports
     workdir = Path(os.environ.get("MLGATE_WORKDIR") or config.workdir)
     workdir = workdir if workdir.is_absolute() else (base_dir / workdir)
+    held_out = config.service.held_out_dir
+    if held_out is not None and held_out.resolve().is_relative_to(base_dir.resolve()):   # the build's own tree
+        raise UsageError(f"{source}: service.held_out_dir {held_out} is inside the repository ({base_dir}), which "
+                         "a pull request's build reads: keep the held-out set outside it")
     return config.model_copy(update={"workdir": workdir.resolve()})
 
 

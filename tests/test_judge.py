@@ -277,7 +277,8 @@ def test_the_service_mounts_the_held_out_set_for_the_judge_only(tmp_path: Path,
     np.savez(tmp_path / "held" / "digits_mlp.npz", x=np.zeros((2, 1, 8, 8), np.float32), y=np.zeros(2, np.int64))
     raw = fast_config() | {"workdir": str(tmp_path / "state"),
                            "service": {"checkout": "in_place", "held_out_dir": str(tmp_path / "held")}}
-    config_file = write_config(tmp_path, raw)
+    (tmp_path / "repo").mkdir()
+    config_file = write_config(tmp_path / "repo", raw)
     seen: dict[str, Any] = {}
     monkeypatch.setattr(LocalExecutor, "_sandboxed", lambda self, tree, config_file, args, read_only, *rest:
                         seen.update(args=args, read_only=read_only))
@@ -290,7 +291,24 @@ def test_the_service_mounts_the_held_out_set_for_the_judge_only(tmp_path: Path,
     for service, message in (({"held_out_dir": "relative/dir"}, "held_out_dir must be an absolute path"),
                              ({"held_outdir": "/x"}, "held_outdir")):   # strict: a misspelt key is refused
         with pytest.raises(UsageError, match=message):
-            load_config(write_config(tmp_path, raw | {"service": service}))
+            load_config(write_config(tmp_path / "repo", raw | {"service": service}))
+
+
+def test_a_held_out_set_the_build_could_read_is_refused(tmp_path: Path) -> None:
+    """The build's sandbox mounts its tree (in place: the service's repository) and service.sandbox_read_only:
+    a held-out set under either is one the build can read, then memorize."""
+    from automation.config import load_config
+    from automation.errors import UsageError
+
+    (tmp_path / "repo").mkdir()
+    service = {"checkout": "in_place", "held_out_dir": str(tmp_path / "repo" / "held")}
+    with pytest.raises(UsageError, match=r"held_out_dir .*/repo/held is inside the repository"):
+        load_config(write_config(tmp_path / "repo", fast_config() | {"service": service}))
+    service = {"held_out_dir": str(tmp_path / "data" / "held"), "sandbox_read_only": [str(tmp_path / "data")]}
+    with pytest.raises(UsageError, match=r"held_out_dir is inside sandbox_read_only's .*/data'"):
+        load_config(write_config(tmp_path / "repo", fast_config() | {"service": service}))
+    service["sandbox_read_only"] = [str(tmp_path / "data" / "train")]   # a sibling folder is the build's to read
+    assert load_config(write_config(tmp_path / "repo", fast_config() | {"service": service})).service.held_out_dir
 
 
 def test_a_text_models_held_out_texts_replace_the_raw_test_split(tmp_path: Path) -> None:
