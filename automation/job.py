@@ -406,12 +406,13 @@ def held_out_stage(path: Path, validated: Validated) -> None:
     validated.raw = dataclasses.replace(raw, x_test=x, y_test=y)
     # a tensor model's raw examples are its inputs; a text model's are encoded by the candidate's tokenizer
     validated.splits = dataclasses.replace(validated.splits, x_test=x, y_test=y) if not text else validated.splits
-    validated.held_out = f"held out by the service ({name}, {len(y):,} examples the build never had)"
+    validated.held_out = f"the service's held-out ({name}: {len(y):,} examples the build never had)"
 
 
 def _judged_on(validated: Validated) -> str:
-    return validated.held_out or ("the base branch's, which is public: the repository's loader and seed rebuild "
-                                  "it, so a candidate can memorize it (set service.held_out_dir)")
+    # the report reads "on <this> test split"
+    return validated.held_out or ("the base branch's public (the repository's loader and seed rebuild it, so a "
+                                  "candidate can memorize it: set service.held_out_dir)")
 
 
 # --- optimize: ONNX export, int8, GPU variants where available --------------------------------------------------

@@ -236,10 +236,13 @@ def test_a_lookup_table_of_the_public_test_split_scores_at_chance_on_the_held_ou
     public = last_json(out)
     assert public["metrics"]["accuracy"] > 0.99 and public["gate"]["passed"], err[-2000:]
     assert "public" in public["judged"]["test_split"]
+    report = Path(public["reports"]["md"]).read_text()   # and the report says so to the PR's reader
+    assert "on the base branch's public (the repository's loader and seed rebuild it" in report
     code, out, err = judged(capsys, memorizing, "--held-out", str(memorizing["held_out"]))
     held = last_json(out)
     assert held["metrics"]["accuracy"] < 0.25 and not held["gate"]["passed"] and code == 3, err[-2000:]
-    assert held["judged"]["test_split"].startswith("held out by the service (digits_mlp.npz, 300 examples")
+    assert held["judged"]["test_split"].startswith("the service's held-out (digits_mlp.npz: 300 examples")
+    assert "on the service's held-out (digits_mlp.npz: 300 examples" in Path(held["reports"]["md"]).read_text()
 
 
 @pytest.mark.parametrize("broken", ["shape", "dtype", "label", "lengths", "no-y", "not-npz"])
