@@ -306,7 +306,7 @@ class LocalExecutor:
         if summary is not None and build_cost is not None:
             summary = _with_build_cost(summary, build_cost)
         report = report_path(self.config.workdir, job.id)
-        written = workdir / "reports" / job.id / "report.html"
+        written = report_path(workdir, job.id)   # where the job wrote it, in its own workdir
         if written != report:
             copy_report(written, report)
         return finish_job(self.engine, self.config.workdir, job.id, outcome, summary, report)

@@ -45,7 +45,9 @@ class ServiceState:
 
 def report_file(state: ServiceState, job_id: str) -> Path:
     """Where a job's HTML report lives: derived from the id of a job that exists, nothing else."""
-    return state.config.workdir / "reports" / job_id / "report.html"
+    from triggers.jobs.job_end import report_path
+
+    return report_path(state.config.workdir, job_id)
 
 
 def error(status: int, message: str) -> JSONResponse:
