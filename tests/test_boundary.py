@@ -87,17 +87,25 @@ def test_a_report_left_as_a_link_to_the_environment_is_not_copied(tmp_path: Path
     written = tmp_path / "sandbox" / "reports" / "job" / "report.html"
     written.parent.mkdir(parents=True)
     written.symlink_to("/proc/self/environ")
-    assert not copy_report(written, tmp_path / "service" / "report.html")
+    assert not copy_report(tmp_path / "sandbox", written, tmp_path / "service" / "report.html")
     assert not (tmp_path / "service" / "report.html").exists()
     written.unlink()
     secret = tmp_path / "service-secrets.env"
     secret.write_text("GITHUB_TOKEN=ghp_secret")
     os.link(secret, written)   # a hard link: the same secret under the report's name
-    assert not copy_report(written, tmp_path / "service" / "report.html")
+    assert not copy_report(tmp_path / "sandbox", written, tmp_path / "service" / "report.html")
     written.unlink()
     written.write_text("<html>ok</html>")
-    assert copy_report(written, tmp_path / "service" / "report.html")
+    assert copy_report(tmp_path / "sandbox", written, tmp_path / "service" / "report.html")
     assert (tmp_path / "service" / "report.html").read_text() == "<html>ok</html>"
+    # a folder on the way that is a link (to another job's reports, say) is not followed either
+    elsewhere = tmp_path / "another-job"
+    elsewhere.mkdir()
+    (elsewhere / "report.html").write_text("another tenant's report")
+    (tmp_path / "sandbox" / "reports" / "job").rename(tmp_path / "sandbox" / "reports" / "old")
+    (tmp_path / "sandbox" / "reports" / "job").symlink_to(elsewhere)
+    assert not copy_report(tmp_path / "sandbox", written, tmp_path / "service" / "copied.html")
+    assert not (tmp_path / "service" / "copied.html").exists()
 
 
 def test_an_exit_code_is_a_preemption_only_when_the_service_stopped_the_job() -> None:

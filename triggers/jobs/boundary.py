@@ -39,8 +39,23 @@ def _open_folder(parent: Path, name: str) -> int:
         os.close(parent_fd)
 
 
-def _copy_one(folder_fd: int, name: str, limit: int, dest: Path) -> bool:
-    """Copy `name` into `dest` if the build left it; False when absent. Raises NoCandidate on anything odd."""
+def open_beneath(root: Path, folders: tuple[str, ...]) -> int:
+    """A descriptor of `root/folders…`, no link followed at any step below `root` (which the service made)."""
+    fd = os.open(root, _NOFOLLOW | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            inner = os.open(folder, _NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def copy_regular(folder_fd: int, name: str, limit: int, target: Path) -> bool:
+    """Copy `name` (in `folder_fd`) to `target` if it is there; False when absent. Raises NoCandidate on
+    anything odd: a link, a special file, a second link, over `limit`."""
     try:
         fd = os.open(name, _NOFOLLOW, dir_fd=folder_fd)
     except FileNotFoundError:
@@ -55,13 +70,13 @@ def _copy_one(folder_fd: int, name: str, limit: int, dest: Path) -> bool:
             raise NoCandidate(f"candidate {name} has {info.st_nlink} links; a candidate file has one")
         if info.st_size > limit:
             raise NoCandidate(f"candidate {name} is {info.st_size:,} bytes, over {limit:,}")
-        with open(dest / name, "xb") as target:
+        with open(target, "wb") as sink:
             copied = 0
             while chunk := source.read(min(1 << 20, limit + 1 - copied)):
                 copied += len(chunk)
                 if copied > limit:   # grew while being read
                     raise NoCandidate(f"candidate {name} is over {limit:,} bytes")
-                target.write(chunk)
+                sink.write(chunk)
     return True
 
 
@@ -71,7 +86,7 @@ def take_candidate(build_dir: Path, folder: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=False)
     folder_fd = _open_folder(build_dir, folder)
     try:
-        present = {name for name, limit in ALLOWED.items() if _copy_one(folder_fd, name, limit, dest)}
+        present = {name for name, limit in ALLOWED.items() if copy_regular(folder_fd, name, limit, dest / name)}
     finally:
         os.close(folder_fd)
     missing = [name for name in REQUIRED if name not in present]

@@ -308,7 +308,7 @@ class LocalExecutor:
         report = report_path(self.config.workdir, job.id)
         written = report_path(workdir, job.id)   # where the job wrote it, in its own workdir
         if written != report:
-            copy_report(written, report)
+            copy_report(workdir, written, report)
         return finish_job(self.engine, self.config.workdir, job.id, outcome, summary, report)
 
     def _stop(self, child: Child, job: Job, lost: threading.Event) -> int:

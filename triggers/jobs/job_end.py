@@ -9,7 +9,6 @@ preemption only when the trusted side stopped the job; cost goes to /metrics onl
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,23 +43,25 @@ def outcome_from_summary(exit_code: int, summary: JobSummary | None, error: str 
     return Outcome(state, {k: v for k, v in fields.items() if v is not None})
 
 
-def copy_report(source: Path, target: Path, limit: int = MAX_REPORT_BYTES) -> bool:
-    """Copy a report a job wrote into the service's report folder: a regular file of one link, opened without
-    following links, size-capped. False (nothing copied) otherwise."""
+def copy_report(root: Path, source: Path, target: Path, limit: int = MAX_REPORT_BYTES) -> bool:
+    """Copy a report a job wrote under its workdir `root` into the service's report folder: no link followed at
+    any step below `root`, a regular file of one link, size-capped (boundary.py). False, nothing copied,
+    otherwise."""
+    from triggers.jobs.boundary import NoCandidate, copy_regular, open_beneath
+
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        *folders, name = source.relative_to(root).parts
+        folder_fd = open_beneath(root, tuple(folders))
+    except (ValueError, OSError):
         return False
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > limit:
-            return False
-        data = handle.read(limit + 1)
-    if len(data) > limit:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return copy_regular(folder_fd, name, limit, target)
+    except (NoCandidate, OSError):
+        target.unlink(missing_ok=True)
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return True
+    finally:
+        os.close(folder_fd)
 
 
 def finish_job(engine: Engine, workdir: Path, job_id: str, outcome: Outcome, summary: JobSummary | None,
