@@ -228,7 +228,8 @@ def test_a_builds_exit_code_and_output_never_reach_the_verdict(executor: LocalEx
             workdir = tmp_path / f"{leaves_candidate}-{code}"
 
             def fake_build(self: LocalExecutor, tree: Path, config: Path, args: list[str], read_only: list[Path],
-                           build_dir: Path, *rest: Any) -> Finished:
+                           build_dir: Path, *rest: Any, progress: bool = True) -> Finished:
+                assert progress is False   # nothing but the candidate is read from an outsider's build
                 if leaves_candidate:
                     a_candidate(build_dir / "candidate")
                 return Finished(code, False, PASSING, "Error: forged", {"wall_seconds": 1.0, "cpu_seconds": 0.5})

@@ -175,7 +175,7 @@ class LocalExecutor:
         build_dir = workdir / "build"
         built = self._sandboxed(tree, config_file, [*run_arguments(job, sha, self.engine), "--export-candidate",
                                                     str(build_dir / "candidate"), "--json"], [], build_dir, job,
-                                sha, log_path, lost)
+                                sha, log_path, lost, progress=False)
         if built is None:
             return None
         if built.stopped:   # the service stopped it: the next attempt builds again
@@ -214,7 +214,10 @@ class LocalExecutor:
                                    workdir, job, sha, log_path, lost)
 
     def _sandboxed(self, tree: Path, config_file: Path, args: list[str], read_only: list[Path], workdir: Path,
-                   job: Job, sha: str | None, log_path: Path, lost: threading.Event) -> Finished | None:
+                   job: Job, sha: str | None, log_path: Path, lost: threading.Event,
+                   progress: bool = True) -> Finished | None:
+        """`progress`: read the job's progress file; never for an outsider's build, whose every file but the
+        candidate stays on its side (its epochs and accuracy would be claims on the check run)."""
         from triggers.jobs.sandbox import Limits, job_environment, sandboxed
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +228,8 @@ class LocalExecutor:
         env = job_environment(False, set_to={"MLGATE_WORKDIR": str(workdir)})
         command = sandboxed([sys.executable, "-m", "triggers.cli", "--config", str(config_file), "run", *args],
                             cwd=tree, writable=workdir, read_only=[*read_only, *extra], env=env, tmp_mb=limits.tmp_mb)
-        return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir, limits)
+        return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir, limits,
+                            progress)
 
     def _empty_store(self) -> Path:
         """An empty MLflow store, its schema migrated once per service: every sandboxed job's private store
@@ -253,7 +257,8 @@ class LocalExecutor:
         return workdir
 
     def _launch(self, command: list[str], tree: Path, env: dict[str, str], job: Job, sha: str | None,
-                log_path: Path, lost: threading.Event, workdir: Path, limits: Limits | None = None) -> Finished | None:
+                log_path: Path, lost: threading.Event, workdir: Path, limits: Limits | None = None,
+                progress: bool = True) -> Finished | None:
         """Run one process to its end; None when it was abandoned (no longer this worker's job). Its output goes
         to the job log, bounded; a sandboxed one runs under `limits`, its workdir measured as it runs."""
         from triggers.jobs.child import Child
@@ -268,7 +273,7 @@ class LocalExecutor:
             with JobLog(log_path) as job_log:
                 child = Child(command, cwd=tree, env=env, log=job_log,
                               preexec=functools.partial(_prepare_child, limits, cgroup))
-                progress = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE)
+                progress_file = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE) if progress else None
                 while child.poll() is None:
                     if lost.wait(0.5):
                         if self._stop(child, job, lost) != Preempted.exit_code:
@@ -276,7 +281,7 @@ class LocalExecutor:
                             return None
                         stopped = True   # it checkpointed: the worker requeues it (if it is still this worker's)
                         break
-                    if (update := progress.changed()) is not None:
+                    if progress_file is not None and (update := progress_file.changed()) is not None:
                         queue.record_progress(self.engine, job.id, job.attempts, update)
                     if limits is not None and time.monotonic() >= next_measure:
                         next_measure = time.monotonic() + 2.0
