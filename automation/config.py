@@ -34,7 +34,7 @@ class TrainConfig(Strict):
     seed: int = 0
     amp: bool = True                   # autocast on CUDA only; ignored on CPU
     distributed: Literal["auto", "off"] = "auto"   # auto: DDP over all GPUs when there are several
-    # DataLoader worker processes reading a training split on disk (models.datasets.DiskArray); 0 reads in the
+    # DataLoader worker processes reading a training split on disk (automation.data.DiskArray); 0 reads in the
     # training process. On a GPU runner, 2-4 keep the GPU fed while the next batches are read.
     loader_workers: NonNegativeInt = 0
     # onecycle: warm up to `lr`, then anneal; it reaches in a few epochs what a constant rate needs many for

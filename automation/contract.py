@@ -9,7 +9,7 @@ A model file (`models/<name>.py`) defines:
         (x, y)                        x: an array (N, *shape) or a DataFrame of named numeric columns;
                                       y: the labels (array, list or Series)
         DataFrame                     numeric feature columns plus the label column (see `label`)
-        Splits                        already split (models.datasets.Splits); its test split is used as is
+        Splits                        already split (automation.data.Splits); its test split is used as is
     label = "species"                 optional: a DataFrame's label column (default "label")
     preprocess = "standardize"        optional: fitted on the training split only, then part of the model, so
                                       every variant (ONNX, int8, compiled) and serving run it on raw inputs.
@@ -17,7 +17,7 @@ A model file (`models/<name>.py`) defines:
                                       "normalize_channels", "pixels" for uint8 images, {"tokenize": {…}} for
                                       text), or an object with fit(x_train) -> nn.Module.
 
-x may also be uint8 images (with "pixels"), kept as they are, or on disk (models.datasets.DiskArray: read a
+x may also be uint8 images (with "pixels"), kept as they are, or on disk (automation.data.DiskArray: read a
 batch at a time), or strings (with "tokenize"): the raw form clients send.
 
 mlgate supports single-label classification. What it does with the data, so the loader need not:
@@ -45,7 +45,7 @@ from torch import nn
 
 from automation.preprocess import (PREPROCESSORS, ContractError, Pixels, Scale, TextEncoder, Tokenize,  # noqa: F401
                                    WithPreprocessing, declared_step, fit_preprocess, preprocess_name)
-from models.datasets import Splits, is_on_disk, join_examples, split_arrays
+from automation.data import Splits, is_on_disk, join_examples, split_arrays
 
 if TYPE_CHECKING:
     from automation.config import SplitConfig
@@ -76,7 +76,7 @@ def _frame_features(where: str, frame: Any) -> tuple[np.ndarray, tuple[str, ...]
 
 
 def _as_images(where: str, x: Any) -> Any:
-    """uint8 images, raw as clients send them; an array on disk (models.datasets.DiskArray) stays there."""
+    """uint8 images, raw as clients send them; an array on disk (automation.data.DiskArray) stays there."""
     if not is_on_disk(x):
         x = np.asarray(x)
     if np.dtype(x.dtype) != np.uint8 or x.ndim not in (3, 4):
@@ -213,7 +213,7 @@ def _unpack(where: str, module: Any, raw: Any) -> tuple[Any, Any] | Splits:
                                 hint="name it 'label', or set `label = \"<column>\"` in the model file")
         return raw.drop(columns=[label]), raw[label]
     raise ContractError(f"{where}: returned {type(raw).__name__}; expected (x, y), a DataFrame with a label column, "
-                        "or models.datasets.Splits")
+                        "or automation.data.Splits")
 
 
 def _check_lengths(where: str, x: np.ndarray, y: np.ndarray, split: str = "") -> None:
@@ -409,7 +409,7 @@ def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL, kind: str
 def append_fresh(splits: Splits, path: Path, label: str = DEFAULT_LABEL, kind: str = "tensor",
                  text: str = DEFAULT_TEXT) -> Splits:
     """The training split grows; validation and test stay as they were, so versions stay comparable. A
-    training split on disk stays there: the fresh rows join it (models.datasets.JoinedArray)."""
+    training split on disk stays there: the fresh rows join it (automation.data.JoinedArray)."""
     x, y = read_fresh(path, splits, label, kind, text)
     return Splits(join_examples(splits.x_train, x), np.concatenate([splits.y_train, y]),
                   splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes, splits.features,

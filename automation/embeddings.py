@@ -3,7 +3,7 @@
 Comparing 784 pixel columns, or raw strings, one column at a time says little about whether the inputs a
 model sees have changed; its own representation of them does. The job logs embeddings of examples the
 model never trained on (validation and test) as the reference, and `mlgate monitor` embeds the current
-window with the same version and compares the two (triggers/monitor.py).
+window with the same version and compares the two (triggers/drift/monitor.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.datasets import DiskArray, Splits
+from automation.data import DiskArray, Splits
 
 CHUNK = 1 << 20
 

@@ -30,7 +30,7 @@ from automation.device import CPU, RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
 from automation.redaction import redact_url
-from models.datasets import DataMissing
+from automation.data import DataMissing
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from automation.parity import Parity
     from automation.production import ProductionSnapshot
     from automation.train import TrainResult
-    from models.datasets import Splits
+    from automation.data import Splits
 
 log = logging.getLogger(__name__)
 
@@ -607,7 +607,7 @@ def _errors(predicted: np.ndarray | None, truth: np.ndarray, classes: int) -> di
 def _write_reference(path: Path, validated: Validated, model: Any, torch_uri: str) -> None:
     """The drift monitor's reference for this version. Numbers: the training split, raw as clients send it.
     Images and text: the model's embeddings of examples it never trained on (validation and test), and a text
-    model's descriptors of those texts (triggers/monitor_embeddings.py)."""
+    model's descriptors of those texts (triggers/drift/embeddings.py)."""
     raw = validated.raw
     if validated.kind == "tensor":
         np.savez_compressed(path, x=np.asarray(raw.x_train).reshape(len(raw.x_train), -1),

@@ -24,7 +24,7 @@ from torch import nn
 from automation.checkpoint import CheckpointDir, PreemptionNotice, Preempted, Saved
 from automation.config import TrainConfig
 from automation.device import CPU, RunnerDevice
-from models.datasets import Splits, is_on_disk
+from automation.data import Splits, is_on_disk
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 VALIDATION_BATCH = 64   # as predictors.EVALUATION_BATCH: attention over long texts grows with the square of length
@@ -363,7 +363,7 @@ class _Rows(torch.utils.data.Dataset):
 
 class TrainingBatches:
     """The training split's batches in a given order. In memory, the whole split sits on the device and a
-    batch is an index; on disk (models.datasets.DiskArray), a DataLoader reads each batch's rows, so memory
+    batch is an index; on disk (automation.data.DiskArray), a DataLoader reads each batch's rows, so memory
     holds a few batches whatever the split's size. Both take the same rows in the same order."""
 
     def __init__(self, x: Any, y: np.ndarray, device: torch.device, workers: int = 0) -> None:

@@ -118,8 +118,8 @@ def drift_figures(summary: dict, workdir: Path, windows: int) -> dict:
     from automation.config import load_config
     from automation.embeddings import embed
     from models.datasets import fashion_mnist
-    from triggers.monitor import load_reference
-    from triggers.monitor_embeddings import EMBEDDING_AUC_THRESHOLD, embedding_drift_score
+    from triggers.drift.monitor import load_reference
+    from triggers.drift.embeddings import EMBEDDING_AUC_THRESHOLD, embedding_drift_score
 
     reference = load_reference(load_config(workdir / "mlgate.yaml"), "fashion_resnet")
     model = mlflow.pytorch.load_model(reference.torch_uri, map_location="cpu")

@@ -126,8 +126,8 @@ def drift_benchmark(events: int, rate: int, workdir: Path) -> None:
 
     from automation.config import parse_config
     from automation.store import open_store
-    from triggers.intake import drift
-    from triggers.intake.drift_consumer import DriftConsumer, publish
+    from triggers.drift import events as drift
+    from triggers.drift.consumer import DriftConsumer, publish
 
     logging.disable(logging.INFO)
     config = parse_config(yaml.safe_dump(FAST_CONFIG), "mlgate.yaml", workdir)

@@ -41,7 +41,7 @@ UNSEEN = 0.3
 
 
 def window_result(reference, texts: list[str], scratch: Path, threshold: float) -> dict:
-    from triggers.monitor_embeddings import drift_tests, embed_window
+    from triggers.drift.embeddings import drift_tests, embed_window
 
     embeddings, descriptors = embed_window(reference, np.array(texts, dtype=object), scratch / "model")
     _, tests = drift_tests(reference, embeddings, descriptors, picture=False)
@@ -66,7 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     from automation.config import load_config
     from models.datasets import bbc_news_unseen
-    from triggers.monitor import load_reference
+    from triggers.drift.monitor import load_reference
 
     raw = yaml.safe_load(Path(args.config).read_text())
     block = raw["models"][MODEL]

@@ -216,7 +216,8 @@ def clean_tables(db_url: str) -> None:
     from automation.store import open_store
     from triggers.github.job_status import OwedStatus
     from triggers.jobs import queue
-    from triggers.intake import deliveries, drift
+    from triggers.drift import events as drift
+    from triggers.intake import deliveries
     from triggers.serving import rollout
 
     with open_store(db_url).begin() as conn:

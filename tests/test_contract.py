@@ -15,7 +15,8 @@ import torch
 
 from automation import contract
 from automation.config import SplitConfig
-from models.datasets import Splits, digits
+from automation.data import Splits
+from models.datasets import digits
 from tests.conftest import error_lines, fast_config, last_json, run_cli, wine_frame, write_config
 from triggers.cli import main
 
@@ -242,7 +243,7 @@ def test_the_csv_model_serves_records_by_name_and_its_drift_report_names_the_col
     from fastapi.testclient import TestClient
 
     from automation.config import load_config
-    from triggers.monitor import run_monitor
+    from triggers.drift.monitor import run_monitor
     from triggers.serving.inference_log import InferenceLog
     from triggers.serving.server import ModelServer, create_serving_app
 

@@ -21,9 +21,9 @@ from automation.store import open_store
 from tests.conftest import FAST_CONFIG, clean_tables, read_topic, wait_for
 from triggers.local_broker import TansuBroker
 from triggers.jobs import queue
-from triggers.intake import drift
+from triggers.drift import events as drift
 from triggers.app import ServiceState, create_app
-from triggers.intake.drift_consumer import DriftConsumer, publish
+from triggers.drift.consumer import DriftConsumer, publish
 from triggers.metrics import ServiceMetrics
 from triggers.request_guard import sign
 
@@ -329,7 +329,7 @@ def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: An
     from automation.errors import MlgateError
     from tests.conftest import app_on_a_port
     from triggers.local_broker import free_port
-    from triggers.monitor import post_drift_event
+    from triggers.drift.monitor import post_drift_event
 
     config = make_config(tmp_path)
     state = ServiceState(config=config, engine=engine, webhook_secret="x", metrics=ServiceMetrics(engine),
@@ -350,7 +350,7 @@ def test_monitor_post_signs_its_event_and_hides_credentials_in_errors(engine: An
 
 def test_kafka_tls_and_sasl_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from automation.errors import UsageError
-    from triggers.intake.drift_consumer import security_from_env
+    from triggers.drift.consumer import security_from_env
 
     for name in ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
                  "KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE"):

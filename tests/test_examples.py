@@ -268,7 +268,7 @@ def unseen_images(count: int, offset: int = 0) -> np.ndarray:
 def test_the_monitor_sees_rotated_and_brightened_images_and_not_unshifted_ones(registry: Path, jobs: Any,
                                                                              tmp_path: Path) -> None:
     from automation.config import load_config
-    from triggers.monitor import run_monitor
+    from triggers.drift.monitor import run_monitor
 
     config = load_config(registry)
     version = jobs["fashion_resnet"]["version"]
@@ -292,8 +292,8 @@ def test_embedding_drift_stays_quiet_on_twenty_unshifted_windows(registry: Path,
 
     from automation.config import load_config
     from automation.embeddings import embed
-    from triggers.monitor import load_reference
-    from triggers.monitor_embeddings import embedding_auc_threshold, embedding_drift_score
+    from triggers.drift.monitor import load_reference
+    from triggers.drift.embeddings import embedding_auc_threshold, embedding_drift_score
 
     reference = load_reference(load_config(registry), "fashion_resnet")
     model = mlflow.pytorch.load_model(reference.torch_uri, map_location="cpu")
@@ -309,7 +309,7 @@ def test_embedding_drift_stays_quiet_on_twenty_unshifted_windows(registry: Path,
 def test_the_monitor_sees_an_unseen_news_category_and_noisy_text(registry: Path, jobs: Any, tmp_path: Path) -> None:
     from automation.config import load_config
     from models.datasets import bbc_news_unseen, read_bbc_news
-    from triggers.monitor import run_monitor
+    from triggers.drift.monitor import run_monitor
 
     config = load_config(registry)
     version = jobs["news_transformer"]["version"]
@@ -336,8 +336,8 @@ def test_text_drift_stays_quiet_on_twenty_unshifted_windows(registry: Path, jobs
     and test), each through the monitor's tests: embeddings and both descriptors."""
     from automation.config import load_config
     from models.datasets import bbc_news_unseen
-    from triggers.monitor import load_reference
-    from triggers.monitor_embeddings import drift_tests, embed_window
+    from triggers.drift.monitor import load_reference
+    from triggers.drift.embeddings import drift_tests, embed_window
 
     config = load_config(registry)
     reference = load_reference(config, "news_transformer")

@@ -320,7 +320,7 @@ def test_a_text_models_held_out_texts_replace_the_raw_test_split(tmp_path: Path)
 
     from automation.errors import UsageError
     from automation.job import held_out_stage
-    from models.datasets import Splits
+    from automation.data import Splits
 
     texts = np.array(["one text", "another"], dtype=object)
     raw = Splits(texts, np.array([0, 1]), texts, np.array([0, 1]), texts, np.array([0, 1]), ("a", "b"))

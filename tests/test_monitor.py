@@ -14,10 +14,10 @@ import pytest
 from automation.config import load_config
 from tests.conftest import error_lines, fast_config, last_json, run_cli, write_config
 from triggers.local_broker import TansuBroker
-from triggers.intake.drift import parse_event
+from triggers.drift.events import parse_event
 from automation.errors import UsageError
-from triggers import monitor
-from triggers.monitor import feature_names, load_window, read_reference, run_monitor
+from triggers.drift import monitor
+from triggers.drift.monitor import feature_names, load_window, read_reference, run_monitor
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from automation.fingerprint import data_fingerprint, manifest
 from automation.preprocess import PixelScale, TextEncoder, Tokenize
 from automation.train import train_model
 from models import datasets
-from models.datasets import DiskArray, Splits
+from automation.data import DiskArray, Splits
 
 
 class Loader:

@@ -176,7 +176,7 @@ def test_a_hostile_report_runs_no_script_in_a_real_browser(service: ServiceState
 # --- finding 11: data_ref is confined as a path, not as a string -----------------------------------------------
 
 def test_data_ref_resolves_links_and_refuses_control_characters(tmp_path) -> None:
-    from triggers.intake.drift import BadEvent, confine_data_ref
+    from triggers.drift.events import BadEvent, confine_data_ref
 
     root = tmp_path / "windows"
     (root / "ok").mkdir(parents=True)

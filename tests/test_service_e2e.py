@@ -19,8 +19,8 @@ import yaml
 from tests.conftest import (JOB_THREADS, ServeProcess, fast_config, git_commit, headless_chromium, project_files,
                             seed_mlflow_store, wait_for, webhook_examples)
 from triggers.local_broker import TansuBroker
-from triggers.intake.drift import make_event
-from triggers.intake.drift_consumer import publish
+from triggers.drift.events import make_event
+from triggers.drift.consumer import publish
 from triggers.request_guard import sign
 
 SECRET = "e2e-secret"

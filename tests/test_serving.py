@@ -22,7 +22,7 @@ from tests.conftest import fast_config, read_topic, wait_for, write_config
 from triggers.local_broker import free_port
 from triggers.cli import main
 from triggers.serving.inference_log import InferenceLog
-from triggers.monitor import load_window
+from triggers.drift.monitor import load_window
 from triggers.serving.server import ModelServer, create_serving_app
 
 pytestmark = pytest.mark.slow

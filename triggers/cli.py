@@ -370,7 +370,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_monitor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from triggers.monitor import run_monitor
+    from triggers.drift.monitor import run_monitor
 
     config = _load(args)
     config.model(args.model)

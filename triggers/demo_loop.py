@@ -91,7 +91,7 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
     import httpx
 
     from models.datasets import digits
-    from triggers.monitor import run_monitor
+    from triggers.drift.monitor import run_monitor
     from triggers.request_guard import sign
 
     step = Step()

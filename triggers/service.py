@@ -93,7 +93,7 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
                   kafka_bootstrap: str | None) -> tuple[Any, list[Loop]]:
     """The app and its loops (not started)."""
     from triggers.github.job_reporters import job_reporter_from_env
-    from triggers.intake.drift_consumer import DriftConsumer
+    from triggers.drift.consumer import DriftConsumer
     from triggers.jobs.worker import Worker
 
     state = ServiceState(config=config, engine=engine, webhook_secret=webhook_secret,
@@ -152,7 +152,8 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
 
     from automation import store
     from triggers.jobs import queue, retention  # noqa: F401  (their tables: retention imports every pruned one)
-    from triggers.intake import deliveries, drift  # noqa: F401
+    from triggers.intake import deliveries  # noqa: F401
+    from triggers.drift import events  # noqa: F401
     from triggers.serving import rollout  # noqa: F401  (the model cards read serve-model's rollouts)
 
     secret = webhook_secret_from_env()

@@ -1,2 +1,2 @@
-"""Event intake: GitHub webhooks (webhooks.py, changes.py, deliveries.py) and drift events (drift.py,
-drift_consumer.py). Everything here verifies, decides and records; jobs run elsewhere."""
+"""Event intake: GitHub webhooks (webhooks.py, changes.py, deliveries.py). Drift events have their own room
+(triggers/drift/). Everything here verifies, decides and records; jobs run elsewhere."""

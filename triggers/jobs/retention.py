@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from automation.promote import PromotionIntent
 from triggers.github.job_status import OwedStatus
 from triggers.intake.deliveries import Delivery, PullRequestHead, SeenBody
-from triggers.intake.drift import DriftRecord
+from triggers.drift.events import DriftRecord
 from triggers.jobs.queue import FINAL_STATES, Job, JobAttempt
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from triggers.intake import deliveries, drift
+from triggers.drift import events as drift
+from triggers.intake import deliveries
 from triggers.intake.webhooks import BadPayload
 from triggers.request_guard import (EVENT_LIMIT, SIGNATURE_HEADER, WEBHOOK_LIMIT, BodyRefused, BodyTooLarge,
                                     SignatureRefused, bearer_ok, digest_ok, hmac_sha256, read_body, signature_ok)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from triggers.intake import deliveries, drift
+from triggers.drift import events as drift
+from triggers.intake import deliveries
 from triggers.jobs import queue
 from triggers.request_guard import RESULT_LIMIT, BodyRefused, BodyTooLarge, read_body
 from triggers.routes.state import Limit, ServiceState, error, read_access, report_file

@@ -262,7 +262,7 @@ def announce_rollback(config: MlgateConfig, client: Any, model: str, view: Any, 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap:
         try:
-            from triggers.intake.drift_consumer import publish
+            from triggers.drift.consumer import publish
 
             publish(bootstrap, rollout_topic(config.service.kafka.topic), [event])
         except Exception as exc:

@@ -129,10 +129,10 @@ def load_window(path: Path, rows: int, names: list[str] | None = None) -> Window
 
 def read_reference(path: Path, version: str) -> Any:
     """A logged `train.npz`: `x` and `features` (the names; empty, or absent in older versions, for none);
-    or, for an image or text model, its embeddings (triggers/monitor_embeddings.py)."""
+    or, for an image or text model, its embeddings (triggers/drift/embeddings.py)."""
     with np.load(path) as data:
         if "embeddings" in data:
-            from triggers.monitor_embeddings import read_embedding_reference
+            from triggers.drift.embeddings import read_embedding_reference
 
             return read_embedding_reference(data, version)
         x = data["x"]
@@ -214,7 +214,7 @@ def publish_event(event: dict[str, Any], topic: str, bootstrap: str | None, post
     """To Kafka (when there are brokers) and/or HTTP POST to the service; returns where it went."""
     sent = []
     if bootstrap:
-        from triggers.intake.drift_consumer import publish
+        from triggers.drift.consumer import publish
 
         publish(bootstrap, topic, [event])
         sent.append(f"kafka:{bootstrap}")
@@ -266,7 +266,7 @@ def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: st
                 kafka_bootstrap: str | None = None, post_url: str | None = None,
                 publish: bool = True) -> dict[str, Any]:
 
-    from triggers.monitor_embeddings import EmbeddingReference
+    from triggers.drift.embeddings import EmbeddingReference
 
     policy = config.model(model).drift
     files = data_files(current)                         # a missing window fails before any download
@@ -298,7 +298,7 @@ def _not_tested(base: dict[str, Any], columns: int, reference_rows: int, min_row
 def _monitor_embeddings(config: MlgateConfig, model: str, files: list[Path], reference: Any, data_ref: str | None,
                         kafka_bootstrap: str | None, post_url: str | None, publish: bool) -> dict[str, Any]:
     """An image or text model: the window's raw inputs embedded by the production version, then compared."""
-    from triggers.monitor_embeddings import compute_embedding_drift, embed_window, read_raw_window
+    from triggers.drift.embeddings import compute_embedding_drift, embed_window, read_raw_window
 
     policy = config.model(model).drift
     window, used = read_raw_window(files, policy.window_rows, reference)
@@ -322,7 +322,7 @@ def _decide(config: MlgateConfig, model: str, base: dict[str, Any], result: Drif
             end: datetime, data_ref: str | None, kafka_bootstrap: str | None, post_url: str | None,
             publish: bool) -> dict[str, Any]:
     """Retrain or not by the model's policy; publish the event; write the summary beside the report."""
-    from triggers.intake.drift import make_event
+    from triggers.drift.events import make_event
 
     policy = config.model(model).drift
     directory = config.workdir / "monitor" / model

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from automation.config import MlgateConfig
-from triggers.intake.drift import BadEvent, DriftEvent, decide_batch, parse_event
+from triggers.drift.events import BadEvent, DriftEvent, decide_batch, parse_event
 
 log = logging.getLogger(__name__)
 
