@@ -242,8 +242,8 @@ def test_a_png_with_a_short_idat_is_refused_in_one_line() -> None:
 
     from PIL import Image
 
-    from triggers.serving.inputs import BadInput
-    from triggers.serving.raw_inputs import image_from_file
+    from automation.wire.json_inputs import BadInput
+    from automation.wire.raw_inputs import image_from_file
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(buffer, "PNG")

@@ -18,7 +18,7 @@ from tests.conftest import clean_tables
 from triggers.serving import rollout
 from triggers.serving import rollout_analysis as analysis
 from triggers.serving.feedback import parse_feedback
-from triggers.serving.inputs import BadInput
+from automation.wire.json_inputs import BadInput
 
 CONFIG = RolloutConfig()
 rng = np.random.default_rng(7)

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from triggers.request_guard import MiB, BodyRefused, BodyTooLarge, bearer_ok, read_body
-from triggers.serving.inputs import BadInput
+from automation.wire.json_inputs import BadInput
 from triggers.serving.requests import FEEDBACK_TOKEN_ENV, error_response, feedback_token
 
 FEEDBACK_LIMIT = 2 * MiB

@@ -32,7 +32,7 @@ def predict_body_limit(input_shape: tuple[int, ...], max_batch: int,
     """The largest body a valid request can have: every number written out in full (~24 bytes as JSON), and
     with records, every feature's name beside it; for text, a fixed bound; an image file as large as allowed
     (base64)."""
-    from triggers.serving import raw_inputs
+    from automation.wire import raw_inputs
 
     if input_kind == "text":
         return raw_inputs.MAX_TEXT_BODY

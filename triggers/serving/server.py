@@ -32,9 +32,10 @@ from automation.config import MlgateConfig
 from automation.redaction import redact
 from automation.predictors import RegisteredModel, predict
 from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
-from triggers.serving import feedback, open_inference, raw_inputs
+from automation.wire import raw_inputs
+from triggers.serving import feedback, open_inference
 from triggers.serving.fast_path import InferenceFastPath
-from triggers.serving.inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
+from automation.wire.json_inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
 from triggers.serving.requests import (FEEDBACK_TOKEN_ENV, INLINE_BYTES, REQUEST_ID, error_response,
                                        feedback_enabled, log_columns, new_request_id, predict_body_limit)
 

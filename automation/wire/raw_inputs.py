@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from triggers.serving.inputs import BadInput, describe_value
+from automation.wire.json_inputs import BadInput, describe_value
 
 MAX_TEXT_BYTES = 64 * 1024         # per example: a long news article is ~10 KB
 MAX_IMAGE_BYTES = 1024 * 1024      # per encoded file, at most; smaller for small images (image_file_limit)
