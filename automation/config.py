@@ -48,6 +48,10 @@ class TrainConfig(Strict):
     # stop once validation accuracy cannot reach the absolute accuracy gate, assuming no remaining epoch gains
     # more than the largest one-epoch gain seen so far (checked from the third epoch on)
     abort_when_hopeless: bool = False
+    # intra-op CPU threads while training (restored after): the thread count sets how float sums are split,
+    # so the same commit, data and config give the same weights bit for bit only at the same count. Unset:
+    # the CPUs this process may use, at most 8; set it to compare runs across machines of other sizes
+    threads: PositiveInt | None = None
 
 
 class DeviceConfig(Strict):
@@ -89,11 +93,18 @@ class OptimizeConfig(Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = \
         "reduce-overhead"
     build_budget_seconds: PositiveFloat = 180               # per variant; a build over it is skipped
-    # On a CPU runner the cheap variants are built and timed first (at select_batch_size): when ONNX Runtime
-    # is already this many times faster than torch_eager, torch_compile and torch_aoti are skipped as unable
-    # to win (compiling torch rarely gains 2x over eager on a CPU; they cost 30-70 s each to build here).
-    # On CUDA they are always built. None: always build them.
+    # On a CPU runner the cheap variants are built and probed first (at select_batch_size): when one sure to
+    # stay within accuracy_tolerance (ONNX Runtime, typically) is already this many times faster than
+    # torch_eager, torch_compile and torch_aoti are skipped as unable to win (compiling torch rarely gains 2x
+    # over eager on a CPU; they cost 30-70 s each to build here). On CUDA they are always built. None: always.
     skip_compile_when_onnx_speedup: PositiveFloat | None = 2.0
+    # The probe, before the benchmark: a variant whose p50 at select_batch_size is more than this fraction
+    # above the fastest one sure to stay within accuracy_tolerance cannot be chosen, so it is skipped, not
+    # timed at every batch size. torch_eager is always timed. None: time every built variant.
+    probe_margin: float | None = Field(0.25, ge=0)
+    # Each variant's time in the benchmark (warm-up and timed calls at every batch size): one that passes it
+    # stops being timed and is skipped with the reason. torch_eager and the probe's fastest are never capped.
+    variant_seconds: PositiveFloat = 30
 
 
 class AbsoluteGates(Strict):
@@ -189,8 +200,29 @@ class ModelDefaults(Strict):
     on_cpu: dict[str, Any] = {}
 
 
+class SourceConfig(Strict):
+    """Data named in yaml instead of a loader (automation/data_sources.py): exactly one of the three."""
+
+    images: str | None = None                      # a folder of <class>/<image file>, any size and colour
+    size: tuple[PositiveInt, PositiveInt] = (64, 64)   # every image resized to (height, width)
+    mode: Literal["RGB", "L"] = "RGB"              # colour (3 channels) or grey (1)
+    texts: str | None = None                       # a folder of <class>/<file>.txt
+    csv: str | None = None                         # a CSV file with a text column and a label column
+    text: str = "text"
+    label: str = "label"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceConfig":
+        named = [key for key in ("images", "texts", "csv") if getattr(self, key) is not None]
+        if len(named) != 1:
+            raise ValueError("name exactly one of images, texts or csv"
+                             + (f" (got {', '.join(named)})" if named else ""))
+        return self
+
+
 class ModelConfig(ModelDefaults):
     module: str                                    # e.g. models.digits_mlp
+    source: SourceConfig | None = None             # data named here; the module then needs only build()
 
     def for_cpu(self) -> "ModelConfig":
         """This block with `on_cpu` merged over it (itself when there is none)."""
@@ -300,6 +332,7 @@ class MlgateConfig(Strict):
     models: dict[str, ModelConfig]
     service: ServiceConfig = ServiceConfig()
     reporting: ReportingConfig = ReportingConfig()
+    root: Path = Path(".")                         # mlgate.yaml's folder: a model's `source:` paths start here
 
     @model_validator(mode="after")
     def _has_models(self) -> "MlgateConfig":
@@ -374,7 +407,7 @@ def parse_config(text: str, source: str, base_dir: Path) -> MlgateConfig:
     if held_out is not None and held_out.resolve().is_relative_to(base_dir.resolve()):   # the build's own tree
         raise UsageError(f"{source}: service.held_out_dir {held_out} is inside the repository ({base_dir}), which "
                          "a pull request's build reads: keep the held-out set outside it")
-    return config.model_copy(update={"workdir": workdir.resolve()})
+    return config.model_copy(update={"workdir": workdir.resolve(), "root": base_dir.resolve()})
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> MlgateConfig:
@@ -398,8 +431,9 @@ def check_model_module(name: str, spec: ModelConfig) -> Any:
         module = importlib.import_module(spec.module)
     except ImportError as exc:
         raise UsageError(f"models.{name}.module: cannot import '{spec.module}': {exc}") from None
-    for attr in ("build", "load_data"):
+    for attr in ("build",) if spec.source is not None else ("build", "load_data"):
         if not callable(getattr(module, attr, None)):
             raise UsageError(f"models.{name}.module: '{spec.module}' has no function '{attr}'",
-                             hint="a model file defines build(**params) and load_data(**data)")
+                             hint="a model file defines build(**params), and load_data(**data) unless the "
+                                  "model block names a `source:`")
     return module

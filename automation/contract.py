@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,8 @@ from automation.data import Splits, is_on_disk, join_examples, split_arrays
 
 if TYPE_CHECKING:
     from automation.config import SplitConfig
+
+log = logging.getLogger(__name__)
 
 TASK = "single-label classification"
 DEFAULT_LABEL = "label"
@@ -83,7 +86,23 @@ def _as_images(where: str, x: Any) -> Any:
         raise ContractError(f"{where}: preprocess \"pixels\" takes uint8 images shaped (N, H, W) or (N, C, H, W); "
                             f"x holds {x.dtype} values shaped {list(x.shape)}",
                             hint="return the pixels as uint8 (0..255), unscaled")
-    return x if is_on_disk(x) else np.ascontiguousarray(x)
+    return x if is_on_disk(x) else np.ascontiguousarray(channels_first(where, x))
+
+
+CHANNELS = (1, 3, 4)   # grey, RGB, RGBA: what a PNG or JPEG file holds
+
+
+def channels_first(where: str, x: Any) -> Any:
+    """Images stored channels last, (N, H, W, C) as PIL and most loaders give them, become (N, C, H, W), the
+    layout serving decodes PNG/JPEG files to: converted here, once, for every split and fresh window."""
+    if x.ndim != 4 or x.shape[-1] not in CHANNELS or x.shape[1] in CHANNELS:
+        return x
+    if is_on_disk(x):
+        raise ContractError(f"{where}: images on disk are shaped {list(x.shape[1:])} (channels last); serving "
+                            "decodes PNG/JPEG files to (C, H, W)", hint="store them as (N, C, H, W)")
+    log.info("channels-last images converted to channels first",
+             extra={"where": where, "from": list(x.shape[1:]), "to": [x.shape[3], x.shape[1], x.shape[2]]})
+    return np.moveaxis(x, -1, 1)
 
 
 def as_texts(where: str, x: Any) -> np.ndarray:

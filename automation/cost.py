@@ -121,6 +121,9 @@ class StageTimer:
                               "gpu_energy_joules": None if s.gpu_energy_joules is None else
                               round(s.gpu_energy_joules, 1)} for name, s in self.stages.items()},
             "wall_seconds": round(sum(s.wall_seconds for s in self.stages.values()), 3),
+            # everything but training: what the framework adds to a retrain (the report shows it too)
+            "outside_training_seconds": round(sum(s.wall_seconds for name, s in self.stages.items()
+                                                  if name != "train"), 3),
             "cpu_seconds": round(sum(s.cpu_seconds for s in self.stages.values()), 3),
             "gpu": None if gpu is None or gpu.absent else {
                 "device": getattr(gpu, "name", str(gpu.runner.torch)),

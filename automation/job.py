@@ -157,6 +157,9 @@ def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | N
             with timer.stage("register"):
                 version, logged = register_stage(request, connected.client, validated, trained, optimized.variants,
                                                  benchmarked.chosen, verdict.passed, job_dir)
+            if version is not None:
+                with timer.stage("serve check"):
+                    served_stage(request, connected.client, validated, benchmarked.chosen, verdict, version, job_dir)
         summary = build_summary(config, request, run.info.run_id, validated, connected, trained, optimized,
                                 benchmarked, verdict, version, report_dir) | logged
         with timer.stage("promote"):
@@ -192,6 +195,7 @@ class Validated:
     encoder: Any = None                   # a text model's fitted tokenizer (automation/preprocess.TextEncoder)
     manifest: list[dict[str, Any]] = field(default_factory=list)   # the source files behind the fingerprint
     held_out: str | None = None           # a judge's test split, when the service's held-out set replaced it
+    served: dict[str, np.ndarray] = field(default_factory=dict)   # test examples as serving decodes requests
 
     @property
     def kind(self) -> str:
@@ -207,7 +211,7 @@ def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Va
     profile = "on_cpu" if spec.on_cpu and not runner.is_cuda else "default"
     if profile == "on_cpu":
         spec = spec.for_cpu()
-    module = check_model_module(request.model, spec)
+    module = model_module(config, request.model, spec)
     checked = load_checked_data(request.model, module, spec, request.fresh_data)
     digest, manifest = data_fingerprint(checked.raw, config.workdir / "cache" / "manifests.json")
     batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
@@ -219,7 +223,7 @@ def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Va
     return Validated(splits=checked.splits, build=checked.build, data_fingerprint=digest,
                      batch_sizes=batch_sizes, runner=runner, env=env, described=checked.described, spec=spec,
                      profile=profile,
-                     raw=checked.raw, encoder=checked.encoder, manifest=manifest)
+                     raw=checked.raw, encoder=checked.encoder, manifest=manifest, served=checked.served)
 
 
 # --- connect: the tracking server, the store, and the production version to compare with ----------------------
@@ -477,16 +481,17 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     b = spec.benchmark
     total = len(batch_sizes) * b.rounds * b.iterations * len(contenders)
 
-    def timed(who: dict[str, Any], sample: Any, advance: Any = None) -> Any:
+    def timed(who: dict[str, Any], sample: Any, advance: Any = None, caps: dict[str, float] | None = None) -> Any:
         # up to b.rounds rounds; all contenders stop together once their rounds agree
         return benchmark.measure_latency(who, sample, batch_sizes, warmup=b.warmup, iterations=b.iterations,
                                          rounds=b.rounds, min_rounds=b.min_rounds,
                                          max_round_seconds=b.max_round_seconds, min_iterations=b.min_iterations,
-                                         progress=advance,
+                                         progress=advance, caps=caps,
                                          steadiness=benchmark.Steadiness(b.steady_spread, b.steady_floor_ms))
 
     with progress.task("benchmark", total) as advance:
-        latency = timed(contenders, inputs, advance)
+        # each variant but the reference and the probe's fastest within optimize.variant_seconds
+        latency = timed(contenders, inputs, advance, optimize.time_caps(variants, spec.optimize))
     if "production" in latency.failures:
         raise StageError("benchmark", f"production version {connected.production_version} "
                                       f"{latency.failures['production']}")
@@ -583,6 +588,31 @@ def register_stage(request: JobRequest, client: MlflowClient, validated: Validat
         # which device the chosen artifact was built for: an AOTInductor package runs only there
         client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
     return version, {"tokenizer": None if tokenizer is None else str(tokenizer)}
+
+
+def served_stage(request: JobRequest, client: MlflowClient, validated: Validated, chosen: Variant, verdict: Verdict,
+                 version: str, job_dir: Path) -> None:
+    """Load the new version as `serve-model` will and send it the validate stage's decoded requests: a version
+    that answers differently from the job's model fails the gate (a check added to `verdict`), before any
+    promotion."""
+    from automation import promote
+    from automation.predictors import load_registered
+    from automation.serving_check import served_artifact_check
+
+    if chosen.predictor is None or not validated.served:
+        return
+    try:
+        loaded = load_registered(client, request.model, version, job_dir / "served", validated.runner)
+        check = served_artifact_check(loaded, chosen, validated.encoder, validated.described, validated.served)
+    except Exception as exc:   # a version serving cannot load is a failed check, not a crashed job
+        from automation.gate import Check
+
+        check = Check("served artifact", "loads as serve-model loads it", None, "loads", "failed",
+                      failure_reason("loading the registered version", exc))
+    verdict.checks.append(check)
+    log.info("gate check", extra={"check": check.line(), "status": check.status})
+    if not check.passed:
+        client.set_model_version_tag(request.model, version, promote.GATE_TAG, "failed")
 
 
 REFERENCE_ROWS = 5000   # embeddings kept as a version's drift reference
@@ -765,6 +795,17 @@ class CheckedData:
     preprocess: Any           # the fitted step: an nn.Module inside the model, or a host-side TextEncoder
     encoder: Any              # the TextEncoder, for a text model
     described: dict[str, Any]
+    served: dict[str, np.ndarray]   # a few test examples as serving decodes each kind of request for them
+
+
+def model_module(config: MlgateConfig, model: str, spec: ModelConfig) -> Any:
+    """The model file, its loader replaced by the data its block names (`source:`) when it names some."""
+    module = check_model_module(model, spec)
+    if spec.source is None:
+        return module
+    from automation.data_sources import with_source
+
+    return with_source(model, module, spec.source, config.root, spec.split)
 
 
 def load_checked_data(model: str, module: Any, spec: ModelConfig, fresh_data: str | None = None) -> CheckedData:
@@ -783,6 +824,10 @@ def load_checked_data(model: str, module: Any, spec: ModelConfig, fresh_data: st
                          hint="the model's `data:` block is passed to load_data() as keyword arguments") from None
     except DataMissing as exc:
         raise UsageError(f"models.{model}: load_data(): {exc}") from None
+    except FileNotFoundError as exc:   # the usual first mistake: a `data:` path relative to another folder
+        raise UsageError(f"models.{model}: load_data(**{spec.data!r}): no such file: {exc.filename or exc}",
+                         hint="a relative path is read from the folder mlgate runs in; check the model's `data:` "
+                              "block") from None
     kind = contract.input_kind(model, module)
     raw = contract.prepare_data(model, module, loaded, spec.split)
     if fresh_data:
@@ -808,7 +853,24 @@ def load_checked_data(model: str, module: Any, spec: ModelConfig, fresh_data: st
         raise UsageError(f"models.{model}: build() returns {tuple(out.shape)} for 2 inputs, "
                          f"expected (2, {len(splits.classes)}) logits, one per class")
     described = contract.describe(raw, contract.preprocess_name(module), kind, splits)
-    return CheckedData(splits, raw, build, preprocess, encoder, described)
+    served = serving_round_trip(model, raw, described, probe, encoder)
+    return CheckedData(splits, raw, build, preprocess, encoder, described, served)
+
+
+def serving_round_trip(model: str, raw: Splits, described: dict[str, Any], network: Any,
+                       encoder: Any) -> dict[str, np.ndarray]:
+    """A few test examples sent as clients send them, decoded by serving's own decoders, then answered by the
+    built network: a model serving could not feed is refused here, before training (automation/serving_check)."""
+    from automation import serving_check
+
+    signature = serving_check.Signature.of(described)
+    served = serving_check.check_round_trip(model, signature, serving_check.pick_examples(raw.x_test, raw.y_test))
+    for route, batch in served.items():
+        logits = serving_check.answers(network, batch, encoder)
+        if logits.shape != (len(batch), len(raw.classes)):
+            raise UsageError(f"models.{model}: build()'s network answers {route} of {len(batch)} examples with "
+                             f"{list(logits.shape)}, expected [{len(batch)}, {len(raw.classes)}]")
+    return served
 
 
 def _load_production(client: Any, model: str, version: str, job_dir: Path, runner: RunnerDevice,

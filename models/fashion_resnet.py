@@ -29,9 +29,12 @@ class Residual(nn.Module):
         return self.out(self.body(x) + self.shortcut(x))
 
 
-def build(width: int = 32, blocks: int = 2, dropout: float = 0.1, num_classes: int = 10) -> nn.Module:
-    """Three stages (28×28, 14×14, 7×7) of `blocks` residual blocks, widths ×1, ×2, ×4."""
-    layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+def build(width: int = 32, blocks: int = 2, dropout: float = 0.1, num_classes: int = 10,
+          input_shape: tuple = (28, 28)) -> nn.Module:
+    """Three stages (28×28, 14×14, 7×7 on Fashion-MNIST) of `blocks` residual blocks, widths ×1, ×2, ×4. Any
+    image size and channel count (grey (H, W), or (C, H, W)): an image folder's colour pictures train too."""
+    colours = input_shape[0] if len(input_shape) == 3 else 1
+    layers: list[nn.Module] = [nn.Conv2d(colours, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     channels = width
     for stage, multiple in enumerate((1, 2, 4)):
         for block in range(blocks):

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                      "from service.held_out_dir, never given to the build")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    check = sub.add_parser("check", help="check a model's contract in seconds, without training: its loader or "
+                           "source, build(), a forward pass, the serving round trip and the ONNX export")
+    check.add_argument("model", help="model name from mlgate.yaml")
+    check.add_argument("--json", action="store_true", help="print the steps as JSON")
+    check.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     for name, text in (("promote", "make a version production (manual override, audited)"),
                        ("rollback", "move production back to the previous version (audited)")):
         cmd = sub.add_parser(name, help=text)
@@ -367,6 +373,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from automation.check import check_model
+
+    config = _load(args)
+    report = check_model(config, args.model)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return EXIT_OK
+    for name, seconds in report.steps:
+        print(f"  ✅ {name} ({seconds:.1f} s)")
+    print(f"{args.model}: the contract holds; `mlgate run --model {args.model}` trains it")
+    return EXIT_OK
+
+
 def _cmd_monitor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -425,7 +445,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+COMMANDS = {"check": _cmd_check, "demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:

@@ -58,7 +58,9 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     try:
         request = orjson.loads(head)
     except (ValueError, RecursionError):
-        raise BadInput("the inference request is not valid JSON", 400) from None
+        from automation.wire.predict import not_json
+
+        raise not_json(head, "the inference request") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadInput('an inference request is a JSON object with "inputs": a list of tensors', 400)
     tensors = request["inputs"]

@@ -29,13 +29,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from automation.config import MlgateConfig
-from automation.redaction import redact
 from automation.predictors import RegisteredModel, predict
+from automation.redaction import redact
+from automation.wire.json_inputs import BadInput, class_names, predicted_probabilities
+from automation.wire.predict import parse_predict
 from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
-from automation.wire import raw_inputs
 from triggers.serving import feedback, open_inference
 from triggers.serving.fast_path import InferenceFastPath
-from automation.wire.json_inputs import BadInput, class_names, parse_inputs, predicted_probabilities, suspect_body
 from triggers.serving.requests import (FEEDBACK_TOKEN_ENV, INLINE_BYTES, REQUEST_ID, error_response,
                                        feedback_enabled, log_columns, new_request_id, predict_body_limit)
 
@@ -294,16 +294,7 @@ def commit_of(client: Any, model: str, version: str) -> str | None:
 
 
 def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
-    # orjson reads JSON as the standard has it: NaN and Infinity are not numbers there (400, not JSON)
-    body = orjson.loads(raw)
-    if loaded.input_kind in ("text", "image") and isinstance(body, dict) and isinstance(body.get("inputs"), list) \
-            and body["inputs"] and len(body["inputs"]) <= max_batch:
-        if loaded.input_kind == "text":
-            return raw_inputs.texts(body["inputs"])
-        files = raw_inputs.images(body["inputs"], loaded.input_shape)
-        if files is not None:
-            return files
-    return parse_inputs(body, loaded.input_shape, loaded.dtype, max_batch, loaded.features, suspect_body(raw))
+    return parse_predict(raw, loaded.input_kind, loaded.input_shape, loaded.dtype, max_batch, loaded.features)
 
 
 def check_rollout_labels(model: str, config: Any) -> None:
@@ -446,9 +437,10 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
             x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await off_loop(
                 _parse, raw, loaded, max_batch)
         except (ValueError, RecursionError) as exc:
-            reason, status = ("bad_input", exc.status) if isinstance(exc, BadInput) else ("bad_json", 400)
-            errors.labels(reason).inc()
-            return error_response(str(exc) if isinstance(exc, BadInput) else "the body is not valid JSON", status)
+            if not isinstance(exc, BadInput):
+                exc = BadInput("the body is not valid JSON", 400)
+            errors.labels("bad_json" if "not valid JSON" in str(exc) else "bad_input").inc()
+            return error_response(str(exc), exc.status)
         request_id = new_request_id()
         logits, loaded = await answer(served, x, request_id)
         predictions = logits.argmax(axis=1)
