@@ -315,9 +315,13 @@ def _fresh_labels(where: str, y: np.ndarray, classes: tuple[str, ...]) -> np.nda
                         f"({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''})")
 
 
-def _fresh_images(where: str, path: Path, splits: Splits) -> tuple[np.ndarray, np.ndarray]:
-    """A folder of image files, one sub-folder per class name (`<class>/<name>.png`)."""
+def _fresh_images(where: str, path: Path, splits: Splits, resize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of image files, one sub-folder per class name (`<class>/<name>.png`). `resize`: the image
+    mode ("RGB", "L") of a model whose pictures came from an image folder: fresh ones are converted and
+    resized as those were; otherwise a fresh image must already be the model's size."""
     from PIL import Image
+
+    from automation.data_sources import to_pixels
 
     images, labels = [], []
     for file in _folder_files(where, path):
@@ -325,7 +329,8 @@ def _fresh_images(where: str, path: Path, splits: Splits) -> tuple[np.ndarray, n
             raise ContractError(f"{where}: {file.relative_to(path)} is not <class>/<image file>")
         try:
             with Image.open(file) as opened:
-                images.append(image_pixels(opened, splits.input_shape))
+                images.append(to_pixels(opened, splits.input_shape[-2:], resize) if resize else
+                              image_pixels(opened, splits.input_shape))
         except ValueError as exc:
             raise ContractError(f"{where}: {file.relative_to(path)}: {exc}") from None
         except OSError:
@@ -366,9 +371,16 @@ def image_pixels(image: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _fresh_texts(where: str, path: Path, label: str, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """JSONL ({"text": …, "label": …} per line) or Parquet with a text and a label column."""
+    """JSONL ({"text": …, "label": …} per line), CSV or Parquet with a text and a label column, or a folder of
+    `<class>/<file>.txt`."""
     import pandas as pd
 
+    from automation.data_sources import csv_texts, text_folder
+
+    if path.is_dir():
+        return text_folder(where, path)
+    if path.suffix == ".csv":
+        return csv_texts(where, path, text, label)
     try:
         frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
     except ValueError as exc:
@@ -380,20 +392,22 @@ def _fresh_texts(where: str, path: Path, label: str, text: str) -> tuple[np.ndar
 
 
 def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL, kind: str = "tensor",
-               text: str = DEFAULT_TEXT) -> tuple[Any, np.ndarray]:
+               text: str = DEFAULT_TEXT, resize: str | None = None) -> tuple[Any, np.ndarray]:
     """Labelled fresh examples, in the model's raw form:
     - numbers: an .npz with `x` and `y`, or CSV/Parquet with the feature columns (by name) and the label;
     - images: an .npz with uint8 `x` and `y`, or a folder of image files in one folder per class;
-    - text: JSONL or Parquet with a text column (`text`) and the label column."""
+    - text: JSONL, CSV or Parquet with a text column (`text`) and the label column, or a folder of
+      `<class>/<file>.txt`."""
     where = f"fresh data {path.name}"
-    suffixes = {"image": (".npz", "a folder"), "text": (".jsonl", ".parquet")}.get(kind, FRESH_SUFFIXES)
-    is_folder = kind == "image" and path.is_dir()
+    suffixes = {"image": (".npz", "a folder"), "text": (".jsonl", ".csv", ".parquet", "a folder")}.get(
+        kind, FRESH_SUFFIXES)
+    is_folder = kind in ("image", "text") and path.is_dir()
     if path.suffix not in suffixes and not is_folder:
         raise ContractError(f"{where}: expected one of {', '.join(suffixes)}")
     if not path.is_file() and not is_folder:
         raise ContractError(f"{where}: no such file")
-    if is_folder:
-        x, y_raw = _fresh_images(where, path, splits)
+    if is_folder and kind == "image":
+        x, y_raw = _fresh_images(where, path, splits, resize)
     elif kind == "text":
         x, y_raw = _fresh_texts(where, path, label, text)
     elif path.suffix == ".npz":
@@ -426,10 +440,10 @@ def read_fresh(path: Path, splits: Splits, label: str = DEFAULT_LABEL, kind: str
 
 
 def append_fresh(splits: Splits, path: Path, label: str = DEFAULT_LABEL, kind: str = "tensor",
-                 text: str = DEFAULT_TEXT) -> Splits:
+                 text: str = DEFAULT_TEXT, resize: str | None = None) -> Splits:
     """The training split grows; validation and test stay as they were, so versions stay comparable. A
     training split on disk stays there: the fresh rows join it (automation.data.JoinedArray)."""
-    x, y = read_fresh(path, splits, label, kind, text)
+    x, y = read_fresh(path, splits, label, kind, text, resize)
     return Splits(join_examples(splits.x_train, x), np.concatenate([splits.y_train, y]),
                   splits.x_val, splits.y_val, splits.x_test, splits.y_test, splits.classes, splits.features,
                   splits.sources + (str(path),))

@@ -180,4 +180,6 @@ def with_source(model: str, module: Any, source: Any, base_dir: Path, split: Any
     default = "pixels" if source.images is not None else {"tokenize": {}}
     return SimpleNamespace(build=module.build, preprocess=getattr(module, "preprocess", default),
                            load_data=lambda **_data: load_source(model, source, base_dir, split),
-                           __name__=getattr(module, "__name__", model))
+                           __name__=getattr(module, "__name__", model), label=source.label, text=source.text,
+                           # fresh pictures (`--extra-train`, a drift event's data) are resized as these were
+                           image_mode=source.mode if source.images is not None else None)

@@ -114,7 +114,32 @@ def _pip_requirements(*packages: str) -> list[str]:
 
 
 def run_job(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
-    """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate."""
+    """Run one job; returns the summary. Raises GateFailed (exit 3) after reporting a failed gate. A job that
+    ends (succeeded, gate failed, failed) deletes its checkpoints; a preempted one keeps them to resume."""
+    try:
+        summary = run_stages(config, request, progress)
+    except Exception as exc:
+        end_checkpoints(request, exc)
+        raise
+    end_checkpoints(request, None)
+    return summary
+
+
+def end_checkpoints(request: JobRequest, error: BaseException | None) -> None:
+    """Delete the job's checkpoints (its folder and the artifact store's copies) once no attempt will resume
+    from them: every end but a preemption. Kept, a finished job's final checkpoint made a rerun under the
+    same job id train nothing and register the old weights."""
+    from automation.checkpoint import CheckpointDir, Preempted
+
+    preempted = isinstance(error, Preempted) or (request.notice is not None and request.notice.requested.is_set())
+    if request.checkpoint_dir is None or preempted:
+        return
+    why = "the job succeeded" if error is None else f"the job ended: {type(error).__name__}"
+    CheckpointDir(request.checkpoint_dir, mirror=request.checkpoint_mirror).clear(why)
+
+
+def run_stages(config: MlgateConfig, request: JobRequest, progress: JobProgress | None = None) -> dict[str, Any]:
+    """The job's stages, validate to report; run_job wraps them with the checkpoints' end."""
     for name in _STAGE_MODULES:
         importlib.import_module(f"automation.{name}")
     progress = progress or JobProgress(enabled=False)
@@ -291,7 +316,7 @@ def train_stage(request: JobRequest, spec: ModelConfig, validated: Validated, pr
                             val_loss=metrics["val_loss"], eta_seconds=round(seconds * (epochs - epoch), 1))
 
         trained = train.train_model(validated.build, spec.params, validated.splits, spec.train,
-                                    device=validated.runner, on_epoch=on_epoch, **training_options(request, spec))
+                                    device=validated.runner, on_epoch=on_epoch, **training_options(request, spec, validated))
         if trained.resumed_from is not None:   # the epochs an earlier attempt trained, into this attempt's run
             for epoch, metrics in enumerate(trained.history[:trained.resumed_from[0]], start=1):
                 mlflow.log_metrics(metrics, step=epoch)
@@ -299,13 +324,18 @@ def train_stage(request: JobRequest, spec: ModelConfig, validated: Validated, pr
     return trained
 
 
-def training_options(request: JobRequest, spec: ModelConfig) -> dict[str, Any]:
-    """Checkpoints, the preemption notice and the hopeless bound's gate, as train_model takes them."""
-    from automation.checkpoint import CheckpointDir
+def training_options(request: JobRequest, spec: ModelConfig, validated: Validated) -> dict[str, Any]:
+    """Checkpoints (with what this training is: config, data, code), the preemption notice and the hopeless
+    bound's gate, as train_model takes them."""
+    from automation.checkpoint import CheckpointDir, Lineage
+    from automation.fingerprint import code_fingerprint
 
-    return {"checkpoints": CheckpointDir(request.checkpoint_dir, mirror=request.checkpoint_mirror)
-            if request.checkpoint_dir else None,
-            "notice": request.notice, "hopeless_below": spec.gates.absolute.min_accuracy}
+    if not request.checkpoint_dir:
+        return {"checkpoints": None, "notice": request.notice, "hopeless_below": spec.gates.absolute.min_accuracy}
+    lineage = Lineage.of(spec.params, spec.train, validated.data_fingerprint, code_fingerprint(validated.build),
+                         request.sha)
+    return {"checkpoints": CheckpointDir(request.checkpoint_dir, mirror=request.checkpoint_mirror),
+            "lineage": lineage, "notice": request.notice, "hopeless_below": spec.gates.absolute.min_accuracy}
 
 
 def training_summary(trained: TrainResult) -> dict[str, Any]:
@@ -316,7 +346,7 @@ def training_summary(trained: TrainResult) -> dict[str, Any]:
             {"epoch": trained.resumed_from[0], "step": trained.resumed_from[1]},
             "budget_reached": trained.budget_reached, "hopeless": trained.hopeless,
             "checkpoint_seconds": trained.checkpoint_seconds, "epochs_this_attempt": trained.epochs_this_attempt,
-            "resumed_seconds": trained.resumed_seconds}
+            "resumed_seconds": trained.resumed_seconds, "threads": trained.threads, "fresh_start": trained.fresh_start}
 
 
 # --- an untrusted PR's two halves: export a candidate (its code), judge the candidate (the service's code) --------
@@ -330,7 +360,7 @@ def export_job(request: JobRequest, spec: ModelConfig, validated: Validated, tim
     splits = validated.splits
     with timer.stage("train"):
         trained = train.train_model(validated.build, spec.params, splits, spec.train, device=validated.runner,
-                                    **training_options(request, spec))
+                                    **training_options(request, spec, validated))
     with timer.stage("export candidate"):
         folder = export_candidate(trained.model, splits.input_shape, splits.x_test.dtype, splits.classes,
                                   validated.encoder, request.export_candidate)   # type: ignore[arg-type]
@@ -832,7 +862,7 @@ def load_checked_data(model: str, module: Any, spec: ModelConfig, fresh_data: st
     raw = contract.prepare_data(model, module, loaded, spec.split)
     if fresh_data:
         raw = contract.append_fresh(raw, Path(fresh_data), getattr(module, "label", contract.DEFAULT_LABEL), kind,
-                                    getattr(module, "text", contract.DEFAULT_TEXT))
+                                    getattr(module, "text", contract.DEFAULT_TEXT), getattr(module, "image_mode", None))
     preprocess = contract.fit_preprocess(model, module, raw.x_train)
     encoder = preprocess if isinstance(preprocess, contract.TextEncoder) else None
     splits = contract.encode_texts(raw, encoder) if encoder is not None else raw

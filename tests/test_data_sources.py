@@ -275,3 +275,31 @@ def test_nan_in_a_request_body_says_how_json_writes_a_missing_value() -> None:
         v2_tensors.parse_infer(body, None, (2,), "float32", 8)
     with pytest.raises(BadInput, match=r"^the body is not valid JSON$"):
         parse_predict(b'{"inputs": [[1, 2]', "tensor", (2,), "float32", 8)
+
+
+def test_fresh_data_comes_in_the_same_forms_as_the_source(project: Path, tmp_path: Path) -> None:
+    """`--extra-train` (and a drift event's data) for a sourced model: pictures of any size resized as the
+    training ones were; texts as a folder or a CSV with the text column."""
+    import pandas as pd
+
+    from automation import contract
+    from automation.data_sources import load_source, text_folder as read_text_folder
+
+    config = load_config(project)
+    pictures = load_source("pictures", config.model("pictures").source, config.root, SplitConfig())
+    fresh = picture_folder(tmp_path / "fresh-pictures", per_class=3)
+    for stray in (fresh / "README.md", fresh / "apple" / "notes.txt"):   # fresh folders hold pictures only
+        stray.unlink()
+    grown = contract.append_fresh(pictures, fresh, kind="image", resize="RGB")
+    assert len(grown.y_train) == len(pictures.y_train) + 9 and grown.x_train[-1].shape == (3, 24, 32)
+    with pytest.raises(contract.ContractError, match="the model takes 32×24"):   # unsourced: never resized
+        contract.read_fresh(fresh, pictures, kind="image")
+    x, y = read_text_folder("t", project.parent / "data" / "tickets")
+    texts = contract.Splits(x, np.zeros(len(x), np.int64), x, np.zeros(len(x), np.int64), x,
+                            np.zeros(len(x), np.int64), tuple(WORDS))
+    folder_x, folder_y = contract.read_fresh(text_folder(tmp_path / "fresh-texts", per_class=2), texts, kind="text")
+    assert len(folder_x) == 6 and set(folder_y.tolist()) == {0, 1, 2}
+    pd.DataFrame({"body": ["refund my card", "server is down"], "team": ["billing", "outage"]}).to_csv(
+        tmp_path / "fresh.csv", index=False)
+    csv_x, csv_y = contract.read_fresh(tmp_path / "fresh.csv", texts, label="team", kind="text", text="body")
+    assert csv_x.tolist() == ["refund my card", "server is down"] and csv_y.tolist() == [0, 1]   # by name, in the model's class order
