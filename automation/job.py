@@ -617,6 +617,7 @@ def register_stage(request: JobRequest, client: MlflowClient, validated: Validat
         client.set_model_version_tag(request.model, version, promote.GATE_TAG, "passed" if passed else "failed")
         # which device the chosen artifact was built for: an AOTInductor package runs only there
         client.set_model_version_tag(request.model, version, "mlgate.device", chosen.device)
+        client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)   # what serving loads
     return version, {"tokenizer": None if tokenizer is None else str(tokenizer)}
 
 
