@@ -4,6 +4,10 @@ A checkpoint is one `torch.save` file plus a sidecar holding its SHA-256, each w
 flushed and renamed: a reader sees a whole checkpoint or none, and a file whose digest does not match (a torn
 copy, a full disk) is passed over for the one before it. Only tensors and plain values go in, so reading one
 back uses `torch.load(weights_only=True)` and runs no pickled code.
+
+A checkpoint belongs to its job: it records what wrote it (`Lineage`: the config, the data and the code), a
+resume under another lineage starts fresh and says why, and a job that ends (but for a preemption) deletes
+its checkpoints (`CheckpointDir.clear`), here and in the artifact store.
 """
 
 from __future__ import annotations
@@ -33,6 +37,57 @@ class Preempted(MlgateError):
     The service requeues it as `preempted`; the next attempt resumes from the checkpoint."""
 
     exit_code = 75   # EX_TEMPFAIL: try again later
+
+
+# TrainConfig fields that say how or where training runs, not what it computes: a resume may change them
+# (more time, another machine, another checkpoint interval) and still go on with the same weights
+RUN_ONLY = frozenset({"checkpoint_every_minutes", "preemption_grace_seconds", "max_minutes", "abort_when_hopeless",
+                      "loader_workers", "distributed", "threads"})
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What wrote a checkpoint. Resuming under another config, other data or other code would carry weights
+    trained one way into a run that says another (a changed lr once trained 0 epochs and registered the old
+    weights under the new lr): such a checkpoint is passed over."""
+    config: dict[str, Any]        # "model.<param>" and "train.<field>" (those that shape the weights), as JSON has them
+    data: str                     # automation/fingerprint.data_fingerprint
+    code: str                     # automation/fingerprint.code_fingerprint: the model file's content
+    commit: str | None = None     # the job's commit, where it knows it
+
+    @classmethod
+    def of(cls, params: dict[str, Any], train: Any, data: str, code: str, commit: str | None = None) -> "Lineage":
+        settings = {f"model.{k}": v for k, v in params.items()}
+        settings |= {f"train.{k}": v for k, v in train.model_dump().items() if k not in RUN_ONLY}
+        return cls(json.loads(json.dumps(settings, sort_keys=True, default=str)), data, code, commit)
+
+    def record(self) -> dict[str, str]:
+        """Plain strings, so `torch.load(weights_only=True)` reads it back."""
+        return {"config": json.dumps(self.config, sort_keys=True), "data": self.data, "code": self.code,
+                "commit": self.commit or ""}
+
+    def differences(self, recorded: dict[str, str] | None) -> list[str]:
+        """What differs from the lineage a checkpoint recorded, in words; empty when it may be resumed."""
+        if not recorded:
+            return ["an mlgate that recorded no config, data or code"]
+        theirs = json.loads(recorded.get("config") or "{}")
+        changed = sorted(k for k in theirs.keys() | self.config.keys() if theirs.get(k) != self.config.get(k))
+        found = []
+        if changed:
+            found.append("another config (" + ", ".join(
+                f"{k.split('.', 1)[1]} {_short(theirs.get(k))} -> {_short(self.config.get(k))}" for k in changed) + ")")
+        if recorded.get("data") != self.data:
+            found.append("other data")
+        if recorded.get("code") != self.code:
+            found.append("other code (the model file changed)")
+        elif recorded.get("commit") and self.commit and recorded["commit"] != self.commit:
+            found.append(f"other code (commit {recorded['commit'][:12]} -> {self.commit[:12]})")
+        return found
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -109,10 +164,22 @@ class CheckpointDir:
         for torn in self.folder.glob("*.tmp"):   # a write cut short by an earlier attempt's death
             torn.unlink(missing_ok=True)
 
-    def clear(self) -> None:
+    def clear(self, why: str) -> None:
+        """Delete every checkpoint, here and in the artifact store: nothing will resume from them."""
+        removed = 0
         if self.folder.is_dir():
-            for path in self.folder.iterdir():
-                path.unlink(missing_ok=True)
+            for path in list(self.folder.iterdir()):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed += path.name.endswith(".pt")
+            try:
+                self.folder.rmdir()
+            except OSError:   # something not ours in it: left alone
+                pass
+        if self.mirror is not None:
+            self.mirror.discard()
+        log.info("checkpoints deleted", extra={"folder": str(self.folder), "checkpoints": removed, "why": why,
+                                               "artifact_store": self.mirror is not None})
 
 
 class ArtifactMirror:
@@ -165,9 +232,11 @@ class ArtifactMirror:
         log.info("checkpoints fetched from the artifact store", extra={"job_id": self.job_id, "found": len(whole)})
 
     def discard(self) -> None:
+        """Delete the job's checkpoint run; again is a no-op (a deleted run is not found)."""
         run_id = self._run(create=False)
         if run_id is not None:
             self.client.delete_run(run_id)
+        self._run_id = None   # the next upload (a fresh start) makes a new run
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

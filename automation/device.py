@@ -8,6 +8,7 @@ runtime: it hands over `host_copy(model)`, an fp32 copy on the CPU.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,9 @@ CPU = RunnerDevice("cpu", None, platform.processor() or platform.machine() or "c
 
 def select_device(cfg: "DeviceConfig | None" = None) -> RunnerDevice:
     """Decide the job's device and set the float32 precision on it explicitly (it is process-wide)."""
+    # cuBLAS reads this when its first handle is made: without it, deterministic algorithms (training) cannot
+    # pin cuBLAS's split-K reductions. Set here, before anything touches CUDA; a value the user set stands
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
     wanted = cfg.type if cfg is not None else "auto"

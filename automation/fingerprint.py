@@ -83,3 +83,29 @@ def data_fingerprint(splits: Splits, cache_file: Path | None = None) -> tuple[st
         _update_with(digest, x)
         digest.update(np.ascontiguousarray(y).tobytes())
     return digest.hexdigest()[:16], entries
+
+
+def code_fingerprint(build: Any) -> str:
+    """16 hex digits over the source files that define `build` (through functools.partial, whose function
+    arguments count too: the job's builder wraps the model file's build()). Files only: a model that imports
+    its layers from elsewhere is covered by the commit, where the job knows it."""
+    digest = hashlib.sha256()
+    for path in sorted(_source_files(build)):
+        digest.update(f"{Path(path).name}\0".encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _source_files(obj: Any) -> set[str]:
+    import functools
+    import inspect
+
+    if isinstance(obj, functools.partial):
+        return _source_files(obj.func).union(*(_source_files(a) for a in (*obj.args, *obj.keywords.values())))
+    if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isclass(obj):
+        try:
+            source = inspect.getsourcefile(obj)
+        except TypeError:   # built in: nothing of the user's to hash
+            return set()
+        return {source} if source else set()
+    return set()

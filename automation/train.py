@@ -1,5 +1,10 @@
 """Training: seeded, device-aware, AMP on CUDA, early stopping, DDP across GPUs.
 
+Repeatable on the CPU: the same commit, data and config give the same weights bit for bit. Everything random
+draws from seeded generators (the model's init is seeded before build()), torch's deterministic algorithms
+are on while training, and the intra-op thread count is fixed (`train.threads`), since it decides how float
+sums are split. On CUDA, cuDNN is pinned to deterministic kernels; see README for the tolerance there.
+
 The loop reads top to bottom in phases: set-up, per-epoch train, validate, early-stop.
 With several GPUs (or when asked, e.g. in tests) it runs data-parallel through
 torch.distributed, one process per rank, meeting through a rendezvous file.
@@ -8,11 +13,13 @@ torch.distributed, one process per rank, meeting through a rendezvous file.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from automation.checkpoint import CheckpointDir, PreemptionNotice, Preempted, Saved
+from automation.checkpoint import CheckpointDir, Lineage, PreemptionNotice, Preempted, Saved
 from automation.config import TrainConfig
 from automation.device import CPU, RunnerDevice
 from automation.data import Splits, is_on_disk
 
+log = logging.getLogger(__name__)
+
 EpochCallback = Callable[[int, dict[str, float]], None]
+MAX_DERIVED_THREADS = 8   # past this, a small model's steps gain little and each added thread reorders sums
 VALIDATION_BATCH = 64   # as predictors.EVALUATION_BATCH: attention over long texts grows with the square of length
 BuildFn = Callable[..., nn.Module]
 
@@ -48,12 +58,55 @@ class TrainResult:
     checkpoint_seconds: float = 0.0  # spent writing checkpoints in this attempt
     epochs_this_attempt: int = 0     # trained (or finished, when resumed mid-epoch) by this attempt
     resumed_seconds: float = 0.0     # the training time the checkpoint held: what resuming saved
+    threads: int = 0                 # intra-op CPU threads per process while training (train.threads)
+    fresh_start: str | None = None   # why a checkpoint found was not resumed (written by another config, ...)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)   # every device's generator too
+
+
+def training_threads(cfg: TrainConfig, world_size: int = 1) -> int:
+    """Intra-op threads per training process: train.threads; else OMP_NUM_THREADS where the runner set it (a
+    shared machine's deliberate share); else the CPUs this process may use, at most MAX_DERIVED_THREADS.
+    Shared among the ranks running here. Never the machine's load: that would make the sums differ."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if cfg.threads is not None:
+        total = cfg.threads
+    elif omp.isdigit() and int(omp) > 0:
+        total = int(omp)
+    else:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        total = min(usable, MAX_DERIVED_THREADS)
+    return max(1, total // world_size)
+
+
+@contextmanager
+def reproducible(threads: int) -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count while training; the caller's settings come back
+    after (the benchmark chooses its own threads). warn_only: an op with no deterministic kernel warns
+    rather than failing a job."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # no timing-picked kernels
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3], saved[4]
+
+
+def default_lineage(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig) -> Lineage:
+    """What a checkpoint records when the caller (the job) gave none: the data and code fingerprinted here."""
+    from automation.fingerprint import code_fingerprint, data_fingerprint
+
+    return Lineage.of(params, cfg, data_fingerprint(splits)[0], code_fingerprint(build))
 
 
 def resolve_world_size(cfg: TrainConfig, device: RunnerDevice) -> int:
@@ -65,18 +118,25 @@ def resolve_world_size(cfg: TrainConfig, device: RunnerDevice) -> int:
 def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
                 device: RunnerDevice = CPU, world_size: int | None = None, backend: str | None = None,
                 on_epoch: EpochCallback | None = None, checkpoints: CheckpointDir | None = None,
-                notice: PreemptionNotice | None = None, hopeless_below: float | None = None) -> TrainResult:
+                notice: PreemptionNotice | None = None, hopeless_below: float | None = None,
+                lineage: Lineage | None = None) -> TrainResult:
     """Train `build(**params)` on `splits` on `device`; returns the best-validation-loss weights on the
     CPU, in fp32: the trained model crosses the device boundary here, once. With `checkpoints`, resumes from
-    the newest complete one there and writes new ones (automation/checkpoint.py)."""
+    the newest complete one there that `lineage` (what this training is: config, data, code; derived when not
+    given) wrote, and writes new ones (automation/checkpoint.py)."""
     world_size = world_size or resolve_world_size(cfg, device)
+    if checkpoints is not None and lineage is None:
+        lineage = default_lineage(build, params, splits, cfg)
     started = time.perf_counter()
     if world_size == 1:
-        result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device, on_epoch=on_epoch,
-                               checkpoints=checkpoints, notice=notice, hopeless_below=hopeless_below)
+        with reproducible(training_threads(cfg)):
+            result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device,
+                                   on_epoch=on_epoch, checkpoints=checkpoints, notice=notice,
+                                   hopeless_below=hopeless_below, lineage=lineage)
     else:   # a preemption notice reaches this process only: the ranks resume from the last epoch's checkpoint
         result = _train_distributed(build, params, splits, cfg, world_size, device,
-                                    backend or ("nccl" if device.is_cuda else "gloo"), checkpoints, hopeless_below)
+                                    backend or ("nccl" if device.is_cuda else "gloo"), checkpoints, hopeless_below,
+                                    lineage)
         if on_epoch is not None:   # ranks run in other processes; replay their history here
             for epoch, metrics in enumerate(result.history, start=1):
                 on_epoch(epoch, metrics)
@@ -87,9 +147,9 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
 def _train_single(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
                   rank: int, world_size: int, runner: RunnerDevice, on_epoch: EpochCallback | None,
                   checkpoints: CheckpointDir | None = None, notice: PreemptionNotice | None = None,
-                  hopeless_below: float | None = None) -> TrainResult:
+                  hopeless_below: float | None = None, lineage: Lineage | None = None) -> TrainResult:
     loop = TrainingLoop(build, params, splits, cfg, rank=rank, world_size=world_size, runner=runner,
-                        checkpoints=checkpoints, notice=notice, hopeless_below=hopeless_below)
+                        checkpoints=checkpoints, notice=notice, hopeless_below=hopeless_below, lineage=lineage)
     return loop.run(on_epoch)
 
 
@@ -124,14 +184,16 @@ class EpochPosition:
 class TrainingLoop:
     """One rank's training, in phases: set-up (here), per-epoch train, validate, early-stop, checkpoint.
 
-    With `checkpoints`, it resumes from the newest complete one, checkpoints at each epoch end and every
+    With `checkpoints`, it resumes from the newest complete one (when `lineage` wrote it; otherwise it
+    deletes them and starts fresh, saying why), checkpoints at each epoch end and every
     `checkpoint_every_minutes` inside an epoch, and on a preemption notice checkpoints at the next step and
     raises Preempted. Rank 0 writes; under DDP only at epoch ends."""
 
     def __init__(self, build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, *,
                  rank: int, world_size: int, runner: RunnerDevice, checkpoints: CheckpointDir | None = None,
-                 notice: PreemptionNotice | None = None, hopeless_below: float | None = None) -> None:
-        seed_everything(cfg.seed)
+                 notice: PreemptionNotice | None = None, hopeless_below: float | None = None,
+                 lineage: Lineage | None = None) -> None:
+        seed_everything(cfg.seed)   # before build(): the initial weights are the seed's
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         # one GPU per rank under DDP; otherwise the job's device
         self.device = device = torch.device("cuda", rank % torch.cuda.device_count()) \
@@ -165,10 +227,34 @@ class TrainingLoop:
         self.resumed_seconds = 0.0
         self.checkpoint_seconds = 0.0
         self.epochs_run = 0   # by this attempt
-        latest = checkpoints.latest() if checkpoints is not None else None   # every rank resumes alike
-        if latest is not None:
-            self.load_state(latest)
+        self.lineage, self.fresh_start = lineage, None
+        if checkpoints is not None:   # every rank decides alike, from the same checkpoint
+            self.resume(checkpoints)
         self._clock = self._last_saved = time.monotonic()
+
+    def resume(self, checkpoints: CheckpointDir) -> None:
+        """Go on from the newest checkpoint if this training's lineage wrote it; otherwise start fresh and say
+        why in one line (rank 0 deletes the stale ones, which would outrank the fresh run's by epoch)."""
+        latest = checkpoints.latest()
+        if latest is None:
+            return
+        epoch, step = _position(latest)
+        differs = self.lineage.differences(latest.get("lineage")) if self.lineage is not None else []
+        misfit = None if differs else self.misfit(latest)   # code the model file's hash does not cover
+        if misfit is not None:
+            differs = [misfit]
+        where = f"epoch {epoch}, step {step}"
+        if differs:
+            self.fresh_start = f"checkpoint from {where} was written by {' / '.join(differs)}; starting fresh"
+            if self.rank == 0:
+                log.warning(self.fresh_start, extra={"epoch": epoch, "step": step, "differs": differs})
+                checkpoints.clear("written by " + " / ".join(differs))
+            return
+        self.load_state(latest)
+        if self.rank == 0:
+            log.info(f"resuming from the checkpoint at {where}",
+                     extra={"epoch": epoch, "step": step, "epochs": self.cfg.epochs,
+                            "trained_seconds": round(self.resumed_seconds, 2)})
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, on_epoch: EpochCallback | None = None) -> TrainResult:
@@ -282,7 +368,8 @@ class TrainingLoop:
                            train_seconds=self._train_seconds(), resumed_from=self.resumed_from,
                            budget_reached=progress.budget_reached, hopeless=progress.hopeless,
                            checkpoint_seconds=self.checkpoint_seconds, epochs_this_attempt=self.epochs_run,
-                           resumed_seconds=self.resumed_seconds)
+                           resumed_seconds=self.resumed_seconds, threads=torch.get_num_threads(),
+                           fresh_start=self.fresh_start)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _train_seconds(self) -> float:
@@ -299,7 +386,8 @@ class TrainingLoop:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "best_state": self.progress.best_state, "progress": progress,
-                "position": position, "rng": _random_state(self.generator, self.device)}
+                "position": position, "rng": _random_state(self.generator, self.device),
+                "lineage": self.lineage.record() if self.lineage is not None else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -314,6 +402,17 @@ class TrainingLoop:
         _restore_random_state(state["rng"], self.generator, self.device)
         self.resumed_from = (self.progress.epoch, self.position.step if self.position else 0)
         self.resumed_seconds = self.progress.train_seconds   # training this attempt does not redo
+
+    def misfit(self, state: dict[str, Any]) -> str | None:
+        """Why the checkpoint's weights cannot go into this network (checked before anything is loaded:
+        load_state_dict copies what fits before it raises); None when they fit."""
+        mine, theirs = self.model.state_dict(), state.get("model") or {}
+        if mine.keys() != theirs.keys():
+            return "a network with other layers"
+        for name, tensor in mine.items():
+            if tuple(theirs[name].shape) != tuple(tensor.shape):
+                return f"a network of another shape ({name}: {list(theirs[name].shape)} -> {list(tensor.shape)})"
+        return None
 
     def save_checkpoint(self) -> Saved:
         if self.checkpoints is None:
@@ -342,6 +441,12 @@ def _restore_random_state(state: dict[str, Any], generator: torch.Generator, dev
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int]:
+    """(epochs completed, steps into the next) of a checkpoint."""
+    position = state.get("position")
+    return int(state["progress"]["epoch"]), int(position["step"]) if position else 0
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -390,9 +495,18 @@ class TrainingBatches:
         # number after it, and a resumed epoch (a loader started mid-way) would not match an uninterrupted one
         loader = torch.utils.data.DataLoader(self.rows, batch_sampler=chunks, collate_fn=_as_batch,
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(len(chunks)))
+                                             generator=torch.Generator().manual_seed(len(chunks)),
+                                             worker_init_fn=_seed_worker)
         for x_batch, y_batch in loader:
             yield x_batch.to(self.device, non_blocking=True), y_batch.to(self.device, non_blocking=True)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """A loader worker's numpy and random from its torch seed (the loader's generator plus its id): a dataset
+    that draws (augmentation) draws the same in every run, whichever worker reads which batch."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,7 +515,7 @@ def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
 
 def _ddp_worker(rank: int, world_size: int, backend: str, rendezvous: str, out: str,
                 build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice,
-                checkpoints: CheckpointDir | None, hopeless_below: float | None) -> None:
+                checkpoints: CheckpointDir | None, hopeless_below: float | None, lineage: Lineage | None) -> None:
     # A file rendezvous, not env:// (a TCPStore on a port picked ahead of time): the port could be taken by
     # another process before rank 0 bound it, and rank 0 hosted the store, so under load a rank still tearing
     # down talked to a store that had gone with rank 0's exit, and gloo aborted that rank (SIGABRT,
@@ -409,9 +523,10 @@ def _ddp_worker(rank: int, world_size: int, backend: str, rendezvous: str, out: 
     store = torch.distributed.FileStore(rendezvous, world_size)
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
-                               on_epoch=None, checkpoints=checkpoints, hopeless_below=hopeless_below)
+        with reproducible(training_threads(cfg, world_size)):   # the ranks share this machine's threads
+            result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
+                                   on_epoch=None, checkpoints=checkpoints, hopeless_below=hopeless_below,
+                                   lineage=lineage)
         if rank == 0:
             fields = {k: v for k, v in vars(result).items() if k not in ("model", "world_size", "seconds")}
             torch.save({"state_dict": result.model.state_dict(), **fields}, out)
@@ -424,14 +539,14 @@ def _ddp_worker(rank: int, world_size: int, backend: str, rendezvous: str, out: 
 
 def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
                        world_size: int, device: RunnerDevice, backend: str, checkpoints: CheckpointDir | None,
-                       hopeless_below: float | None) -> TrainResult:
+                       hopeless_below: float | None, lineage: Lineage | None) -> TrainResult:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         mp.spawn(_ddp_worker, nprocs=world_size, join=True,
                  args=(world_size, backend, str(Path(tmp) / "rendezvous"), out, build, params, splits, cfg, device, checkpoints,
-                       hopeless_below))
+                       hopeless_below, lineage))
         saved = torch.load(out, weights_only=False)
     model = build(**params)
     model.load_state_dict(saved.pop("state_dict"))

@@ -3,6 +3,8 @@ exactly the weights of an uninterrupted one (on the CPU, bit for bit), and only 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from automation.checkpoint import CheckpointDir, Preempted, PreemptionNotice
+from automation.checkpoint import CheckpointDir, Lineage, Preempted, PreemptionNotice
 from automation.config import TrainConfig
 from automation.train import TrainResult, train_model
 from models import digits_mlp
@@ -27,9 +29,20 @@ class Died(Exception):
 
 
 def _train(folder: Path | None, *, on_epoch: Any = None, notice: PreemptionNotice | None = None,
-           cfg: TrainConfig = CFG) -> TrainResult:
-    return train_model(digits_mlp.build, PARAMS, digits(seed=0), cfg, on_epoch=on_epoch, notice=notice,
-                       checkpoints=CheckpointDir(folder) if folder else None)
+           cfg: TrainConfig = CFG, params: dict[str, Any] = PARAMS, lineage: Lineage | None = None) -> TrainResult:
+    return train_model(digits_mlp.build, params, digits(seed=0), cfg, on_epoch=on_epoch, notice=notice,
+                       checkpoints=CheckpointDir(folder) if folder else None, lineage=lineage)
+
+
+def _die_after(epoch: int) -> Any:
+    def on_epoch(ended: int, _metrics: dict[str, float]) -> None:
+        if ended == epoch:
+            raise Died
+    return on_epoch
+
+
+def _lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -42,8 +55,8 @@ def uninterrupted() -> TrainResult:
     return _train(None)
 
 
-def test_a_run_killed_after_an_epoch_resumes_there_with_identical_weights(tmp_path: Path,
-                                                                           uninterrupted: TrainResult) -> None:
+def test_a_run_killed_after_an_epoch_resumes_there_with_identical_weights(tmp_path: Path, uninterrupted: TrainResult,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     def die_after_two(epoch: int, _metrics: dict[str, float]) -> None:
         if epoch == 2:
             raise Died
@@ -53,8 +66,10 @@ def test_a_run_killed_after_an_epoch_resumes_there_with_identical_weights(tmp_pa
     # epoch 2 ended but the process died before its checkpoint: the newest complete one is epoch 1's
     assert CheckpointDir(tmp_path).latest()["progress"]["epoch"] == 1
     trained: list[int] = []
-    resumed = _train(tmp_path, on_epoch=lambda epoch, _m: trained.append(epoch))
-    assert resumed.resumed_from == (1, 0)
+    with caplog.at_level(logging.INFO, logger="automation.train"):
+        resumed = _train(tmp_path, on_epoch=lambda epoch, _m: trained.append(epoch))
+    assert resumed.resumed_from == (1, 0) and resumed.fresh_start is None
+    assert _lines(caplog, "resuming") == ["resuming from the checkpoint at epoch 1, step 0"]   # one line says so
     assert trained == [2, 3, 4]                      # only the remaining epochs
     _assert_same_weights(resumed.model, uninterrupted.model)
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in uninterrupted.history]
@@ -199,6 +214,82 @@ def test_a_retry_on_a_fresh_workspace_resumes_from_the_artifact_store(tmp_path: 
     assert resumed.resumed_from == (2, 0)
     _assert_same_weights(resumed.model, uninterrupted.model)
     assert not (second_runner / "ckpt-00009-0000000.pt").exists()
-    mirror.discard()   # the job ended: its checkpoint run goes
+    CheckpointDir(second_runner, mirror=mirror).clear("the job succeeded")   # the job ended: both copies go
+    assert not second_runner.exists()
     assert ArtifactMirror(client, "mlgate", "job'1")._run(create=False) is None
+    mirror.discard()   # again (the CLI discards too, on its way out): nothing to do, no error
     assert ArtifactMirror(client, "mlgate", "job2")._run(create=False) is not None
+
+
+def test_a_resume_under_another_lr_starts_fresh_and_says_why(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A changed lr once resumed a finished job's checkpoint: 0 epochs trained, the old weights registered
+    under the new lr. A checkpoint records what wrote it; another config trains from scratch."""
+    with pytest.raises(Died):
+        _train(tmp_path, on_epoch=_die_after(3))
+    changed = CFG.model_copy(update={"lr": 0.02})
+    trained: list[int] = []
+    with caplog.at_level(logging.INFO, logger="automation.train"):
+        result = _train(tmp_path, cfg=changed, on_epoch=lambda epoch, _m: trained.append(epoch))
+    assert trained == [1, 2, 3, 4] and result.resumed_from is None
+    expected = "checkpoint from epoch 2, step 0 was written by another config (lr 0.01 -> 0.02); starting fresh"
+    assert _lines(caplog, "starting fresh") == [expected] and result.fresh_start == expected
+    assert not _lines(caplog, "resuming")
+    _assert_same_weights(result.model, _train(None, cfg=changed).model)   # as if no checkpoint had been there
+    # the other config's checkpoints went with it (by epoch they would outrank the fresh run's)
+    state = CheckpointDir(tmp_path).latest()
+    assert state["progress"]["epoch"] == 4 and json.loads(state["lineage"]["config"])["train.lr"] == 0.02
+
+
+def test_what_differs_is_named_and_settings_of_the_run_alone_still_resume() -> None:
+    base = Lineage.of(PARAMS, CFG, data="d1", code="c1", commit="a" * 40)
+    recorded = base.record()
+    assert base.differences(recorded) == []
+    # more time, another checkpoint interval, loader workers, threads: how it runs, not what it computes
+    how = CFG.model_copy(update={"max_minutes": 30.0, "checkpoint_every_minutes": 1.0, "loader_workers": 2,
+                                 "threads": 1, "distributed": "off", "abort_when_hopeless": True})
+    assert Lineage.of(PARAMS, how, "d1", "c1", "a" * 40).differences(recorded) == []
+    other = Lineage.of({**PARAMS, "hidden": 64}, CFG.model_copy(update={"epochs": 8}), "d2", "c2")
+    assert other.differences(recorded) == ["another config (hidden 32 -> 64, epochs 4 -> 8)", "other data",
+                                           "other code (the model file changed)"]
+    assert Lineage.of(PARAMS, CFG, "d1", "c1", "b" * 40).differences(recorded) == \
+        ["other code (commit aaaaaaaaaaaa -> bbbbbbbbbbbb)"]
+    assert base.differences(None) == ["an mlgate that recorded no config, data or code"]
+
+
+def test_weights_that_do_not_fit_the_network_start_fresh_before_anything_is_loaded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Code the model file's hash cannot see (a module it imports) can change the network under the same
+    lineage: the checkpoint's shapes are checked first, and the run starts fresh."""
+    same = Lineage.of(PARAMS, CFG, data="d", code="c")
+    with pytest.raises(Died):
+        _train(tmp_path, on_epoch=_die_after(2), lineage=same)
+    wider = {**PARAMS, "hidden": 48}
+    with caplog.at_level(logging.INFO, logger="automation.train"):
+        result = _train(tmp_path, params=wider, lineage=same)
+    assert result.resumed_from is None and len(result.history) == CFG.epochs
+    assert _lines(caplog, "starting fresh") == [
+        "checkpoint from epoch 1, step 0 was written by a network of another shape (1.weight: [32, 64] -> "
+        "[48, 64]); starting fresh"]
+    _assert_same_weights(result.model, _train(None, params=wider).model)
+
+
+def test_a_job_that_ends_deletes_its_checkpoints_and_a_preempted_one_keeps_them(tmp_path: Path) -> None:
+    from automation.errors import GateFailed
+    from automation.job import JobRequest, end_checkpoints
+
+    def request_with_a_checkpoint(name: str) -> JobRequest:
+        CheckpointDir(tmp_path / name).save({"w": torch.tensor(1.0)}, epoch=1, step=0)
+        return JobRequest(model="digits_mlp", checkpoint_dir=tmp_path / name)
+
+    for name, error in (("succeeded", None), ("gate", GateFailed("gate failed")), ("error", RuntimeError("x"))):
+        end_checkpoints(request_with_a_checkpoint(name), error)
+        assert not (tmp_path / name).exists(), name
+    preempted = request_with_a_checkpoint("preempted")
+    end_checkpoints(preempted, Preempted("preempted at epoch 2, step 3"))
+    assert CheckpointDir(tmp_path / "preempted").latest() is not None
+    noticed = request_with_a_checkpoint("noticed")   # the notice came; whatever ended the process, it resumes
+    noticed.notice = PreemptionNotice(grace_seconds=1)
+    noticed.notice.requested.set()
+    end_checkpoints(noticed, RuntimeError("broken pipe on the way out"))
+    assert CheckpointDir(tmp_path / "noticed").latest() is not None

@@ -191,6 +191,7 @@ def test_a_preempted_runner_checkpoints_in_its_grace_period_and_the_retry_is_not
     assert "checkpointed in" in first.error
     log = (config.workdir / "jobs" / job.id / "job.log").read_text()
     assert "Traceback" not in log
+    assert checkpoints_of(config, job.id)                          # preempted: kept to resume
 
     # a fresh worker resumes it, though max_attempts was 1
     second = Worker(config, engine, LocalExecutor(config, str(path), engine), worker_id="next")
@@ -200,6 +201,9 @@ def test_a_preempted_runner_checkpoints_in_its_grace_period_and_the_retry_is_not
     assert [a.state for a in queue.attempts(engine, job.id)] == ["preempted", "succeeded"]
     result = summary(config, job.id)
     assert result["training"]["resumed_from"]["step"] > 0          # mid-epoch: the step the notice came at
+    resumed = result["training"]["resumed_from"]
+    assert f"resuming from the checkpoint at epoch {resumed['epoch']}, step {resumed['step']}" in \
+        (config.workdir / "jobs" / job.id / "job.log").read_text()
     resume = result["cost"]["resume"]
     assert resume["earlier_attempts"] == 1 and resume["preempted_attempts"] == 1
     assert resume["saved_seconds"] > 0
@@ -219,3 +223,52 @@ def test_too_many_preemptions_fail_the_job_with_the_reason(service: tuple[Any, P
     assert done.state == "failed" and "preempted 3 times (service.max_preemptions is 2)" in done.error
     # a stale or replayed preemption of an attempt that is not the running one changes nothing
     assert queue.preempt(engine, job.id, 1, "late", max_preemptions=2) is None
+
+
+def test_a_preempted_job_whose_config_changed_trains_from_scratch_and_says_why(
+        sqlite_service: tuple[Any, Path, Any]) -> None:
+    """The retry of a preempted job runs the config it finds: with another lr, the checkpoint (written under
+    the old one) is not resumed, and the job's log says why."""
+    import yaml
+
+    config, path, engine = sqlite_service
+    job, _ = queue.enqueue(engine, model="slow_mlp", kind="retrain", trigger="manual")
+    worker = Worker(config, engine, LocalExecutor(config, str(path), engine), worker_id="spot")
+    thread = threading.Thread(target=worker.run_one)
+    thread.start()
+    try:
+        assert wait_for(lambda: max(checkpoints_of(config, job.id), default=0) >= 1, 120)
+        worker.preempt()
+        thread.join(60)
+    finally:
+        worker.preempt()
+        thread.join(60)
+    assert queue.get_job(engine, job.id).state == "queued"
+    assert checkpoints_of(config, job.id)                          # kept for the retry
+    changed = yaml.safe_load(path.read_text())
+    changed["models"]["slow_mlp"]["train"]["lr"] = 0.02
+    path.write_text(yaml.safe_dump(changed))
+
+    assert Worker(config, engine, LocalExecutor(config, str(path), engine), worker_id="next").run_one() is not None
+    assert queue.get_job(engine, job.id).state == "succeeded"
+    training = summary(config, job.id)["training"]
+    assert training["resumed_from"] is None and training["epochs_this_attempt"] == EPOCHS
+    assert "was written by another config (lr 0.01 -> 0.02); starting fresh" in training["fresh_start"]
+    assert training["fresh_start"] in (config.workdir / "jobs" / job.id / "job.log").read_text()
+
+
+def test_mlgate_run_deletes_its_checkpoints_when_the_job_ends(sqlite_service: tuple[Any, Path, Any],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the service around it (`mlgate run --job-id`, as a runner runs it), the job itself deletes
+    its checkpoints once it ends: run again under that id, it trains every epoch."""
+    from tests.conftest import last_json, run_cli
+
+    config, path, _ = sqlite_service
+    folder = config.workdir / "jobs" / "by-hand" / "checkpoints"
+    for _ in range(2):
+        code, out, _ = run_cli(capsys, "--config", str(path), "run", "--model", "slow_mlp", "--job-id", "by-hand",
+                               "--json")
+        assert code in (0, 3)   # a passed or a failed gate: either is an end
+        training = last_json(out)["training"]
+        assert training["resumed_from"] is None and training["epochs_this_attempt"] == EPOCHS
+        assert not folder.exists()
