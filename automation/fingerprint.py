@@ -4,6 +4,9 @@ Data read from files (`Splits.sources`) is fingerprinted by a manifest of those 
 hash) plus what was taken from them (the rows and labels of each split), not by hashing every array: hashing
 60,000 images on every job costs more than reading the manifest, and the manifest says *which files* changed.
 A file's content hash is cached by (size, mtime), so an unchanged corpus is not read again.
+
+The code fingerprint (the model file's content) is the other half of what a checkpoint records about what
+wrote it (automation/checkpoint.Lineage).
 """
 
 from __future__ import annotations
@@ -86,11 +89,13 @@ def data_fingerprint(splits: Splits, cache_file: Path | None = None) -> tuple[st
 
 
 def code_fingerprint(build: Any) -> str:
-    """16 hex digits over the source files that define `build` (through functools.partial, whose function
-    arguments count too: the job's builder wraps the model file's build()). Files only: a model that imports
-    its layers from elsewhere is covered by the commit, where the job knows it."""
+    """16 hex digits over the user's source files that define `build` (through functools.partial, whose
+    function arguments count too: the job's builder, in mlgate's own package, wraps the model file's build()).
+    mlgate's files are left out, so the job and a direct train_model() call agree; a model that imports its
+    layers from elsewhere is covered by the commit, where the job knows it."""
+    own = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(_source_files(build)):
+    for path in sorted(p for p in _source_files(build) if not Path(p).resolve().is_relative_to(own)):
         digest.update(f"{Path(path).name}\0".encode())
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]

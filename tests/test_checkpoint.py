@@ -293,3 +293,20 @@ def test_a_job_that_ends_deletes_its_checkpoints_and_a_preempted_one_keeps_them(
     noticed.notice.requested.set()
     end_checkpoints(noticed, RuntimeError("broken pipe on the way out"))
     assert CheckpointDir(tmp_path / "noticed").latest() is not None
+
+
+def test_the_job_records_the_lineage_a_direct_training_does(tmp_path: Path) -> None:
+    """A first attempt trained by train_model() itself (as the workflow test leaves one) and the job's retry
+    agree on what wrote the checkpoint: the job's builder wraps the model file's build() in mlgate's own code,
+    which the code fingerprint leaves out."""
+    from automation.config import load_config
+    from automation.job import JobRequest, training_options, validate
+    from automation.train import default_lineage
+
+    config = load_config(Path(__file__).parents[1] / "mlgate.yaml")
+    spec = config.model("digits_mlp")
+    validated = validate(config, JobRequest(model="digits_mlp"), spec)
+    job = training_options(JobRequest(model="digits_mlp", checkpoint_dir=tmp_path, sha="c" * 40), spec,
+                           validated)["lineage"]
+    direct = default_lineage(digits_mlp.build, spec.params, digits_mlp.load_data(**spec.data), spec.train)
+    assert job.differences(direct.record()) == []
