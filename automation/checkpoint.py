@@ -177,7 +177,11 @@ class CheckpointDir:
             except OSError:   # something not ours in it: left alone
                 pass
         if self.mirror is not None:
-            self.mirror.discard()
+            try:
+                self.mirror.discard()
+            except Exception as exc:   # the job's outcome stands; only the same config, data and code resume one
+                log.warning("checkpoints in the artifact store not deleted",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:300], "job_id": self.mirror.job_id})
         log.info("checkpoints deleted", extra={"folder": str(self.folder), "checkpoints": removed, "why": why,
                                                "artifact_store": self.mirror is not None})
 
