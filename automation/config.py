@@ -50,7 +50,8 @@ class TrainConfig(Strict):
     abort_when_hopeless: bool = False
     # intra-op CPU threads while training (restored after): the thread count sets how float sums are split,
     # so the same commit, data and config give the same weights bit for bit only at the same count. Unset:
-    # the CPUs this process may use, at most 8; set it to compare runs across machines of other sizes
+    # OMP_NUM_THREADS if set, else the CPUs this process may use, at most 8; set it to compare runs across
+    # machines of other sizes
     threads: PositiveInt | None = None
 
 

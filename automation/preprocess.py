@@ -206,6 +206,15 @@ class Tokenize:
         trainer = trainers.WordPieceTrainer(vocab_size=self.vocab_size, min_frequency=self.min_frequency,
                                             special_tokens=[PAD, UNK], show_progress=False)
         tokenizer.train_from_iterator(list(texts), trainer=trainer)
+        # the trainer numbers its '##' pieces in hash-map order, which changes from process to process
+        # (huggingface/tokenizers#1794): the same texts gave other ids, so other embedding rows, every run.
+        # WordPiece encodes by longest match on the vocabulary alone, so renumbering it changes no tokenization
+        trained = tokenizer.model
+        vocab = tokenizer.get_vocab()
+        order = [PAD, UNK, *sorted(set(vocab) - {PAD, UNK})]
+        tokenizer.model = models.WordPiece({token: i for i, token in enumerate(order)}, unk_token=trained.unk_token,
+                                           continuing_subword_prefix=trained.continuing_subword_prefix,
+                                           max_input_chars_per_word=trained.max_input_chars_per_word)
         return TextEncoder(tokenizer, self.max_length)
 
 
