@@ -2,7 +2,9 @@
 
 Semantics (documented in the README):
 - A check whose metric is missing fails (fail-closed).
-- Relative checks are skipped, with the reason, only when nothing is in production yet.
+- Relative checks are skipped, with the reason, only when nothing is in production yet or production is not
+  comparable: its input contract or classes differ from the candidate's, or it could not be loaded.
+- With `contract_change: approve`, a changed contract fails the check "contract change": a person promotes it.
 - Accuracy vs production: paired bootstrap over the shared test set gives a confidence
   interval for Δ = candidate − production. The check fails only when Δ is below −δ
   *and* the interval lies entirely below 0, i.e. the drop is larger than allowed and
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from automation.config import GateConfig
 
 Status = Literal["passed", "failed", "skipped"]
+APPROVAL_REASON = ("needs a maintainer's approval: the input contract changed; promote it by hand with "
+                   "`mlgate promote MODEL VERSION --reason …`")
 
 
 @dataclass
@@ -129,7 +133,55 @@ def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMet
     return Check(name, metric, observed, threshold, "passed", f"within limit; {ci}", (low, high))
 
 
-def evaluate_gates(cfg: GateConfig, candidate: CandidateMetrics, production: CandidateMetrics | None) -> Verdict:
+def _signature_text(described: dict[str, Any]) -> str:
+    """A contract's input in a few words: `uint8 [32, 32, 3]`, with a tensor model's feature names."""
+    text = f"{described.get('input_dtype')} {list(described.get('input_shape') or [])}"
+    features = described.get("features")
+    return text + (f" (features {', '.join(map(str, features))})" if features else "")
+
+
+def _classes_text(described: dict[str, Any]) -> str:
+    classes = [str(c) for c in described.get("classes") or []]
+    return ", ".join(classes[:8]) + (f", … ({len(classes)} in all)" if len(classes) > 8 else "")
+
+
+def contract_text(described: dict[str, Any]) -> str:
+    """A contract in one line, for the summary and the report: `image uint8 [32, 32, 3]; classes: cat, dog`."""
+    return f"{described.get('input_kind')} {_signature_text(described)}; classes: {_classes_text(described)}"
+
+
+def contract_sides(production: dict[str, Any], candidate: dict[str, Any]) -> dict[str, str]:
+    """Both contracts in words, and the one line the summary and the report show when they differ."""
+    before, after = contract_text(production), contract_text(candidate)
+    return {"production": before, "candidate": after,
+            "line": f"Input contract changed: production {before} → candidate {after}"}
+
+
+def contract_change(production: dict[str, Any], candidate: dict[str, Any]) -> str | None:
+    """Why production cannot be judged on the candidate's test data, or None when their contracts agree.
+
+    Both are `describe()` dicts (automation/contract.py): the input's kind, shape, dtype and feature names,
+    and the classes by index; production's comes from its MLmodel `mlgate` metadata."""
+    from automation.serving_check import Signature
+
+    try:
+        before, after = Signature.of(production), Signature.of(candidate)
+    except (KeyError, TypeError, ValueError) as exc:   # a version logged without mlgate's metadata
+        return f"the input contract changed (production records no usable contract: {type(exc).__name__} {exc})"
+    if before != after:
+        return (f"the input contract changed (production takes {_signature_text(production)}, "
+                f"the candidate takes {_signature_text(candidate)})")
+    if [str(c) for c in production.get("classes") or []] != [str(c) for c in candidate.get("classes") or []]:
+        return (f"the classes changed (production: {_classes_text(production)}; "
+                f"the candidate: {_classes_text(candidate)})")
+    return None
+
+
+def evaluate_gates(cfg: GateConfig, candidate: CandidateMetrics, production: CandidateMetrics | None,
+                   not_comparable: str | None = None, contract_changed: bool = False) -> Verdict:
+    """The absolute checks, then the relative ones: skipped with `not_comparable` (why production could not be
+    judged beside the candidate) or when nothing is in production. `contract_changed` with
+    `contract_change: approve` adds a failed "contract change" check."""
     a = cfg.absolute
     checks = [c for c in (
         _absolute("min accuracy", "accuracy", candidate.accuracy, a.min_accuracy, at_least=True),
@@ -144,8 +196,13 @@ def evaluate_gates(cfg: GateConfig, candidate: CandidateMetrics, production: Can
     for limit, name, metric, compare in relative:
         if limit is None:
             continue
-        if production is None:
+        if not_comparable is not None:
+            checks.append(Check(name, metric, None, "n/a", "skipped", not_comparable))
+        elif production is None:
             checks.append(Check(name, metric, None, "n/a", "skipped", "nothing in production yet"))
         else:
             checks.append(compare(candidate, production, limit, cfg))
+    if contract_changed and cfg.contract_change == "approve":
+        checks.append(Check("contract change", "input contract", None, "unchanged, or approved", "failed",
+                            APPROVAL_REASON))
     return Verdict(checks)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, Engine, Integer, String, Text, select, update
@@ -66,8 +67,8 @@ class PromotionRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(200), index=True)
-    action: Mapped[str] = mapped_column(String(32))           # promote | manual_promote | rollback
-    version: Mapped[str] = mapped_column(String(32))          # now in production
+    action: Mapped[str] = mapped_column(String(32))           # promote | manual_promote | rollback | retire
+    version: Mapped[str] = mapped_column(String(32))          # now in production ("" after a retire)
     replaced_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -223,7 +224,10 @@ def reconcile(client: "MlflowClient", engine: Engine, model: str | None = None,
     done = []
     for intent in intents:
         production = alias_version(client, intent.model, PRODUCTION)
-        if intent.version is not None and production == intent.version and intent.replaced_version != production:
+        if intent.action == "retire" and production is None and intent.replaced_version:   # it did happen
+            _confirm(engine, intent, "", intent.replaced_version, "confirmed by reconcile")
+            done.append(f"{intent.model}: retired; audit row written")
+        elif intent.version is not None and production == intent.version and intent.replaced_version != production:
             if intent.action != "rollback" and intent.replaced_version:   # the mover may have died before this
                 client.set_registered_model_alias(intent.model, PREVIOUS, intent.replaced_version)
             _confirm(engine, intent, intent.version, intent.replaced_version, "confirmed by reconcile")
@@ -251,6 +255,42 @@ def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str,
     """Move production back to `@previous` (with `expected_production`, only if production still is that)."""
     return _move(client, engine, model, None, action="rollback", reason=reason, job_id=None,
                  require_passed=False, rollback=True, expected_production=expected_production)
+
+
+def retire(client: "MlflowClient", engine: Engine, model: str, *, reason: str) -> PromotionRecord:
+    """Take `@production` away (audited, action "retire"): the next job runs with nothing in production. The
+    retired version becomes `@previous`, so `mlgate rollback` can bring it back."""
+    intent_id = _begin(engine, client, model, "retire", None, reason, None, None)
+    try:
+        current = alias_version(client, model, PRODUCTION)
+        if current is None:
+            raise UsageError(f"cannot retire {model}: nothing is in production")
+        _end(engine, intent_id, "moving", replaced_version=current)
+        client.delete_registered_model_alias(model, PRODUCTION)
+        client.set_registered_model_alias(model, PREVIOUS, current)
+    except BaseException as exc:
+        _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    with Session(engine) as session:
+        intent = session.get(PromotionIntent, intent_id)
+    assert intent is not None
+    return _confirm(engine, intent, "", current)   # no version is in production now
+
+
+def version_contract(model: str, version: str, dest: Path) -> dict[str, Any]:
+    """A registered version's data contract (its MLmodel `mlgate` metadata), downloading the MLmodel file only."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}/MLmodel", dst_path=str(dest))
+    return read_contract(Path(local))
+
+
+def read_contract(mlmodel: Path) -> dict[str, Any]:
+    """The `mlgate` metadata of an MLmodel file; {} for a version logged without it."""
+    import yaml
+
+    metadata = (yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}).get("metadata") or {}
+    return dict(metadata.get("mlgate") or {})
 
 
 def audit_trail(engine: Engine, model: str | None = None) -> list[PromotionRecord]:

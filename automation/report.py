@@ -160,7 +160,22 @@ def _headline(summary: dict[str, Any], flavor: Flavor) -> str:
     return f"## mlgate · `{summary['model']}` · {mark} — {outcome}"
 
 
-def _production_line(prod: dict[str, Any] | None) -> str:
+def contract_change_line(summary: dict[str, Any]) -> str | None:
+    """Both contracts, when the candidate's differs from production's (job.py's summary `contract_change`)."""
+    changed = summary.get("contract_change")
+    if not changed:
+        return None
+    return str(changed.get("line") or
+               f"Input contract changed: production {changed['production']} → candidate {changed['candidate']}")
+
+
+def _production_line(prod: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+    why = summary.get("not_comparable")
+    if why:   # production exists but was not judged beside the candidate
+        lines = [f"Production version {summary.get('production_before')} was not benchmarked, "
+                 f"{_text(why, 600)}: relative checks are skipped."]
+        changed = contract_change_line(summary)
+        return "\n\n".join(lines + ([_text(changed, 600)] if changed else []))
     if not prod:
         return "Nothing is in production yet: relative checks are skipped."
     served_as, reason = prod.get("served_as") or prod["variant"], prod.get("fallback_reason")
@@ -197,7 +212,7 @@ def _comparison_table(summary: dict[str, Any]) -> list[str]:
         row(f"{stat.replace('_ms', '')} latency, batch 1 (ms)", c, p, _ms,
             None if p is None else f"{(c / p - 1):+.1%}")
     row("size (MB)", cand["size_mb"], prod and prod["size_mb"], lambda v: "—" if v is None else f"{v:.3f}")
-    rows.append("\n" + _production_line(prod))
+    rows.append("\n" + _production_line(prod, summary))
     if n:
         rows.append("\n" + _evidence_line(n, delta_line if prod else None))
     return rows

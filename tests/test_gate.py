@@ -92,3 +92,43 @@ def test_relative_checks_fail_closed_without_measurements() -> None:
     production = _metrics(0.95)
     production.round_p95_ms = None
     assert _by_name(evaluate_gates(CFG, _metrics(0.95), production))["latency vs production"].status == "failed"
+
+
+IMAGE = {"input_kind": "image", "input_shape": [32, 32, 3], "input_dtype": "uint8", "classes": ["cat", "dog"],
+         "features": None}
+
+
+def test_contract_change_names_both_inputs_or_both_class_lists() -> None:
+    from automation.gate import contract_change, contract_sides
+
+    assert contract_change(IMAGE, dict(IMAGE)) is None
+    assert contract_change(IMAGE, IMAGE | {"input_shape": [3, 32, 32]}) == (
+        "the input contract changed (production takes uint8 [32, 32, 3], the candidate takes uint8 [3, 32, 32])")
+    assert contract_change(IMAGE, IMAGE | {"classes": ["cat", "fox"]}) == (
+        "the classes changed (production: cat, dog; the candidate: cat, fox)")
+    assert contract_change({}, IMAGE).startswith("the input contract changed (production records no usable")
+    line = contract_sides(IMAGE, IMAGE | {"input_dtype": "float32"})["line"]
+    assert line.startswith("Input contract changed: production image uint8 [32, 32, 3]")
+    assert "→ candidate image float32 [32, 32, 3]" in line
+
+
+def test_not_comparable_production_skips_relative_checks_with_the_reason() -> None:
+    why = "not comparable: the input contract changed (production takes uint8 [4], the candidate takes uint8 [5])"
+    checks = _by_name(evaluate_gates(CFG, _metrics(0.95), None, why, contract_changed=True))
+    for name in ("accuracy vs production", "latency vs production"):
+        assert checks[name].status == "skipped" and checks[name].reason == why
+    assert "contract change" not in checks   # "allow", the default: the absolute gates decide
+    assert all(c.passed for c in checks.values())
+
+
+def test_approve_fails_a_changed_contract_until_a_maintainer_promotes_it() -> None:
+    approve = CFG.model_copy(update={"contract_change": "approve"})
+    verdict = evaluate_gates(approve, _metrics(0.95), None, "not comparable: the classes changed (…)",
+                             contract_changed=True)
+    check = _by_name(verdict)["contract change"]
+    assert not verdict.passed and check.status == "failed"
+    assert check.reason.startswith("needs a maintainer's approval: the input contract changed")
+    assert "mlgate promote MODEL VERSION --reason" in check.reason
+    # a production that only failed to load is no contract change: nothing to approve
+    unloadable = evaluate_gates(approve, _metrics(0.95), None, "not comparable: production could not be loaded (x)")
+    assert unloadable.passed and "contract change" not in _by_name(unloadable)
