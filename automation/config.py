@@ -126,6 +126,9 @@ class GateConfig(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     latency_noise_floor_ms: float = Field(0.02, ge=0)   # p95 differences below this count as equal
     bootstrap_samples: PositiveInt = 2000
+    # a candidate whose input contract or classes differ from production's: promote on the absolute gates
+    # ("allow"), or fail the check "contract change" so a maintainer promotes it by hand ("approve")
+    contract_change: Literal["allow", "approve"] = "allow"
 
 
 class SplitConfig(Strict):

@@ -316,7 +316,8 @@ def train_stage(request: JobRequest, spec: ModelConfig, validated: Validated, pr
                             val_loss=metrics["val_loss"], eta_seconds=round(seconds * (epochs - epoch), 1))
 
         trained = train.train_model(validated.build, spec.params, validated.splits, spec.train,
-                                    device=validated.runner, on_epoch=on_epoch, **training_options(request, spec, validated))
+                                    device=validated.runner, on_epoch=on_epoch,
+                                    **training_options(request, spec, validated))
         if trained.resumed_from is not None:   # the epochs an earlier attempt trained, into this attempt's run
             for epoch, metrics in enumerate(trained.history[:trained.resumed_from[0]], start=1):
                 mlflow.log_metrics(metrics, step=epoch)
@@ -482,23 +483,24 @@ class Benchmarked:
     # a text model: every contender was timed on raw strings, its tokenizer inside the timed region; this is the
     # chosen variant's network alone, on token ids
     network_alone: dict[int, Any] | None = None
+    not_comparable: str | None = None   # why production was not judged beside the candidate (relative gates skip)
+    contract_change: dict[str, str] | None = None   # production's and the candidate's contract, when they differ
 
 
 def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connected: Connected,
                     variants: list[Variant], job_dir: Path, progress: JobProgress) -> Benchmarked:
     """Evaluate every built variant, time them with production on this runner's device, and choose one.
 
-    A variant that fails is dropped from `variants` with its reason; production failing to run is the
-    stage's failure, since the gate could not compare against it."""
+    A variant that fails is dropped from `variants` with its reason; production whose contract differs from the
+    candidate's, or that fails to load or run, is not comparable: the relative gates skip, with the reason."""
     from automation import benchmark, optimize
 
     from automation.predictors import EncodingPredictor
 
     splits, batch_sizes, encoder = validated.splits, validated.batch_sizes, validated.encoder
-    production = None
+    production, not_comparable, changed = None, None, None
     if connected.production_version is not None:   # on this runner's device, like the candidate
-        production = _load_production(connected.client, model, connected.production_version, job_dir,
-                                      validated.runner, connected.snapshot)
+        production, not_comparable, changed = _comparable_production(model, connected, validated, job_dir)
     _evaluate_variants(variants, splits)
     built = [v for v in variants if v.predictor is not None]
     # what a client sends: a text model's variants are timed with the tokenizer, as /predict runs them, and
@@ -522,9 +524,9 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     with progress.task("benchmark", total) as advance:
         # each variant but the reference and the probe's fastest within optimize.variant_seconds
         latency = timed(contenders, inputs, advance, optimize.time_caps(variants, spec.optimize))
-    if "production" in latency.failures:
-        raise StageError("benchmark", f"production version {connected.production_version} "
-                                      f"{latency.failures['production']}")
+    if "production" in latency.failures:   # production's own failure: the candidate is still judged
+        production = None
+        not_comparable = f"not comparable: production could not be run ({latency.failures['production']})"
     optimize.drop_failed(variants, latency.failures)
     built = [v for v in variants if v.predictor is not None]
     for v in built:
@@ -538,15 +540,46 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
     else:   # a judged candidate: the one artifact its build handed over
         chosen, why_chosen = built[0], "the pull request's ONNX export, judged by the service's own mlgate"
     if production is not None:
-        production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], inputs,
-                                                             splits.y_test, splits.classes)
-        production["latency"] = latency["production"]
+        try:
+            production["accuracy"] = benchmark.evaluate_accuracy(production["predictor"], inputs,
+                                                                 splits.y_test, splits.classes)
+            production["latency"] = latency["production"]
+        except Exception as exc:   # production's own failure: the candidate is still judged
+            production, not_comparable = None, f"not comparable: production {failure_reason('evaluation', exc)}"
     network_alone = None
     if encoder is not None:
         alone = timed({chosen.name: chosen.predictor}, splits.x_test)
         network_alone = None if chosen.name in alone.failures else alone[chosen.name]
     return Benchmarked(built=built, chosen=chosen, why_chosen=why_chosen, production=production,
-                       network_alone=network_alone)
+                       network_alone=network_alone, not_comparable=not_comparable, contract_change=changed)
+
+
+def _comparable_production(model: str, connected: Connected, validated: Validated,
+                           job_dir: Path) -> tuple[dict[str, Any] | None, str | None, dict[str, str] | None]:
+    """(production loaded, None, None), or (None, why it is not comparable, both contracts when they differ):
+    production is only benchmarked on the candidate's test data when it takes the same input and classes, and a
+    production that cannot be read or loaded leaves the candidate to its absolute gates."""
+    from automation import gate, promote
+    from automation.errors import one_line
+
+    version, snapshot = str(connected.production_version), connected.snapshot
+
+    def unloadable(exc: Exception) -> str:
+        return f"not comparable: production could not be loaded ({one_line(f'{type(exc).__name__}: {exc}', 200)})"
+
+    try:
+        contract = promote.read_contract(snapshot.path / "MLmodel") if snapshot is not None and snapshot.path \
+            else promote.version_contract(model, version, job_dir / "production-contract")
+    except Exception as exc:   # a deleted or corrupt artifact
+        return None, unloadable(exc), None
+    changed = gate.contract_change(contract, validated.described)
+    if changed is not None:
+        log.warning("production not comparable", extra={"model": model, "version": version, "reason": changed})
+        return None, f"not comparable: {changed}", gate.contract_sides(contract, validated.described)
+    try:
+        return _load_production(connected.client, model, version, job_dir, validated.runner, snapshot), None, None
+    except Exception as exc:   # a deleted or corrupt artifact
+        return None, unloadable(exc), None
 
 
 def _evaluate_variants(variants: list[Variant], splits: Splits) -> None:
@@ -581,7 +614,8 @@ def gate_stage(spec: ModelConfig, benchmarked: Benchmarked) -> Verdict:
         accuracy=production["accuracy"].accuracy, macro_f1=production["accuracy"].macro_f1,
         p95_ms_batch1=production["latency"][1].p95_ms, size_mb=production["size_mb"],
         correct=production["accuracy"].correct, round_p95_ms=production["latency"][1].round_p95_ms)
-    verdict = gate.evaluate_gates(spec.gates, candidate_metrics, production_metrics)
+    verdict = gate.evaluate_gates(spec.gates, candidate_metrics, production_metrics, benchmarked.not_comparable,
+                                  contract_changed=benchmarked.contract_change is not None)
     for check in verdict.checks:
         log.info("gate check", extra={"check": check.line(), "status": check.status})
     mlflow.log_metrics({"test_accuracy": chosen.accuracy.accuracy, "test_macro_f1": chosen.accuracy.macro_f1,
@@ -725,6 +759,7 @@ def build_summary(config: MlgateConfig, request: JobRequest, run_id: str, valida
             "test_split": _judged_on(validated), "gates": "the base branch's mlgate.yaml"},
         "reports": {kind: str(report_dir / f"report.{kind}") for kind in ("md", "html", "json")},
         "contract": validated.described,
+        "not_comparable": benchmarked.not_comparable, "contract_change": benchmarked.contract_change,
         "errors": _errors(chosen.accuracy.predicted, validated.splits.y_test, len(validated.splits.classes)),
         "config_profile": validated.profile,
         "data_sources": {"files": len(validated.manifest),

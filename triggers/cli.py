@@ -123,6 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     history = sub.add_parser("history", help="show the promotion audit trail")
     history.add_argument("model", nargs="?")
     history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    versions = sub.add_parser("versions", help="list a model's versions: input contract, gate, which is production")
+    versions.add_argument("model", help="model name from mlgate.yaml")
+    versions.add_argument("--json", action="store_true", help="one JSON object per version")
+    versions.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+    retire = sub.add_parser("retire", help="take production away (audited): the next job runs with none")
+    retire.add_argument("model", help="model name from mlgate.yaml")
+    retire.add_argument("--reason", required=True, help="why; recorded in the audit trail")
+    retire.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     return parser
 
 
@@ -314,6 +324,50 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_versions(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from automation import gate, promote, tracking
+    from automation.errors import one_line
+
+    config = _load(args)
+    config.model(args.model)
+    client, _ = tracking.connect(config.workdir, config.experiment)
+    state = promote.alias_state(client, args.model)
+    found = sorted(client.search_model_versions(f"name = '{args.model}'"), key=lambda v: int(v.version))
+    if not found and not args.json:
+        print(f"{args.model}: no version registered yet")
+    with tempfile.TemporaryDirectory() as scratch:
+        for mv in found:
+            version = str(mv.version)
+            try:   # the MLmodel file only, not the model
+                contract = promote.version_contract(args.model, version, Path(scratch) / version)
+                signature = gate.contract_text(contract) if contract else "no mlgate contract recorded"
+            except Exception as exc:   # a version whose artifacts are gone still lists
+                contract, signature = None, f"unreadable ({one_line(f'{type(exc).__name__}: {exc}', 160)})"
+            alias = {state.production: "production", state.previous: "previous"}.get(version)
+            row = {"version": version, "alias": alias, "gate": mv.tags.get(promote.GATE_TAG),
+                   "signature": signature, "contract": contract}
+            if args.json:
+                print(json.dumps(row, default=str))
+            else:
+                print(f"{args.model} v{version}{f' @{alias}' if alias else ''}: gate {row['gate'] or '—'}; {signature}")
+    return EXIT_OK
+
+
+def _cmd_retire(args: argparse.Namespace) -> int:
+    from automation import promote, store, tracking
+
+    config = _load(args)
+    config.model(args.model)
+    client, _ = tracking.connect(config.workdir, config.experiment)
+    record = promote.retire(client, store.open_store(store.database_url(config.workdir)), args.model,
+                            reason=args.reason)
+    print(f"{args.model}: version {record.replaced_version} retired, nothing is in production now "
+          f"(`mlgate rollback` brings it back); audit entry {record.id}")
+    return EXIT_OK
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from triggers.service import serve
 
@@ -445,7 +499,8 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"check": _cmd_check, "demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history}
+COMMANDS = {"check": _cmd_check, "demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history,
+            "versions": _cmd_versions, "retire": _cmd_retire}
 
 
 def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:
