@@ -11,6 +11,10 @@ gate pairs candidate and production round by round). Each cell records how many 
 whether it stopped early, and whether its rounds disagree beyond their own noise
 (`rounds_disagree`: the per-round p95s' confidence intervals do not overlap), which means the
 machine's load changed while the cell was timed; the report flags such cells.
+
+A contender may have a time cap (`caps`, optimize.variant_seconds): its warm-up and timed calls over every
+batch size count against it, and one that passes it stops being timed and is reported in `failures` with
+the reason, like one that raised; the others go on.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LatencyStats:
     spread_ms: float | None = None     # max - min of round_p95_ms
     allowed_spread_ms: float | None = None   # what `steady` allowed: max(steady_spread x median, floor)
     rounds_disagree: bool | None = None      # the rounds' p95 intervals do not all overlap (see p95_interval)
+    round_p50_ms: list[float] = field(default_factory=list)   # one per round: a probe reads the least disturbed
 
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if k != "samples_ms"}
@@ -125,6 +130,7 @@ def _summarize(batch_size: int, rounds: list[np.ndarray], *, max_rounds: int | N
     p50, p90, p95, p99 = np.percentile(samples_ms, [50, 90, 95, 99])
     mean = float(samples_ms.mean())
     round_p95 = _round_p95s(rounds)
+    round_p50 = [float(np.percentile(r * 1e3, 50)) for r in rounds]
     return LatencyStats(batch_size=batch_size, p50_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95),
                         p99_ms=float(p99), mean_ms=mean, throughput_per_s=batch_size * 1e3 / mean,
                         round_p95_ms=round_p95, samples_ms=samples_ms, rounds=len(rounds),
@@ -132,7 +138,7 @@ def _summarize(batch_size: int, rounds: list[np.ndarray], *, max_rounds: int | N
                         steady=steadiness.steady(round_p95),
                         spread_ms=max(round_p95) - min(round_p95) if round_p95 else None,
                         allowed_spread_ms=steadiness.allowed_ms(round_p95) if round_p95 else None,
-                        rounds_disagree=rounds_disagree(rounds))
+                        rounds_disagree=rounds_disagree(rounds), round_p50_ms=round_p50)
 
 
 @dataclass
@@ -147,32 +153,46 @@ class LatencyResults:
 def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, batch_sizes: list[int], *,
                     warmup: int, iterations: int, rounds: int, min_rounds: int | None = None,
                     steadiness: Steadiness = Steadiness(), max_round_seconds: float = math.inf,
-                    min_iterations: int = 20, progress: ProgressFn | None = None) -> LatencyResults:
+                    min_iterations: int = 20, progress: ProgressFn | None = None,
+                    caps: Mapping[str, float] | None = None) -> LatencyResults:
     """Latency of every predictor at every batch size. The timed region is `run` alone (see
     automation/predictors.py): inputs are prepared on the device beforehand and `run` synchronizes.
     A predictor that raises is dropped from the contest with its reason; the others go on.
 
     `rounds` is the most rounds a batch size gets. From `min_rounds` on (None: `rounds`, i.e. never
     early), a batch size stops after any round at which every live contender is steady (`Steadiness`).
-    A contender's round ends after `iterations` calls or `max_round_seconds`, but not before `min_iterations`."""
+    A contender's round ends after `iterations` calls or `max_round_seconds`, but not before `min_iterations`.
+    `caps` ({name: seconds}): a contender named there stops being timed, with the reason in `failures`, once
+    its warm-up and timed calls together pass its cap; one not named has none."""
     min_rounds = rounds if min_rounds is None else max(1, min(min_rounds, rounds))
     live = dict(predictors)
     results = LatencyResults({name: {} for name in predictors})
+    budget = _Budget(dict(caps or {}))
 
     def drop(name: str, exc: Exception) -> None:
         results.failures[name] = one_line(f"failed while timed: {type(exc).__name__}: {exc}")
+        live.pop(name, None)
+
+    def over_cap(name: str, batch_size: int) -> None:
+        results.failures[name] = budget.reason(name, batch_size)
         live.pop(name, None)
 
     for batch_size in batch_sizes:
         batch = host_batch(np.resize(sample, (batch_size, *sample.shape[1:])))
         prepared: dict[str, Any] = {}
         for name, p in list(live.items()):
+            started = time.perf_counter()
             try:
                 prepared[name] = p.prepare(batch)
                 for _ in range(warmup):
                     p.run(prepared[name])
+                    if time.perf_counter() - started > budget.left(name):   # a slow warm-up counts too
+                        break
             except Exception as exc:   # one runtime's failure is its own
                 drop(name, exc)
+                continue
+            if budget.charge(name, time.perf_counter() - started):
+                over_cap(name, batch_size)
         samples: dict[str, list[np.ndarray]] = {name: [] for name in live}
         stopped_early = False
         for r in range(rounds):
@@ -185,17 +205,21 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
                 p = live[name]
                 timings = np.empty(iterations)
                 handle = prepared[name]
-                calls, deadline = iterations, time.perf_counter() + max_round_seconds
+                calls, began = iterations, time.perf_counter()
+                deadline, cap_at = began + max_round_seconds, began + budget.left(name)
                 try:
                     for i in range(iterations):
                         start = time.perf_counter()
                         p.run(handle)
                         timings[i] = end = time.perf_counter() - start
-                        if start + end >= deadline and i + 1 >= min_iterations:   # slow calls: enough samples
-                            calls = i + 1
+                        if start + end > cap_at or (start + end >= deadline and i + 1 >= min_iterations):
+                            calls = i + 1   # slow calls: enough samples, or the contender's time is up
                             break
                 except Exception as exc:
                     drop(name, exc)
+                    continue
+                if budget.charge(name, time.perf_counter() - began):
+                    over_cap(name, batch_size)
                     continue
                 samples[name].append(timings[:calls])
                 if progress is not None:
@@ -213,6 +237,26 @@ def measure_latency(predictors: Mapping[str, Predictor], sample: np.ndarray, bat
     for name in results.failures:
         results.stats[name] = {}
     return results
+
+
+@dataclass
+class _Budget:
+    """Each capped contender's time so far (warm-up and timed calls), against its cap."""
+
+    caps: dict[str, float]
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def left(self, name: str) -> float:
+        return self.caps.get(name, math.inf) - self.spent.get(name, 0.0)
+
+    def charge(self, name: str, seconds: float) -> bool:
+        """Count `seconds` against `name`; whether it has now passed its cap."""
+        self.spent[name] = self.spent.get(name, 0.0) + seconds
+        return self.left(name) < 0
+
+    def reason(self, name: str, batch_size: int) -> str:
+        return (f"took more than {self.caps[name]:g} s to time (optimize.variant_seconds): stopped at batch "
+                f"{batch_size}, so it is not a candidate")
 
 
 class MemoryProbe:

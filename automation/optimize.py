@@ -8,11 +8,18 @@ lossy ones (half, int8) are judged by test accuracy in `choose_variant`.
 The winner is the fastest variant (p50 at the configured batch size) whose test accuracy
 stays within `accuracy_tolerance` of the fp32 torch model.
 
-What a build costs is decided, not paid blindly:
-- the cheap variants (torch_half, the ONNX ones) are built first; on a CPU runner, eager and the fp32
-  ONNX variant are then timed briefly at `select_batch_size`, and when ONNX Runtime already leads
-  by `skip_compile_when_onnx_speedup` the compiled torch variants (30-70 s each to build here) are
-  skipped as unable to win, with the figures in the reason. On CUDA they are always built;
+What a build and its timing cost is decided, not paid blindly:
+- the cheap variants (torch_half, the ONNX ones) are built first, then every built variant is timed
+  briefly, interleaved, at `select_batch_size` (the probe, `probe_variants`). The winner is the fastest
+  there among those within the accuracy tolerance, so a variant more than `probe_margin` slower than
+  the fastest one *sure* to be within it (`sure_eligible`) cannot win: it is skipped with the figures,
+  not timed at every batch size by the benchmark. torch_eager, the reference, is always timed;
+- on a CPU runner, when that sure-eligible variant already leads torch_eager by
+  `skip_compile_when_onnx_speedup`, the compiled torch variants (30-70 s each to build here) are
+  skipped as unable to win, with the figures in the reason. On CUDA they are always built, and
+  probed with the others once built;
+- the benchmark gives each variant at most `variant_seconds` (`time_caps`); torch_eager and the
+  probe's fastest are never capped, so the gates always have the reference and the likely winner;
 - an AOTInductor package is cached under the workdir by a hash of what determines it (weights,
   graph, input shape, torch version, device), so a rerun of the same model does not rebuild it;
 - builds run one after another, not in parallel: the expensive ones (inductor, AOTInductor's C++
@@ -77,6 +84,7 @@ class Variant:
     parity: parity.Parity | None = None
     accuracy: AccuracyStats | None = None
     latency: dict[int, LatencyStats] = field(default_factory=dict)
+    always_timed: bool = False             # the reference, or the probe's fastest: the time cap spares it
 
     def skip(self, reason: str) -> None:
         self.predictor = None
@@ -316,48 +324,131 @@ def _timed(variant: Variant) -> Iterator[None]:
         variant.build_seconds = round(time.perf_counter() - started, 3)
 
 
-PROBE = {"warmup": 5, "iterations": 50, "rounds": 3}   # the short timing behind a "cannot win" decision
+# the short timing behind a "cannot win" decision: at most 5 + 3 x 50 calls, and a slow variant's round ends
+# after half a second (with 10 calls), so a probe costs seconds, not the full matrix
+PROBE = {"warmup": 5, "iterations": 50, "rounds": 3, "max_round_seconds": 0.5, "min_iterations": 10}
 
 
-def compiled_cannot_win(variants: list[Variant], x: np.ndarray, cfg: OptimizeConfig,
-                        device: RunnerDevice) -> str | None:
-    """Why torch_compile and torch_aoti cannot win on this runner, or None when they are worth building.
+@dataclass
+class Probe:
+    """Every built variant timed briefly at one batch size, and the bar the others must beat."""
+    batch_size: int
+    p50_ms: dict[str, float]      # each variant's best round p50
+    bar: str                      # the fastest variant sure to stay within accuracy_tolerance
 
-    Only on a CPU runner, and only against an exact ONNX variant (onnx_fp32 passed parity): a lossy one
-    might still fail on accuracy. torch_eager and onnx_fp32 are timed briefly, interleaved, at the batch
-    size that picks the winner; the decision and its figures go in the reason. Each side's figure is its best
-    round's p50: on a shared machine one round can catch a burst of load (a torch eager p50 of 40 ms instead of
-    0.1 ms was seen here), and the least disturbed round is the closest to what the runtime can do."""
-    ratio = cfg.skip_compile_when_onnx_speedup
-    if ratio is None or device.is_cuda:   # on a GPU, compiling is where the gains are: always build
-        return None
-    built = {v.name: v.predictor for v in variants if v.predictor is not None}
-    exact_onnx = [name for name in ("onnx_fp32",) if name in built]
-    if REFERENCE not in built or not exact_onnx:
+    @property
+    def fastest(self) -> str:
+        return min(self.p50_ms, key=self.p50_ms.__getitem__)
+
+
+def sure_eligible(variant: Variant, reference_device: str, cross_device: parity.Parity | None,
+                  tolerance: float) -> bool:
+    """Whether `variant`'s test accuracy cannot fall more than `tolerance` below torch_eager's, before either
+    is evaluated: it can only lose the examples whose predicted class differs from the reference's (its
+    parity's argmax disagreement on the test split), plus, for a variant judged against torch on another
+    device, the examples where torch itself differs across devices."""
+    if variant.name == REFERENCE:
+        return True
+    if variant.parity is None or (variant.name not in LOSSY and not variant.parity.passed):
+        return False
+    disagreement = 1.0 - variant.parity.argmax_agreement
+    if variant.device.split(":")[0] != reference_device.split(":")[0]:
+        if cross_device is None:
+            return False
+        disagreement += 1.0 - cross_device.argmax_agreement
+    return disagreement <= tolerance - 1e-12   # accuracy is compared with >=; keep clear of a float tie
+
+
+def probe_variants(variants: list[Variant], x: np.ndarray, cfg: OptimizeConfig,
+                   cross_device: parity.Parity | None = None) -> Probe | None:
+    """Time every built variant briefly, interleaved, at `select_batch_size` (the batch whose p50 picks the
+    winner). None when there is nothing to compare (fewer than two built) or the reference failed; a variant
+    that fails here is left to the benchmark, which says what failed. Each variant's figure is its best
+    round's p50: on a shared machine one round can catch a burst of load (a torch eager p50 of 40 ms instead
+    of 0.1 ms was seen here), and the least disturbed round is the closest to what the runtime can do."""
+    live = {v.name: v for v in variants if v.predictor is not None}
+    if REFERENCE not in live or len(live) < 2:
         return None
     batch = cfg.select_batch_size
-    latency = measure_latency({name: built[name] for name in (REFERENCE, *exact_onnx)}, x, [batch], **PROBE)
-    if latency.failures:   # the benchmark stage will say what failed; build rather than guess
+    latency = measure_latency({name: v.predictor for name, v in live.items()}, x, [batch], **PROBE)
+    if REFERENCE in latency.failures:
         return None
-    p50 = {name: _best_round_p50(latency[name][batch]) for name in (REFERENCE, *exact_onnx)}
-    eager = p50[REFERENCE]
-    best = min(exact_onnx, key=p50.__getitem__)
-    fastest = p50[best]
+    p50 = {name: _best_round_p50(latency[name][batch]) for name in live if name not in latency.failures}
+    device = live[REFERENCE].device
+    sure = [name for name in p50 if sure_eligible(live[name], device, cross_device, cfg.accuracy_tolerance)]
+    probe = Probe(batch, p50, bar=min(sure, key=p50.__getitem__))
+    log.info("probe", extra={"batch_size": batch, "p50_ms": p50, "bar": probe.bar})
+    return probe
+
+
+def cannot_win(probe: Probe, name: str, margin: float | None) -> str | None:
+    """Why a built variant cannot be chosen, or None: it is slower than the probe's bar by more than `margin`.
+    torch_eager, the reference, is always timed."""
+    if margin is None or name in (REFERENCE, probe.bar) or name not in probe.p50_ms:
+        return None
+    mine, best = probe.p50_ms[name], probe.p50_ms[probe.bar]
+    if mine <= best * (1 + margin):
+        return None
+    return (f"not timed: {mine / best:.1f}× slower than {probe.bar} at batch {probe.batch_size} in the probe "
+            f"before the benchmark (p50 {mine:.3f} ms vs {best:.3f} ms), beyond optimize.probe_margin "
+            f"({margin:.0%}), so it cannot be chosen")
+
+
+def compiled_cannot_win(probe: Probe | None, cfg: OptimizeConfig, device: RunnerDevice) -> str | None:
+    """Why torch_compile and torch_aoti cannot win on this runner, or None when they are worth building.
+
+    Only on a CPU runner, and only against a variant sure to stay within the accuracy tolerance (an exact
+    ONNX variant, typically; a lossy one that might still fail on accuracy does not count): when it is
+    already `skip_compile_when_onnx_speedup` times faster than torch_eager in the probe, compiling torch
+    (which rarely gains that much over eager on a CPU) cannot catch it. The figures go in the reason."""
+    ratio = cfg.skip_compile_when_onnx_speedup
+    if ratio is None or device.is_cuda or probe is None:   # on a GPU, compiling is where the gains are
+        return None
+    eager, fastest = probe.p50_ms[REFERENCE], probe.p50_ms[probe.bar]
     speedup = eager / fastest
-    log.info("compiled variants: cannot-win probe", extra={"batch_size": batch, "torch_eager_p50_ms": eager,
-                                                          f"{best}_p50_ms": fastest, "speedup": speedup,
-                                                          "threshold": ratio})
+    log.info("compiled variants: cannot-win probe", extra={"batch_size": probe.batch_size, "bar": probe.bar,
+                                                          "torch_eager_p50_ms": eager, "bar_p50_ms": fastest,
+                                                          "speedup": speedup, "threshold": ratio})
     if speedup < ratio:
         return None
-    return (f"cannot win: {best} is {speedup:.1f}× faster than torch_eager at batch {batch} on this CPU "
-            f"(p50 {fastest:.3f} ms vs {eager:.3f} ms, timed before building); compiling torch rarely gains "
-            f"{ratio:g}× over eager on a CPU (optimize.skip_compile_when_onnx_speedup)")
+    return (f"cannot win: {probe.bar} is {speedup:.1f}× faster than torch_eager at batch {probe.batch_size} on "
+            f"this CPU (p50 {fastest:.3f} ms vs {eager:.3f} ms, timed before building); compiling torch rarely "
+            f"gains {ratio:g}× over eager on a CPU (optimize.skip_compile_when_onnx_speedup)")
 
 
 def _best_round_p50(stats: LatencyStats) -> float:
+    if stats.round_p50_ms:
+        return min(stats.round_p50_ms)
     if stats.rounds < 2 or len(stats.samples_ms) % stats.rounds:
         return stats.p50_ms
     return float(np.median(stats.samples_ms.reshape(stats.rounds, -1), axis=1).min())
+
+
+def _probe_and_skip(variants: list[Variant], x: np.ndarray, cfg: OptimizeConfig,
+                    cross_device: parity.Parity | None) -> Probe | None:
+    """The probe, then every built variant that cannot win skipped with its reason."""
+    probe = probe_variants(variants, x, cfg, cross_device)
+    if probe is not None:
+        for variant in variants:
+            reason = cannot_win(probe, variant.name, cfg.probe_margin) if variant.predictor is not None else None
+            if reason:
+                variant.skip(reason)
+    return probe
+
+
+def _mark_always_timed(variants: list[Variant], probe: Probe | None) -> None:
+    """The reference, and the probe's fastest and bar (the likely choice, and the one sure to be eligible)."""
+    spared = {REFERENCE} | ({probe.fastest, probe.bar} if probe is not None else set())
+    for variant in variants:
+        variant.always_timed = variant.name in spared
+
+
+def time_caps(variants: list[Variant], cfg: OptimizeConfig) -> dict[str, float]:
+    """{name: seconds} for the benchmark (measure_latency's `caps`): every built variant but those always
+    timed. A judged candidate (no reference among them) is the only contender: it is never capped."""
+    if not any(v.name == REFERENCE for v in variants):
+        return {}
+    return {v.name: cfg.variant_seconds for v in variants if v.predictor is not None and not v.always_timed}
 
 
 def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.ndarray, cfg: OptimizeConfig,
@@ -366,8 +457,9 @@ def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.nd
     """Every configured variant, built or skipped with its reason, plus the cross-device difference
     (torch fp32 on the runner's GPU against torch fp32 on the CPU; None on a CPU runner).
 
-    The cheap variants are built first, then the compiled ones unless they cannot win
-    (`compiled_cannot_win`); the list comes back in the registry's order (config.ALL_VARIANTS).
+    The cheap variants are built first and probed (`probe_variants`): those that cannot win are skipped,
+    and so are the compiled ones when they cannot (`compiled_cannot_win`); compiled ones that are built
+    are probed with the rest. The list comes back in the registry's order (config.ALL_VARIANTS).
     `cache_dir` keeps AOTInductor packages across jobs (None: always build)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     batch_sizes = batch_sizes or [1]
@@ -400,16 +492,26 @@ def build_variants(model: nn.Module, input_shape: tuple[int, ...], x_test: np.nd
     cheap, compiled = [n for n in wanted if n not in COMPILED], [n for n in wanted if n in COMPILED]
     for name in cheap:
         variants.append(_build_one(name, ctx, logits, batch_sizes, x_test, torch_path))
-    cannot_win = compiled_cannot_win(variants, x_test, cfg, device) if compiled else None
+    probe = _probe_and_skip(variants, x_test, cfg, cross_device) if _worth_probing(cfg, device, compiled) else None
+    not_built = compiled_cannot_win(probe, cfg, device) if compiled else None
     for name in compiled:
-        if cannot_win:
+        if not_built:
             variant = Variant(name, device=str(device.torch), precision=device.fp32_precision)
-            variant.skip(cannot_win)
+            variant.skip(not_built)
             variants.append(variant)
         else:
             variants.append(_build_one(name, ctx, logits, batch_sizes, x_test, torch_path))
+    if cfg.probe_margin is not None and any(v.name in COMPILED and v.predictor is not None for v in variants):
+        probe = _probe_and_skip(variants, x_test, cfg, cross_device)   # the compiled ones against the rest
+    _mark_always_timed(variants, probe)
     variants.sort(key=lambda v: ALL_VARIANTS.index(v.name))   # type: ignore[arg-type]
     return variants, cross_device
+
+
+def _worth_probing(cfg: OptimizeConfig, device: RunnerDevice, compiled: list[str]) -> bool:
+    """A probe decides something: which built variants to time, or whether to build the compiled ones."""
+    return cfg.probe_margin is not None or bool(compiled and cfg.skip_compile_when_onnx_speedup is not None
+                                                and not device.is_cuda)
 
 
 def _build_one(name: str, ctx: BuildContext, logits: dict[str, np.ndarray], batch_sizes: list[int],

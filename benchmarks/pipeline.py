@@ -1,6 +1,7 @@
 """Where a job's time goes, and what optimization buys. Not a test: it prints figures.
 
     .venv/bin/python benchmarks/pipeline.py [--config mlgate.yaml] [--model NAME ...] [--epochs N] [--against REV]
+                                            [--stock-timing]
 
 Each model's job runs as `mlgate run --json` in a fresh process and a fresh state folder, so
 the wall time includes interpreter start and imports, as a user would see it. "Outside training"
@@ -9,6 +10,11 @@ is the wall time minus the train stage: what the job costs beyond the model's ow
 With `--against REV` (a commit, tag or branch) each job also runs on the code at REV, extracted
 with `git archive` into a temporary folder (the repository and its working tree are not touched),
 on the same config; the two runs of a model go back to back, so machine load hits both alike.
+
+With `--stock-timing` the config's `optimize` and `benchmark` blocks are dropped (from `defaults:`, the
+model and its `on_cpu`), so the job builds and times variants as mlgate's defaults do: every variant,
+batch sizes 1, 32 and 256. "Benchmarking" is the benchmark stage: evaluating and timing the variants
+(the optimize stage builds them, and probes them before the benchmark).
 """
 
 from __future__ import annotations
@@ -28,9 +34,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_job(config: Path, model: str, workdir: Path, epochs: int | None, code: Path = ROOT) -> tuple[float, dict]:
+TIMING_BLOCKS = ("optimize", "benchmark")
+
+
+def stock_timing(raw: dict, model: str) -> dict:
+    """The config with no optimize or benchmark block for `model` anywhere: mlgate's defaults decide both."""
+    block = raw["models"][model]
+    for holder in (raw.get("defaults") or {}, block, block.get("on_cpu") or {}):
+        for key in TIMING_BLOCKS:
+            holder.pop(key, None)
+    return raw
+
+
+def run_job(config: Path, model: str, workdir: Path, epochs: int | None, code: Path = ROOT,
+            stock: bool = False) -> tuple[float, dict]:
     raw = yaml.safe_load(config.read_text())
     raw["workdir"] = str(workdir)
+    if stock:
+        raw = stock_timing(raw, model)
     if epochs:   # a fixed, longer training run: shows how the fixed overhead amortizes
         raw["models"][model]["train"] = {"epochs": epochs, "patience": epochs}
     patched = workdir / "mlgate.yaml"
@@ -68,15 +89,20 @@ def print_job(label: str, model: str, wall: float, summary: dict) -> None:
         print(f"  {name:<16} {seconds:7.2f} s  {seconds / wall:6.1%}")
     outside = outside_training(wall, summary)
     print(f"  outside training: {outside:.2f} s = {outside / wall:.1%} of wall time")
+    bench = stages.get("benchmark", 0.0)
+    print(f"  benchmarking: {bench:.2f} s = {bench / wall:.1%} of wall time "
+          f"(with the optimize stage's builds and probe: {(bench + stages.get('optimize', 0.0)) / wall:.1%})")
     variants = [v for v in summary["variants"] if not v["skipped"]]
     eager = next(v for v in variants if v["name"] == "torch_eager")["latency"]["1"]["p50_ms"]
-    print(f"  {'variant':<14} {'build s':>8} {'p50 b1 ms':>10} {'speedup':>8} {'accuracy':>9}")
+    sizes = sorted({b for v in variants for b in v["latency"]}, key=int)
+    columns = " ".join(f"{'p50 b' + b + ' ms':>12}" for b in sizes)
+    print(f"  {'variant':<14} {'build s':>8} {columns} {'speedup b1':>10} {'accuracy':>9}")
     for v in variants:
-        p50 = v["latency"]["1"]["p50_ms"]
+        cells = " ".join(f"{v['latency'][b]['p50_ms']:12.4f}" if b in v["latency"] else f"{'-':>12}" for b in sizes)
         mark = "  <- chosen" if v["name"] == summary["chosen_variant"] else ""
         cached = " (cached)" if v.get("cached") else ""
-        print(f"  {v['name']:<14} {v['build_seconds'] or 0:8.2f} {p50:10.4f} {eager / p50:7.2f}× "
-              f"{v['accuracy']:9.2%}{mark}{cached}")
+        print(f"  {v['name']:<14} {v['build_seconds'] or 0:8.2f} {cells} "
+              f"{eager / v['latency']['1']['p50_ms']:9.2f}× {v['accuracy']:9.2%}{mark}{cached}")
     for v in summary["variants"]:
         if v["skipped"]:
             print(f"  {v['name']:<14} skipped: {v['skipped']}")
@@ -98,6 +124,8 @@ def print_comparison(model: str, rev: str, before: tuple[float, dict], after: tu
             ("outside training", outside_training(wall_b, sum_b), outside_training(wall_a, sum_a))]
     for label, b, a in rows:
         print(f"  {label:<18} {b:12.2f} {a:9.2f}")
+    share_b, share_a = (s["timings"].get("benchmark", 0.0) / w for w, s in ((wall_b, sum_b), (wall_a, sum_a)))
+    print(f"  {'benchmark share':<18} {share_b:12.1%} {share_a:9.1%}")
     print(f"  chosen variant     {sum_b['chosen_variant']:>12} {sum_a['chosen_variant']:>9}")
 
 
@@ -107,6 +135,8 @@ def main() -> None:
     parser.add_argument("--model", action="append")
     parser.add_argument("--epochs", type=int, help="train exactly this many epochs (no early stop)")
     parser.add_argument("--against", metavar="REV", help="also run each job on the code at this git revision")
+    parser.add_argument("--stock-timing", action="store_true",
+                        help="drop the config's optimize and benchmark blocks: time variants as mlgate's defaults do")
     args = parser.parse_args()
     config = args.config.resolve()
     models = args.model or list(yaml.safe_load(config.read_text())["models"])
@@ -116,9 +146,10 @@ def main() -> None:
         for model in models:
             before = None
             if old_code is not None:
-                before = run_job(config, model, Path(tmp) / "before" / model, args.epochs, old_code)
+                before = run_job(config, model, Path(tmp) / "before" / model, args.epochs, old_code,
+                                 args.stock_timing)
                 print_job(args.against, model, *before)
-            after = run_job(config, model, Path(tmp) / "after" / model, args.epochs)
+            after = run_job(config, model, Path(tmp) / "after" / model, args.epochs, stock=args.stock_timing)
             print_job("working tree", model, *after)
             results.append((model, before, after))
         if args.against:

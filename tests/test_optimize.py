@@ -41,8 +41,8 @@ def _by_name(variants: list[Variant]) -> dict[str, Variant]:
 
 def test_variants_built_and_parity_checked_on_their_own_device(trained, tmp_path: Path) -> None:
     splits, model = trained
-    variants, cross = build_variants(model, splits.input_shape, splits.x_test, OptimizeConfig(variants=QUICK),
-                                     tmp_path, DEVICE, [1, 8])
+    variants, cross = build_variants(model, splits.input_shape, splits.x_test,
+                                     OptimizeConfig(variants=QUICK, probe_margin=None), tmp_path, DEVICE, [1, 8])
     by_name = _by_name(variants)
     assert next(model.parameters()).device.type == "cpu"      # building never moves the trained model
     onnx = by_name["onnx_fp32"]
@@ -77,8 +77,8 @@ def test_an_exporter_that_raises_skips_the_onnx_variants_only(trained, tmp_path:
         raise RuntimeError("Unhandled FakeTensor Device Propagation for aten.mm.default\nsecond line")
 
     monkeypatch.setattr(optimize, "export_onnx", broken_export)
-    variants, _ = build_variants(model, splits.input_shape, splits.x_test, OptimizeConfig(variants=QUICK[:4]),
-                                 tmp_path, DEVICE)
+    variants, _ = build_variants(model, splits.input_shape, splits.x_test,
+                                 OptimizeConfig(variants=QUICK[:4], probe_margin=None), tmp_path, DEVICE)
     by_name = _by_name(variants)
     for name in ("onnx_fp32", "onnx_int8"):
         assert by_name[name].predictor is None
@@ -144,7 +144,7 @@ def test_compiled_variants_build_match_and_keep_their_chatter_off_stderr(trained
     """Also the AOTInductor cache: the one package built here is reused by a second build of the same weights
     (the only AOTInductor build in this file: one takes 30-40 s on 2 cores)."""
     splits, model = trained
-    cfg = OptimizeConfig(variants=["torch_eager", "torch_compile", "torch_aoti"])
+    cfg = OptimizeConfig(variants=["torch_eager", "torch_compile", "torch_aoti"], probe_margin=None)
     cache = tmp_path / "cache"
     variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path / "first", DEVICE, [1, 16],
                                  cache_dir=cache)
@@ -162,7 +162,8 @@ def test_compiled_variants_build_match_and_keep_their_chatter_off_stderr(trained
 
     # a rerun of the same model (CPU training is deterministic) takes the package from the cache
     again, _ = build_variants(model, splits.input_shape, splits.x_test,
-                              OptimizeConfig(variants=["torch_eager", "torch_aoti"]), tmp_path / "second", DEVICE,
+                              OptimizeConfig(variants=["torch_eager", "torch_aoti"], probe_margin=None),
+                              tmp_path / "second", DEVICE,
                               [1, 16], cache_dir=cache)
     hit = _by_name(again)["torch_aoti"]
     assert hit.skipped is None and hit.cached and hit.cache_key == built.cache_key and hit.parity.passed
@@ -178,23 +179,30 @@ def test_compiled_variants_build_match_and_keep_their_chatter_off_stderr(trained
     assert key != optimize.aoti_cache_key(program, model, splits.input_shape, RunnerDevice("cuda", 0, "H100", False))
 
 
-def _probe_result(eager_ms: float, onnx_ms: float, batch: int = 1) -> LatencyResults:
+def _probe_result(batch: int = 1, **p50: float) -> LatencyResults:
+    """What measure_latency would return for a probe: each variant's p50 at `batch`, the same in every round."""
     def stats(ms: float) -> LatencyStats:
-        return LatencyStats(batch, ms, ms, ms, ms, ms, batch * 1e3 / ms, [ms] * 3)
-    return LatencyResults({"torch_eager": {batch: stats(eager_ms)}, "onnx_fp32": {batch: stats(onnx_ms)}})
+        return LatencyStats(batch, ms, ms, ms, ms, ms, batch * 1e3 / ms, [ms] * 3, round_p50_ms=[ms] * 3)
+    return LatencyResults({name: {batch: stats(ms)} for name, ms in p50.items()})
 
 
-def test_compiled_variants_that_cannot_win_are_not_built_on_a_cpu(trained, tmp_path: Path, monkeypatch) -> None:
-    """ONNX Runtime 4x faster than eager: compiling torch would cost 30-70 s for a variant that cannot win.
-    The probe's figures are given (a timing here would make the test depend on the machine)."""
-    splits, model = trained
-    probed = []
+def _injected_probe(monkeypatch, **p50: float) -> list[tuple[list[str], list[int]]]:
+    """The probe's timings are given (a timing here would make the test depend on the machine); returns the
+    calls it got: which variants, at which batch sizes."""
+    probed: list[tuple[list[str], list[int]]] = []
 
     def probe(predictors, x, batch_sizes, **kwargs):
         probed.append((sorted(predictors), batch_sizes))
-        return _probe_result(0.40, 0.10, batch_sizes[0])
+        return _probe_result(batch_sizes[0], **{name: p50[name] for name in predictors})
 
     monkeypatch.setattr(optimize, "measure_latency", probe)
+    return probed
+
+
+def test_compiled_variants_that_cannot_win_are_not_built_on_a_cpu(trained, tmp_path: Path, monkeypatch) -> None:
+    """ONNX Runtime 4x faster than eager: compiling torch would cost 30-70 s for a variant that cannot win."""
+    splits, model = trained
+    probed = _injected_probe(monkeypatch, torch_eager=0.40, onnx_fp32=0.10)
     monkeypatch.setattr(optimize, "compile_aoti", lambda *a, **k: pytest.fail("torch_aoti was built"))
     cfg = OptimizeConfig(variants=["torch_eager", "torch_compile", "torch_aoti", "onnx_fp32"], select_batch_size=8)
     variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path, CPU, [1, 8])
@@ -207,32 +215,150 @@ def test_compiled_variants_that_cannot_win_are_not_built_on_a_cpu(trained, tmp_p
         assert v.skipped == ("cannot win: onnx_fp32 is 4.0× faster than torch_eager at batch 8 on this CPU (p50 "
                              "0.100 ms vs 0.400 ms, timed before building); compiling torch rarely gains 2× over eager "
                              "on a CPU (optimize.skip_compile_when_onnx_speedup)")
+    # eager is 4x slower than the bar, beyond the probe's margin, and still timed: it is the reference
     assert by_name["onnx_fp32"].predictor is not None and by_name["torch_eager"].predictor is not None
+    assert by_name["torch_eager"].skipped is None and by_name["torch_eager"].always_timed
 
 
-def test_compiled_variants_are_built_when_they_might_win(trained, monkeypatch) -> None:
-    splits, model = trained
-    eager, onnx = object(), object()
-    variants = [Variant("torch_eager", predictor=eager), Variant("onnx_fp32", predictor=onnx)]  # type: ignore[arg-type]
-    monkeypatch.setattr(optimize, "measure_latency", lambda *a, **k: _probe_result(0.15, 0.10))
-    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), CPU) is None      # 1.5x < 2x
-    monkeypatch.setattr(optimize, "measure_latency", lambda *a, **k: _probe_result(0.40, 0.10))
-    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), CPU).startswith("cannot win")
+def _probed(*variants: Variant, cfg: OptimizeConfig = OptimizeConfig(), cross=None) -> optimize.Probe:
+    probe = optimize.probe_variants(list(variants), np.zeros((4, 3), np.float32), cfg, cross)
+    assert probe is not None
+    return probe
+
+
+def _built(name: str, agreement: float = 1.0, device: str = "cpu", passed: bool = True) -> Variant:
+    """A built variant whose parity with the reference is given."""
+    variant = Variant(name, device=device, predictor=object())  # type: ignore[arg-type]
+    variant.parity = parity.Parity("torch fp32 on cpu", "fp32", 0.0 if passed else 1.0, 1e-3, agreement)
+    return variant
+
+
+def test_compiled_variants_are_built_when_they_might_win(monkeypatch) -> None:
+    eager, onnx = Variant("torch_eager", predictor=object()), _built("onnx_fp32")  # type: ignore[arg-type]
+    _injected_probe(monkeypatch, torch_eager=0.15, onnx_fp32=0.10)
+    assert optimize.compiled_cannot_win(_probed(eager, onnx), OptimizeConfig(), CPU) is None      # 1.5x < 2x
+    _injected_probe(monkeypatch, torch_eager=0.40, onnx_fp32=0.10)
+    probe = _probed(eager, onnx)
+    assert optimize.compiled_cannot_win(probe, OptimizeConfig(), CPU).startswith("cannot win")
     # configurable, and off with null; never on CUDA, where compiling is where the gains are
-    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(skip_compile_when_onnx_speedup=5),
-                                        CPU) is None
-    assert optimize.compiled_cannot_win(variants, splits.x_test,
-                                        OptimizeConfig(skip_compile_when_onnx_speedup=None), CPU) is None
+    assert optimize.compiled_cannot_win(probe, OptimizeConfig(skip_compile_when_onnx_speedup=5), CPU) is None
+    assert optimize.compiled_cannot_win(probe, OptimizeConfig(skip_compile_when_onnx_speedup=None), CPU) is None
     gpu = RunnerDevice("cuda", 0, "NVIDIA H100 80GB HBM3", tf32=False)
-    assert optimize.compiled_cannot_win(variants, splits.x_test, OptimizeConfig(), gpu) is None
-    # without an exact ONNX variant there is nothing to compare against (int8 might yet fail on accuracy)
-    int8_only = [Variant("torch_eager", predictor=eager),  # type: ignore[arg-type]
-                 Variant("onnx_int8", predictor=onnx)]  # type: ignore[arg-type]
-    assert optimize.compiled_cannot_win(int8_only, splits.x_test, OptimizeConfig(), CPU) is None
+    assert optimize.compiled_cannot_win(probe, OptimizeConfig(), gpu) is None
+    assert optimize.compiled_cannot_win(None, OptimizeConfig(), CPU) is None                     # nothing probed
+    # a lossy variant that might yet fail on accuracy is no bar: int8 agrees with eager on 98 % of the test split
+    _injected_probe(monkeypatch, torch_eager=0.40, onnx_int8=0.10)
+    unsure = _probed(eager, _built("onnx_int8", agreement=0.98))
+    assert unsure.bar == "torch_eager" and optimize.compiled_cannot_win(unsure, OptimizeConfig(), CPU) is None
     # each side is judged by its least disturbed round: one round caught in a burst of load does not decide
     bursty = np.concatenate([np.full(50, 0.1), np.full(50, 40.0), np.full(50, 0.12)])
     stats = LatencyStats(1, 40.0, 40.0, 40.0, 40.0, 13.4, 75.0, [0.1, 40.0, 0.12], bursty, rounds=3)
     assert optimize._best_round_p50(stats) == pytest.approx(0.1)
+    stats.round_p50_ms = [0.1, 40.0, 0.12]     # rounds of unequal length (a slow round ends early) record theirs
+    assert optimize._best_round_p50(stats) == pytest.approx(0.1)
+
+
+def test_sure_eligible_bounds_the_accuracy_a_variant_can_lose() -> None:
+    """A variant can only lose the test examples whose class it predicts differently from torch_eager."""
+    assert optimize.sure_eligible(Variant("torch_eager"), "cpu", None, 0.005)
+    assert optimize.sure_eligible(_built("onnx_fp32", agreement=1.0), "cpu", None, 0.005)
+    assert optimize.sure_eligible(_built("onnx_int8", agreement=0.997), "cpu", None, 0.005)
+    assert not optimize.sure_eligible(_built("onnx_int8", agreement=0.99), "cpu", None, 0.005)
+    assert not optimize.sure_eligible(_built("onnx_fp32", passed=False), "cpu", None, 0.005)
+    assert not optimize.sure_eligible(Variant("torch_half", predictor=object()), "cpu", None, 0.005)  # type: ignore[arg-type]
+    # on a GPU runner an ONNX variant on the CPU is judged against torch on the CPU: torch's own cross-device
+    # disagreement adds to its bound, and without that figure nothing can be said
+    cross = parity.Parity("torch fp32 on cpu", "fp32", 1e-4, 1e-3, 0.998)
+    assert optimize.sure_eligible(_built("onnx_fp32", agreement=0.999), "cuda:0", cross, 0.005)
+    assert not optimize.sure_eligible(_built("onnx_fp32", agreement=0.996), "cuda:0", cross, 0.005)
+    assert not optimize.sure_eligible(_built("onnx_fp32"), "cuda:0", None, 0.005)
+
+
+def test_a_variant_slower_than_the_bar_in_the_probe_is_skipped_and_not_timed(trained, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """torch_half 10x slower than onnx_fp32 at the selection batch: it cannot be chosen, so the benchmark does not
+    time it at every batch size. Eager, 5x slower, is timed all the same: it is the reference."""
+    from types import SimpleNamespace
+
+    from automation import job
+    from automation.config import ModelConfig
+    from automation.progress import JobProgress
+
+    splits, model = trained
+    probed = _injected_probe(monkeypatch, torch_eager=0.5, torch_half=1.0, onnx_fp32=0.1, onnx_int8=0.12)
+    cfg = OptimizeConfig(variants=["torch_eager", "torch_half", "onnx_fp32", "onnx_int8"])
+    variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path, CPU, [1, 8])
+    by_name = _by_name(variants)
+    assert probed == [(["onnx_fp32", "onnx_int8", "torch_eager", "torch_half"], [1])]
+    half = by_name["torch_half"]
+    assert half.predictor is None and half.skipped == (
+        "not timed: 10.0× slower than onnx_fp32 at batch 1 in the probe before the benchmark (p50 1.000 ms vs "
+        "0.100 ms), beyond optimize.probe_margin (25%), so it cannot be chosen")
+    assert half.parity is not None and half.build_seconds is not None    # it was built and checked, then set aside
+    assert by_name["onnx_int8"].predictor is not None                    # 1.2x: within the margin, still a contender
+    assert by_name["torch_eager"].predictor is not None and by_name["onnx_fp32"].predictor is not None
+    assert optimize.time_caps(variants, cfg) == {"onnx_int8": cfg.variant_seconds}   # eager and the bar: never capped
+
+    # the benchmark stage's matrix (real timing, tiny): every contender but torch_half, at every batch size
+    timed: list[str] = []
+    real_measure = benchmark.measure_latency
+
+    def recording(predictors, *args, **kwargs):
+        timed.extend(predictors)
+        return real_measure(predictors, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "measure_latency", recording)
+    spec = ModelConfig(module="models.digits_cnn", benchmark={"batch_sizes": [1, 8], "warmup": 1, "iterations": 5,
+                                                              "rounds": 1, "min_rounds": 1})
+    validated = SimpleNamespace(splits=splits, raw=splits, batch_sizes=[1, 8], encoder=None)
+    connected = SimpleNamespace(production_version=None)
+    done = job.benchmark_stage("digits_cnn", spec, validated, connected, variants, tmp_path, JobProgress(enabled=False))
+    assert sorted(timed) == ["onnx_fp32", "onnx_int8", "torch_eager"]
+    assert half.latency == {} and half.accuracy is None                  # neither timed nor evaluated
+    assert {v.name for v in done.built} == {"torch_eager", "onnx_fp32", "onnx_int8"}
+    assert all(set(v.latency) == {1, 8} and v.accuracy is not None for v in done.built)
+    assert done.chosen.name != "torch_half"
+
+
+def test_no_probe_margin_times_every_built_variant(trained, tmp_path: Path, monkeypatch) -> None:
+    splits, model = trained
+    probed = _injected_probe(monkeypatch, torch_eager=0.5, torch_half=5.0, onnx_fp32=0.1)
+    cfg = OptimizeConfig(variants=["torch_eager", "torch_half", "onnx_fp32"], probe_margin=None)
+    variants, _ = build_variants(model, splits.input_shape, splits.x_test, cfg, tmp_path, CPU, [1])
+    assert probed == [] and all(v.predictor is not None for v in variants)   # no compiled variant to decide on
+    assert optimize.time_caps(variants, cfg) == {"torch_half": 30, "onnx_fp32": 30}   # no probe: only eager is spared
+
+
+def test_a_variant_over_its_time_cap_stops_being_timed_and_is_skipped(monkeypatch) -> None:
+    """30 ms a call against a 1 s cap: it stops within the batch where the cap runs out, never the job's end; the
+    reference, as slow and uncapped, is timed at every batch size."""
+    clock, iterations = _FakeClock(), 50
+    monkeypatch.setattr(benchmark, "time", clock)
+    slow = _Scripted(clock, lambda r, i: 30.0, 10**9)
+    contenders = {"torch_eager": _Scripted(clock, lambda r, i: 30.0, 10**9), "torch_half": slow,
+                  "onnx_fp32": _Scripted(clock, lambda r, i: 0.1, 10**9)}
+    latency = measure_latency(contenders, np.zeros((4, 3), np.float32), [1, 32, 256], warmup=5,
+                              iterations=iterations, rounds=3, caps={"torch_half": 1.0, "onnx_fp32": 1.0})
+    assert latency.failures == {"torch_half": "took more than 1 s to time (optimize.variant_seconds): stopped at "
+                                              "batch 1, so it is not a candidate"}
+    assert slow.calls == 5 + 29                  # 5 warm-up calls (0.15 s), then timed ones until past 1 s
+    assert latency["torch_half"] == {}
+    assert set(latency["torch_eager"]) == {1, 32, 256} and set(latency["onnx_fp32"]) == {1, 32, 256}
+    assert latency["torch_eager"][256].samples == 3 * iterations
+    variants = [Variant(name, predictor=object()) for name in contenders]  # type: ignore[arg-type]
+    drop_failed(variants, latency.failures)
+    assert variants[1].predictor is None and variants[1].skipped.startswith("took more than 1 s to time")
+    # a warm-up alone can spend the cap: the rounds never start
+    slow_start = _Scripted(clock, lambda r, i: 400.0, 10**9)
+    capped = measure_latency({"torch_half": slow_start}, np.zeros((4, 3), np.float32), [1], warmup=20,
+                             iterations=iterations, rounds=3, caps={"torch_half": 1.0})
+    assert "torch_half" in capped.failures and slow_start.calls == 3
+
+
+def test_a_judged_candidate_is_never_capped() -> None:
+    """The one artifact a pull request's build handed over: there is nothing else to choose."""
+    candidate = Variant("onnx_fp32", predictor=object())  # type: ignore[arg-type]
+    assert optimize.time_caps([candidate], OptimizeConfig(variant_seconds=1)) == {}
 
 
 class _FakeClock:

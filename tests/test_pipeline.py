@@ -150,7 +150,8 @@ def test_cnn_job_with_every_variant_survives_a_failing_one(tmp_path: Path, capsy
 
     monkeypatch.setattr(optimize, "quantize_int8", broken_quantizer)
     config = copy.deepcopy(FAST_CONFIG)
-    config["defaults"]["optimize"] = {"skip_compile_when_onnx_speedup": None}   # every variant, compiled ones included
+    # every variant, compiled ones included, each timed at every batch size
+    config["defaults"]["optimize"] = {"skip_compile_when_onnx_speedup": None, "probe_margin": None}
     path = write_config(tmp_path, config)
     code, out, err = run_cli(capsys, "run", "--config", str(path), "--model", "digits_cnn", "--json")
     summary = last_json(out)
