@@ -212,6 +212,7 @@ def test_a_window_below_min_window_rows_is_not_tested(named_reference: Path, tmp
     assert code == 0, err
     summary = last_json(out)
     assert summary["tested"] is False and summary["drift_share"] is None and not summary["retrain"]
+    assert summary["drifted"] == []
     assert summary["note"] == "window of 15 rows is below drift.min_window_rows (100): not tested"
     assert summary["published_to"] == [] and summary["report"] is None and published.events == []
     assert not list((tmp_path / "state" / "monitor").rglob("drift-*"))   # no Evidently report built
@@ -230,3 +231,25 @@ def test_only_the_newest_keep_reports_reports_are_kept(named_reference: Path, tm
     directory = config.workdir / "monitor" / "digits_mlp"
     assert sorted(directory.glob("drift-*.html")) == sorted(Path(r) for r in reports[-2:])
     assert sorted(directory.glob("drift-*.json")) == sorted(Path(r).with_suffix(".json") for r in reports[-2:])
+
+
+def test_monitor_json_names_what_moved_with_score_and_threshold(named_reference: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monitor, "publish_event", Published())
+    current = tmp_path / "moved.parquet"
+    current_frame(300, seed=2, shift="magnesium").to_parquet(current)
+    code, out, err = run_cli(capsys, "--config", str(named_reference), "monitor", "--model", "digits_mlp",
+                             "--current", str(current), "--json")
+    assert code == 0, err
+    summary = last_json(out)
+    assert [c["column"] for c in summary["drifted"]] == ["magnesium"] == [summary["drifted"][0]["column"]]
+    moved = summary["drifted"][0]
+    assert set(moved) == {"column", "method", "score", "threshold"}
+    assert isinstance(moved["score"], float) and isinstance(moved["threshold"], float)
+    # it drifted, so its score is past its threshold in the method's direction
+    assert moved["score"] < moved["threshold"] if "p_value" in moved["method"] else moved["score"] >= moved["threshold"]
+    code, out, err = run_cli(capsys, "--config", str(named_reference), "monitor", "--model", "digits_mlp",
+                             "--current", str(current))
+    assert code == 0, err
+    assert "moved: magnesium (" in out

@@ -286,7 +286,7 @@ def run_monitor(config: MlgateConfig, model: str, current: Path, *, data_ref: st
 
 
 def _not_tested(base: dict[str, Any], columns: int, reference_rows: int, min_rows: int) -> dict[str, Any]:
-    summary = base | {"tested": False, "drift_share": None, "drifted_columns": 0,
+    summary = base | {"tested": False, "drift_share": None, "drifted_columns": 0, "drifted": [],
                       "total_columns": columns, "reference_rows": reference_rows,
                       "retrain": False, "event_id": None, "published_to": [], "report": None,
                       "note": f"window of {base['current_rows']} rows is below drift.min_window_rows "
@@ -318,6 +318,18 @@ def _monitor_embeddings(config: MlgateConfig, model: str, files: list[Path], ref
     return _decide(config, model, base, result, min(times), max(times), data_ref, kafka_bootstrap, post_url, publish)
 
 
+def _named(columns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What moved, most drifted first: column, method, score and threshold as plain floats (JSON-ready)."""
+    rows = [{"column": str(c["column"]), "method": str(c["method"]), "score": round(float(c["score"]), 6),
+             "threshold": float(c["threshold"])} for c in columns]
+    # p-values drift when small, distances and AUCs when large: rank by how far past the threshold
+    def margin(c: dict[str, Any]) -> float:
+        if "p_value" in c["method"]:
+            return c["threshold"] - c["score"]
+        return c["score"] - c["threshold"]
+    return sorted(rows, key=margin, reverse=True)
+
+
 def _decide(config: MlgateConfig, model: str, base: dict[str, Any], result: DriftResult, start: datetime,
             end: datetime, data_ref: str | None, kafka_bootstrap: str | None, post_url: str | None,
             publish: bool) -> dict[str, Any]:
@@ -331,7 +343,8 @@ def _decide(config: MlgateConfig, model: str, base: dict[str, Any], result: Drif
                        data_ref=os.path.abspath(data_ref) if data_ref else None)
     sent = publish_event(event, config.service.kafka.topic, kafka_bootstrap, post_url) if retrain and publish else []
     summary = base | {"tested": True, "drift_share": round(result.share, 4),
-                      "drifted_columns": len(result.columns), "total_columns": result.total_columns,
+                      "drifted_columns": len(result.columns), "drifted": _named(result.columns),
+                      "total_columns": result.total_columns,
                       "reference_rows": result.reference_rows, "current_rows": result.current_rows,
                       "retrain": retrain, "event_id": event["id"] if sent else None, "published_to": sent,
                       "report": result.report_html}
