@@ -32,6 +32,7 @@ from automation.errors import UsageError
 TOKENIZER_FILE = "tokenizer.json"
 PAD, UNK = "[PAD]", "[UNK]"
 STAT_SAMPLE = 10_000   # images whose pixels fit the channel statistics: enough for 4 digits, bounded memory
+BIGRAM_TEXTS = 5_000   # training texts whose word pairs a drift reference keeps: bounded size (4 bytes a pair)
 
 
 class ContractError(UsageError):
@@ -155,18 +156,51 @@ class TextEncoder:
         encodings = self.tokenizer.encode_batch(list(texts))
         return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
 
-    def descriptors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Per text: its length in characters, and the share of its words the vocabulary does not hold whole
-        (out-of-vocabulary words, which WordPiece splits into pieces or [UNK])."""
+    def descriptors(self, texts: Sequence[str], bigrams: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per text, what the network cannot see (it gets lower-cased ids, mean-pooled):
+        - text_length: characters;
+        - oov_share: words the vocabulary does not hold whole (WordPiece splits them into pieces or [UNK]);
+        - uppercase_share: uppercase letters among letters (the normalizer lower-cases everything);
+        - unknown_token_share: tokens that are [UNK] (characters the training texts never had);
+        - known_bigram_share, with `bigrams` (`bigram_set` of the training texts): adjacent-word pairs the
+          training texts also had; shuffled word order drops it. A text of one word has no pair out of place: 1."""
         vocab = self.tokenizer.get_vocab()
-        normalize = self.tokenizer.normalizer.normalize_str if self.tokenizer.normalizer else str
-        split = self.tokenizer.pre_tokenizer.pre_tokenize_str
-        lengths, oov = [], []
+        lengths, oov, upper, unknown, known = [], [], [], [], []
+        pieces: dict[str, tuple[int, int]] = {}   # token, [UNK] counts of a pre-token: words repeat a lot
         for text in texts:
-            words = [w for w, _ in split(normalize(text)) if any(c.isalnum() for c in w)]
+            tokens = self._pre_tokens(text)
+            words = _words(tokens)
             lengths.append(len(text))
             oov.append(sum(w not in vocab for w in words) / len(words) if words else 0.0)
-        return {"text_length": np.array(lengths, dtype=np.float64), "oov_share": np.array(oov, dtype=np.float64)}
+            letters = sum(map(str.isalpha, text))
+            upper.append(sum(map(str.isupper, text)) / letters if letters else 0.0)
+            counts = [pieces[t] if t in pieces else pieces.setdefault(t, self._unknown_pieces(t)) for t in tokens]
+            total = sum(c[0] for c in counts)
+            unknown.append(sum(c[1] for c in counts) / total if total else 0.0)
+            if bigrams is not None:
+                known.append(_share_in(bigram_hashes(words), bigrams))
+        found = {"text_length": lengths, "oov_share": oov, "uppercase_share": upper, "unknown_token_share": unknown}
+        if bigrams is not None:
+            found["known_bigram_share"] = known
+        return {name: np.array(values, dtype=np.float64) for name, values in found.items()}
+
+    def bigram_set(self, texts: Sequence[str]) -> np.ndarray:
+        """The hashed adjacent-word pairs of up to BIGRAM_TEXTS texts (a seeded sample): sorted unique uint32, what
+        a reference stores for `known_bigram_share` (4 bytes a pair, no strings)."""
+        rows = range(len(texts))
+        if len(texts) > BIGRAM_TEXTS:
+            rows = np.sort(np.random.default_rng(0).choice(len(texts), BIGRAM_TEXTS, replace=False)).tolist()
+        parts = [bigram_hashes(_words(self._pre_tokens(texts[i]))) for i in rows]
+        return np.unique(np.concatenate([np.zeros(0, np.uint32), *parts]))
+
+    def _pre_tokens(self, text: str) -> list[str]:
+        """The tokenizer's words: normalized (lower-cased, accents stripped) and split at spaces and punctuation."""
+        normalize = self.tokenizer.normalizer.normalize_str if self.tokenizer.normalizer else str
+        return [w for w, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(normalize(text))]
+
+    def _unknown_pieces(self, word: str) -> tuple[int, int]:
+        ids = [token.id for token in self.tokenizer.model.tokenize(word)]
+        return len(ids), sum(i == self.unk_id for i in ids)
 
     def save(self, directory: Path) -> Path:
         path = directory / TOKENIZER_FILE
@@ -183,6 +217,27 @@ class TextEncoder:
         state = json.loads(Path(path).read_text(encoding="utf-8"))
         settings = state.pop("mlgate", {})
         return cls(Tokenizer.from_str(json.dumps(state)), int(settings.get("max_length", 256)))
+
+
+def _words(tokens: list[str]) -> list[str]:
+    return [t for t in tokens if any(c.isalnum() for c in t)]   # punctuation is no word
+
+
+def bigram_hashes(words: Sequence[str]) -> np.ndarray:
+    """Each adjacent pair of `words`, hashed to 32 bits (BLAKE2b, the same in every process, unlike hash()): a
+    pair the reference never had collides with one it had about once in 10,000 for 400,000 stored pairs."""
+    from hashlib import blake2b
+
+    return np.array([int.from_bytes(blake2b(f"{a} {b}".encode(), digest_size=4).digest(), "little")
+                     for a, b in zip(words, words[1:])], dtype=np.uint32)
+
+
+def _share_in(values: np.ndarray, sorted_set: np.ndarray) -> float:
+    """The share of `values` found in `sorted_set` (binary search: the set is sorted once, when stored); 1 for none."""
+    if not len(values):
+        return 1.0
+    at = np.minimum(np.searchsorted(sorted_set, values), max(len(sorted_set) - 1, 0))
+    return float((sorted_set[at] == values).mean()) if len(sorted_set) else 0.0
 
 
 class Tokenize:

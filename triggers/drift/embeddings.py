@@ -7,7 +7,14 @@ any new input's, which would read as drift), and for a text model the descriptor
 Evidently compares them:
 - embeddings: Evidently's model-based embedding drift (a classifier told to separate reference from current;
   drift when its ROC AUC on held-out rows exceeds `embedding_auc_threshold`);
-- descriptors (text length, out-of-vocabulary share): Evidently's per-column drift tests.
+- descriptors (`TextEncoder.descriptors`: length, out-of-vocabulary share, uppercase share, [UNK] share, and the
+  share of adjacent-word pairs the training texts had, against the hashed pairs the reference stores as
+  `bigram_hashes`): Evidently's per-column drift tests. A reference logged before a descriptor existed lacks
+  it, and that descriptor is not tested.
+
+The drift share is over signals, not tests: the embeddings, and the text descriptors together (drifted when any
+one is). Each test is calibrated to a rare false alarm, so one drifted descriptor (all-uppercase text moves only
+`uppercase_share`) reaches the default `drift.threshold`, however many descriptors there are.
 """
 
 from __future__ import annotations
@@ -36,13 +43,15 @@ class EmbeddingReference:
     input_shape: tuple[int, ...]
     torch_uri: str                       # the version's torch model: what embeds the current window
     version: str
+    bigrams: np.ndarray | None = None    # hashed word pairs of the training texts; None in older references
 
 
 def read_embedding_reference(data: Any, version: str) -> EmbeddingReference:
     """From a loaded reference .npz that holds `embeddings`."""
     descriptors = {str(name[len("descriptor_"):]): data[name] for name in data.files if name.startswith("descriptor_")}
+    bigrams = data["bigram_hashes"] if "bigram_hashes" in data.files else None
     return EmbeddingReference(data["embeddings"], descriptors, str(data["input_kind"]),
-                              tuple(int(d) for d in data["input_shape"]), str(data["torch_uri"]), version)
+                              tuple(int(d) for d in data["input_shape"]), str(data["torch_uri"]), version, bigrams)
 
 
 def read_raw_window(files: list[Path], rows: int, reference: EmbeddingReference) -> tuple[np.ndarray, list[Path]]:
@@ -106,7 +115,7 @@ def embed_window(reference: EmbeddingReference, window: np.ndarray, model_dir: P
         if found is None:
             raise MlgateError(f"version {reference.version} is a text model but holds no {TOKENIZER_FILE}")
         encoder = TextEncoder.load(found)
-    descriptors = encoder.descriptors(list(window)) if encoder is not None else {}
+    descriptors = encoder.descriptors(list(window), reference.bigrams) if encoder is not None else {}
     return embed(model, window, encoder), descriptors
 
 
@@ -203,12 +212,22 @@ def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_desc
     return snapshot, tests
 
 
+def signal_share(tests: list[dict[str, Any]]) -> float:
+    """The drift share over signals: the embeddings, and a text model's descriptors together (drifted when any
+    one is)."""
+    signals = [any(t["drifted"] for t in tests if t["column"] == EMBEDDINGS)]
+    descriptors = [t["drifted"] for t in tests if t["column"] != EMBEDDINGS]
+    if descriptors:
+        signals.append(any(descriptors))
+    return sum(signals) / len(signals)
+
+
 def compute_embedding_drift(reference: EmbeddingReference, current: np.ndarray, current_descriptors: dict,
-                            report_html: Path) -> tuple[list[dict[str, Any]], int]:
-    """The report saved as `report_html`; the drifted tests (column, score, method, threshold) and how many
-    tests ran."""
+                            report_html: Path) -> tuple[list[dict[str, Any]], int, float]:
+    """The report saved as `report_html`; the drifted tests (column, score, method, threshold), how many tests
+    ran, and the drift share (`signal_share`)."""
     snapshot, tests = drift_tests(reference, current, current_descriptors)
     report_html.parent.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(report_html))
     drifted = [{k: v for k, v in test.items() if k != "drifted"} for test in tests if test["drifted"]]
-    return drifted, len(tests)
+    return drifted, len(tests), signal_share(tests)

@@ -311,8 +311,9 @@ def _monitor_embeddings(config: MlgateConfig, model: str, files: list[Path], ref
     directory = config.workdir / "monitor" / model
     embeddings, descriptors = embed_window(reference, window, directory / f"model-v{reference.version}")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
-    drifted, total = compute_embedding_drift(reference, embeddings, descriptors, directory / f"drift-{stamp}.html")
-    result = DriftResult(len(drifted) / total, drifted, total, len(reference.embeddings), len(window),
+    drifted, total, share = compute_embedding_drift(reference, embeddings, descriptors,
+                                                    directory / f"drift-{stamp}.html")
+    result = DriftResult(share, drifted, total, len(reference.embeddings), len(window),
                          str(directory / f"drift-{stamp}.html"))
     times = [_mtime(f) for f in used]
     return _decide(config, model, base, result, min(times), max(times), data_ref, kafka_bootstrap, post_url, publish)
