@@ -134,10 +134,15 @@ def _latency_vs_production(candidate: CandidateMetrics, production: CandidateMet
 
 
 def _signature_text(described: dict[str, Any]) -> str:
-    """A contract's input in a few words: `uint8 [32, 32, 3]`, with a tensor model's feature names."""
+    """A contract's input in a few words: `uint8 [32, 32, 3]`, with a tensor model's feature names and what a text
+    model's network takes after its tokenizer (shown, never compared: each version brings its own tokenizer)."""
     text = f"{described.get('input_dtype')} {list(described.get('input_shape') or [])}"
-    features = described.get("features")
-    return text + (f" (features {', '.join(map(str, features))})" if features else "")
+    features, network = described.get("features"), described.get("network_input")
+    if features:
+        text += f" (features {', '.join(map(str, features))})"
+    if isinstance(network, dict):
+        text += f" (network: {network.get('dtype')} {list(network.get('shape') or [])})"
+    return text
 
 
 def _classes_text(described: dict[str, Any]) -> str:
@@ -146,15 +151,26 @@ def _classes_text(described: dict[str, Any]) -> str:
 
 
 def contract_text(described: dict[str, Any]) -> str:
-    """A contract in one line, for the summary and the report: `image uint8 [32, 32, 3]; classes: cat, dog`."""
-    return f"{described.get('input_kind')} {_signature_text(described)}; classes: {_classes_text(described)}"
+    """A contract in one line, for the summary, the report and `mlgate versions`:
+    `image uint8 [32, 32, 3]; 2 classes: cat, dog`."""
+    count = len(described.get("classes") or [])
+    return f"{described.get('input_kind')} {_signature_text(described)}; {count} classes: {_classes_text(described)}"
 
 
 def contract_sides(production: dict[str, Any], candidate: dict[str, Any]) -> dict[str, str]:
     """Both contracts in words, and the one line the summary and the report show when they differ."""
     before, after = contract_text(production), contract_text(candidate)
-    return {"production": before, "candidate": after,
-            "line": f"Input contract changed: production {before} → candidate {after}"}
+    what = "Input contract changed" if _inputs_differ(production, candidate) else "Classes changed"
+    return {"production": before, "candidate": after, "line": f"{what}: production {before} → candidate {after}"}
+
+
+def _inputs_differ(production: dict[str, Any], candidate: dict[str, Any]) -> bool:
+    from automation.serving_check import Signature
+
+    try:
+        return Signature.of(production) != Signature.of(candidate)
+    except (KeyError, TypeError, ValueError):   # a version logged without mlgate's metadata
+        return True
 
 
 def contract_change(production: dict[str, Any], candidate: dict[str, Any]) -> str | None:

@@ -198,18 +198,30 @@ def _move(client: "MlflowClient", engine: Engine, model: str, version: str | Non
     try:
         _set_aliases(client, model, version, new_previous)
     except BaseException as exc:
-        try:   # undo a half-done move, so production and the audit trail still agree
-            if current is not None:
-                _set_aliases(client, model, current, previous_before)
-            _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}; undone")
-        except Exception as undo:   # the registry is unreachable: reconcile settles it later
-            log.error("promotion undo failed; left for reconcile", extra={"model": model, "intent": intent_id,
-                                                                         "error": f"{type(undo).__name__}: {undo}"})
+        _undo(client, engine, model, intent_id, current, previous_before, exc)
         raise
     with Session(engine) as session:
         intent = session.get(PromotionIntent, intent_id)
     assert intent is not None
     return _confirm(engine, intent, version, current)
+
+
+def _undo(client: "MlflowClient", engine: Engine, model: str, intent_id: int, production: str | None,
+          previous: str | None, exc: BaseException) -> None:
+    """Put back the aliases a half-done move left, so production and the audit trail still agree."""
+    try:
+        if production is not None:
+            _set_aliases(client, model, production, previous)
+        _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}; undone")
+    except Exception as undo:   # the registry is unreachable: reconcile settles it later
+        log.error("promotion undo failed; left for reconcile", extra={"model": model, "intent": intent_id,
+                                                                     "error": f"{type(undo).__name__}: {undo}"})
+
+
+def require_reason(action: str, reason: str | None) -> None:
+    """A person's move says why: the audit trail is where the next person looks."""
+    if not (reason or "").strip():
+        raise UsageError(f"mlgate {action} needs --reason TEXT: why, recorded in the audit trail")
 
 
 def reconcile(client: "MlflowClient", engine: Engine, model: str | None = None,
@@ -245,6 +257,8 @@ def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *,
     """Make `version` production. Automatic promotion requires its gate tag to say passed; with
     `expected_production` (a version, or None for "no production"), only if production still is that
     (else GateStale); with `fence`, only if the fence does not refuse under the lock."""
+    if manual:
+        require_reason("promote", reason)
     return _move(client, engine, model, str(version), action="manual_promote" if manual else "promote",
                  reason=reason, job_id=job_id, require_passed=not manual, expected_production=expected_production,
                  fence=fence)
@@ -253,6 +267,7 @@ def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *,
 def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str,
              expected_production: Any = UNCHANGED) -> PromotionRecord:
     """Move production back to `@previous` (with `expected_production`, only if production still is that)."""
+    require_reason("rollback", reason)
     return _move(client, engine, model, None, action="rollback", reason=reason, job_id=None,
                  require_passed=False, rollback=True, expected_production=expected_production)
 
@@ -260,16 +275,22 @@ def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str,
 def retire(client: "MlflowClient", engine: Engine, model: str, *, reason: str) -> PromotionRecord:
     """Take `@production` away (audited, action "retire"): the next job runs with nothing in production. The
     retired version becomes `@previous`, so `mlgate rollback` can bring it back."""
+    require_reason("retire", reason)
     intent_id = _begin(engine, client, model, "retire", None, reason, None, None)
     try:
         current = alias_version(client, model, PRODUCTION)
+        previous_before = alias_version(client, model, PREVIOUS)
         if current is None:
             raise UsageError(f"cannot retire {model}: nothing is in production")
         _end(engine, intent_id, "moving", replaced_version=current)
+    except BaseException as exc:
+        _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    try:
         client.delete_registered_model_alias(model, PRODUCTION)
         client.set_registered_model_alias(model, PREVIOUS, current)
     except BaseException as exc:
-        _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
+        _undo(client, engine, model, intent_id, current, previous_before, exc)
         raise
     with Session(engine) as session:
         intent = session.get(PromotionIntent, intent_id)
@@ -283,6 +304,36 @@ def version_contract(model: str, version: str, dest: Path) -> dict[str, Any]:
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}/MLmodel", dst_path=str(dest))
     return read_contract(Path(local))
+
+
+def version_rows(client: "MlflowClient", model: str) -> list[dict[str, Any]]:
+    """Each registered version of `model`, oldest first: its alias, gate verdict, logged test accuracy and data
+    contract (what `mlgate versions` lists). A version whose files or run are gone still lists, saying so."""
+    import tempfile
+
+    state = alias_state(client, model)
+    aliases = {v: name for v, name in ((state.previous, PREVIOUS), (state.production, PRODUCTION)) if v}
+    found = sorted(client.search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))
+    with tempfile.TemporaryDirectory() as scratch:
+        return [_version_row(client, model, mv, aliases.get(str(mv.version)), Path(scratch)) for mv in found]
+
+
+def _version_row(client: "MlflowClient", model: str, mv: Any, alias: str | None, scratch: Path) -> dict[str, Any]:
+    from automation.errors import one_line
+    from automation.gate import contract_text
+
+    version = str(mv.version)
+    try:   # the MLmodel file only, not the model
+        contract: dict[str, Any] | None = version_contract(model, version, scratch / version)
+        signature = contract_text(contract) if contract else "no mlgate contract recorded"
+    except Exception as exc:   # its artifacts are gone: it still lists
+        contract, signature = None, f"unreadable ({one_line(f'{type(exc).__name__}: {exc}', 160)})"
+    try:
+        accuracy = client.get_run(mv.run_id).data.metrics.get("test_accuracy") if mv.run_id else None
+    except Exception:   # the run was deleted: the version lists without it
+        accuracy = None
+    return {"version": version, "alias": alias, "gate": mv.tags.get(GATE_TAG), "accuracy": accuracy,
+            "signature": signature, "contract": contract}
 
 
 def read_contract(mlmodel: Path) -> dict[str, Any]:
