@@ -132,3 +132,19 @@ def test_approve_fails_a_changed_contract_until_a_maintainer_promotes_it() -> No
     # a production that only failed to load is no contract change: nothing to approve
     unloadable = evaluate_gates(approve, _metrics(0.95), None, "not comparable: production could not be loaded (x)")
     assert unloadable.passed and "contract change" not in _by_name(unloadable)
+
+
+def test_a_text_models_network_input_is_shown_not_compared() -> None:
+    """Production runs on the same raw strings through its own tokenizer: a longer token sequence is no change."""
+    from automation.gate import contract_change, contract_sides, contract_text
+
+    text = {"input_kind": "text", "input_shape": [], "input_dtype": "string", "classes": ["neg", "pos"],
+            "network_input": {"shape": [64], "dtype": "int64"}}
+    longer = text | {"network_input": {"shape": [128], "dtype": "int64"}}
+    assert contract_change(text, longer) is None
+    assert contract_text(longer) == "text string [] (network: int64 [128]); 2 classes: neg, pos"
+    renamed = longer | {"classes": ["bad", "good"]}
+    assert contract_change(text, renamed) == "the classes changed (production: neg, pos; the candidate: bad, good)"
+    assert contract_sides(text, renamed)["line"] == (
+        "Classes changed: production text string [] (network: int64 [64]); 2 classes: neg, pos → "
+        "candidate text string [] (network: int64 [128]); 2 classes: bad, good")

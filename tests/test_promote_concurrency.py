@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from automation import promote, store, tracking
 from tests.conftest import seed_mlflow_store
@@ -86,3 +89,77 @@ def test_concurrent_promotions_serialize(registry_dir: Path, db_url: str, attemp
     state = promote.alias_state(client, model)
     assert state.production == second.version and state.previous == first.version
     assert client.get_model_version(model, state.production).tags[promote.GATE_TAG] == "passed"
+
+
+def test_retire_is_an_audited_move_that_rollback_undoes(registry_dir: Path, db_url: str) -> None:
+    from automation.errors import UsageError
+
+    client, _ = tracking.connect(registry_dir, "mlgate")
+    model = f"retire_{uuid.uuid4().hex[:8]}"
+    v1, v2 = _register_versions(client, model, ["passed", "passed"])
+    engine = store.open_store(db_url)
+    promote.promote(client, engine, model, v1, reason="initial")
+    promote.promote(client, engine, model, v2, reason="next")
+
+    with pytest.raises(UsageError, match="mlgate retire needs --reason TEXT"):
+        promote.retire(client, engine, model, reason=" ")
+    record = promote.retire(client, engine, model, reason="wrong input layout")
+    assert (record.action, record.version, record.replaced_version) == ("retire", "", v2)
+    assert promote.alias_state(client, model) == promote.AliasState(None, v2)   # production gone, v2 kept
+    with pytest.raises(UsageError, match="nothing is in production"):
+        promote.retire(client, engine, model, reason="again")
+
+    back = promote.rollback(client, engine, model, reason="it was fine")
+    assert back.version == v2 and promote.alias_state(client, model).production == v2
+    assert [r.action for r in promote.audit_trail(engine, model)] == ["promote", "promote", "retire", "rollback"]
+    # every intent ended: the refused retire too, so the next mover does not wait on it
+    with Session(engine) as session:
+        states = session.scalars(select(promote.PromotionIntent.state)
+                                 .where(promote.PromotionIntent.model == model)).all()
+    assert sorted(states) == ["done"] * 4 + ["failed"]
+
+
+def test_reconcile_settles_a_retire_whose_mover_died(registry_dir: Path, db_url: str) -> None:
+    client, _ = tracking.connect(registry_dir, "mlgate")
+    model = f"retire_{uuid.uuid4().hex[:8]}"
+    (v1,) = _register_versions(client, model, ["passed"])
+    engine = store.open_store(db_url)
+    promote.promote(client, engine, model, v1, reason="initial")
+
+    # a retire that died before moving anything: abandoned, production stays
+    unmoved = promote._begin(engine, client, model, "retire", None, "died early", None, None)
+    promote._end(engine, unmoved, "moving", replaced_version=v1)
+    assert promote.reconcile(client, engine, model, older_than=timedelta(0)) == [
+        f"{model}: intent {unmoved} abandoned (production is {v1})"]
+    # one that died after removing the alias: its audit row is written
+    died = promote._begin(engine, client, model, "retire", None, "died late", None, None)
+    promote._end(engine, died, "moving", replaced_version=v1)
+    client.delete_registered_model_alias(model, promote.PRODUCTION)
+    assert promote.reconcile(client, engine, model, older_than=timedelta(0)) == [f"{model}: retired; audit row written"]
+    last = promote.audit_trail(engine, model)[-1]
+    assert (last.action, last.version, last.replaced_version, last.reason) == ("retire", "", v1, "died late")
+
+
+def test_a_retire_that_fails_half_way_is_undone(registry_dir: Path, db_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = tracking.connect(registry_dir, "mlgate")
+    model = f"retire_{uuid.uuid4().hex[:8]}"
+    (v1,) = _register_versions(client, model, ["passed"])
+    engine = store.open_store(db_url)
+    promote.promote(client, engine, model, v1, reason="initial")
+    set_alias = client.set_registered_model_alias
+
+    def registry_fails_on_previous(name: str, alias: str, version: str) -> None:
+        if alias == promote.PREVIOUS:
+            raise RuntimeError("registry unavailable")
+        set_alias(name, alias, version)
+
+    monkeypatch.setattr(client, "set_registered_model_alias", registry_fails_on_previous)
+    with pytest.raises(RuntimeError, match="registry unavailable"):
+        promote.retire(client, engine, model, reason="bad layout")
+    assert promote.alias_state(client, model).production == v1   # put back: production and the trail agree
+    assert [r.action for r in promote.audit_trail(engine, model)] == ["promote"]
+    with Session(engine) as session:
+        intent = session.scalars(select(promote.PromotionIntent).where(promote.PromotionIntent.model == model)
+                                 .order_by(promote.PromotionIntent.id.desc())).first()
+    assert intent is not None and intent.state == "failed" and intent.detail.endswith("; undone")
