@@ -716,7 +716,11 @@ def _write_reference(path: Path, validated: Validated, model: Any, torch_uri: st
         unseen = unseen[np.sort(np.random.default_rng(0).choice(len(unseen), REFERENCE_ROWS, replace=False))]
     extra: dict[str, np.ndarray] = {}
     if validated.encoder is not None:
-        extra = {f"descriptor_{name}": values for name, values in validated.encoder.descriptors(list(unseen)).items()}
+        # word order is measured against the training texts' pairs: unseen texts score as new windows do
+        bigrams = validated.encoder.bigram_set(raw.x_train)
+        extra = {f"descriptor_{name}": values
+                 for name, values in validated.encoder.descriptors(list(unseen), bigrams).items()}
+        extra["bigram_hashes"] = bigrams
     np.savez_compressed(path, embeddings=embed(host_copy(model), unseen, validated.encoder),
                         input_kind=np.array(validated.kind), input_shape=np.array(raw.input_shape, dtype=np.int64),
                         torch_uri=np.array(torch_uri), **extra)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+REASON_HELP = "why (required); recorded in the audit trail"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("version")
         else:
             cmd.add_argument("version", nargs="?", help=argparse.SUPPRESS)
-        cmd.add_argument("--reason", required=True, help="why; recorded in the audit trail")
+        cmd.add_argument("--reason", help=REASON_HELP)   # checked by promote.py: refused in one line
         cmd.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     serve = sub.add_parser("serve", help="run the service: webhooks, drift intake, job queue, workers, dashboard")
@@ -131,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 
     retire = sub.add_parser("retire", help="take production away (audited): the next job runs with none")
     retire.add_argument("model", help="model name from mlgate.yaml")
-    retire.add_argument("--reason", required=True, help="why; recorded in the audit trail")
+    retire.add_argument("--reason", help=REASON_HELP)
     retire.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     return parser
 
@@ -299,6 +300,7 @@ def _report_back(args: argparse.Namespace, exit_code: int, summary: dict[str, An
 def _cmd_move(args: argparse.Namespace) -> int:
     from automation import promote, store, tracking
 
+    promote.require_reason(args.command, args.reason)   # before any work
     config = _load(args)
     config.model(args.model)
     client, _ = tracking.connect(config.workdir, config.experiment)
@@ -310,7 +312,7 @@ def _cmd_move(args: argparse.Namespace) -> int:
             from automation.errors import UsageError
             raise UsageError("rollback takes no version; use 'mlgate promote MODEL VERSION --reason …'")
         record = promote.rollback(client, engine, args.model, reason=args.reason)
-    print(f"{args.model}: version {record.version} is now production (was {record.replaced_version}); "
+    print(f"{args.model}: version {record.version} is now production (was {record.replaced_version or 'none'}); "
           f"audit entry {record.id}")
     return EXIT_OK
 
@@ -325,39 +327,28 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from automation import gate, promote, tracking
-    from automation.errors import one_line
+    from automation import promote, tracking
 
     config = _load(args)
     config.model(args.model)
     client, _ = tracking.connect(config.workdir, config.experiment)
-    state = promote.alias_state(client, args.model)
-    found = sorted(client.search_model_versions(f"name = '{args.model}'"), key=lambda v: int(v.version))
-    if not found and not args.json:
+    rows = promote.version_rows(client, args.model)
+    if not rows and not args.json:
         print(f"{args.model}: no version registered yet")
-    with tempfile.TemporaryDirectory() as scratch:
-        for mv in found:
-            version = str(mv.version)
-            try:   # the MLmodel file only, not the model
-                contract = promote.version_contract(args.model, version, Path(scratch) / version)
-                signature = gate.contract_text(contract) if contract else "no mlgate contract recorded"
-            except Exception as exc:   # a version whose artifacts are gone still lists
-                contract, signature = None, f"unreadable ({one_line(f'{type(exc).__name__}: {exc}', 160)})"
-            alias = {state.production: "production", state.previous: "previous"}.get(version)
-            row = {"version": version, "alias": alias, "gate": mv.tags.get(promote.GATE_TAG),
-                   "signature": signature, "contract": contract}
-            if args.json:
-                print(json.dumps(row, default=str))
-            else:
-                print(f"{args.model} v{version}{f' @{alias}' if alias else ''}: gate {row['gate'] or '—'}; {signature}")
+    for row in rows:
+        if args.json:
+            print(json.dumps(row, default=str))
+            continue
+        alias = f" @{row['alias']}" if row["alias"] else ""
+        accuracy = "" if row["accuracy"] is None else f"; accuracy {row['accuracy']:.2%}"
+        print(f"{args.model} v{row['version']}{alias}: gate {row['gate'] or '—'}{accuracy}; {row['signature']}")
     return EXIT_OK
 
 
 def _cmd_retire(args: argparse.Namespace) -> int:
     from automation import promote, store, tracking
 
+    promote.require_reason("retire", args.reason)   # before any work
     config = _load(args)
     config.model(args.model)
     client, _ = tracking.connect(config.workdir, config.experiment)
@@ -461,6 +452,10 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         print(f"{args.model} v{summary['production_version']}: drift share {summary['drift_share']:.2f} "
               f"({summary['drifted_columns']}/{summary['total_columns']} columns, threshold "
               f"{summary['threshold']:.2f}): {verdict}")
+        moved = summary.get("drifted", [])
+        if moved:   # the most drifted few; --json lists them all
+            print("  moved: " + ", ".join(f"{c['column']} ({c['method']} {c['score']:.3g} vs {c['threshold']:.3g})"
+                                          for c in moved[:5]) + (f", +{len(moved) - 5} more" if len(moved) > 5 else ""))
         for where in summary["published_to"]:
             print(f"  event {summary['event_id']} published to {where}")
         if summary.get("note"):
