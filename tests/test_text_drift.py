@@ -5,6 +5,7 @@ text model (an EmbeddingBag: order-blind, as mean pooling is) with a reference w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -159,6 +160,8 @@ def test_monitor_json_lists_the_drifted_descriptor_with_score_and_threshold(
     [moved] = summary["drifted"]
     assert moved["column"] == "uppercase_share" and moved["method"].endswith("p_value")
     assert moved["score"] < moved["threshold"] == 1e-4
+    kept = json.loads(Path(summary["report"]).with_suffix(".json").read_text(encoding="utf-8"))
+    assert kept["event"]["data"]["drifted_columns"] == summary["drifted"]   # what an alert on the event reads
 
 
 def test_a_reference_without_the_new_descriptors_still_monitors(
