@@ -91,12 +91,13 @@ def text_model(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -
     return model, str(directory)
 
 
-def write_reference(path: Path, encoder: TextEncoder, model: Any, torch_uri: str, old: bool = False) -> Path:
+def write_reference(path: Path, encoder: TextEncoder, model: Any, torch_uri: str, old: bool = False,
+                    rows: int = REFERENCE_ROWS) -> Path:
     """The job's own `_write_reference`; `old`: as versions logged before the case and order descriptors."""
     from automation.data import Splits
     from automation.job import _write_reference
 
-    train, unseen = np.array(articles(300, seed=0), dtype=object), np.array(articles(REFERENCE_ROWS, seed=2),
+    train, unseen = np.array(articles(300, seed=0), dtype=object), np.array(articles(rows, seed=2),
                                                                               dtype=object)
     labels = np.zeros(len(unseen) // 2, dtype=np.int64)
     raw = Splits(train, np.zeros(len(train), np.int64), unseen[:len(labels)], labels, unseen[len(labels):], labels,
@@ -148,9 +149,11 @@ def test_uppercase_and_shuffled_windows_move_their_descriptor_and_reach_the_thre
 def test_monitor_json_lists_the_drifted_descriptor_with_score_and_threshold(
         text_model: tuple[Any, str], encoder: TextEncoder, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    config = config_with(tmp_path, write_reference(tmp_path / "train.npz", encoder, *text_model), monkeypatch)
+    # fewer rows than the other tests: Evidently's t-SNE picture of them is most of this test's time
+    reference = write_reference(tmp_path / "train.npz", encoder, *text_model, rows=160)
+    config = config_with(tmp_path, reference, monkeypatch)
     window = tmp_path / "window.parquet"
-    pd.DataFrame({"text": [t.upper() for t in articles(WINDOW_ROWS, seed=3)]}).to_parquet(window)
+    pd.DataFrame({"text": [t.upper() for t in articles(100, seed=3)]}).to_parquet(window)
     code, out, err = run_cli(capsys, "--config", str(config), "monitor", "--model", "digits_mlp", "--current",
                              str(window), "--dry-run", "--json")
     assert code == 0, err
@@ -174,3 +177,19 @@ def test_a_reference_without_the_new_descriptors_still_monitors(
     assert not any(t["drifted"] for t in unshifted), unshifted
     longer = window_tests(reference, [t + " " + t for t in window], tmp_path)
     assert "text_length" in [t["column"] for t in longer if t["drifted"]]
+
+
+def test_a_descriptor_of_few_values_is_compared_as_a_number_not_as_categories() -> None:
+    """[UNK] shares are almost all 0: one text with a share the reference never had is no drift (as categories it
+    was p = 0), a window of unknown characters is."""
+    from triggers.drift.embeddings import EmbeddingReference, drift_tests
+
+    rng = np.random.default_rng(0)
+    known = np.where(np.arange(300) % 100 == 0, 0.002, 0.0)                   # 3 texts of 300 with one [UNK]
+    reference = EmbeddingReference(rng.normal(size=(300, 4)), {"unknown_token_share": known}, "text", (), "", "1")
+    one_odd = np.where(np.arange(100) == 7, 0.004, 0.0)
+    emoji = np.full(100, 0.3)
+    for window, drifted in ((one_odd, False), (emoji, True)):
+        tests = drift_tests(reference, rng.normal(size=(100, 4)), {"unknown_token_share": window}, picture=False)[1]
+        [descriptor] = [t for t in tests if t["column"] == "unknown_token_share"]
+        assert descriptor["drifted"] is drifted and descriptor["method"] == "K-S p_value", descriptor

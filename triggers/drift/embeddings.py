@@ -32,6 +32,7 @@ EMBEDDINGS = "embeddings"
 EMBEDDING_AUC_THRESHOLD = 0.55   # Evidently's default for its model-based method: the floor
 NULL_SPREAD = 4.0                # standard deviations of the AUC under no drift: ~3e-5 false alarms per window
 DESCRIPTOR_P_VALUE = 1e-4        # a text descriptor drifts below this p-value
+FEW_VALUES = 5                   # Evidently's own cut: a column with no more distinct values is categorical
 MAX_ROWS = 5000                  # of each side: the classifier and the report's t-SNE stay bounded
 
 
@@ -150,14 +151,21 @@ def embedding_drift_score(reference: np.ndarray, current: np.ndarray) -> float:
     return float(score)
 
 
-def descriptor_test(column: str, reference_rows: int) -> Any:
+def descriptor_test(column: str, reference_rows: int, few_values: bool = False) -> Any:
     """Evidently's drift test for one text descriptor. Up to 1,000 reference rows Evidently picks a p-value
     test (Kolmogorov-Smirnov; a Z or chi-square test when the values are few) at p < 0.05: with two
     descriptors that fires on about one unshifted window in ten (measured: benchmarks/text_drift.py), so the
     p-value is DESCRIPTOR_P_VALUE instead, as rare a false alarm as the embedding test's. Over 1,000 rows,
-    Evidently's distances (a size, not a p-value) keep their own thresholds."""
+    Evidently's distances (a size, not a p-value) keep their own thresholds.
+
+    A descriptor with `few_values` (at most FEW_VALUES distinct, as `unknown_token_share`: almost always 0) is
+    still a number: Evidently would read its values as categories, and one text with a share the reference never
+    had is then a category at p = 0 (3 false alarms in 20 unshifted windows, measured), so it gets
+    Kolmogorov-Smirnov, which orders them."""
     from evidently.metrics import ValueDrift
 
+    if few_values:
+        return ValueDrift(column=column, method="ks", threshold=DESCRIPTOR_P_VALUE)
     if reference_rows <= 1000:
         return ValueDrift(column=column, threshold=DESCRIPTOR_P_VALUE)
     return ValueDrift(column=column)
@@ -194,7 +202,9 @@ def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_desc
     metrics: list[Any] = [EmbeddingsDrift(embeddings_name=EMBEDDINGS,
                                           drift_method=ModelDriftMethod(threshold=EMBEDDING_AUC_THRESHOLD,
                                                                         bootstrap=False))] if picture else []
-    metrics += [descriptor_test(name, len(ref_emb)) for name in descriptor_names]
+    few = {name: len(np.unique(np.concatenate([reference.descriptors[name], current_descriptors[name]]))) <= FEW_VALUES
+           for name in descriptor_names}
+    metrics += [descriptor_test(name, len(ref_emb), few[name]) for name in descriptor_names]
     if not metrics:
         return None, tests
     with warnings.catch_warnings():
@@ -204,7 +214,9 @@ def drift_tests(reference: EmbeddingReference, current: np.ndarray, current_desc
     for metric in snapshot.dict()["metrics"]:
         cfg = metric.get("config", {})
         if cfg.get("type", "").endswith("ValueDrift"):
-            value, method, limit = float(metric["value"]), str(cfg.get("method")), float(cfg.get("threshold"))
+            value, limit = float(metric["value"]), float(cfg.get("threshold"))
+            # a test Evidently picks is named by its display name, one named here by its id
+            method = {"ks": "K-S p_value"}.get(str(cfg.get("method")), str(cfg.get("method")))
             tests.append({"column": cfg.get("column"), "score": value, "method": method, "threshold": limit,
                           "drifted": (value < limit) if "p_value" in method else (value >= limit)})
     if len(tests) != 1 + len(descriptor_names):

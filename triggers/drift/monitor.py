@@ -321,7 +321,8 @@ def _monitor_embeddings(config: MlgateConfig, model: str, files: list[Path], ref
 
 def _named(columns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What moved, most drifted first: column, method, score and threshold as plain floats (JSON-ready)."""
-    rows = [{"column": str(c["column"]), "method": str(c["method"]), "score": round(float(c["score"]), 6),
+    # six significant digits, not six decimals: a p-value of 3e-9 stays 3e-9, not 0
+    rows = [{"column": str(c["column"]), "method": str(c["method"]), "score": float(f"{float(c['score']):.6g}"),
              "threshold": float(c["threshold"])} for c in columns]
     # p-values drift when small, distances and AUCs when large: rank by how far past the threshold
     def margin(c: dict[str, Any]) -> float:
@@ -340,11 +341,12 @@ def _decide(config: MlgateConfig, model: str, base: dict[str, Any], result: Drif
     policy = config.model(model).drift
     directory = config.workdir / "monitor" / model
     retrain = result.share >= policy.threshold
-    event = make_event(model, result.share, result.columns, start, end,
+    drifted = _named(result.columns)                       # the event lists them as the summary does
+    event = make_event(model, result.share, drifted, start, end,
                        data_ref=os.path.abspath(data_ref) if data_ref else None)
     sent = publish_event(event, config.service.kafka.topic, kafka_bootstrap, post_url) if retrain and publish else []
     summary = base | {"tested": True, "drift_share": round(result.share, 4),
-                      "drifted_columns": len(result.columns), "drifted": _named(result.columns),
+                      "drifted_columns": len(drifted), "drifted": drifted,
                       "total_columns": result.total_columns,
                       "reference_rows": result.reference_rows, "current_rows": result.current_rows,
                       "retrain": retrain, "event_id": event["id"] if sent else None, "published_to": sent,
