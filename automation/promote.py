@@ -195,15 +195,22 @@ def _move(client: "MlflowClient", engine: Engine, model: str, version: str | Non
     except BaseException as exc:
         _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
+    return _apply(client, engine, model, intent_id, lambda: _set_aliases(client, model, version, new_previous),
+                  production=current, previous=previous_before, version=version)
+
+
+def _apply(client: "MlflowClient", engine: Engine, model: str, intent_id: int, change: Any, *,
+           production: str | None, previous: str | None, version: str) -> PromotionRecord:
+    """Make the alias change an intent decided (undone if it fails half-way), then write its audit record."""
     try:
-        _set_aliases(client, model, version, new_previous)
+        change()
     except BaseException as exc:
-        _undo(client, engine, model, intent_id, current, previous_before, exc)
+        _undo(client, engine, model, intent_id, production, previous, exc)
         raise
     with Session(engine) as session:
         intent = session.get(PromotionIntent, intent_id)
     assert intent is not None
-    return _confirm(engine, intent, version, current)
+    return _confirm(engine, intent, version, production)
 
 
 def _undo(client: "MlflowClient", engine: Engine, model: str, intent_id: int, production: str | None,
@@ -286,16 +293,14 @@ def retire(client: "MlflowClient", engine: Engine, model: str, *, reason: str) -
     except BaseException as exc:
         _end(engine, intent_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    try:
+
+    def take_away() -> None:
         client.delete_registered_model_alias(model, PRODUCTION)
         client.set_registered_model_alias(model, PREVIOUS, current)
-    except BaseException as exc:
-        _undo(client, engine, model, intent_id, current, previous_before, exc)
-        raise
-    with Session(engine) as session:
-        intent = session.get(PromotionIntent, intent_id)
-    assert intent is not None
-    return _confirm(engine, intent, "", current)   # no version is in production now
+
+    # no version is in production now: the record's version is empty, the retired one is what it replaced
+    return _apply(client, engine, model, intent_id, take_away, production=current, previous=previous_before,
+                  version="")
 
 
 def version_contract(model: str, version: str, dest: Path) -> dict[str, Any]:
