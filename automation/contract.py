@@ -321,8 +321,6 @@ def _fresh_images(where: str, path: Path, splits: Splits, resize: str | None = N
     resized as those were; otherwise a fresh image must already be the model's size."""
     from PIL import Image
 
-    from automation.data_sources import to_pixels
-
     images, labels = [], []
     for file in _folder_files(where, path):
         if file.parent.parent != path:
@@ -364,10 +362,20 @@ def image_pixels(image: Any, shape: tuple[int, ...]) -> np.ndarray:
     mode = {0: "L", 1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
     if mode is None:
         raise ValueError(f"the model's images have {channels} channels")
-    pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-    if channels == 0:
-        return pixels
-    return pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
+    pixels = to_pixels(image, (height, width), mode)
+    return pixels[0] if channels == 0 else pixels
+
+
+def to_pixels(image: Any, size: tuple[int, ...], mode: str) -> np.ndarray:
+    """A decoded image, converted to `mode` and resized to `size` (height, width) when it is not that size
+    already: uint8 (C, H, W)."""
+    from PIL import Image
+
+    converted = image.convert(mode)
+    if converted.size != (size[1], size[0]):
+        converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
 
 
 def _fresh_texts(where: str, path: Path, label: str, text: str) -> tuple[np.ndarray, np.ndarray]:

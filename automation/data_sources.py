@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from automation.data import DiskArray, Splits, cache_dir
+from automation.contract import to_pixels
+from automation.data import DiskArray, Splits, cache_dir, split_arrays
 from automation.preprocess import ContractError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -51,17 +52,6 @@ def folder_files(where: str, root: Path, suffixes: tuple[str, ...]) -> list[tupl
         raise ContractError(f"{where}: no {'/'.join(s[1:] for s in suffixes[:3])} files in <class>/ folders under "
                             f"{root}")
     return found
-
-
-def to_pixels(image: Any, size: tuple[int, int], mode: str) -> np.ndarray:
-    """A decoded image, converted to `mode` and resized to `size` (height, width): uint8 (C, H, W)."""
-    from PIL import Image
-
-    converted = image.convert(mode)
-    if converted.size != (size[1], size[0]):
-        converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    pixels = np.asarray(converted, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
 
 
 def _cache_key(files: list[tuple[Path, str]], size: tuple[int, int], mode: str) -> str:
@@ -101,14 +91,11 @@ def decode_folder(where: str, files: list[tuple[Path, str]], size: tuple[int, in
 
 
 def split_rows(y: np.ndarray, split: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train, validation and test row numbers: stratified and seeded, like contract.split_arrays."""
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(y))
-    rest, test = train_test_split(rows, test_size=split.test_fraction, random_state=split.seed, stratify=y)
-    train, val = train_test_split(rest, test_size=split.val_fraction / (1 - split.test_fraction),
-                                  random_state=split.seed, stratify=y[rest])
-    return np.sort(train), np.sort(val), np.sort(test)
+    """Train, validation and test row numbers, split as contract.split_arrays splits examples (stratified,
+    seeded): the split of the row numbers themselves, so no image is read to split them."""
+    rows = split_arrays(np.arange(len(y)), y, classes=(), seed=split.seed, val_fraction=split.val_fraction,
+                        test_fraction=split.test_fraction)
+    return np.sort(rows.x_train), np.sort(rows.x_val), np.sort(rows.x_test)
 
 
 def _enough_per_class(where: str, labels: list[str]) -> tuple[tuple[str, ...], np.ndarray]:

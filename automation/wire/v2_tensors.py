@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from automation.wire.json_inputs import BadInput, checked_cast, describe_value, format_value
+from automation.wire.predict import not_json
 
 INPUT_NAME = "input"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -58,8 +59,6 @@ def parse_infer(body: bytes, header_length: str | None, shape: tuple[int, ...], 
     try:
         request = orjson.loads(head)
     except (ValueError, RecursionError):
-        from automation.wire.predict import not_json
-
         raise not_json(head, "the inference request") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadInput('an inference request is a JSON object with "inputs": a list of tensors', 400)
