@@ -6,7 +6,7 @@ import copy
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -204,11 +204,15 @@ class ModelDefaults(Strict):
     on_cpu: dict[str, Any] = {}
 
 
+MAX_IMAGE_SIDE = 2048
+
+
 class SourceConfig(Strict):
     """Data named in yaml instead of a loader (automation/data_sources.py): exactly one of the three."""
 
     images: str | None = None                      # a folder of <class>/<image file>, any size and colour
-    size: tuple[PositiveInt, PositiveInt] = (64, 64)   # every image resized to (height, width)
+    # every image resized to (height, width); bounded: each image becomes C×H×W bytes in the data cache
+    size: tuple[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)], Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]] = (64, 64)
     mode: Literal["RGB", "L"] = "RGB"              # colour (3 channels) or grey (1)
     texts: str | None = None                       # a folder of <class>/<file>.txt
     csv: str | None = None                         # a CSV file with a text column and a label column

@@ -235,7 +235,10 @@ def test_a_csv_with_a_text_column_and_bad_sources(tmp_path: Path, capsys: pytest
         load_source("csv", source.model_copy(update={"text": "subject"}), loaded.root, SplitConfig())
     for bad, expected in (({"images": "a", "texts": "b"}, "exactly one of images, texts or csv (got images, texts)"),
                           ({}, "exactly one of images, texts or csv"),
-                          ({"images": "a", "size": [0, 5]}, "size")):
+                          ({"images": "a", "size": [0, 5]}, "size"),
+                          # 100,000² pixels each would fill the disk a picture at a time
+                          ({"images": "a", "size": [100_000, 100_000]}, "less than or equal to 2048"),
+                          ({"images": "a", "size": ["big", 5]}, "size")):
         config["models"]["csv"]["source"] = bad
         write_config(tmp_path, config)
         code, out, err = run_cli(capsys, "--config", str(tmp_path / "mlgate.yaml"), "check", "csv")
