@@ -243,6 +243,7 @@ def test_a_builds_exit_code_and_output_never_reach_the_verdict(executor: LocalEx
         else:
             [(state, error)] = outcomes
             assert state == "failed" and error.startswith("failed: the build produced no candidate")
+            assert "forged" not in error   # the build's own `Error:` line does not cross either
     assert len(judged) == 256
     stats = __import__("triggers.jobs.queue", fromlist=["job_stats"]).job_stats(executor.engine)
     assert stats["cost:cpu_seconds"] == 256 * (2.0 + 0.5)   # the judge's and the measured build's, never 99999

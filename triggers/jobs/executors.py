@@ -49,7 +49,6 @@ class Finished:
     last_line: str | None                # stdout's last line: read from trusted code only
     error: str | None                    # the log's last `Error:` line (or the limit that ended it)
     cost: dict[str, float]               # wall and CPU seconds, peak RSS: from wait4
-    log_tail: str = ""                   # stderr's last lines: shown with a build that left no candidate
 
 
 def run_arguments(job: Job, sha: str | None = None, engine: Engine | None = None) -> list[str]:
@@ -182,11 +181,11 @@ class LocalExecutor:
             return Outcome("preempted", {"error": "stopped while building the candidate"})
         try:
             candidate = take_candidate(build_dir, "candidate", workdir / "candidate")
-        except NoCandidate as exc:
-            because = f"; {built.error}" if built.error else ""
-            tail = f"\nthe build log ends:\n{built.log_tail}" if built.log_tail else ""
+        except NoCandidate as exc:   # its exit code, its `Error:` line and its log tail are its own claims
             return finish_job(self.engine, self.config.workdir, job.id, Outcome("failed", {
-                "error": f"failed: {exc}{because}{tail}"[:2000]}), None)
+                "error": f"failed: {exc}; the build's own output is not repeated here (the service keeps it in "
+                         f"the job's log): `mlgate check {job.model}` on the branch shows a broken contract"[:2000]}),
+                None)
         judged = self._judge(candidate, workdir / "production-snapshot", args, workdir / "judge", job, sha,
                              log_path, lost)
         return None if judged is None else self._trusted_end(judged, job, workdir / "judge", build_cost=built.cost)
@@ -300,7 +299,7 @@ class LocalExecutor:
             reason = f"it reached its {limits.processes:,} processes (service.sandbox_limits.processes)"   # type: ignore[union-attr]
         error = f"stopped: {reason}" if reason else _last_error(tail)
         return Finished(child.exit_code if child.exit_code is not None else -1, stopped, last_line(child.stdout),
-                        error, child.cost(), "\n".join(tail.strip().splitlines()[-5:])[-1000:])
+                        error, child.cost())
 
     def _trusted_end(self, finished: Finished, job: Job, workdir: Path,
                      build_cost: dict[str, float] | None = None) -> Outcome:
