@@ -16,6 +16,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import yaml
 
+import automation  # noqa: F401  first: its OpenMP spin setting must precede any test module's torch import
 from triggers.cli import main
 from triggers.local_broker import TansuBroker
 
