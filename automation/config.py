@@ -53,6 +53,9 @@ class TrainConfig(Strict):
     # OMP_NUM_THREADS if set, else the CPUs this process may use, at most 8; set it to compare runs across
     # machines of other sizes
     threads: PositiveInt | None = None
+    # machines to train across (kubernetes: an Indexed Job's pods; ray: one worker each), each with all of
+    # `resources.gpus`; 1: one machine, every GPU on it (train.distributed)
+    nodes: PositiveInt = 1
 
 
 class DeviceConfig(Strict):
@@ -184,6 +187,21 @@ class JudgeConfig(Strict):
     total_seconds: PositiveFloat = 1800
 
 
+K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+
+
+class ResourcesConfig(Strict):
+    """What one attempt of the model's job asks of the `kubernetes` and `ray` executors (per node)."""
+
+    gpus: NonNegativeInt = 0                       # nvidia.com/gpu on Kubernetes, num_gpus on Ray
+    cpus: PositiveFloat = 2
+    memory: str = Field("8Gi", pattern=K8S_QUANTITY)   # a Kubernetes quantity; Ray gets the same bytes
+    image: str | None = None                       # kubernetes: this model's image (default: service.kubernetes.image)
+    node_selector: dict[str, str] = {}
+    # Kubernetes tolerations, as a pod spec writes them (key, operator, value, effect, tolerationSeconds)
+    tolerations: list[dict[str, str | int]] = []
+
+
 class ModelDefaults(Strict):
     """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
 
@@ -199,6 +217,7 @@ class ModelDefaults(Strict):
     judge: JudgeConfig = JudgeConfig()
     drift: DriftPolicy = DriftPolicy()
     rollout: RolloutConfig | None = None           # none: a promotion switches all traffic at once
+    resources: ResourcesConfig = ResourcesConfig()
     # merged over this block when the job's device is a CPU: a short config (fewer examples or epochs) for a
     # runner without a GPU, beside the full one. Any of the keys above; checked when the file is read.
     on_cpu: dict[str, Any] = {}
@@ -258,6 +277,42 @@ class GitHubExecutorConfig(Strict):
     oidc_jwks_url: str = "https://token.actions.githubusercontent.com/.well-known/jwks"
 
 
+class KubernetesExecutorConfig(Strict):
+    """`service.executor: kubernetes`: each attempt is a batch/v1 Job (triggers/jobs/kubernetes_executor.py)."""
+
+    namespace: str = Field("mlgate", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    # mlgate and its dependencies, not the user's code: an init container checks the commit out
+    image: str = "ghcr.io/mlgate/runner:latest"
+    checkout_image: str = "alpine/git:2.47.2"      # runs `git fetch` of exactly the job's SHA
+    repository_url: str = ""                       # https clone URL; empty: https://github.com/<GITHUB_REPOSITORY>
+    # a Secret holding a read-only git credential (key `token`), for the checkout only; none: a public repository
+    git_secret: str | None = None
+    # a Secret whose keys become the environment of trusted jobs (retrains, the judge): MLFLOW_TRACKING_URI and
+    # the registry's credentials. An outsider's build never gets it.
+    env_secret: str | None = None
+    service_url: str = ""                          # where pods report: POST <url>/jobs/{id}/result
+    queue_name: str | None = None                  # a Kueue LocalQueue: Jobs wait suspended until admitted
+    service_account: str | None = None             # trusted jobs' ServiceAccount; builds get none
+    image_pull_secrets: list[str] = []
+    candidate_storage: str = Field("2Gi", pattern=K8S_QUANTITY)   # the volume an outsider's build leaves its candidate on
+    storage_class: str | None = None
+    backoff_limit: NonNegativeInt = 2              # failed pods retried (evictions and preemptions never count)
+    ttl_seconds_after_finished: NonNegativeInt = 3600
+    log_limit_kb: PositiveInt = 4096               # each pod's log kept in the job's log, at most
+    poll_seconds: PositiveFloat = 5.0              # how often the result is looked for between watch events
+    # the kubeconfig context; None: in-cluster config when the service runs in a pod, else the current context
+    context: str | None = None
+
+
+class RayExecutorConfig(Strict):
+    """`service.executor: ray`: each attempt is a Ray job submission (triggers/jobs/ray_executor.py)."""
+
+    address: str = "http://127.0.0.1:8265"         # the head's dashboard (job submission API)
+    service_url: str = ""                          # where jobs report: POST <url>/jobs/{id}/result
+    poll_seconds: PositiveFloat = 2.0
+    log_limit_kb: PositiveInt = 4096
+
+
 class SandboxLimits(Strict):
     """What a sandboxed pull-request job (its build, and the judge) may use. Reaching a limit ends the job
     with the limit named. Processes are capped with a pids cgroup where the service may make one, else with
@@ -276,12 +331,14 @@ class SandboxLimits(Strict):
 class ServiceConfig(Strict):
     """`mlgate serve` and `mlgate worker`: what turns events into jobs and where jobs run."""
 
-    executor: Literal["local", "github"] = "local"
+    executor: Literal["local", "github", "kubernetes", "ray"] = "local"
     branch: str = "main"                           # what a job with no commit (manual, drift) runs: this branch's head
     # local executor: `commit` runs each job in a git worktree at its SHA (the commit's code and mlgate.yaml);
     # `in_place` runs the service's own files, for a folder that is not a git repository (the demo)
     checkout: Literal["commit", "in_place"] = "commit"
     github: GitHubExecutorConfig = GitHubExecutorConfig()
+    kubernetes: KubernetesExecutorConfig = KubernetesExecutorConfig()
+    ray: RayExecutorConfig = RayExecutorConfig()
     workers: int = Field(1, ge=0)                  # in-process workers in `mlgate serve` (0: workers run apart)
     max_concurrent_retrains: PositiveInt = 2       # across models; a model never runs two jobs at once
     max_attempts: PositiveInt = 3                  # a job whose worker dies is retried this many times in all

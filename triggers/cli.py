@@ -181,7 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         summaries, code = _run_jobs(config, args, names)
     except Exception as exc:
-        if args.report_to:   # the service must learn that the job ended, whatever ended it
+        resumed_here = getattr(exc, "exit_code", 1) == 75 and os.environ.get("MLGATE_RESUMED_BY") == "platform"
+        if args.report_to and not resumed_here:   # the service must learn that the job ended, whatever ended it
             _report_back(args, getattr(exc, "exit_code", 1), None,   # 75: preempted, to be resumed
                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

@@ -104,6 +104,43 @@ class JobAttempt(Base):
                              "error": self.error, "progress": json.loads(self.progress) if self.progress else None})
 
 
+class RunnerAdoption(Base):
+    """An attempt that re-attached to the runner an earlier attempt started (a Kubernetes Job, a Ray
+    submission still running after the service restarted) instead of starting a second one: that runner's
+    credential, minted for `runner_attempt`, reports for `attempt`."""
+
+    __tablename__ = "runner_adoptions"
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runner_attempt: Mapped[int] = mapped_column(Integer)
+
+
+def adopt_runner(engine: Engine, job_id: str, attempt: int, runner_attempt: int) -> None:
+    """Record that `attempt` goes on with the runner of `runner_attempt` (itself possibly adopted)."""
+    with Session(engine) as session, session.begin():
+        original = session.get(RunnerAdoption, (job_id, runner_attempt))
+        origin = original.runner_attempt if original is not None else runner_attempt
+        if session.get(RunnerAdoption, (job_id, attempt)) is None:
+            session.add(RunnerAdoption(job_id=job_id, attempt=attempt, runner_attempt=origin))
+
+
+def runner_origin(engine: Engine, job_id: str, attempt: int) -> int:
+    """The attempt whose runner `attempt` runs on: itself, unless it adopted an earlier one's."""
+    with Session(engine) as session:
+        adopted = session.get(RunnerAdoption, (job_id, attempt))
+        return adopted.runner_attempt if adopted is not None else attempt
+
+
+def attempt_for_runner(engine: Engine, job_id: str, runner_attempt: int) -> int:
+    """The attempt a runner started for `runner_attempt` reports for: the job's current attempt when that
+    attempt is, or adopted, this runner; else `runner_attempt` itself (which is then no longer running)."""
+    current = get_job(engine, job_id)
+    if current is not None and runner_origin(engine, job_id, current.attempts) == runner_attempt:
+        return current.attempts
+    return runner_attempt
+
+
 def _end_attempt(session: Session, job_id: str, attempt: int, state: str, error: str | None, now: datetime) -> None:
     session.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
                                              JobAttempt.ended_at.is_(None))

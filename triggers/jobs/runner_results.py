@@ -92,7 +92,7 @@ def runner_attempt(config: "MlgateConfig", engine: "Engine", result_secret: str,
     """The attempt of `job_id` the request's `Authorization: Bearer` credential may report for (both runner
     routes call this). A GitHub Actions OIDC token for a job the `github` executor dispatched; a minted token
     only for a job that was not dispatched to GitHub (a leaked or replayed one never stands in for OIDC)."""
-    from triggers.jobs import oidc
+    from triggers.jobs import oidc, queue
 
     token = authorization.removeprefix("Bearer ")
     if oidc.looks_like_jwt(token):
@@ -110,7 +110,7 @@ def runner_attempt(config: "MlgateConfig", engine: "Engine", result_secret: str,
     attempt = check_token(result_secret, token, job_id)
     if oidc.dispatches(engine, job_id):
         raise BadResultToken(f"job {job_id} was dispatched to GitHub: only its OIDC token reports for it")
-    return attempt
+    return queue.attempt_for_runner(engine, job_id, attempt)   # a runner re-attached to after a restart
 
 
 def _whole_number(data: dict[str, Any], field: str, low: int, high: int) -> int:

@@ -42,7 +42,7 @@ def jobs_router(state: ServiceState) -> APIRouter:
             result = RunnerResult.parse(body)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             return error(400, f"a result is {{job_id, attempt, exit_code, summary, error, report_html}}: {exc}")
-        if (result.job_id, result.attempt) != (job_id, attempt):
+        if result.job_id != job_id or queue.attempt_for_runner(state.engine, job_id, result.attempt) != attempt:
             return error(401, "the result names another job or attempt than its token")
         # the runner is trusted code (a retrain, or the judge of an outsider's PR): its summary is typed here
         summary = JobSummary.parse(result.summary)
