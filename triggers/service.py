@@ -47,6 +47,10 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
 
     if config.service.executor == "local":
         return LocalExecutor(config, config_path, engine)
+    if config.service.executor == "kubernetes":
+        from triggers.jobs.kubernetes_executor import executor_from_env
+
+        return executor_from_env(config, config_path, engine)
     repository = os.environ.get("GITHUB_REPOSITORY")
     if not repository or not os.environ.get("GITHUB_TOKEN"):
         raise UsageError("service.executor is 'github' but GITHUB_REPOSITORY or GITHUB_TOKEN is not set",
