@@ -206,8 +206,13 @@ def test_an_evicted_pod_resumes_from_its_checkpoint_with_the_uninterrupted_weigh
     assert [p for p in kubelet.started if p.startswith(name)] == [first, f"{name}-1"]
     training = _summary(cluster, job.id)["training"]
     assert training["resumed_from"]["epoch"] >= 2 and len(training["history"]) == EPOCHS
-    resumed = trained_weights(cluster["config"], done.run_id)
-    for key, tensor in trained_weights(cluster["config"], cluster["uninterrupted_run"]).items():
+    sys.path.insert(0, str(cluster["repo"]))   # the registered model pickles the user's class by its module
+    try:
+        resumed = trained_weights(cluster["config"], done.run_id)
+        uninterrupted = trained_weights(cluster["config"], cluster["uninterrupted_run"])
+    finally:
+        sys.path.remove(str(cluster["repo"]))
+    for key, tensor in uninterrupted.items():
         assert torch.equal(tensor, resumed[key]), key
 
 

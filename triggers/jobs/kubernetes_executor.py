@@ -305,10 +305,10 @@ class KubernetesExecutor:
                 return job_end(watch.latest) if watch.seen.is_set() else None
 
             why = wait_for_report(self.engine, job, lost, self.settings.poll_seconds, ended)
+        if why == "lost" or self._cancelled(job):
+            return self._stopping(job, attempt)
         if why is None:
             return None   # the runner's report ended the job
-        if why == "lost":
-            return self._stopping(job, attempt)
         return self._failed(job, f"{why} without reporting a result")
 
     # --- the API ---------------------------------------------------------------------------------------
@@ -366,8 +366,9 @@ class KubernetesExecutor:
         """`lost`: a lost lease leaves the Jobs for the attempt that adopts them; a cancel or time-out deletes
         them, each pod given the model's grace period to checkpoint."""
         current = get_job(self.engine, job.id)
-        if current is not None and current.state not in queue.FINAL_STATES and not self._timed_out(job):
-            return self._abandon(job, attempt)   # still this job's: a lost lease, or another attempt adopts it
+        if not (current is None or self._cancelled(job) or self._timed_out(job)):
+            # a lost lease (another attempt adopts the Jobs), or the runner's report ended it: nothing to stop
+            return self._abandon(job, attempt) if current.state not in queue.FINAL_STATES else None
         grace = int(self.config.model(job.model).train.preemption_grace_seconds + GRACE_MARGIN_SECONDS) \
             if job.model in self.config.models else None
         for phase in ("job", "fetch", "build", "judge"):
@@ -375,6 +376,10 @@ class KubernetesExecutor:
         self._delete(self.cluster.core.delete_namespaced_persistent_volume_claim, exchange_claim_name(attempt))
         log.warning("kubernetes jobs deleted", extra={"job_id": job.id, "state": current.state if current else None})
         return None
+
+    def _cancelled(self, job: Job) -> bool:
+        current = get_job(self.engine, job.id)
+        return current is not None and current.state == "cancelled"
 
     def _timed_out(self, job: Job) -> bool:
         started = queue.as_utc(get_job(self.engine, job.id).started_at)   # type: ignore[union-attr]
