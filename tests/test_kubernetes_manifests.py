@@ -191,3 +191,11 @@ def test_a_repository_is_needed_to_fetch_the_commit() -> None:
     config = _config(CONFIG.replace("    storage_class: fast\n", ""))
     with pytest.raises(ValueError, match="repository_url"):
         k8s.trusted_job(config, k8s.Attempt(_job(), 1, "c" * 40), "mlgate.yaml", None)
+
+
+def test_a_job_kueue_holds_shows_as_queued_on_its_check_run() -> None:
+    from triggers.github.check_runs import progress_text
+
+    title, summary = progress_text({"stage": "queued", "detail": "waiting for Kueue to admit the job Job into "
+                                                                 "queue team-a"})
+    assert title.startswith("queued") and "team-a" in summary

@@ -79,8 +79,9 @@ def test_gpu_runner_workflow_contract() -> None:
                                                                         "pr"}
     assert set(judge["on"]) == {"workflow_call"} and judge["permissions"] == {} and list(judge["jobs"]) == ["judge"]
     runners = {name: job for name, job in jobs.items() if name != "judge"} | {"judge": judge["jobs"]["judge"]}
+    fleets = {name: runs_on(job["runs-on"]) for name, job in runners.items()}
     for job in runners.values():
-        assert job["runs-on"][:3] == ["self-hosted", "linux", "gpu"] and job["timeout-minutes"] <= 360
+        assert job["timeout-minutes"] <= 360
         assert job["permissions"]["contents"] == "read"     # GitHub is written by the service, not by a job
     # a job that reports asks GitHub for an OIDC token; build, which runs an outsider's code, may not ask
     assert {name: job["permissions"] for name, job in runners.items()} == {
@@ -89,15 +90,19 @@ def test_gpu_runner_workflow_contract() -> None:
     assert judge_call["permissions"] == {"contents": "read", "id-token": "write"}   # what judge.yml may use at most
     assert jobs["retrain"]["environment"] == "mlgate-gpu-runner"
     # PR code and default-branch code never share a runner (finding 4): disjoint labels
-    assert {name: job["runs-on"][3] for name, job in runners.items()} == {
-        "retrain": "mlgate-trusted", "judge": "mlgate-trusted", "evaluate": "mlgate-untrusted",
-        "build": "mlgate-untrusted"}
+    # … whether they are label lists or Actions Runner Controller scale sets (one name, from a repository variable)
+    assert {name: (labels[:3], labels[3], variable) for name, (variable, labels) in fleets.items()} == {
+        "retrain": (["self-hosted", "linux", "gpu"], "mlgate-trusted", "MLGATE_TRUSTED_SCALE_SET"),
+        "judge": (["self-hosted", "linux", "gpu"], "mlgate-trusted", "MLGATE_TRUSTED_SCALE_SET"),
+        "evaluate": (["self-hosted", "linux", "gpu"], "mlgate-untrusted", "MLGATE_UNTRUSTED_SCALE_SET"),
+        "build": (["self-hosted", "linux", "gpu"], "mlgate-untrusted", "MLGATE_UNTRUSTED_SCALE_SET")}
     # the jobs that run a pull request's code hold no secret and cannot reach the registry; build holds no
     # credential at all, and only the judge (default-branch code) can report a verdict
     for name in ("evaluate", "build"):
         text = yaml.safe_dump(jobs[name])
         assert "environment" not in jobs[name] and "secrets" not in text and "MLFLOW" not in text
-    build = yaml.safe_dump(jobs["build"])
+    # no variable reaches build's steps (runs-on, read by GitHub to pick the runner, is no step's input)
+    build = yaml.safe_dump({k: v for k, v in jobs["build"].items() if k != "runs-on"})
     for needle in ("id-token", "result_token", "MLGATE_RESULT_TOKEN", "ACTIONS_ID_TOKEN", "--report-to", "vars."):
         assert needle not in build, needle
     judge_text = yaml.safe_dump(judge["jobs"]["judge"], width=1000)
@@ -134,6 +139,13 @@ def test_no_credential_reaches_a_job_through_inputs_env_or_the_event_file() -> N
                if (job.get("permissions") or {}).get("id-token") == "write"}
     assert granted == {("retrain.yml", "retrain"), ("retrain.yml", "evaluate"), ("retrain.yml", "judge"),
                        ("judge.yml", "judge")}
+
+
+def runs_on(value: str) -> tuple[str, list[str]]:
+    """`${{ vars.NAME || fromJSON('[labels]') }}`: the scale set's variable and the label list used without it."""
+    match = re.fullmatch(r"\$\{\{ vars\.([A-Z_]+) \|\| fromJSON\('(\[.*\])'\) \}\}", value)
+    assert match, f"runs-on is neither a scale set variable nor a label list: {value!r}"
+    return match[1], json.loads(match[2])
 
 
 def remote_actions(path: Path) -> list[str]:

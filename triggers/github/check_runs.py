@@ -56,6 +56,8 @@ def progress_text(progress: dict[str, Any]) -> tuple[str, str]:
         if isinstance(progress.get("eta_seconds"), (int, float)):
             parts.append(f"about {progress['eta_seconds'] / 60:.1f} min of training left")
         return title, " · ".join(parts)
+    if stage == "queued":   # a cluster's queue (Kueue) holds it until admitted
+        return "queued: waiting for the cluster's admission", str(progress.get("detail") or "")[:300]
     return f"stage: {stage}", f"The job is at its `{stage[:40]}` stage."
 
 
