@@ -199,3 +199,12 @@ def test_a_job_kueue_holds_shows_as_queued_on_its_check_run() -> None:
     title, summary = progress_text({"stage": "queued", "detail": "waiting for Kueue to admit the job Job into "
                                                                  "queue team-a"})
     assert title.startswith("queued") and "team-a" in summary
+
+
+def test_the_readmes_role_is_the_one_the_executor_needs() -> None:
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\n", 1)[1].split("---", 1)[0]
+    documented = yaml.safe_load("apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\n" + block)
+    assert documented == k8s.service_role("mlgate")
