@@ -47,6 +47,10 @@ def make_executor(config: MlgateConfig, config_path: str | None, engine: Engine)
 
     if config.service.executor == "local":
         return LocalExecutor(config, config_path, engine)
+    if config.service.executor == "ray":
+        from triggers.jobs.ray_executor import RayExecutor
+
+        return RayExecutor(config, config_path, engine)
     if config.service.executor == "kubernetes":
         from triggers.jobs.kubernetes_executor import executor_from_env
 
