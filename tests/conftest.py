@@ -223,7 +223,7 @@ def clean_tables(db_url: str) -> None:
 
     with open_store(db_url).begin() as conn:
         for table in (deliveries.Delivery, deliveries.SeenBody, deliveries.PullRequestHead, drift.DriftRecord,
-                      queue.Job, queue.JobStat, OwedStatus, PromotionIntent, rollout.Rollout, rollout.RolloutStat, rollout.RolloutPrediction):
+                      queue.Job, queue.JobStat, queue.RunnerAdoption, OwedStatus, PromotionIntent, rollout.Rollout, rollout.RolloutStat, rollout.RolloutPrediction):
             conn.execute(delete(table))
 
 

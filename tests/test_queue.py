@@ -154,3 +154,23 @@ def test_retention_prunes_what_ended_long_ago_and_keeps_the_rest(db_url: str, tm
     assert queue.get_job(engine, active.id).state == "queued"          # never an active job, however old
     # the totals /metrics reads outlive the rows
     assert queue.job_stats(engine)["ended:succeeded"] == 2.0
+
+
+def test_an_adopted_runner_reports_for_the_attempt_that_adopted_it_and_no_other_credential_does(db_url: str) -> None:
+    """A restarted service re-attaches to the runner an earlier attempt started (a Kubernetes Job, a Ray
+    submission): that runner's credential, minted for attempt 1, reports for attempt 2. Without adoption, or
+    for a credential minted for the adopting attempt itself, nothing is accepted."""
+    engine = open_store(db_url)
+    job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push", max_attempts=3)
+    queue.claim(engine, "died", lease_seconds=0.05)
+    time.sleep(0.1)
+    assert queue.claim(engine, "restarted", lease_seconds=30).attempts == 2
+    assert queue.attempt_for_runner(engine, job.id, 1) == 1   # not adopted: attempt 1 is over
+    assert not queue.record_result(engine, job.id, "succeeded", attempt=queue.attempt_for_runner(engine, job.id, 1))
+    queue.adopt_runner(engine, job.id, 2, 1)
+    queue.adopt_runner(engine, job.id, 2, 1)   # idempotent: a second look finds the same runner
+    assert queue.runner_origin(engine, job.id, 2) == 1
+    assert queue.attempt_for_runner(engine, job.id, 2) == 0   # no runner holds attempt 2's credential
+    assert queue.attempt_for_runner(engine, job.id, 1) == 2
+    assert queue.record_result(engine, job.id, "succeeded", attempt=queue.attempt_for_runner(engine, job.id, 1))
+    assert not queue.record_result(engine, job.id, "failed", attempt=queue.attempt_for_runner(engine, job.id, 1))

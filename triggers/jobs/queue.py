@@ -136,9 +136,13 @@ def attempt_for_runner(engine: Engine, job_id: str, runner_attempt: int) -> int:
     """The attempt a runner started for `runner_attempt` reports for: the job's current attempt when that
     attempt is, or adopted, this runner; else `runner_attempt` itself (which is then no longer running)."""
     current = get_job(engine, job_id)
-    if current is not None and runner_origin(engine, job_id, current.attempts) == runner_attempt:
+    if current is None:
+        return runner_attempt
+    origin = runner_origin(engine, job_id, current.attempts)
+    if origin == runner_attempt:
         return current.attempts
-    return runner_attempt
+    # the current attempt runs on an earlier attempt's runner: a credential minted for it names no runner
+    return 0 if runner_attempt == current.attempts else runner_attempt
 
 
 def _end_attempt(session: Session, job_id: str, attempt: int, state: str, error: str | None, now: datetime) -> None:
