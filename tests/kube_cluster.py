@@ -141,7 +141,7 @@ def client_for(kubeconfig: Path) -> Any:
 class RunningPod:
     def __init__(self, name: str, job: str, process: subprocess.Popen[bytes] | None) -> None:
         self.name, self.job, self.process = name, job, process
-        self.evicted = False
+        self.evicted = self.ended = False   # ended: its end is in the API (the pod's status, the Job's)
 
 
 class Kubelet:
@@ -188,12 +188,12 @@ class Kubelet:
             for pod in self.pods.values():   # a deleted Job's pods go with it
                 if pod.job not in jobs and pod.process is not None and pod.process.poll() is None:
                     os.killpg(pod.process.pid, signal.SIGTERM)
+        if not self.controller:
+            return self._bind_new_pods(jobs)
         for name, job in jobs.items():
             if job["spec"].get("suspend") or _finished(job) or self.hold.is_set():
                 continue
-            active = [p for p in self.pods.values() if p.job == name and p.process is not None
-                      and p.process.poll() is None]
-            if not active and not any(p.job == name and p.process is None for p in self.pods.values()):
+            if not any(p.job == name and not p.ended for p in self.pods.values()):   # one pod at a time
                 self._start_pod(job)
 
     def _start_pod(self, job: dict[str, Any]) -> None:
@@ -208,6 +208,25 @@ class Kubelet:
         self.started.append(name)
         threading.Thread(target=self._run_pod, args=(running, job), daemon=True).start()
 
+    def _bind_new_pods(self, jobs: dict[str, dict[str, Any]]) -> None:
+        """A real cluster's Job controller made the pods: bind each to this "node" and run it."""
+        for pod in self.core.list_namespaced_pod(self.namespace, label_selector="app.kubernetes.io/name=mlgate").items:
+            owner = (pod.metadata.labels or {}).get("job-name")
+            if pod.metadata.name in self.pods or pod.spec.node_name or pod.metadata.deletion_timestamp \
+                    or owner not in jobs:
+                continue
+            self.core.create_namespaced_pod_binding(pod.metadata.name, self.namespace, {
+                "apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.metadata.name},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": "mlgate-test-node"}}, _preload_content=False)
+            running = RunningPod(pod.metadata.name, owner, None)
+            self.pods[pod.metadata.name] = running
+            self.started.append(pod.metadata.name)
+            threading.Thread(target=self._run_pod, args=(running, jobs[owner]), daemon=True).start()
+
+    def pods_of(self, job: str) -> list[str]:
+        """The pods this kubelet ran for a Job, in the order they started."""
+        return [name for name in self.started if self.pods[name].job == job]
+
     def _pod_ended(self, running: RunningPod, job: dict[str, Any], code: int) -> None:
         conditions = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}] \
             if running.evicted else []
@@ -216,6 +235,8 @@ class Kubelet:
             "phase": phase, "conditions": conditions,
             "containerStatuses": [{"name": "mlgate", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
                                    "state": {"terminated": {"exitCode": code}}}]}})
+        if not self.controller:
+            return   # the cluster's Job controller takes it from the pod's status
         name = job["metadata"]["name"]
         try:
             current = self.batch.api_client.sanitize_for_serialization(self.batch.read_namespaced_job(name, self.namespace))
@@ -248,7 +269,10 @@ class Kubelet:
             code = self._run_container(running, container, paths, folder)
             if code != 0:
                 break
-        self._pod_ended(running, job, code)
+        try:
+            self._pod_ended(running, job, code)
+        finally:
+            running.ended = True
 
     def _volumes(self, spec: dict[str, Any], folder: Path, job: dict[str, Any]) -> dict[str, Path]:
         paths: dict[str, Path] = {}

@@ -79,10 +79,15 @@ class Service:
         return (self.state / "service.log").read_text(errors="replace")[-4000:]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[dict[str, Any]]:
+REAL = os.environ.get("MLGATE_TEST_KUBECONFIG")
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("real", marks=[
+    pytest.mark.real_kubernetes, pytest.mark.skipif(not REAL, reason="MLGATE_TEST_KUBECONFIG names no cluster")])])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            mlflow_template: Path) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("kube")
-    real = os.environ.get("MLGATE_TEST_KUBECONFIG")
+    real = REAL if request.param == "real" else None
     server = None if real else EmulatedApiServer(root)
     kubeconfig = Path(real) if real else server.kubeconfig   # type: ignore[union-attr]
     repo, state = root / "repo", root / "state"
@@ -112,6 +117,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> 
     client = client_for(kubeconfig)
     from kubernetes import client as k8s
 
+    if real:
+        _fresh_namespace(client)
+
     k8s.CoreV1Api(client).create_namespaced_secret(NAMESPACE, {"metadata": {"name": "mlgate-registry"}, "stringData": {
         "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}})
     with Kubelet(client, NAMESPACE, root, server.emulator if server else None, controller=server is not None) as kubelet:
@@ -120,6 +128,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> 
         service.kill()
     if server is not None:
         server.close()
+
+
+def _fresh_namespace(client: Any) -> None:
+    """On a real cluster: the namespace, and its default ServiceAccount (pods are refused until it exists)."""
+    from kubernetes import client as k8s
+    from kubernetes.client import ApiException
+
+    core = k8s.CoreV1Api(client)
+    try:
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    try:
+        core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "default"}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 def _jobs(cluster: dict[str, Any], job_id: str) -> list[dict[str, Any]]:
@@ -166,18 +192,21 @@ def test_a_service_killed_mid_job_re_attaches_to_its_job_one_job_one_promotion(c
     # Kueue holds it: suspended, and the job says it is queued
     assert wait_for(lambda: (queue.attempts(engine, job.id)[-1].as_dict()["progress"] or {}).get("stage") == "queued", 30)
     assert _jobs(cluster, job.id)[0]["spec"]["suspend"] is True and not kubelet.started
-    cluster["server"].emulator.expire_watches = 2 if cluster["server"] else 0   # the watch's version is compacted
+    if cluster["server"] is not None:   # the watch's version is compacted away (a real server does so on its own)
+        cluster["server"].emulator.expire_watches = 2
     _admit(cluster, name)
-    assert wait_for(lambda: any(_progress_epoch(cluster, p, job.id) >= 1 for p in kubelet.started), 120), \
+    assert wait_for(lambda: any(_progress_epoch(cluster, p, job.id) >= 1 for p in kubelet.pods_of(name)), 120), \
         service.log()
     service.kill()   # mid-training: the pod goes on without it
     service.start()
     done = _ended(cluster, job.id)
     assert done.state == "succeeded", (done.as_dict(), service.log())
+    assert wait_for(lambda: any(c["type"] == "Complete" for c in
+                                (_jobs(cluster, job.id)[0].get("status") or {}).get("conditions") or []), 60)
     jobs = _jobs(cluster, job.id)
     assert [j["metadata"]["name"] for j in jobs] == [name]   # re-attached, not created again
     assert done.attempts == 2 and queue.runner_origin(engine, job.id, 2) == 1
-    assert len([p for p in kubelet.started if p.startswith(name)]) == 1
+    assert len(kubelet.pods_of(name)) == 1
     summary = _summary(cluster, job.id)
     assert summary["promoted"] is True and summary["job_id"] == job.id
     from automation import tracking
@@ -197,13 +226,14 @@ def test_an_evicted_pod_resumes_from_its_checkpoint_with_the_uninterrupted_weigh
     assert wait_for(lambda: len(_jobs(cluster, job.id)) == 1, 60)
     name = _jobs(cluster, job.id)[0]["metadata"]["name"]
     _admit(cluster, name)
-    first = f"{name}-0"
+    assert wait_for(lambda: bool(kubelet.pods_of(name)), 60)
+    first = kubelet.pods_of(name)[0]
     assert wait_for(lambda: _progress_epoch(cluster, first, job.id) >= 2, 120), cluster["service"].log()
     kubelet.evict(first)
     done = _ended(cluster, job.id)
     assert done.state in ("succeeded", "gate_failed"), done.as_dict()
     assert done.attempts == 1   # the platform's retry, not the service's: no second attempt
-    assert [p for p in kubelet.started if p.startswith(name)] == [first, f"{name}-1"]
+    assert len(kubelet.pods_of(name)) == 2 and kubelet.pods_of(name)[0] == first   # the evicted one, then its successor
     training = _summary(cluster, job.id)["training"]
     assert training["resumed_from"]["epoch"] >= 2 and len(training["history"]) == EPOCHS
     sys.path.insert(0, str(cluster["repo"]))   # the registered model pickles the user's class by its module
@@ -241,7 +271,7 @@ def test_an_outsiders_pr_is_built_without_credentials_and_judged_by_the_base_bra
 
     policies = k8s.NetworkingV1Api(cluster["client"]).list_namespaced_network_policy(NAMESPACE).items
     assert any(p.metadata.name == f"mlgate-{job.id}-a1-build-isolated" and p.spec.egress == [] for p in policies)
-    build_log = cluster["kubelet"].log_of(f"mlgate-{job.id}-a1-build-0")
+    build_log = "".join(cluster["kubelet"].log_of(p) for p in cluster["kubelet"].pods_of(f"mlgate-{job.id}-a1-build"))
     assert SECRET not in build_log
 
 
@@ -251,9 +281,10 @@ def test_cancelling_deletes_the_job_and_stops_its_pod(cluster: dict[str, Any]) -
     assert wait_for(lambda: len(_jobs(cluster, job.id)) == 1, 60)
     name = _jobs(cluster, job.id)[0]["metadata"]["name"]
     _admit(cluster, name)
-    assert wait_for(lambda: _progress_epoch(cluster, f"{name}-0", job.id) >= 1, 120)
+    assert wait_for(lambda: bool(kubelet.pods_of(name)), 60)
+    assert wait_for(lambda: _progress_epoch(cluster, kubelet.pods_of(name)[0], job.id) >= 1, 120)
     assert queue.cancel(engine, job.id, "a maintainer stopped it")
     assert wait_for(lambda: not _jobs(cluster, job.id), 60), cluster["service"].log()
-    pod = kubelet.pods[f"{name}-0"]
+    pod = kubelet.pods[kubelet.pods_of(name)[0]]
     assert wait_for(lambda: pod.process is not None and pod.process.poll() is not None, 60)
     assert queue.get_job(engine, job.id).state == "cancelled"
