@@ -69,6 +69,7 @@ STOP_MARGIN_SECONDS = 10
 EXCLUDED = (".git", ".mlgate")    # never shipped: the repository's objects, a local state folder
 TREE_ARCHIVE = "tree.tar"          # an outsider's tree, packed: nothing in a build's working_dir is importable
 REPORT_GRACE_SECONDS = 10.0        # a runner that ended SUCCEEDED may still be posting its result
+WARN_EVERY_SECONDS = 60.0          # a dashboard outage while polling: one warning a minute per submission
 _QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(m|k|Ki|Mi|Gi|Ti|M|G|T)?")
 _UNITS = {"": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
           "Ki": 2.0 ** 10, "Mi": 2.0 ** 20, "Gi": 2.0 ** 30, "Ti": 2.0 ** 40}
@@ -201,6 +202,7 @@ class RayExecutor:
         self.settings = config.service.ray
         self._client = client
         self._client_lock = threading.Lock()
+        self._warned: dict[str, float] = {}   # submission id → when its last polling warning was logged
 
     @property
     def client(self) -> Any:
@@ -223,6 +225,7 @@ class RayExecutor:
 
         self.log_path(job).parent.mkdir(parents=True, exist_ok=True)
         try:
+            self._one_node(job)
             outcome = self._build_and_judge(job, lost) if outsider_pr(job) else self._single(job, lost)
         except CheckoutFailed as exc:
             outcome = Outcome("failed", {"error": str(exc)[:2000]})
@@ -232,6 +235,14 @@ class RayExecutor:
         if outcome is not None or current is None or current.state in queue.FINAL_STATES:
             shutil.rmtree(self._exchange(job), ignore_errors=True)   # over: no attempt will need its folders
         return outcome
+
+    def _one_node(self, job: Job) -> None:
+        """One submission is one entrypoint on one node: a model that asks for more fails in one line rather than
+        training on one node in silence."""
+        nodes = self.config.model(job.model).train.nodes if job.model in self.config.models else 1
+        if nodes > 1:
+            raise UsageError(f"{job.model} asks for train.nodes: {nodes}, and the ray executor runs a job on one "
+                             "node", hint="set train.nodes: 1 for this model, or use the kubernetes executor")
 
     def _single(self, job: Job, lost: threading.Event) -> Outcome | None:
         """A retrain or a writer's PR: one runner that reports itself."""
@@ -247,9 +258,10 @@ class RayExecutor:
         if judging is not None:   # the earlier attempt got as far as its judge: wait on that one
             return self._await_report(job, self._adopt(job, "judge", judging), lost)
         build = self._start(job, "build", lambda: self._build_spec(job))
-        info = self._await_end(job, build, lost)
-        if info is None:
-            return self._let_go(job, build)
+        with self._follow(job, build) as follow:
+            info = self._await_end(job, follow, lost)
+            if info is None:
+                return self._let_go(job, build)
         judge_dir = self._exchange(job) / f"a{job.attempts}-judge"
         shutil.rmtree(judge_dir, ignore_errors=True)
         judge_dir.mkdir(parents=True)
@@ -332,9 +344,10 @@ class RayExecutor:
     @contextlib.contextmanager
     def _build_spec(self, job: Job) -> Iterator[Spec]:
         """An outsider's build: no credential, its tree as an archive, run in the sandbox by this module."""
-        from triggers.jobs.sandbox import Limits, bubblewrap
+        from triggers.jobs.sandbox import Limits
 
-        bubblewrap()   # fail closed here already when the service's own machine has none
+        # bubblewrap is the node's business: the wrapper there fails closed without it (the service's machine
+        # need not have it)
         build_dir = self._build_dir(job, job.attempts)
         shutil.rmtree(build_dir, ignore_errors=True)
         self._private_workdir(build_dir)
@@ -418,16 +431,14 @@ class RayExecutor:
 
     def _await_report(self, job: Job, runner: Runner, lost: threading.Event) -> Outcome | None:
         """Wait for the runner's report (None), or its end without one (failed, with Ray's reason)."""
-        follow = self._follow(job, runner)
-        try:
+        with self._follow(job, runner) as follow:
             reason = wait_for_report(self.engine, job, lost, self.settings.poll_seconds, follow.ended,
                                      grace_seconds=REPORT_GRACE_SECONDS)
             if reason is None and self._reported(job):
                 follow.settle(REPORT_GRACE_SECONDS)   # the runner exits after posting: its whole log, its status
-        finally:
-            follow.close()
-        if reason is None or reason == "lost":
-            return self._let_go(job, runner)
+                return None
+            if reason is None or reason == "lost":
+                return self._let_go(job, runner)   # followed still: a stopped runner's last words are kept
         log.warning("Ray job ended without a report", extra={"job_id": job.id, "submission": runner.id})
         return Outcome("failed", {"error": reason})
 
@@ -437,22 +448,18 @@ class RayExecutor:
         return current is not None and current.attempts == job.attempts and \
             current.state in queue.FINAL_STATES and current.state != "cancelled"
 
-    def _await_end(self, job: Job, runner: Runner, lost: threading.Event) -> Any:
+    def _await_end(self, job: Job, follow: "Follow", lost: threading.Event) -> Any:
         """Wait for a submission that reports nothing (a build) to end: its details, or None when the job ended
         or stopped being this attempt's (cancelled, recovered) or `lost` was set."""
-        follow = self._follow(job, runner)
-        try:
-            while True:
-                current = queue.get_job(self.engine, job.id)
-                if current is None or current.state != "running" or current.attempts != job.attempts:
-                    return None
-                info = follow.poll()
-                if info is not None and str(info.status) not in ACTIVE:
-                    return info
-                if lost.wait(self.settings.poll_seconds):
-                    return None
-        finally:
-            follow.close()
+        while True:
+            current = queue.get_job(self.engine, job.id)
+            if current is None or current.state != "running" or current.attempts != job.attempts:
+                return None
+            info = follow.poll()
+            if info is not None and str(info.status) not in ACTIVE:
+                return info
+            if lost.wait(self.settings.poll_seconds):
+                return None
 
     def _follow(self, job: Job, runner: Runner) -> "Follow":
         progress = None
@@ -517,14 +524,20 @@ class RayExecutor:
             return self.client.get_job_info(sid)
         except RuntimeError as exc:
             if "status code 404" not in str(exc):
-                log.warning("Ray job not readable; polling on", extra={"submission": sid, "error": _one_line(exc)})
+                self._warn(sid, "Ray job not readable; polling on", exc)
             return None
         except RayUnavailable:
             raise
         except Exception as exc:   # the dashboard restarting: the runner goes on regardless
-            log.warning("Ray dashboard not answering; polling on", extra={"submission": sid,
-                                                                         "error": _one_line(exc)})
+            self._warn(sid, "Ray dashboard not answering; polling on", exc)
             return None
+
+    def _warn(self, sid: str, message: str, exc: BaseException) -> None:
+        """At most one warning a minute per submission: an outage polled every second is one line a minute."""
+        now = time.monotonic()
+        if now - self._warned.get(sid, -WARN_EVERY_SECONDS) >= WARN_EVERY_SECONDS:
+            self._warned[sid] = now
+            log.warning(message, extra={"submission": sid, "error": _one_line(exc)})
 
     # --- places ----------------------------------------------------------------------------------------------
 
@@ -611,6 +624,12 @@ class Follow:
         self._pump()
         self.log.close()
 
+    def __enter__(self) -> "Follow":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 def _mlgate_run(config: Path, args: list[str]) -> str:
     """The entrypoint of a runner that runs trusted code: `python -m` from the working_dir, so its code runs."""
@@ -636,7 +655,7 @@ def sandbox_build(argv: list[str]) -> int:
     import signal
     import subprocess
 
-    from triggers.jobs.sandbox import Limits, job_environment, sandboxed
+    from triggers.jobs.sandbox import Limits, SandboxUnavailable, job_environment, sandboxed
 
     parser = argparse.ArgumentParser(prog="sandbox-build")
     parser.add_argument("--archive", required=True)
@@ -658,8 +677,12 @@ def sandbox_build(argv: list[str]) -> int:
             archive.extractall(folder, filter="data")   # no links out, no devices, no absolute paths
         tree = Path(folder) / "tree"
         env = job_environment(False, set_to={"MLGATE_WORKDIR": str(writable)})
-        command = sandboxed([sys.executable, "-m", "triggers.cli", "--config", str(tree / options.config), "run",
-                             *args], cwd=tree, writable=writable, env=env, tmp_mb=limits.tmp_mb)
+        try:
+            command = sandboxed([sys.executable, "-m", "triggers.cli", "--config", str(tree / options.config),
+                                 "run", *args], cwd=tree, writable=writable, env=env, tmp_mb=limits.tmp_mb)
+        except SandboxUnavailable as exc:   # fail closed: PR code never runs unsandboxed
+            print(exc.format(), file=sys.stderr)
+            return 1
         return subprocess.run(command, preexec_fn=functools.partial(_in_build, limits)).returncode
 
 
