@@ -333,3 +333,30 @@ def test_a_text_models_held_out_texts_replace_the_raw_test_split(tmp_path: Path)
     np.savez(tmp_path / "news.npz", x=np.zeros((3, 4), np.int64), y=np.array([1, 0, 1]))   # ids, not texts
     with pytest.raises(UsageError, match="x is int64 \\[4\\] per example; the data contract says object \\[\\]"):
         held_out_stage(tmp_path / "news.npz", validated)   # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("trap", ["linked folder", "linked model"])
+def test_the_judge_takes_the_candidate_as_the_service_does_links_refused(
+        trap: str, tmp_path: Path, mlflow_template: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A candidate left on a volume the build wrote (Kubernetes) or in an artifact it uploaded (Actions): the
+    judge copies the allowed files first, regular and bounded, following no link, then reads its copy."""
+    config = fast_config(epochs=1)
+    config["workdir"] = str(tmp_path / "work")
+    seed_mlflow_store(tmp_path / "work", mlflow_template)
+    path = write_config(tmp_path, config)
+    real = looping_candidate(tmp_path / "real")
+    (tmp_path / "exchange").mkdir()
+    candidate = tmp_path / "exchange" / "candidate"
+    if trap == "linked folder":   # the build's folder points at whatever the judge's machine holds
+        candidate.symlink_to(real, target_is_directory=True)
+    else:
+        candidate.mkdir()
+        for item in real.iterdir():
+            (candidate / item.name).write_bytes(item.read_bytes())
+        (candidate / "model.onnx").unlink()
+        (candidate / "model.onnx").symlink_to(real / "model.onnx")
+    code, _, err = run_cli(capsys, "run", "--config", str(path), "--model", "digits_mlp", "--trigger", "pr",
+                           "--pr", "7", "--judge", str(candidate), "--json")
+    lines = [line for line in error_lines(err) if not line.startswith("Hint:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert ("not a plain folder" if trap == "linked folder" else "model.onnx") in lines[0], lines

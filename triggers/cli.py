@@ -229,7 +229,7 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
                                  checkpoint_mirror=_checkpoint_mirror(config, args, name, len(names) > 1),
                                  checkpoint_dir=checkpoints / name if checkpoints and len(names) > 1 else checkpoints,
                                  export_candidate=Path(args.export_candidate).resolve() if args.export_candidate
-                                 else None, judge_candidate=Path(args.judge).resolve() if args.judge else None,
+                                 else None, judge_candidate=_taken_candidate(args.judge) if args.judge else None,
                                  held_out=Path(args.held_out).resolve() if args.held_out else None,
                                  **({"job_id": args.job_id} if args.job_id else {}))
             if reporter:
@@ -255,6 +255,22 @@ def _run_jobs(config: Any, args: argparse.Namespace, names: list[str]) -> tuple[
             if not args.json and summary:
                 _print_human(summary)
     return summaries, code
+
+
+def _taken_candidate(folder: str) -> Path:
+    """The candidate an untrusted build left (a downloaded artifact, a volume it wrote), copied first as the
+    service's executor takes one: the allowed files only, regular, bounded, no link followed at any step
+    (triggers/jobs/boundary.py). The judge then reads its own copy, which the build can no longer change."""
+    import tempfile
+
+    from automation.candidate import BadCandidate
+    from triggers.jobs.boundary import NoCandidate, take_candidate
+
+    given = Path(os.path.abspath(folder))
+    try:
+        return take_candidate(given.parent, given.name, Path(tempfile.mkdtemp(prefix="mlgate-judge-")) / "candidate")
+    except NoCandidate as exc:
+        raise BadCandidate(str(exc)) from None
 
 
 def _checkpoint_mirror(config: Any, args: argparse.Namespace, model: str, several: bool) -> Any:
