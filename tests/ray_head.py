@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class RayHeadFailed(RuntimeError):
 class RayHead:
     temp_dir: Path
     ports: dict[str, int]
-    processes: list[psutil.Process] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -155,5 +154,4 @@ def start_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: fl
                 head.stop()
                 raise RayHeadFailed(f"the job submission API at {head.address} never answered: {exc}") from None
             time.sleep(0.5)
-    head.processes = head.started_processes()
     return head
