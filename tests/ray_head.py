@@ -13,6 +13,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from triggers.local_broker import free_port
 
 BIN = Path(sys.executable).parent
 # what Ray is asked to bind, each on a free port: with a default, two heads on one machine would collide
@@ -124,21 +123,43 @@ def head_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
-def start_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: float = 60.0) -> RayHead:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago (all held at once while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: float = 60.0, tries: int = 3) -> RayHead:
     """`ray start --head` on loopback, in a short temp dir of its own (Ray's socket paths must stay under
-    107 characters, which pytest's tmp_path can pass)."""
+    107 characters, which pytest's tmp_path can pass). A port taken between its choice and Ray's bind (another
+    process's outgoing connection) fails a start: it is tried again on other ports."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _start_once(num_cpus, env, timeout)
+        except RayHeadFailed:
+            if attempt == tries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(num_cpus: int, env: dict[str, str] | None, timeout: float) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="mlray-", dir="/tmp"))
-    ports = {flag: free_port() for flag in PORT_FLAGS}
-    worker_low = free_port()
+    *chosen, dashboard_metrics, autoscaler_metrics = free_ports(len(PORT_FLAGS) + 2)
+    ports = dict(zip(PORT_FLAGS, chosen))
     head = RayHead(temp_dir, ports)
+    # workers take ports from Ray's default range (10002-19999), below the kernel's ephemeral range
     command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                "--include-dashboard=true", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}",
                "--disable-usage-stats", "--include-log-monitor=false",
-               # workers' ports: a small range of our own, above one we know was free
-               f"--min-worker-port={worker_low}", f"--max-worker-port={min(worker_low + 200, 65535)}",
                *(f"{flag}={port}" for flag, port in ports.items())]
     # the dashboard's and the autoscaler's metric servers take fixed ports (44227, 44217) unless told otherwise
-    metric_ports = {"DASHBOARD_METRIC_PORT": str(free_port()), "AUTOSCALER_METRIC_PORT": str(free_port())}
+    metric_ports = {"DASHBOARD_METRIC_PORT": str(dashboard_metrics), "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)}
     done = subprocess.run(command, env=head_environment(metric_ports | (env or {})), capture_output=True, text=True,
                           timeout=timeout)
     if done.returncode != 0:
