@@ -20,10 +20,12 @@
   empty environment), which exports the candidate into the exchange folder the service and the nodes share.
   The service takes the candidate (boundary.py) and submits the judge: the base branch's code, `--judge`. The
   build's exit code and output are never read for the verdict (its log goes to the job's log, bounded).
-- **Cancel** stops the submission: SIGTERM, and Ray's SIGKILL only after the model's
+- **Cancel** (and the job's time-out) stops the submission: SIGTERM, and Ray's SIGKILL only after the model's
   `train.preemption_grace_seconds` and a margin (RAY_JOB_STOP_WAIT_TIME_S, set per submission: Ray's JobSupervisor
   reads it from the env_vars it is given; its default of 3 s is too short to write a checkpoint). A service that
   stops (or loses the job's lease) leaves the submission running for the next attempt to re-attach to.
+- **Ends.** The runner's report ends the job. A submission that ends without one fails the job with Ray's own
+  account (status, exit code, message; never the log tail Ray's message carries).
 """
 
 from __future__ import annotations
