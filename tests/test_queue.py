@@ -174,3 +174,22 @@ def test_an_adopted_runner_reports_for_the_attempt_that_adopted_it_and_no_other_
     assert queue.attempt_for_runner(engine, job.id, 1) == 2
     assert queue.record_result(engine, job.id, "succeeded", attempt=queue.attempt_for_runner(engine, job.id, 1))
     assert not queue.record_result(engine, job.id, "failed", attempt=queue.attempt_for_runner(engine, job.id, 1))
+
+
+def test_a_runner_reporting_before_the_new_attempt_adopted_it_is_told_to_retry(db_url: str) -> None:
+    """Between a restarted service's claim and its adoption, the old runner's report is early, not late: 503
+    (post_result retries), never the 409 that means "already recorded" and would drop the result."""
+    from automation.config import parse_config
+    from triggers.jobs.runner_results import RunnerAuthLater, mint_token, runner_attempt
+
+    engine = open_store(db_url)
+    config = parse_config("models: {m: {module: models.digits_mlp}}", "mlgate.yaml", Path.cwd())
+    job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push")
+    queue.claim(engine, "died", lease_seconds=0.05)
+    time.sleep(0.1)
+    queue.claim(engine, "restarted", lease_seconds=30)
+    token = f"Bearer {mint_token('s3cret', job.id, 1, 600)}"
+    with pytest.raises(RunnerAuthLater):
+        runner_attempt(config, engine, "s3cret", token, job.id)
+    queue.adopt_runner(engine, job.id, 2, 1)
+    assert runner_attempt(config, engine, "s3cret", token, job.id) == 2

@@ -132,6 +132,14 @@ def runner_origin(engine: Engine, job_id: str, attempt: int) -> int:
         return adopted.runner_attempt if adopted is not None else attempt
 
 
+def adoption_pending(engine: Engine, job_id: str, runner_attempt: int) -> bool:
+    """A later attempt of a still-running job has not (yet) adopted this earlier attempt's runner: it is
+    deciding whether that runner still runs. A report now is too early, not too late."""
+    current = get_job(engine, job_id)
+    return current is not None and current.state == "running" and current.attempts > runner_attempt \
+        and runner_origin(engine, job_id, current.attempts) == current.attempts
+
+
 def attempt_for_runner(engine: Engine, job_id: str, runner_attempt: int) -> int:
     """The attempt a runner started for `runner_attempt` reports for: the job's current attempt when that
     attempt is, or adopted, this runner; else `runner_attempt` itself (which is then no longer running)."""
