@@ -183,7 +183,8 @@ def test_a_runner_reporting_before_the_new_attempt_adopted_it_is_told_to_retry(d
     from triggers.jobs.runner_results import RunnerAuthLater, mint_token, runner_attempt
 
     engine = open_store(db_url)
-    config = parse_config("models: {m: {module: models.digits_mlp}}", "mlgate.yaml", Path.cwd())
+    config = parse_config("models: {m: {module: models.digits_mlp}}\nservice: {executor: kubernetes}",
+                          "mlgate.yaml", Path.cwd())
     job, _ = queue.enqueue(engine, model="m", kind="retrain", trigger="push")
     queue.claim(engine, "died", lease_seconds=0.05)
     time.sleep(0.1)

@@ -111,7 +111,8 @@ def runner_attempt(config: "MlgateConfig", engine: "Engine", result_secret: str,
     if oidc.dispatches(engine, job_id):
         raise BadResultToken(f"job {job_id} was dispatched to GitHub: only its OIDC token reports for it")
     attempt_now = queue.attempt_for_runner(engine, job_id, attempt)   # a runner re-attached to after a restart
-    if attempt_now == attempt and queue.adoption_pending(engine, job_id, attempt):
+    if config.service.executor in ("kubernetes", "ray") and attempt_now == attempt \
+            and queue.adoption_pending(engine, job_id, attempt):
         # a restarted service's new attempt is still looking for this runner: retried, the report lands once
         # it is adopted; if the attempt started a runner of its own instead, the retries run out
         raise RunnerAuthLater(f"job {job_id} is at a later attempt that has not re-attached to attempt {attempt}'s "
