@@ -311,6 +311,11 @@ class RayExecutorConfig(Strict):
     service_url: str = ""                          # where jobs report: POST <url>/jobs/{id}/result
     poll_seconds: PositiveFloat = 2.0
     log_limit_kb: PositiveInt = 4096
+    # a folder the service and every Ray node see at the same path (NFS, a shared volume): an outsider's tree
+    # goes in and its candidate comes out there. None: <workdir>/exchange (a head on the service's machine)
+    exchange_dir: Path | None = None
+    # Ray's SIGKILL comes this long after the model's preemption grace (a checkpoint being written may finish)
+    stop_grace_margin_seconds: PositiveFloat = 10
 
 
 class SandboxLimits(Strict):

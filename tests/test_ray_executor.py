@@ -26,15 +26,17 @@ from typing import Any
 import pytest
 import yaml
 
-from automation.config import load_config
+from automation.config import RayExecutorConfig, load_config
 from automation.store import open_store
 from tests.conftest import JOB_THREADS, fast_config, git_commit, project_files, seed_mlflow_store, wait_for
 from tests.ray_head import RayHead, start_head
 from triggers.github.job_status import summary_file
 from triggers.jobs import queue
-from triggers.jobs.ray_executor import RayExecutor, STOP_MARGIN_SECONDS, stage_tree, submission_id
+from triggers.jobs.ray_executor import RayExecutor, stage_tree, submission_id
 from triggers.jobs.worker import Worker
 from triggers.local_broker import free_port
+
+STOP_MARGIN_SECONDS = int(RayExecutorConfig().stop_grace_margin_seconds)
 
 pytestmark = pytest.mark.slow
 SECRET = "result-minting-secret-for-ray-tests"

@@ -64,10 +64,6 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("PENDING", "RUNNING")
 STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"   # read by Ray's JobSupervisor (job_supervisor.py), in whole seconds
-# beyond the model's grace: Ray's SIGKILL comes this long after it (a checkpoint being written when the grace
-# ends may finish); the service asks again this long after Ray's SIGKILL was due. Derived here until the
-# config has a key for it (service.ray.stop_grace_margin_seconds)
-STOP_MARGIN_SECONDS = 10
 EXCLUDED = (".git", ".mlgate")    # never shipped: the repository's objects, a local state folder
 TREE_ARCHIVE = "tree.tar"          # an outsider's tree, packed: nothing in a build's working_dir is importable
 REPORT_GRACE_SECONDS = 10.0        # a runner that ended SUCCEEDED may still be posting its result
@@ -383,7 +379,7 @@ class RayExecutor:
         """A submission's env_vars. Readable by anything that can reach the dashboard: only trusted code's carry
         a credential."""
         grace = self._grace(job)
-        env = env | {STOP_WAIT_ENV: str(math.ceil(grace) + STOP_MARGIN_SECONDS)}
+        env = env | {STOP_WAIT_ENV: str(math.ceil(grace + self.settings.stop_grace_margin_seconds))}
         if token:
             from triggers.jobs.runner_results import TOKEN_ENV
 
@@ -507,7 +503,8 @@ class RayExecutor:
             log.error("could not stop the Ray job", extra={"job_id": job.id, "submission": sid,
                                                           "error": _one_line(exc)})
         log.info("Ray job stopping", extra={"job_id": job.id, "submission": sid})
-        deadline = time.monotonic() + math.ceil(self._grace(job)) + 2 * STOP_MARGIN_SECONDS
+        # the service asks again this long after Ray's SIGKILL was due
+        deadline = time.monotonic() + math.ceil(self._grace(job)) + 2 * self.settings.stop_grace_margin_seconds
         while time.monotonic() < deadline:
             info = self.info(sid)
             if info is not None and str(info.status) not in ACTIVE:
@@ -551,9 +548,8 @@ class RayExecutor:
         return self.config.workdir / "jobs" / job.id / "job.log"
 
     def _exchange(self, job: Job) -> Path:
-        """The job's folder in the exchange the service and Ray nodes share (config.workdir/exchange until the
-        config has a key for it: service.ray.exchange_dir)."""
-        return self.config.workdir.resolve() / "exchange" / job.id
+        """The job's folder in the exchange the service and Ray nodes share (service.ray.exchange_dir)."""
+        return (self.settings.exchange_dir or self.config.workdir / "exchange").resolve() / job.id
 
     def _build_dir(self, job: Job, attempt: int) -> Path:
         return self._exchange(job) / f"a{attempt}-build"
