@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from automation.config import parse_config
+from automation.config import SandboxLimits, parse_config
 from automation.store import open_store
 from automation.summary import JobSummary
-from tests.conftest import fast_config
+from tests.conftest import fast_config, wait_for
 from triggers.jobs.boundary import NoCandidate, take_candidate
 from triggers.jobs.executors import Finished, LocalExecutor
 from triggers.jobs.job_end import copy_report, outcome_from_summary
@@ -247,3 +247,24 @@ def test_a_builds_exit_code_and_output_never_reach_the_verdict(executor: LocalEx
     assert len(judged) == 256
     stats = __import__("triggers.jobs.queue", fromlist=["job_stats"]).job_stats(executor.engine)
     assert stats["cost:cpu_seconds"] == 256 * (2.0 + 0.5)   # the judge's and the measured build's, never 99999
+
+
+def test_a_stopped_sandboxed_job_gets_the_sigterm_and_checkpoints(executor: LocalExecutor, tmp_path: Path) -> None:
+    """A cancel or preemption reaches the job inside bubblewrap, not bwrap (which forwards nothing and dies of
+    it, taking the job with it mid-checkpoint): the job's own handler runs and its exit 75 comes back."""
+    workdir = tmp_path / "sandbox-work"
+    workdir.mkdir()
+    script = ("import signal, sys, time\n"
+              f"def checkpoint(*_):\n    open({str(workdir / 'checkpoint')!r}, 'w').write('saved')\n    sys.exit(75)\n"
+              "signal.signal(signal.SIGTERM, checkpoint)\n"
+              f"open({str(workdir / 'ready')!r}, 'w').close()\n"
+              "time.sleep(120)\n")
+    command = sandboxed([sys.executable, "-c", script], cwd=tmp_path, writable=workdir, env={"PATH": "/usr/bin:/bin"})
+    lost = threading.Event()
+    threading.Thread(target=lambda: wait_for(lambda: (workdir / "ready").exists(), 60) and lost.set(),
+                     daemon=True).start()
+    job = SimpleNamespace(id="stopped", model="digits_mlp", attempts=1)
+    finished = executor._launch(command, tmp_path, {"PATH": "/usr/bin:/bin"}, job, None,  # type: ignore[arg-type]
+                                tmp_path / "job.log", lost, workdir, Limits.resolve(SandboxLimits(), 10))
+    assert finished is not None and finished.stopped and finished.exit_code == 75
+    assert (workdir / "checkpoint").read_text() == "saved"

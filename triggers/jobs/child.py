@@ -49,6 +49,26 @@ class Child:
         if self.exit_code is None:
             os.kill(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
 
+    def terminate_sandboxed(self) -> None:
+        """SIGTERM to the job inside a bubblewrap sandbox, not to bwrap: bwrap forwards no signal and dies of
+        it, and its --die-with-parent then kills the job mid-checkpoint. bwrap exits with the job's code."""
+        import psutil
+
+        if self.exit_code is not None:
+            return
+        try:
+            inside = [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                      if p.name() != "bwrap" and p.parent() is not None and p.parent().name() == "bwrap"]
+        except psutil.Error:
+            inside = []
+        for process in inside:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        if not inside:   # not (or no longer) a sandbox with a job in it
+            self.signal()
+
     def cost(self) -> dict[str, float]:
         """What the process and the children it waited for spent, as the kernel counted it."""
         if self.rusage is None:

@@ -275,7 +275,7 @@ class LocalExecutor:
                 progress_file = ProgressFile(workdir / "jobs" / job.id / PROGRESS_FILE) if progress else None
                 while child.poll() is None:
                     if lost.wait(0.5):
-                        if self._stop(child, job, lost) != Preempted.exit_code:
+                        if self._stop(child, job, lost, sandboxed=limits is not None) != Preempted.exit_code:
                             log.warning("job abandoned: it is no longer this worker's", extra={"job_id": job.id})
                             return None
                         stopped = True   # it checkpointed: the worker requeues it (if it is still this worker's)
@@ -315,7 +315,7 @@ class LocalExecutor:
             copy_report(workdir, written, report)
         return finish_job(self.engine, self.config.workdir, job.id, outcome, summary, report)
 
-    def _stop(self, child: Child, job: Job, lost: threading.Event) -> int:
+    def _stop(self, child: Child, job: Job, lost: threading.Event, sandboxed: bool = False) -> int:
         """Cancelled, timed out or preempted: SIGTERM, as a spot notice would, so training checkpoints; SIGKILL
         once the model's grace period (and a margin) has passed. A lost lease: SIGKILL at once, before another
         worker may claim the job and resume from the same checkpoints. Returns the exit code."""
@@ -324,7 +324,10 @@ class LocalExecutor:
             return child.wait()   # type: ignore[return-value]
         grace = self.config.model(job.model).train.preemption_grace_seconds if job.model in self.config.models \
             else 30.0
-        child.signal()
+        if sandboxed:
+            child.terminate_sandboxed()
+        else:
+            child.signal()
         code = child.wait(grace + 10)
         if code is None:
             child.signal(kill=True)
