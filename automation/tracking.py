@@ -57,3 +57,20 @@ def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
         reason = redact(str(exc).splitlines()[0])[:200] if str(exc) else type(exc).__name__
         raise MlgateError(f"MLflow tracking store at {redact_url(uri)} is unreachable: {reason}",
                           hint="check MLFLOW_TRACKING_URI, or unset it to use the embedded store") from None
+
+
+def empty_store(workdir: Path) -> Path:
+    """An empty MLflow store, its schema migrated once per service: a sandboxed or remote runner's private
+    workdir starts with a copy instead of seconds of migrations (its run is thrown away with the workdir)."""
+    import threading
+
+    path = workdir / "cache" / "empty-mlflow.db"
+    if not path.exists():
+        from mlflow import MlflowClient
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        building = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        uri = f"sqlite:///{building}"
+        MlflowClient(uri, uri).search_experiments()   # creates and migrates it
+        building.replace(path)   # atomic: a concurrent worker sees the whole file or none
+    return path

@@ -221,7 +221,9 @@ class LocalExecutor:
 
         workdir.mkdir(parents=True, exist_ok=True)
         if not (workdir / "mlflow.db").exists():   # its private store: a copy, not seconds of migrations per job
-            shutil.copyfile(self._empty_store(), workdir / "mlflow.db")
+            from automation.tracking import empty_store
+
+            shutil.copyfile(empty_store(self.config.workdir), workdir / "mlflow.db")
         extra = [Path(p) for p in self.config.service.sandbox_read_only if Path(p).exists()]
         limits = Limits.resolve(self.config.service.sandbox_limits, self.config.service.job_timeout_minutes)
         env = job_environment(False, set_to={"MLGATE_WORKDIR": str(workdir)})
@@ -229,20 +231,6 @@ class LocalExecutor:
                             cwd=tree, writable=workdir, read_only=[*read_only, *extra], env=env, tmp_mb=limits.tmp_mb)
         return self._launch(command, tree, job_environment(False), job, sha, log_path, lost, workdir, limits,
                             progress)
-
-    def _empty_store(self) -> Path:
-        """An empty MLflow store, its schema migrated once per service: every sandboxed job's private store
-        starts as a copy (the job's run is thrown away with its workdir; only its report comes back)."""
-        path = self.config.workdir / "cache" / "empty-mlflow.db"
-        if not path.exists():
-            from mlflow import MlflowClient
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            building = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            uri = f"sqlite:///{building}"
-            MlflowClient(uri, uri).search_experiments()   # creates and migrates it
-            building.replace(path)   # atomic: a concurrent worker sees the whole file or none
-        return path
 
     def _isolate(self, job: Job) -> Path:
         """A PR job's own workdir, holding production as a snapshot exported here (the trusted side)."""

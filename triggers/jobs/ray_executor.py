@@ -157,21 +157,6 @@ def _regular_inside(path: Path, root: Path, leave_out: tuple[Path, ...]) -> Path
     return target
 
 
-def empty_store(workdir: Path) -> Path:
-    """An empty MLflow store, migrated once per service (the local executor's cache, shared): a runner's private
-    workdir starts with a copy instead of seconds of migrations."""
-    path = workdir / "cache" / "empty-mlflow.db"
-    if not path.exists():
-        from mlflow import MlflowClient
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        building = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        uri = f"sqlite:///{building}"
-        MlflowClient(uri, uri).search_experiments()   # creates and migrates it
-        building.replace(path)   # atomic: a concurrent worker sees the whole file or none
-    return path
-
-
 @dataclass
 class Spec:
     """One submission's content, but its id."""
@@ -558,6 +543,8 @@ class RayExecutor:
         """A runner's own workdir (a PR job's, the judge's, the build's): its MLflow store a fresh copy."""
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "mlflow.db").exists():
+            from automation.tracking import empty_store
+
             shutil.copyfile(empty_store(self.config.workdir), folder / "mlflow.db")
         return folder
 
