@@ -6,8 +6,10 @@ are on while training, and the intra-op thread count is fixed (`train.threads`),
 sums are split. On CUDA, cuDNN is pinned to deterministic kernels; see README for the tolerance there.
 
 The loop reads top to bottom in phases: set-up, per-epoch train, validate, early-stop.
-With several GPUs (or when asked, e.g. in tests) it runs data-parallel through
-torch.distributed, one process per rank, meeting through a rendezvous file.
+With several GPUs (or when asked, e.g. in tests), or several nodes, it runs data-parallel through
+torch.distributed, one process per rank, started by torchrun (automation/launch.py). A checkpoint records
+the world size that wrote it; resumed on another, the rest of its epoch is shared among the new ranks and the
+learning-rate schedule is stretched to the new number of steps.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import copy
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from automation.checkpoint import CheckpointDir, Lineage, PreemptionNotice, Pree
 from automation.config import TrainConfig
 from automation.device import CPU, RunnerDevice
 from automation.data import Splits, is_on_disk
+
+if TYPE_CHECKING:
+    from automation.launch import RankSpec, Rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class TrainResult:
     resumed_seconds: float = 0.0     # the training time the checkpoint held: what resuming saved
     threads: int = 0                 # intra-op CPU threads per process while training (train.threads)
     fresh_start: str | None = None   # why a checkpoint found was not resumed (written by another config, ...)
+    restarts: int = 0                # times torchrun restarted the group after losing a worker
 
 
 def seed_everything(seed: int) -> None:
@@ -124,11 +129,17 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
     CPU, in fp32: the trained model crosses the device boundary here, once. With `checkpoints`, resumes from
     the newest complete one there that `lineage` (what this training is: config, data, code; derived when not
     given) wrote, and writes new ones (automation/checkpoint.py)."""
-    world_size = world_size or resolve_world_size(cfg, device)
+    from automation.launch import Rendezvous
+
+    world_size = world_size or resolve_world_size(cfg, device)   # processes on this node
+    rendezvous = Rendezvous.from_env()
+    if cfg.nodes != rendezvous.nnodes:
+        log.warning("train.nodes is %d, but this runner was started as %d node(s): training on %d", cfg.nodes,
+                    rendezvous.nnodes, rendezvous.nnodes, extra={"nodes": cfg.nodes, "started": rendezvous.nnodes})
     if checkpoints is not None and lineage is None:
         lineage = default_lineage(build, params, splits, cfg)
     started = time.perf_counter()
-    if world_size == 1:
+    if world_size == 1 and rendezvous.nnodes == 1:
         with reproducible(training_threads(cfg)):
             result = _train_single(build, params, splits, cfg, rank=0, world_size=1, runner=device,
                                    on_epoch=on_epoch, checkpoints=checkpoints, notice=notice,
@@ -136,11 +147,34 @@ def train_model(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: Tra
     else:   # a preemption notice reaches this process only: the ranks resume from the last epoch's checkpoint
         result = _train_distributed(build, params, splits, cfg, world_size, device,
                                     backend or ("nccl" if device.is_cuda else "gloo"), checkpoints, hopeless_below,
-                                    lineage)
+                                    lineage, rendezvous)
         if on_epoch is not None:   # ranks run in other processes; replay their history here
             for epoch, metrics in enumerate(result.history, start=1):
                 on_epoch(epoch, metrics)
     result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, nproc: int,
+                       device: RunnerDevice, backend: str, checkpoints: CheckpointDir | None,
+                       hopeless_below: float | None, lineage: Lineage | None, rendezvous: Rendezvous) -> TrainResult:
+    from automation.launch import RankSpec, launch_training
+
+    spec = RankSpec(build=build, params=params, splits=splits, cfg=cfg, device=device, backend=backend,
+                    threads=training_threads(cfg, nproc),   # the node's ranks share its threads
+                    checkpoints=checkpoints, hopeless_below=hopeless_below, lineage=lineage)
+    return launch_training(spec, nproc, rendezvous)
+
+
+def rank_training(spec: RankSpec, *, rank: int, world_size: int, device: RunnerDevice) -> TrainResult:
+    """One torchrun rank's training (automation/launch.py), in the group the caller joined. The loop (and
+    DDP's reducer in it, which holds the group) is gone when this returns: the caller leaves the group next."""
+    with reproducible(spec.threads):
+        loop = TrainingLoop(spec.build, spec.params, spec.splits, spec.cfg, rank=rank, world_size=world_size,
+                            runner=device, checkpoints=spec.checkpoints, hopeless_below=spec.hopeless_below,
+                            lineage=spec.lineage)
+        result = loop.run(None)
+    del loop
     return result
 
 
@@ -195,9 +229,7 @@ class TrainingLoop:
                  lineage: Lineage | None = None) -> None:
         seed_everything(cfg.seed)   # before build(): the initial weights are the seed's
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        # one GPU per rank under DDP; otherwise the job's device
-        self.device = device = torch.device("cuda", rank % torch.cuda.device_count()) \
-            if world_size > 1 and runner.is_cuda else runner.torch
+        self.device = device = runner.torch   # under DDP, the rank's own (automation/launch.py: rank_device)
         self.model = model = build(**params).to(device)
         self.train_module: nn.Module = model
         if world_size > 1:
@@ -228,14 +260,14 @@ class TrainingLoop:
         self.checkpoint_seconds = 0.0
         self.epochs_run = 0   # by this attempt
         self.lineage, self.fresh_start = lineage, None
-        if checkpoints is not None:   # every rank decides alike, from the same checkpoint
+        if checkpoints is not None:   # every rank decides alike, from the checkpoint rank 0 read
             self.resume(checkpoints)
         self._clock = self._last_saved = time.monotonic()
 
     def resume(self, checkpoints: CheckpointDir) -> None:
         """Go on from the newest checkpoint if this training's lineage wrote it; otherwise start fresh and say
         why in one line (rank 0 deletes the stale ones, which would outrank the fresh run's by epoch)."""
-        latest = checkpoints.latest()
+        latest = self._shared_latest(checkpoints)
         if latest is None:
             return
         epoch, step = _position(latest)
@@ -255,6 +287,16 @@ class TrainingLoop:
             log.info(f"resuming from the checkpoint at {where}",
                      extra={"epoch": epoch, "step": step, "epochs": self.cfg.epochs,
                             "trained_seconds": round(self.resumed_seconds, 2)})
+
+    def _shared_latest(self, checkpoints: CheckpointDir) -> dict[str, Any] | None:
+        """The newest checkpoint as rank 0 reads it, on every rank. Under DDP the others get rank 0's copy: a
+        node of its own may have an empty folder, and a rank reading after rank 0 cleared a stale one would
+        start fresh beside a rank 0 that resumed (other weights, another epoch count: a hang)."""
+        if self.world_size == 1:
+            return checkpoints.latest()
+        shared = [checkpoints.latest() if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, on_epoch: EpochCallback | None = None) -> TrainResult:
@@ -320,10 +362,21 @@ class TrainingLoop:
                 if preempted:
                     raise Preempted(f"preempted at epoch {saved.epoch + 1}, step {saved.step}: checkpointed in "
                                     f"{saved.seconds:.2f} s; the next attempt resumes there")
-        if self.cfg.max_minutes is not None and self._train_seconds() >= self.cfg.max_minutes * 60:
+        if self.cfg.max_minutes is not None and self._budget_spent():
             self.progress.budget_reached = True
             return True
         return False
+
+    def _budget_spent(self) -> bool:
+        """train.max_minutes, reached. Under DDP the ranks' clocks differ: they agree (any rank's spent budget
+        stops all) or one would wait for the others in its next all-reduce forever. A sync point every step,
+        paid only with max_minutes set."""
+        spent = self._train_seconds() >= self.cfg.max_minutes * 60   # type: ignore[operator]
+        if self.world_size == 1:
+            return spent
+        flag = torch.tensor([float(spent)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def validate(self) -> tuple[float, float]:
         """Loss and accuracy on the full validation split (every rank, so all reach the same stop decision)."""
@@ -387,21 +440,56 @@ class TrainingLoop:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "best_state": self.progress.best_state, "progress": progress,
                 "position": position, "rng": _random_state(self.generator, self.device),
-                "lineage": self.lineage.record() if self.lineage is not None else None}
+                "lineage": self.lineage.record() if self.lineage is not None else None,
+                "world_size": self.world_size}   # how the position's rows and the schedule's steps were counted
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Go on from `state`, written at this world size or another (a checkpoint from before the world size
+        was recorded counts as this one's)."""
+        written_at = int(state.get("world_size", self.world_size))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(best_state=state["best_state"], **state["progress"])
         position = state["position"]
         self.position = None if position is None else EpochPosition(position["order"], int(position["step"]),
                                                                      float(position["total_loss"]))
-        _restore_random_state(state["rng"], self.generator, self.device)
         self.resumed_from = (self.progress.epoch, self.position.step if self.position else 0)
+        if written_at != self.world_size and self.position is not None:
+            self.position = self._reshard(self.position, written_at)
+        if self.scheduler is not None and state["scheduler"] is not None:
+            if written_at == self.world_size:
+                self.scheduler.load_state_dict(state["scheduler"])
+            else:   # its step count and phases were those of another number of steps per epoch
+                self._continue_schedule()
+        _restore_random_state(state["rng"], self.generator, self.device)
         self.resumed_seconds = self.progress.train_seconds   # training this attempt does not redo
+
+    def _reshard(self, position: EpochPosition, written_at: int) -> EpochPosition:
+        """The rest of an epoch a single process began, shared among this world's ranks as a fresh epoch's
+        rows are (each its stride of the same order). Only a single process checkpoints inside an epoch
+        (DDP ranks at epoch ends), so the saved order is the whole epoch's."""
+        if written_at != 1:
+            raise ValueError(f"a checkpoint inside an epoch written by {written_at} ranks holds rank 0's rows "
+                             "only; it cannot be resumed on another number of ranks")
+        remaining = position.order[position.step * self.cfg.batch_size:]
+        share = len(remaining) // self.world_size
+        # the loss summed so far, as this rank's share of it: the epoch's mean divides by this rank's rows
+        return EpochPosition(remaining[self.rank::self.world_size][:share], 0,
+                             position.total_loss * written_at / self.world_size)
+
+    def _continue_schedule(self) -> None:
+        """The learning-rate schedule at the point this world size has reached: the steps still to take at
+        this size, counted back from the end of a schedule built for it (so it never steps past its end)."""
+        if self.scheduler is None:
+            return
+        per_epoch = -(-self.per_rank // self.cfg.batch_size)
+        this_epoch = -(-len(self.position.order) // self.cfg.batch_size) - self.position.step \
+            if self.position is not None else per_epoch
+        remaining = this_epoch + (self.cfg.epochs - self.progress.epoch - 1) * per_epoch
+        total = self.cfg.epochs * per_epoch
+        self.scheduler.last_epoch = max(0, total - remaining)
+        # the next step() sets the rate from last_epoch; until then the optimizer keeps the checkpoint's rate
 
     def misfit(self, state: dict[str, Any]) -> str | None:
         """Why the checkpoint's weights cannot go into this network (checked before anything is loaded:
@@ -511,43 +599,3 @@ def _seed_worker(worker_id: int) -> None:
 
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch   # __getitems__ already stacked it
-
-
-def _ddp_worker(rank: int, world_size: int, backend: str, rendezvous: str, out: str,
-                build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig, device: RunnerDevice,
-                checkpoints: CheckpointDir | None, hopeless_below: float | None, lineage: Lineage | None) -> None:
-    # A file rendezvous, not env:// (a TCPStore on a port picked ahead of time): the port could be taken by
-    # another process before rank 0 bound it, and rank 0 hosted the store, so under load a rank still tearing
-    # down talked to a store that had gone with rank 0's exit, and gloo aborted that rank (SIGABRT,
-    # "terminate called without an active exception"). A file outlives every rank and needs no port.
-    store = torch.distributed.FileStore(rendezvous, world_size)
-    torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
-    try:
-        with reproducible(training_threads(cfg, world_size)):   # the ranks share this machine's threads
-            result = _train_single(build, params, splits, cfg, rank=rank, world_size=world_size, runner=device,
-                                   on_epoch=None, checkpoints=checkpoints, hopeless_below=hopeless_below,
-                                   lineage=lineage)
-        if rank == 0:
-            fields = {k: v for k, v in vars(result).items() if k not in ("model", "world_size", "seconds")}
-            torch.save({"state_dict": result.model.state_dict(), **fields}, out)
-        # ranks tear the group down together: one leaving while its peer still works aborts gloo
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
-        del store
-
-
-def _train_distributed(build: BuildFn, params: dict[str, Any], splits: Splits, cfg: TrainConfig,
-                       world_size: int, device: RunnerDevice, backend: str, checkpoints: CheckpointDir | None,
-                       hopeless_below: float | None, lineage: Lineage | None) -> TrainResult:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="mlgate-ddp-") as tmp:
-        out = str(Path(tmp) / "rank0.pt")
-        mp.spawn(_ddp_worker, nprocs=world_size, join=True,
-                 args=(world_size, backend, str(Path(tmp) / "rendezvous"), out, build, params, splits, cfg, device, checkpoints,
-                       hopeless_below, lineage))
-        saved = torch.load(out, weights_only=False)
-    model = build(**params)
-    model.load_state_dict(saved.pop("state_dict"))
-    return TrainResult(model=model.eval(), world_size=world_size, **saved)
