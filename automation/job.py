@@ -154,6 +154,8 @@ def run_stages(config: MlgateConfig, request: JobRequest, progress: JobProgress 
     timer.use_device(validated.runner)
     if request.export_candidate is not None:   # untrusted code: train, hand the artifact over, judge nothing
         return export_job(request, spec, validated, timer)
+    if follower_node() is not None:   # one node's share of a multi-node training: node 0 does the rest
+        return share_job(request, spec, validated, timer, progress)
     with timer.stage("connect"):
         connected = connect(config, request)
 
@@ -351,6 +353,23 @@ def training_summary(trained: TrainResult) -> dict[str, Any]:
 
 
 # --- an untrusted PR's two halves: export a candidate (its code), judge the candidate (the service's code) --------
+
+def follower_node() -> int | None:
+    """This node's rank when it is one of several training together and not node 0 (automation/launch.py's
+    environment, set by the executor): it trains its share and leaves the job to node 0."""
+    from automation.launch import Rendezvous
+
+    rendezvous = Rendezvous.from_env()
+    return rendezvous.node_rank if rendezvous.nnodes > 1 and rendezvous.node_rank > 0 else None
+
+
+def share_job(request: JobRequest, spec: ModelConfig, validated: Validated, timer: StageTimer,
+              progress: JobProgress) -> dict[str, Any]:
+    """A follower node's job: its ranks train with node 0's; it registers, gates and reports nothing."""
+    with timer.stage("train"):
+        train_stage(request, spec, validated, progress)
+    return {"job_id": request.job_id, "model": request.model, "node_rank": follower_node(), "trained_only": True}
+
 
 def export_job(request: JobRequest, spec: ModelConfig, validated: Validated, timer: StageTimer) -> dict[str, Any]:
     """Train and write the candidate folder, with no tracking server, store or registry: the untrusted half

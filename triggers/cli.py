@@ -186,7 +186,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _report_back(args, getattr(exc, "exit_code", 1), None,   # 75: preempted, to be resumed
                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
-    if args.report_to:
+    if args.report_to and not (summaries and summaries[0].get("trained_only")):   # node 0 reports the job
         _report_back(args, code, summaries[0] if summaries else None, None)
     if args.json:
         print(json.dumps(summaries[0] if len(summaries) == 1 else {"jobs": summaries}, default=str))
