@@ -42,7 +42,7 @@ class Preempted(MlgateError):
 # TrainConfig fields that say how or where training runs, not what it computes: a resume may change them
 # (more time, another machine, another checkpoint interval) and still go on with the same weights
 RUN_ONLY = frozenset({"checkpoint_every_minutes", "preemption_grace_seconds", "max_minutes", "abort_when_hopeless",
-                      "loader_workers", "distributed", "threads"})
+                      "loader_workers", "distributed", "threads", "nodes"})
 
 
 @dataclass(frozen=True)

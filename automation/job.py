@@ -343,7 +343,8 @@ def training_options(request: JobRequest, spec: ModelConfig, validated: Validate
 
 def training_summary(trained: TrainResult) -> dict[str, Any]:
     return {"history": trained.history, "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
-            "world_size": trained.world_size, "device": trained.device, "precision": trained.precision,
+            "world_size": trained.world_size, "restarts": trained.restarts, "device": trained.device,
+            "precision": trained.precision,
             "seconds": trained.seconds, "train_seconds": trained.train_seconds,
             "resumed_from": None if trained.resumed_from is None else
             {"epoch": trained.resumed_from[0], "step": trained.resumed_from[1]},
