@@ -316,6 +316,8 @@ class RayExecutorConfig(Strict):
     exchange_dir: Path | None = None
     # Ray's SIGKILL comes this long after the model's preemption grace (a checkpoint being written may finish)
     stop_grace_margin_seconds: PositiveFloat = 10
+    # train.nodes > 1: how the nodes' bundles are placed. STRICT_SPREAD: one per machine; SPREAD: best effort
+    placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK"] = "STRICT_SPREAD"
 
 
 class SandboxLimits(Strict):

@@ -134,11 +134,13 @@ def service(head: RayHead, tmp_path_factory: pytest.TempPathFactory, mlflow_temp
     config["models"] = {
         "digits_mlp": {"module": "models.digits_mlp", "params": {"hidden": 64}} | small,
         "second_mlp": {"module": "models.digits_mlp", "params": {"hidden": 48}} | small,
+        "two_nodes": {"module": "models.digits_mlp", "params": {"hidden": 32}, "train": {"epochs": 3, "nodes": 2}}
+        | small,
         "slow_save": {"module": "slow_save", "params": {"hidden": 32}, "train": {
             "epochs": 30, "batch_size": 64, "patience": 30, "preemption_grace_seconds": GRACE}} | small}
     config["service"] = {"executor": "ray", "lease_seconds": 3, "workers": 1,
                          "ray": {"address": head.address, "service_url": f"http://127.0.0.1:{port}",
-                                 "poll_seconds": 0.5}}
+                                 "poll_seconds": 0.5, "placement_strategy": "SPREAD"}}   # one machine here
     base = git_commit(repo, project_files("models") | {"slow_save.py": SLOW_SAVE_MODEL,
                                                        "mlgate.yaml": yaml.safe_dump(config)}, "the service's repo")
     loaded = load_config(repo / "mlgate.yaml")
@@ -401,3 +403,17 @@ def test_nothing_the_head_started_listens_beyond_loopback(head: RayHead) -> None
     """Last: by now the head has started its agents and workers for the jobs above."""
     assert head.started_processes()
     assert head.non_loopback_listeners() == []
+
+
+def test_a_model_on_two_nodes_trains_with_torchrun_per_worker_and_node_0_reports(service: dict[str, Any]) -> None:
+    """train.nodes: 2 on Ray: one submission whose entrypoint places two bundles and runs `mlgate run` on each
+    with the launcher's rendezvous; node 0 registers and reports, once."""
+    job, _ = queue.enqueue(service["engine"], model="two_nodes", kind="retrain", trigger="push", sha=service["base"])
+    assert worker(service, "ray-nodes").run_one() is not None
+    done = queue.get_job(service["engine"], job.id)
+    assert done.state == "succeeded", (done.as_dict(), job_log(service, job.id)[-3000:])
+    summary = json.loads(summary_file(service["config"].workdir, job.id).read_text())
+    assert summary["training"]["world_size"] == 2 and summary["promoted"] is True
+    assert [r.version for r in promotions(service, job.id)] == [summary["version"]]
+    [ran] = submissions(service, job.id)
+    assert ran.entrypoint.startswith("python -m triggers.jobs.ray_nodes --nodes 2 --cpus 1 ")

@@ -208,7 +208,6 @@ class RayExecutor:
 
         self.log_path(job).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._one_node(job)
             outcome = self._build_and_judge(job, lost) if outsider_pr(job) else self._single(job, lost)
         except CheckoutFailed as exc:
             outcome = Outcome("failed", {"error": str(exc)[:2000]})
@@ -219,13 +218,9 @@ class RayExecutor:
             shutil.rmtree(self._exchange(job), ignore_errors=True)   # over: no attempt will need its folders
         return outcome
 
-    def _one_node(self, job: Job) -> None:
-        """One submission is one entrypoint on one node: a model that asks for more fails in one line rather than
-        training on one node in silence."""
-        nodes = self.config.model(job.model).train.nodes if job.model in self.config.models else 1
-        if nodes > 1:
-            raise UsageError(f"{job.model} asks for train.nodes: {nodes}, and the ray executor runs a job on one "
-                             "node", hint="set train.nodes: 1 for this model, or use the kubernetes executor")
+    def _nodes(self, job: Job) -> int:
+        """Machines a trusted run trains on (train.nodes); an outsider's build and the judge use one."""
+        return self.config.model(job.model).train.nodes if job.model in self.config.models else 1
 
     def _single(self, job: Job, lost: threading.Event) -> Outcome | None:
         """A retrain or a writer's PR: one runner that reports itself."""
@@ -286,13 +281,15 @@ class RayExecutor:
     def _submit(self, job: Job, sid: str, spec: SpecMaker) -> Runner:
         """Submit what `spec` makes under `sid`; Ray refusing the id means it is there already: re-attach to it."""
         resources = self._resources(job)
+        # several nodes: the entrypoint only places them (triggers/jobs/ray_nodes.py); each node asks for the rest
+        alone = not (self._nodes(job) > 1 and not outsider_pr(job))
         with spec() as made:
             try:
                 self.client.submit_job(entrypoint=made.entrypoint, submission_id=sid, metadata=made.metadata,
                                        runtime_env={"working_dir": str(made.working_dir), "env_vars": made.env_vars},
-                                       entrypoint_num_cpus=resources.cpus,
-                                       entrypoint_num_gpus=resources.gpus or None,
-                                       entrypoint_memory=memory_bytes(resources.memory))
+                                       entrypoint_num_cpus=resources.cpus if alone else 0,
+                                       entrypoint_num_gpus=(resources.gpus or None) if alone else None,
+                                       entrypoint_memory=memory_bytes(resources.memory) if alone else None)
             except RuntimeError as exc:
                 if "already exists" not in str(exc):
                     raise RayUnavailable(f"Ray refused the submission {sid}: {_one_line(exc)}") from None
@@ -321,8 +318,10 @@ class RayExecutor:
                 env = {"MLGATE_WORKDIR": str(self._private_workdir(self._exchange(job) / "work"))}
             else:
                 env = self._registry_env() | {"MLGATE_WORKDIR": str(self.config.workdir.resolve())}
-            yield Spec(_mlgate_run(config, args), staged, self._env(job, env, token=True),
-                       self._metadata(job, role))
+            entrypoint = _mlgate_run(config, args) if self._nodes(job) == 1 else \
+                _nodes_run(config, args, self._nodes(job), self._resources(job), self.settings.placement_strategy,
+                           submission_id(job.id, queue.runner_origin(self.engine, job.id, job.attempts)))
+            yield Spec(entrypoint, staged, self._env(job, env, token=True), self._metadata(job, role))
 
     @contextlib.contextmanager
     def _build_spec(self, job: Job) -> Iterator[Spec]:
@@ -619,6 +618,13 @@ class Follow:
 def _mlgate_run(config: Path, args: list[str]) -> str:
     """The entrypoint of a runner that runs trusted code: `python -m` from the working_dir, so its code runs."""
     return shlex.join(["python", "-m", "triggers.cli", "--config", str(config), "run", *args])
+
+
+def _nodes_run(config: Path, args: list[str], nodes: int, resources: Any, strategy: str, run_id: str) -> str:
+    """The entrypoint of a run across `nodes` Ray nodes: torchrun per worker (triggers/jobs/ray_nodes.py)."""
+    return shlex.join(["python", "-m", "triggers.jobs.ray_nodes", "--nodes", str(nodes), "--cpus", f"{resources.cpus:g}",
+                       "--gpus", str(resources.gpus), "--memory", str(memory_bytes(resources.memory)),
+                       "--strategy", strategy, "--run-id", run_id, "--", "--config", str(config), "run", *args])
 
 
 def _one_line(exc: BaseException) -> str:
