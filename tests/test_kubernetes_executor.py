@@ -209,6 +209,8 @@ def test_a_service_killed_mid_job_re_attaches_to_its_job_one_job_one_promotion(c
     assert len(kubelet.pods_of(name)) == 1
     summary = _summary(cluster, job.id)
     assert summary["promoted"] is True and summary["job_id"] == job.id
+    if cluster["server"] is not None:   # the compacted watch was listed again, and the job went on
+        assert "watch expired (410 Gone); listing again" in (service.state / "service.log").read_text()
     from automation import tracking
 
     client, _ = tracking.connect(cluster["config"].workdir, cluster["config"].experiment)

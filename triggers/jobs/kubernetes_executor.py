@@ -115,7 +115,9 @@ class JobWatch:
                 if exc.status != 410:
                     log.warning("watch failed; listing again", extra={"job": self.name, "status": exc.status})
                     self._stop.wait(1.0)
-                version = None   # 410 Gone: our version was compacted away
+                else:   # 410 Gone: our version was compacted away
+                    log.info("watch expired (410 Gone); listing again", extra={"k8s_job": self.name})
+                version = None
             except (HTTPError, OSError):   # the read timed out, or the connection dropped: list and watch again
                 version = None
 
