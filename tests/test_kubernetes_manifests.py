@@ -208,3 +208,20 @@ def test_the_readmes_role_is_the_one_the_executor_needs() -> None:
     block = readme.split("apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\n", 1)[1].split("---", 1)[0]
     documented = yaml.safe_load("apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\n" + block)
     assert documented == k8s.service_role("mlgate")
+
+
+@pytest.mark.parametrize("missing", ["MLGATE_RESULT_SECRET", "service_url", "repository"])
+def test_the_service_refuses_to_start_a_kubernetes_executor_it_cannot_run(missing: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from automation.errors import UsageError
+    from triggers.jobs.kubernetes_executor import executor_from_env
+
+    text = CONFIG.replace("    service_url: https://mlgate.example\n", "" if missing == "service_url" else
+                          "    service_url: https://mlgate.example\n")
+    monkeypatch.delenv("GITHUB_REPOSITORY", raising=False)
+    if missing != "MLGATE_RESULT_SECRET":
+        monkeypatch.setenv("MLGATE_RESULT_SECRET", "s3cret")
+    if missing != "repository":
+        monkeypatch.setenv("GITHUB_REPOSITORY", "acme/models")
+    with pytest.raises(UsageError, match=missing.split("_")[0].lower() if missing != "MLGATE_RESULT_SECRET" else missing):
+        executor_from_env(_config(text), "mlgate.yaml", None)   # type: ignore[arg-type]

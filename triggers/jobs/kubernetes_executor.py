@@ -196,6 +196,7 @@ class KubernetesExecutor:
         self.namespace = self.settings.namespace
         self.cluster = Cluster.over(client if client is not None else api_client(self.settings.context))
         self.repository = repository or os.environ.get("GITHUB_REPOSITORY")
+        self._queued_noted: set[tuple[str, int, str]] = set()
 
     # --- the attempt ------------------------------------------------------------------------------------
     def run(self, job: Job, lost: threading.Event) -> Outcome | None:
@@ -205,10 +206,10 @@ class KubernetesExecutor:
             attempt, config_file = self._attempt(job)
         except CheckoutFailed as exc:
             return Outcome("failed", {"error": str(exc)[:2000]})
-        log_path = self.config.workdir / "jobs" / job.id / "job.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         from triggers.jobs.job_log import JobLog
 
+        log_path = self.config.workdir / "jobs" / job.id / "job.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with JobLog(log_path) as job_log:
             if outsider_pr(job):
                 return self._outsider(job, attempt, config_file, lost, job_log)
@@ -353,9 +354,11 @@ class KubernetesExecutor:
                 log.error("could not delete", extra={"name": name, "status": exc.status})
 
     def _note_admission(self, job: Job, current: dict[str, Any] | None, phase: Phase) -> None:
-        """While Kueue holds the Job suspended, the job's progress says so (the check run shows it)."""
-        if current is None or not (current.get("spec") or {}).get("suspend") or not self.settings.queue_name:
+        """While Kueue holds the Job suspended, the job's progress says so (the check run shows it), once."""
+        if current is None or not (current.get("spec") or {}).get("suspend") or not self.settings.queue_name \
+                or (job.id, job.attempts, phase) in self._queued_noted:
             return
+        self._queued_noted.add((job.id, job.attempts, phase))
         queue.record_progress(self.engine, job.id, job.attempts, {
             "stage": "queued", "detail": f"waiting for Kueue to admit the {phase} Job into queue "
                                          f"{self.settings.queue_name}"})
@@ -384,9 +387,9 @@ class KubernetesExecutor:
         return current is not None and current.state == "cancelled"
 
     def _timed_out(self, job: Job) -> bool:
-        started = queue.as_utc(get_job(self.engine, job.id).started_at)   # type: ignore[union-attr]
         from datetime import datetime, timezone
 
+        started = queue.as_utc(get_job(self.engine, job.id).started_at)   # type: ignore[union-attr]
         return started is not None and (datetime.now(timezone.utc) - started).total_seconds() > \
             self.config.service.job_timeout_minutes * 60
 
@@ -410,4 +413,7 @@ def executor_from_env(config: MlgateConfig, config_path: str | None, engine: Eng
     if not config.service.kubernetes.service_url:
         raise UsageError("service.executor is 'kubernetes' but service.kubernetes.service_url is empty",
                          hint="the URL pods reach the service at, for their results")
+    if not config.service.kubernetes.repository_url and not os.environ.get("GITHUB_REPOSITORY"):
+        raise UsageError("service.executor is 'kubernetes' but neither service.kubernetes.repository_url nor "
+                         "GITHUB_REPOSITORY says where pods fetch the commit from")
     return KubernetesExecutor(config, config_path, engine)
