@@ -290,3 +290,24 @@ def test_cancelling_deletes_the_job_and_stops_its_pod(cluster: dict[str, Any]) -
     pod = kubelet.pods[kubelet.pods_of(name)[0]]
     assert wait_for(lambda: pod.process is not None and pod.process.poll() is not None, 60)
     assert queue.get_job(engine, job.id).state == "cancelled"
+
+
+def test_cancelling_an_outsiders_pr_while_queued_starts_no_later_phase(cluster: dict[str, Any]) -> None:
+    """Kueue still holds the fetch Job when a maintainer cancels: it is deleted, with its volume, and neither
+    the build nor the judge is ever created."""
+    engine = cluster["engine"]
+    job, _ = queue.enqueue(engine, model="slow_mlp", kind="evaluate", trigger="pr", sha=cluster["base"], pr=6,
+                           payload={"author_writes": False})
+    fetch = f"mlgate-{job.id}-a1-fetch"
+    assert wait_for(lambda: [j["metadata"]["name"] for j in _jobs(cluster, job.id)] == [fetch], 60)
+    assert queue.cancel(engine, job.id, "not this one")
+    assert wait_for(lambda: not _jobs(cluster, job.id), 60), cluster["service"].log()
+    from kubernetes import client as k8s
+
+    claims = k8s.CoreV1Api(cluster["client"]).list_namespaced_persistent_volume_claim(NAMESPACE).items
+    assert wait_for(lambda: not any(c.metadata.name == f"mlgate-{job.id}-a1-exchange" for c in
+                                    k8s.CoreV1Api(cluster["client"]).list_namespaced_persistent_volume_claim(
+                                        NAMESPACE).items), 30), [c.metadata.name for c in claims]
+    if cluster["server"] is not None:   # the emulator keeps every object it ever held, deleted ones too
+        ever = {name for (_resource, _namespace, name) in cluster["server"].emulator.objects}
+        assert fetch in ever and not {f"mlgate-{job.id}-a1-build", f"mlgate-{job.id}-a1-judge"} & ever

@@ -262,8 +262,8 @@ class KubernetesExecutor:
             for phase, manifest in (("fetch", fetch_job(self.config, attempt, self.repository)),
                                     ("build", build_job(self.config, attempt, config_file))):
                 end = self._run_phase(job, attempt, phase, manifest, lost, job_log)   # type: ignore[arg-type]
-                if end == "lost":
-                    return self._abandon(job, attempt)
+                if end == "lost":   # stopped (its Jobs deleted) or left for the next attempt: no next phase
+                    return None
                 if phase == "fetch" and end is not None and end.failed:   # type: ignore[union-attr]
                     outcome = self._failed(job, f"could not fetch the pull request's commit: {end.reason}")   # type: ignore[union-attr]
                     return outcome
@@ -290,7 +290,8 @@ class KubernetesExecutor:
                 if watch.seen.is_set() and (end := job_end(watch.latest)) is not None:
                     return end
                 if lost.wait(self.settings.poll_seconds):
-                    return self._stopping(job, attempt)
+                    self._stopping(job, attempt)
+                    return "lost"
 
     def _reported(self, job: Job, attempt: Attempt, phase: Phase, manifest: dict[str, Any], lost: threading.Event,
                   job_log: Any) -> Outcome | None:
