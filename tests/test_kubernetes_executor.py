@@ -163,6 +163,16 @@ def _admit(cluster: dict[str, Any], name: str) -> None:
     k8s.BatchV1Api(cluster["client"]).patch_namespaced_job(name, NAMESPACE, {"spec": {"suspend": False}})
 
 
+def _admitted_push(cluster: dict[str, Any]) -> tuple[queue.Job, str]:
+    """A push job whose Kubernetes Job Kueue admitted and whose first pod started: the job and the Job's name."""
+    job, _ = queue.enqueue(cluster["engine"], model="slow_mlp", kind="retrain", trigger="push", sha=cluster["base"])
+    assert wait_for(lambda: len(_jobs(cluster, job.id)) == 1, 60)
+    name = _jobs(cluster, job.id)[0]["metadata"]["name"]
+    _admit(cluster, name)
+    assert wait_for(lambda: bool(cluster["kubelet"].pods_of(name)), 60)
+    return job, name
+
+
 def _progress_epoch(cluster: dict[str, Any], pod: str, job_id: str) -> int:
     path = cluster["root"] / "pods" / pod / "volumes" / "workspace" / ".mlgate" / "jobs" / job_id / PROGRESS_FILE
     try:
@@ -223,12 +233,8 @@ def test_a_service_killed_mid_job_re_attaches_to_its_job_one_job_one_promotion(c
 def test_an_evicted_pod_resumes_from_its_checkpoint_with_the_uninterrupted_weights(cluster: dict[str, Any]) -> None:
     if "uninterrupted_run" not in cluster:
         pytest.skip("needs the uninterrupted run of the test before")
-    kubelet, engine = cluster["kubelet"], cluster["engine"]
-    job, _ = queue.enqueue(engine, model="slow_mlp", kind="retrain", trigger="push", sha=cluster["base"])
-    assert wait_for(lambda: len(_jobs(cluster, job.id)) == 1, 60)
-    name = _jobs(cluster, job.id)[0]["metadata"]["name"]
-    _admit(cluster, name)
-    assert wait_for(lambda: bool(kubelet.pods_of(name)), 60)
+    engine, kubelet = cluster["engine"], cluster["kubelet"]
+    job, name = _admitted_push(cluster)
     first = kubelet.pods_of(name)[0]
     assert wait_for(lambda: _progress_epoch(cluster, first, job.id) >= 2, 120), cluster["service"].log()
     kubelet.evict(first)
@@ -279,11 +285,7 @@ def test_an_outsiders_pr_is_built_without_credentials_and_judged_by_the_base_bra
 
 def test_cancelling_deletes_the_job_and_stops_its_pod(cluster: dict[str, Any]) -> None:
     engine, kubelet = cluster["engine"], cluster["kubelet"]
-    job, _ = queue.enqueue(engine, model="slow_mlp", kind="retrain", trigger="push", sha=cluster["base"])
-    assert wait_for(lambda: len(_jobs(cluster, job.id)) == 1, 60)
-    name = _jobs(cluster, job.id)[0]["metadata"]["name"]
-    _admit(cluster, name)
-    assert wait_for(lambda: bool(kubelet.pods_of(name)), 60)
+    job, name = _admitted_push(cluster)
     assert wait_for(lambda: _progress_epoch(cluster, kubelet.pods_of(name)[0], job.id) >= 1, 120)
     assert queue.cancel(engine, job.id, "a maintainer stopped it")
     assert wait_for(lambda: not _jobs(cluster, job.id), 60), cluster["service"].log()

@@ -279,10 +279,7 @@ class KubernetesExecutor:
                    job_log: Any) -> RunnerEnd | str | None:
         """Run one Job that reports nothing (fetch, build) to its end; "lost" when this worker must let go."""
         created = self._start(manifest, attempt, phase, token=None)
-        logs = PodLogs(self.cluster.core, self.namespace, {f"{LABEL}/job-id": job.id,
-                                                           f"{LABEL}/attempt": str(attempt.runner_attempt),
-                                                           "app.kubernetes.io/component": phase},
-                       job_log, self.settings.log_limit_kb * 1024)
+        logs = self._pod_logs(job, attempt, phase, job_log)
         with JobWatch(self.cluster.batch, self.namespace, created, self._watch_seconds()) as watch:
             while True:
                 logs.poll()
@@ -298,10 +295,7 @@ class KubernetesExecutor:
         """Run the Job whose runner reports (a trusted job, the judge) until its report ends the job."""
         token = result_token(job, attempt.runner_attempt, self.config.service.job_timeout_minutes)
         name = self._start(manifest, attempt, phase, token=token)
-        logs = PodLogs(self.cluster.core, self.namespace, {f"{LABEL}/job-id": job.id,
-                                                           f"{LABEL}/attempt": str(attempt.runner_attempt),
-                                                           "app.kubernetes.io/component": phase},
-                       job_log, self.settings.log_limit_kb * 1024)
+        logs = self._pod_logs(job, attempt, phase, job_log)
         with JobWatch(self.cluster.batch, self.namespace, name, self._watch_seconds()) as watch:
             def ended() -> RunnerEnd | None:
                 logs.poll()
@@ -314,6 +308,12 @@ class KubernetesExecutor:
         if why is None:
             return None   # the runner's report ended the job
         return self._failed(job, f"{why} without reporting a result")
+
+    def _pod_logs(self, job: Job, attempt: Attempt, phase: Phase, job_log: Any) -> PodLogs:
+        return PodLogs(self.cluster.core, self.namespace, {f"{LABEL}/job-id": job.id,
+                                                           f"{LABEL}/attempt": str(attempt.runner_attempt),
+                                                           "app.kubernetes.io/component": phase},
+                       job_log, self.settings.log_limit_kb * 1024)
 
     # --- the API ---------------------------------------------------------------------------------------
     def _start(self, manifest: dict[str, Any], attempt: Attempt, phase: Phase, token: str | None) -> str:
