@@ -202,6 +202,25 @@ class ResourcesConfig(Strict):
     tolerations: list[dict[str, str | int]] = []
 
 
+class PromotionConfig(Strict):
+    """Where production is declared (README: GitOps). `registry`: a passing gate moves the registry's alias.
+    `pull_request`: it opens (or updates) a pull request changing the model's deploy file, and merging it
+    promotes. `commit`: the service commits the deploy file to `service.branch` itself."""
+
+    mode: Literal["registry", "pull_request", "commit"] = "registry"
+    # the stages a version goes through, in order: with staging first, the production change is proposed only
+    # once the staging rollout's analysis passed (serve-model --stage staging), and carries its figures
+    stages: list[Literal["staging", "production"]] = ["production"]
+    # an alias moved outside git: `restore` puts it back to what the deploy file declares; `report` only says so
+    on_drift: Literal["restore", "report"] = "restore"
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> "PromotionConfig":
+        if self.stages not in (["production"], ["staging", "production"]):
+            raise ValueError("stages is [production] or [staging, production]")
+        return self
+
+
 class ModelDefaults(Strict):
     """The `defaults:` block: every model key except `module`, checked on its own so errors point here."""
 
@@ -218,6 +237,7 @@ class ModelDefaults(Strict):
     drift: DriftPolicy = DriftPolicy()
     rollout: RolloutConfig | None = None           # none: a promotion switches all traffic at once
     resources: ResourcesConfig = ResourcesConfig()
+    promotion: PromotionConfig = PromotionConfig()
     # merged over this block when the job's device is a CPU: a short config (fewer examples or epochs) for a
     # runner without a GPU, beside the full one. Any of the keys above; checked when the file is read.
     on_cpu: dict[str, Any] = {}
@@ -320,6 +340,22 @@ class RayExecutorConfig(Strict):
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK"] = "STRICT_SPREAD"
 
 
+class GitOpsConfig(Strict):
+    """Deploy files (automation/deploy_file.py) and the reconciler that makes the registry match them."""
+
+    folder: str = Field("deploy", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")   # in the repository
+    reconcile_seconds: PositiveFloat = 60          # besides every push to service.branch
+    author_name: str = "mlgate"                    # of the commits the service writes
+    author_email: str = "mlgate@users.noreply.github.com"
+    branch_prefix: str = Field("mlgate/promote", pattern=r"^[A-Za-z0-9_./-]+$")   # promotion PRs' branches
+
+    @model_validator(mode="after")
+    def _folder_inside(self) -> "GitOpsConfig":
+        if ".." in self.folder.split("/") or "." in self.folder.split("/"):
+            raise ValueError("folder is a path inside the repository, without '.' or '..'")
+        return self
+
+
 class SandboxLimits(Strict):
     """What a sandboxed pull-request job (its build, and the judge) may use. Reaching a limit ends the job
     with the limit named. Processes are capped with a pids cgroup where the service may make one, else with
@@ -376,6 +412,7 @@ class ServiceConfig(Strict):
     replay_window_hours: PositiveFloat = 72        # a signed webhook body seen within this is not enqueued again
     # a PR from a fork whose author cannot write runs only once someone with write access adds this label
     approve_label: str = "mlgate:evaluate"
+    gitops: GitOpsConfig = GitOpsConfig()
 
     @model_validator(mode="after")
     def _held_out_outside(self) -> "ServiceConfig":

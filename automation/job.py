@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from automation.config import MlgateConfig, ModelConfig, check_model_module
+from automation.config import MlgateConfig, ModelConfig, PromotionConfig, check_model_module
 from automation.cost import StageTimer
 from automation.device import CPU, RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, StageError, UsageError, failure_reason
@@ -50,8 +50,8 @@ REFERENCE_FILE = "train.npz"          # logged under the run's `reference/` arti
 
 # What the stages import, loaded (in this order) before the first stage timer starts: a stage's time is its
 # work, not loading torch, ONNX Runtime or MLflow.
-_STAGE_MODULES = ("benchmark", "contract", "gate", "optimize", "promote", "report", "store", "tracking", "train",
-                  "predictors")
+_STAGE_MODULES = ("benchmark", "contract", "gate", "optimize", "promote", "proposals", "report", "store", "tracking",
+                  "train", "predictors")
 
 
 @dataclass
@@ -191,7 +191,7 @@ def run_stages(config: MlgateConfig, request: JobRequest, progress: JobProgress 
                                 benchmarked, verdict, version, report_dir) | logged
         with timer.stage("promote"):
             promoted = promote_stage(request, connected, benchmarked.chosen, verdict, version,
-                                     summary["reports"]["html"])
+                                     summary["reports"]["html"], spec.promotion)
             summary |= promoted.summary_fields()
         with timer.stage("report"):
             summary["cost"] = timer.summary(summary["training"], request.earlier_attempts)
@@ -802,18 +802,21 @@ class Promoted:
     promoted: bool = False
     audit_id: Any = None
     stale: GateStale | None = None   # production moved since the gate compared against it: raised after reporting
+    proposed: dict[str, Any] | None = None   # promotion by git: the deploy-file change recorded for the service
 
     def summary_fields(self) -> dict[str, Any]:
         """The summary keys this outcome sets (none when nothing was tried)."""
         if self.promoted:
             return {"promoted": True, "audit_id": self.audit_id}
+        if self.proposed is not None:
+            return {"proposed": self.proposed}
         if self.stale is not None:
             return {"stale": str(self.stale)}
         return {}
 
 
 def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, verdict: Verdict,
-                  version: str | None, report_html: str) -> Promoted:
+                  version: str | None, report_html: str, promotion: PromotionConfig | None = None) -> Promoted:
     """Tag the version with its evidence, then move production to it if the gate passed: only over the
     production the gate compared against, since a person may have moved it since."""
     from automation import promote
@@ -827,6 +830,8 @@ def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, ve
         client.set_model_version_tag(request.model, version, "mlgate.variant", chosen.name)
     if version is None or not verdict.passed:
         return Promoted()
+    if promotion is not None and promotion.mode != "registry":   # git declares production: the service commits
+        return propose_stage(request, connected, chosen, verdict, version, report_html, promotion)
     try:   # only over the production the gate compared against: a person may have moved it since
         record = promote.promote(client, connected.engine, request.model, version, job_id=request.job_id,
                                  reason=f"gate passed ({request.trigger} {request.sha or ''})".strip(),
@@ -834,6 +839,29 @@ def promote_stage(request: JobRequest, connected: Connected, chosen: Variant, ve
     except GateStale as exc:
         return Promoted(stale=exc)
     return Promoted(promoted=True, audit_id=record.id)
+
+
+def propose_stage(request: JobRequest, connected: Connected, chosen: Variant, verdict: Verdict, version: str,
+                  report_html: str, promotion: PromotionConfig) -> Promoted:
+    """The deploy file for the first of the model's stages, with the version's digest and this job's evidence,
+    recorded as a proposal (automation/proposals.py). Production moves once git says so."""
+    import tempfile
+
+    from automation import deploy_file, proposals
+
+    stage = promotion.stages[0]
+    with tempfile.TemporaryDirectory(prefix="mlgate-digest-") as scratch:
+        digest = deploy_file.version_digest(request.model, version, Path(scratch))
+    declared = deploy_file.DeployFile(
+        model=request.model, stage=stage, version=str(version), digest=digest, variant=chosen.name,
+        evidence=deploy_file.Evidence(
+            job_id=request.job_id, commit=request.sha, trigger=request.trigger, report=report_html,
+            gates=[deploy_file.GateLine(name=c.name, status=c.status, line=c.line()) for c in verdict.checks]))
+    connected.client.set_model_version_tag(request.model, version, "mlgate.digest", digest)
+    proposal = proposals.propose(connected.engine, declared, job_id=request.job_id,
+                                 replaces=connected.production_version if stage == "production" else None)
+    return Promoted(proposed={"mode": promotion.mode, "stage": stage, "version": str(version),
+                              "digest": digest, "proposal": proposal.id})
 
 
 # --- report -----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRODUCTION, PREVIOUS = "production", "previous"
+PRODUCTION, PREVIOUS, STAGING = "production", "previous", "staging"
 GATE_TAG = "mlgate.gate"
 UNCHANGED = object()                      # `expected_production` not given: promote over whatever is there
 INTENT_STALE = timedelta(minutes=2)       # an unconfirmed move this old is reconciled by the next mover
@@ -67,7 +67,7 @@ class PromotionRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(200), index=True)
-    action: Mapped[str] = mapped_column(String(32))           # promote | manual_promote | rollback | retire
+    action: Mapped[str] = mapped_column(String(32))           # promote | manual_promote | rollback | retire | git | stage
     version: Mapped[str] = mapped_column(String(32))          # now in production ("" after a retire)
     replaced_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -269,6 +269,25 @@ def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *,
     return _move(client, engine, model, str(version), action="manual_promote" if manual else "promote",
                  reason=reason, job_id=job_id, require_passed=not manual, expected_production=expected_production,
                  fence=fence)
+
+
+def declare(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str) -> PromotionRecord:
+    """Make `version` production because the deploy file in git says so (triggers/gitops/reconcile.py): audited
+    as action `git`. No gate tag is required: the reviewed, merged deploy file is the approval."""
+    return _move(client, engine, model, str(version), action="git", reason=reason, job_id=None,
+                 require_passed=False)
+
+
+def set_staging(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str) -> PromotionRecord:
+    """Point `@staging` at `version` (git declares it), audited as action `stage`."""
+    replaced = alias_version(client, model, STAGING)
+    client.set_registered_model_alias(model, STAGING, str(version))   # never under the lock (see the top)
+    with locked(engine, model) as session:
+        record = PromotionRecord(model=model, action="stage", version=str(version), replaced_version=replaced,
+                                 reason=reason, actor=getpass.getuser())
+        session.add(record)
+        session.flush()
+    return record
 
 
 def rollback(client: "MlflowClient", engine: Engine, model: str, *, reason: str,

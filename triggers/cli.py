@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=15, help="training epochs per job")
     demo.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
+    reconcile = sub.add_parser("reconcile", help="GitOps, once: put proposed deploy-file changes in git, then move "
+                               "the registry's aliases to what the deploy files at service.branch declare")
+    reconcile.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    reconcile.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
     history = sub.add_parser("history", help="show the promotion audit trail")
     history.add_argument("model", nargs="?")
     history.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -154,6 +159,10 @@ def _print_human(summary: dict[str, Any]) -> None:
         print(f"  {check['line']}")
     if summary["promoted"]:
         print(f"  promoted version {summary['version']} to @production")
+    elif summary.get("proposed"):
+        proposed = summary["proposed"]
+        print(f"  proposed version {proposed['version']} for {proposed['stage']} ({proposed['mode']}): the service "
+              "puts the deploy file in git (`mlgate reconcile` does it once)")
     print(f"  report: {summary['reports']['html']}")
 
 
@@ -319,7 +328,15 @@ def _cmd_move(args: argparse.Namespace) -> int:
 
     promote.require_reason(args.command, args.reason)   # before any work
     config = _load(args)
-    config.model(args.model)
+    mode = config.model(args.model).promotion.mode
+    if mode != "registry":
+        from automation.deploy_file import deploy_path
+        from automation.errors import UsageError
+
+        path = deploy_path(config.service.gitops.folder, "production", args.model)
+        raise UsageError(f"git declares {args.model}'s production (promotion.mode: {mode}); an alias moved here would "
+                         "be drift, put back at the next reconcile",
+                         hint=f"change {path} (or `git revert` its last change) and push")
     client, _ = tracking.connect(config.workdir, config.experiment)
     engine = store.open_store(store.database_url(config.workdir))
     if args.command == "promote":
@@ -493,6 +510,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from automation import store, tracking
+    from automation.errors import UsageError
+    from triggers.gitops.loop import gitops_loop
+
+    config = _load(args)
+    engine = store.open_store(store.database_url(config.workdir))
+    client = tracking.connect(config.workdir, config.experiment)[0]
+    loop = gitops_loop(config, engine, lambda: client)
+    if loop is None:
+        raise UsageError("no model's production is declared in git (promotion.mode is registry for every model)")
+    published, result = loop.pass_once()
+    assert result is not None
+    if args.json:
+        print(json.dumps({"published": published} | result.as_dict()))
+        return EXIT_OK
+    for line in published:
+        print(line)
+    for state in result.states:
+        print(f"{state.model} {state.stage}: v{state.declared} {state.outcome.replace('_', ' ')}"
+              + (f" ({state.detail})" if state.detail else ""))
+    for line in result.refused:
+        print(f"refused: {line}")
+    return EXIT_OK
+
+
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from automation import store
     from automation.errors import MlgateError
@@ -511,7 +554,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-COMMANDS = {"check": _cmd_check, "demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history,
+COMMANDS = {"check": _cmd_check, "demo": _cmd_demo, "serve": _cmd_serve, "serve-model": _cmd_serve_model, "worker": _cmd_worker, "monitor": _cmd_monitor, "cancel": _cmd_cancel, "run": _cmd_run, "promote": _cmd_move, "rollback": _cmd_move, "history": _cmd_history, "reconcile": _cmd_reconcile,
             "versions": _cmd_versions, "retire": _cmd_retire}
 
 

@@ -124,7 +124,15 @@ function modelCard(m) {
         " requests" + (r.agreement == null ? "" : ", agreement " + r.agreement.toFixed(3)) + liveText(r.live)
       : "last rollout: v" + r.candidate + " " + r.state.replace("_", " ") + (r.reason ? " (" + r.reason + ")" : "");
   }
-  card.append(title, who, roll, table, charts); return card;
+  const git = document.createElement("p"); git.className = "gitops";
+  if (m.gitops) {
+    const stages = m.gitops.stages.map(s => s.stage + ": v" + s.declared + " (" + s.outcome.replace("_", " ") +
+      (s.detail ? ", " + s.detail : "") + ")");
+    git.textContent = "git (" + m.gitops.mode + ", " + (m.gitops.head || "").slice(0, 7) + "): " +
+      (stages.join("; ") || "nothing declared") + m.gitops.refused.map(r => "; refused: " + r).join("");
+    git.dataset.drift = m.gitops.stages.some(s => s.outcome.startsWith("drift"));
+  }
+  card.append(title, who, roll, git, table, charts); return card;
 }
 function costText(c) {
   if (!c || c.wall_seconds == null) return "";

@@ -70,7 +70,13 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
     from triggers.intake.deliveries import plan_pending
 
     reporter = GitHubReporter.from_env()
-    on_planned = report_unaffected(reporter, list(state.config.models)) if reporter else None
+    report = report_unaffected(reporter, list(state.config.models)) if reporter else None
+
+    def on_planned(delivery: Any, plan: Any) -> None:
+        if report is not None:
+            report(delivery, plan)
+        if state.gitops is not None and delivery.event == "push" and plan.outcome != "ignored":
+            state.gitops.wake.set()   # the tracked branch moved: reconcile now (the loop fetches it itself)
     while not stop.is_set():
         try:
             while plan_pending(state.engine, state.config, github, on_planned=on_planned):
@@ -125,6 +131,12 @@ def build_service(config: MlgateConfig, config_path: str | None, engine: Engine,
 
         consumer = DriftConsumer(config, engine, kafka_bootstrap, on_decision=count)
         loops.append(Loop("kafka-consumer", consumer.run, consumer.stop))
+    from triggers.gitops.loop import GitOpsCollector, gitops_loop
+
+    state.gitops = gitops_loop(config, engine, state.mlflow_client)
+    if state.gitops is not None:
+        loops.append(Loop("gitops", state.gitops.run, state.gitops.stop))
+        state.metrics.registry.register(GitOpsCollector(state.gitops))   # type: ignore[arg-type]
     executor = make_executor(config, config_path, engine) if config.service.workers else None
     reporter = job_reporter_from_env(engine, config.workdir, config.reporting.tracking_issue)
     for i in range(config.service.workers):
@@ -163,6 +175,8 @@ def serve(config: MlgateConfig, config_path: str | None, host: str, port: int) -
     from triggers.intake import deliveries  # noqa: F401
     from triggers.drift import events  # noqa: F401
     from triggers.serving import rollout  # noqa: F401  (the model cards read serve-model's rollouts)
+    from automation import proposals  # noqa: F401
+    from triggers.gitops import reconcile  # noqa: F401
 
     secret = webhook_secret_from_env()
     repository_from_env()

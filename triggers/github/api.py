@@ -14,6 +14,7 @@ from automation.redaction import redact
 
 DEFAULT_API_URL = "https://api.github.com"
 MAX_CHECK_TEXT = 65_535   # a check run output's summary and text, each
+MAX_PR_BODY = 65_536      # GitHub's limit on a pull request's body
 # the JSON media type by name: some endpoints list another first, which some servers and mocks cannot produce
 JSON_ACCEPT = {"Accept": "application/json"}
 
@@ -361,6 +362,46 @@ class GitHubSource:
                      "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._call(f"update check run {check_run_id}", lambda gh: gh.requester.requestJsonAndCheck(
             "PATCH", f"/repos/{repository}/check-runs/{check_run_id}", input=body, headers=JSON_ACCEPT), attempts=3)
+
+    def commit_verdict(self, repository: str, sha: str, name: str, title: str, summary: str, passed: bool) -> None:
+        """A finished verdict on a commit: a check run where this is an app, else a commit status."""
+        if self.is_app:
+            check_id = self.create_check_run(repository, sha, name, f"{name}:{sha}", summary)
+            self.update_check_run(repository, check_id, title, summary, "success" if passed else "failure")
+        else:
+            self.set_status(repository, sha, "success" if passed else "failure", title, name)
+
+    def find_pull_request(self, repository: str, head_branch: str, base: str) -> int | None:
+        """The open pull request from `head_branch` (in this repository) into `base`, if there is one."""
+        owner = repository.split("/")[0]
+
+        def find(gh: Any) -> int | None:
+            _, data = gh.requester.requestJsonAndCheck(
+                "GET", f"/repos/{repository}/pulls",
+                parameters={"state": "open", "head": f"{owner}:{head_branch}", "base": base}, headers=JSON_ACCEPT)
+            for pull in data if isinstance(data, list) else []:
+                if isinstance(pull, dict) and (pull.get("head") or {}).get("ref") == head_branch:
+                    return int(pull["number"])
+            return None
+
+        return self._call(f"find the pull request from {head_branch}", find, attempts=3)
+
+    def open_pull_request(self, repository: str, head_branch: str, base: str, title: str, body: str) -> int:
+        """A new pull request from `head_branch` into `base`; its number."""
+        payload = {"title": redact(title)[:250], "head": head_branch, "base": base,
+                   "body": redact(body)[:MAX_PR_BODY], "maintainer_can_modify": True}
+
+        def create(gh: Any) -> int:
+            _, data = gh.requester.requestJsonAndCheck("POST", f"/repos/{repository}/pulls", input=payload,
+                                                       headers=JSON_ACCEPT)
+            return int((data or {})["number"])
+
+        return self._call(f"open a pull request from {head_branch}", create)
+
+    def update_pull_request(self, repository: str, number: int, title: str, body: str) -> None:
+        payload = {"title": redact(title)[:250], "body": redact(body)[:MAX_PR_BODY]}
+        self._call(f"update {repository}#{number}", lambda gh: gh.requester.requestJsonAndCheck(
+            "PATCH", f"/repos/{repository}/pulls/{number}", input=payload, headers=JSON_ACCEPT), attempts=3)
 
     def cancel_workflow_run(self, repository: str, run_id: int) -> None:
         def cancel(gh: Any) -> None:

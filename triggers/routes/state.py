@@ -31,6 +31,7 @@ class ServiceState:
     read_token: str = ""          # MLGATE_READ_TOKEN: when set, the API and dashboard need it (off for local use)
     planner_wake: threading.Event = field(default_factory=threading.Event)
     components: dict[str, Any] = field(default_factory=dict)   # name -> object with .alive() (health)
+    gitops: Any = None            # triggers.gitops.loop.GitOpsLoop, when some model's production is declared in git
     started: float = field(default_factory=time.time)
     _mlflow: Any = field(default=None, repr=False, init=False)
 

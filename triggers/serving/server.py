@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,37 @@ MAX_RETRY_SECONDS = 300.0   # a version that failed to load for a transient reas
 
 
 class ProbeFailed(ValueError):
-    """The version loaded but answers a probe batch wrongly: it is never served (no retry helps)."""
+    """The version loaded but answers a probe batch wrongly, or its files are not what git declares: it is never
+    served (no retry helps)."""
+
+
+class NotDeclared(ValueError):
+    """Git declares another version than the alias names (the reconciler will move one of them): retried."""
+
+
+def pinned_deploy(config: MlgateConfig, model: str) -> Any:
+    """The production deploy file git declares for `model` (automation/deploy_file.py): read at the head of
+    `service.branch` where the config lives in a clone (fetched from origin), else from the file on disk (an
+    image built from the commit). None when there is none."""
+    from automation.deploy_file import MAX_DEPLOY_FILE_BYTES, DeployRefused, deploy_path, parse_deploy_file
+    from triggers.gitops import git_tree
+    from triggers.jobs.checkout import CheckoutFailed, repository_root
+
+    path = deploy_path(config.service.gitops.folder, "production", model)
+    try:
+        repo = repository_root(config.root)
+    except CheckoutFailed:
+        on_disk = config.root / path
+        text = on_disk.read_bytes() if on_disk.is_file() and not on_disk.is_symlink() else None
+    else:
+        head = git_tree.branch_head(repo, config.service.branch)
+        text = git_tree.file_at(repo, head, path, MAX_DEPLOY_FILE_BYTES)
+    if text is None:
+        raise NotDeclared(f"{path} declares nothing: no version is served until git declares one")
+    try:
+        return parse_deploy_file(path, text, config.service.gitops.folder, set(config.models))
+    except DeployRefused as exc:
+        raise NotDeclared(str(exc)) from None
 
 
 @dataclass
@@ -87,6 +118,8 @@ class ModelServer:
         self._thread: threading.Thread | None = None
         self._mlflow: Any = None
         self._device: Any = None
+        # git declares production (promotion.mode): serve only the declared version, with the declared digest
+        self.pinned = config.model(model).promotion.mode != "registry"
 
     def _client(self) -> Any:
         """One MLflow client for the watcher's life (connect checks the store; once is enough)."""
@@ -106,14 +139,30 @@ class ModelServer:
         return self._device
 
     def load(self, version: str) -> RegisteredModel:
-        """Download, load and check a version (a probe batch must give finite logits of the right shape)."""
-        from automation.predictors import load_registered
+        """Download, load and check a version (a probe batch must give finite logits of the right shape). Where
+        git declares production, only the declared version with the declared digest is loaded."""
+        import mlflow
 
+        from automation.predictors import load_downloaded
+
+        pinned = pinned_deploy(self.config, self.model) if self.pinned else None
+        if pinned is not None and pinned.version != version:
+            raise NotDeclared(f"the registry's production is version {version}, but git declares version "
+                              f"{pinned.version}: not served")
+        tags = self._client().get_model_version(self.model, version).tags
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{self.model}/{version}",
+            dst_path=str(self.config.workdir / "serving" / self.model / f"v{version}")))
+        if pinned is not None:
+            from automation.deploy_file import artifact_digest
+
+            found = artifact_digest(local)
+            if found != pinned.digest:
+                raise ProbeFailed(f"version {version}'s files have digest {found[:19]}…, not {pinned.digest[:19]}… "
+                                  "as its deploy file declares: the registry changed behind git's back")
         # one intra-op thread per session: requests run side by side on the inference threads instead, and a
         # tiny batch loses more to waking intra-op threads (and their spinning) than it gains from them
-        loaded = load_registered(self._client(), self.model, version,
-                                 self.config.workdir / "serving" / self.model / f"v{version}", self.device,
-                                 cpu_threads=1)
+        loaded = load_downloaded(local, self.model, version, tags, self.device, cpu_threads=1)
         logits = predict(loaded.predictor, loaded.network_input(loaded.probe_input(2)))
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
             raise ProbeFailed(f"version {version} answers a probe batch with {logits.shape} non-finite or "
@@ -126,7 +175,7 @@ class ModelServer:
     def engine(self) -> Any:
         """The job database: where a rollout's stage and counts live, shared by every replica."""
         if self._engine is None:
-            from automation import promote, store  # noqa: F401  (promote: its tables)
+            from automation import promote, proposals, store  # noqa: F401  (promote, proposals: their tables)
             from triggers.serving import rollout  # noqa: F401  (its tables)
 
             self._engine = store.open_store(store.database_url(self.config.workdir))
@@ -217,7 +266,27 @@ class ModelServer:
             return
         log.warning("rollout failed; production rolled back", extra={
             "model": self.model, "candidate": view.candidate, "production": record.version, "reason": reason})
+        if self.pinned:   # git must follow: the service commits (or opens a pull request for) the rollback
+            self._propose_rollback(record.version, view.candidate, reason)
         announce_rollback(self.config, self._client(), self.model, view, record, reason)
+
+    def _propose_rollback(self, version: str, candidate: str, reason: str) -> None:
+        import tempfile
+
+        from automation import proposals
+        from automation.deploy_file import DeployFile, Evidence, version_digest
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="mlgate-digest-") as scratch:
+                digest = version_digest(self.model, version, Path(scratch))
+            variant = self._client().get_model_version(self.model, version).tags.get("mlgate.variant")
+            declared = DeployFile(model=self.model, stage="production", version=version, digest=digest,
+                                  variant=variant, evidence=Evidence(rolled_back=f"rollout of v{candidate}: {reason}"))
+            proposed = proposals.propose(self.engine(), declared, replaces=candidate, kind="rollback")
+            log.warning("rollback proposed to git", extra={"model": self.model, "proposal": proposed.id})
+        except Exception as exc:   # production is rolled back either way; the reconciler reports the difference
+            log.error("rollback not proposed to git", extra={"model": self.model,
+                                                              "error": redact(f"{type(exc).__name__}: {exc}")})
 
     def _classes(self, loaded: RegisteredModel) -> int:
         return int(predict(loaded.predictor, loaded.network_input(loaded.probe_input(1))).shape[1])

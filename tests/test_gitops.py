@@ -1,0 +1,257 @@
+"""GitOps promotion without training: deploy files read from a real git repository with a bare remote, the real
+MLflow registry (versions with real files), the reconciler, the publisher and serve-model's digest pin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from automation import proposals, promote
+from automation.deploy_file import DeployFile, DeployRefused, deploy_path, parse_deploy_file
+from tests.gitops_repo import MODEL, GitOpsRepo, git, make_repo
+from triggers.gitops import git_tree
+from triggers.gitops.publish import Publisher
+from triggers.gitops.reconcile import Reconciler
+
+DIGEST = "sha256:" + "ab" * 32
+PATH = f"deploy/production/{MODEL}.yaml"
+
+
+def file_text(**changes: Any) -> bytes:
+    fields = {"model": MODEL, "stage": "production", "version": "3", "digest": DIGEST} | changes
+    return DeployFile.model_construct(**fields).render().encode() if "raw" not in changes else changes["raw"]
+
+
+@pytest.mark.parametrize("path,text,expected", [
+    (PATH, file_text() + b"---\n" + file_text(version="4"), "2 YAML documents"),
+    (f"deploy/{MODEL}.yaml", file_text(), "outside deploy/<stage>/<model>.yaml"),
+    (f"deploy/production/team/{MODEL}.yaml", file_text(), "outside deploy/<stage>/<model>.yaml"),
+    (f"deploy/canary/{MODEL}.yaml", file_text(), "outside deploy/<stage>/<model>.yaml"),
+    (f"elsewhere/production/{MODEL}.yaml", file_text(), "outside deploy/<stage>/<model>.yaml"),
+    ("deploy/production/other.yaml", file_text(), "may only declare other in production"),
+    (PATH, file_text(stage="staging"), "may only declare"),
+    (PATH, file_text(version="../1"), "version"),
+    (PATH, file_text(version="0"), "version"),
+    (PATH, file_text(digest="sha256:" + "z" * 64), "digest"),
+    (PATH, file_text(digest="md5:abc"), "digest"),
+    (PATH, file_text().replace(b"stage:", b"owner: mallory\nstage:"), "owner: Extra inputs are not permitted"),
+    (PATH, b"\xff\xfe not utf-8", "not YAML"),
+    (PATH, b"- a list\n- not a mapping\n", "(top level)"),
+    (PATH, b"", "empty"),
+    (PATH, b"model: x\n" + b"#" * 70_000, "more than a deploy file's"),
+    ("deploy/production/m\u00e9t\u00e9o.yaml", file_text(model="m\u00e9t\u00e9o"), "not a model in mlgate.yaml"),
+])
+def test_a_deploy_file_that_declares_nothing_valid_is_refused_in_one_line(path: str, text: bytes,
+                                                                         expected: str) -> None:
+    with pytest.raises(DeployRefused) as refused:
+        parse_deploy_file(path, text, "deploy", {MODEL, "other", "m\u00e9t\u00e9o"} - {"m\u00e9t\u00e9o"}
+                          if "m\u00e9t\u00e9o" in path else {MODEL, "other"})
+    message = str(refused.value)
+    assert expected in message and "\n" not in message and message.startswith(path[:20]), message
+
+
+def test_a_deploy_file_round_trips_through_its_text() -> None:
+    declared = DeployFile(model=MODEL, stage="production", version="12", digest=DIGEST, variant="onnx_int8")
+    assert parse_deploy_file(PATH, declared.render().encode(), "deploy", {MODEL}) == declared
+    assert declared.render().startswith("# mlgate deploy file")
+
+
+@pytest.fixture
+def repo(tmp_path: Path, mlflow_template: Path) -> GitOpsRepo:
+    return make_repo(tmp_path, mlflow_template)
+
+
+def reconciler(repo: GitOpsRepo) -> Reconciler:
+    return Reconciler(repo.config, repo.service, repo.engine, lambda: repo.client,
+                      held=lambda model, stage: None)
+
+
+def production(repo: GitOpsRepo) -> str | None:
+    return promote.alias_version(repo.client, MODEL, promote.PRODUCTION)
+
+
+def audit(repo: GitOpsRepo) -> list[tuple[str, str]]:
+    return [(r.action, r.version) for r in promote.audit_trail(repo.engine, MODEL)]
+
+
+def test_git_declares_production_revert_rolls_back_and_a_hand_moved_alias_is_put_back(repo: GitOpsRepo) -> None:
+    v1, v2 = repo.register(b"first"), repo.register(b"second")
+    loop = reconciler(repo)
+    repo.declare(v1)
+    first = loop.run()
+    assert production(repo) == v1 and [s.outcome for s in first.states] == ["moved"] and not first.refused
+    again = loop.run()   # the same head twice moves nothing
+    assert [s.outcome for s in again.states] == ["in_sync"] and audit(repo) == [("git", v1)]
+
+    promotion = repo.declare(v2)
+    loop.run()
+    assert production(repo) == v2 and promote.alias_version(repo.client, MODEL, promote.PREVIOUS) == v1
+    git(repo.developer, "revert", "--no-edit", promotion)   # rollback is a revert
+    git(repo.developer, "push", "-q", "origin", "main")
+    reverted = loop.run()
+    assert production(repo) == v1 and reverted.states[0].outcome == "moved" and reverted.head == repo.head()
+
+    repo.client.set_registered_model_alias(MODEL, promote.PRODUCTION, v2)   # by hand, behind git's back
+    drifted = loop.run()
+    assert drifted.states[0].outcome == "drift_restored" and production(repo) == v1
+    assert "moved outside git" in drifted.states[0].detail
+    assert audit(repo) == [("git", v1), ("git", v2), ("git", v1), ("git", v1)]
+    assert loop.run().states[0].outcome == "in_sync"
+
+
+def test_drift_is_only_reported_when_the_policy_says_so(tmp_path: Path, mlflow_template: Path) -> None:
+    from triggers.gitops.loop import GitOpsCollector, GitOpsLoop
+
+    repo = make_repo(tmp_path, mlflow_template, on_drift="report")
+    v1, v2 = repo.register(b"one"), repo.register(b"two")
+    repo.declare(v1)
+    loop = GitOpsLoop(repo.config, repo.engine, repo.service, lambda: repo.client, None)
+    loop.pass_once()
+    repo.client.set_registered_model_alias(MODEL, promote.PRODUCTION, v2)
+    _, result = loop.pass_once()
+    assert result is not None and result.states[0].outcome == "drift_reported" and production(repo) == v2
+    metrics = {m.name: m for m in GitOpsCollector(loop).collect()}
+    assert [(s.labels, s.value) for s in metrics["mlgate_gitops_drift"].samples] == [
+        ({"model": MODEL, "stage": "production"}, 1.0)]
+    assert loop.view()["last"]["states"][0]["outcome"] == "drift_reported"
+
+
+def test_bad_deploy_files_are_refused_and_production_stays_where_it_was(repo: GitOpsRepo) -> None:
+    v1, v2 = repo.register(b"good"), repo.register(b"other")
+    loop = reconciler(repo)
+    repo.declare(v1)
+    loop.run()
+    cases = {
+        "a version that does not exist": (lambda: repo.declare("99", digest=repo.digest(v1)),
+                                          "version 99 of fraud_scorer is not registered"),
+        "a digest that does not match": (lambda: repo.declare(v2, digest=repo.digest(v1)),
+                                         "does not match version 2"),
+        "two models in one file": (lambda: repo.push_files({PATH: DeployFile(
+            model=MODEL, stage="production", version=v2, digest=repo.digest(v2)).render() + "---\nmodel: other\n"}),
+            "2 YAML documents"),
+    }
+    for what, (push, expected) in cases.items():
+        head = push()
+        result = loop.run()
+        assert result.head == head and production(repo) == v1, what
+        assert len(result.refused) == 1 and expected in result.refused[0], (what, result.refused)
+    # a file outside the folder's layout, and a link in it: refused, and the valid declaration still applies
+    repo.push_files({PATH: DeployFile(model=MODEL, stage="production", version=v1, digest=repo.digest(v1)).render(),
+                     "deploy/fraud_scorer.yaml": "version: '2'\n"})
+    (repo.developer / "deploy" / "production" / "linked.yaml").symlink_to("/etc/passwd")
+    git(repo.developer, "add", "deploy/production/linked.yaml")
+    git(repo.developer, "commit", "-qm", "a link")
+    git(repo.developer, "push", "-q", "origin", "main")
+    result = loop.run()
+    assert production(repo) == v1 and sorted(r.split(":")[0] for r in result.refused) == [
+        "deploy/fraud_scorer.yaml", "deploy/production/linked.yaml"]
+    assert [("git", v1)] == audit(repo)
+
+
+def test_commit_mode_publishes_once_even_when_the_service_dies_after_pushing(repo: GitOpsRepo,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = repo.register(b"weights")
+    declared = DeployFile(model=MODEL, stage="production", version=v1, digest=repo.digest(v1))
+    proposal = proposals.propose(repo.engine, declared, replaces=None, job_id="job1")
+    publisher = Publisher(repo.config, repo.service, repo.engine, None)
+    before = repo.head()
+
+    def died(*args: Any, **kwargs: Any) -> bool:
+        raise SystemExit("the service died between the push and its bookkeeping")
+
+    monkeypatch.setattr(proposals, "settle", died)
+    with pytest.raises(SystemExit):
+        publisher.run()
+    monkeypatch.undo()
+    pushed = repo.head()
+    assert pushed != before and git(repo.remote, "show", f"{pushed}:{PATH}") == declared.render().rstrip("\n")
+    assert [p.state for p in proposals.open_proposals(repo.engine)] == ["pending"]
+    lines = Publisher(repo.config, repo.service, repo.engine, None).run()   # the restarted service
+    assert repo.head() == pushed and lines == [f"{MODEL} v{v1} is declared in production at {pushed[:12]}"]
+    assert proposals.open_proposals(repo.engine) == [] and proposal.id
+    reconciler(repo).run()
+    assert production(repo) == v1 and audit(repo) == [("git", v1)]
+
+
+def test_a_stale_proposal_is_dropped_when_git_moved_since_the_gate(repo: GitOpsRepo) -> None:
+    v1, v2, v3 = repo.register(b"1"), repo.register(b"2"), repo.register(b"3")
+    repo.declare(v2)   # a person promoted v2 while the job gated v3 against v1
+    stale = proposals.propose(repo.engine, DeployFile(model=MODEL, stage="production", version=v3,
+                                                      digest=repo.digest(v3)), replaces=v1)
+    head = repo.head()
+    lines = Publisher(repo.config, repo.service, repo.engine, None).run()
+    assert repo.head() == head and "production moved to v2 in git" in lines[0]
+    assert [p for p in proposals.recent_proposals(repo.engine) if p.id == stale.id][0].state == "superseded"
+
+
+def test_pull_request_mode_pushes_the_promotion_branch_and_one_pull_request(tmp_path: Path,
+                                                                          mlflow_template: Path) -> None:
+    from triggers.gitops.publish import GitHubTarget
+
+    repo = make_repo(tmp_path, mlflow_template, mode="pull_request")
+    v1, v2 = repo.register(b"a"), repo.register(b"b")
+    github = RecordingGitHub()
+    for version in (v1, v2):   # the second change goes on the same branch and pull request
+        proposals.propose(repo.engine, DeployFile(model=MODEL, stage="production", version=version,
+                                                  digest=repo.digest(version)), replaces=None, job_id=f"job{version}")
+        Publisher(repo.config, repo.service, repo.engine, GitHubTarget(github, "acme/models")).run()
+    branch = f"mlgate/promote/production/{MODEL}"
+    assert git_tree.file_at(repo.remote, f"refs/heads/{branch}", PATH, 65536) is not None
+    assert f"version: '{v2}'" in git(repo.remote, "show", f"refs/heads/{branch}:{PATH}")
+    assert [c[0] for c in github.calls] == ["find", "open", "verdict", "find", "update", "verdict"]
+    assert github.calls[1][1:3] == (branch, "main") and "Merging this pull request promotes" in github.calls[1][4]
+    assert git_tree.file_at(repo.remote, "refs/heads/main", PATH, 65536) is None   # nothing moves before a merge
+    assert production(repo) is None
+
+
+class RecordingGitHub:
+    """The calls the publisher makes, answered as GitHub would for one repository (the contract itself is checked
+    against Prism in test_gitops_e2e.py)."""
+
+    is_app = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.pulls: dict[str, int] = {}
+
+    def find_pull_request(self, repository: str, branch: str, base: str) -> int | None:
+        self.calls.append(("find", branch, base))
+        return self.pulls.get(branch)
+
+    def open_pull_request(self, repository: str, branch: str, base: str, title: str, body: str) -> int:
+        self.calls.append(("open", branch, base, title, body))
+        self.pulls[branch] = 7
+        return 7
+
+    def update_pull_request(self, repository: str, number: int, title: str, body: str) -> None:
+        self.calls.append(("update", number, title))
+
+    def commit_verdict(self, repository: str, sha: str, name: str, title: str, summary: str, passed: bool) -> None:
+        self.calls.append(("verdict", sha, name, passed))
+
+
+def test_serve_model_loads_only_the_declared_version_with_the_declared_digest(repo: GitOpsRepo) -> None:
+    from triggers.serving.server import ModelServer, NotDeclared, ProbeFailed
+
+    v1, v2 = repo.register(b"declared"), repo.register(b"tampered")
+    server = ModelServer(repo.config, MODEL)
+    server._mlflow = repo.client
+    with pytest.raises(NotDeclared, match="declares nothing"):
+        server.load(v1)
+    repo.declare(v1)
+    with pytest.raises(NotDeclared, match="git declares version 1"):
+        server.load(v2)
+    repo.declare(v1, digest=repo.digest(v2))   # the registry's files are not what git pinned
+    with pytest.raises(ProbeFailed, match="behind git's back"):
+        server.load(v1)
+
+
+def test_deploy_paths_from_config_stay_inside_the_repository(tmp_path: Path) -> None:
+    from automation.config import GitOpsConfig
+
+    for bad in ("../deploy", "/etc", "deploy/../../x", "./deploy"):
+        with pytest.raises(ValueError):
+            GitOpsConfig(folder=bad)
+    assert deploy_path("deploy", "production", MODEL) == PATH

@@ -1,0 +1,1 @@
+"""GitOps promotion: deploy files in git, published and reconciled by the service."""

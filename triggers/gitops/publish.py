@@ -1,0 +1,149 @@
+"""Putting proposed deploy-file changes (automation/proposals.py) into git.
+
+`commit` mode: a one-file commit on top of `service.branch`, pushed as a fast-forward (a push that raced
+another is retried on the new head at the next pass). `pull_request` mode: the same commit on the model's
+promotion branch `<branch_prefix>/<stage>/<model>`, force-pushed, and one pull request from it, opened or
+updated in place, with the model report as its body and a passing `mlgate/promotion` verdict on its head.
+Without GitHub (no GITHUB_TOKEN) the branch is pushed and the pull request is left to a person.
+
+Each step can be repeated: a restart between the push and the bookkeeping finds the change already in the
+branch (done) or the pull request already open (updated, never a second one).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import Engine
+
+from automation import proposals
+from automation.config import MlgateConfig
+from automation.deploy_file import MAX_DEPLOY_FILE_BYTES, deploy_path
+from triggers.gitops import git_tree
+
+log = logging.getLogger(__name__)
+MAX_REPORT_IN_BODY = 60_000
+
+
+@dataclass
+class GitHubTarget:
+    source: Any        # triggers.github.api.GitHubSource
+    repository: str    # owner/name
+
+
+class Publisher:
+    def __init__(self, config: MlgateConfig, repo: Path, engine: Engine, github: GitHubTarget | None) -> None:
+        self.config, self.repo, self.engine, self.github = config, repo, engine, github
+        self.gitops = config.service.gitops
+
+    def run(self) -> list[str]:
+        """One pass over the open proposals; one line per change made."""
+        open_now = proposals.open_proposals(self.engine)
+        if not open_now:
+            return []
+        head = git_tree.branch_head(self.repo, self.config.service.branch)
+        done = []
+        for proposal in open_now:
+            try:
+                line = self._publish(proposal, head)
+            except git_tree.GitFailed as exc:   # a raced push or an unreachable remote: the next pass retries
+                log.warning("deploy-file change not pushed yet", extra={"proposal": proposal.id,
+                                                                        "error": str(exc)})
+                continue
+            if line:
+                done.append(line)
+                log.info("deploy-file change", extra={"proposal": proposal.id, "model": proposal.model,
+                                                      "stage": proposal.stage, "outcome": line})
+        return done
+
+    def _publish(self, proposal: proposals.ProposalView, head: str) -> str | None:
+        path = deploy_path(self.gitops.folder, proposal.stage, proposal.model)
+        declared = declared_version(git_tree.file_at(self.repo, head, path, MAX_DEPLOY_FILE_BYTES))
+        if declared == proposal.version:   # merged, committed before a restart, or declared by hand
+            proposals.settle(self.engine, proposal.id, proposal.state, "done", f"{path} at {head[:12]} declares it")
+            return f"{proposal.model} v{proposal.version} is declared in {proposal.stage} at {head[:12]}"
+        if proposal.state != "pending":
+            return None   # a pull request or branch waits for a person
+        if proposal.kind == "promote" and proposal.stage == "production" and declared is not None \
+                and declared != proposal.replaces:
+            proposals.settle(self.engine, proposal.id, "pending", "superseded",
+                             f"git declares v{declared} now, not v{proposal.replaces} as when the gate ran")
+            return f"{proposal.model} v{proposal.version} not proposed: production moved to v{declared} in git"
+        mode = self.config.model(proposal.model).promotion.mode
+        title = change_title(proposal)
+        author = (self.gitops.author_name, self.gitops.author_email)
+        commit = git_tree.commit_file(self.repo, head, path, proposal.content,
+                                      f"{title}\n\n{commit_body(proposal)}", author)
+        if mode == "commit":
+            git_tree.push(self.repo, commit, self.config.service.branch)
+            proposals.settle(self.engine, proposal.id, "pending", "done", "committed", commit_sha=commit)
+            return f"{title}: committed {commit[:12]} to {self.config.service.branch}"
+        branch = f"{self.gitops.branch_prefix}/{proposal.stage}/{proposal.model}"
+        git_tree.push(self.repo, commit, branch, force=True)
+        if self.github is None:
+            proposals.settle(self.engine, proposal.id, "pending", "pushed",
+                             "no GitHub configured: open the pull request by hand", branch=branch, commit_sha=commit)
+            return f"{title}: branch {branch} pushed (no GitHub: open the pull request by hand)"
+        number = self._pull_request(proposal, branch, title, commit)
+        proposals.settle(self.engine, proposal.id, "pending", "opened", f"pull request #{number}",
+                         branch=branch, commit_sha=commit, pr_number=number)
+        return f"{title}: pull request #{number}"
+
+    def _pull_request(self, proposal: proposals.ProposalView, branch: str, title: str, commit: str) -> int:
+        assert self.github is not None
+        source, repository = self.github.source, self.github.repository
+        body = pull_request_body(self.config.workdir, proposal)
+        number = source.find_pull_request(repository, branch, self.config.service.branch)
+        if number is None:
+            number = source.open_pull_request(repository, branch, self.config.service.branch, title, body)
+        else:
+            source.update_pull_request(repository, number, title, body)
+        gates = yaml.safe_load(proposal.content).get("evidence", {}).get("gates", [])
+        summary = "\n".join(g.get("line") or f"{g.get('name')}: {g.get('status')}" for g in gates) or title
+        try:   # the evidence on the change itself; a failed post leaves the pull request as it is
+            source.commit_verdict(repository, commit, "mlgate/promotion", title, summary, passed=True)
+        except Exception as exc:
+            log.error("promotion verdict not posted", extra={"pr": number, "error": f"{type(exc).__name__}: {exc}"})
+        return number
+
+
+def declared_version(text: bytes | None) -> str | None:
+    """The version a deploy file's text names, leniently (the reconciler is where files are judged)."""
+    if text is None:
+        return None
+    try:
+        data = yaml.safe_load(text.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return str(version) if version is not None else None
+
+
+def change_title(proposal: proposals.ProposalView) -> str:
+    verb = "Roll back" if proposal.kind == "rollback" else "Promote"
+    return f"{verb} {proposal.model} to v{proposal.version} in {proposal.stage}"
+
+
+def commit_body(proposal: proposals.ProposalView) -> str:
+    lines = [f"mlgate-proposal: {proposal.id}"]
+    if proposal.job_id:
+        lines.insert(0, f"Gate passed in job {proposal.job_id}.")
+    if proposal.replaces:
+        lines.append(f"Replaces: v{proposal.replaces}")
+    return "\n".join(lines)
+
+
+def pull_request_body(workdir: Path, proposal: proposals.ProposalView) -> str:
+    """The model report of the job that gated the version (when kept here), then the deploy file itself."""
+    parts = [f"**{change_title(proposal)}**. Merging this pull request promotes: the service reconciles "
+             f"the registry with the deploy file once it is on the branch. `git revert` the merge to roll back."]
+    if proposal.job_id and proposal.job_id.isalnum():   # a path derived from the job id, nothing else
+        report = workdir / "reports" / proposal.job_id / "report.md"
+        if report.is_file() and not report.is_symlink():
+            parts.append(report.read_text(encoding="utf-8", errors="replace")[:MAX_REPORT_IN_BODY])
+    parts.append(f"<details><summary>deploy file</summary>\n\n```yaml\n{proposal.content}```\n</details>")
+    return "\n\n".join(parts)
