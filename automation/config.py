@@ -271,6 +271,13 @@ class ModelConfig(ModelDefaults):
     module: str                                    # e.g. models.digits_mlp
     source: SourceConfig | None = None             # data named here; the module then needs only build()
 
+    @model_validator(mode="after")
+    def _staging_has_a_rollout(self) -> "ModelConfig":
+        if "staging" in self.promotion.stages and self.promotion.mode != "registry" and self.rollout is None:
+            raise ValueError("promotion.stages has staging, whose rollout's analysis proposes production: "
+                             "the model needs a rollout: block")
+        return self
+
     def for_cpu(self) -> "ModelConfig":
         """This block with `on_cpu` merged over it (itself when there is none)."""
         if not self.on_cpu:

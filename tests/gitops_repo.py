@@ -97,10 +97,11 @@ class GitOpsRepo:
 
 def gitops_config(directory: Path, mode: str = "commit", on_drift: str = "restore",
                   stages: list[str] | None = None) -> dict[str, Any]:
-    return {"version": 1, "workdir": str(directory / "state"), "experiment": "gitops",
-            "models": {MODEL: {"module": "models.digits_mlp",
-                               "promotion": {"mode": mode, "on_drift": on_drift,
-                                             "stages": stages or ["production"]}}},
+    block: dict[str, Any] = {"module": "models.digits_mlp",
+                             "promotion": {"mode": mode, "on_drift": on_drift, "stages": stages or ["production"]}}
+    if "staging" in (stages or []):   # its rollout's analysis proposes production
+        block["rollout"] = {"stages": [{"traffic": 0, "min_seconds": 0, "min_requests": 1}]}
+    return {"version": 1, "workdir": str(directory / "state"), "experiment": "gitops", "models": {MODEL: block},
             "service": {"branch": "main"}}
 
 

@@ -255,3 +255,52 @@ def test_deploy_paths_from_config_stay_inside_the_repository(tmp_path: Path) -> 
         with pytest.raises(ValueError):
             GitOpsConfig(folder=bad)
     assert deploy_path("deploy", "production", MODEL) == PATH
+
+
+def test_staging_then_production_the_production_change_carries_the_staging_evidence(
+        tmp_path: Path, mlflow_template: Path) -> None:
+    """Staging is declared in git like production; serve-model --stage staging proposes production once its
+    rollout passed (with the analysis), and a staging rollout that fails puts staging back and tells git."""
+    import yaml
+
+    from automation.config import ModelConfig
+    from triggers.gitops.loop import held_rollbacks
+    from triggers.serving.rollout import RolloutView
+    from triggers.serving.server import ModelServer
+
+    with pytest.raises(ValueError, match="needs a rollout: block"):
+        ModelConfig(module="models.digits_mlp", promotion={"mode": "commit", "stages": ["staging", "production"]})
+    repo = make_repo(tmp_path, mlflow_template, stages=["staging", "production"])
+    v1, v2 = repo.register(b"staged"), repo.register(b"next")
+    repo.push_files({f"deploy/staging/{MODEL}.yaml": DeployFile(model=MODEL, stage="staging", version=v1,
+                                                                digest=repo.digest(v1)).render()})
+    loop = reconciler(repo)
+    loop.run()
+    assert promote.alias_version(repo.client, MODEL, promote.STAGING) == v1 and production(repo) is None
+
+    server = ModelServer(repo.config, MODEL, stage="staging")
+    server._mlflow = repo.client
+    server._propose_production(v1, {"analysis": {"state": "done", "comparison": {"agreement": 0.99}},
+                                    "reason": "version 1 passed every stage"})
+    publisher = Publisher(repo.config, repo.service, repo.engine, None)
+    publisher.run()
+    declared = yaml.safe_load(git(repo.remote, "show", f"refs/heads/main:{PATH}"))
+    assert declared["stage"] == "production" and declared["version"] == v1
+    assert declared["evidence"]["rollout"]["analysis"]["comparison"] == {"agreement": 0.99}
+    loop.run()
+    assert production(repo) == v1 and promote.alias_version(repo.client, MODEL, promote.STAGING) == v1
+
+    # v2 into staging, its rollout fails: staging goes back to v1 at once, git follows through a proposal
+    repo.push_files({f"deploy/staging/{MODEL}.yaml": DeployFile(model=MODEL, stage="staging", version=v2,
+                                                                digest=repo.digest(v2)).render()})
+    loop.run()
+    server._roll_back(RolloutView(1, f"{MODEL}@staging", v1, v2, 0, "rolled_back", "", 0.0),
+                      "agreement 0.41 below 0.95")
+    assert promote.alias_version(repo.client, MODEL, promote.STAGING) == v1
+    held = Reconciler(repo.config, repo.service, repo.engine, lambda: repo.client,
+                      held=held_rollbacks(repo.engine)).run()
+    assert [s.outcome for s in held.states if s.stage == "staging"] == ["held"]   # not drift: git will follow
+    publisher.run()
+    staged = yaml.safe_load(git(repo.remote, "show", f"refs/heads/main:deploy/staging/{MODEL}.yaml"))
+    assert staged["version"] == v1 and "agreement 0.41" in staged["evidence"]["rolled_back"]
+    assert [s.outcome for s in loop.run().states] == ["in_sync", "in_sync"] and production(repo) == v1

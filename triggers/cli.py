@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_model.add_argument("--batch-delay-ms", type=float, default=None, metavar="MS",
                              help="dynamic batching: run concurrent requests as one batch, waiting at most MS "
                                   "for more (0: batch only what is already waiting); off by default")
+    serve_model.add_argument("--stage", choices=["production", "staging"], default="production",
+                             help="the alias to follow; staging: a rollout that passes there proposes the version "
+                                  "for production (GitOps, promotion.stages)")
     serve_model.add_argument("--log-dir", help="inference log window (default: <workdir>/inference/MODEL)")
     serve_model.add_argument("--no-inference-log", action="store_true",
                              help="keep no inputs (privacy); `mlgate monitor` then needs --current")
@@ -408,12 +411,15 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
 
     # a bad config, an unknown model or a rollout that waits for labels that cannot come: one line, before
     # any worker starts
-    check_rollout_labels(args.model, _load(args).model(args.model).rollout)
+    spec = _load(args).model(args.model)
+    check_rollout_labels(args.model, spec.rollout)
+    if args.stage == "staging" and "staging" not in spec.promotion.stages:
+        raise UsageError(f"{args.model} has no staging stage (promotion.stages: {spec.promotion.stages})")
     if args.workers < 1 or args.max_batch < 1 or (args.batch_delay_ms is not None and args.batch_delay_ms < 0):
         raise UsageError("--workers and --max-batch must be at least 1, and --batch-delay-ms at least 0")
     settings = ServeSettings(config_path=_config_path(args), model=args.model, poll_seconds=args.poll_seconds,
                              log_dir=args.log_dir, inference_log=not args.no_inference_log, max_batch=args.max_batch,
-                             batch_delay_ms=args.batch_delay_ms)
+                             batch_delay_ms=args.batch_delay_ms, stage=args.stage)
     serve(settings, args.host, args.port, args.workers)
     return EXIT_OK
 

@@ -80,4 +80,4 @@ def record(server: Any, labels: list[tuple[str, list[int]]]) -> Any:
 
     if server.tally is not None:   # this replica's latest predictions first, so a quick label finds its request
         server.tally.flush(server.engine())
-    return record_feedback(server.engine(), server.model, labels)
+    return record_feedback(server.engine(), server.rollout_key, labels)

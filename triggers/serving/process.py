@@ -24,6 +24,7 @@ class ServeSettings:
     inference_log: bool = True
     max_batch: int = 1024
     batch_delay_ms: float | None = None
+    stage: str = "production"    # the alias followed: production, or staging (promotion.stages)
 
 
 def build_app(settings: ServeSettings) -> Any:
@@ -36,11 +37,11 @@ def build_app(settings: ServeSettings) -> Any:
 
     config = load_config(settings.config_path)
     config.model(settings.model)
-    server = ModelServer(config, settings.model, poll_seconds=settings.poll_seconds)
+    server = ModelServer(config, settings.model, poll_seconds=settings.poll_seconds, stage=settings.stage)
     server.sync()   # serve at once when a production version exists; the watcher handles the rest
     server.start()
     log = None if not settings.inference_log else InferenceLog(
-        Path(settings.log_dir) if settings.log_dir else config.workdir / "inference" / settings.model)
+        Path(settings.log_dir) if settings.log_dir else config.workdir / "inference" / server.rollout_key)
     app = create_serving_app(server, log, max_batch=settings.max_batch, batch_delay_ms=settings.batch_delay_ms)
 
     @asynccontextmanager

@@ -55,15 +55,15 @@ class NotDeclared(ValueError):
     """Git declares another version than the alias names (the reconciler will move one of them): retried."""
 
 
-def pinned_deploy(config: MlgateConfig, model: str) -> Any:
-    """The production deploy file git declares for `model` (automation/deploy_file.py): read at the head of
+def pinned_deploy(config: MlgateConfig, model: str, stage: str = "production") -> Any:
+    """The `stage` deploy file git declares for `model` (automation/deploy_file.py): read at the head of
     `service.branch` where the config lives in a clone (fetched from origin), else from the file on disk (an
     image built from the commit). None when there is none."""
     from automation.deploy_file import MAX_DEPLOY_FILE_BYTES, DeployRefused, deploy_path, parse_deploy_file
     from triggers.gitops import git_tree
     from triggers.jobs.checkout import CheckoutFailed, repository_root
 
-    path = deploy_path(config.service.gitops.folder, "production", model)
+    path = deploy_path(config.service.gitops.folder, stage, model)
     try:
         repo = repository_root(config.root)
     except CheckoutFailed:
@@ -101,8 +101,13 @@ class LoadFailure:
 class ModelServer:
     """Holds the version being served and swaps it when the production alias moves."""
 
-    def __init__(self, config: MlgateConfig, model: str, poll_seconds: float = 2.0) -> None:
+    def __init__(self, config: MlgateConfig, model: str, poll_seconds: float = 2.0,
+                 stage: str = "production") -> None:
         self.config, self.model, self.poll_seconds = config, model, poll_seconds
+        # which alias this server follows: `production`, or `staging` (promotion.stages), whose passed rollout
+        # proposes the version for production
+        self.stage = stage
+        self.rollout_key = model if stage == "production" else f"{model}@{stage}"   # rollouts kept apart per stage
         self.current: Served | None = None
         self.production: str | None = None        # where the alias pointed at the last look
         # staged rollout (the model's `rollout:` block): the new version, compared with `current` on live traffic
@@ -145,9 +150,9 @@ class ModelServer:
 
         from automation.predictors import load_downloaded
 
-        pinned = pinned_deploy(self.config, self.model) if self.pinned else None
+        pinned = pinned_deploy(self.config, self.model, self.stage) if self.pinned else None
         if pinned is not None and pinned.version != version:
-            raise NotDeclared(f"the registry's production is version {version}, but git declares version "
+            raise NotDeclared(f"the registry's {self.stage} is version {version}, but git declares version "
                               f"{pinned.version}: not served")
         tags = self._client().get_model_version(self.model, version).tags
         local = Path(mlflow.artifacts.download_artifacts(
@@ -185,7 +190,7 @@ class ModelServer:
         """Serve the version `production` points at now; True when a swap happened."""
         from automation import promote
 
-        target = promote.alias_version(self._client(), self.model, promote.PRODUCTION)
+        target = promote.alias_version(self._client(), self.model, self.stage)
         self.production = target
         if self.candidate is not None and target != self.candidate.loaded.version:
             self.candidate, self.rollout = None, None   # rolled back (here or by another replica), or moved on
@@ -197,7 +202,11 @@ class ModelServer:
         loaded = self._load_checked(target)
         if loaded is None:   # keep serving what works; `failed` says why the new version is not served
             return False
+        first = self.current is None
         self._swap_in(loaded, target)
+        if first and self.stage == "staging" and self.pinned:   # nothing to compare the first staging version with
+            self._propose_production(target, {"analysis": None, "reason": "the first version in staging: no "
+                                                                          "earlier version to compare it with"})
         return True
 
     def _load_checked(self, target: str) -> RegisteredModel | None:
@@ -230,7 +239,7 @@ class ModelServer:
             return
         assert self.current is not None and self.rollout_config is not None
         self.tally = self.tally or rollout.Tally(keep_predictions=feedback_enabled())
-        self.rollout = rollout.begin(self.engine(), self.model, self.current.loaded.version, target,
+        self.rollout = rollout.begin(self.engine(), self.rollout_key, self.current.loaded.version, target,
                                      self.rollout_config)
         self.candidate = Served(loaded, time.time(), self._classes(loaded))
         log.info("rollout started", extra={"model": self.model, "candidate": target,
@@ -251,6 +260,9 @@ class ModelServer:
         elif view.state == "done":
             candidate, self.candidate, self.rollout = self.candidate, None, None
             self._swap_in(candidate.loaded, candidate.loaded.version)
+            if self.stage == "staging" and self.pinned:   # the analysis passed: production may be proposed
+                self._propose_production(candidate.loaded.version, {"analysis": view.as_dict(),
+                                                                    "reason": view.reason})
         elif view.state == "rolled_back":
             self.candidate, self.rollout = None, None
 
@@ -259,6 +271,11 @@ class ModelServer:
         from automation.errors import GateStale
 
         self.candidate, self.rollout = None, None
+        if self.stage == "staging":   # staging goes back to what it served; production was never proposed
+            promote.set_staging(self._client(), self.engine(), self.model, view.baseline, reason=f"rollout: {reason}")
+            self._propose(view.baseline, "rollback", view.candidate, rolled_back=f"rollout of v{view.candidate}: "
+                                                                                 f"{reason}")
+            return
         try:
             record = promote.rollback(self._client(), self.engine(), self.model, reason=f"rollout: {reason}",
                                       expected_production=view.candidate)
@@ -267,10 +284,21 @@ class ModelServer:
         log.warning("rollout failed; production rolled back", extra={
             "model": self.model, "candidate": view.candidate, "production": record.version, "reason": reason})
         if self.pinned:   # git must follow: the service commits (or opens a pull request for) the rollback
-            self._propose_rollback(record.version, view.candidate, reason)
+            self._propose(record.version, "rollback", view.candidate,
+                          rolled_back=f"rollout of v{view.candidate}: {reason}")
         announce_rollback(self.config, self._client(), self.model, view, record, reason)
 
-    def _propose_rollback(self, version: str, candidate: str, reason: str) -> None:
+    def _propose_production(self, version: str, rollout_evidence: dict[str, Any]) -> None:
+        """Staging passed: the production deploy file for `version`, carrying the staging evidence."""
+        from automation import promote
+
+        production = promote.alias_version(self._client(), self.model, promote.PRODUCTION)
+        self._propose(version, "promote", production, stage="production", rollout=rollout_evidence)
+
+    def _propose(self, version: str, kind: str, replaces: str | None, stage: str | None = None,
+                 **evidence: Any) -> None:
+        """A deploy-file change for git (automation/proposals.py): the service commits it or opens its pull
+        request. The version's evidence tag (its job, commit and gate) goes with it."""
         import tempfile
 
         from automation import proposals
@@ -279,14 +307,21 @@ class ModelServer:
         try:
             with tempfile.TemporaryDirectory(prefix="mlgate-digest-") as scratch:
                 digest = version_digest(self.model, version, Path(scratch))
-            variant = self._client().get_model_version(self.model, version).tags.get("mlgate.variant")
-            declared = DeployFile(model=self.model, stage="production", version=version, digest=digest,
-                                  variant=variant, evidence=Evidence(rolled_back=f"rollout of v{candidate}: {reason}"))
-            proposed = proposals.propose(self.engine(), declared, replaces=candidate, kind="rollback")
-            log.warning("rollback proposed to git", extra={"model": self.model, "proposal": proposed.id})
-        except Exception as exc:   # production is rolled back either way; the reconciler reports the difference
-            log.error("rollback not proposed to git", extra={"model": self.model,
-                                                              "error": redact(f"{type(exc).__name__}: {exc}")})
+            tags = self._client().get_model_version(self.model, version).tags
+            gated = json.loads(tags.get("mlgate.evidence") or "{}")
+            declared = DeployFile(model=self.model, stage=stage or self.stage, version=version, digest=digest,
+                                  variant=tags.get("mlgate.variant"),
+                                  evidence=Evidence(job_id=gated.get("job_id"), commit=gated.get("commit"),
+                                                    trigger=gated.get("trigger"), report=gated.get("report"),
+                                                    **evidence))
+            proposed = proposals.propose(self.engine(), declared, replaces=replaces, kind=kind,
+                                         job_id=gated.get("job_id"))
+            log.warning("deploy-file change proposed to git", extra={
+                "model": self.model, "stage": declared.stage, "version": version, "kind": kind,
+                "proposal": proposed.id})
+        except Exception as exc:   # serving already acted; the reconciler reports any difference with git
+            log.error("deploy-file change not proposed to git", extra={
+                "model": self.model, "error": redact(f"{type(exc).__name__}: {exc}")})
 
     def _classes(self, loaded: RegisteredModel) -> int:
         return int(predict(loaded.predictor, loaded.network_input(loaded.probe_input(1))).shape[1])
