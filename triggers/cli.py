@@ -122,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--loop", action="store_true", required=True, help="run the closed-loop demo")
     demo.add_argument("--workdir", default=".mlgate-demo", help="where the demo keeps its state and logs")
     demo.add_argument("--epochs", type=int, default=15, help="training epochs per job")
+    demo.add_argument("--promotion", choices=["registry", "pull_request", "commit"], default="registry",
+                      help="how a passing gate promotes: the registry's alias, or a deploy file in git (a local bare "
+                           "repository stands for GitHub; the demo merges the promotion branch, reverts, and moves "
+                           "the alias by hand to show the reconciler)")
     demo.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
     reconcile = sub.add_parser("reconcile", help="GitOps, once: put proposed deploy-file changes in git, then move "
@@ -511,7 +515,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from triggers.demo_loop import run_loop
 
     configure_logging(os.environ.get("MLGATE_LOG_LEVEL", "warning").upper())   # the steps are the output
-    summary = run_loop(Path(args.workdir), epochs=args.epochs)
+    summary = run_loop(Path(args.workdir), epochs=args.epochs, promotion=args.promotion)
     print(json.dumps(summary))
     return EXIT_OK
 

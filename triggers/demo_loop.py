@@ -29,7 +29,7 @@ from triggers.local_broker import TansuBroker, free_port, tansu_available
 MODEL = "digits_mlp"
 
 
-def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
+def demo_config(workdir: Path, epochs: int, promotion: str = "registry") -> dict[str, Any]:
     return {
         "version": 1, "workdir": str(workdir / "state"), "experiment": "mlgate-demo",
         "defaults": {
@@ -48,11 +48,14 @@ def demo_config(workdir: Path, epochs: int) -> dict[str, Any]:
                         "min_agreement": 0.3, "max_class_shift": 0.5},
             # the loop is the point: the compiled variants would add half a minute of compiling per job
             "optimize": {"variants": ["torch_eager", "torch_half", "onnx_fp32", "onnx_int8"]},
+            # registry: a passing gate moves the alias; pull_request/commit: git declares production (GitOps)
+            "promotion": {"mode": promotion},
         },
         "models": {MODEL: {"module": "models.digits_mlp", "params": {"hidden": 64}}},
         # the fresh labelled data the drift event points at lives in the demo's folder
         # the demo's folder is not a git repository: its jobs run the installed code, not a commit's
-        "service": {"workers": 1, "lease_seconds": 60, "data_roots": [str(workdir)], "checkout": "in_place"},
+        "service": {"workers": 1, "lease_seconds": 60, "data_roots": [str(workdir)], "checkout": "in_place",
+                    "gitops": {"reconcile_seconds": 5}},
     }
 
 
@@ -87,7 +90,7 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float =
     raise MlgateError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
 
 
-def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[str, Any]:
+def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0, promotion: str = "registry") -> dict[str, Any]:
     import httpx
 
     from models.datasets import digits
@@ -96,8 +99,10 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
 
     step = Step()
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "mlgate.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(workdir.resolve(), epochs)), encoding="utf-8")
+    raw = yaml.safe_dump(demo_config(workdir.resolve(), epochs, promotion))
+    git = DemoRepository(workdir, raw) if promotion != "registry" else None
+    config_path = git.service / "mlgate.yaml" if git else workdir / "mlgate.yaml"
+    config_path.write_text(raw, encoding="utf-8")
     from automation.config import load_config
 
     config = load_config(config_path)
@@ -143,6 +148,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         job = _wait(f"job {first_job}", lambda: _finished(service, first_job), timeout)
         if job["state"] != "succeeded":
             raise MlgateError(f"demo: the first job ended {job['state']}: {job.get('error')}")
+        if git:
+            git.merge_promotion(step, service, secret, job["version"], promotion)
         step("promoted", f"version {job['version']} is production (report {service}/reports/{first_job})",
              version=job["version"])
 
@@ -186,6 +193,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         job = _wait(f"job {event['job_id']}", lambda: _finished(service, event["job_id"]), timeout)
         if job["state"] != "succeeded":
             raise MlgateError(f"demo: the drift retrain ended {job['state']}: {job.get('error')}")
+        if git:
+            git.merge_promotion(step, service, secret, job["version"], promotion)
         step("promoted", f"retrained on the fresh data, gate passed: version {job['version']} is production",
              version=job["version"])
         new_version = job["version"]
@@ -198,6 +207,9 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
         served, after = _traffic(serving, shifted_x, splits.y_test[:300])
         step("hot swap", f"serving answers with version {served}; accuracy on the shifted inputs "
              f"{before:.1%} → {after:.1%}", accuracy=after, version=served)
+        if git:
+            git.revert_and_drift(step, service, secret, config, first=str(summary_version(step, 0)),
+                                 last=new_version)
         return {"ok": True, "steps": step.done, "workdir": str(workdir), "service": service, "serving": serving}
     finally:
         for process in reversed(processes):
@@ -209,6 +221,115 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0) -> dict[st
                 process.kill()
         if broker is not None:
             broker.stop()
+
+
+def summary_version(step: Step, index: int) -> str:
+    """The version the `index`-th "promoted" step recorded."""
+    return [s["version"] for s in step.done if s["step"] == "promoted"][index]
+
+
+class DemoRepository:
+    """GitOps in the demo: a bare remote stands for GitHub's repository, the service runs in a clone of it, and a
+    person's clone merges promotion branches and reverts, each push announced with a signed webhook."""
+
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.remote, self.service, self.person = workdir / "remote.git", workdir / "repo", workdir / "person"
+        for path in (self.remote, self.service, self.person):
+            if path.exists():
+                raise MlgateError(f"demo: {path} exists; use a fresh --workdir")
+        _git(workdir, "init", "-q", "--bare", "-b", "main", str(self.remote))
+        _git(workdir, "clone", "-q", str(self.remote), str(self.person))
+        (self.person / "mlgate.yaml").write_text(config_text, encoding="utf-8")
+        _git(self.person, "add", "mlgate.yaml")
+        _git(self.person, "commit", "-qm", "mlgate.yaml: promotion through git")
+        _git(self.person, "push", "-q", "origin", "HEAD:main")
+        _git(workdir, "clone", "-q", str(self.remote), str(self.service))
+
+    def head(self) -> str:
+        return _git(self.person, "rev-parse", "HEAD")
+
+    def announce(self, service: str, secret: str, files: list[str]) -> None:
+        """The push webhook GitHub would send for the person's last push to main."""
+        import httpx
+
+        from triggers.request_guard import sign
+
+        sha = self.head()
+        push = {"ref": "refs/heads/main", "before": "1" * 40, "after": sha, "deleted": False, "forced": False,
+                "commits": [{"id": sha, "added": [], "removed": [], "modified": files}],
+                "repository": {"full_name": "demo/mlgate", "default_branch": "main"}}
+        body = json.dumps(push).encode()
+        httpx.post(service + "/webhooks/github", content=body, timeout=10, headers={
+            "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
+            "X-Hub-Signature-256": sign(secret, body)}).raise_for_status()
+
+    def merge_promotion(self, step: Step, service: str, secret: str, version: str, mode: str) -> None:
+        """The service proposed `version`: the person merges its branch (pull_request mode; in commit mode the
+        service committed it), the push webhook arrives, the reconciler moves production."""
+        import httpx
+
+        def proposal() -> dict[str, Any] | None:
+            found = [p for p in httpx.get(service + "/gitops", timeout=5).json()["proposals"]
+                     if p["version"] == version and p["model"] == MODEL]
+            return found[0] if found and found[0]["state"] in ("pushed", "opened", "done") else None
+
+        proposed = _wait(f"the deploy-file change for version {version}", proposal, 60)
+        if mode == "pull_request":
+            step("pull request", f"gate passed: branch {proposed['branch']} changes deploy/production/{MODEL}.yaml "
+                 f"to version {version} (with a GitHub token, the service opens the pull request)", version=version)
+            _git(self.person, "fetch", "-q", "origin", proposed["branch"])
+            _git(self.person, "merge", "-q", "--no-ff", "-m", f"Merge {proposed['branch']}", "FETCH_HEAD")
+            _git(self.person, "push", "-q", "origin", "HEAD:main")
+            step("merged", f"a person merged it ({self.head()[:12]}); the push webhook makes the service reconcile",
+                 commit=self.head())
+        else:
+            _git(self.person, "pull", "-q", "--ff-only", "origin", "main")
+            step("committed", f"the service committed deploy/production/{MODEL}.yaml ({self.head()[:12]})",
+                 commit=self.head())
+        self.announce(service, secret, [f"deploy/production/{MODEL}.yaml"])
+        _wait(f"production to be version {version}", lambda: _production(service) == version, 60)
+
+    def revert_and_drift(self, step: Step, service: str, secret: str, config: Any, first: str, last: str) -> None:
+        """Roll back with `git revert`, then move the alias by hand and watch the reconciler put it back."""
+        from automation import promote, tracking
+
+        merge = self.head()
+        _git(self.person, "revert", "--no-edit", *(["-m", "1"] if len(_git(
+            self.person, "rev-list", "--parents", "-n", "1", merge).split()) > 2 else []), merge)
+        _git(self.person, "push", "-q", "origin", "HEAD:main")
+        self.announce(service, secret, [f"deploy/production/{MODEL}.yaml"])
+        _wait(f"production back to version {first}", lambda: _production(service) == first, 60)
+        step("git revert", f"reverted {merge[:12]} and pushed: production is version {first} again (serve-model "
+             "rolls it out)", version=first)
+        client = tracking.connect(config.workdir, config.experiment)[0]
+        client.set_registered_model_alias(MODEL, promote.PRODUCTION, last)   # behind git's back
+        restored = _wait("the reconciler to put production back", lambda: _last_move(service, "drift restored"), 60)
+        step("drift", f"production moved by hand to version {last}: reported and put back to version "
+             f"{restored['version']} (audit: {restored['reason']})", version=restored["version"])
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=demo", "-c", "user.email=demo@example.com", *args], cwd=cwd,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MlgateError(f"demo: git {args[0]} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()
+
+
+def _production(service: str) -> str | None:
+    import httpx
+
+    return next((m["production"] for m in httpx.get(service + "/models", timeout=10).json() if m["model"] == MODEL),
+                None)
+
+
+def _last_move(service: str, reason: str) -> dict[str, Any] | None:
+    """The model's last audited move, if its reason starts with `reason`."""
+    import httpx
+
+    card = next(m for m in httpx.get(service + "/models", timeout=10).json() if m["model"] == MODEL)
+    last = card["history"][-1] if card["history"] else None
+    return last if last and last["reason"].startswith(reason) else None
 
 
 def _finished(service: str, job_id: str) -> dict[str, Any] | None:
@@ -226,6 +347,9 @@ def _roll_out(serving: str, version: str, x: np.ndarray, y: np.ndarray, feedback
 
     seen: list[str] = []
     live: dict[str, Any] = {}
+    # the alias may have moved a moment ago (a merge just reconciled): serve-model sees it at its next poll
+    _wait(f"serve-model to see version {version} in production",
+          lambda: httpx.get(serving + "/healthz", timeout=5).json().get("production") == version, 30)
     deadline = time.monotonic() + timeout
     offset = 0
     while time.monotonic() < deadline:
