@@ -304,3 +304,18 @@ def test_staging_then_production_the_production_change_carries_the_staging_evide
     staged = yaml.safe_load(git(repo.remote, "show", f"refs/heads/main:deploy/staging/{MODEL}.yaml"))
     assert staged["version"] == v1 and "agreement 0.41" in staged["evidence"]["rolled_back"]
     assert [s.outcome for s in loop.run().states] == ["in_sync", "in_sync"] and production(repo) == v1
+
+
+def test_a_manual_promote_of_a_git_declared_model_is_refused_with_the_file_to_change(
+        repo: GitOpsRepo, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import error_lines, run_cli
+
+    v1 = repo.register(b"x")
+    config = str(repo.service / "mlgate.yaml")
+    for argv in (["promote", MODEL, v1], ["rollback", MODEL]):
+        code, _, err = run_cli(capsys, "--config", config, *argv, "--reason", "hotfix")
+        assert code == 2 and error_lines(err)[0].startswith(f"Error: git declares {MODEL}'s production"), err
+        assert PATH in err
+    assert production(repo) is None and audit(repo) == []
+    code, out, _ = run_cli(capsys, "--config", config, "reconcile", "--json")   # nothing declared yet: nothing moves
+    assert code == 0 and '"states": []' in out
