@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -187,6 +188,7 @@ class JudgeConfig(Strict):
     total_seconds: PositiveFloat = 1800
 
 
+GIT_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
 
@@ -454,6 +456,10 @@ class MlgateConfig(Strict):
     def _has_models(self) -> "MlgateConfig":
         if not self.models:
             raise ValueError("at least one model is required under 'models'")
+        for name, spec in self.models.items():   # the name becomes a file and a branch: git must take it
+            if spec.promotion.mode != "registry" and (not GIT_SAFE_NAME.fullmatch(name) or name.endswith(".lock")):
+                raise ValueError(f"model '{name[:80]}' promotes through git, so its name names a deploy file and a "
+                                 "branch: letters, digits, '_', '-' and inner '.' only")
         return self
 
     def model(self, name: str) -> ModelConfig:

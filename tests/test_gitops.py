@@ -319,3 +319,17 @@ def test_a_manual_promote_of_a_git_declared_model_is_refused_with_the_file_to_ch
     assert production(repo) is None and audit(repo) == []
     code, out, _ = run_cli(capsys, "--config", config, "reconcile", "--json")   # nothing declared yet: nothing moves
     assert code == 0 and '"states": []' in out
+
+
+@pytest.mark.parametrize("name", ["my model", "../x", "a..b", "x.lock.", "x.lock", "mod\u00e8le", ".hidden", "a/b"])
+def test_a_git_promoted_model_needs_a_name_git_can_take(tmp_path: Path, name: str) -> None:
+    import yaml
+
+    from automation.config import parse_config
+    from automation.errors import UsageError
+
+    raw = {"models": {name: {"module": "models.digits_mlp", "promotion": {"mode": "commit"}}}}
+    with pytest.raises(UsageError, match="names a deploy file and a branch"):
+        parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path)
+    raw["models"][name]["promotion"]["mode"] = "registry"   # the registry takes any name, as before
+    assert name in parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path).models
