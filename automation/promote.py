@@ -271,11 +271,13 @@ def promote(client: "MlflowClient", engine: Engine, model: str, version: str, *,
                  fence=fence)
 
 
-def declare(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str) -> PromotionRecord:
+def declare(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str,
+            expected_production: Any = UNCHANGED) -> PromotionRecord:
     """Make `version` production because the deploy file in git says so (triggers/gitops/reconcile.py): audited
-    as action `git`. No gate tag is required: the reviewed, merged deploy file is the approval."""
+    as action `git`. No gate tag is required: the reviewed, merged deploy file is the approval. With
+    `expected_production`, only over that (GateStale otherwise: another replica's reconciler moved it)."""
     return _move(client, engine, model, str(version), action="git", reason=reason, job_id=None,
-                 require_passed=False)
+                 require_passed=False, expected_production=expected_production)
 
 
 def set_staging(client: "MlflowClient", engine: Engine, model: str, version: str, *, reason: str) -> PromotionRecord:

@@ -333,3 +333,46 @@ def test_a_git_promoted_model_needs_a_name_git_can_take(tmp_path: Path, name: st
         parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path)
     raw["models"][name]["promotion"]["mode"] = "registry"   # the registry takes any name, as before
     assert name in parse_config(yaml.safe_dump(raw), "mlgate.yaml", tmp_path).models
+
+
+def test_two_replicas_publishing_at_once_open_one_pull_request(tmp_path: Path, mlflow_template: Path,
+                                                              postgres_url: str) -> None:
+    """Two services on one PostgreSQL job database publish the same proposal at the same moment: one pushes and
+    opens the pull request, the other finds it done."""
+    import threading
+    import time
+
+    from sqlalchemy import delete
+
+    from automation import store
+    from triggers.gitops.publish import GitHubTarget
+
+    repo = make_repo(tmp_path, mlflow_template, mode="pull_request")
+    engine = store.open_store(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(delete(proposals.Proposal))
+    v1 = repo.register(b"w")
+    proposals.propose(engine, DeployFile(model=MODEL, stage="production", version=v1, digest=repo.digest(v1)),
+                      replaces=None)
+    github = RecordingGitHub()
+    slow_find = github.find_pull_request
+
+    def find_slowly(*args: Any) -> int | None:   # widens the window in which two publishers could both open one
+        found = slow_find(*args)
+        time.sleep(0.5)
+        return found
+
+    github.find_pull_request = find_slowly   # type: ignore[method-assign]
+    start = threading.Barrier(2)
+
+    def replica() -> None:
+        start.wait()
+        Publisher(repo.config, repo.service, engine, GitHubTarget(github, "acme/models")).run()
+
+    threads = [threading.Thread(target=replica) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [c[0] for c in github.calls] == ["find", "open", "verdict"], github.calls
+    assert [p.state for p in proposals.recent_proposals(engine)] == ["opened"]

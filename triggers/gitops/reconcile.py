@@ -150,15 +150,15 @@ class Reconciler:
             git_changed = applied is None or applied != found.version
             reason = f"git {head[:12]}: {path}"
             if git_changed:
-                self._move(found, reason)
-                state.outcome, state.detail = "moved", f"{current} → {found.version} ({reason})"
+                state.outcome = "moved" if self._move(found, reason, current) else "in_sync"
+                state.detail = f"{current} → {found.version} ({reason})"
             elif self.held(found.model, found.stage) == current:
                 state.outcome = "held"
                 state.detail = f"serving rolled back to {current}; its deploy-file change is not merged yet"
             else:
                 state.detail = f"the alias names {current}, git declares {found.version}: moved outside git"
                 if self.config.model(found.model).promotion.on_drift == "restore":
-                    self._move(found, f"drift restored: {state.detail}")
+                    self._move(found, f"drift restored: {state.detail}", current)
                     state.outcome = "drift_restored"
                 else:
                     state.outcome = "drift_reported"
@@ -168,15 +168,23 @@ class Reconciler:
         self._remember(found, head)
         return state
 
-    def _move(self, found: DeployFile, reason: str) -> None:
+    def _move(self, found: DeployFile, reason: str, current: str | None) -> bool:
+        """The alias moved to the declared version, over `current` only; False when another replica's reconciler
+        moved it first (one audited move per change, however many replicas reconcile)."""
         from automation import promote
+        from automation.errors import GateStale
 
         if found.stage == "production":
-            promote.declare(self.client, self.engine, found.model, found.version, reason=reason)
+            try:
+                promote.declare(self.client, self.engine, found.model, found.version, reason=reason,
+                                expected_production=current)
+            except GateStale:
+                return False
         else:
             promote.set_staging(self.client, self.engine, found.model, found.version, reason=reason)
         log.info("alias moved to what git declares", extra={"model": found.model, "stage": found.stage,
                                                             "version": found.version, "reason": reason})
+        return True
 
     def _check_version(self, path: str, found: DeployFile) -> None:
         """The version exists and its files are the ones the file names (DeployRefused otherwise)."""
