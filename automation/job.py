@@ -29,6 +29,7 @@ from automation.cost import StageTimer
 from automation.device import CPU, RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
+from automation.threads import policy as thread_policy
 from automation.redaction import redact_url
 from automation.data import DataMissing
 
@@ -142,6 +143,9 @@ def run_stages(config: MlgateConfig, request: JobRequest, progress: JobProgress 
     """The job's stages, validate to report; run_job wraps them with the checkpoints' end."""
     for name in _STAGE_MODULES:
         importlib.import_module(f"automation.{name}")
+    from automation.threads import set_torch_inter_op
+
+    set_torch_inter_op(1)   # the thread policy: the zoo's graphs are chains
     progress = progress or JobProgress(enabled=False)
     timer = StageTimer(on_stage=lambda name: progress.record(stage=name))
     spec = config.model(request.model)
@@ -242,7 +246,7 @@ def validate(config: MlgateConfig, request: JobRequest, spec: ModelConfig) -> Va
     checked = load_checked_data(request.model, module, spec, request.fresh_data)
     digest, manifest = data_fingerprint(checked.raw, config.workdir / "cache" / "manifests.json")
     batch_sizes = sorted({1, spec.optimize.select_batch_size, *spec.benchmark.batch_sizes})
-    env = environment_info(runner)
+    env = environment_info(runner) | {"threads": thread_policy(spec.train.threads).describe()}
     log.info("resolved config", extra={"model": request.model, "job_id": request.job_id,
                                        "config": spec.model_dump(), "data_fingerprint": digest,
                                        "source_files": len(manifest),
@@ -513,9 +517,12 @@ def benchmark_stage(model: str, spec: ModelConfig, validated: Validated, connect
 
     A variant that fails is dropped from `variants` with its reason; production whose contract differs from the
     candidate's, or that fails to load or run, is not comparable: the relative gates skip, with the reason."""
-    from automation import benchmark, optimize
+    import torch
 
+    from automation import benchmark, optimize
     from automation.predictors import EncodingPredictor
+
+    torch.set_num_threads(thread_policy().benchmark)   # the same count ONNX Runtime's sessions got (threads.py)
 
     splits, batch_sizes, encoder = validated.splits, validated.batch_sizes, validated.encoder
     production, not_comparable, changed = None, None, None

@@ -21,6 +21,7 @@ import numpy as np
 
 from automation.device import CPU, RunnerDevice, device_copy
 from automation.errors import one_line
+from automation.threads import ort_session_options
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3   # warnings about node placement are not the job's
-        if cpu_threads is not None:      # None: ONNX Runtime's default, one intra-op thread per core
-            options.intra_op_num_threads = cpu_threads
+        ort_session_options(options, cpu_threads)   # None: the thread policy's benchmark count
         self.session = ort.InferenceSession(str(path), sess_options=options,
                                             providers=providers or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -444,6 +444,10 @@ def _environment(summary: dict[str, Any]) -> list[str]:
              f"- Training: on `{training['device']}` × {training['world_size']}, "
              f"precision {training.get('precision', 'fp32')}" if training else
              "- Training: by the pull request's own code, in a sandbox; only its ONNX export was judged"]
+    if isinstance(env.get("threads"), dict):   # automation/threads.py: the counts every timing ran with
+        from automation.threads import ThreadPolicy
+
+        lines.append(f"- Threads: {_text(ThreadPolicy(**env['threads']).text())}")
     if summary.get("timed_region"):
         lines.append(f"- Timed region: {_text(summary['timed_region'], 400)}.")
     cross = summary.get("cross_device")

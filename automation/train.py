@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-MAX_DERIVED_THREADS = 8   # past this, a small model's steps gain little and each added thread reorders sums
 VALIDATION_BATCH = 64   # as predictors.EVALUATION_BATCH: attention over long texts grows with the square of length
 BuildFn = Callable[..., nn.Module]
 
@@ -74,18 +73,11 @@ def seed_everything(seed: int) -> None:
 
 
 def training_threads(cfg: TrainConfig, world_size: int = 1) -> int:
-    """Intra-op threads per training process: train.threads; else OMP_NUM_THREADS where the runner set it (a
-    shared machine's deliberate share); else the CPUs this process may use, at most MAX_DERIVED_THREADS.
-    Shared among the ranks running here. Never the machine's load: that would make the sums differ."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if cfg.threads is not None:
-        total = cfg.threads
-    elif omp.isdigit() and int(omp) > 0:
-        total = int(omp)
-    else:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        total = min(usable, MAX_DERIVED_THREADS)
-    return max(1, total // world_size)
+    """Intra-op threads per training process (automation/threads.py decides), shared among the ranks running
+    here. Never the machine's load: that would make the sums differ."""
+    from automation.threads import policy
+
+    return max(1, policy(cfg.threads).train // world_size)
 
 
 @contextmanager

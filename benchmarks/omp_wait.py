@@ -1,6 +1,6 @@
 """How long one training epoch of the CPU Fashion-MNIST model takes as libgomp's waiting threads spin long
-(its default), briefly (GOMP_SPINCOUNT=10000, what automation/__init__.py sets before torch loads) or not at
-all (OMP_WAIT_POLICY=PASSIVE). Not a test: it prints figures. Run it idle and beside busy processes:
+(its default), briefly (GOMP_SPINCOUNT=10000) or not at all (OMP_WAIT_POLICY=PASSIVE, what
+automation/threads.py sets before torch loads). Not a test: it prints figures. Run it idle and beside busy processes:
 
     .venv/bin/python benchmarks/omp_wait.py
 """

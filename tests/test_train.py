@@ -9,7 +9,8 @@ import torch
 from automation.config import TrainConfig
 from automation.device import select_device
 from automation.job import fingerprint
-from automation.train import MAX_DERIVED_THREADS, train_model, training_threads
+from automation.threads import MAX_DERIVED_THREADS
+from automation.train import train_model, training_threads
 from models import digits_cnn, digits_mlp
 from models.datasets import digits
 

@@ -11,13 +11,14 @@ so one request at a time always runs on the same warm thread, as a plain loop ov
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from queue import SimpleQueue
 from typing import Any
+
+from automation.threads import policy
 
 _Call = tuple[Future, Callable[..., Any], tuple[Any, ...]]
 
@@ -74,7 +75,7 @@ class WarmThreads(Executor):
 
 # one per core (each ONNX session runs on one intra-op thread); a plain executor hop costs less than anyio's
 # thread pool, and at batch 1 the hop is most of a request's time
-INFERENCE = WarmThreads(max_workers=min(8, os.cpu_count() or 2), name="inference")
+INFERENCE = WarmThreads(max_workers=policy().serve_workers, name="inference")   # one per usable CPU (cgroup aware)
 
 
 async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from automation.config import MlgateConfig
 from automation.predictors import RegisteredModel, predict
 from automation.redaction import redact
+from automation.threads import policy as thread_policy
 from automation.wire.json_inputs import BadInput, class_names, predicted_probabilities
 from automation.wire.predict import parse_predict
 from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
@@ -165,9 +166,9 @@ class ModelServer:
             if found != pinned.digest:
                 raise ProbeFailed(f"version {version}'s files have digest {found[:19]}…, not {pinned.digest[:19]}… "
                                   "as its deploy file declares: the registry changed behind git's back")
-        # one intra-op thread per session: requests run side by side on the inference threads instead, and a
-        # tiny batch loses more to waking intra-op threads (and their spinning) than it gains from them
-        loaded = load_downloaded(local, self.model, version, tags, self.device, cpu_threads=1)
+        # serving's thread policy (automation/threads.py): requests run side by side on the inference threads
+        loaded = load_downloaded(local, self.model, version, tags, self.device,
+                                 cpu_threads=thread_policy().serve_intra_op)
         logits = predict(loaded.predictor, loaded.network_input(loaded.probe_input(2)))
         if logits.ndim != 2 or logits.shape[0] != 2 or not np.isfinite(logits).all():
             raise ProbeFailed(f"version {version} answers a probe batch with {logits.shape} non-finite or "
