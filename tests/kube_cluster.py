@@ -94,9 +94,25 @@ class Emulator(kmock.KubernetesEmulator):
             yield {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                                "reason": "Expired", "code": 410, "message": "too old"}}
             return
-        async for event in super()._serve_watch(request):
-            if not isinstance(event, dict) or _selected(event.get("object") or {}, request.params):
-                yield event
+        # timeoutSeconds ends the watch, as an API server does (kmock's never ends one: a client then waits for its
+        # own read timeout, e.g. the executor for 10 s at each Job's end, on a watch that no longer matters)
+        timeout = float(request.params.get("timeoutSeconds") or 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        events = super()._serve_watch(request).__aiter__()
+        try:
+            while True:
+                try:
+                    if timeout:
+                        event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - loop.time()))
+                    else:
+                        event = await events.__anext__()
+                except (StopAsyncIteration, asyncio.TimeoutError):
+                    return
+                if not isinstance(event, dict) or _selected(event.get("object") or {}, request.params):
+                    yield event
+        finally:
+            await events.aclose()
 
 
 class EmulatedApiServer:
