@@ -198,7 +198,9 @@ def limits(**overrides: Any) -> Limits:
 ])
 def test_a_sandboxed_process_meets_its_limit_and_the_limit_is_named(executor: LocalExecutor, tmp_path: Path,
                                                                     attack: str, script: str, named: str) -> None:
-    chosen = limits(cpu_seconds=2) if attack == "spin the CPU" else limits()
+    # the CPU and memory limits low enough to be met in a moment (8 GiB of memory took 13-25 s to fill)
+    chosen = limits(**{"spin the CPU": {"cpu_seconds": 2},
+                       "allocate without end": {"address_space": 1024 ** 3}}.get(attack, {}))
     os.chdir(tmp_path)
     workdir = tmp_path / "sandbox-work"
     workdir.mkdir()
