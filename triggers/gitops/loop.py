@@ -1,8 +1,10 @@
 """The service's GitOps loop: publish proposed deploy-file changes, then reconcile the registry with git.
 
-It reconciles on every push to the tracked branch (the planner wakes it), after publishing a change, and every
-`service.gitops.reconcile_seconds`. Each new head gets one `mlgate/deploy` verdict on its commit: success with
-what is declared, or failure with one line per refused file.
+It reconciles on every push to the tracked branch, after publishing a change, and every
+`service.gitops.reconcile_seconds`. A push is a recorded push delivery, looked for as often as proposals are:
+one the webhook request planned itself, or another replica received, wakes it as well as one the planner
+planned. Each new head gets one `mlgate/deploy` verdict on its commit: success with what is declared, or
+failure with one line per refused file.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def held_rollbacks(engine: Engine) -> Any:
 class GitOpsLoop:
     def __init__(self, config: MlgateConfig, engine: Engine, repo: Path, client: Callable[[], Any],
                  github: GitHubTarget | None) -> None:
-        self.config, self.github = config, github
+        self.config, self.github, self.engine = config, github, engine
         self.reconciler = Reconciler(config, repo, engine, client, held=held_rollbacks(engine))
         self.publisher = Publisher(config, repo, engine, github)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self.reconciles = 0
+        # (model, stage, outcome) -> drift found (an alias moved outside git), counted once per move
+        self.drift_events: dict[tuple[str, str, str], int] = {}
+        self._drifted: dict[tuple[str, str], str | None] = {}   # (model, stage) -> the registry's version then
         self.error: str | None = None
         self._reported_head: str | None = None
         self._thread: threading.Thread | None = None
@@ -60,15 +65,44 @@ class GitOpsLoop:
             return published, None
         result = self.reconciler.run()
         self.reconciles += 1
+        self._count_drift(result)
         self._report(result)
         return published, result
 
+    def _count_drift(self, result: Reconciled) -> None:
+        """A restored drift lasts one pass on the gauge (a scrape can miss it): the counter keeps every one.
+        A drift left alone (`on_drift: report`) counts once, not once per pass, until the alias moves again."""
+        for state in result.states:
+            key = (state.model, state.stage)
+            if not state.outcome.startswith("drift"):
+                self._drifted.pop(key, None)
+                continue
+            if key in self._drifted and self._drifted[key] == state.registry:
+                continue
+            self._drifted[key] = None if state.outcome == "drift_restored" else state.registry
+            counted = (state.model, state.stage, state.outcome)
+            self.drift_events[counted] = self.drift_events.get(counted, 0) + 1
+
+    def _last_push(self) -> Any:
+        """When the newest push delivery that is not ignored (a push to another branch, a tag) was received."""
+        from sqlalchemy import func, select
+
+        from triggers.intake.deliveries import Delivery
+
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(Delivery.received_at)).where(
+                Delivery.event == "push", Delivery.status != "ignored")).scalar()
+
     def run(self) -> None:
         due = 0.0
+        seen_push = None
         while not self._stop.is_set():
             woken = self.wake.is_set()
             self.wake.clear()
             try:
+                newest = self._last_push()
+                woken = woken or (newest is not None and newest != seen_push)
+                seen_push = newest
                 if self.pass_once(reconcile=woken or time.monotonic() >= due)[1] is not None:
                     due = time.monotonic() + self.config.service.gitops.reconcile_seconds
                 self.error = None
@@ -115,6 +149,12 @@ class GitOpsCollector:
         for state in last.states if last else []:
             drift.add_metric([state.model, state.stage], 1.0 if state.outcome.startswith("drift") else 0.0)
         yield drift
+        events = CounterMetricFamily("mlgate_gitops_drift_events", "Registry aliases found moved outside git, by "
+                                     "model, stage and what was done (drift_restored, drift_reported)",
+                                     labels=["model", "stage", "outcome"])
+        for (model, stage, outcome), count in sorted(self.loop.drift_events.items()):
+            events.add_metric([model, stage, outcome], count)
+        yield events
         yield GaugeMetricFamily("mlgate_gitops_refused_files", "Deploy files refused at the tracked branch's head",
                                 value=len(last.refused) if last else 0)
         yield CounterMetricFamily("mlgate_gitops_reconciles", "Reconcile passes", value=self.loop.reconciles)
@@ -132,6 +172,7 @@ def gitops_loop(config: MlgateConfig, engine: Engine, client: Callable[[], Any])
 
     from automation import proposals  # noqa: F401  (its table)
     from automation.store import Base
+    from triggers.intake import deliveries  # noqa: F401  (its table: pushes wake the loop)
 
     models = git_models(config)
     if not models:
