@@ -514,3 +514,22 @@ def test_a_change_is_published_after_its_job_and_github_down_stops_only_its_pull
     assert github.calls[2] == ("verdict", waiting.commit_sha, "mlgate/promotion")
     body = next(c[2] for c in github.calls if c[0] == "open")
     assert "## fraud_scorer v2: the model report" in body and "Merging this pull request promotes" in body
+
+
+def test_processes_sharing_a_clone_read_the_branch_head_at_the_same_time(tmp_path: Path) -> None:
+    """The service's loop, serve-model and `mlgate reconcile` may fetch into one clone at once: git lets one of
+    them update `refs/remotes/origin/main` and refuses the others ("cannot lock ref"), which must not fail them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triggers.gitops import git_tree
+
+    remote, clone = tmp_path / "remote.git", tmp_path / "clone"
+    sh(tmp_path, "git", "init", "-q", "--bare", "-b", "main", str(remote))
+    git_commit(tmp_path / "developer", {"README.md": "0\n"})
+    git(tmp_path / "developer", "push", "-q", str(remote), "main")
+    sh(tmp_path, "git", "clone", "-q", str(remote), str(clone))
+    with ThreadPoolExecutor(4) as pool:
+        for round_ in range(1, 9):
+            head = git_commit(tmp_path / "developer", {"README.md": f"{round_}\n"})
+            git(tmp_path / "developer", "push", "-q", str(remote), "main")
+            assert list(pool.map(lambda _: git_tree.branch_head(clone, "main"), range(4))) == [head] * 4

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from triggers.jobs.checkout import CheckoutFailed
 
 LINK_MODE, FILE_MODES = "120000", ("100644", "100755")
+LOCK_ATTEMPTS = 5
 
 
 class GitFailed(CheckoutFailed):
@@ -38,10 +40,24 @@ def has_remote(repo: Path) -> bool:
     return "origin" in git(repo, "remote").decode().split()
 
 
+def _ref_raced(repo: Path, *args: str) -> bytes:
+    """A git command that updates a ref another process on this clone may update at the same moment (the
+    service's loop, serve-model, `mlgate reconcile`): git refuses the loser ("cannot lock ref"); it runs again."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            return git(repo, *args)
+        except GitFailed as exc:
+            if "cannot lock ref" not in str(exc) or attempt == LOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def branch_head(repo: Path, branch: str) -> str:
     """The branch's head at origin (fetched now), or the local branch where there is no remote."""
     if has_remote(repo):
-        git(repo, "fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
+        _ref_raced(repo, "fetch", "--quiet", "--no-write-fetch-head", "origin",
+                   f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
         return git(repo, "rev-parse", f"refs/remotes/origin/{branch}^{{commit}}").decode().strip()
     return git(repo, "rev-parse", f"refs/heads/{branch}^{{commit}}").decode().strip()
 
@@ -106,4 +122,4 @@ def commit_file(repo: Path, parent: str, path: str, content: str, message: str, 
 def push(repo: Path, commit: str, branch: str, force: bool = False) -> None:
     """`commit` becomes `branch` at origin (a fast-forward unless `force`); GitFailed when refused."""
     git(repo, "push", "--quiet", "origin", f"{'+' if force else ''}{commit}:refs/heads/{branch}")
-    git(repo, "update-ref", f"refs/remotes/origin/{branch}", commit)
+    _ref_raced(repo, "update-ref", f"refs/remotes/origin/{branch}", commit)
