@@ -376,3 +376,24 @@ def test_two_replicas_publishing_at_once_open_one_pull_request(tmp_path: Path, m
         thread.join(60)
     assert [c[0] for c in github.calls] == ["find", "open", "verdict"], github.calls
     assert [p.state for p in proposals.recent_proposals(engine)] == ["opened"]
+
+
+def test_a_move_whose_mover_died_is_settled_before_the_reconciler_reads_production(repo: GitOpsRepo) -> None:
+    """The service died between moving the alias and writing its audit row: the next pass writes the row (once)
+    and reports the model in sync, instead of moving it again or leaving the move unaudited."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from automation.store import utc_now
+
+    v1 = repo.register(b"one")
+    repo.declare(v1)
+    intent = promote._begin(repo.engine, repo.client, MODEL, "git", v1, "git: died mid-move", None, None)
+    promote._end(repo.engine, intent, "moving", version=v1, replaced_version=None)
+    repo.client.set_registered_model_alias(MODEL, promote.PRODUCTION, v1)   # moved; the audit row never written
+    with repo.engine.begin() as conn:   # the mover died three minutes ago
+        conn.execute(update(promote.PromotionIntent).where(promote.PromotionIntent.id == intent)
+                     .values(created_at=utc_now() - timedelta(minutes=3)))
+    result = reconciler(repo).run()
+    assert [s.outcome for s in result.states] == ["in_sync"] and audit(repo) == [("git", v1)]

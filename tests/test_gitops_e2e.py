@@ -387,9 +387,8 @@ def test_promotion_by_pull_request_merge_revert_drift_and_restarts(tmp_path: Pat
         assert project.audit() == [("git", "1"), ("git", "2"), ("git", "1")]
 
         # 6. an alias moved by hand is counted as drift and put back by the timer's reconcile; serve-model keeps
-        # answering with the declared version meanwhile (it refuses to load one git does not declare). Its /healthz
-        # does say `not_production` (503) while the alias names v2, since readiness compares with the alias, not
-        # with git: hence the wait for it to be ready again (a fix of triggers/serving/server.py is proposed)
+        # answering with the declared version meanwhile (it refuses to load one git does not declare), and stays
+        # ready: serving what git declares is production for a GitOps model
         project.client.set_registered_model_alias(MODEL, promote.PRODUCTION, "2")
         assert wait_for(lambda: project.production() == "1", 60), service.gitops()
         assert serving.answers() == "1" and wait_for(lambda: serving.serves("1"), 30), serving.health()

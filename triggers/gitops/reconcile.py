@@ -143,6 +143,7 @@ class Reconciler:
         path = f"{self.config.service.gitops.folder}/{found.stage}/{found.model}.yaml"
         self._check_version(path, found)
         alias = promote.PRODUCTION if found.stage == "production" else promote.STAGING
+        promote.reconcile(self.client, self.engine, found.model)   # a move whose mover died settles first
         current = promote.alias_version(self.client, found.model, alias)
         state = StageState(found.model, found.stage, found.version, current, "in_sync")
         if current != found.version:

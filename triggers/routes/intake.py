@@ -69,6 +69,8 @@ def intake_router(state: ServiceState) -> APIRouter:
         events.labels("github", label, outcome).inc()
         if delivery["status"] == "pending":
             state.planner_wake.set()
+        if state.gitops is not None and event == "push" and delivery["status"] != "ignored":
+            state.gitops.wake.set()   # the tracked branch may have moved: reconcile now (git is fetched, not read here)
         state.metrics.webhook_seconds.observe(time.perf_counter() - started)
         return JSONResponse(delivery | {"duplicate": recorded.duplicate},
                             status_code=200 if recorded.duplicate or delivery["status"] != "jobs" else 202)

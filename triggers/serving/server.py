@@ -126,6 +126,7 @@ class ModelServer:
         self._device: Any = None
         # git declares production (promotion.mode): serve only the declared version, with the declared digest
         self.pinned = config.model(model).promotion.mode != "registry"
+        self.declared: str | None = None          # the version git declared at the last load
 
     def _client(self) -> Any:
         """One MLflow client for the watcher's life (connect checks the store; once is enough)."""
@@ -152,6 +153,7 @@ class ModelServer:
         from automation.predictors import load_downloaded
 
         pinned = pinned_deploy(self.config, self.model, self.stage) if self.pinned else None
+        self.declared = None if pinned is None else pinned.version
         if pinned is not None and pinned.version != version:
             raise NotDeclared(f"the registry's {self.stage} is version {version}, but git declares version "
                               f"{pinned.version}: not served")
@@ -576,7 +578,9 @@ def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch
                                  "not_served": not_served}, 503)
         rolling_out = rollout is not None and server.candidate is not None and \
             server.candidate.loaded.version == server.production
-        is_production = served.loaded.version == server.production or rolling_out
+        # where git declares production, serving the declared version is ready even while the alias drifted
+        declared = server.pinned and served.loaded.version == server.declared
+        is_production = served.loaded.version == server.production or rolling_out or declared
         return JSONResponse({"status": "ok" if is_production else "not_production", "model": server.model,
                              "rollout": None if rollout is None else rollout.as_dict(),
                              "version": served.loaded.version, "production": server.production,
