@@ -238,10 +238,51 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
     return bool(predicate())
 
 
+# What each module took in `make test` (seconds, both workers busy; 2 cores), to hand the longest out first.
+# Re-measure with `pytest -n auto --dist loadfile --junitxml=...` and sum each module's test times.
+MODULE_SECONDS: dict[str, float] = {
+    "test_ray_executor": 147, "test_preemption": 111, "test_examples": 97, "test_checkout": 93,
+    "test_kubernetes_executor": 92, "test_demo_loop": 89, "test_mlflow_faults": 88, "test_drift_intake": 73,
+    "test_service_e2e": 60, "test_optimize": 54, "test_pipeline": 52, "test_service_crash": 51, "test_serving": 36,
+    "test_fencing": 36, "test_boundary": 34, "test_workflows": 33, "test_github_contract": 33,
+    "test_promote_concurrency": 28, "test_multi_node": 26, "test_launch": 25, "test_worker": 24, "test_train": 22,
+    "test_contract_change": 20, "test_monitor": 17, "test_oidc": 16, "test_contract": 15, "test_webhooks": 12,
+    "test_data_sources": 10, "test_security": 8, "test_serving_inputs": 7, "test_serving_check": 7, "test_judge": 6,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `--dist loadfile`, xdist hands modules out by their number of tests, most first: the modules of one
+    long test each (the demo, the MLflow faults, the service end to end) went last, and one worker ran them
+    while the other one idled. The workers' order is kept instead (see pytest_collection_modifyitems), unless
+    the command line asks for either."""
+    if config.getoption("dist", "no") in ("loadfile", "loadscope") and not any(
+            arg in ("--loadscope-reorder", "--no-loadscope-reorder") for arg in config.invocation_params.args):
+        config.option.loadscopereorder = False
+
+
+def _module_weight(items: list[pytest.Item]) -> float:
+    """A module's expected seconds: MODULE_SECONDS; one not measured yet that trains (`slow`) goes first."""
+    name = Path(str(items[0].fspath)).stem
+    if name in MODULE_SECONDS:
+        return MODULE_SECONDS[name]
+    if any("slow" in item.keywords for item in items):
+        return float("inf")
+    return 0.1 * len(items)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests need CUDA: elsewhere they are skipped with the reason, never silently passed."""
+    """`gpu` tests need CUDA: elsewhere they are skipped with the reason, never silently passed. On an xdist
+    worker the modules are ordered longest first (each keeps its tests' order): under `--dist loadfile` the two
+    workers then end together rather than one waiting on the other's last long module."""
     import torch
 
+    if hasattr(config, "workerinput"):   # an xdist worker (its `dist` option reads "no" there)
+        modules: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+        ordered = sorted(modules.values(), key=_module_weight, reverse=True)   # stable: ties keep their order
+        items[:] = [item for module in ordered for item in module]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device: run `make gpu-check` on a GPU runner")
