@@ -397,3 +397,19 @@ def test_a_move_whose_mover_died_is_settled_before_the_reconciler_reads_producti
                      .values(created_at=utc_now() - timedelta(minutes=3)))
     result = reconciler(repo).run()
     assert [s.outcome for s in result.states] == ["in_sync"] and audit(repo) == [("git", v1)]
+
+
+def test_a_refused_deploy_file_fails_the_deploy_check_on_its_commit_once(repo: GitOpsRepo) -> None:
+    from triggers.gitops.loop import GitOpsLoop
+    from triggers.gitops.publish import GitHubTarget
+
+    v1 = repo.register(b"ok")
+    github = RecordingGitHub()
+    loop = GitOpsLoop(repo.config, repo.engine, repo.service, lambda: repo.client, GitHubTarget(github, "acme/m"))
+    good = repo.declare(v1)
+    loop.pass_once()
+    bad = repo.declare("42", digest=repo.digest(v1))
+    loop.pass_once()
+    loop.pass_once()   # the same head again: no second verdict
+    assert github.calls == [("verdict", good, "mlgate/deploy", True), ("verdict", bad, "mlgate/deploy", False)]
+    assert production(repo) == v1
