@@ -2,10 +2,10 @@
 and temp dir): the queue, workers and the ray executor here, the FastAPI app on a real port that the runners on
 Ray post their results to, MLflow and the job database on SQLite.
 
-- a push job retrains and promotes through one Ray submission; its runner posts the JSON summary;
+- a push job retrains and promotes through one Ray submission; its runner posts the JSON summary; its worker is
+  killed mid-job and a new one started (one job for both checks): one Ray submission in all, one promotion;
 - an outsider's PR is built in the sandbox by a submission holding no credential (nothing of the PR's runs
   outside it, nothing of the service's reaches it), and the base branch's judge reports the verdict;
-- the worker killed mid-job and a new one started: one Ray submission in all, one promotion;
 - cancelling stops the submission, after the checkpoint its SIGTERM asks for (longer than Ray's default 3 s);
 - a reused submission id re-attaches instead of running twice.
 """
@@ -133,7 +133,6 @@ def service(head: RayHead, tmp_path_factory: pytest.TempPathFactory, mlflow_temp
     small = {"resources": {"cpus": 1, "memory": "1Gi"}}
     config["models"] = {
         "digits_mlp": {"module": "models.digits_mlp", "params": {"hidden": 64}} | small,
-        "second_mlp": {"module": "models.digits_mlp", "params": {"hidden": 48}} | small,
         "two_nodes": {"module": "models.digits_mlp", "params": {"hidden": 32}, "train": {"epochs": 3, "nodes": 2}}
         | small,
         "slow_save": {"module": "slow_save", "params": {"hidden": 32}, "train": {
@@ -190,12 +189,32 @@ def job_log(service: dict[str, Any], job_id: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_a_push_job_retrains_and_promotes_through_one_ray_submission(service: dict[str, Any]) -> None:
+def test_a_push_job_retrains_and_promotes_through_one_ray_submission_though_its_worker_was_killed(
+        service: dict[str, Any]) -> None:
+    """One job for two checks: a push job's path through Ray, and its worker killed mid-job (the service's
+    machine gone) with a new one taking the job over: one Ray submission in all, one promotion."""
     job, _ = queue.enqueue(service["engine"], model="digits_mlp", kind="retrain", trigger="push",
                            sha=service["base"])
-    assert worker(service, "ray-push").run_one() is not None
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "GITHUB_"))}
+    killed = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(service["repo"] / "mlgate.yaml"),
+                               "worker"], cwd=service["repo"], env=clean | {"MLGATE_RESULT_SECRET": SECRET},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: any(str(s.status) == "RUNNING" for s in submissions(service, job.id)), 60), \
+            queue.get_job(service["engine"], job.id).as_dict()
+        killed.send_signal(signal.SIGKILL)   # the service's machine is gone: no clean-up, no goodbye to Ray
+        killed.wait(10)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    [running] = submissions(service, job.id)
+    assert str(running.status) == "RUNNING"   # Ray's, not the worker's: it goes on
+    rescuer = worker(service, "ray-rescuer")
+    assert wait_for(lambda: rescuer.run_one() is not None, 30, interval=0.5)   # once the lease expired
     done = queue.get_job(service["engine"], job.id)
-    assert done.state == "succeeded", (done.as_dict(), job_log(service, job.id)[-3000:])
+    assert done.state == "succeeded" and done.attempts == 2, (done.as_dict(), job_log(service, job.id)[-3000:])
+    assert [a.state for a in queue.attempts(service["engine"], job.id)] == ["lost", "succeeded"]
+    assert queue.runner_origin(service["engine"], job.id, 2) == 1   # attempt 2 adopted attempt 1's runner
     # the runner's summary came back through POST /jobs/{id}/result
     summary = json.loads(summary_file(service["config"].workdir, job.id).read_text())
     assert summary["job_id"] == job.id and summary["promoted"] is True and summary["sha"] == service["base"]
@@ -297,36 +316,6 @@ def test_a_writers_pr_judges_itself_on_ray_with_a_store_of_its_own(service: dict
     assert env["MLGATE_RESULT_TOKEN"].startswith(f"{job.id}.1.") and env["MLGATE_WORKDIR"] == str(private)
     assert not any(name.startswith(("MLFLOW_", "MLGATE_DATABASE")) for name in env), env
     assert not private.parent.exists()   # the job's exchange folder went with it
-
-
-def test_a_worker_killed_mid_job_and_a_new_one_make_one_submission_and_one_promotion(
-        service: dict[str, Any]) -> None:
-    job, _ = queue.enqueue(service["engine"], model="second_mlp", kind="retrain", trigger="push", sha=service["base"])
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "GITHUB_"))}
-    killed = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(service["repo"] / "mlgate.yaml"),
-                               "worker"], cwd=service["repo"], env=clean | {"MLGATE_RESULT_SECRET": SECRET},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: any(str(s.status) == "RUNNING" for s in submissions(service, job.id)), 60), \
-            queue.get_job(service["engine"], job.id).as_dict()
-        killed.send_signal(signal.SIGKILL)   # the service's machine is gone: no clean-up, no goodbye to Ray
-        killed.wait(10)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-    [running] = submissions(service, job.id)
-    assert str(running.status) == "RUNNING"   # Ray's, not the worker's: it goes on
-    rescuer = worker(service, "ray-rescuer")
-    assert wait_for(lambda: rescuer.run_one() is not None, 30, interval=0.5)   # once the lease expired
-    done = queue.get_job(service["engine"], job.id)
-    assert done.state == "succeeded" and done.attempts == 2, (done.as_dict(), job_log(service, job.id)[-3000:])
-    assert [a.state for a in queue.attempts(service["engine"], job.id)] == ["lost", "succeeded"]
-    assert queue.runner_origin(service["engine"], job.id, 2) == 1   # attempt 2 adopted attempt 1's runner
-    assert wait_for(lambda: [str(s.status) for s in submissions(service, job.id)] == ["SUCCEEDED"], 60)
-    [ran] = submissions(service, job.id)
-    assert ran.submission_id == submission_id(job.id, 1)
-    assert len(promotions(service, job.id)) == 1
-    assert production(service, "second_mlp") == done.version
 
 
 def test_cancelling_a_job_stops_its_submission_after_the_checkpoint(service: dict[str, Any]) -> None:
