@@ -2,7 +2,8 @@
 run` in a subprocess), on SQLite and on PostgreSQL:
 
 - a runner killed outright (SIGKILL, worker and job) at epoch k: the retry resumes at epoch k or later, trains
-  only the remaining epochs, and ends with exactly the weights of an uninterrupted run;
+  only the remaining epochs, and ends with exactly the weights of an uninterrupted run (`mlgate run --job-id` by
+  hand, twice under one id: a job deletes its checkpoints when it ends, so the second trains every epoch too);
 - a preempted runner (SIGTERM): the job checkpoints within its grace period, the attempt is recorded as
   `preempted`, and the retry does not count toward max_attempts.
 
@@ -118,7 +119,7 @@ def trained_weights(config: Any, run_id: str) -> dict[str, torch.Tensor]:
 
 
 def test_a_runner_killed_at_epoch_k_resumes_there_and_ends_with_the_uninterrupted_weights(
-        service: tuple[Any, Path, Any], db_url: str) -> None:
+        service: tuple[Any, Path, Any], db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     config, path, engine = service
     # a lost lease is an attempt: this job may have one retry
     job, _ = queue.enqueue(engine, model="slow_mlp", kind="retrain", trigger="manual", max_attempts=2)
@@ -151,11 +152,21 @@ def test_a_runner_killed_at_epoch_k_resumes_there_and_ends_with_the_uninterrupte
 
     if not db_url.startswith("sqlite"):
         return   # the weights do not depend on the queue's database: compared once, on SQLite
-    # the same job, never interrupted
-    again, _ = queue.enqueue(engine, model="slow_mlp", kind="retrain", trigger="manual")
-    assert rescuer.run_one() is not None
-    uninterrupted = summary(config, again.id)
-    assert uninterrupted["training"]["resumed_from"] is None
+    # the same job, never interrupted: `mlgate run --job-id` without the service around it (as a runner runs it),
+    # twice under one id. The job itself deletes its checkpoints once it ends: run again, it trains every epoch
+    from tests.conftest import last_json, run_cli
+
+    folder = config.workdir / "jobs" / "by-hand" / "checkpoints"
+    by_hand = []
+    for _ in range(2):
+        code, out, _ = run_cli(capsys, "--config", str(path), "run", "--model", "slow_mlp", "--job-id", "by-hand",
+                               "--json")
+        assert code in (0, 3)   # a passed or a failed gate: either is an end
+        by_hand.append(last_json(out))
+        assert by_hand[-1]["training"]["resumed_from"] is None
+        assert by_hand[-1]["training"]["epochs_this_attempt"] == EPOCHS
+        assert not folder.exists()
+    uninterrupted = by_hand[0]
     resumed_weights = trained_weights(config, done.run_id)
     for name, tensor in trained_weights(config, uninterrupted["run_id"]).items():
         assert torch.equal(tensor, resumed_weights[name]), name
@@ -255,20 +266,3 @@ def test_a_preempted_job_whose_config_changed_trains_from_scratch_and_says_why(
     assert training["resumed_from"] is None and training["epochs_this_attempt"] == EPOCHS
     assert "was written by another config (lr 0.01 -> 0.02); starting fresh" in training["fresh_start"]
     assert training["fresh_start"] in (config.workdir / "jobs" / job.id / "job.log").read_text()
-
-
-def test_mlgate_run_deletes_its_checkpoints_when_the_job_ends(sqlite_service: tuple[Any, Path, Any],
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """Without the service around it (`mlgate run --job-id`, as a runner runs it), the job itself deletes
-    its checkpoints once it ends: run again under that id, it trains every epoch."""
-    from tests.conftest import last_json, run_cli
-
-    config, path, _ = sqlite_service
-    folder = config.workdir / "jobs" / "by-hand" / "checkpoints"
-    for _ in range(2):
-        code, out, _ = run_cli(capsys, "--config", str(path), "run", "--model", "slow_mlp", "--job-id", "by-hand",
-                               "--json")
-        assert code in (0, 3)   # a passed or a failed gate: either is an end
-        training = last_json(out)["training"]
-        assert training["resumed_from"] is None and training["epochs_this_attempt"] == EPOCHS
-        assert not folder.exists()
