@@ -241,7 +241,7 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
 # What each module took in `make test` (seconds, both workers busy; 2 cores; the mean of two runs), to hand the
 # longest out first. Re-measure with `pytest -n auto --dist loadfile --junitxml=...`, summing each module's times.
 MODULE_SECONDS: dict[str, float] = {
-    "test_ray_executor": 147, "test_preemption": 112, "test_examples": 102, "test_checkout": 92,
+    "test_ray_executor": 147, "test_preemption": 102, "test_examples": 102, "test_checkout": 92,
     "test_demo_loop": 92, "test_kubernetes_executor": 91, "test_mlflow_faults": 82, "test_drift_intake": 73,
     "test_pipeline": 47, "test_service_e2e": 46, "test_service_crash": 43, "test_optimize": 39, "test_fencing": 36,
     "test_serving": 35, "test_github_contract": 33, "test_workflows": 32, "test_launch": 27, "test_worker": 24,
