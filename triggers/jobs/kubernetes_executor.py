@@ -82,8 +82,10 @@ class JobWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # not waited for: a watch blocked in its read ends at its own time-out, and writes nothing but `latest`
+        # (waiting cost up to `timeout` at every phase's end: about 10 s per outsider's pull request)
         self._stop.set()
-        self._thread.join(self.timeout + 10)
+        self._thread.join(0.5)
 
     def _list(self) -> str | None:
         listed = self.batch.list_namespaced_job(self.namespace, field_selector=f"metadata.name={self.name}")
