@@ -9,6 +9,7 @@ CUDA timing includes the kernels because `run` synchronizes before it returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import math
@@ -47,15 +48,28 @@ def host_batch(x: Any) -> np.ndarray:
     return array if array.dtype.kind in "iubO" else array.astype(np.float32, copy=False)
 
 
-# A whole split is evaluated in chunks this size. A text model's attention over 512 tokens holds batch × heads ×
-# 512² floats per layer: chunks of 256 took the news_transformer job to an 18 GB peak (resident).
-EVALUATION_BATCH = 64
+# A whole split is evaluated (`evaluate`) in chunks this size. A text model's attention over 512 tokens holds
+# batch × heads × 512² floats per layer: chunks of 256 took the news_transformer job to an 18 GB peak (resident).
+# 32, the largest batch the benchmark times by default: a pass needs no more scratch than timing the variant does
+# (at 64, an ONNX session of the news transformer grew ~230 MB past what its warm-up at 32 had taken)
+EVALUATION_BATCH = 32
 
 
 def predict(predictor: Predictor, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """fp32 logits on the host for all of `x`, in batches."""
     chunks = [predictor.to_numpy(predictor.run(predictor.prepare(x[i:i + batch_size])))
               for i in range(0, len(x), batch_size)]
+    return np.concatenate(chunks)
+
+
+def evaluate(predictor: Predictor, x: np.ndarray, batch_size: int = EVALUATION_BATCH) -> np.ndarray:
+    """`predict` for a pass over a whole split that nobody times (parity logits, test accuracy), through the
+    runtime's untimed calls where it has them (`run_untimed`). ONNX Runtime keeps the largest scratch any call
+    needed in its arena, for the next call: right for serving and timing, but after an evaluation pass every
+    built variant held its own until the job ended (the news transformer's fp32 and int8 sessions, ~2 GB each,
+    took its job to a 5.2 GB peak). An untimed call gives back what it made the arena grow."""
+    run = getattr(predictor, "run_untimed", predictor.run)   # the others keep nothing between calls
+    chunks = [predictor.to_numpy(run(predictor.prepare(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)]
     return np.concatenate(chunks)
 
 
@@ -73,6 +87,10 @@ class EncodingPredictor:
 
     def run(self, prepared: Any) -> Any:
         return self.inner.run(self.inner.prepare(self.encoder.encode(prepared)))
+
+    def run_untimed(self, prepared: Any) -> Any:
+        run = getattr(self.inner, "run_untimed", self.inner.run)
+        return run(self.inner.prepare(self.encoder.encode(prepared)))
 
     def to_numpy(self, output: Any) -> np.ndarray:
         return self.inner.to_numpy(output)
@@ -134,11 +152,15 @@ class AotiPredictor(_TorchRuntime):
 
 class OnnxPredictor:
     """ONNX Runtime. On a CUDA provider, inputs and outputs are bound on the GPU (I/O binding), so the
-    timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays."""
+    timed `run` holds no host↔device copy, as for torch; on the CPU provider they are host arrays.
+
+    `shared_arena`: the session allocates host memory from one CPU arena shared by every session made so in
+    this process (`shared_cpu_arena`), for sessions that never run at the same time: a job's variants, built,
+    evaluated and timed one call after another, then hold the largest call's scratch once, not once each."""
 
     def __init__(self, path: str | Path, providers: list[Any] | None = None, device: RunnerDevice = CPU,
                  cpu_threads: int | None = None, call_timeout: float | None = None,
-                 total_seconds: float | None = None) -> None:
+                 total_seconds: float | None = None, shared_arena: bool = False) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -146,9 +168,19 @@ class OnnxPredictor:
         # `total_seconds` together (a watchdog sets ORT's terminate flag)
         self._watchdog = CallWatchdog(ort.RunOptions(), call_timeout, total_seconds) \
             if call_timeout is not None else None
+        # an untimed call (`evaluate`) shrinks the CPU arena at its end: its free regions go back to the system
+        self._untimed = ort.RunOptions()
+        self._untimed.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3   # warnings about node placement are not the job's
+        # no memory pattern: planned per input shape, its one block is allocated beside the tensors the first call
+        # at that shape left in the arena, so a session held twice a call's scratch at every batch size it saw
+        # (news transformer, batch 32: 649 MB, against 349 MB without). Latency was the same without it (digits,
+        # Fashion-MNIST ResNet, news; batch 1 to 256) but for the digits MLP at 32: 15 µs against 12
+        options.enable_mem_pattern = False
+        if shared_arena and shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
         ort_session_options(options, cpu_threads)   # None: the thread policy's benchmark count
         self.session = ort.InferenceSession(str(path), sess_options=options,
                                             providers=providers or ["CPUExecutionProvider"])
@@ -181,10 +213,42 @@ class OnnxPredictor:
         self.session.run_with_iobinding(prepared)       # synchronizes the provider's stream before returning
         return prepared
 
+    def run_untimed(self, prepared: Any) -> Any:
+        """`run` for a call nobody times (an evaluation pass). At its end the arena gives back every region no
+        call is using (all but its first), so a variant waiting for its timing holds its weights, not scratch."""
+        if self._watchdog is not None:
+            with self._watchdog.call(self._untimed) as options:
+                return self._run_with(prepared, options)
+        return self._run_with(prepared, self._untimed)
+
+    def _run_with(self, prepared: Any, options: Any) -> Any:
+        if not self.device.is_cuda:
+            return self.session.run(None, prepared, options)[0]
+        self.session.run_with_iobinding(prepared, options)
+        return prepared
+
     def to_numpy(self, output: Any) -> np.ndarray:
         if isinstance(output, np.ndarray):
             return output
         return np.asarray(output.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+
+@functools.cache
+def shared_cpu_arena() -> bool:
+    """Register, once per process, the CPU arena that `OnnxPredictor(shared_arena=True)` sessions allocate from
+    (ONNX Runtime's own defaults, as a session's private arena has them); False, and private arenas, when this
+    ONNX Runtime refuses it."""
+    import onnxruntime as ort
+
+    try:
+        ort.create_and_register_allocator(
+            ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+            ort.OrtArenaCfg(0, -1, -1, -1))   # no limit; default extension, first chunk and dead bytes
+    except Exception as exc:   # e.g. one registered already by other code in this process: sessions keep theirs
+        log.warning("ONNX Runtime's shared CPU arena is unavailable; each session keeps its own",
+                    extra={"reason": one_line(f"{type(exc).__name__}: {exc}")})
+        return False
+    return True
 
 
 class CallTimedOut(RuntimeError):
@@ -202,6 +266,7 @@ class CallWatchdog:
 
         options.log_severity_level = 4   # the stopped call's own error is ours to word, in one line
         self.options, self.seconds = options, seconds
+        self._current = options           # the RunOptions of the call being watched
         self.total = math.inf if total is None else total
         self._spent = 0.0                 # seconds every call so far took, together
         self._deadline: float | None = None
@@ -219,26 +284,30 @@ class CallWatchdog:
             time.sleep(min(0.05, self.seconds / 4))
             with self._lock:
                 if self._deadline is not None and time.monotonic() >= self._deadline and not self._fired:
-                    self.options.terminate, self._fired = True, True
+                    self._current.terminate, self._fired = True, True
 
     def _spent_all(self) -> CallTimedOut:
         return CallTimedOut(f"the candidate's calls took its {self.total:g} s in all (judge.total_seconds) and "
                             "were stopped")
 
     @contextlib.contextmanager
-    def call(self) -> Iterator[Any]:
+    def call(self, options: Any = None) -> Iterator[Any]:
+        """Watch one call, made with `options` (RunOptions; None: the watchdog's own), which it yields."""
         import time
 
+        options = self.options if options is None else options
+        options.log_severity_level = 4
         with self._lock:
             left = self.total - self._spent
             if left <= 0:
                 raise self._spent_all()
-            self.options.terminate, self._fired, self._by_total = False, False, left < self.seconds
+            self._current = options
+            options.terminate, self._fired, self._by_total = False, False, left < self.seconds
             start = time.monotonic()
             self._deadline = start + min(self.seconds, left)
         self._armed.set()
         try:
-            yield self.options
+            yield options
         except Exception as exc:
             if self._fired:
                 raise (self._spent_all() if self._by_total else CallTimedOut(
@@ -313,7 +382,7 @@ class RegisteredModel:
 
 
 def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str | None,
-                  cpu_threads: int | None = None) -> tuple[Predictor, Path]:
+                  cpu_threads: int | None = None, shared_arena: bool = False) -> tuple[Predictor, Path]:
     if variant.startswith("torch_"):
         if variant == "torch_aoti":
             package = next(local.rglob("*.pt2"), None)
@@ -333,23 +402,29 @@ def _load_variant(variant: str, local: Path, device: RunnerDevice, built_on: str
     missing = onnx_provider_missing(variant, device)
     if missing:
         raise RuntimeError(missing)
-    return OnnxPredictor(onnx_file, onnx_providers(variant, device), device, cpu_threads), onnx_file
+    return OnnxPredictor(onnx_file, onnx_providers(variant, device), device, cpu_threads,
+                         shared_arena=shared_arena and not device.is_cuda), onnx_file
 
 
 def load_registered(client: Any, model: str, version: str, dest: Path, device: RunnerDevice = CPU,
-                    cpu_threads: int | None = None) -> RegisteredModel:
-    """Download `models:/model/version` and load it on `device` (see `load_downloaded`)."""
+                    cpu_threads: int | None = None, shared_arena: bool = True) -> RegisteredModel:
+    """Download `models:/model/version` and load it on `device` (see `load_downloaded`). What loads a version
+    this way (a job's production and its serve check, a benchmark's reference) runs it one call at a time
+    beside the job's own sessions: by default it shares their CPU arena (`OnnxPredictor`), where production,
+    timed beside the news transformer's variants, held its own ~270 MB."""
     import mlflow
 
     tags = client.get_model_version(model, version).tags
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=str(dest)))
-    return load_downloaded(local, model, version, tags, device, cpu_threads)
+    return load_downloaded(local, model, version, tags, device, cpu_threads, shared_arena)
 
 
 def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
-                    device: RunnerDevice = CPU, cpu_threads: int | None = None) -> RegisteredModel:
+                    device: RunnerDevice = CPU, cpu_threads: int | None = None,
+                    shared_arena: bool = False) -> RegisteredModel:
     """Load a downloaded version (an MLflow model directory and its registry tags) on `device`; an ONNX
-    Runtime session on the CPU uses `cpu_threads` intra-op threads (None: one per core).
+    Runtime session on the CPU uses `cpu_threads` intra-op threads (None: one per core), and the process's
+    shared CPU arena with `shared_arena` (serve-model runs its sessions side by side: each keeps its own).
 
     A variant that cannot run here (an AOTInductor package built for another device, a CUDA
     provider on a CPU machine) is served by its portable form instead, and the reason is kept:
@@ -360,7 +435,8 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
     variant = tags.get("mlgate.variant", "onnx_fp32")
     fallback_reason = None
     try:
-        predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"), cpu_threads)
+        predictor, artifact = _load_variant(variant, local, device, tags.get("mlgate.device"), cpu_threads,
+                                            shared_arena)
         served_as = variant
     except Exception as exc:   # a device-specific artifact: serve the portable form rather than nothing
         served_as = "torch_eager" if variant.startswith("torch_") else "onnx_fp32"
@@ -369,7 +445,7 @@ def load_downloaded(local: Path, model: str, version: str, tags: dict[str, str],
         fallback_reason = f"{variant} cannot run here ({one_line(f'{type(exc).__name__}: {exc}', 200)})"
         log.warning("serving the portable form", extra={"model": model, "version": version, "variant": variant,
                                                         "served_as": served_as, "reason": fallback_reason})
-        predictor, artifact = _load_variant(served_as, local, device, None, cpu_threads)
+        predictor, artifact = _load_variant(served_as, local, device, None, cpu_threads, shared_arena)
     logged = Model.load(str(local))
     spec = logged.signature.inputs.to_dict()[0]["tensor-spec"]
     contract = (logged.metadata or {}).get("mlgate") or {}

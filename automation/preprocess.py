@@ -33,6 +33,7 @@ TOKENIZER_FILE = "tokenizer.json"
 PAD, UNK = "[PAD]", "[UNK]"
 STAT_SAMPLE = 10_000   # images whose pixels fit the channel statistics: enough for 4 digits, bounded memory
 BIGRAM_TEXTS = 5_000   # training texts whose word pairs a drift reference keeps: bounded size (4 bytes a pair)
+ENCODE_CHUNK = 256     # texts tokenized at a time (TextEncoder.encode): memory bounded by the chunk, not the split
 
 
 class ContractError(UsageError):
@@ -153,8 +154,14 @@ class TextEncoder:
         return int(self.tokenizer.get_vocab_size())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
+        """Token ids, (len(texts), max_length) int64, written ENCODE_CHUNK texts at a time: an Encoding holds
+        each token's string, offsets and masks besides its id, and a whole split's of them at once (2,225
+        articles: ~110 MB) left the process that much larger once freed."""
+        ids = np.empty((len(texts), self.max_length), dtype=np.int64)
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            encodings = self.tokenizer.encode_batch(list(texts[start:start + ENCODE_CHUNK]))
+            ids[start:start + len(encodings)] = [e.ids for e in encodings]
+        return ids
 
     def descriptors(self, texts: Sequence[str], bigrams: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per text, what the network cannot see (it gets lower-cased ids, mean-pooled):

@@ -36,7 +36,11 @@ class EncoderLayer(nn.Module):
     def forward(self, x, keep):
         n, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        # padding as an additive mask, which torch makes of a boolean one anyway (the same numbers, bit for bit).
+        # Exported, a boolean mask also gets a NaN guard over all batch × heads × 512² attention weights (for rows
+        # with no key; `keep` leaves none): a third more ONNX Runtime memory per example, and time
+        hide = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=hide[:, None, None, :])
         x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(n, length, dim)))
         return x + self.drop(self.ff(self.norm2(x)))
 
