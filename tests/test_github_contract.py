@@ -1,11 +1,6 @@
 """Contract tests: every GitHub API call mlgate makes goes to Prism serving GitHub's official
-OpenAPI description (@octokit/openapi), which answers 422 to any request the spec does not allow.
-
-The spec's example responses carry https://api.github.com URLs, which PyGithub refuses to follow
-from another host; the fixture serves a copy with that base URL replaced by Prism's own address.
-The example `Link` header points at a placeholder page (`/resource?page=2`) that no route serves,
-so the copy's `Link` example names only a first page: every list is one page. Paths, request schemas
-and validation are the spec's, unchanged."""
+OpenAPI description (@octokit/openapi), which answers 422 to any request the spec does not allow
+(tests/prism.py says how the spec copy is served)."""
 
 from __future__ import annotations
 
@@ -21,12 +16,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import JOB_THREADS, fast_config, last_json, seed_mlflow_store, wait_for, write_config
-from triggers.local_broker import free_port
+from tests.prism import prism_server
 from triggers.github.api import GitHubSource, GitHubUnavailable
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT / "node_modules" / "@octokit" / "openapi" / "generated" / "api.github.com.json"
-PRISM = ROOT / "node_modules" / ".bin" / "prism"
 REPO, SHA = "octocat/Hello-World", "6dcb09b5b57875f334f61aebed695e2e4193db5e"
 TOKEN = "ghp_not-a-real-token-0123456789"
 
@@ -35,34 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def prism(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    if not PRISM.exists() or not SPEC.exists():
-        pytest.fail("Prism or the GitHub OpenAPI description is missing: run `make test` (it runs `npm ci`)")
-    import httpx
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    spec = tmp_path_factory.mktemp("prism") / "api.github.com.json"
-    description = json.loads(SPEC.read_text(encoding="utf-8").replace("https://api.github.com", url))
-    description["components"]["headers"]["link"]["example"] = f'<{url}/resource?page=1>; rel="first"'
-    spec.write_text(json.dumps(description), encoding="utf-8")
-    log = open(spec.with_suffix(".log"), "wb")
-    process = subprocess.Popen([str(PRISM), "mock", str(spec), "--port", str(port), "--host", "127.0.0.1"],
-                               stdout=log, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            httpx.get(url + "/", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_for(up, 180, interval=0.5), spec.with_suffix(".log").read_text()[-2000:]
+    with prism_server(tmp_path_factory.mktemp("prism")) as (url, _log):
         yield url
-    finally:
-        process.terminate()
-        process.wait(20)
-        log.close()
 
 
 @pytest.fixture

@@ -26,70 +26,36 @@ import pytest
 import yaml
 
 from tests.conftest import (JOB_THREADS, ServeProcess, fast_config, git_commit, project_files, seed_mlflow_store,
-                            wait_for, webhook_examples)
+                            wait_for, webhook_examples, wine_frame)
+from tests.gitops_repo import git, sh
+from tests.prism import prism_server
 from triggers.local_broker import free_port
 from triggers.request_guard import sign
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT / "node_modules" / "@octokit" / "openapi" / "generated" / "api.github.com.json"
-PRISM = ROOT / "node_modules" / ".bin" / "prism"
 SECRET = "gitops-e2e-secret"
 REPOSITORY = "octocat/Hello-World"
 TOKEN = "ghp_not-a-real-token-0123456789"
-MODEL = "digits_mlp"
+MODEL = "cellar"   # a user's own model, not an example: tests/fixtures/wine_model.py on a CSV of wines
+USER_MODEL = ROOT / "tests" / "fixtures" / "wine_model.py"
 DEPLOY = f"deploy/production/{MODEL}.yaml"
 BRANCH = f"mlgate/promote/production/{MODEL}"
 
 
-def sh(cwd: Path, *args: str) -> str:
-    done = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-def git(cwd: Path, *args: str) -> str:
-    return sh(cwd, "git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *args)
-
-
 @pytest.fixture(scope="module")
 def prism(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """(url, log path): GitHub's API as its OpenAPI description allows it; see test_github_contract for why the
-    spec's api.github.com URLs are rewritten to Prism's own address."""
-    if not PRISM.exists() or not SPEC.exists():
-        pytest.fail("Prism or the GitHub OpenAPI description is missing: run `make test` (it runs `npm ci`)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    spec = tmp_path_factory.mktemp("prism") / "api.github.com.json"
-    description = json.loads(SPEC.read_text(encoding="utf-8").replace("https://api.github.com", url))
-    description["components"]["headers"]["link"]["example"] = f'<{url}/resource?page=1>; rel="first"'
-    spec.write_text(json.dumps(description), encoding="utf-8")
-    log_path = spec.with_suffix(".log")
-    log = open(log_path, "wb")
-    process = subprocess.Popen([str(PRISM), "mock", str(spec), "--port", str(port), "--host", "127.0.0.1"],
-                               stdout=log, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            httpx.get(url + "/", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_for(up, 180, interval=0.5), log_path.read_text()[-2000:]
-        yield url, log_path
-    finally:
-        process.terminate()
-        process.wait(20)
-        log.close()
+    """(url, log path): GitHub's API as its OpenAPI description allows it (tests/prism.py)."""
+    with prism_server(tmp_path_factory.mktemp("prism")) as running:
+        yield running
 
 
-def project_config(reconcile_seconds: float) -> dict[str, Any]:
-    config = fast_config(epochs=4, lean=True)
-    config["models"] = {MODEL: config["models"][MODEL] | {"promotion": {"mode": "pull_request"}}}
+def project_config(reconcile_seconds: float, csv: Path) -> dict[str, Any]:
+    config = fast_config(epochs=60, lean=True)
+    config["defaults"]["train"].update(batch_size=16, patience=60)
+    config["models"] = {MODEL: {"module": MODEL, "data": {"path": str(csv)}, "params": {"hidden": 32},
+                                "promotion": {"mode": "pull_request"}}}
     # git and the registry are under test here, not the gate: the second job must not fail on latency noise
     config["defaults"]["gates"]["relative"] = {"max_accuracy_drop": 0.05, "max_latency_increase": None}
     config["service"] = {"workers": 1, "lease_seconds": 30, "branch": "main",
@@ -129,7 +95,7 @@ class Service(ServeProcess):
 
 
 class ServeModel:
-    """`mlgate serve-model digits_mlp`, a process of its own on the service's registry and database."""
+    """`mlgate serve-model cellar`, a process of its own on the service's registry and database."""
 
     def __init__(self, clone: Path, logs: Path) -> None:
         self.port = free_port()
@@ -157,10 +123,8 @@ class ServeModel:
 
     def answers(self) -> str | None:
         """The version that answers a prediction now."""
-        from models.datasets import digits
-
-        x = digits(seed=0).x_test[:2].tolist()
-        answer = httpx.post(self.url + "/predict", json={"inputs": x}, timeout=10).json()
+        wines = wine_frame().drop(columns="cultivar").head(2).to_dict("records")   # as a client sends a CSV's rows
+        answer = httpx.post(self.url + "/predict", json={"inputs": wines}, timeout=10).json()
         return answer["version"] if len(answer.get("predictions", [])) == 2 else None
 
     def stop(self) -> str:
@@ -194,8 +158,11 @@ class Project:
 
         self.remote, self.developer, self.clone = tmp_path / "remote.git", tmp_path / "developer", tmp_path / "service"
         sh(tmp_path, "git", "init", "-q", "--bare", "-b", "main", str(self.remote))
+        csv = tmp_path / "wines.csv"   # the user's data, outside the repository
+        wine_frame().to_csv(csv, index=False)
         git_commit(self.developer, project_files("models") | {
-            "mlgate.yaml": yaml.safe_dump(project_config(reconcile_seconds=3600)),
+            f"{MODEL}.py": USER_MODEL.read_text(encoding="utf-8"),
+            "mlgate.yaml": yaml.safe_dump(project_config(3600, csv)),
             ".gitignore": "state/\n*.log\n"}, message="the project's models")
         git(self.developer, "remote", "add", "origin", str(self.remote))
         git(self.developer, "push", "-q", "-u", "origin", "main")
@@ -228,8 +195,8 @@ class Project:
         return before, self.head()
 
     def retrain_change(self, note: str) -> tuple[str, str]:
-        source = (self.developer / "models" / f"{MODEL}.py").read_text(encoding="utf-8")
-        return self.commit_and_push({f"models/{MODEL}.py": source + f"# {note}\n"}, note)
+        source = (self.developer / f"{MODEL}.py").read_text(encoding="utf-8")
+        return self.commit_and_push({f"{MODEL}.py": source + f"# {note}\n"}, note)
 
     def merge_promotion(self, number: int) -> tuple[str, str, list[tuple[str, list[str]]]]:
         """What GitHub's merge button does: a merge commit of the promotion branch into main. (before, after, the
@@ -286,7 +253,7 @@ def prism_requests(log_path: Path) -> list[tuple[str, str, int | None]]:
 def run_job(service: Service, project: Project, note: str) -> dict[str, Any]:
     """A developer's push that touches the model, its signed webhook, the job it starts, run to its end."""
     before, after = project.retrain_change(note)
-    response = push_webhook(service, before, after, [(after, [f"models/{MODEL}.py"])])
+    response = push_webhook(service, before, after, [(after, [f"{MODEL}.py"])])
     assert response.status_code == 202, response.text
     [job_id] = response.json()["jobs"]
     assert wait_for(lambda: service.finished(job_id), 300, interval=0.25), service.job(job_id)
@@ -395,7 +362,7 @@ def test_promotion_by_pull_request_merge_revert_drift_and_restarts(tmp_path: Pat
         restored = promote.audit_trail(project.engine, MODEL)[-1]
         assert (restored.action, restored.version) == ("git", "1") and restored.reason.startswith("drift restored")
         metrics = service.get("/metrics").text
-        assert 'mlgate_gitops_drift_events_total{model="digits_mlp",outcome="drift_restored",stage="production"} ' \
+        assert 'mlgate_gitops_drift_events_total{model="cellar",outcome="drift_restored",stage="production"} ' \
                '1.0' in metrics, [m for m in metrics.splitlines() if "gitops" in m]
         card = next(m for m in service.get("/models").json() if m["model"] == MODEL)["gitops"]
         assert card["mode"] == "pull_request" and card["head"] == reverted and not card["refused"]
