@@ -362,6 +362,11 @@ class GitOpsConfig(Strict):
     def _folder_inside(self) -> "GitOpsConfig":
         if ".." in self.folder.split("/") or "." in self.folder.split("/"):
             raise ValueError("folder is a path inside the repository, without '.' or '..'")
+        # each part of a branch name as git takes it (check-ref-format): no '..', no empty part, none ending .lock
+        if not all(GIT_SAFE_NAME.fullmatch(part) and not part.endswith(".lock")
+                   for part in self.branch_prefix.split("/")):
+            raise ValueError("branch_prefix is a branch name git takes: parts of letters, digits, '_', '-' and inner "
+                             "'.', joined by '/'")
         return self
 
 

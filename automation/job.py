@@ -29,9 +29,9 @@ from automation.cost import StageTimer
 from automation.device import CPU, RunnerDevice, host_copy, select_device
 from automation.errors import GateFailed, GateStale, StageError, UsageError, failure_reason
 from automation.progress import JobProgress
-from automation.threads import policy as thread_policy
 from automation.redaction import redact_url
 from automation.data import DataMissing
+from automation.threads import policy as thread_policy, set_torch_inter_op
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -143,8 +143,6 @@ def run_stages(config: MlgateConfig, request: JobRequest, progress: JobProgress 
     """The job's stages, validate to report; run_job wraps them with the checkpoints' end."""
     for name in _STAGE_MODULES:
         importlib.import_module(f"automation.{name}")
-    from automation.threads import set_torch_inter_op
-
     set_torch_inter_op(1)   # the thread policy: the zoo's graphs are chains
     progress = progress or JobProgress(enabled=False)
     timer = StageTimer(on_stage=lambda name: progress.record(stage=name))
@@ -864,7 +862,6 @@ def propose_stage(request: JobRequest, connected: Connected, chosen: Variant, ve
         evidence=deploy_file.Evidence(
             job_id=request.job_id, commit=request.sha, trigger=request.trigger, report=report_html,
             gates=[deploy_file.GateLine(name=c.name, status=c.status, line=c.line()) for c in verdict.checks]))
-    connected.client.set_model_version_tag(request.model, version, "mlgate.digest", digest)
     proposal = proposals.propose(connected.engine, declared, job_id=request.job_id,
                                  replaces=connected.production_version if stage == "production" else None)
     return Promoted(proposed={"mode": promotion.mode, "stage": stage, "version": str(version),

@@ -413,3 +413,21 @@ def test_a_refused_deploy_file_fails_the_deploy_check_on_its_commit_once(repo: G
     loop.pass_once()   # the same head again: no second verdict
     assert github.calls == [("verdict", good, "mlgate/deploy", True), ("verdict", bad, "mlgate/deploy", False)]
     assert production(repo) == v1
+
+
+@pytest.mark.parametrize("prefix", ["../x", "a..b", "/mlgate", "mlgate/", "a//b", "x.lock/y", "pro\u00e9mote", ".x"])
+def test_a_promotion_branch_prefix_git_would_refuse_is_refused_at_config_load(prefix: str) -> None:
+    from automation.config import GitOpsConfig
+
+    with pytest.raises(ValueError):
+        GitOpsConfig(branch_prefix=prefix)
+    assert GitOpsConfig(branch_prefix="team.ml/promote").branch_prefix == "team.ml/promote"
+
+
+@pytest.mark.parametrize("tag,expected", [(None, {}), ("not json", {}), ('["a list"]', {}), ("7", {}),
+                                          ('{"job_id": "j1", "commit": "abc"}', {"job_id": "j1", "commit": "abc"})])
+def test_a_versions_evidence_tag_is_read_leniently(tag: str | None, expected: dict[str, str]) -> None:
+    """A hand-edited or missing tag must not stop serving's rollback from being proposed to git."""
+    from triggers.serving.server import version_evidence
+
+    assert version_evidence({} if tag is None else {"mlgate.evidence": tag}) == expected

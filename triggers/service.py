@@ -70,13 +70,7 @@ def planner_loop(state: ServiceState, github: GitHubSource, stop: threading.Even
     from triggers.intake.deliveries import plan_pending
 
     reporter = GitHubReporter.from_env()
-    report = report_unaffected(reporter, list(state.config.models)) if reporter else None
-
-    def on_planned(delivery: Any, plan: Any) -> None:
-        if report is not None:
-            report(delivery, plan)
-        if state.gitops is not None and delivery.event == "push" and plan.outcome != "ignored":
-            state.gitops.wake.set()   # the tracked branch moved: reconcile now (the loop fetches it itself)
+    on_planned = report_unaffected(reporter, list(state.config.models)) if reporter else None
     while not stop.is_set():
         try:
             while plan_pending(state.engine, state.config, github, on_planned=on_planned):

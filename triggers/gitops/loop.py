@@ -1,10 +1,9 @@
 """The service's GitOps loop: publish proposed deploy-file changes, then reconcile the registry with git.
 
-It reconciles on every push to the tracked branch, after publishing a change, and every
-`service.gitops.reconcile_seconds`. A push is a recorded push delivery, looked for as often as proposals are:
-one the webhook request planned itself, or another replica received, wakes it as well as one the planner
-planned. Each new head gets one `mlgate/deploy` verdict on its commit: success with what is declared, or
-failure with one line per refused file.
+It reconciles on every push webhook the replica receives (the intake route wakes it; the registry is shared, so
+one replica's pass is enough), after publishing a change, and every `service.gitops.reconcile_seconds`. Each new
+head gets one `mlgate/deploy` verdict on its commit: success with what is declared, or failure with one line per
+refused file.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 PROPOSAL_POLL_SECONDS = 2.0
 
 
-def held_rollbacks(engine: Engine) -> Any:
+def held_rollbacks(engine: Engine) -> Callable[[str, str], str | None]:
     """(model, stage) -> the version an open rollback proposal names: serving moved there, git will follow."""
     from automation import proposals
 
@@ -41,7 +40,7 @@ def held_rollbacks(engine: Engine) -> Any:
 class GitOpsLoop:
     def __init__(self, config: MlgateConfig, engine: Engine, repo: Path, client: Callable[[], Any],
                  github: GitHubTarget | None) -> None:
-        self.config, self.github, self.engine = config, github, engine
+        self.config, self.github = config, github
         self.reconciler = Reconciler(config, repo, engine, client, held=held_rollbacks(engine))
         self.publisher = Publisher(config, repo, engine, github)
         self.wake = threading.Event()
@@ -83,26 +82,12 @@ class GitOpsLoop:
             counted = (state.model, state.stage, state.outcome)
             self.drift_events[counted] = self.drift_events.get(counted, 0) + 1
 
-    def _last_push(self) -> Any:
-        """When the newest push delivery that is not ignored (a push to another branch, a tag) was received."""
-        from sqlalchemy import func, select
-
-        from triggers.intake.deliveries import Delivery
-
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.max(Delivery.received_at)).where(
-                Delivery.event == "push", Delivery.status != "ignored")).scalar()
-
     def run(self) -> None:
         due = 0.0
-        seen_push = None
         while not self._stop.is_set():
             woken = self.wake.is_set()
             self.wake.clear()
             try:
-                newest = self._last_push()
-                woken = woken or (newest is not None and newest != seen_push)
-                seen_push = newest
                 if self.pass_once(reconcile=woken or time.monotonic() >= due)[1] is not None:
                     due = time.monotonic() + self.config.service.gitops.reconcile_seconds
                 self.error = None
@@ -172,7 +157,6 @@ def gitops_loop(config: MlgateConfig, engine: Engine, client: Callable[[], Any])
 
     from automation import proposals  # noqa: F401  (its table)
     from automation.store import Base
-    from triggers.intake import deliveries  # noqa: F401  (its table: pushes wake the loop)
 
     models = git_models(config)
     if not models:

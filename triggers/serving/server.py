@@ -127,6 +127,7 @@ class ModelServer:
         # git declares production (promotion.mode): serve only the declared version, with the declared digest
         self.pinned = config.model(model).promotion.mode != "registry"
         self.declared: str | None = None          # the version git declared at the last load
+        self._digests: dict[str, str] = {}        # version -> its files' digest, as checked at its load
 
     def _client(self) -> Any:
         """One MLflow client for the watcher's life (connect checks the store; once is enough)."""
@@ -168,6 +169,7 @@ class ModelServer:
             if found != pinned.digest:
                 raise ProbeFailed(f"version {version}'s files have digest {found[:19]}…, not {pinned.digest[:19]}… "
                                   "as its deploy file declares: the registry changed behind git's back")
+            self._digests[version] = found   # what a proposal for it declares, without downloading it again
         # serving's thread policy (automation/threads.py): requests run side by side on the inference threads
         loaded = load_downloaded(local, self.model, version, tags, self.device,
                                  cpu_threads=thread_policy().serve_intra_op)
@@ -308,10 +310,12 @@ class ModelServer:
         from automation.deploy_file import DeployFile, Evidence, version_digest
 
         try:
-            with tempfile.TemporaryDirectory(prefix="mlgate-digest-") as scratch:
-                digest = version_digest(self.model, version, Path(scratch))
+            digest = self._digests.get(version)
+            if digest is None:   # a version this replica never loaded
+                with tempfile.TemporaryDirectory(prefix="mlgate-digest-") as scratch:
+                    digest = version_digest(self.model, version, Path(scratch))
             tags = self._client().get_model_version(self.model, version).tags
-            gated = json.loads(tags.get("mlgate.evidence") or "{}")
+            gated = version_evidence(tags)
             declared = DeployFile(model=self.model, stage=stage or self.stage, version=version, digest=digest,
                                   variant=tags.get("mlgate.variant"),
                                   evidence=Evidence(job_id=gated.get("job_id"), commit=gated.get("commit"),
@@ -390,11 +394,19 @@ def rollout_topic(drift_topic: str) -> str:
     return f"{prefix}{dot}rollout"
 
 
+def version_evidence(tags: dict[str, str]) -> dict[str, Any]:
+    """The evidence tag its job put on a version (job id, commit, trigger, report); {} when absent or not JSON."""
+    try:
+        evidence = json.loads(tags.get("mlgate.evidence") or "{}")
+    except ValueError:
+        return {}
+    return evidence if isinstance(evidence, dict) else {}
+
+
 def commit_of(client: Any, model: str, version: str) -> str | None:
     """The commit a registered version was trained from (its job's evidence tag), if known."""
     try:
-        evidence = client.get_model_version(model, version).tags.get("mlgate.evidence")
-        return json.loads(evidence).get("commit") if evidence else None
+        return version_evidence(client.get_model_version(model, version).tags).get("commit")
     except Exception as exc:   # the note then goes without the commit; nothing else depends on it
         log.warning("commit of version not found", extra={"version": version, "error": f"{type(exc).__name__}: {exc}"})
         return None
