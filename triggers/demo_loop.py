@@ -95,7 +95,6 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0, promotion:
 
     from models.datasets import digits
     from triggers.drift.monitor import run_monitor
-    from triggers.request_guard import sign
 
     step = Step()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -135,14 +134,8 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0, promotion:
         step("service", f"mlgate serve on {service} (queue, worker, Kafka consumer, dashboard at /)")
 
         # 1. a push to the default branch touching the model file: the first model
-        sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
-        push = {"ref": "refs/heads/main", "before": "1" * 40, "after": sha, "deleted": False, "forced": False,
-                "commits": [{"id": sha, "added": [], "removed": [], "modified": ["models/digits_mlp.py"]}],
-                "repository": {"full_name": "demo/mlgate", "default_branch": "main"}}
-        body = json.dumps(push).encode()
-        answer = httpx.post(service + "/webhooks/github", content=body, timeout=10, headers={
-            "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
-            "X-Hub-Signature-256": sign(secret, body)}).json()
+        sha = git.head() if git else uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        answer = post_push(service, secret, sha, ["models/digits_mlp.py"]).json()
         [first_job] = answer["jobs"]
         step("push", f"signed push webhook → job {first_job} ({answer['reason']})", job=first_job)
         job = _wait(f"job {first_job}", lambda: _finished(service, first_job), timeout)
@@ -223,6 +216,21 @@ def run_loop(workdir: Path, epochs: int = 15, timeout: float = 600.0, promotion:
             broker.stop()
 
 
+def post_push(service: str, secret: str, sha: str, files: list[str]) -> Any:
+    """A signed push webhook for `sha` on main touching `files`, as GitHub sends it; the service's answer."""
+    import httpx
+
+    from triggers.request_guard import sign
+
+    push = {"ref": "refs/heads/main", "before": "1" * 40, "after": sha, "deleted": False, "forced": False,
+            "commits": [{"id": sha, "added": [], "removed": [], "modified": files}],
+            "repository": {"full_name": "demo/mlgate", "default_branch": "main"}}
+    body = json.dumps(push).encode()
+    return httpx.post(service + "/webhooks/github", content=body, timeout=10, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
+        "X-Hub-Signature-256": sign(secret, body)})
+
+
 def summary_version(step: Step, index: int) -> str:
     """The version the `index`-th "promoted" step recorded."""
     return [s["version"] for s in step.done if s["step"] == "promoted"][index]
@@ -250,18 +258,7 @@ class DemoRepository:
 
     def announce(self, service: str, secret: str, files: list[str]) -> None:
         """The push webhook GitHub would send for the person's last push to main."""
-        import httpx
-
-        from triggers.request_guard import sign
-
-        sha = self.head()
-        push = {"ref": "refs/heads/main", "before": "1" * 40, "after": sha, "deleted": False, "forced": False,
-                "commits": [{"id": sha, "added": [], "removed": [], "modified": files}],
-                "repository": {"full_name": "demo/mlgate", "default_branch": "main"}}
-        body = json.dumps(push).encode()
-        httpx.post(service + "/webhooks/github", content=body, timeout=10, headers={
-            "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
-            "X-Hub-Signature-256": sign(secret, body)}).raise_for_status()
+        post_push(service, secret, self.head(), files).raise_for_status()
 
     def merge_promotion(self, step: Step, service: str, secret: str, version: str, mode: str) -> None:
         """The service proposed `version`: the person merges its branch (pull_request mode; in commit mode the
