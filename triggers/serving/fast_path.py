@@ -40,6 +40,7 @@ class InferenceFastPath:
             for pattern, handler in self.routes:
                 match = pattern.fullmatch(scope["path"])
                 if match:
+                    scope["app"] = self.app   # what FastAPI would set: a handler finds the data plane there
                     try:
                         response = await handler(*match.groups(), Request(scope, receive))
                     except Exception as exc:

@@ -6,6 +6,9 @@ The model has one input, named `input` (the logged signature's shape, batch firs
 `labels` (BYTES, [batch]: the predicted class names). The model metadata's `parameters` carry the class
 names (`classes`, in the logits' order) and a tabular version's feature names (`features`, in the input's
 order).
+
+The steps of an inference request are the data plane's (data_plane.py); `V2Codec` says what is particular to
+the protocol, and the module's router holds its other routes (metadata, health).
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from triggers.serving.inference_threads import off_loop
-from automation.wire.json_inputs import BadInput
+from automation.predictors import RegisteredModel
 from automation.wire.v2_tensors import (HEADER_LENGTH, INPUT_NAME, InferRequest, bytes_tensor,  # noqa: F401
-                                     parse_infer, v2_datatype)
-from triggers.serving.requests import (INLINE_BYTES, REQUEST_ID, error_response, log_columns, new_request_id,
-                                      predict_body_limit)
+                                        parse_infer, v2_datatype)
+from triggers.serving.data_plane import Refused
+from triggers.serving.requests import INLINE_BYTES, REQUEST_ID, error_response, predict_body_limit
+
 
 def infer_response(model: str, version: str, request: InferRequest, logits: np.ndarray,
                    predictions: np.ndarray, classes: tuple[str, ...] = ()) -> tuple[bytes, dict[str, str]]:
@@ -90,100 +93,104 @@ def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ..
     return metadata
 
 
+class V2Codec:
+    timed = False
 
-
-def add_routes(app: Any, server: Any, answer: Any, max_batch: int, inference_log: Any,
-               errors: Any) -> list[tuple[str, Any]]:
-    """The v2 routes on the serving app; `answer(served, x, request_id)` runs the model (batched or not, off
-    the loop, rolling out or not) and says which version answered. Returns the inference routes, for the
-    fast path (fast_path.py)."""
-    from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
-
-    def served_for(name: str, version: str | None) -> Any:
+    def resolve(self, server: Any, name: str, version: str | None = None) -> Any:
         if name != server.model:
-            return error_response(f"unknown model '{name}' (this server serves {server.model})", 404)
+            raise Refused(f"unknown model '{name}' (this server serves {server.model})", 404, "no_model")
         served = server.current
         if served is None:
-            return error_response(f"no version of {server.model} is loaded yet", 503)
+            raise Refused(f"no version of {server.model} is loaded yet", 503, "no_model")
         if version is not None and version != served.loaded.version:
-            return error_response(f"version {version} of {name} is not served (serving {served.loaded.version})", 404)
+            raise Refused(f"version {version} of {name} is not served (serving {served.loaded.version})", 404,
+                          "no_model")
         return served
 
-    def ready() -> bool:
-        candidate = server.candidate
-        return server.current is not None and server.production in (
-            server.current.loaded.version, candidate.loaded.version if candidate is not None else None)
+    def body_limit(self, loaded: RegisteredModel, max_batch: int) -> int:
+        return predict_body_limit(loaded.input_shape, max_batch, None, loaded.input_kind)
 
-    @app.get("/v2", summary="Open Inference Protocol: server metadata")
-    def server_metadata() -> dict[str, Any]:
-        from importlib.metadata import version
+    def inline(self, raw: bytes, request: Request, loaded: RegisteredModel) -> bool:
+        return _cheap_to_parse(raw, request.headers.get(HEADER_LENGTH), loaded.input_kind)
 
-        return {"name": "mlgate", "version": version("mlgate"), "extensions": ["binary_tensor_data"]}
+    def decode(self, raw: bytes, request: Request, loaded: RegisteredModel, max_batch: int) -> InferRequest:
+        return parse_infer(raw, request.headers.get(HEADER_LENGTH), loaded.input_shape, loaded.dtype, max_batch,
+                           bool(loaded.classes), loaded.input_kind)
 
-    @app.get("/v2/health/live", summary="Open Inference Protocol: liveness")
-    def live() -> Response:
-        return JSONResponse({"live": True})
-
-    @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness (serving production)")
-    def server_ready() -> Response:
-        return JSONResponse({"ready": ready()}, 200 if ready() else 503)
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    def model_ready(name: str, version: str | None = None) -> Response:
-        served = served_for(name, version)
-        return served if isinstance(served, Response) else JSONResponse({"name": name, "ready": True})
-
-    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata (from the logged signature)")
-    @app.get("/v2/models/{name}/versions/{version}")
-    def metadata(name: str, version: str | None = None) -> Response:
-        served = served_for(name, version)
-        if isinstance(served, Response):
-            return served
-        loaded = served.loaded
-        return JSONResponse(model_metadata(server.model, loaded.version, f"mlgate_{loaded.served_as}",
-                                           loaded.input_shape, loaded.dtype, served.classes, loaded.classes,
-                                           loaded.features, loaded.input_kind))
-
-    async def infer_route(name: str, version: str | None, request: Request) -> Response:
-        served = served_for(name, version)
-        if isinstance(served, Response):
-            errors.labels("no_model").inc()
-            return served
-        loaded = served.loaded
-        try:
-            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, None, loaded.input_kind))
-        except BodyTooLarge as exc:
-            errors.labels("too_large").inc()
-            return error_response(f"{exc}: at most {max_batch} examples per request", 413)
-        except BodyRefused as exc:   # too slow: the connection is dropped, not held
-            return exc.answer()
-        header = request.headers.get(HEADER_LENGTH)
-        args = (raw, header, loaded.input_shape, loaded.dtype, max_batch, bool(loaded.classes), loaded.input_kind)
-        try:
-            parsed = parse_infer(*args) if _cheap_to_parse(raw, header, loaded.input_kind) else \
-                await off_loop(parse_infer, *args)
-        except BadInput as exc:
-            errors.labels("bad_input").inc()
-            return error_response(str(exc), exc.status)
-        request_id = new_request_id()
-        logits, loaded = await answer(served, parsed.x, request_id)
-        predictions = logits.argmax(axis=1)
-        if inference_log is not None:
-            inference_log.append(parsed.x, predictions, loaded.version, features=log_columns(loaded),
-                                 classes=loaded.classes)
+    def encode(self, model: str, decoded: InferRequest, logits: np.ndarray, predictions: np.ndarray,
+               loaded: RegisteredModel, request_id: str) -> Response:
         # the version that answered may differ from the one parsed for (a rollout): its own class names
-        if "labels" in parsed.outputs and not loaded.classes:
-            parsed.outputs.pop("labels")
-        body, headers = infer_response(server.model, loaded.version, parsed, logits, predictions, loaded.classes)
+        if "labels" in decoded.outputs and not loaded.classes:
+            decoded.outputs.pop("labels")
+        body, headers = infer_response(model, loaded.version, decoded, logits, predictions, loaded.classes)
         return Response(body, headers=headers | {REQUEST_ID: request_id})
 
-    @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference (JSON or binary tensors)")
-    async def infer_latest(name: str, request: Request) -> Response:
-        return await infer_route(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await infer_route(name, version, request)
+V2 = V2Codec()
+router = APIRouter()
 
-    return [(r"/v2/models/([^/]+)/infer", infer_latest), (r"/v2/models/([^/]+)/versions/([^/]+)/infer", infer_version)]
+
+def _served(request: Request, name: str, version: str | None) -> Any:
+    """The version a metadata or readiness request is about, or the error answer."""
+    try:
+        return V2.resolve(request.app.state.plane.server, name, version)
+    except Refused as exc:
+        return error_response(str(exc), exc.status)
+
+
+def _ready(server: Any) -> bool:
+    candidate = server.candidate
+    return server.current is not None and server.production in (
+        server.current.loaded.version, candidate.loaded.version if candidate is not None else None)
+
+
+@router.get("/v2", summary="Open Inference Protocol: server metadata")
+def server_metadata() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {"name": "mlgate", "version": version("mlgate"), "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/health/live", summary="Open Inference Protocol: liveness")
+def live() -> Response:
+    return JSONResponse({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Open Inference Protocol: readiness (serving production)")
+def server_ready(request: Request) -> Response:
+    ready = _ready(request.app.state.plane.server)
+    return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    served = _served(request, name, version)
+    return served if isinstance(served, Response) else JSONResponse({"name": name, "ready": True})
+
+
+@router.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata (from the logged signature)")
+@router.get("/v2/models/{name}/versions/{version}")
+def metadata(request: Request, name: str, version: str | None = None) -> Response:
+    served = _served(request, name, version)
+    if isinstance(served, Response):
+        return served
+    loaded = served.loaded
+    return JSONResponse(model_metadata(request.app.state.plane.server.model, loaded.version, f"mlgate_{loaded.served_as}", loaded.input_shape,
+                                       loaded.dtype, served.classes, loaded.classes, loaded.features,
+                                       loaded.input_kind))
+
+
+@router.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference (JSON or binary tensors)")
+async def infer_latest(name: str, request: Request) -> Response:
+    return await request.app.state.plane.handle(V2, request, name)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer")
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await request.app.state.plane.handle(V2, request, name, version)
+
+
+# for the fast path (fast_path.py): the whole path, its groups the handler's leading arguments
+FAST_ROUTES = [(r"/v2/models/([^/]+)/infer", infer_latest), (r"/v2/models/([^/]+)/versions/([^/]+)/infer",
+                                                            infer_version)]

@@ -11,35 +11,25 @@ Inference runs on inference threads, never on the event loop; so does parsing a 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from fastapi import FastAPI
 
 from automation.config import MlgateConfig
 from automation.predictors import RegisteredModel, predict
 from automation.redaction import redact
 from automation.threads import policy as thread_policy
-from automation.wire.json_inputs import BadInput, class_names, predicted_probabilities
-from automation.wire.predict import parse_predict
-from triggers.request_guard import BodyRefused, BodyTooLarge, read_body
-from triggers.serving import feedback, open_inference
+from triggers.serving import feedback
 from triggers.serving.fast_path import InferenceFastPath
-from triggers.serving.requests import (FEEDBACK_TOKEN_ENV, INLINE_BYTES, REQUEST_ID, error_response,
-                                       feedback_enabled, log_columns, new_request_id, predict_body_limit)
+from triggers.serving.requests import FEEDBACK_TOKEN_ENV, feedback_enabled
 
 log = logging.getLogger(__name__)
 
@@ -412,10 +402,6 @@ def commit_of(client: Any, model: str, version: str) -> str | None:
         return None
 
 
-def _parse(raw: bytes, loaded: RegisteredModel, max_batch: int) -> np.ndarray:
-    return parse_predict(raw, loaded.input_kind, loaded.input_shape, loaded.dtype, max_batch, loaded.features)
-
-
 def check_rollout_labels(model: str, config: Any) -> None:
     """A stage that waits for labels needs a way for them to come: refused at start, in one line."""
     from automation.errors import UsageError
@@ -425,211 +411,18 @@ def check_rollout_labels(model: str, config: Any) -> None:
                          f"set {FEEDBACK_TOKEN_ENV}")
 
 
-PREDICT_DESCRIPTION = """Examples are arrays shaped like the version's input (`GET /healthz`: `input_shape`), or, for a
-tabular version that names its features, records keyed by feature name:
-`{"inputs": [{"alcohol": 14.2, "malic_acid": 1.7, …}, …]}`. Values are raw (pre-processing is inside the model).
-An image version (`/healthz`, `/v2` metadata: `input_kind` image) takes uint8 pixels, or PNG/JPEG files as
-`{"b64": "…"}`; a text version takes strings, `{"inputs": ["…", …]}`, through the tokenizer it was trained with.
-
-The answer: `predictions` (class indices), `labels` (class names; absent for versions logged without them),
-`probabilities` (each example's softmax probability of its predicted class), `logits` (one per class), `id`
-(also the `X-Request-Id` header, for `POST /feedback`), `model`, `version`, `variant`.
-
-A value that is not a number (null, a boolean, a string), a value out of the input type's range, a missing or
-unknown feature, or a wrong shape is answered 422 with one line naming the example and where."""
-
-
-async def timed(pending: Awaitable[np.ndarray]) -> tuple[np.ndarray, float]:
-    started = time.perf_counter()
-    result = await pending
-    return result, time.perf_counter() - started
-
-
 def create_serving_app(server: ModelServer, inference_log: Any = None, max_batch: int = MAX_BATCH,
                        batch_delay_ms: float | None = None) -> Any:
-    """`POST /predict` and the Open Inference Protocol (`/v2/…`). With `batch_delay_ms`, concurrent
-    requests are batched together (triggers/serving/batching.py) up to `max_batch` examples."""
-    from triggers.serving.batching import DynamicBatcher
-    from triggers.serving.inference_threads import off_loop
-    from triggers.serving.rollout import Observation
+    """`POST /predict` and the Open Inference Protocol (`/v2/…`), both through one data plane (data_plane.py);
+    health, metrics and feedback. With `batch_delay_ms`, concurrent requests are batched together
+    (triggers/serving/batching.py) up to `max_batch` examples."""
+    from triggers.serving import health, metrics, open_inference, predict_route
+    from triggers.serving.data_plane import DataPlane
 
     app = FastAPI(title=f"mlgate serving: {server.model}")
-    # a version's cost: on a CPU, the CPU time of the thread that ran the call (ONNX Runtime and torch run it
-    # there with one intra-op thread), which waiting for the GIL or a core does not inflate; on a GPU, wall
-    # time (the call synchronizes before it returns)
-    clock = time.perf_counter if server.device.is_cuda else time.thread_time
-    batchers: dict[int, DynamicBatcher] = {}
-    registry = CollectorRegistry()
-    inference_batches = Histogram("mlgate_inference_batch_examples", "Examples per model call (a dynamic batch "
-                                  "joins requests)", registry=registry,
-                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-
-    def run_batch(loaded: RegisteredModel) -> Callable[[np.ndarray], np.ndarray]:
-        def run(batch: np.ndarray) -> np.ndarray:
-            inference_batches.observe(len(batch))
-            started = clock()
-            # a text model's tokenizer runs here, per version: a rollout's candidate may have its own
-            logits = predict(loaded.predictor, loaded.network_input(batch))
-            candidate, view = server.candidate, server.rollout
-            if candidate is not None and view is not None and view.state == "running":   # what each version costs
-                server.tally.add_cost(view, loaded is candidate.loaded, clock() - started, len(batch))
-            return logits
-        return run
-
-    async def infer(loaded: RegisteredModel, x: np.ndarray) -> np.ndarray:
-        """Logits for `x` from `loaded`: batched with concurrent requests when batching is on."""
-        if batch_delay_ms is None:
-            return await off_loop(run_batch(loaded), x)
-        batcher = batchers.get(id(loaded))
-        if batcher is None:   # a version no longer served (nor rolled out) has its batcher end after its last batch
-            live = {id(s.loaded) for s in (server.current, server.candidate) if s is not None} | {id(loaded)}
-            for key in [key for key in batchers if key not in live]:
-                batchers.pop(key).close()
-            batcher = batchers[id(loaded)] = DynamicBatcher(run_batch(loaded), max_batch, batch_delay_ms)
-        return await batcher.infer(x)
-
-    app.state.batchers = batchers
-
-    async def answer(served: Served, x: np.ndarray, request_id: str) -> tuple[np.ndarray, RegisteredModel]:
-        """The logits for a request, and the version that gave them. During a rollout both versions see the
-        request: the candidate's answer is compared (agreement, classes, errors, latency; later, labels under
-        `request_id`) and returned only for its stage's share of traffic; a candidate that fails is never the
-        answer, so no client sees it."""
-        candidate, view = server.candidate, server.rollout
-        if candidate is None or view is None or view.state != "running":
-            return await infer(served.loaded, x), served.loaded
-        # both versions at once: the candidate's time overlaps the baseline's instead of adding to every request
-        baseline_outcome, candidate_outcome = await asyncio.gather(
-            timed(infer(served.loaded, x)), timed(infer(candidate.loaded, x)), return_exceptions=True)
-        if isinstance(baseline_outcome, BaseException):   # the version clients rely on: its failure is theirs
-            raise baseline_outcome
-        baseline, base_seconds = baseline_outcome
-        if isinstance(candidate_outcome, BaseException):
-            log.warning("rollout candidate failed a request",
-                        extra={"error": f"{type(candidate_outcome).__name__}: {candidate_outcome}"})
-            candidate_logits, cand_seconds = None, 0.0
-        else:
-            candidate_logits, cand_seconds = candidate_outcome
-        server.tally.add(view, Observation(request_id, baseline.argmax(1),
-                                           None if candidate_logits is None else candidate_logits.argmax(1),
-                                           base_seconds, cand_seconds))
-        if candidate_logits is not None and random.random() < view.traffic:
-            return candidate_logits, candidate.loaded
-        return baseline, served.loaded
-
-    latency = Histogram("mlgate_predict_seconds", "POST /predict latency", registry=registry,
-                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-    batch_sizes = Histogram("mlgate_predict_batch_size", "Examples per request", registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-    errors = Counter("mlgate_predict_errors", "Refused or failed requests", ["reason"], registry=registry)
-    version_served = Gauge("mlgate_serving_version", "Registry version being served", ["model"], registry=registry)
-    gpu_memory = Gauge("mlgate_gpu_memory_bytes", "CUDA memory allocated by this process", registry=registry)
-    rollout_traffic = Gauge("mlgate_rollout_traffic", "Share of requests the rolling-out version answers",
-                            ["model"], registry=registry)
-    rollout_stage = Gauge("mlgate_rollout_stage", "Stage of the running rollout (-1: none)", ["model"],
-                          registry=registry)
-    rollout_agreement = Gauge("mlgate_rollout_agreement", "Share of examples both versions predict alike, "
-                              "this stage", ["model"], registry=registry)
-    rollout_latency = Gauge("mlgate_rollout_latency_seconds", "Latency quantiles of each version, this stage",
-                            ["model", "version", "quantile"], registry=registry)
-    rollout_accuracy = Gauge("mlgate_rollout_accuracy", "Accuracy of each version on the labelled examples "
-                             "(POST /feedback)", ["model", "version"], registry=registry)
-
-    @app.post("/predict", summary="Predict a batch: {\"inputs\": [example, …]} → predictions, labels, "
-              "probabilities, logits", description=PREDICT_DESCRIPTION)
-    async def predict_endpoint(request: Request) -> Response:
-        started = time.perf_counter()
-        served = server.current                      # this request's model, whatever swaps meanwhile
-        if served is None:
-            errors.labels("no_model").inc()
-            return error_response(f"no production version of {server.model} is loaded yet", 503)
-        loaded = served.loaded
-        try:
-            raw = await read_body(request, predict_body_limit(loaded.input_shape, max_batch, loaded.features,
-                                                              loaded.input_kind))
-        except BodyTooLarge as exc:
-            errors.labels("too_large").inc()
-            return error_response(f"{exc}: at most {max_batch} examples per request", 413)
-        except BodyRefused as exc:   # too slow: the connection is dropped, not held
-            return exc.answer()
-        try:   # a small body parses faster than a thread hop; a large one is parsed off the event loop
-            x = _parse(raw, loaded, max_batch) if len(raw) <= INLINE_BYTES else await off_loop(
-                _parse, raw, loaded, max_batch)
-        except (ValueError, RecursionError) as exc:
-            if not isinstance(exc, BadInput):
-                exc = BadInput("the body is not valid JSON", 400)
-            errors.labels("bad_json" if "not valid JSON" in str(exc) else "bad_input").inc()
-            return error_response(str(exc), exc.status)
-        request_id = new_request_id()
-        logits, loaded = await answer(served, x, request_id)
-        predictions = logits.argmax(axis=1)
-        if inference_log is not None:
-            inference_log.append(x, predictions, loaded.version, features=log_columns(loaded),
-                                 classes=loaded.classes)
-        batch_sizes.observe(len(x))
-        latency.observe(time.perf_counter() - started)
-        answer_body: dict[str, Any] = {"id": request_id, "model": server.model, "version": loaded.version,
-                                       "variant": loaded.variant, "predictions": np.ascontiguousarray(predictions)}
-        if loaded.classes:   # versions logged before mlgate kept class names answer without labels
-            answer_body["labels"] = class_names(loaded.classes, predictions)
-        answer_body["probabilities"] = predicted_probabilities(logits)   # float32: its shortest digits
-        answer_body["logits"] = np.ascontiguousarray(np.round(logits, 5))
-        return Response(orjson.dumps(answer_body, option=orjson.OPT_SERIALIZE_NUMPY),
-                        media_type="application/json", headers={REQUEST_ID: request_id})
-
-    @app.get("/livez", summary="Liveness: the process answers")
-    def livez() -> Response:
-        return JSONResponse({"status": "alive"})
-
-    @app.get("/healthz", summary="Readiness: 200 only while the version served (or rolled out) is production")
-    def healthz() -> Response:
-        served, rollout = server.current, server.rollout
-        not_served = {version: failure.as_dict() for version, failure in server.failed.items()}
-        if served is None:
-            return JSONResponse({"status": "loading", "model": server.model, "production": server.production,
-                                 "not_served": not_served}, 503)
-        rolling_out = rollout is not None and server.candidate is not None and \
-            server.candidate.loaded.version == server.production
-        # where git declares production, serving the declared version is ready even while the alias drifted
-        declared = server.pinned and served.loaded.version == server.declared
-        is_production = served.loaded.version == server.production or rolling_out or declared
-        return JSONResponse({"status": "ok" if is_production else "not_production", "model": server.model,
-                             "rollout": None if rollout is None else rollout.as_dict(),
-                             "version": served.loaded.version, "production": server.production,
-                             "variant": served.loaded.variant, "served_as": served.loaded.served_as,
-                             "fallback_reason": served.loaded.fallback_reason, "device": str(server.device.torch),
-                             "input_shape": list(served.loaded.input_shape), "input_kind": served.loaded.input_kind,
-                             "serving_since": served.since, "not_served": not_served},
-                            200 if is_production else 503)
-
-    inference_routes = open_inference.add_routes(app, server, answer, max_batch, inference_log, errors)
+    plane = DataPlane(server, metrics.ServingMetrics(), inference_log, max_batch, batch_delay_ms)
+    app.state.plane, app.state.batchers = plane, plane.batchers
+    for router in (predict_route.router, health.router, open_inference.router, metrics.router):
+        app.include_router(router)
     feedback.add_route(app, server, max_batch)
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        if server.current is not None:
-            version_served.labels(server.model).set(float(server.current.loaded.version))
-        rollout = server.rollout
-        rollout_traffic.labels(server.model).set(0.0 if rollout is None else rollout.traffic)
-        rollout_stage.labels(server.model).set(-1 if rollout is None else rollout.stage)
-        live = rollout.comparison if rollout is not None else {}
-        agreement = live.get("agreement")
-        rollout_agreement.labels(server.model).set(float("nan") if agreement is None else agreement)
-        for who, name in (("base", "baseline"), ("cand", "candidate")):
-            for q in ("95", "99"):
-                milliseconds = (live.get("latency") or {}).get(f"{who}_p{q}_ms")
-                rollout_latency.labels(server.model, name, f"0.{q}").set(
-                    float("nan") if milliseconds is None else milliseconds / 1000)
-            rollout_accuracy.labels(server.model, name).set((live.get("accuracy") or {}).get(name, float("nan")))
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                gpu_memory.set(torch.cuda.memory_allocated())
-        except ImportError:
-            pass
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return InferenceFastPath(app, [("/predict", predict_endpoint), *inference_routes])
+    return InferenceFastPath(app, [*predict_route.FAST_ROUTES, *open_inference.FAST_ROUTES])
