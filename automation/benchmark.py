@@ -75,14 +75,23 @@ class AccuracyStats:
 
 def evaluate_accuracy(predictor: Predictor, x: np.ndarray, y: np.ndarray,
                       classes: tuple[str, ...]) -> AccuracyStats:
-    from sklearn.metrics import f1_score
-
     predicted = evaluate(predictor, x).argmax(axis=1)
-    per_class = f1_score(y, predicted, labels=range(len(classes)), average=None, zero_division=0)
+    per_class = f1_per_class(y, predicted, len(classes))
     return AccuracyStats(accuracy=float((predicted == y).mean()),
                          macro_f1=float(per_class.mean()),
                          per_class_f1={name: float(score) for name, score in zip(classes, per_class)},
                          correct=(predicted == y), predicted=predicted)
+
+
+def f1_per_class(y: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """Each class's F1, 2·TP / (2·TP + FP + FN), 0 for a class neither in `y` nor predicted: scikit-learn's
+    `f1_score(average=None, zero_division=0, labels=range(classes))`, without importing it (1.2 s)."""
+    y, predicted = np.asarray(y, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    true_sum = np.bincount(y, minlength=classes)[:classes].astype(np.float64)
+    pred_sum = np.bincount(predicted, minlength=classes)[:classes].astype(np.float64)
+    tp = np.bincount(y[predicted == y], minlength=classes)[:classes].astype(np.float64)
+    denominator = true_sum + pred_sum
+    return np.where(denominator == 0, 0.0, 2.0 * tp / np.where(denominator == 0, 1.0, denominator))
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,68 @@ def split_arrays(
     val_fraction: float, test_fraction: float,
 ) -> Splits:
     """Stratified, seeded split; the same seed always yields the same test set."""
-    from sklearn.model_selection import train_test_split
+    rest, test = stratified_split(y, test_size=test_fraction, seed=seed)
+    x_rest, y_rest = x[rest], y[rest]
+    train, val = stratified_split(y_rest, test_size=val_fraction / (1 - test_fraction), seed=seed)
+    return Splits(x_rest[train], y_rest[train], x_rest[val], y_rest[val], x[test], y[test], classes)
 
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_fraction / (1 - test_fraction),
-        random_state=seed, stratify=y_rest)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, classes)
+
+def stratified_split(y: np.ndarray, *, seed: int, test_size: float | int | None = None,
+                     train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of a stratified, seeded train/test split of labels `y`: the rows scikit-learn's
+    `train_test_split(..., stratify=y, random_state=seed)` picks (StratifiedShuffleSplit, same draws from the
+    same RandomState), in numpy, so a job does not import scikit-learn (1.2 s) to split its data.
+    `test_size` is a fraction (rounded up) or a count; `train_size` a count; the other is the rest."""
+    n = len(y)
+    if test_size is None and train_size is None:
+        raise ValueError("stratified_split needs test_size or train_size")
+    if test_size is None:
+        n_test = None
+    elif isinstance(test_size, (int, np.integer)):
+        n_test = int(test_size)
+    else:
+        if not 0 < test_size < 1:
+            raise ValueError(f"test_size={test_size} should be a fraction in (0, 1) or a count")
+        n_test = int(np.ceil(test_size * n))
+    n_train = n - n_test if train_size is None else int(train_size)
+    n_test = n - n_train if n_test is None else n_test
+    if n_train <= 0 or n_test <= 0 or n_train + n_test > n:
+        raise ValueError(f"cannot split {n} examples into {n_train} for training and {n_test} for testing")
+    classes, y_indices, class_counts = np.unique(np.asarray(y), return_inverse=True, return_counts=True)
+    if class_counts.min() < 2:
+        raise ValueError(f"every class needs 2 examples to be split; these have 1: "
+                         f"{classes[class_counts < 2].tolist()}")
+    if min(n_train, n_test) < len(classes):
+        raise ValueError(f"a split of {min(n_train, n_test)} examples cannot hold all {len(classes)} classes")
+    class_rows = np.split(np.argsort(y_indices.ravel(), kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for i, rows in enumerate(class_rows):
+        shuffled = rows.take(rng.permutation(class_counts[i]), mode="clip")
+        train.append(shuffled[:n_i[i]])
+        test.append(shuffled[n_i[i]:n_i[i] + t_i[i]])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of `n_draws` each class gets: its share rounded down, then one more to the classes with the
+    largest remainders, ties broken at random (scikit-learn's `_approximate_mode`, draw for draw)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 class DataMissing(RuntimeError):

@@ -17,18 +17,31 @@ import numpy as np
 
 # the framework's types, re-exported: a model file may name them from here or from automation.data
 from automation.data import (DataMissing, DiskArray, JoinedArray, Splits, cache_dir, content_key,  # noqa: F401
-                             is_on_disk, join_examples, split_arrays)
+                             is_on_disk, join_examples, split_arrays, stratified_split)
 
 
 def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2) -> Splits:
     """scikit-learn's 1,797 handwritten 8×8 digits, scaled to [0, 1], shape (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = bunch.target.astype(np.int64)
+    images, target = digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = target.astype(np.int64)
     return split_arrays(x, y, classes=tuple(str(c) for c in range(10)), seed=seed,
                         val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """What `sklearn.datasets.load_digits()` returns as `images` (float64, (1797, 8, 8)) and `target`, read from
+    the CSV file inside the installed scikit-learn without importing it (1.2 s of a job's fixed cost)."""
+    spec = importlib.util.find_spec("sklearn")   # a top-level package: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise DataMissing("the digits come with scikit-learn, which is not installed; install it with "
+                          "`pip install scikit-learn` (or `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataMissing(f"scikit-learn's digits are missing ({path}); reinstall scikit-learn")
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------------------
@@ -70,9 +83,7 @@ def _stratified_take(y: np.ndarray, count: int | None, seed: int) -> np.ndarray:
     """`count` row numbers, the same share of each class as in `y` (all rows when count is None)."""
     if count is None or count >= len(y):
         return np.arange(len(y))
-    from sklearn.model_selection import train_test_split
-
-    taken, _ = train_test_split(np.arange(len(y)), train_size=count, random_state=seed, stratify=y)
+    taken, _ = stratified_split(y, train_size=count, seed=seed)
     return np.sort(taken)
 
 
@@ -87,10 +98,8 @@ def fashion_mnist(root: str = str(FASHION_MNIST_DIR), train_examples: int | None
     test_file, y_test_all, test_sources = parts["test"]
     wanted = None if train_examples is None else int(round(train_examples / (1 - val_fraction)))
     rows = _stratified_take(y_all, wanted, seed)
-    from sklearn.model_selection import train_test_split
-
-    train_rows, val_rows = train_test_split(rows, test_size=val_fraction, random_state=seed, stratify=y_all[rows])
-    train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
+    train_at, val_at = stratified_split(y_all[rows], test_size=val_fraction, seed=seed)
+    train_rows, val_rows = np.sort(rows[train_at]), np.sort(rows[val_at])
     test_rows = _stratified_take(y_test_all, test_examples, seed)
     images, test_images = DiskArray(train_file), DiskArray(test_file)
     # validation and test are read whole by every epoch and benchmark: in memory; training streams from disk
@@ -162,9 +171,7 @@ def _bbc_news_kept(holdout_class: str | None) -> tuple[np.ndarray, np.ndarray, l
 
 def _unseen_split(y: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Row indices kept for the splits and left unseen, stratified and seeded."""
-    from sklearn.model_selection import train_test_split
-
     if not 0 < fraction < 1:
         raise ValueError(f"unseen_fraction must be between 0 and 1, not {fraction}")
-    kept, unseen = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=y)
+    kept, unseen = stratified_split(y, test_size=fraction, seed=seed)
     return np.sort(kept), np.sort(unseen)
