@@ -382,3 +382,38 @@ def test_a_png_with_a_short_idat_gets_one_line_4xx_on_predict_and_v2(image_serve
     # the same picture, whole, is served: the refusal is the file's, not the route's
     whole = short_idat_png(pixels, cut=0)
     assert post(image_served, {"inputs": [{"b64": base64.b64encode(whole).decode()}]}).status_code == 200
+
+
+def test_a_large_uint8_json_tensor_reads_as_its_binary_form_and_bad_values_are_named(image_served: Running) -> None:
+    """64 images as JSON (over 16 KB: parsed by the inference thread that then runs them; whole numbers 0-255 read
+    by `bytes()`) get the answer the binary tensor gets; a value UINT8 cannot hold is named as before."""
+    import json
+
+    v2 = image_served.url + "/v2/models/tiles/infer"
+    pixels = np.random.default_rng(2).integers(0, 256, size=(64, 8, 8), dtype=np.uint8)
+
+    def as_json(data: list[Any]) -> bytes:
+        return json.dumps({"inputs": [{"name": "input", "shape": [64, 8, 8], "datatype": "UINT8", "data": data}],
+                           "outputs": [{"name": "logits"}, {"name": "predictions"}]}).encode()
+
+    flat = pixels.reshape(-1).tolist()
+    body = as_json(flat)
+    assert len(body) > 16 * 1024
+    from_json = httpx.post(v2, content=body, timeout=10)
+    head = json.dumps({"inputs": [{"name": "input", "shape": [64, 8, 8], "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": pixels.size}}],
+                       "outputs": [{"name": "logits"}, {"name": "predictions"}]}).encode()
+    from_binary = httpx.post(v2, content=head + pixels.tobytes(), timeout=10,
+                             headers={"Inference-Header-Content-Length": str(len(head))})
+    assert from_json.status_code == from_binary.status_code == 200, from_json.text[:300]
+    outputs = [{o["name"]: o["data"] for o in r.json()["outputs"]} for r in (from_json, from_binary)]
+    assert outputs[0] == outputs[1]
+    cases = {256: "element 100 of the input: value 256 is out of range for UINT8",
+             -1: "element 100 of the input: value -1 is out of range for UINT8",
+             2.5: "element 100 of the input: value 2.5 is not a whole number, as UINT8 needs",
+             True: "element 100 of the input is a boolean (true): send numbers"}
+    for value, message in cases.items():
+        response = httpx.post(v2, content=as_json(flat[:100] + [value] + flat[101:]), timeout=10)
+        assert (response.status_code, response.json()) == (422, {"error": message}), value
+    whole = httpx.post(v2, content=as_json(flat[:100] + [7.0] + flat[101:]), timeout=10)   # 7.0 is a whole number
+    assert whole.status_code == 200 and whole.json()["outputs"][1]["data"][:12] == outputs[0]["predictions"][:12]

@@ -131,7 +131,7 @@ async def read_body(request: Request, limit: int, *, digest: Any = None, signed_
 
 async def _receive(request: Request, limit: int, digest: Any, unverified: bool) -> bytes:
     chunks, size, counted = [], 0, 0
-    peer = peer_of(request.client.host if request.client else "")
+    peer = peer_of(request.client.host if request.client else "") if unverified else ""
     try:
         while True:   # the ASGI messages themselves: Request.stream() does the same with more bookkeeping
             message = await request.receive()

@@ -191,13 +191,15 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
         span = numbers_span(head)
         if span is None:   # a boolean would become 1.0, null NaN and "2.5" 2.5: refused, by name
             _check_data(data, depth)
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):   # past FP16/FP32's range: inf, found below
-                array = np.asarray(data, dtype=TO_NUMPY[datatype]).reshape(-1)
-        except OverflowError:   # an integer type's range
-            raise _out_of_range(data, depth, datatype) from None
-        except (ValueError, TypeError):
-            raise BadInput(f"the data is not a list of {datatype} numbers") from None
+        array = _bytes_of(data) if datatype == "UINT8" and span is not None else None
+        if array is None:
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):   # past FP16/FP32's range: inf, found below
+                    array = np.asarray(data, dtype=TO_NUMPY[datatype]).reshape(-1)
+            except OverflowError:   # an integer type's range
+                raise _out_of_range(data, depth, datatype) from None
+            except (ValueError, TypeError):
+                raise BadInput(f"the data is not a list of {datatype} numbers") from None
         if array.size != count:
             raise BadInput(f"{array.size} values for a tensor shaped {declared} ({count})")
         if np.dtype(TO_NUMPY[datatype]).kind in "iu" and _may_hold_fractions(head, span):   # a cast truncates 0.5
@@ -209,6 +211,16 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
                 raise _out_of_range(data, depth, datatype) from None
             raise
     return checked_cast(array.reshape(declared), dtype, _element, NOT_FINITE)
+
+
+def _bytes_of(data: list[Any]) -> np.ndarray | None:
+    """A flat list of whole numbers 0-255 (an image's pixels) as UINT8, read by `bytes()` in C: at batch 32 of
+    28x28 pixels 0.16 ms, where np.asarray takes 0.63. None for anything else (a float, a value out of range):
+    np.asarray then reads it, and names what does not fit. The caller has ruled out booleans (numbers_span)."""
+    try:
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    except (TypeError, ValueError):
+        return None
 
 
 def _raw_tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], max_batch: int,

@@ -85,9 +85,8 @@ class DataPlane:
         try:
             served = codec.resolve(self.server, *path)   # this request's version, whatever swaps meanwhile
             raw = await self.read(request, codec.body_limit(served.loaded, self.max_batch))
-            decoded = await self.decode(codec, raw, request, served.loaded)
             request_id = new_request_id()
-            logits, loaded = await self.run(served, decoded.x, request_id)
+            decoded, logits, loaded = await self.decode_and_run(codec, raw, request, served, request_id)
         except Refused as exc:
             self.metrics.errors.labels(exc.reason).inc()
             return error_response(str(exc), exc.status)
@@ -106,15 +105,34 @@ class DataPlane:
         except BodyTooLarge as exc:
             raise Refused(f"{exc}: at most {self.max_batch} examples per request", 413, "too_large") from None
 
-    async def decode(self, codec: Codec, raw: bytes, request: Request, loaded: RegisteredModel) -> Decoded:
-        """A cheap body parses faster on the event loop than a thread hop; a large one is parsed off it."""
+    async def decode_and_run(self, codec: Codec, raw: bytes, request: Request, served: Any,
+                             request_id: str) -> tuple[Decoded, np.ndarray, RegisteredModel]:
+        """The decoded request, its logits and the version that gave them. A cheap body parses faster on the event
+        loop than a thread hop; a large one is parsed off it, by the inference thread that then runs it (one hop,
+        its rows still in that core's cache), unless its batch waits for others or a rollout runs it twice."""
+        loaded = served.loaded
         try:
             if codec.inline(raw, request, loaded):
-                return codec.decode(raw, request, loaded, self.max_batch)
-            return await off_loop(codec.decode, raw, request, loaded, self.max_batch)
+                decoded = codec.decode(raw, request, loaded, self.max_batch)
+            elif self.batch_delay_ms is None and not self.rolling_out():
+                return await off_loop(self._decode_then_run, codec, raw, request, loaded)
+            else:
+                decoded = await off_loop(codec.decode, raw, request, loaded, self.max_batch)
         except BadInput as exc:
             message = str(exc)
             raise Refused(message, exc.status, "bad_json" if "not valid JSON" in message else "bad_input") from None
+        logits, loaded = await self.run(served, decoded.x, request_id)
+        return decoded, logits, loaded
+
+    def _decode_then_run(self, codec: Codec, raw: bytes, request: Request,
+                         loaded: RegisteredModel) -> tuple[Decoded, np.ndarray, RegisteredModel]:
+        decoded = codec.decode(raw, request, loaded, self.max_batch)
+        return decoded, self.runner(loaded)(decoded.x), loaded
+
+    def rolling_out(self) -> bool:
+        """A rollout runs: each request goes to both versions (`run`)."""
+        view = self.server.rollout
+        return self.server.candidate is not None and view is not None and view.state == "running"
 
     def record(self, x: np.ndarray, predictions: np.ndarray, loaded: RegisteredModel) -> None:
         if self.inference_log is not None:
