@@ -552,16 +552,14 @@ def _png(fig: Any) -> str:
 
 
 def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # not pyplot: no backend or figure manager to load, nothing global
 
     figures = []
     if summary["training"]:   # none for a judged candidate
         history = summary["training"]["history"]
         epochs = range(1, len(history) + 1)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+        fig = Figure(figsize=(10, 3.2))
+        left, right = fig.subplots(1, 2)
         left.plot(epochs, [h["train_loss"] for h in history], label="train")
         left.plot(epochs, [h["val_loss"] for h in history], label="validation")
         left.set(title="Loss", xlabel="epoch")
@@ -569,16 +567,16 @@ def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, 
         right.plot(epochs, [h["val_accuracy"] for h in history], color="tab:green")
         right.set(title="Validation accuracy", xlabel="epoch")
         figures.append(("Training curves", _png(fig)))
-        plt.close(fig)
     if samples:
-        fig, ax = plt.subplots(figsize=(10, 3.2))
+        fig = Figure(figsize=(10, 3.2))
+        ax = fig.subplots()
         ax.boxplot(list(samples.values()), tick_labels=list(samples), showfliers=False, vert=False)
         ax.set(title="Latency at batch 1 (ms), all timed calls", xlabel="ms")
         figures.append(("Latency distributions", _png(fig)))
-        plt.close(fig)
     if summary.get("production"):
         cand, prod = summary["metrics"], summary["production"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        fig = Figure(figsize=(10, 3.2))
+        axes = fig.subplots(1, 2)
         axes[0].bar(["candidate", "production"], [cand["accuracy"], prod["accuracy"]], color=["tab:blue", "tab:gray"])
         n = _test_examples(summary)
         axes[0].set(title=f"Test accuracy (n={n:,})" if n else "Test accuracy",
@@ -587,7 +585,6 @@ def _plots(summary: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, 
                     color=["tab:blue", "tab:gray"])
         axes[1].set(title="p95 latency, batch 1 (ms)")
         figures.append(("Candidate vs production", _png(fig)))
-        plt.close(fig)
     return figures
 
 
@@ -622,15 +619,13 @@ def _misclassified(summary: dict[str, Any], test_inputs: Any) -> str:
         return f"{title}<ul class='snippets'>{items}</ul>"
     if kind != "image":
         return ""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     columns = 8
     rows = (len(errors) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.55), squeeze=False)
+    fig = Figure(figsize=(columns * 1.3, rows * 1.55))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (index, true, guess) in zip(axes.flat, errors):
@@ -640,7 +635,6 @@ def _misclassified(summary: dict[str, Any], test_inputs: Any) -> str:
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_title(f"{classes[true][:12]}\n→ {classes[guess][:12]}", fontsize=7)
     uri = _png(fig)
-    plt.close(fig)
     return f'{title}<img alt="misclassified test images" src="{uri}">'
 
 

@@ -95,3 +95,54 @@ def test_digits_job_data_imports_no_sklearn() -> None:
             "assert 'sklearn' not in sys.modules, 'sklearn imported'; print(len(s.y_train), len(s.y_test))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(len(digits().y_train)), "360"]
+
+
+def test_a_new_embedded_store_is_a_copy_of_the_template_as_mlflow_makes_it(tmp_path, monkeypatch) -> None:
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    from automation import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    MlflowClient(own, own).search_experiments()   # what MLflow itself makes here
+    for workdir in (tmp_path / "first", tmp_path / "second"):
+        client, experiment_id = tracking.connect(workdir, "mlgate")   # MLflow opens it: its schema check runs
+        assert client.get_experiment(experiment_id).name == "mlgate"
+    assert tracking.template_store().parent == tmp_path / "cache" / "mlgate" / "mlflow"
+
+    def described(path):   # tables, columns and indexes (MLflow's own CREATE statements vary in constraint order)
+        with sqlite3.connect(path) as db:
+            objects = db.execute("SELECT type, name FROM sqlite_master ORDER BY type, name").fetchall()
+            return ([(kind, name, db.execute(f'PRAGMA table_info("{name}")').fetchall()) for kind, name in objects],
+                    db.execute("SELECT * FROM alembic_version").fetchall(),
+                    db.execute("SELECT name, artifact_location, lifecycle_stage FROM experiments "
+                               "WHERE experiment_id = 0").fetchall())
+
+    assert described(tmp_path / "second" / "mlflow.db") == described(tmp_path / "own.db")
+    tracking.seed_store(tmp_path / "second" / "mlflow.db")   # an existing store is never replaced
+    assert MlflowClient(f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}").get_experiment_by_name("mlgate")
+
+
+def test_exit_now_exits_as_sys_exit_does(tmp_path) -> None:
+    """`mlgate run` ends without tearing every module down, but after what a normal exit does first: a thread
+    pool left open is shut down (its idle workers would wait forever if only joined), non-daemon threads finish,
+    atexit handlers run, buffered output is written."""
+    code = f"""
+import atexit, concurrent.futures, sys, threading, time
+from pathlib import Path
+from triggers.cli import exit_now
+pool = concurrent.futures.ThreadPoolExecutor(2)
+pool.submit(time.sleep, 0.1)
+threading.Thread(target=lambda: (time.sleep(0.3), Path({str(tmp_path)!r}, "thread").write_text("done"))).start()
+atexit.register(lambda: Path({str(tmp_path)!r}, "atexit").write_text("ran"))
+sys.stdout.write("buffered, no newline")
+exit_now(3)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
 REASON_HELP = "why (required); recorded in the audit trail"
@@ -590,8 +590,42 @@ def main(argv: Sequence[str] | None = None, *, standalone: bool = True) -> int:
         print(f"Error: {type(exc).__name__}: {exc} (set MLGATE_DEBUG=1 for the traceback)", file=sys.stderr)
         code = EXIT_ERROR
     if standalone:
+        if args.command in QUICK_EXIT:
+            exit_now(code)
         sys.exit(code)
     return code
+
+
+# Commands whose process ends when they do. A job's interpreter holds some 5,000 modules (torch and its compiler,
+# MLflow, ONNX); tearing them down one by one took 2.3 s after a digits job had finished.
+QUICK_EXIT = {"run", "check"}
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit as sys.exit does, less the interpreter's teardown of every module: first what the interpreter does
+    at exit, in its order (thread pools are shut down and non-daemon threads joined, then the atexit handlers
+    run: logging, MLflow, multiprocessing's children, temporary files), then the streams are flushed and the
+    process ends. An interpreter without those hooks exits the usual way."""
+    import atexit
+    import threading
+
+    shutdown, run_exitfuncs = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exitfuncs is None:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        _flush(stream)
+    shutdown()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        _flush(stream)
+    os._exit(code)
+
+
+def _flush(stream: Any) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError):   # a closed pipe or stream: nothing more can reach it, as at a normal exit
+        pass
 
 
 if __name__ == "__main__":
