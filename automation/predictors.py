@@ -204,14 +204,8 @@ class OnnxPredictor:
     def run(self, prepared: Any) -> Any:
         if self._watchdog is not None:
             with self._watchdog.call() as options:
-                if not self.device.is_cuda:
-                    return self.session.run(None, prepared, options)[0]
-                self.session.run_with_iobinding(prepared, options)
-                return prepared
-        if not self.device.is_cuda:
-            return self.session.run(None, prepared)[0]   # host arrays: already synchronous
-        self.session.run_with_iobinding(prepared)       # synchronizes the provider's stream before returning
-        return prepared
+                return self._run_with(prepared, options)
+        return self._run_with(prepared, None)
 
     def run_untimed(self, prepared: Any) -> Any:
         """`run` for a call nobody times (an evaluation pass). At its end the arena gives back every region no
@@ -223,8 +217,8 @@ class OnnxPredictor:
 
     def _run_with(self, prepared: Any, options: Any) -> Any:
         if not self.device.is_cuda:
-            return self.session.run(None, prepared, options)[0]
-        self.session.run_with_iobinding(prepared, options)
+            return self.session.run(None, prepared, options)[0]   # host arrays: already synchronous
+        self.session.run_with_iobinding(prepared, options)   # synchronizes the provider's stream before returning
         return prepared
 
     def to_numpy(self, output: Any) -> np.ndarray:

@@ -64,15 +64,20 @@ def connect(workdir: Path, experiment: str) -> tuple["MlflowClient", str]:
 def template_store() -> Path:
     """An empty embedded store, migrated once per MLflow version and kept in the user's cache: MLflow's 68
     schema migrations took 0.8 s to 3 s on every new workdir (the first job, every test's store)."""
-    import threading
-
     import mlflow
-    from mlflow import MlflowClient
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlgate" / "mlflow"
-    path = cache / f"empty-{mlflow.__version__}.db"
+    return _migrated_empty(cache / f"empty-{mlflow.__version__}.db")
+
+
+def _migrated_empty(path: Path) -> Path:
+    """`path`, an empty MLflow SQLite store with every migration applied, built there once."""
+    import threading
+
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
+        from mlflow import MlflowClient
+
+        path.parent.mkdir(parents=True, exist_ok=True)
         building = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         uri = f"sqlite:///{building}"
         MlflowClient(uri, uri).search_experiments()   # creates and migrates it
@@ -117,15 +122,4 @@ def seed_store(db: Path) -> None:
 def empty_store(workdir: Path) -> Path:
     """An empty MLflow store, its schema migrated once per service: a sandboxed or remote runner's private
     workdir starts with a copy instead of seconds of migrations (its run is thrown away with the workdir)."""
-    import threading
-
-    path = workdir / "cache" / "empty-mlflow.db"
-    if not path.exists():
-        from mlflow import MlflowClient
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        building = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        uri = f"sqlite:///{building}"
-        MlflowClient(uri, uri).search_experiments()   # creates and migrates it
-        building.replace(path)   # atomic: a concurrent worker sees the whole file or none
-    return path
+    return _migrated_empty(workdir / "cache" / "empty-mlflow.db")

@@ -1,6 +1,7 @@
-"""What every serving request shares, whichever route it comes by (`POST /predict` in server.py, the Open
-Inference Protocol's `/v2/…/infer` in open_inference.py, `POST /feedback` in feedback.py): the id an answer
-carries, the limits on a request body, the feedback token, and the shape of an error answer.
+"""What every serving request shares, whichever route it comes by (`POST /predict` in predict_route.py, the Open
+Inference Protocol's `/v2/…/infer` in open_inference.py, both through data_plane.py; `POST /feedback` in
+feedback.py): the id an answer carries, the limits on a request body, the feedback token, and the shape of an error
+answer.
 
 It imports none of those modules, so each of them can import it at the top.
 """
