@@ -417,3 +417,18 @@ def test_a_large_uint8_json_tensor_reads_as_its_binary_form_and_bad_values_are_n
         assert (response.status_code, response.json()) == (422, {"error": message}), value
     whole = httpx.post(v2, content=as_json(flat[:100] + [7.0] + flat[101:]), timeout=10)   # 7.0 is a whole number
     assert whole.status_code == 200 and whole.json()["outputs"][1]["data"][:12] == outputs[0]["predictions"][:12]
+
+
+def test_a_hostile_binary_header_length_gets_one_line_400(image_served: Running) -> None:
+    """Inference-Header-Content-Length of thousands of digits (Python refuses to convert past 4,300), unicode
+    digits, a sign, or past the body: one line, 400, never a 500."""
+    v2 = image_served.url + "/v2/models/tiles/infer"
+    body = b'{"inputs": []}' + bytes(20_000)   # over 16 KB: the parse-on-the-loop rule reads the header first
+    for header, message in (("9" * 5000, "Inference-Header-Content-Length is not a number"),
+                            ("\u0661\u0662", "Inference-Header-Content-Length is not a number"),
+                            ("-14", "Inference-Header-Content-Length -14 is outside the body (20014 bytes)"),
+                            ("99999999999", "Inference-Header-Content-Length 99999999999 is outside the body "
+                                            "(20014 bytes)")):
+        response = httpx.post(v2, content=body, timeout=10,
+                              headers=[(b"Inference-Header-Content-Length", header.encode())])
+        assert (response.status_code, response.json()) == (400, {"error": message}), header[:20]

@@ -3,10 +3,24 @@ out, is the one its alias or git names)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 router = APIRouter()
+
+
+def serving_production(server: Any) -> bool:
+    """Ready: the version served, or the one rolling out, is what the alias names; where git declares production,
+    serving the declared version is ready even while the alias drifted. `/healthz` and `/v2/health/ready` alike."""
+    served, candidate = server.current, server.candidate
+    if served is None:
+        return False
+    rolling_out = server.rollout is not None and candidate is not None and \
+        candidate.loaded.version == server.production
+    declared = server.pinned and served.loaded.version == server.declared
+    return served.loaded.version == server.production or rolling_out or declared
 
 
 @router.get("/livez", summary="Liveness: the process answers")
@@ -22,11 +36,7 @@ def healthz(request: Request) -> Response:
     if served is None:
         return JSONResponse({"status": "loading", "model": server.model, "production": server.production,
                              "not_served": not_served}, 503)
-    rolling_out = rollout is not None and server.candidate is not None and \
-        server.candidate.loaded.version == server.production
-    # where git declares production, serving the declared version is ready even while the alias drifted
-    declared = server.pinned and served.loaded.version == server.declared
-    is_production = served.loaded.version == server.production or rolling_out or declared
+    is_production = serving_production(server)
     return JSONResponse({"status": "ok" if is_production else "not_production", "model": server.model,
                          "rollout": None if rollout is None else rollout.as_dict(),
                          "version": served.loaded.version, "production": server.production,

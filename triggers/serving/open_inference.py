@@ -24,6 +24,7 @@ from automation.predictors import RegisteredModel
 from automation.wire.v2_tensors import (HEADER_LENGTH, INPUT_NAME, InferRequest, bytes_tensor,  # noqa: F401
                                         parse_infer, v2_datatype)
 from triggers.serving.data_plane import Refused
+from triggers.serving.health import serving_production
 from triggers.serving.requests import INLINE_BYTES, REQUEST_ID, error_response, predict_body_limit
 
 
@@ -66,9 +67,11 @@ def _cheap_to_parse(raw: bytes, header: str | None, kind: str) -> bool:
     decode. Image files, texts and large JSON go to the thread pool."""
     if len(raw) <= INLINE_BYTES:
         return True
-    if header is None or not (header.isascii() and header.isdigit()) or int(header) > INLINE_BYTES:
+    # a header of thousands of digits is not converted here (past 4,300 Python refuses): parse_infer words it
+    if header is None or not (len(header) <= 8 and header.isascii() and header.isdigit()) or \
+            (split := int(header)) > INLINE_BYTES:
         return False
-    return kind == "tensor" or (kind == "image" and raw.find(b'"BYTES"', 0, int(header)) < 0)
+    return kind == "tensor" or (kind == "image" and raw.find(b'"BYTES"', 0, split) < 0)
 
 
 def model_metadata(model: str, version: str, platform: str, shape: tuple[int, ...], dtype: str,
@@ -140,12 +143,6 @@ def _served(request: Request, name: str, version: str | None) -> Any:
         return error_response(str(exc), exc.status)
 
 
-def _ready(server: Any) -> bool:
-    candidate = server.candidate
-    return server.current is not None and server.production in (
-        server.current.loaded.version, candidate.loaded.version if candidate is not None else None)
-
-
 @router.get("/v2", summary="Open Inference Protocol: server metadata")
 def server_metadata() -> dict[str, Any]:
     from importlib.metadata import version
@@ -160,7 +157,7 @@ def live() -> Response:
 
 @router.get("/v2/health/ready", summary="Open Inference Protocol: readiness (serving production)")
 def server_ready(request: Request) -> Response:
-    ready = _ready(request.app.state.plane.server)
+    ready = serving_production(request.app.state.plane.server)
     return JSONResponse({"ready": ready}, 200 if ready else 503)
 
 
