@@ -89,6 +89,8 @@ def checked_cast(array: np.ndarray, dtype: str, where: Callable[[int], str], not
                 index = int(np.flatnonzero(fractional.reshape(-1))[0])
                 raise BadInput(f"{where(index)}: value {format_value(array.reshape(-1)[index])} is not a whole "
                                f"number, as {type_name or target.name} needs")
+        if np.can_cast(array.dtype, target, "safe"):   # every value fits (uint8 pixels as uint8): no scan
+            return array.astype(target)
         info = np.iinfo(target)
         if array.size and (array.min() < info.min or array.max() > info.max):
             flat = array.reshape(-1)

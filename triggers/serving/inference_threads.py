@@ -6,6 +6,10 @@ started a second thread, a lone stream of requests alternates between threads (a
 starts with cold caches: at batch 32 on the Fashion-MNIST ResNet the session took 8.5 ms instead of 7.9 ms
 (benchmarks/serving_peers.py). Here the most recently idle thread takes the next call (last in, first out),
 so one request at a time always runs on the same warm thread, as a plain loop over the session would.
+
+`off_loop` hands the event loop its answer directly (an asyncio future settled by `call_soon_threadsafe`), not
+through a `concurrent.futures.Future` chained to an asyncio one: the chain's locks, condition and two callbacks
+per call showed in a profile of the inference threads.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any
 
 from automation.threads import policy
 
-_Call = tuple[Future, Callable[..., Any], tuple[Any, ...]]
+# what a call is for: `start()` says whether to run it (False: its caller gave up), `finish(result, error)` hands
+# the outcome back
+_Call = tuple[Callable[[], bool], Callable[..., Any], tuple[Any, ...], Callable[[Any, BaseException | None], None]]
 
 
 class WarmThreads(Executor):
@@ -35,14 +41,26 @@ class WarmThreads(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         future: Future = Future()
-        call: _Call = (future, (lambda: fn(*args, **kwargs)) if kwargs else fn, () if kwargs else args)
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        self.enqueue((future.set_running_or_notify_cancel, (lambda: fn(*args, **kwargs)) if kwargs else fn,
+                      () if kwargs else args, finish))
+        return future
+
+    def enqueue(self, call: _Call) -> None:
+        """Start `call` on the most recently idle thread, a new one, or after the calls already waiting."""
         with self._lock:
             if self._idle:
                 self._idle.pop().put(call)
-                return future
+                return
             if self._started >= self.max_workers:
                 self._backlog.append(call)
-                return future
+                return
             self._started += 1
             number = self._started
         inbox: SimpleQueue[_Call] = SimpleQueue()
@@ -53,18 +71,19 @@ class WarmThreads(Executor):
             with self._lock:
                 self._started -= 1
             raise
-        return future
 
     def _work(self, inbox: SimpleQueue[_Call]) -> None:
         call = inbox.get()
         while True:
-            future, fn, args = call
-            if future.set_running_or_notify_cancel():
+            start, fn, args, finish = call
+            if start():
                 try:
-                    future.set_result(fn(*args))
+                    result = fn(*args)
                 except BaseException as exc:   # the caller hears of it; the thread goes on
-                    future.set_exception(exc)
-            del future, fn, args
+                    finish(None, exc)
+                else:
+                    finish(result, None)
+            del start, fn, args, finish, call
             with self._lock:
                 if self._backlog:
                     call = self._backlog.popleft()
@@ -78,7 +97,27 @@ class WarmThreads(Executor):
 INFERENCE = WarmThreads(max_workers=policy().serve_workers, name="inference")   # one per usable CPU (cgroup aware)
 
 
-async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` on an inference thread, so the event loop keeps accepting requests. Parsing a large
-    body goes there too: the thread that parses it then runs the model on it, its rows still in cache."""
-    return await asyncio.get_running_loop().run_in_executor(INFERENCE, fn, *args)
+def off_loop(fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """Run `fn(*args)` on an inference thread, so the event loop keeps accepting requests: await the future for
+    its result. Parsing a large body goes there too: the thread that parses it then runs the model on it, its
+    rows still in cache. A call whose caller was cancelled before it started is not run."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def finish(result: Any, error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        except RuntimeError:   # the loop closed meanwhile: nobody waits for the answer
+            pass
+
+    INFERENCE.enqueue((lambda: not future.cancelled(), fn, args, finish))
+    return future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

@@ -8,6 +8,7 @@ It imports none of those modules, so each of them can import it at the top.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -28,6 +29,7 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
+@functools.lru_cache(maxsize=64)   # asked for every request, the same few versions' answers
 def predict_body_limit(input_shape: tuple[int, ...], max_batch: int,
                        features: tuple[str, ...] | None = None, input_kind: str = "tensor") -> int:
     """The largest body a valid request can have: every number written out in full (~24 bytes as JSON), and
