@@ -44,3 +44,37 @@ def test_off_loop_runs_on_an_inference_thread() -> None:
         return await off_loop(lambda: threading.current_thread().name)
 
     assert asyncio.run(main()).startswith("inference_")
+
+
+def test_an_awaited_call_gives_its_result_or_its_error_and_a_cancelled_one_never_runs() -> None:
+    pool = WarmThreads(max_workers=1, name="test")
+    gate, ran = threading.Event(), []
+
+    async def main() -> None:
+        busy = pool.awaitable(gate.wait, 5)   # the one thread is held: what follows waits in the backlog
+        waiting = pool.awaitable(ran.append, "cancelled")
+        waiting.cancel()                      # its caller gave up before a thread took it
+        failing = pool.awaitable(lambda: 1 / 0)
+        after = pool.awaitable(lambda x, y: x * y, 6, 7)
+        gate.set()
+        assert await busy is True
+        with pytest.raises(ZeroDivisionError):
+            await failing
+        assert await after == 42
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(main())
+    assert ran == []   # the cancelled call was skipped, and the thread went on
+
+
+def test_a_call_that_ends_after_its_loop_closed_does_not_break_the_thread() -> None:
+    pool = WarmThreads(max_workers=1, name="test")
+    gate = threading.Event()
+
+    async def leave_early() -> None:
+        pool.awaitable(gate.wait, 5)   # nobody awaits it; the loop closes while the call runs
+
+    asyncio.run(leave_early())
+    gate.set()
+    assert pool.submit(lambda: "still here").result(5) == "still here"

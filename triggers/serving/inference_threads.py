@@ -52,6 +52,21 @@ class WarmThreads(Executor):
                       () if kwargs else args, finish))
         return future
 
+    def awaitable(self, fn: Callable[..., Any], /, *args: Any) -> asyncio.Future:
+        """`fn(*args)` on a thread, as a future of the running event loop, settled there by `call_soon_threadsafe`.
+        A call whose caller was cancelled before a thread took it is not run."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:   # the loop closed meanwhile: nobody waits for the answer
+                pass
+
+        self.enqueue((lambda: not future.cancelled(), fn, args, finish))
+        return future
+
     def enqueue(self, call: _Call) -> None:
         """Start `call` on the most recently idle thread, a new one, or after the calls already waiting."""
         with self._lock:
@@ -100,18 +115,8 @@ INFERENCE = WarmThreads(max_workers=policy().serve_workers, name="inference")   
 def off_loop(fn: Callable[..., Any], *args: Any) -> asyncio.Future:
     """Run `fn(*args)` on an inference thread, so the event loop keeps accepting requests: await the future for
     its result. Parsing a large body goes there too: the thread that parses it then runs the model on it, its
-    rows still in cache. A call whose caller was cancelled before it started is not run."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def finish(result: Any, error: BaseException | None) -> None:
-        try:
-            loop.call_soon_threadsafe(_settle, future, result, error)
-        except RuntimeError:   # the loop closed meanwhile: nobody waits for the answer
-            pass
-
-    INFERENCE.enqueue((lambda: not future.cancelled(), fn, args, finish))
-    return future
+    rows still in cache."""
+    return INFERENCE.awaitable(fn, *args)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
