@@ -9,14 +9,17 @@ TORCH  ?= torch==2.13.0
 
 # what a job and the service need (the demo installs nothing more). pip installs torch (it honours the machine's
 # pip settings, where a local CPU wheel may lie) and uv; uv installs the rest, torch kept as installed: the ~100
-# packages in seconds where pip's resolver and installer took a minute. uv writes no bytecode unless asked, and where
-# PYTHONDONTWRITEBYTECODE is set (this CI machine) Python never caches it either: every process then compiled
-# MLflow, pandas, SQLAlchemy … from source again (a digits job's connect 1.7 -> 4.1-4.8 s), so both compile it here.
+# packages in seconds where pip's resolver and installer took a minute. uv writes no bytecode: modules compile when
+# first imported, and are cached then only where PYTHONDONTWRITEBYTECODE is unset. Where it is set (this CI machine)
+# every process compiled MLflow, pandas, SQLAlchemy … from source again: a digits job spent 11.2-12.5 s outside
+# training and benchmarking, 6.2-6.9 s with the bytecode cached. So the recipes here never see it; compiling all at
+# install instead (uv --compile-bytecode) cost make demo ~40 s, for ~15,000 files of plotly that no job imports.
+unexport PYTHONDONTWRITEBYTECODE
 UV     ?= uv>=0.5
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) '$(UV)'
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[examples]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[examples]'
 	touch $@
 
 install: $(BIN)/mlgate
@@ -37,11 +40,7 @@ datasets:
 	  $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }
 
-# the project's own modules as bytecode too (a fraction of a second; stale files are recompiled in memory)
-BYTECODE = $(BIN)/python -m compileall -q automation triggers models >/dev/null
-
 demo: install datasets
-	$(BYTECODE)
 	$(BIN)/mlgate run
 
 # what the tests need beyond Python: real GitHub payloads (npm) and a browser for the dashboard test
@@ -66,7 +65,6 @@ test-deps: node_modules/.installed sandbox
 # one worker per core, each module on one worker (its module-scoped training is done once): about half the
 # suite waits on subprocesses, services and leases, so two cores run it in two thirds of the time
 test: dev test-deps datasets
-	$(BYTECODE)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # a GPU runner: PyPI's default torch for Linux is the CUDA build; then ONNX Runtime's CUDA/TensorRT providers
