@@ -44,7 +44,8 @@ speed drifts by tens of percent within a minute, so mlgate (batching off) and th
 alternating rounds (`--rounds` of `--paired-requests`), with the median ratio of their examples/s. At one
 connection a request's time is split into the session, the HTTP floor (the same body sent to an unknown model:
 answered 404 before anything is parsed) and the rest (mlgate's parsing, thread hops, answer); mlgate's own steps are
-also timed in this process.
+also timed in this process; and at 8 connections the CPU per request of the server's event loop, its other threads
+and the load generator, beside the raw session's per call (`cpu_split`, from /proc and getrusage).
 
 Each peer is installed into its own venv under `.bench/<peer>/` (python3 -m venv, then pip from PyPI: the peer,
 `onnxruntime==<this project's>`, `numpy`; MLServer also `uvloop<0.22`), only when missing. A peer that cannot be
@@ -445,10 +446,51 @@ def raw_session(predictor: object, x: np.ndarray, count: int, threads: int) -> t
     return len(latencies) / elapsed, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.95) * 1e3
 
 
-def paired(port: int, predictor: object, x: np.ndarray, count: int, rounds: int) -> list[str]:
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:   # a thread that ended meanwhile
+            continue
+        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def cpu_split(port: int, pid: int, predictor: object, x: np.ndarray, form: str, count: int,
+              connections: int) -> str:
+    """Where the CPU goes per request at batch len(x): the server's event loop (its main thread), its other
+    threads (the inference threads), the load generator (this process), against the raw session's CPU per call
+    with as many caller threads. Linux only (/proc)."""
+    import resource
+
+    def own_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    started = own_cpu()
+    raw_session(predictor, x, count, connections)   # its 50 warm-up calls are counted too: they are few
+    raw = (own_cpu() - started) / (count + 50)
+    body, headers = infer_body(x, form)
+    _fire(port, raw_http(port, V2_PATH, body, headers, 200), connections)   # warm-up, not counted
+    before, client = _thread_cpu(pid), own_cpu()
+    _, _, statuses = _fire(port, raw_http(port, V2_PATH, body, headers, count), connections)
+    after, client = _thread_cpu(pid), own_cpu() - client
+    if set(statuses) != {200}:
+        raise RuntimeError(f"statuses {sorted(set(statuses))}")
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = spent.pop(pid, 0.0)
+    return (f"CPU per request, {'JSON' if form == 'json' else form}, {connections} conns: the event loop "
+            f"{1e3 * loop / count:.2f} ms, the other threads (inference) {1e3 * sum(spent.values()) / count:.2f} ms, "
+            f"the load generator {1e3 * client / count:.2f} ms; the raw session {1e3 * raw:.2f} ms per call")
+
+
+def paired(port: int, pid: int, predictor: object, x: np.ndarray, count: int, rounds: int) -> list[str]:
     """mlgate (batching off) against the raw session at batch len(x), in alternating rounds (this machine's speed
     drifts by tens of percent within a minute), and a request's time split: the session, the HTTP floor (the same
-    body to an unknown model, answered 404 before any parsing) and the rest."""
+    body to an unknown model, answered 404 before any parsing) and the rest; then where the CPU goes (cpu_split)."""
     import statistics
 
     lines = []
@@ -471,6 +513,7 @@ def paired(port: int, predictor: object, x: np.ndarray, count: int, rounds: int)
                 line += (f"; a request takes {whole:.2f} ms: the session {session:.2f}, the HTTP floor {floor:.2f}, "
                          f"the rest {whole - session - floor:.2f}")
             lines.append(line)
+    lines += [f"- {cpu_split(port, pid, predictor, x, form, count, CONNECTIONS[-1])}" for form in ("binary", "json")]
     return lines
 
 
@@ -520,7 +563,8 @@ def mlgate_rows(config: Path, loaded: object, x_all: np.ndarray, expected: np.nd
             serve_rows("mlgate", server, forms + ([] if extra else [("/predict", "predict", "/predict")]),
                        x_all, expected, args.requests, rows)
             if not extra and args.rounds:
-                lines = paired(server.port, loaded.predictor, x_all[:32], args.paired_requests, args.rounds)
+                lines = paired(server.port, server.server.process.pid, loaded.predictor, x_all[:32],
+                               args.paired_requests, args.rounds)
         finally:
             server.stop()
     return lines
