@@ -506,8 +506,8 @@ def paired(port: int, pid: int, predictor: object, x: np.ndarray, count: int, ro
                 served_ms.append(1e3 / served)
                 floor_ms.append(1e3 / floor)
             ratio = statistics.median(ratios)
-            line = (f"- {'JSON' if form == 'json' else form}, {connections} conn: median {ratio:.0%} of raw ORT's examples/s ({1 / ratio - 1:+.0%} "
-                    f"time per example; rounds {', '.join(f'{r:.0%}' for r in ratios)})")
+            line = (f"- {'JSON' if form == 'json' else form}, {connections} conn: median {ratio:.0%} of raw ORT's "
+                    f"examples/s ({1 / ratio - 1:+.0%} time per example; rounds {', '.join(f'{r:.0%}' for r in ratios)})")
             if connections == 1:
                 session, whole, floor = (statistics.median(v) for v in (raw_ms, served_ms, floor_ms))
                 line += (f"; a request takes {whole:.2f} ms: the session {session:.2f}, the HTTP floor {floor:.2f}, "
