@@ -214,11 +214,12 @@ def _tensor(tensor: dict[str, Any], binary: bytes, shape: tuple[int, ...], dtype
 
 
 def _bytes_of(data: list[Any]) -> np.ndarray | None:
-    """A flat list of whole numbers 0-255 (an image's pixels) as UINT8, read by `bytes()` in C: at batch 32 of
-    28x28 pixels 0.16 ms, where np.asarray takes 0.63. None for anything else (a float, a value out of range):
-    np.asarray then reads it, and names what does not fit. The caller has ruled out booleans (numbers_span)."""
+    """A flat list of whole numbers 0-255 (an image's pixels) as UINT8, read by `bytearray()` in C: at batch 32
+    of 28x28 pixels 0.065 ms, where `bytes()` takes 0.14 (it has no fast path for a list) and np.asarray 0.63.
+    None for anything else (a float, a value out of range): np.asarray then reads it, and names what does not fit.
+    The caller has ruled out booleans (numbers_span)."""
     try:
-        return np.frombuffer(bytes(data), dtype=np.uint8)
+        return np.frombuffer(bytearray(data), dtype=np.uint8)
     except (TypeError, ValueError):
         return None
 
