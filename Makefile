@@ -13,7 +13,8 @@ TORCH  ?= torch==2.13.0
 # first imported, and are cached then only where PYTHONDONTWRITEBYTECODE is unset. Where it is set (this CI machine)
 # every process compiled MLflow, pandas, SQLAlchemy … from source again: a digits job spent 11.2-12.5 s outside
 # training and benchmarking, 6.2-6.9 s with the bytecode cached. So the recipes here never see it; compiling all at
-# install instead (uv --compile-bytecode) cost make demo ~40 s, for ~15,000 files of plotly that no job imports.
+# install instead (uv --compile-bytecode) cost make demo ~30 s (275 s against 244), ~15,000 files being plotly
+# that no job imports.
 unexport PYTHONDONTWRITEBYTECODE
 UV     ?= uv>=0.5
 $(BIN)/mlgate: pyproject.toml
