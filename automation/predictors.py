@@ -59,7 +59,8 @@ def predict(predictor: Predictor, x: np.ndarray, batch_size: int = 256) -> np.nd
     """fp32 logits on the host for all of `x`, in batches."""
     chunks = [predictor.to_numpy(predictor.run(predictor.prepare(x[i:i + batch_size])))
               for i in range(0, len(x), batch_size)]
-    return np.concatenate(chunks)
+    # one chunk (every served request up to batch_size) is a fresh array of its own: not copied again
+    return np.ascontiguousarray(chunks[0]) if len(chunks) == 1 else np.concatenate(chunks)
 
 
 def evaluate(predictor: Predictor, x: np.ndarray, batch_size: int = EVALUATION_BATCH) -> np.ndarray:
