@@ -65,6 +65,13 @@ async def timed(pending: Awaitable[np.ndarray]) -> tuple[np.ndarray, float]:
     return result, time.perf_counter() - started
 
 
+def running_rollout(server: Any) -> tuple[Any, Any] | None:
+    """The candidate and the rollout's view while a rollout runs, read once (the alias watcher swaps them from
+    another thread); None otherwise."""
+    candidate, view = server.candidate, server.rollout
+    return (candidate, view) if candidate is not None and view is not None and view.state == "running" else None
+
+
 class DataPlane:
     """One served model's inference path. `server`: the ModelServer (the version served, a rollout's candidate);
     `metrics`: the app's ServingMetrics; `batch_delay_ms`: dynamic batching (None: off)."""
@@ -131,8 +138,7 @@ class DataPlane:
 
     def rolling_out(self) -> bool:
         """A rollout runs: each request goes to both versions (`run`)."""
-        view = self.server.rollout
-        return self.server.candidate is not None and view is not None and view.state == "running"
+        return running_rollout(self.server) is not None
 
     def record(self, x: np.ndarray, predictions: np.ndarray, loaded: RegisteredModel) -> None:
         if self.inference_log is not None:
@@ -144,12 +150,13 @@ class DataPlane:
         request: the candidate's answer is compared (agreement, classes, errors, latency; later, labels under
         `request_id`) and returned only for its stage's share of traffic; a candidate that fails is never the
         answer, so no client sees it."""
+        server = self.server
+        rollout = running_rollout(server)
+        if rollout is None:
+            return await self.infer(served.loaded, x), served.loaded
         from triggers.serving.rollout import Observation
 
-        server = self.server
-        candidate, view = server.candidate, server.rollout
-        if candidate is None or view is None or view.state != "running":
-            return await self.infer(served.loaded, x), served.loaded
+        candidate, view = rollout
         # both versions at once: the candidate's time overlaps the baseline's instead of adding to every request
         baseline_outcome, candidate_outcome = await asyncio.gather(
             timed(self.infer(served.loaded, x)), timed(self.infer(candidate.loaded, x)), return_exceptions=True)
@@ -193,8 +200,9 @@ class DataPlane:
             started = clock()
             # a text model's tokenizer runs here, per version: a rollout's candidate may have its own
             logits = predict(loaded.predictor, loaded.network_input(batch))
-            candidate, view = server.candidate, server.rollout
-            if candidate is not None and view is not None and view.state == "running":   # what each version costs
+            rollout = running_rollout(server)
+            if rollout is not None:   # what each version costs
+                candidate, view = rollout
                 server.tally.add_cost(view, loaded is candidate.loaded, clock() - started, len(batch))
             return logits
         return run
