@@ -18,7 +18,6 @@ registered version).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from service_load import _fire, percentile  # noqa: E402
+from service_load import fire, percentile  # noqa: E402
 
 from tests.conftest import FAST_CONFIG, wait_for, write_config  # noqa: E402
 from triggers.local_broker import free_port  # noqa: E402
@@ -125,9 +124,8 @@ class Server:
 def measure(port: int, path: str, make: Callable[[np.ndarray], tuple[bytes, dict[str, str]]], x: np.ndarray,
             count: int, concurrency: int) -> tuple[float, float, float]:
     body, headers = make(x)
-    asyncio.run(_fire(port, http_requests(port, path, body, min(300, count), headers), concurrency))   # warm-up
-    elapsed, latencies, statuses = asyncio.run(_fire(port, http_requests(port, path, body, count, headers),
-                                                     concurrency))
+    fire(port, http_requests(port, path, body, min(300, count), headers), concurrency)   # warm-up
+    elapsed, latencies, statuses = fire(port, http_requests(port, path, body, count, headers), concurrency)
     if set(statuses) != {200}:
         raise SystemExit(f"{path}: statuses {sorted(set(statuses))}")
     return count / elapsed, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3

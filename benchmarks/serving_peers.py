@@ -1,7 +1,7 @@
 """Serving the Fashion-MNIST ResNet against the servers users would pick instead (a script, not a test).
 
 Every server speaks the KServe v2 / Open Inference Protocol over HTTP/REST (`POST /v2/models/<name>/infer`) and
-is measured by the same load generator (`_fire`: raw HTTP/1.1 on 1 or 8 keep-alive connections, a thread and a
+is measured by the same load generator (service_load.fire: raw HTTP/1.1 on 1 or 8 keep-alive connections, a thread and a
 blocking socket each, in this process), at batch 1 and 32:
 
 - `mlgate serve-model fashion_resnet`, JSON tensors and the binary tensor extension, with its default (no dynamic
@@ -32,10 +32,10 @@ What makes it the same work on each:
   Everything else is each server's default: MLServer runs inference in one parallel worker process, no adaptive
   batching, and its uvicorn parses HTTP with h11 (pip brings no httptools for it; mlgate's and KServe's have it);
   KServe one worker, its sync `predict` on the event loop; their gRPC and metrics servers are off or on other ports.
-- The client: `_fire`'s keep-alive connections, reading Content-Length and chunked answers (KServe sends its
+- The client: service_load.fire's keep-alive connections, reading Content-Length and chunked answers (KServe sends its
   binary answers chunked), the same for every server. It shares the 2 cores with the server; the raw session has
   no client to feed. So it is lean: a blocking socket per connection costs ~0.1 ms of CPU per request, where
-  service_load.py's asyncio client cost 0.2-0.28 ms (measured with getrusage beside the server's CPU) — 2-4 % of
+  the asyncio client it replaced cost 0.2-0.28 ms (measured with getrusage beside the server's CPU) — 2-4 % of
   a batch-32 request's 6 ms that the raw session never pays.
 
 Then mlgate's overhead against the raw session at batch 32, which is what the goal (`/v2` binary at least 95 % of
@@ -62,7 +62,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -83,7 +82,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from examples import run_job
-from service_load import percentile
+from service_load import fire, percentile
 from serving_load import Server
 
 from tests.conftest import wait_for
@@ -241,82 +240,6 @@ def infer_body(x: np.ndarray, form: str) -> tuple[bytes, dict[str, str]]:
     return head + raw, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
 
 
-class _Answers:
-    """Reads HTTP/1.1 answers off one keep-alive socket: Content-Length or chunked (KServe sends its binary
-    answers chunked)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buffer = sock, bytearray()
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self.buffer += chunk
-
-    def line(self) -> bytes:
-        while (end := self.buffer.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self.buffer[:end])
-        del self.buffer[:end + 2]
-        return line
-
-    def skip(self, size: int) -> None:
-        while len(self.buffer) < size:
-            self._fill()
-        del self.buffer[:size]
-
-    def status(self) -> int:
-        """One whole answer read; its status."""
-        status = int(self.line().split()[1])
-        headers = {}
-        while line := self.line():
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip().lower()
-        if headers.get(b"transfer-encoding") == b"chunked":
-            while size := int(self.line().split(b";")[0], 16):
-                self.skip(size + 2)   # the chunk and its CRLF
-            self.line()               # the empty trailer
-        else:
-            self.skip(int(headers.get(b"content-length", 0)))
-        return status
-
-
-def _fire(port: int, requests: list[bytes], connections: int) -> tuple[float, list[float], list[int]]:
-    """`requests` over `connections` keep-alive connections, one thread each with a blocking socket (Python's
-    share of a request ~0.1 ms of CPU, half of an asyncio client's: the client shares this machine's cores with
-    the server it measures): the elapsed seconds, each request's latency and status."""
-    latencies: list[float] = []
-    statuses: list[int] = []
-    failures: list[BaseException] = []
-
-    def connection(mine: list[bytes]) -> None:
-        try:
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                answers, took, got = _Answers(sock), [], []
-                for request in mine:
-                    started = time.perf_counter()
-                    sock.sendall(request)
-                    got.append(answers.status())
-                    took.append(time.perf_counter() - started)
-            latencies.extend(took)
-            statuses.extend(got)
-        except BaseException as exc:   # the measuring thread says what stopped it
-            failures.append(exc)
-
-    threads = [threading.Thread(target=connection, args=(requests[i::connections],)) for i in range(connections)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if failures:
-        raise failures[0]
-    return elapsed, latencies, statuses
-
-
 def raw_http(port: int, path: str, body: bytes, headers: dict[str, str], count: int) -> list[bytes]:
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
@@ -327,8 +250,8 @@ def measure(port: int, path: str, x: np.ndarray, form: str, count: int, connecti
             expect: int = 200) -> tuple[float, float, float]:
     """req/s, p50 ms and p95 ms over `count` requests (after a warm-up of up to 200), each answered `expect`."""
     body, headers = infer_body(x, form)
-    _fire(port, raw_http(port, path, body, headers, min(200, count)), connections)
-    elapsed, latencies, statuses = _fire(port, raw_http(port, path, body, headers, count), connections)
+    fire(port, raw_http(port, path, body, headers, min(200, count)), connections)
+    elapsed, latencies, statuses = fire(port, raw_http(port, path, body, headers, count), connections)
     if set(statuses) != {expect}:
         raise RuntimeError(f"{path}: statuses {sorted(set(statuses))}")
     return count / elapsed, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.95) * 1e3
@@ -474,9 +397,9 @@ def cpu_split(port: int, pid: int, predictor: object, x: np.ndarray, form: str, 
     raw_session(predictor, x, count, connections)   # its 50 warm-up calls are counted too: they are few
     raw = (own_cpu() - started) / (count + 50)
     body, headers = infer_body(x, form)
-    _fire(port, raw_http(port, V2_PATH, body, headers, 200), connections)   # warm-up, not counted
+    fire(port, raw_http(port, V2_PATH, body, headers, 200), connections)   # warm-up, not counted
     before, client = _thread_cpu(pid), own_cpu()
-    _, _, statuses = _fire(port, raw_http(port, V2_PATH, body, headers, count), connections)
+    _, _, statuses = fire(port, raw_http(port, V2_PATH, body, headers, count), connections)
     after, client = _thread_cpu(pid), own_cpu() - client
     if set(statuses) != {200}:
         raise RuntimeError(f"statuses {sorted(set(statuses))}")
