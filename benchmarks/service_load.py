@@ -142,7 +142,8 @@ def webhook_benchmark(deliveries: int, concurrency: int, workdir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS",)}
     repository = next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master")["repository"]
     # the service is pinned to one repository: the one the payloads come from
-    env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "MLGATE_LOG_LEVEL": "warning", "GITHUB_REPOSITORY": repository["full_name"]}
+    env |= {"GITHUB_WEBHOOK_SECRET": SECRET, "MLGATE_LOG_LEVEL": "warning",
+            "GITHUB_REPOSITORY": repository["full_name"]}
     server = subprocess.Popen([sys.executable, "-m", "triggers.cli", "--config", str(workdir / "mlgate.yaml"),
                                "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
     try:
