@@ -386,7 +386,8 @@ def test_a_png_with_a_short_idat_gets_one_line_4xx_on_predict_and_v2(image_serve
 
 def test_a_large_uint8_json_tensor_reads_as_its_binary_form_and_bad_values_are_named(image_served: Running) -> None:
     """64 images as JSON (over 16 KB: parsed by the inference thread that then runs them; whole numbers 0-255 read
-    by `bytes()`) get the answer the binary tensor gets; a value UINT8 cannot hold is named as before."""
+    by `bytearray()`) get the answer the binary tensor gets; a value UINT8 cannot hold is named as before. A binary
+    tensor of a wider integer type is still checked value by value (only a cast that cannot lose skips the scan)."""
     import json
 
     v2 = image_served.url + "/v2/models/tiles/infer"
@@ -415,8 +416,26 @@ def test_a_large_uint8_json_tensor_reads_as_its_binary_form_and_bad_values_are_n
     for value, message in cases.items():
         response = httpx.post(v2, content=as_json(flat[:100] + [value] + flat[101:]), timeout=10)
         assert (response.status_code, response.json()) == (422, {"error": message}), value
-    whole = httpx.post(v2, content=as_json(flat[:100] + [7.0] + flat[101:]), timeout=10)   # 7.0 is a whole number
-    assert whole.status_code == 200 and whole.json()["outputs"][1]["data"][:12] == outputs[0]["predictions"][:12]
+    huge = httpx.post(v2, content=as_json(flat[:100] + [10**30] + flat[101:]), timeout=10)
+    assert (huge.status_code, huge.json()) == (
+        422, {"error": "element 100 of the input: value 1e+30 is out of range for UINT8"})   # past int64: a float
+    for whole_number in (7.0, 1e2):   # whole numbers written as floats are taken, as before
+        whole = httpx.post(v2, content=as_json(flat[:100] + [whole_number] + flat[101:]), timeout=10)
+        assert whole.status_code == 200 and whole.json()["outputs"][1]["data"][:12] == outputs[0]["predictions"][:12]
+
+    def as_int16(values: np.ndarray) -> httpx.Response:
+        head16 = json.dumps({"inputs": [{"name": "input", "shape": [64, 8, 8], "datatype": "INT16",
+                                         "parameters": {"binary_data_size": values.size * 2}}],
+                             "outputs": [{"name": "predictions"}]}).encode()
+        return httpx.post(v2, content=head16 + values.astype("<i2").tobytes(), timeout=10,
+                          headers={"Inference-Header-Content-Length": str(len(head16))})
+
+    assert as_int16(pixels).json()["outputs"][0]["data"] == outputs[0]["predictions"]
+    wide = pixels.astype(np.int16).reshape(-1)
+    wide[100] = 300
+    refused = as_int16(wide)
+    assert (refused.status_code, refused.json()) == (
+        422, {"error": "element 100 of the input: value 300 is out of range for uint8"})
 
 
 def test_a_hostile_binary_header_length_gets_one_line_400(image_served: Running) -> None:
