@@ -14,29 +14,43 @@ from triggers.serving.inference_threads import WarmThreads, off_loop
 def test_a_lone_stream_of_calls_stays_on_one_thread_after_a_burst_started_others() -> None:
     pool = WarmThreads(max_workers=4, name="test")
     gate = threading.Event()
-    burst = [pool.submit(lambda: (gate.wait(5), threading.current_thread().name)[1]) for _ in range(4)]
-    gate.set()
-    assert len({f.result(5) for f in burst}) == 4   # the burst needed four threads
-    assert wait_for(lambda: len(pool._idle) == 4, 5)   # all four idle again
-    lone = {pool.submit(lambda: threading.current_thread().name).result(5) for _ in range(50)}
+
+    async def main() -> tuple[set[str], set[str]]:
+        burst = [pool.awaitable(lambda: (gate.wait(5), threading.current_thread().name)[1]) for _ in range(4)]
+        gate.set()
+        names = set(await asyncio.gather(*burst))
+        assert wait_for(lambda: len(pool._idle) == 4, 5)   # all four idle again
+        lone = {await pool.awaitable(lambda: threading.current_thread().name) for _ in range(50)}
+        return names, lone
+
+    burst, lone = asyncio.run(main())
+    assert len(burst) == 4   # the burst needed four threads
     assert len(lone) == 1, lone
 
 
 def test_calls_beyond_the_threads_wait_in_order_and_errors_reach_the_caller() -> None:
+    """And a call whose caller was cancelled before a thread took it never runs; the thread goes on."""
     pool = WarmThreads(max_workers=1, name="test")
     gate, order = threading.Event(), []
-    first = pool.submit(gate.wait, 5)
-    queued = [pool.submit(order.append, i) for i in range(5)]
-    failing = pool.submit(lambda: 1 / 0)
-    cancelled = pool.submit(order.append, "cancelled")
-    assert cancelled.cancel()
-    after = pool.submit(lambda x, y=0: x + y, 1, y=2)   # keyword arguments too
-    gate.set()
-    assert first.result(5) is True
-    assert [f.result(5) for f in queued] == [None] * 5 and order == [0, 1, 2, 3, 4]
-    with pytest.raises(ZeroDivisionError):
-        failing.result(5)
-    assert after.result(5) == 3   # the thread went on after the error and skipped the cancelled call
+
+    async def main() -> None:
+        first = pool.awaitable(gate.wait, 5)   # the one thread is held: what follows waits in the backlog
+        queued = [pool.awaitable(order.append, i) for i in range(5)]
+        failing = pool.awaitable(lambda: 1 / 0)
+        cancelled = pool.awaitable(order.append, "cancelled")
+        cancelled.cancel()
+        after = pool.awaitable(lambda x, y: x * y, 6, 7)
+        gate.set()
+        assert await first is True
+        assert await asyncio.gather(*queued) == [None] * 5
+        with pytest.raises(ZeroDivisionError):
+            await failing
+        assert await after == 42   # the thread went on after the error and skipped the cancelled call
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+    asyncio.run(main())
+    assert order == [0, 1, 2, 3, 4]
 
 
 def test_off_loop_runs_on_an_inference_thread() -> None:
@@ -44,28 +58,6 @@ def test_off_loop_runs_on_an_inference_thread() -> None:
         return await off_loop(lambda: threading.current_thread().name)
 
     assert asyncio.run(main()).startswith("inference_")
-
-
-def test_an_awaited_call_gives_its_result_or_its_error_and_a_cancelled_one_never_runs() -> None:
-    pool = WarmThreads(max_workers=1, name="test")
-    gate, ran = threading.Event(), []
-
-    async def main() -> None:
-        busy = pool.awaitable(gate.wait, 5)   # the one thread is held: what follows waits in the backlog
-        waiting = pool.awaitable(ran.append, "cancelled")
-        waiting.cancel()                      # its caller gave up before a thread took it
-        failing = pool.awaitable(lambda: 1 / 0)
-        after = pool.awaitable(lambda x, y: x * y, 6, 7)
-        gate.set()
-        assert await busy is True
-        with pytest.raises(ZeroDivisionError):
-            await failing
-        assert await after == 42
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-
-    asyncio.run(main())
-    assert ran == []   # the cancelled call was skipped, and the thread went on
 
 
 def test_a_call_that_ends_after_its_loop_closed_does_not_break_the_thread() -> None:
@@ -77,4 +69,8 @@ def test_a_call_that_ends_after_its_loop_closed_does_not_break_the_thread() -> N
 
     asyncio.run(leave_early())
     gate.set()
-    assert pool.submit(lambda: "still here").result(5) == "still here"
+
+    async def later() -> str:
+        return await pool.awaitable(lambda: "still here")
+
+    assert asyncio.run(later()) == "still here"   # the same thread, once it let the closed loop's answer go

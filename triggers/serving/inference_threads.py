@@ -18,18 +18,15 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from queue import SimpleQueue
 from typing import Any
 
 from automation.threads import policy
 
-# what a call is for: `start()` says whether to run it (False: its caller gave up), `finish(result, error)` hands
-# the outcome back
-_Call = tuple[Callable[[], bool], Callable[..., Any], tuple[Any, ...], Callable[[Any, BaseException | None], None]]
+_Call = tuple[asyncio.Future, Callable[..., Any], tuple[Any, ...]]   # the caller's future, what to run, with what
 
 
-class WarmThreads(Executor):
+class WarmThreads:
     """At most `max_workers` daemon threads, started as calls need them; calls beyond them wait in order."""
 
     def __init__(self, max_workers: int, name: str) -> None:
@@ -39,43 +36,18 @@ class WarmThreads(Executor):
         self._backlog: deque[_Call] = deque()
         self._started = 0
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-
-        def finish(result: Any, error: BaseException | None) -> None:
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-
-        self.enqueue((future.set_running_or_notify_cancel, (lambda: fn(*args, **kwargs)) if kwargs else fn,
-                      () if kwargs else args, finish))
-        return future
-
     def awaitable(self, fn: Callable[..., Any], /, *args: Any) -> asyncio.Future:
         """`fn(*args)` on a thread, as a future of the running event loop, settled there by `call_soon_threadsafe`.
         A call whose caller was cancelled before a thread took it is not run."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def finish(result: Any, error: BaseException | None) -> None:
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:   # the loop closed meanwhile: nobody waits for the answer
-                pass
-
-        self.enqueue((lambda: not future.cancelled(), fn, args, finish))
-        return future
-
-    def enqueue(self, call: _Call) -> None:
-        """Start `call` on the most recently idle thread, a new one, or after the calls already waiting."""
+        future = asyncio.get_running_loop().create_future()
+        call: _Call = (future, fn, args)
         with self._lock:
             if self._idle:
                 self._idle.pop().put(call)
-                return
+                return future
             if self._started >= self.max_workers:
                 self._backlog.append(call)
-                return
+                return future
             self._started += 1
             number = self._started
         inbox: SimpleQueue[_Call] = SimpleQueue()
@@ -86,25 +58,31 @@ class WarmThreads(Executor):
             with self._lock:
                 self._started -= 1
             raise
+        return future
 
     def _work(self, inbox: SimpleQueue[_Call]) -> None:
         call = inbox.get()
         while True:
-            start, fn, args, finish = call
-            if start():
+            future, fn, args = call
+            if future.cancelled():
+                result = error = None
+            else:
                 try:
-                    result = fn(*args)
+                    result, error = fn(*args), None
                 except BaseException as exc:   # the caller hears of it; the thread goes on
-                    finish(None, exc)
-                else:
-                    finish(result, None)
-            del start, fn, args, finish, call
+                    result, error = None, exc
+            # idle again before the caller hears: its next call finds this thread, still warm, on top of the stack
             with self._lock:
-                if self._backlog:
-                    call = self._backlog.popleft()
-                    continue
-                self._idle.append(inbox)
-            call = inbox.get()
+                following = self._backlog.popleft() if self._backlog else None
+                if following is None:
+                    self._idle.append(inbox)
+            if not future.cancelled():
+                try:
+                    future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+                except RuntimeError:   # the loop closed meanwhile: nobody waits for the answer
+                    pass
+            del future, fn, args, call, result, error
+            call = following if following is not None else inbox.get()
 
 
 # one per core (each ONNX session runs on one intra-op thread); a plain executor hop costs less than anyio's
