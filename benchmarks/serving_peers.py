@@ -52,7 +52,7 @@ Each peer is installed into its own venv under `.bench/<peer>/` (python3 -m venv
 installed or started is reported in one line, and the others go on. The job needs 1.5-3 min on 2 CPU cores;
 `--workdir` keeps its registry for the next run.
 
-    .venv/bin/python benchmarks/serving_peers.py [--requests 2000] [--rounds 9] [--workdir DIR]
+    .venv/bin/python benchmarks/serving_peers.py [--requests 2000] [--rounds 15] [--workdir DIR]
                                                   [--servers mlgate,mlserver,kserve]
 """
 
@@ -529,7 +529,7 @@ def peer_rows(peer: str, onnx_file: str, x_all: np.ndarray, expected: np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per cell (after a warm-up)")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds of mlgate and the raw session at "
+    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds of mlgate and the raw session at "
                         "batch 32 (0: none); a round now and then runs while the machine stalls, so a median of many")
     parser.add_argument("--paired-requests", type=int, default=400, help="requests per round of those (each ~3 s)")
     parser.add_argument("--workdir", help="where the job runs and its registry stays (reused when it already "
