@@ -88,3 +88,38 @@ def test_a_failing_batch_fails_its_requests_and_frees_its_thread() -> None:
 
     first, *later = asyncio.run(fire())
     assert isinstance(first, RuntimeError) and [float(x[0, 0]) for x in later] == [1.0, 1.0, 1.0]
+
+
+def test_a_lone_request_waits_out_the_delay_for_company_a_full_batch_does_not_and_close_sends_what_waits() -> None:
+    """With a delay and a free thread, a lone request waits for company up to the delay, and those that come
+    meanwhile join it; a full batch goes at once; a batcher no longer served sends what waits at once."""
+    sizes: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return batch
+
+    async def fire() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(run, max_batch=4, max_delay_ms=300, concurrency=2)
+        started = loop.time()
+        first = asyncio.ensure_future(batcher.infer(np.zeros((1, 1))))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.infer(np.ones((1, 1))))
+        await asyncio.gather(first, second)
+        waited = loop.time() - started   # ~0.3 s: the first one's delay
+        full = await asyncio.wait_for(batcher.infer(np.zeros((4, 1))), 5)   # max_batch: no waiting
+        assert len(full) == 4
+        slow = DynamicBatcher(run, max_batch=4, max_delay_ms=60_000, concurrency=1)
+        pending = asyncio.ensure_future(slow.infer(np.zeros((2, 1))))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        closed = loop.time()
+        slow.close()
+        await asyncio.wait_for(pending, 5)
+        return waited, loop.time() - closed
+
+    waited, after_close = asyncio.run(fire())
+    assert sizes == [2, 4, 2], sizes
+    assert 0.29 <= waited < 5 and after_close < 5, (waited, after_close)
+
