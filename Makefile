@@ -7,20 +7,23 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test install dev install-gpu datasets sandbox test-deps test-compat gpu-check clean
 
-# what a job and the service need (the demo installs nothing more). pip installs torch (it honours the machine's
-# pip settings, where a local CPU wheel may lie) and uv; uv installs the rest, torch kept as installed: the ~100
-# packages in seconds where pip's resolver and installer took a minute. uv writes no bytecode: modules compile when
-# first imported, and are cached then only where PYTHONDONTWRITEBYTECODE is unset. Where it is set (this CI machine)
-# every process compiled MLflow, pandas, SQLAlchemy … from source again: a digits job spent 11.2-12.5 s outside
-# training and benchmarking, 6.2-6.9 s with the bytecode cached. So the recipes here never see it; compiling all at
-# install instead (uv --compile-bytecode) cost make demo ~30 s (275 s against 244), ~15,000 files being plotly
-# that no job imports.
+# what a job and the service need (the demo installs nothing more). pip decides which torch wheel (it honours the
+# machine's pip settings and TORCH's options, where a local CPU wheel or the CPU index may be named) without
+# installing it; uv installs that wheel and the ~100 other packages: in 9 s against 29 s when pip unpacked torch's
+# 700 MB itself (uv links its cached copy). uv writes no bytecode: modules compile when first imported, and are
+# cached then only where PYTHONDONTWRITEBYTECODE is unset. Where it is set (this CI machine) every process
+# compiled MLflow, pandas, SQLAlchemy … from source again: a digits job spent 11.2-12.5 s outside training and
+# benchmarking, 6.2-6.9 s with the bytecode cached. So the recipes here never see it; compiling all at install
+# instead (uv --compile-bytecode) cost make demo ~30 s (275 s against 244), ~15,000 files being plotly that no
+# job imports.
 unexport PYTHONDONTWRITEBYTECODE
 UV     ?= uv>=0.5
 $(BIN)/mlgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH) '$(UV)'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[examples]'
+	$(BIN)/pip install --quiet '$(UV)'
+	$(BIN)/pip install --quiet --dry-run --no-deps --ignore-installed --report $(VENV)/torch-wheel.json $(TORCH)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[examples]' "torch @ $$($(BIN)/python -c \
+	  'import json; print(json.load(open("$(VENV)/torch-wheel.json"))["install"][0]["download_info"]["url"])')"
 	touch $@
 
 install: $(BIN)/mlgate
