@@ -30,8 +30,7 @@ install: $(BIN)/mlgate
 
 # what the tests add: pytest, the Kubernetes and Ray clients and their test servers, act, the GitHub contract
 $(VENV)/.dev-installed: $(BIN)/mlgate pyproject.toml
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,examples]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,examples]'   # 4 s; pip took 27 s for the same set
 	touch $@
 
 dev: $(VENV)/.dev-installed
