@@ -122,4 +122,3 @@ def test_a_lone_request_waits_out_the_delay_for_company_a_full_batch_does_not_an
     waited, after_close = asyncio.run(fire())
     assert sizes == [2, 4, 2], sizes
     assert 0.29 <= waited < 5 and after_close < 5, (waited, after_close)
-
