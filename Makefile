@@ -28,9 +28,10 @@ $(BIN)/mlgate: pyproject.toml
 
 install: $(BIN)/mlgate
 
-# what the tests add: pytest, the Kubernetes and Ray clients and their test servers, act, the GitHub contract
+# what the tests add: pytest, the Kubernetes and Ray clients and their test servers, act, the GitHub contract.
+# uv: 4 s, where pip took 27 s for the same set
 $(VENV)/.dev-installed: $(BIN)/mlgate pyproject.toml
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,examples]'   # 4 s; pip took 27 s for the same set
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,examples]'
 	touch $@
 
 dev: $(VENV)/.dev-installed

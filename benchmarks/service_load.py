@@ -44,6 +44,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """One HTTP/1.1 POST of `body` as `fire` sends it: `headers` as given, then its Content-Length."""
+    extra = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
 def build_requests(count: int, port: int) -> list[bytes]:
     template = copy.deepcopy(next(p for p in webhook_examples("push") if p["ref"] == "refs/heads/master"))
     template["before"] = "1" * 40
@@ -52,10 +59,9 @@ def build_requests(count: int, port: int) -> list[bytes]:
         template["after"] = f"{i + 1:040x}"
         template["commits"][0].update(added=[], removed=[], modified=["models/digits_mlp.py"])
         body = json.dumps(template).encode()
-        head = (f"POST /webhooks/github HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                f"X-GitHub-Event: push\r\nX-GitHub-Delivery: {uuid.uuid4()}\r\n"
-                f"X-Hub-Signature-256: {sign(SECRET, body)}\r\nContent-Length: {len(body)}\r\n\r\n")
-        requests.append(head.encode() + body)
+        requests.append(post(port, "/webhooks/github", body, {
+            "Content-Type": "application/json", "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign(SECRET, body)}))
     return requests
 
 

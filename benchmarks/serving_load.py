@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from service_load import fire, percentile  # noqa: E402
+from service_load import fire, percentile, post  # noqa: E402
 
 from tests.conftest import FAST_CONFIG, wait_for, write_config  # noqa: E402
 from triggers.local_broker import free_port  # noqa: E402
@@ -51,10 +51,7 @@ async def noop(request: Request) -> Response:
 
 
 def http_requests(port: int, path: str, body: bytes, count: int, headers: dict[str, str] | None = None) -> list[bytes]:
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return [head + body] * count
+    return [post(port, path, body, {"Content-Type": "application/json", **(headers or {})})] * count
 
 
 def predict_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:

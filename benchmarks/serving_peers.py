@@ -1,8 +1,8 @@
 """Serving the Fashion-MNIST ResNet against the servers users would pick instead (a script, not a test).
 
 Every server speaks the KServe v2 / Open Inference Protocol over HTTP/REST (`POST /v2/models/<name>/infer`) and
-is measured by the same load generator (service_load.fire: raw HTTP/1.1 on 1 or 8 keep-alive connections, a thread and a
-blocking socket each, in this process), at batch 1 and 32:
+is measured by the same load generator (service_load.fire: raw HTTP/1.1 on 1 or 8 keep-alive connections, a
+thread and a blocking socket each, in this process), at batch 1 and 32:
 
 - `mlgate serve-model fashion_resnet`, JSON tensors and the binary tensor extension, with its default (no dynamic
   batching) and with `--batch-delay-ms 0` (dynamic batching of what is already queued), and its own `POST /predict`
@@ -32,8 +32,8 @@ What makes it the same work on each:
   Everything else is each server's default: MLServer runs inference in one parallel worker process, no adaptive
   batching, and its uvicorn parses HTTP with h11 (pip brings no httptools for it; mlgate's and KServe's have it);
   KServe one worker, its sync `predict` on the event loop; their gRPC and metrics servers are off or on other ports.
-- The client: service_load.fire's keep-alive connections, reading Content-Length and chunked answers (KServe sends its
-  binary answers chunked), the same for every server. It shares the 2 cores with the server; the raw session has
+- The client: service_load.fire's keep-alive connections, reading Content-Length and chunked answers (KServe sends
+  its binary answers chunked), the same for every server. It shares the 2 cores with the server; the raw session has
   no client to feed. So it is lean: a blocking socket per connection costs ~0.1 ms of CPU per request, where
   the asyncio client it replaced cost 0.2-0.28 ms (measured with getrusage beside the server's CPU) — 2-4 % of
   a batch-32 request's 6 ms that the raw session never pays.
@@ -82,7 +82,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from examples import run_job
-from service_load import fire, percentile
+from service_load import fire, percentile, post
 from serving_load import Server
 
 from tests.conftest import wait_for
@@ -241,9 +241,7 @@ def infer_body(x: np.ndarray, form: str) -> tuple[bytes, dict[str, str]]:
 
 
 def raw_http(port: int, path: str, body: bytes, headers: dict[str, str], count: int) -> list[bytes]:
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
-    return [head + body] * count
+    return [post(port, path, body, headers)] * count
 
 
 def measure(port: int, path: str, x: np.ndarray, form: str, count: int, connections: int,
@@ -429,8 +427,9 @@ def paired(port: int, pid: int, predictor: object, x: np.ndarray, count: int, ro
                 served_ms.append(1e3 / served)
                 floor_ms.append(1e3 / floor)
             ratio = statistics.median(ratios)
+            each = ", ".join(f"{r:.0%}" for r in ratios)
             line = (f"- {'JSON' if form == 'json' else form}, {connections} conn: median {ratio:.0%} of raw ORT's "
-                    f"examples/s ({1 / ratio - 1:+.0%} time per example; rounds {', '.join(f'{r:.0%}' for r in ratios)})")
+                    f"examples/s ({1 / ratio - 1:+.0%} time per example; rounds {each})")
             if connections == 1:
                 session, whole, floor = (statistics.median(v) for v in (raw_ms, served_ms, floor_ms))
                 line += (f"; a request takes {whole:.2f} ms: the session {session:.2f}, the HTTP floor {floor:.2f}, "
