@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from automation.preprocess import TextEncoder, Tokenize, bigram_hashes
+from automation.preprocess import TextEncoder, Tokenize, _words, bigram_hashes
 from tests.conftest import fast_config, last_json, run_cli, write_config
 from triggers.drift import monitor
 from triggers.drift.monitor import read_reference
@@ -193,3 +193,11 @@ def test_a_descriptor_of_few_values_is_compared_as_a_number_not_as_categories() 
         tests = drift_tests(reference, rng.normal(size=(100, 4)), {"unknown_token_share": window}, picture=False)[1]
         [descriptor] = [t for t in tests if t["column"] == "unknown_token_share"]
         assert descriptor["drifted"] is drifted and descriptor["method"] == "K-S p_value", descriptor
+
+
+def test_words_are_the_tokens_with_a_letter_or_digit_anywhere_in_them_whatever_the_script() -> None:
+    """`_words` tries str.isalnum first (fast) and looks at each character only for the rest: the words are those
+    with any letter or digit, as before, for currency, dashes, accents, other scripts, numerals and empty tokens."""
+    tokens = ["café", "£5", "£", "—", "", "٣", "ⅷ", "naïve-ish", "__", "x_", "東京", "!", "1.5", "🙂", "a🙂"]
+    assert _words(tokens) == [t for t in tokens if any(c.isalnum() for c in t)]
+    assert _words(tokens) == ["café", "£5", "٣", "ⅷ", "naïve-ish", "x_", "東京", "1.5", "a🙂"]
